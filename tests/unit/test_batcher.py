@@ -1,0 +1,67 @@
+import pytest
+
+from worker.batcher import Batcher
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_size_trigger_flushes_at_max_items_without_time_passing() -> None:
+    clock = FakeClock()
+    batcher: Batcher[int] = Batcher(max_items=3, max_wait_s=10, clock=clock)
+    assert batcher.add(1) == []
+    assert batcher.add(2) == []
+    assert batcher.add(3) == [[1, 2, 3]]
+    assert len(batcher) == 0
+    assert batcher.time_left() is None
+
+
+def test_time_trigger_counts_from_first_item() -> None:
+    clock = FakeClock()
+    batcher: Batcher[str] = Batcher(max_items=100, max_wait_s=0.05, clock=clock)
+    batcher.add("a")
+    clock.now += 0.03
+    batcher.add("b")  # a later item must not restart the clock
+    assert not batcher.due()
+    assert batcher.time_left() == pytest.approx(0.02)
+    clock.now += 0.02
+    assert batcher.due()
+    assert batcher.flush() == ["a", "b"]
+    assert not batcher.due()
+
+
+def test_clock_restarts_with_next_batch() -> None:
+    clock = FakeClock()
+    batcher: Batcher[int] = Batcher(max_items=2, max_wait_s=1, clock=clock)
+    batcher.add(1)
+    clock.now += 5
+    assert batcher.add(2) == [[1, 2]]
+    batcher.add(3)
+    assert batcher.time_left() == pytest.approx(1)
+
+
+def test_cost_limit_flushes_before_overflow() -> None:
+    clock = FakeClock()
+    batcher: Batcher[str] = Batcher(max_items=10, max_wait_s=1, max_cost=100, clock=clock)
+    assert batcher.add("a", cost=60) == []
+    # "b" would bring the batch to 120 > 100: "a" goes alone, "b" opens the next batch.
+    assert batcher.add("b", cost=60) == [["a"]]
+    assert batcher.add("c", cost=40) == [["b", "c"]]
+
+
+def test_item_costlier_than_limit_still_goes_through_alone() -> None:
+    batcher: Batcher[str] = Batcher(max_items=10, max_wait_s=1, max_cost=100, clock=FakeClock())
+    batcher.add("small", cost=10)
+    assert batcher.add("huge", cost=500) == [["small"], ["huge"]]
+
+
+def test_bad_limits_are_refused() -> None:
+    with pytest.raises(ValueError, match="max_items"):
+        Batcher(max_items=0, max_wait_s=1)
+    with pytest.raises(ValueError, match="max_wait_s"):
+        Batcher(max_items=1, max_wait_s=-1)

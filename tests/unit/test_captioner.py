@@ -1,0 +1,83 @@
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import ViTImageProcessorPil
+
+from worker.captioner import Captioner, checkpoint_version
+from worker.model_store import ModelRefError
+from worker.settings import DecodingSettings
+
+
+def _images(n: int, size: tuple[int, int] = (40, 30)) -> list[Image.Image]:
+    rng = np.random.default_rng(7)
+    return [Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def captioner(tiny_checkpoint: Path) -> Captioner:
+    return Captioner.from_dir(tiny_checkpoint, device="cpu", decoding=DecodingSettings(num_beams=3, max_new_tokens=8))
+
+
+def test_captions_one_string_per_image(captioner: Captioner) -> None:
+    captions = captioner.caption(_images(3))
+    assert len(captions) == 3
+    assert all(isinstance(c, str) for c in captions)
+    assert captioner.caption([]) == []
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_batched_equals_one_by_one(captioner: Captioner, num_beams: int) -> None:
+    images = _images(6)
+    decoding = DecodingSettings(num_beams=num_beams, max_new_tokens=8, no_repeat_ngram_size=2)
+    batched = captioner.caption(images, decoding)
+    singles = [captioner.caption([image], decoding)[0] for image in images]
+    assert batched == singles
+    # Random weights could in principle caption everything alike, which would make the check weak.
+    assert len(set(batched)) > 1
+
+
+def test_preprocessing_matches_vit_image_processor(captioner: Captioner, tiny_checkpoint: Path) -> None:
+    reference = ViTImageProcessorPil.from_pretrained(tiny_checkpoint)
+    images = _images(2, size=(97, 61))
+    expected = reference(images=images, return_tensors="pt")["pixel_values"]
+    ours = captioner.preprocess(images)
+    assert ours.shape == expected.shape
+    assert torch.allclose(ours, expected, atol=1e-5)
+
+
+def test_no_warnings_are_logged_per_batch(captioner: Captioner, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING):
+        captioner.caption(_images(4))
+        captioner.caption(_images(2))
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
+def test_version_is_content_hash_or_recorded(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    version = checkpoint_version(tiny_checkpoint)
+    assert version.startswith("sha256-") and len(version) == len("sha256-") + 12
+    copy = shutil.copytree(tiny_checkpoint, tmp_path / "copy")
+    assert checkpoint_version(copy) == version  # the same weights are the same version
+    (copy / "captionfleet.json").write_text(json.dumps({"version": "shapes-v3"}))
+    assert checkpoint_version(copy) == "shapes-v3"
+
+
+def test_refuses_pickled_weights(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    pickled = shutil.copytree(tiny_checkpoint, tmp_path / "pickled")
+    for f in pickled.glob("*.safetensors"):
+        f.unlink()
+    (pickled / "pytorch_model.bin").write_bytes(b"not loaded, ever")
+    with pytest.raises(ModelRefError, match="safetensors"):
+        Captioner.from_dir(pickled, device="cpu")
+
+
+def test_cuda_requested_without_gpu_names_the_fix(tiny_checkpoint: Path) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(RuntimeError, match="auto or cpu"):
+        Captioner.from_dir(tiny_checkpoint, device="cuda")

@@ -1,0 +1,71 @@
+"""Dynamic batching policy, free of threads and I/O so it can be tested with a fake clock.
+
+A batch is flushed when it reaches ``max_items``, when adding an item would exceed the cost
+limit (e.g. total pixels), or when ``max_wait`` has passed since its *first* item arrived, so
+a lone request waits at most ``max_wait`` however quiet the stream is.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+
+
+class Batcher(Generic[T]):
+    def __init__(
+        self,
+        max_items: int,
+        max_wait_s: float,
+        max_cost: float = 0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if max_items < 1:
+            raise ValueError(f"max_items must be >= 1, got {max_items}")
+        if max_wait_s < 0:
+            raise ValueError(f"max_wait_s must be >= 0, got {max_wait_s}")
+        self.max_items = max_items
+        self.max_wait_s = max_wait_s
+        self.max_cost = max_cost  # 0 means no cost limit
+        self._clock = clock
+        self._items: list[T] = []
+        self._cost = 0.0
+        self._first_at: float | None = None
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def add(self, item: T, cost: float = 0) -> list[list[T]]:
+        """Add one item; return the batches that became ready (zero, one, or two).
+
+        Two batches come back when the item does not fit in the open batch's cost budget and
+        alone already fills a batch (max_items == 1).
+        """
+        ready: list[list[T]] = []
+        if self._items and self.max_cost and self._cost + cost > self.max_cost:
+            ready.append(self.flush())
+        if not self._items:
+            self._first_at = self._clock()
+        self._items.append(item)
+        self._cost += cost
+        if len(self._items) >= self.max_items or (self.max_cost and self._cost >= self.max_cost):
+            ready.append(self.flush())
+        return ready
+
+    def time_left(self) -> float | None:
+        """Seconds until the open batch is due, None when there is no open batch."""
+        if self._first_at is None:
+            return None
+        return max(0.0, self._first_at + self.max_wait_s - self._clock())
+
+    def due(self) -> bool:
+        left = self.time_left()
+        return left is not None and left <= 0
+
+    def flush(self) -> list[T]:
+        batch, self._items = self._items, []
+        self._cost = 0.0
+        self._first_at = None
+        return batch

@@ -1,0 +1,145 @@
+"""The bulk path: caption every image under a folder into one results file, resumably."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+
+from tqdm import tqdm
+
+from worker.captioner import Captioner
+from worker.connectors.local import iter_folder
+from worker.images import ImageLimits
+from worker.messages import Result
+from worker.model_store import resolve_model_ref
+from worker.pipeline import CaptionPipeline
+from worker.settings import WorkerSettings
+from worker.sinks import open_file_sink
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class BulkSummary:
+    total: int  # inputs found
+    skipped: int  # already in the output from an earlier run
+    done: int
+    failed_by_kind: Counter[str] = field(default_factory=Counter)
+    seconds: float = 0.0
+    model_version: str = ""
+    interrupted: bool = False
+
+    @property
+    def failed(self) -> int:
+        return sum(self.failed_by_kind.values())
+
+    @property
+    def images_per_second(self) -> float:
+        return (self.done + self.failed) / self.seconds if self.seconds > 0 else 0.0
+
+    def lines(self) -> list[str]:
+        kinds = ", ".join(f"{kind}={n}" for kind, n in sorted(self.failed_by_kind.items())) or "none"
+        return [
+            f"inputs: {self.total}  already done: {self.skipped}  captioned: {self.done}  failed: {self.failed}",
+            f"failures by kind: {kinds}",
+            f"speed: {self.images_per_second:.2f} images/s over {self.seconds:.1f}s (model {self.model_version})",
+        ]
+
+
+def load_captioner(settings: WorkerSettings) -> Captioner:
+    path = resolve_model_ref(settings.model.ref, cache_dir=settings.model.cache_dir, s3=settings.s3)
+    return Captioner.from_dir(path, device=settings.model.device, decoding=settings.decoding)
+
+
+def run_caption_job(
+    source: str,
+    out: Path,
+    settings: WorkerSettings,
+    *,
+    overwrite: bool = False,
+    show_progress: bool = True,
+    captioner: Captioner | None = None,
+) -> BulkSummary:
+    """Caption the images under ``source`` (a folder) into ``out`` (.parquet or .jsonl).
+
+    Inputs that already have a row in ``out`` are skipped, so an interrupted run is resumed by
+    running it again; ``overwrite`` starts over.
+    """
+    root = Path(source)
+    sink = open_file_sink(out, overwrite=overwrite)
+    done = sink.done_ids()
+    own_files = frozenset({out.resolve(), out.with_name(out.name + ".parts").resolve()})
+    items = [item for item in iter_folder(root, exclude=own_files) if not _inside(item.path, own_files)]
+    todo = [item for item in items if item.id not in done]
+    summary = BulkSummary(total=len(items), skipped=len(items) - len(todo), done=0)
+    if not todo:
+        sink.close()
+        return summary
+
+    captioner = captioner or load_captioner(settings)
+    summary.model_version = captioner.version
+    progress = tqdm(total=len(todo), unit="img", disable=not show_progress, dynamic_ncols=True)
+
+    def on_result(result: Result) -> None:
+        progress.update(1)
+        if not result.ok:
+            progress.set_postfix(failed=pipeline.stats.failed, refresh=False)
+
+    pipeline = CaptionPipeline(
+        captioner,
+        sink,
+        settings.batch,
+        ImageLimits(max_bytes=settings.images.max_bytes, max_pixels=settings.images.max_pixels),
+        on_result=on_result,
+    )
+    previous = _stop_on_signals(pipeline)
+    try:
+        stats = pipeline.run(todo)
+    finally:
+        progress.close()
+        sink.close()
+        _restore_signals(previous)
+    summary.done = stats.done
+    summary.failed_by_kind = stats.failed_by_kind
+    summary.seconds = stats.seconds
+    summary.interrupted = pipeline.stop_event.is_set()
+    return summary
+
+
+def _inside(path: Path, roots: frozenset[Path]) -> bool:
+    resolved = path.resolve()
+    return any(resolved.is_relative_to(root) for root in roots)
+
+
+_Handler = signal.Handlers | int | None | object
+
+
+def _stop_on_signals(pipeline: CaptionPipeline) -> dict[int, _Handler]:
+    """Ctrl-C / SIGTERM: stop reading input, finish what is in flight, write it, then exit."""
+    if sys.platform == "win32" or not _in_main_thread():
+        return {}
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        logger.warning("signal %d: finishing the images in flight, then stopping (run again to resume)", signum)
+        pipeline.stop_event.set()
+
+    previous: dict[int, _Handler] = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        previous[sig] = signal.signal(sig, stop)
+    return previous
+
+
+def _restore_signals(previous: dict[int, _Handler]) -> None:
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)  # type: ignore[arg-type]
+
+
+def _in_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()

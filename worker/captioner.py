@@ -1,0 +1,208 @@
+"""The model boundary: load a VisionEncoderDecoder checkpoint once, caption batches of images.
+
+Everything the rest of the system knows about the model goes through ``Captioner``: its
+version, its input size, and ``caption(images) -> captions``. Preprocessing is done here with
+PIL + numpy from the checkpoint's ``preprocessor_config.json`` (it matches ViTImageProcessor's
+output and avoids its per-call overhead, and torchvision is not needed).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import AutoTokenizer, GenerationConfig, VisionEncoderDecoderModel
+from transformers.utils import logging as hf_logging
+
+from worker.model_store import check_checkpoint_dir
+from worker.settings import DecodingSettings
+
+logger = logging.getLogger(__name__)
+
+METADATA_FILE = "captionfleet.json"
+
+
+class _DropImageMaskWarning(logging.Filter):
+    """transformers warns about a missing attention mask whenever pad == eos (GPT-2) and the
+    batch has more than one row. Our encoder input is pixels, which are never padded, and the
+    decoder starts from one token per row, so the warning does not apply: drop it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "attention mask" not in record.getMessage()
+
+
+hf_logging.get_logger("transformers.generation.utils").addFilter(_DropImageMaskWarning())
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """The subset of ViTImageProcessor settings that ViT-GPT2 checkpoints use."""
+
+    width: int
+    height: int
+    resample: Image.Resampling
+    rescale_factor: float | None
+    mean: np.ndarray | None
+    std: np.ndarray | None
+
+    @classmethod
+    def from_checkpoint(cls, path: Path) -> Preprocessing:
+        config_file = path / "preprocessor_config.json"
+        if not config_file.exists():
+            raise FileNotFoundError(
+                f"{config_file} is missing: save the image processor with the checkpoint "
+                "(processor.save_pretrained(dir))"
+            )
+        cfg: dict[str, Any] = json.loads(config_file.read_text())
+        size = cfg.get("size", {"height": 224, "width": 224})
+        if isinstance(size, int):
+            size = {"height": size, "width": size}
+        if "shortest_edge" in size:
+            raise ValueError(f"{config_file}: size={size} (shortest_edge) is not supported; use height/width")
+        do_normalize = cfg.get("do_normalize", True)
+        return cls(
+            width=int(size["width"]),
+            height=int(size["height"]),
+            resample=Image.Resampling(cfg.get("resample", Image.Resampling.BILINEAR)),
+            rescale_factor=float(cfg.get("rescale_factor", 1 / 255)) if cfg.get("do_rescale", True) else None,
+            mean=np.asarray(cfg.get("image_mean", [0.5] * 3), dtype=np.float32) if do_normalize else None,
+            std=np.asarray(cfg.get("image_std", [0.5] * 3), dtype=np.float32) if do_normalize else None,
+        )
+
+    def array(self, image: Image.Image) -> np.ndarray:
+        """One image as a CHW float32 array; safe to call from decode threads."""
+        rgb = image if image.mode == "RGB" else image.convert("RGB")
+        if rgb.size != (self.width, self.height):
+            rgb = rgb.resize((self.width, self.height), resample=self.resample)
+        array = np.asarray(rgb, dtype=np.float32)
+        if self.rescale_factor is not None:
+            array = array * np.float32(self.rescale_factor)
+        if self.mean is not None and self.std is not None:
+            array = (array - self.mean) / self.std
+        return np.ascontiguousarray(array.transpose(2, 0, 1))
+
+    def __call__(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        return torch.from_numpy(np.stack([self.array(image) for image in images]))
+
+
+def pick_device(requested: str) -> torch.device:
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' was requested but no CUDA GPU is visible; set the device to auto or cpu")
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(requested)
+
+
+def checkpoint_version(path: Path) -> str:
+    """The version recorded by the trainer, else a content hash of the weights."""
+    metadata = path / METADATA_FILE
+    if metadata.exists():
+        version = json.loads(metadata.read_text()).get("version")
+        if version:
+            return str(version)
+    digest = hashlib.sha256()
+    for weights in sorted(path.glob("*.safetensors")):
+        with weights.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                digest.update(chunk)
+    return "sha256-" + digest.hexdigest()[:12]
+
+
+class Captioner:
+    """A loaded checkpoint. Thread-compatible: call ``caption`` from one thread at a time."""
+
+    def __init__(
+        self,
+        model: VisionEncoderDecoderModel,
+        tokenizer: Any,
+        preprocessing: Preprocessing,
+        *,
+        version: str,
+        source: str,
+        decoding: DecodingSettings,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.preprocess = preprocessing
+        self.version = version
+        self.source = source
+        self.decoding = decoding
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return (self.preprocess.width, self.preprocess.height)
+
+    @classmethod
+    def from_dir(cls, path: Path, *, device: str = "auto", decoding: DecodingSettings | None = None) -> Captioner:
+        path = Path(path)
+        check_checkpoint_dir(path)
+        torch_device = pick_device(device)
+        # Half precision on GPUs: ViT-GPT2 captions are unchanged in practice and it halves memory.
+        dtype = torch.float16 if torch_device.type == "cuda" else torch.float32
+        hf_logging.disable_progress_bar()  # no "Loading weights" bars in worker logs
+        model = VisionEncoderDecoderModel.from_pretrained(path, use_safetensors=True, dtype=dtype)
+        model.to(torch_device)  # type: ignore[arg-type]
+        model.eval()
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        version = checkpoint_version(path)
+        logger.info("loaded model %s from %s on %s (%s)", version, path, torch_device, dtype)
+        return cls(
+            model,
+            tokenizer,
+            Preprocessing.from_checkpoint(path),
+            version=version,
+            source=str(path),
+            decoding=decoding or DecodingSettings(),
+        )
+
+    def generation_config(self, decoding: DecodingSettings) -> GenerationConfig:
+        """An explicit config, so a checkpoint's stale max_length or sampling flags never leak in."""
+        cfg = self.model.config
+        decoder_cfg: Any = cfg.decoder
+        start = cfg.decoder_start_token_id
+        if start is None:
+            start = decoder_cfg.bos_token_id
+        eos = cfg.eos_token_id if cfg.eos_token_id is not None else decoder_cfg.eos_token_id
+        # GPT-2 has no pad token: pad finished rows with eos, which the decoder strips.
+        pad = cfg.pad_token_id if cfg.pad_token_id is not None else eos
+        return GenerationConfig(
+            decoder_start_token_id=start,
+            bos_token_id=start,
+            eos_token_id=eos,
+            pad_token_id=pad,
+            num_beams=decoding.num_beams,
+            max_new_tokens=decoding.max_new_tokens,
+            no_repeat_ngram_size=decoding.no_repeat_ngram_size,
+            repetition_penalty=decoding.repetition_penalty,
+            length_penalty=decoding.length_penalty,
+            early_stopping=decoding.num_beams > 1,
+            do_sample=False,
+        )
+
+    def caption(self, images: Sequence[Image.Image], decoding: DecodingSettings | None = None) -> list[str]:
+        if not images:
+            return []
+        return self.caption_pixels(self.preprocess(images), decoding)
+
+    @torch.inference_mode()
+    def caption_pixels(self, pixel_values: torch.Tensor, decoding: DecodingSettings | None = None) -> list[str]:
+        """Caption already preprocessed images (N, 3, H, W), e.g. prepared by decode threads."""
+        rows = pixel_values.shape[0]
+        output = self.model.generate(
+            pixel_values=pixel_values.to(self.device, self.dtype),
+            generation_config=self.generation_config(decoding or self.decoding),
+        )
+        captions = [text.strip() for text in self.tokenizer.batch_decode(output, skip_special_tokens=True)]
+        if len(captions) != rows:  # never misattribute captions to images
+            raise RuntimeError(f"model returned {len(captions)} captions for {rows} images")
+        return captions

@@ -1,0 +1,244 @@
+"""fetch -> decode -> batch -> caption -> write, with decoding overlapping inference.
+
+Each item is fetched, decoded and preprocessed on its own in a bounded thread pool (PIL and
+numpy release the GIL), so one bad image yields one failure row and never fails a batch, and
+the next batch is being prepared while the model runs on the current one. Items flow to the
+batcher in input order; the batcher decides when a batch goes to the model.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from worker.batcher import Batcher
+from worker.captioner import Captioner
+from worker.images import ImageError, ImageLimits, decode_image
+from worker.messages import FETCH_FAILURE, INFERENCE_FAILURE, Result
+from worker.settings import BatchSettings
+from worker.sinks import Sink
+
+logger = logging.getLogger(__name__)
+
+
+class Item(Protocol):
+    """What a source yields: something with an id and uri whose bytes can be read."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def uri(self) -> str: ...
+    def read(self) -> bytes: ...
+
+
+@dataclass
+class Prepared:
+    item: Item
+    pixels: np.ndarray | None = None
+    failure: Result | None = None
+    width: int = 0
+    height: int = 0
+    size: int = 0
+    fetch_ms: float = 0.0
+    decode_ms: float = 0.0
+    ready_at: float = 0.0
+
+
+@dataclass
+class RunStats:
+    done: int = 0
+    failed_by_kind: Counter[str] = field(default_factory=Counter)
+    batches: int = 0
+    seconds: float = 0.0
+
+    @property
+    def failed(self) -> int:
+        return sum(self.failed_by_kind.values())
+
+    @property
+    def images_per_second(self) -> float:
+        return (self.done + self.failed) / self.seconds if self.seconds > 0 else 0.0
+
+
+def _fetch_failure_kind(error: Exception) -> str:
+    if isinstance(error, FileNotFoundError):
+        return "not_found"
+    if isinstance(error, PermissionError):
+        return "forbidden"
+    if isinstance(error, TimeoutError):
+        return "timeout"
+    return FETCH_FAILURE
+
+
+_DONE = object()  # end-of-input marker on the prefetch queue
+
+
+class CaptionPipeline:
+    def __init__(
+        self,
+        captioner: Captioner,
+        sink: Sink,
+        batch: BatchSettings,
+        limits: ImageLimits,
+        *,
+        on_result: Callable[[Result], None] | None = None,
+        flush_interval_s: float = 10.0,
+    ) -> None:
+        self.captioner = captioner
+        self.sink = sink
+        self.batch = batch
+        self.limits = limits
+        self.on_result = on_result
+        self.flush_interval_s = flush_interval_s
+        self.stop_event = threading.Event()  # set it to stop reading input; in-flight work finishes
+        self.stats = RunStats()
+
+    def _failure(self, item: Item, kind: str, message: str, **timings: float) -> Result:
+        return Result(
+            id=item.id,
+            uri=item.uri,
+            model_version=self.captioner.version,
+            error_kind=kind,
+            error_message=message,
+            **timings,  # type: ignore[arg-type]
+        )
+
+    def _prepare(self, item: Item) -> Prepared:
+        """Runs in a decode thread: fetch, decode, preprocess. Never raises."""
+        start = time.perf_counter()
+        try:
+            data = item.read()
+        except Exception as error:
+            kind = _fetch_failure_kind(error)
+            logger.warning("fetch failed for %s (%s): %s", item.id, item.uri, error)
+            return Prepared(item, failure=self._failure(item, kind, f"{type(error).__name__}: {error}"))
+        fetched = time.perf_counter()
+        fetch_ms = (fetched - start) * 1000
+        try:
+            image = decode_image(data, limits=self.limits, draft_size=self.captioner.image_size)
+            pixels = self.captioner.preprocess.array(image)
+        except ImageError as error:
+            logger.info("image %s rejected (%s): %s", item.id, error.kind, error.message)
+            failure = self._failure(item, error.kind, error.message, fetch_ms=fetch_ms)
+            failure.bytes = len(data)
+            return Prepared(item, failure=failure)
+        decoded = time.perf_counter()
+        return Prepared(
+            item,
+            pixels=pixels,
+            width=image.width,
+            height=image.height,
+            size=len(data),
+            fetch_ms=fetch_ms,
+            decode_ms=(decoded - fetched) * 1000,
+            ready_at=decoded,
+        )
+
+    def _emit(self, results: list[Result]) -> None:
+        self.sink.write(results)
+        for result in results:
+            if result.ok:
+                self.stats.done += 1
+            else:
+                self.stats.failed_by_kind[result.error_kind or "unknown"] += 1
+            if self.on_result:
+                self.on_result(result)
+
+    def _caption_batch(self, batch: list[Prepared]) -> None:
+        start = time.perf_counter()
+        pixels = torch.from_numpy(np.stack([p.pixels for p in batch if p.pixels is not None]))
+        try:
+            captions = self.captioner.caption_pixels(pixels)
+        except Exception as error:
+            if len(batch) > 1:
+                # Find the item that breaks the model instead of failing its neighbours.
+                logger.warning("batch of %d failed (%s); retrying its items one by one", len(batch), error)
+                for prepared in batch:
+                    self._caption_batch([prepared])
+                return
+            logger.error("inference failed for %s: %s", batch[0].item.id, error)
+            self._emit([self._failure(batch[0].item, INFERENCE_FAILURE, f"{type(error).__name__}: {error}")])
+            return
+        inference_ms = (time.perf_counter() - start) * 1000
+        self.stats.batches += 1
+        self._emit(
+            [
+                Result(
+                    id=p.item.id,
+                    uri=p.item.uri,
+                    model_version=self.captioner.version,
+                    caption=caption,
+                    width=p.width,
+                    height=p.height,
+                    bytes=p.size,
+                    fetch_ms=round(p.fetch_ms, 3),
+                    decode_ms=round(p.decode_ms, 3),
+                    queue_ms=round((start - p.ready_at) * 1000, 3),
+                    inference_ms=round(inference_ms, 3),
+                )
+                for p, caption in zip(batch, captions, strict=True)
+            ]
+        )
+
+    def run(self, items: Iterable[Item]) -> RunStats:
+        started = time.perf_counter()
+        batcher: Batcher[Prepared] = Batcher(
+            self.batch.max_items, self.batch.max_wait_ms / 1000, max_cost=self.batch.max_pixels
+        )
+        # Bounded: at most `prefetch` images are decoded ahead of the model.
+        pending: queue.Queue[object] = queue.Queue(maxsize=self.batch.prefetch)
+        producer_error: list[BaseException] = []
+
+        with ThreadPoolExecutor(self.batch.decode_threads, thread_name_prefix="decode") as pool:
+
+            def produce() -> None:
+                try:
+                    for item in items:
+                        if self.stop_event.is_set():
+                            break
+                        pending.put(pool.submit(self._prepare, item))
+                except BaseException as error:  # reported by the consumer, never swallowed
+                    producer_error.append(error)
+                finally:
+                    pending.put(_DONE)
+
+            producer = threading.Thread(target=produce, name="source", daemon=True)
+            producer.start()
+            last_flush = time.monotonic()
+            while True:
+                try:
+                    entry = pending.get(timeout=batcher.time_left())
+                except queue.Empty:  # the open batch waited max_wait: run it as it is
+                    self._caption_batch(batcher.flush())
+                    continue
+                if entry is _DONE:
+                    break
+                assert isinstance(entry, Future)
+                prepared: Prepared = entry.result()
+                if prepared.failure is not None:
+                    self._emit([prepared.failure])
+                else:
+                    cost = prepared.width * prepared.height
+                    for ready in batcher.add(prepared, cost=cost):
+                        self._caption_batch(ready)
+                if time.monotonic() - last_flush >= self.flush_interval_s:
+                    self.sink.flush()
+                    last_flush = time.monotonic()
+            if len(batcher):
+                self._caption_batch(batcher.flush())
+            producer.join()
+        self.sink.flush()
+        self.stats.seconds = time.perf_counter() - started
+        if producer_error:
+            raise producer_error[0]
+        return self.stats
