@@ -148,3 +148,18 @@ def test_bad_output_name_is_refused(tiny_checkpoint: Path, tmp_path: Path) -> No
     result = run_cli("caption", tmp_path, "--out", tmp_path / "o.csv", "--model", tiny_checkpoint)
     assert result.returncode == 2
     assert ".parquet or .jsonl" in result.stderr
+
+
+def test_default_model_unreachable_offline_names_model_flag(tmp_path: Path) -> None:
+    """The default is the hub's reference model; with no hub and no cache the CLI says what to do."""
+    Image.new("RGB", (20, 20)).save(tmp_path / "a.png")
+    result = run_cli(
+        "caption",
+        tmp_path,
+        "--out",
+        tmp_path / "o.jsonl",
+        env_extra={"HF_HUB_OFFLINE": "1", "WORKER_MODEL__CACHE_DIR": str(tmp_path / "empty-cache")},
+    )
+    assert result.returncode == 2
+    assert "nlpconnect/vit-gpt2-image-captioning" in result.stderr
+    assert "--model" in result.stderr

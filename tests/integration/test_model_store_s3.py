@@ -21,18 +21,6 @@ from worker.settings import S3Settings
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from trainer.scratch import build_model
-
-    model, processor, tokenizer = build_model(["a red circle", "two blue squares"] * 5)
-    path = tmp_path_factory.mktemp("tiny")
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
 @pytest.fixture
 def s3_calls(monkeypatch: pytest.MonkeyPatch) -> Iterator[Counter[str]]:
     """Counts S3 operations made by the model store, keyed "GetObject:<key>" and by operation.
@@ -169,3 +157,25 @@ def test_unreachable_endpoint_is_a_clear_error(tmp_path: Path, s3_calls: Counter
         resolve_model_ref("s3://bucket/models/tiny/", cache_dir=tmp_path, s3=settings)
     assert "s3://bucket/models/tiny/" in str(info.value)
     assert time.monotonic() - started < 30
+
+
+def test_captioner_loads_from_s3_and_captions_like_the_local_copy(
+    s3_server: SeaweedS3, s3_bucket: str, tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    from PIL import Image
+
+    from worker.bulk import load_captioner
+    from worker.captioner import Captioner
+    from worker.settings import ModelSettings, WorkerSettings
+
+    upload_dir(s3_server, s3_bucket, "models/tiny-captioner/", tiny_checkpoint)
+    settings = WorkerSettings(
+        model=ModelSettings(ref=f"s3://{s3_bucket}/models/tiny-captioner", cache_dir=tmp_path / "cache", device="cpu"),
+        s3=admin_settings(s3_server),
+    )
+    remote = load_captioner(settings)
+    local = Captioner.from_dir(tiny_checkpoint, device="cpu")
+    images = [Image.new("RGB", (40, 30), (i * 50, 100, 200 - i * 40)) for i in range(4)]
+    assert remote.version == local.version  # same weights, same content hash
+    assert remote.caption(images) == local.caption(images)
+    assert remote.source.startswith(str(tmp_path / "cache"))

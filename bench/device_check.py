@@ -1,0 +1,106 @@
+"""Check the captioner on a CUDA device and measure generation throughput there.
+
+Run on a GPU machine: ``python bench/device_check.py``. Prints JSON lines:
+- the device and dtype the captioner picks (auto: CUDA in half precision);
+- whether batched captions equal one-by-one captions there (tiny model, greedy and beams);
+- images/s of the full ViT-base/16 + GPT-2 124M architecture (random weights: real compute cost)
+  for the model card's usage (fp32, one image per generate call, 4 beams, 16 tokens) next to
+  batched fp16 in the same run.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import GenerationConfig, GPT2Config, VisionEncoderDecoderConfig, VisionEncoderDecoderModel, ViTConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tests.conftest import save_tiny_checkpoint
+from worker.captioner import Captioner
+from worker.settings import DecodingSettings
+
+
+def emit(**fields: object) -> None:
+    print(json.dumps(fields), flush=True)
+
+
+def check_tiny() -> None:
+    path = save_tiny_checkpoint(Path(tempfile.mkdtemp()))
+    captioner = Captioner.from_dir(path)
+    emit(check="auto_device", device=str(captioner.device), dtype=str(captioner.dtype))
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (30, 40, 3), dtype=np.uint8)) for _ in range(16)]
+    for beams in (1, 4):
+        decoding = DecodingSettings(num_beams=beams, max_new_tokens=12)
+        batched = captioner.caption(images, decoding)
+        singles = [captioner.caption([image], decoding)[0] for image in images]
+        same = sum(a == b for a, b in zip(batched, singles, strict=True))
+        emit(check="batched_equals_single", beams=beams, identical=same, of=len(images), distinct=len(set(batched)))
+
+
+def full_model(dtype: torch.dtype) -> VisionEncoderDecoderModel:
+    decoder = GPT2Config(add_cross_attention=True)
+    decoder.is_decoder = True
+    config = VisionEncoderDecoderConfig.from_encoder_decoder_configs(ViTConfig(), decoder)
+    config.decoder_start_token_id = config.pad_token_id = config.eos_token_id = 50256
+    torch.manual_seed(0)
+    return VisionEncoderDecoderModel(config=config).to("cuda", dtype).eval()  # type: ignore[arg-type]
+
+
+def throughput(model: VisionEncoderDecoderModel, batch: int, beams: int, dtype: torch.dtype, total: int) -> dict:
+    gen = GenerationConfig(
+        decoder_start_token_id=50256,
+        eos_token_id=50256,
+        pad_token_id=50256,
+        num_beams=beams,
+        max_new_tokens=16,
+        min_new_tokens=16,
+        do_sample=False,
+    )
+    pixels = torch.randn(batch, 3, 224, 224, device="cuda", dtype=dtype)
+    with torch.inference_mode():
+        model.generate(pixel_values=pixels, generation_config=gen)  # warm-up
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        calls = max(1, total // batch)
+        start = time.perf_counter()
+        for _ in range(calls):
+            model.generate(pixel_values=pixels, generation_config=gen)
+        torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+    images = calls * batch
+    return {
+        "images_per_s": round(images / seconds, 1),
+        "ms_per_image": round(1000 * seconds / images, 2),
+        "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20),
+    }
+
+
+def bench_full() -> None:
+    fp32 = full_model(torch.float32)
+    card = throughput(fp32, batch=1, beams=4, dtype=torch.float32, total=24)
+    emit(bench="model_card_fp32_b1_beams4", **card)
+    del fp32
+    torch.cuda.empty_cache()
+    fp16 = full_model(torch.float16)
+    for batch, beams in ((1, 4), (32, 4), (128, 4), (32, 1), (256, 1)):
+        row = throughput(fp16, batch=batch, beams=beams, dtype=torch.float16, total=max(256, batch * 2))
+        emit(
+            bench=f"captionfleet_fp16_b{batch}_beams{beams}",
+            **row,
+            ratio_to_card=round(row["images_per_s"] / card["images_per_s"], 1),
+        )
+
+
+if __name__ == "__main__":
+    emit(torch=torch.__version__, gpu=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)
+    check_tiny()
+    bench_full()

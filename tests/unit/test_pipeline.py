@@ -1,0 +1,205 @@
+"""The pipeline's own logic, with an in-memory source and sink and a fake model.
+
+The fake captioner implements the same surface the pipeline uses from the real one
+(version, image_size, preprocess.array, caption_pixels); the real model is covered elsewhere.
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+from dataclasses import dataclass, field
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from worker.images import ImageLimits
+from worker.messages import Result
+from worker.pipeline import CaptionPipeline
+from worker.settings import BatchSettings
+
+
+def png(colour: tuple[int, int, int], size: tuple[int, int] = (16, 12)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, colour).save(buf, "PNG")
+    return buf.getvalue()
+
+
+@dataclass
+class MemoryItem:
+    id: str
+    data: bytes | Exception
+    uri: str = ""
+
+    def read(self) -> bytes:
+        if isinstance(self.data, Exception):
+            raise self.data
+        return self.data
+
+
+@dataclass
+class MemorySink:
+    rows: list[Result] = field(default_factory=list)
+    flushed: int = 0
+
+    def done_ids(self) -> set[str]:
+        return {r.id for r in self.rows}
+
+    def write(self, results: list[Result]) -> None:
+        self.rows.extend(results)
+
+    def flush(self) -> None:
+        self.flushed = len(self.rows)
+
+    def close(self) -> None:
+        self.flush()
+
+
+class RedPreprocess:
+    """Encodes the red channel of the top-left pixel so the fake model can 'caption' it."""
+
+    def array(self, image: Image.Image) -> np.ndarray:
+        return np.full((3, 2, 2), image.getpixel((0, 0))[0], dtype=np.float32)  # type: ignore[index]
+
+
+class FakeCaptioner:
+    version = "fake-1"
+    image_size = (2, 2)
+
+    def __init__(self, fail_on_red: int | None = None) -> None:
+        self.preprocess = RedPreprocess()
+        self.batches: list[int] = []
+        self.fail_on_red = fail_on_red
+        self.in_inference = threading.Event()
+        self.release = threading.Event()
+        self.release.set()
+
+    def caption_pixels(self, pixels: torch.Tensor) -> list[str]:
+        self.in_inference.set()
+        assert self.release.wait(10)
+        reds = [int(v) for v in pixels[:, 0, 0, 0]]
+        if self.fail_on_red is not None and self.fail_on_red in reds:
+            raise RuntimeError("the model broke on this image")
+        self.batches.append(len(reds))
+        return [f"red={r}" for r in reds]
+
+
+def run(items: list[MemoryItem], captioner: FakeCaptioner, **batch: int) -> tuple[MemorySink, CaptionPipeline]:
+    sink = MemorySink()
+    settings = BatchSettings(**{"max_items": 4, "max_wait_ms": 20, "prefetch": 8, **batch})
+    pipeline = CaptionPipeline(captioner, sink, settings, ImageLimits())  # type: ignore[arg-type]
+    pipeline.run(items)
+    return sink, pipeline
+
+
+def test_each_item_gets_one_row_and_bad_items_do_not_fail_their_batch() -> None:
+    items = [MemoryItem(f"ok{i}", png((i, 0, 0))) for i in range(10)]
+    items.insert(3, MemoryItem("corrupt", b"\x89PNG\r\n\x1a\n" + b"garbage" * 10))
+    items.insert(6, MemoryItem("empty", b""))
+    items.insert(8, MemoryItem("gone", FileNotFoundError("no such file")))
+    items.insert(9, MemoryItem("denied", PermissionError("denied")))
+    sink, pipeline = run(items, FakeCaptioner())
+    by_id = {r.id: r for r in sink.rows}
+    assert sorted(by_id) == sorted(i.id for i in items)
+    assert len(sink.rows) == len(items)
+    for i in range(10):
+        assert by_id[f"ok{i}"].caption == f"red={i}"  # captions stay attached to their images
+        assert by_id[f"ok{i}"].model_version == "fake-1"
+    assert by_id["corrupt"].error_kind in {"decode", "truncated"}
+    assert by_id["empty"].error_kind == "empty"
+    assert by_id["gone"].error_kind == "not_found"
+    assert by_id["denied"].error_kind == "forbidden"
+    assert pipeline.stats.done == 10 and pipeline.stats.failed == 4
+    assert sink.flushed == len(items)  # the run ends flushed
+
+
+def test_batches_respect_max_items() -> None:
+    captioner = FakeCaptioner()
+    run([MemoryItem(str(i), png((i, 0, 0))) for i in range(10)], captioner, max_items=4)
+    assert sum(captioner.batches) == 10
+    assert max(captioner.batches) <= 4
+
+
+def test_an_image_that_breaks_the_model_fails_alone() -> None:
+    captioner = FakeCaptioner(fail_on_red=5)
+    sink, _ = run([MemoryItem(str(i), png((i, 0, 0))) for i in range(8)], captioner, max_items=8)
+    by_id = {r.id: r for r in sink.rows}
+    assert by_id["5"].error_kind == "inference"
+    assert "broke" in (by_id["5"].error_message or "")
+    assert all(by_id[str(i)].caption == f"red={i}" for i in range(8) if i != 5)
+
+
+def test_decoding_continues_while_the_model_runs() -> None:
+    """While batch 1 is in inference, the decode pool prepares the following images."""
+    captioner = FakeCaptioner()
+    captioner.release.clear()
+    items = [MemoryItem(str(i), png((i, 0, 0))) for i in range(12)]
+    prepared: list[str] = []
+    sink = MemorySink()
+    pipeline = CaptionPipeline(
+        captioner,  # type: ignore[arg-type]
+        sink,
+        BatchSettings(max_items=4, max_wait_ms=1000, prefetch=8, decode_threads=2),
+        ImageLimits(),
+    )
+    original = pipeline._prepare
+
+    def spy(item: MemoryItem) -> object:
+        result = original(item)
+        prepared.append(item.id)
+        return result
+
+    pipeline._prepare = spy  # type: ignore[method-assign, assignment]
+    runner = threading.Thread(target=pipeline.run, args=(items,))
+    runner.start()
+    assert captioner.in_inference.wait(10)
+    # The first batch (4 images) is held in the model; more images get decoded meanwhile.
+    deadline = threading.Event()
+    for _ in range(100):
+        if len(prepared) >= 8:
+            break
+        deadline.wait(0.05)
+    assert len(prepared) >= 8
+    captioner.release.set()
+    runner.join(10)
+    assert not runner.is_alive()
+    assert len(sink.rows) == 12
+
+
+def test_a_lone_item_is_not_held_back_waiting_for_a_full_batch() -> None:
+    """The time trigger: a batch smaller than max_items still goes once max_wait passes."""
+    gate = threading.Event()
+
+    class SlowSource:
+        def __iter__(self):  # type: ignore[no-untyped-def]
+            yield MemoryItem("first", png((1, 0, 0)))
+            assert gate.wait(10)  # the source stalls until the first caption exists
+            yield MemoryItem("second", png((2, 0, 0)))
+
+    sink = MemorySink()
+    captioner = FakeCaptioner()
+
+    class GateSink(MemorySink):
+        def write(self, results: list[Result]) -> None:
+            super().write(results)
+            gate.set()
+
+    sink = GateSink()
+    pipeline = CaptionPipeline(captioner, sink, BatchSettings(max_items=8, max_wait_ms=30), ImageLimits())  # type: ignore[arg-type]
+    pipeline.run(SlowSource())  # type: ignore[arg-type]
+    assert [r.id for r in sink.rows] == ["first", "second"]
+    assert captioner.batches == [1, 1]
+
+
+def test_source_errors_are_raised_after_in_flight_work_is_written() -> None:
+    def broken() -> object:
+        yield MemoryItem("a", png((1, 0, 0)))
+        raise ConnectionError("listing failed")
+
+    sink = MemorySink()
+    pipeline = CaptionPipeline(FakeCaptioner(), sink, BatchSettings(), ImageLimits())  # type: ignore[arg-type]
+    with pytest.raises(ConnectionError):
+        pipeline.run(broken())  # type: ignore[arg-type]
+    assert [r.id for r in sink.rows] == ["a"]
