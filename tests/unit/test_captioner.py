@@ -1,6 +1,7 @@
 import json
 import logging
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -51,11 +52,18 @@ def test_preprocessing_matches_vit_image_processor(captioner: Captioner, tiny_ch
     assert torch.allclose(ours, expected, atol=1e-5)
 
 
-def test_no_warnings_are_logged_per_batch(captioner: Captioner, caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING):
+def test_no_warnings_are_printed_per_batch(
+    captioner: Captioner, caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]
+) -> None:
+    capfd.readouterr()
+    with caplog.at_level(logging.WARNING), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         captioner.caption(_images(4))
-        captioner.caption(_images(2))
+        captioner.caption(_images(2), DecodingSettings(num_beams=1, max_new_tokens=4))
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+    assert [str(w.message) for w in caught] == []
+    printed = capfd.readouterr()
+    assert printed.err == "" and printed.out == ""
 
 
 def test_version_is_content_hash_or_recorded(tiny_checkpoint: Path, tmp_path: Path) -> None:
