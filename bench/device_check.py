@@ -86,13 +86,13 @@ def throughput(model: VisionEncoderDecoderModel, batch: int, beams: int, dtype: 
 
 def bench_full() -> None:
     fp32 = full_model(torch.float32)
-    card = throughput(fp32, batch=1, beams=4, dtype=torch.float32, total=24)
+    card = throughput(fp32, batch=1, beams=4, dtype=torch.float32, total=8)
     emit(bench="model_card_fp32_b1_beams4", **card)
     del fp32
     torch.cuda.empty_cache()
     fp16 = full_model(torch.float16)
-    for batch, beams in ((1, 4), (32, 4), (128, 4), (32, 1), (256, 1)):
-        row = throughput(fp16, batch=batch, beams=beams, dtype=torch.float16, total=max(256, batch * 2))
+    for batch, beams in ((32, 4), (128, 1)):
+        row = throughput(fp16, batch=batch, beams=beams, dtype=torch.float16, total=batch * 2)
         emit(
             bench=f"captionfleet_fp16_b{batch}_beams{beams}",
             **row,
