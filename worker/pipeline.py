@@ -71,6 +71,8 @@ class RunStats:
 
 
 def _fetch_failure_kind(error: Exception) -> str:
+    if isinstance(error, ImageError):  # a source may refuse an item before reading it (e.g. too_large by size)
+        return error.kind
     if isinstance(error, FileNotFoundError):
         return "not_found"
     if isinstance(error, PermissionError):
@@ -93,12 +95,15 @@ class CaptionPipeline:
         *,
         on_result: Callable[[Result], None] | None = None,
         flush_interval_s: float = 10.0,
+        on_item_result: Callable[[Item, Result], None] | None = None,
     ) -> None:
         self.captioner = captioner
         self.sink = sink
         self.batch = batch
         self.limits = limits
         self.on_result = on_result
+        # The streaming worker needs the item (its Kafka offset) with each result, not just its id.
+        self.on_item_result = on_item_result
         self.flush_interval_s = flush_interval_s
         self.stop_event = threading.Event()  # set it to stop reading input; in-flight work finishes
         self.stats = RunStats()
@@ -132,6 +137,13 @@ class CaptionPipeline:
             failure = self._failure(item, error.kind, error.message, fetch_ms=fetch_ms)
             failure.bytes = len(data)
             return Prepared(item, failure=failure)
+        except Exception as error:
+            # A decoder or preprocessing bug must not become a poison message that stops the
+            # worker on every restart: the item fails alone, with the error, and work goes on.
+            logger.exception("unexpected error preparing %s (%s)", item.id, item.uri)
+            failure = self._failure(item, "decode", f"{type(error).__name__}: {error}", fetch_ms=fetch_ms)
+            failure.bytes = len(data)
+            return Prepared(item, failure=failure)
         decoded = time.perf_counter()
         return Prepared(
             item,
@@ -144,15 +156,17 @@ class CaptionPipeline:
             ready_at=decoded,
         )
 
-    def _emit(self, results: list[Result]) -> None:
+    def _emit(self, results: list[Result], items: list[Item]) -> None:
         self.sink.write(results)
-        for result in results:
+        for item, result in zip(items, results, strict=True):
             if result.ok:
                 self.stats.done += 1
             else:
                 self.stats.failed_by_kind[result.error_kind or "unknown"] += 1
             if self.on_result:
                 self.on_result(result)
+            if self.on_item_result:
+                self.on_item_result(item, result)
 
     def _caption_batch(self, batch: list[Prepared]) -> None:
         start = time.perf_counter()
@@ -167,7 +181,8 @@ class CaptionPipeline:
                     self._caption_batch([prepared])
                 return
             logger.error("inference failed for %s: %s", batch[0].item.id, error)
-            self._emit([self._failure(batch[0].item, INFERENCE_FAILURE, f"{type(error).__name__}: {error}")])
+            failure = self._failure(batch[0].item, INFERENCE_FAILURE, f"{type(error).__name__}: {error}")
+            self._emit([failure], [batch[0].item])
             return
         inference_ms = (time.perf_counter() - start) * 1000
         self.stats.batches += 1
@@ -187,7 +202,8 @@ class CaptionPipeline:
                     inference_ms=round(inference_ms, 3),
                 )
                 for p, caption in zip(batch, captions, strict=True)
-            ]
+            ],
+            [p.item for p in batch],
         )
 
     def run(self, items: Iterable[Item]) -> RunStats:
@@ -226,7 +242,7 @@ class CaptionPipeline:
                 assert isinstance(entry, Future)
                 prepared: Prepared = entry.result()
                 if prepared.failure is not None:
-                    self._emit([prepared.failure])
+                    self._emit([prepared.failure], [prepared.item])
                 else:
                     cost = prepared.width * prepared.height
                     for ready in batcher.add(prepared, cost=cost):

@@ -6,11 +6,12 @@ Every field can be set as ``WORKER_<FIELD>`` (nested groups with ``__``, e.g.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, SecretStr, ValidationError
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_MODEL = "nlpconnect/vit-gpt2-image-captioning"
 
@@ -63,6 +64,126 @@ class S3Settings(BaseModel):
     secret_access_key: SecretStr | None = None
 
 
+class ShardSettings(BaseModel):
+    # This worker's shard of the keys, numbered from 0. Unset: from JOB_COMPLETION_INDEX (a Kubernetes
+    # Indexed Job sets it) when TOTAL is set, else the whole listing is one shard.
+    index: int | None = Field(default=None, ge=0)
+    # How many shards the keys are split into; in an Indexed Job set it to the Job's spec.completions
+    # (Kubernetes exposes the index to pods but not the total).
+    total: int | None = Field(default=None, ge=1, le=100_000)
+
+
+class BulkS3Settings(BaseModel):
+    """The S3 bulk job (``captionfleet caption s3://... --out s3://...``)."""
+
+    # Result part files; parquet for analytics, jsonl for line tools.
+    format: Literal["parquet", "jsonl"] = "parquet"
+    # A part is uploaded whole when it has this many rows or part_interval_s has passed since the
+    # last one: a crash loses at most that much work, and parts stay few enough to list quickly.
+    rows_per_part: int = Field(default=1000, ge=1)
+    part_interval_s: float = Field(default=60.0, gt=0)
+    # Only keys ending in one of these (case-insensitive, e.g. [".jpg", ".png"]); empty = every key,
+    # so a mislabelled or non-image object still gets a failure row instead of vanishing.
+    suffixes: list[str] = []
+    # Objects outside [min_size, max_size] bytes are left out at listing time (max 0 = no bound).
+    min_size: int = Field(default=0, ge=0)
+    max_size: int = Field(default=0, ge=0)
+    # GETs in flight at once; S3 latency, not bandwidth, limits one stream, so this is well above
+    # the decode threads. fetch_ahead_mb bounds the bytes fetched but not yet handed to decoding.
+    fetch_concurrency: int = Field(default=16, ge=1, le=256)
+    fetch_ahead_mb: int = Field(default=256, ge=1)
+    # Attempts per request (first try included) on throttling (503 SlowDown), 5xx and timeouts,
+    # with exponential backoff and full jitter between them, capped at retry_max_s.
+    retry_attempts: int = Field(default=5, ge=1, le=20)
+    retry_base_s: float = Field(default=0.2, ge=0)
+    retry_max_s: float = Field(default=10.0, ge=0)
+    connect_timeout_s: float = Field(default=5.0, gt=0)
+    read_timeout_s: float = Field(default=30.0, gt=0)
+    list_page_size: int = Field(default=1000, ge=1, le=1000)
+    # Keys listed ahead of the pipeline (bounds memory; the progress total is known this far ahead).
+    list_ahead: int = Field(default=100_000, ge=1)
+
+
+def _split_list(value: Any) -> Any:
+    """``a,b`` or a JSON list: comma-separated is what people type into a Deployment's env."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            return json.loads(text)
+        return [part.strip() for part in text.split(",") if part.strip()]
+    return value
+
+
+class KafkaSettings(BaseModel):
+    # host:port[,host:port]; required by `captionfleet worker`.
+    bootstrap: str = ""
+    request_topic: str = "caption-requests"
+    result_topic: str = "caption-results"
+    dead_letter_topic: str = "caption-dead-letters"
+    group_id: str = "captionfleet-worker"
+    # Static membership (KIP-345): a stable name per replica (e.g. the StatefulSet pod name) lets a
+    # restarted worker take its partitions back without a rebalance, if it returns within the session timeout.
+    group_instance_id: str | None = None
+    # Names this worker in broker logs and in each result ("worker"); empty = host name and pid.
+    client_id: str = ""
+    # Where a new group starts: "earliest" so requests sent before the first worker came up are captioned.
+    auto_offset_reset: Literal["earliest", "latest"] = "earliest"
+    # A crashed worker is noticed after this long; heartbeats are sent (by a background thread) at the interval.
+    session_timeout_ms: int = Field(default=10_000, ge=1000)
+    heartbeat_interval_ms: int = Field(default=3_000, ge=100)
+    # The consumer thread never blocks on the model (fetching is paused instead), so this only has to
+    # cover one rebalance drain: the batches in flight when partitions are revoked.
+    max_poll_interval_ms: int = Field(default=300_000, ge=1000)
+    max_poll_records: int = Field(default=64, ge=1)
+    # How long the broker may hold a fetch while waiting for new messages. It bounds the latency a new
+    # request can sit unseen on brokers that hold a fetch for the whole wait (the test broker does);
+    # Kafka itself answers as soon as data arrives, so lower only costs idle fetch requests.
+    fetch_max_wait_ms: int = Field(default=100, ge=0, le=10_000)
+    # Requests between the consumer and the result topic (fetching, decoding, batched, captioned).
+    # At this many, fetching pauses; worst-case image memory is about max_in_flight * images.max_bytes.
+    max_in_flight: int = Field(default=64, ge=1)
+    # Offsets are committed this often (after the producer has flushed): the most work a crash can redo.
+    commit_interval_ms: int = Field(default=1_000, ge=0)
+    # A result the broker has not acknowledged by then fails the worker (nothing is committed past it).
+    produce_timeout_s: float = Field(default=30.0, gt=0)
+    # Results are small; a few ms of linger batches them without adding visible latency.
+    linger_ms: int = Field(default=5, ge=0)
+
+
+class FetchSettings(BaseModel):
+    # Buckets that s3:// uris may name; anything else is refused as "forbidden" without a request.
+    allowed_buckets: Annotated[list[str], NoDecode] = []
+    # The one folder file:// uris may point into (no escape by "..", symlinks or hard-coded paths);
+    # unset = file:// refused.
+    file_root: Path | None = None
+    # Hosts http(s):// uris may name; empty = http(s) refused.
+    allowed_hosts: Annotated[list[str], NoDecode] = []
+    # Concurrent fetches (threads, and S3 connections).
+    concurrency: int = Field(default=8, ge=1, le=256)
+    # Attempts per object on throttling (503 SlowDown), 5xx and timeouts, with jittered exponential backoff.
+    max_attempts: int = Field(default=4, ge=1, le=20)
+    backoff_initial_ms: int = Field(default=100, ge=0)
+    backoff_max_ms: int = Field(default=5_000, ge=0)
+    connect_timeout_s: float = Field(default=5.0, gt=0)
+    read_timeout_s: float = Field(default=20.0, gt=0)
+
+    _split = field_validator("allowed_buckets", "allowed_hosts", mode="before")(_split_list)
+
+
+class MetricsSettings(BaseModel):
+    enabled: bool = True
+    # 0.0.0.0 so the Prometheus scraper and kubelet probes reach it inside a pod.
+    host: str = "0.0.0.0"
+    # 0 = any free port (it is logged).
+    port: int = Field(default=9400, ge=0, le=65535)
+
+
+class ShutdownSettings(BaseModel):
+    # SIGTERM to exit: finish the batch in flight, flush, commit, leave the group. Keep it below the
+    # pod's terminationGracePeriodSeconds (30 by default), or the kubelet's SIGKILL comes first.
+    grace_s: float = Field(default=25.0, gt=0)
+
+
 class WorkerSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="WORKER_", env_nested_delimiter="__", env_file=".env", extra="ignore")
 
@@ -71,7 +192,24 @@ class WorkerSettings(BaseSettings):
     batch: BatchSettings = BatchSettings()
     images: ImageSettings = ImageSettings()
     s3: S3Settings = S3Settings()
+    shard: ShardSettings = ShardSettings()
+    bulk: BulkS3Settings = BulkS3Settings()
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    # Streaming worker (`captionfleet worker`).
+    # "json": one object per line, with the item's id, topic, partition and offset as fields.
+    log_format: Literal["text", "json"] = "text"
+    kafka: KafkaSettings = KafkaSettings()
+    fetch: FetchSettings = FetchSettings()
+    metrics: MetricsSettings = MetricsSettings()
+    shutdown: ShutdownSettings = ShutdownSettings()
+
+
+class KubernetesJobEnv(BaseSettings):
+    """What Kubernetes sets in an Indexed Job's pods (no WORKER_ prefix: the names are Kubernetes')."""
+
+    model_config = SettingsConfigDict(env_prefix="", extra="ignore")
+
+    job_completion_index: int | None = Field(default=None, ge=0)
 
 
 def describe_validation_error(error: ValidationError, prefix: str) -> str:
@@ -89,3 +227,10 @@ def load_worker_settings() -> WorkerSettings:
         return WorkerSettings()
     except ValidationError as error:
         raise SettingsError(describe_validation_error(error, "WORKER_")) from error
+
+
+def load_kubernetes_job_env() -> KubernetesJobEnv:
+    try:
+        return KubernetesJobEnv()
+    except ValidationError as error:
+        raise SettingsError(describe_validation_error(error, "")) from error

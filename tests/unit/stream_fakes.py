@@ -1,0 +1,194 @@
+"""In-memory Source and Output for the stream loop (the httpx MockTransport idea): same protocols as
+the Kafka connector, with the checks that make at-least-once testable without a broker."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from kafka import TopicPartition
+
+from worker.captioner import Captioner
+from worker.settings import DecodingSettings
+from worker.stream import Rebalance
+
+
+@dataclass(frozen=True)
+class MemoryRecord:
+    topic: str
+    partition: int
+    offset: int
+    timestamp: int
+    key: bytes | None
+    value: bytes | None
+
+
+class OutputFailedError(Exception):
+    pass
+
+
+@dataclass
+class MemoryOutput:
+    """Sent messages become 'acknowledged' only at flush(), like a producer's buffer."""
+
+    sent: list[tuple[str, str, dict[str, Any]]] = field(default_factory=list)
+    acked: int = 0
+    flushes: int = 0
+    fail_flush: bool = False
+    closed: bool = False
+
+    def send(self, topic: str, key: str, value: dict[str, Any]) -> None:
+        self.sent.append((topic, key, value))
+
+    def flush(self) -> None:
+        self.flushes += 1
+        if self.fail_flush:
+            raise OutputFailedError("broker unreachable")
+        self.acked = len(self.sent)
+
+    def close(self) -> None:
+        self.closed = True
+
+    def acked_keys(self) -> list[str]:
+        return [key for _, key, _ in self.sent[: self.acked]]
+
+    def keys(self, topic: str | None = None) -> list[str]:
+        return [key for t, key, _ in self.sent if topic is None or t == topic]
+
+    def values(self, topic: str) -> list[dict[str, Any]]:
+        return [value for t, _, value in self.sent if t == topic]
+
+
+class MemorySource:
+    """One topic's partitions as lists; a single member that owns them all unless told otherwise.
+
+    Rebalances are queued with ``rebalance()`` and run inside the next poll(), as with kafka-python.
+    Every commit is checked: each message below a committed offset must have all of its expected
+    answers (``expect[(partition, offset)]`` = keys) acknowledged by the output at that moment.
+    """
+
+    def __init__(self, topic: str, partitions: int, output: MemoryOutput) -> None:
+        self.topic = topic
+        self.output = output
+        self.logs: dict[int, list[MemoryRecord]] = {p: [] for p in range(partitions)}
+        self.expect: dict[tuple[int, int], list[str]] = {}
+        self.positions: dict[TopicPartition, int] = {}
+        self.committed: dict[TopicPartition, int] = {}
+        self.owned: set[TopicPartition] = set()
+        self.paused: set[TopicPartition] = set()
+        self.handler: Rebalance | None = None
+        self.polls = 0
+        self.polls_while_paused = 0
+        self.pause_calls = 0
+        self.closed = False
+        self.violations: list[str] = []
+        self._queued: list[str] = []
+        self._lock = threading.Lock()
+
+    def append(self, partition: int, value: bytes | None, key: bytes | None = None, answers: Iterable[str] = ()) -> int:
+        with self._lock:
+            log = self.logs[partition]
+            offset = len(log)
+            log.append(MemoryRecord(self.topic, partition, offset, int(time.time() * 1000), key, value))
+            self.expect[(partition, offset)] = list(answers)
+            return offset
+
+    def rebalance(self) -> None:
+        """Revoke everything and assign it again (an eager rebalance), at the next poll."""
+        with self._lock:
+            self._queued += ["revoke", "assign"]
+
+    # -- the Source protocol ---------------------------------------------------------------------
+
+    def subscribe(self, handler: Rebalance) -> None:
+        self.handler = handler
+        self._queued.append("assign")
+
+    def poll(self, timeout_s: float, max_records: int) -> list[MemoryRecord]:
+        self.polls += 1
+        if self.owned and self.paused >= self.owned:
+            self.polls_while_paused += 1
+        with self._lock:
+            queued, self._queued = self._queued, []
+        for action in queued:
+            self._revoke() if action == "revoke" else self._assign()
+        records: list[MemoryRecord] = []
+        with self._lock:
+            for tp in sorted(self.owned - self.paused):
+                log = self.logs[tp.partition]
+                while self.positions[tp] < len(log) and len(records) < max_records:
+                    records.append(log[self.positions[tp]])
+                    self.positions[tp] += 1
+        if not records and timeout_s:
+            time.sleep(min(timeout_s, 0.005))
+        return records
+
+    def _assign(self) -> None:
+        assert self.handler is not None
+        self.owned = {TopicPartition(self.topic, p) for p in self.logs}
+        self.paused = set()
+        self.positions = {tp: self.committed.get(tp, 0) for tp in self.owned}
+        self.handler.assigned(sorted(self.owned))
+
+    def _revoke(self) -> None:
+        assert self.handler is not None
+        partitions = sorted(self.owned)
+        offsets = self.handler.revoking(partitions)
+        self.commit(offsets)
+        self.handler.revoked(partitions, offsets)
+        self.owned, self.paused = set(), set()
+
+    def assignment(self) -> set[TopicPartition]:
+        return set(self.owned)
+
+    def pause(self, partitions: Iterable[TopicPartition]) -> None:
+        self.pause_calls += 1
+        self.paused |= set(partitions)
+
+    def resume(self, partitions: Iterable[TopicPartition]) -> None:
+        self.paused -= set(partitions)
+
+    def commit(self, offsets: dict[TopicPartition, int]) -> None:
+        acked = set(self.output.acked_keys())
+        for tp, offset in offsets.items():
+            for below in range(offset):
+                missing = [k for k in self.expect.get((tp.partition, below), []) if k not in acked]
+                if missing:
+                    self.violations.append(f"commit {tp.partition}@{offset} before {missing} were acknowledged")
+        self.committed.update(offsets)
+
+    def highwater(self, partition: TopicPartition) -> int | None:
+        return len(self.logs[partition.partition])
+
+    def close(self) -> None:
+        if self.owned:
+            self._revoke()
+        self.closed = True
+
+
+class GatedCaptioner(Captioner):
+    """The real (tiny) model behind a gate: batches wait until the test opens it."""
+
+    def __init__(self, inner: Captioner) -> None:
+        self.__dict__.update(inner.__dict__)
+        self._inner = inner
+        self.gate = threading.Event()
+        self.entered = threading.Event()
+        self.batches: list[int] = []
+
+    def caption_pixels(self, pixel_values: Any, decoding: DecodingSettings | None = None) -> list[str]:
+        self.entered.set()
+        self.gate.wait(timeout=60)
+        self.batches.append(int(pixel_values.shape[0]))
+        return self._inner.caption_pixels(pixel_values, decoding)
+
+
+def wait_for(condition: Callable[[], bool], timeout_s: float = 30.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+        time.sleep(0.01)

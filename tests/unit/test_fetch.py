@@ -1,0 +1,220 @@
+"""Fetching image uris: the allow-list policy (decided before any I/O) and S3 retries, without a server.
+
+The real SeaweedFS server is used in tests/integration/test_stream_fetch_s3.py.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+from botocore.exceptions import ReadTimeoutError
+from botocore.response import StreamingBody
+from botocore.stub import Stubber
+
+from worker.fetch import Fetcher, FetchError
+from worker.settings import FetchSettings, S3Settings
+
+
+def fetcher(tmp_path: Path | None = None, client: Any = None, **settings: Any) -> tuple[Fetcher, list[float]]:
+    sleeps: list[float] = []
+    options: dict[str, Any] = {"allowed_buckets": ["images"], **settings}
+    if tmp_path is not None:
+        options.setdefault("file_root", tmp_path / "root")
+    f = Fetcher(
+        FetchSettings(**options),
+        s3=S3Settings(),
+        max_bytes=1000,
+        s3_client=client,
+        sleep=sleeps.append,
+        jitter=lambda: 1.0,  # the full backoff cap, so waits are predictable
+    )
+    return f, sleeps
+
+
+class NoCallsClient:
+    """Fails the test if the fetcher ever talks to S3."""
+
+    def get_object(self, **kwargs: Any) -> Any:
+        raise AssertionError(f"a refused uri was fetched: {kwargs}")
+
+
+@pytest.mark.parametrize(
+    ("uri", "kind"),
+    [
+        ("s3://secrets/passwords.txt", "forbidden"),
+        ("http://169.254.169.254/latest/meta-data/", "forbidden"),
+        ("https://example.com/cat.jpg", "forbidden"),
+        ("file:///etc/passwd", "forbidden"),  # no file root configured
+        ("ftp://example.com/cat.jpg", "malformed"),
+        ("cat.jpg", "malformed"),
+        ("s3://images/", "malformed"),
+        ("s3:///key", "malformed"),
+    ],
+)
+def test_refused_uris_are_never_fetched(uri: str, kind: str) -> None:
+    f, _ = fetcher(client=NoCallsClient())
+    with pytest.raises(FetchError) as info:
+        f.fetch(uri)
+    assert info.value.kind == kind
+
+
+def test_forbidden_message_names_the_setting() -> None:
+    f, _ = fetcher(client=NoCallsClient())
+    with pytest.raises(FetchError, match="WORKER_FETCH__ALLOWED_BUCKETS"):
+        f.fetch("s3://other/k.jpg")
+    with pytest.raises(FetchError, match="WORKER_FETCH__ALLOWED_HOSTS"):
+        f.fetch("https://example.com/k.jpg")
+
+
+def test_http_needs_the_host_on_the_list() -> None:
+    f, _ = fetcher(allowed_hosts="cdn.example.com")
+    assert f.check("https://cdn.example.com/a.jpg")
+    with pytest.raises(FetchError) as info:
+        f.check("https://cdn.example.com.evil.net/a.jpg")
+    assert info.value.kind == "forbidden"
+
+
+def test_file_root_reads_inside_and_refuses_escapes(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    (root / "sub").mkdir(parents=True)
+    (root / "sub" / "ok.jpg").write_bytes(b"inside")
+    (tmp_path / "secret.txt").write_bytes(b"outside")
+    (root / "link.jpg").symlink_to(tmp_path / "secret.txt")  # a link pointing out of the root
+    (root / "inner.jpg").symlink_to(root / "sub" / "ok.jpg")  # a link that stays inside is fine
+    (root / "big.jpg").write_bytes(b"x" * 1001)
+    f, _ = fetcher(tmp_path)
+    assert f.fetch(f"file://{root}/sub/ok.jpg") == b"inside"
+    assert f.fetch(f"file://{root}/inner.jpg") == b"inside"
+    assert f.fetch(f"file://localhost{root}/sub/ok.jpg") == b"inside"
+    for uri in (
+        f"file://{root}/../secret.txt",
+        f"file://{root}/sub/%2e%2e/%2e%2e/secret.txt",  # url-encoded dots are dots too
+        f"file://{root}/link.jpg",
+        f"file://{tmp_path}/secret.txt",
+        f"file://otherhost{root}/sub/ok.jpg",
+    ):
+        with pytest.raises(FetchError) as info:
+            f.fetch(uri)
+        assert info.value.kind == "forbidden", uri
+    with pytest.raises(FetchError) as missing:
+        f.fetch(f"file://{root}/nope.jpg")
+    assert missing.value.kind == "not_found"
+    with pytest.raises(FetchError) as folder:
+        f.fetch(f"file://{root}/sub")
+    assert folder.value.kind == "not_found"
+    with pytest.raises(FetchError) as big:
+        f.fetch(f"file://{root}/big.jpg")
+    assert big.value.kind == "too_large"
+
+
+def test_file_root_must_exist(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="WORKER_FETCH__FILE_ROOT"):
+        Fetcher(FetchSettings(file_root=tmp_path / "missing"), s3=S3Settings(), max_bytes=10)
+
+
+# -- S3, with botocore's Stubber: real client code, canned responses ---------------------------------
+
+
+def stubbed() -> tuple[Any, Stubber]:
+    client = boto3.client(
+        "s3",
+        region_name="us-east-1",
+        endpoint_url="http://127.0.0.1:9",
+        aws_access_key_id="test",
+        aws_secret_access_key="test",
+    )
+    return client, Stubber(client)
+
+
+def body(data: bytes) -> dict[str, Any]:
+    return {"Body": StreamingBody(io.BytesIO(data), len(data)), "ContentLength": len(data)}
+
+
+GET = {"Bucket": "images", "Key": "cat.jpg"}
+
+
+def test_s3_slow_down_is_retried_with_growing_waits() -> None:
+    client, stub = stubbed()
+    for _ in range(2):
+        stub.add_client_error("get_object", "SlowDown", "Please reduce your request rate.", 503, expected_params=GET)
+    stub.add_response("get_object", body(b"jpeg bytes"), expected_params=GET)
+    f, sleeps = fetcher(client=client, backoff_initial_ms=100, backoff_max_ms=150)
+    with stub:
+        assert f.fetch("s3://images/cat.jpg") == b"jpeg bytes"
+        stub.assert_no_pending_responses()
+    assert sleeps == [0.1, 0.15]  # doubled, then capped
+
+
+def test_s3_gives_up_after_max_attempts() -> None:
+    client, stub = stubbed()
+    for _ in range(3):
+        stub.add_client_error("get_object", "InternalError", "oops", 500, expected_params=GET)
+    f, sleeps = fetcher(client=client, max_attempts=3)
+    with stub, pytest.raises(FetchError) as info:
+        f.fetch("s3://images/cat.jpg")
+    assert info.value.kind == "unavailable"
+    assert "after 3 attempts" in info.value.message
+    assert len(sleeps) == 2
+
+
+@pytest.mark.parametrize(
+    ("code", "status", "kind"),
+    [("NoSuchKey", 404, "not_found"), ("NoSuchBucket", 404, "not_found"), ("AccessDenied", 403, "forbidden")],
+)
+def test_s3_errors_that_are_not_retried(code: str, status: int, kind: str) -> None:
+    client, stub = stubbed()
+    stub.add_client_error("get_object", code, code, status, expected_params=GET)
+    f, sleeps = fetcher(client=client)
+    with stub, pytest.raises(FetchError) as info:
+        f.fetch("s3://images/cat.jpg")
+    assert info.value.kind == kind
+    assert sleeps == []
+
+
+def test_s3_object_over_the_limit_is_not_read() -> None:
+    client, stub = stubbed()
+    stub.add_response("get_object", {**body(b""), "ContentLength": 10_000}, expected_params=GET)
+    f, _ = fetcher(client=client)
+    with stub, pytest.raises(FetchError) as info:
+        f.fetch("s3://images/cat.jpg")
+    assert info.value.kind == "too_large"
+
+
+class TimingOutClient:
+    def __init__(self, failures: int) -> None:
+        self.failures = failures
+        self.calls = 0
+
+    def get_object(self, **kwargs: Any) -> Any:
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise ReadTimeoutError(endpoint_url="http://store")
+        return body(b"late but fine")
+
+
+def test_s3_timeouts_are_retried_then_reported() -> None:
+    f, _ = fetcher(client=TimingOutClient(failures=2), max_attempts=3)
+    assert f.fetch("s3://images/cat.jpg") == b"late but fine"
+    always = TimingOutClient(failures=99)
+    f, _ = fetcher(client=always, max_attempts=2)
+    with pytest.raises(FetchError) as info:
+        f.fetch("s3://images/cat.jpg")
+    assert info.value.kind == "timeout"
+    assert always.calls == 2
+
+
+def test_fetch_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from worker.settings import load_worker_settings
+
+    monkeypatch.setenv("WORKER_FETCH__ALLOWED_BUCKETS", "images, uploads")
+    monkeypatch.setenv("WORKER_FETCH__ALLOWED_HOSTS", '["cdn.example.com"]')
+    monkeypatch.setenv("WORKER_FETCH__FILE_ROOT", os.fspath(tmp_path))
+    settings = load_worker_settings().fetch
+    assert settings.allowed_buckets == ["images", "uploads"]
+    assert settings.allowed_hosts == ["cdn.example.com"]
+    assert settings.file_root == tmp_path

@@ -1,0 +1,285 @@
+"""The stream loop's own logic with an in-memory source and output, the real tiny model and real files.
+
+What is checked: every request gets exactly one answer (result or dead letter); an offset is
+committed only once the answers of every message below it are acknowledged (MemorySource records
+any violation); fetching pauses while the model is busy, and polling goes on; revocations finish
+or give up in-flight work without duplicates; shutdown drains, commits and closes.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.hostile_images import jpeg_bytes
+from tests.unit.stream_fakes import GatedCaptioner, MemoryOutput, MemorySource, OutputFailedError, wait_for
+from worker.captioner import Captioner
+from worker.fetch import Fetcher
+from worker.metrics import WorkerMetrics
+from worker.settings import DecodingSettings, WorkerSettings
+from worker.stream import EXIT_GRACE_EXCEEDED, EXIT_OK, StreamReport, StreamWorker
+
+TOPIC = "requests"
+RESULTS = "caption-results"
+DEAD = "caption-dead-letters"
+
+
+@pytest.fixture(scope="module")
+def captioner(tiny_checkpoint: Path) -> Captioner:
+    return Captioner.from_dir(tiny_checkpoint, device="cpu", decoding=DecodingSettings(num_beams=1, max_new_tokens=4))
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    folder = tmp_path / "images"
+    folder.mkdir()
+    (folder / "good.jpg").write_bytes(jpeg_bytes())
+    (folder / "bad.jpg").write_bytes(b"definitely not a picture")
+    return folder
+
+
+def settings(root: Path, **kafka: Any) -> WorkerSettings:
+    batch = kafka.pop("batch", {"max_items": 4, "max_wait_ms": 20})
+    grace = kafka.pop("grace_s", 20.0)
+    return WorkerSettings(
+        kafka={"bootstrap": "unused:9092", "request_topic": TOPIC, "commit_interval_ms": 0, **kafka},
+        fetch={"file_root": root},
+        batch=batch,
+        shutdown={"grace_s": grace},
+    )
+
+
+def request(request_id: str, uri: str, **metadata: Any) -> bytes:
+    return json.dumps({"id": request_id, "uri": uri, **metadata}).encode()
+
+
+class Running:
+    """A worker on its own thread, as __main__ runs it on the main one."""
+
+    def __init__(self, worker: StreamWorker) -> None:
+        self.worker = worker
+        self.report: StreamReport | None = None
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.report = self.worker.run()
+        except BaseException as error:
+            self.error = error
+
+    def stop(self, timeout_s: float = 30) -> StreamReport:
+        self.worker.stop()
+        self.thread.join(timeout_s)
+        assert not self.thread.is_alive(), "the worker did not stop"
+        if self.error is not None:
+            raise self.error
+        assert self.report is not None
+        return self.report
+
+
+@pytest.fixture
+def make(root: Path, captioner: Captioner) -> Iterator[Any]:
+    started: list[Running] = []
+
+    def start(
+        source: MemorySource, output: MemoryOutput, model: Captioner | None = None, **kafka: Any
+    ) -> tuple[Running, WorkerMetrics]:
+        s = settings(root, **kafka)
+        metrics = WorkerMetrics()
+        fetcher = Fetcher(s.fetch, s3=s.s3, max_bytes=s.images.max_bytes)
+        worker = StreamWorker(s, model or captioner, source, output, fetcher, metrics=metrics, name="test")
+        running = Running(worker)
+        started.append(running)
+        return running, metrics
+
+    yield start
+    for running in started:  # never leave a loop spinning after a failed assertion
+        running.worker.stop()
+        running.thread.join(10)
+        # A model thread still inside torch when the interpreter exits aborts the process.
+        assert running.worker.join(30), "the model thread did not finish"
+
+
+def new_pair(partitions: int = 4) -> tuple[MemorySource, MemoryOutput]:
+    output = MemoryOutput()
+    return MemorySource(TOPIC, partitions, output), output
+
+
+def all_committed(source: MemorySource) -> bool:
+    return all(source.committed.get(tp, 0) == len(source.logs[tp.partition]) for tp in source.owned)
+
+
+def test_every_request_answered_once_and_committed_only_after_ack(make: Any, root: Path) -> None:
+    source, output = new_pair()
+    good, bad = f"file://{root}/good.jpg", f"file://{root}/bad.jpg"
+    source.append(0, request("g0", good, album=7), answers=["g0"])
+    source.append(0, request("b0", bad), answers=["b0"])
+    source.append(0, b"not json at all", key=b"m0", answers=["m0"])
+    source.append(1, request("g1", good), answers=["g1"])
+    source.append(1, request("f1", "file:///etc/passwd"), answers=["f1"])
+    source.append(1, request("n1", f"file://{root}/missing.jpg"), answers=["n1"])
+    records = [
+        {"eventName": "ObjectCreated:Put", "s3": {"bucket": {"name": "photos"}, "object": {"key": k}}} for k in "xy"
+    ]
+    source.append(2, json.dumps({"Records": records}).encode(), answers=["s3://photos/x", "s3://photos/y"])
+    source.append(2, json.dumps({"Event": "s3:TestEvent"}).encode())  # nothing to answer
+    for i in range(3):
+        source.append(3, request(f"g3-{i}", good), answers=[f"g3-{i}"])
+    running, metrics = make(source, output)
+
+    wait_for(lambda: len(output.sent) == 11 and all_committed(source), what="all answers and commits")
+    report = running.stop()
+
+    assert report.exit_code == EXIT_OK and report.messages == 11
+    assert source.violations == []
+    assert Counter(output.keys()) == Counter(
+        ["g0", "b0", "m0", "g1", "f1", "n1", "s3://photos/x", "s3://photos/y", "g3-0", "g3-1", "g3-2"]
+    )
+    assert sorted(output.keys(RESULTS)) == ["g0", "g1", "g3-0", "g3-1", "g3-2"]
+    results = {v["id"]: v for v in output.values(RESULTS)}
+    assert results["g0"]["metadata"] == {"album": 7} and results["g0"]["caption"] is not None
+    assert results["g0"]["model_version"] and results["g0"]["worker"] == "test"
+    dead = {key: value for topic, key, value in output.sent if topic == DEAD}
+    assert {k: v["kind"] for k, v in dead.items()} == {
+        "b0": "not_an_image",
+        "m0": "malformed",
+        "f1": "forbidden",
+        "n1": "not_found",
+        "s3://photos/x": "forbidden",
+        "s3://photos/y": "forbidden",
+    }
+    assert dead["m0"]["request"] == "not json at all"
+    assert dead["m0"]["source"] == {
+        "topic": TOPIC,
+        "partition": 0,
+        "offset": 2,
+        "timestamp_ms": pytest.approx(0, abs=1e13),
+    }
+    assert dead["f1"]["request"] == {"id": "f1", "uri": "file:///etc/passwd"}
+    assert source.closed and output.closed
+
+    sample = metrics.sample
+    assert sample("captionfleet_messages_consumed_total", {"topic": TOPIC}) == 11
+    assert sample("captionfleet_images_total", {"outcome": "captioned"}) == 5
+    assert sample("captionfleet_images_total", {"outcome": "failed"}) == 5
+    assert sample("captionfleet_failures_total", {"kind": "malformed"}) == 1
+    assert sample("captionfleet_ignored_events_total") == 1
+    assert sample("captionfleet_requests_total", {"source": "s3_event"}) == 2
+    for partition in range(4):
+        assert sample("captionfleet_consumer_lag", {"topic": TOPIC, "partition": str(partition)}) == 0
+
+
+def test_batches_span_partitions(make: Any, root: Path) -> None:
+    source, output = new_pair()
+    for i in range(8):
+        source.append(i % 4, request(f"g{i}", f"file://{root}/good.jpg"), answers=[f"g{i}"])
+    # One poll brings all eight; a long wait lets the batcher fill up to max_items from every partition.
+    running, metrics = make(source, output, batch={"max_items": 8, "max_wait_ms": 10_000})
+    wait_for(lambda: len(output.sent) == 8, what="8 results")
+    running.stop()
+    assert metrics.sample("captionfleet_batch_size_count") == 1
+    assert metrics.sample("captionfleet_batch_size_sum") == 8
+
+
+def test_a_busy_model_pauses_fetching_and_polling_goes_on(make: Any, root: Path, captioner: Captioner) -> None:
+    source, output = new_pair(partitions=2)
+    for i in range(10):
+        source.append(i % 2, request(f"g{i}", f"file://{root}/good.jpg"), answers=[f"g{i}"])
+    model = GatedCaptioner(captioner)
+    running, _ = make(source, output, model=model, max_in_flight=2, batch={"max_items": 2, "max_wait_ms": 0})
+    wait_for(model.entered.is_set, what="the first batch")
+    wait_for(lambda: source.paused == source.owned, what="fetching paused")
+    polls = source.polls_while_paused
+    # The batch is stuck, yet the loop keeps polling (what keeps a real member in its group).
+    wait_for(lambda: source.polls_while_paused >= polls + 20, what="polls while paused")
+    assert running.worker.in_flight == 2
+    model.gate.set()
+    wait_for(lambda: len(output.sent) == 10 and all_committed(source), what="all answered")
+    running.stop()
+    assert Counter(output.keys()) == Counter(f"g{i}" for i in range(10))
+    assert source.violations == []
+    assert max(model.batches) <= 2
+
+
+def test_revocation_finishes_in_flight_work_then_commits(make: Any, root: Path, captioner: Captioner) -> None:
+    source, output = new_pair(partitions=2)
+    for i in range(4):
+        source.append(i % 2, request(f"g{i}", f"file://{root}/good.jpg"), answers=[f"g{i}"])
+    model = GatedCaptioner(captioner)
+    running, metrics = make(source, output, model=model)
+    wait_for(model.entered.is_set, what="a batch in the model")
+    source.rebalance()
+    # The revocation waits for the batch (well inside its bound); open the gate while it waits.
+    threading.Timer(0.2, model.gate.set).start()
+    wait_for(lambda: metrics.sample("captionfleet_rebalances_total") == 2, what="reassignment")
+    wait_for(lambda: len(output.sent) == 4 and all_committed(source), what="all answered")
+    running.stop()
+    assert Counter(output.keys()) == Counter(f"g{i}" for i in range(4))  # nothing redone after the rebalance
+    assert source.violations == []
+
+
+def test_revocation_gives_up_unfinished_work_without_duplicates(make: Any, root: Path, captioner: Captioner) -> None:
+    source, output = new_pair(partitions=2)
+    for i in range(4):
+        source.append(i % 2, request(f"g{i}", f"file://{root}/good.jpg"), answers=[f"g{i}"])
+    model = GatedCaptioner(captioner)
+    # session 1.5 s -> the revocation waits 0.5 s for in-flight work, then leaves it to the next owner.
+    running, metrics = make(source, output, model=model, session_timeout_ms=1500, heartbeat_interval_ms=500)
+    wait_for(model.entered.is_set, what="a batch in the model")
+    source.rebalance()
+    wait_for(lambda: metrics.sample("captionfleet_rebalances_total") == 2, what="reassignment")
+    model.gate.set()  # the old batch finishes now: its answers are stale and dropped; the redelivered run answers
+    wait_for(lambda: len(output.sent) >= 4 and all_committed(source), what="all answered")
+    running.stop()
+    assert Counter(output.keys()) == Counter(f"g{i}" for i in range(4))
+    assert source.violations == []
+
+
+def test_unacknowledged_output_stops_the_worker_without_committing(make: Any, root: Path) -> None:
+    source, output = new_pair(partitions=1)
+    output.fail_flush = True
+    source.append(0, request("g0", f"file://{root}/good.jpg"), answers=["g0"])
+    running, _ = make(source, output)
+    running.thread.join(30)
+    assert isinstance(running.error, OutputFailedError)
+    assert source.committed == {}  # the answer was sent but never acknowledged: the message is read again
+    assert source.closed
+
+
+def test_stop_finishes_the_batch_in_flight_then_commits(make: Any, root: Path, captioner: Captioner) -> None:
+    source, output = new_pair(partitions=1)
+    for i in range(3):
+        source.append(0, request(f"g{i}", f"file://{root}/good.jpg"), answers=[f"g{i}"])
+    model = GatedCaptioner(captioner)
+    running, _ = make(source, output, model=model, batch={"max_items": 8, "max_wait_ms": 0})
+    wait_for(model.entered.is_set, what="a batch in the model")
+    threading.Timer(0.2, model.gate.set).start()
+    report = running.stop()
+    assert report.exit_code == EXIT_OK and report.abandoned == 0
+    assert sorted(output.acked_keys()) == ["g0", "g1", "g2"]
+    assert list(source.committed.values()) == [3]
+    assert source.violations == [] and source.closed
+
+
+def test_grace_period_over_leaves_unfinished_work_uncommitted(make: Any, root: Path, captioner: Captioner) -> None:
+    source, output = new_pair(partitions=1)
+    source.append(0, request("g0", f"file://{root}/good.jpg"), answers=["g0"])
+    source.append(0, request("g1", f"file://{root}/good.jpg"), answers=["g1"])
+    model = GatedCaptioner(captioner)
+    running, _ = make(source, output, model=model, grace_s=1.0)
+    wait_for(model.entered.is_set, what="a batch in the model")
+    try:
+        report = running.stop()
+    finally:
+        model.gate.set()
+    assert report.exit_code == EXIT_GRACE_EXCEEDED and report.abandoned == 2
+    assert all(offset == 0 for offset in source.committed.values())  # redone by the next owner
+    assert source.violations == [] and source.closed

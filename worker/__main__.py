@@ -1,0 +1,200 @@
+"""`captionfleet worker` / `python -m worker`: caption requests from a Kafka topic until SIGTERM.
+
+Settings come from WORKER_* variables (see worker/settings.py); the flags below override the most
+common ones. On SIGTERM or Ctrl-C the worker stops fetching, finishes the batch in flight, flushes
+its results, commits and leaves the group, within WORKER_SHUTDOWN__GRACE_S.
+
+Exit codes: 0 stopped cleanly; 1 a fatal error (the broker stopped acknowledging results, the model
+thread died): uncommitted work is redone by whoever takes the partitions; 2 bad settings, model or
+arguments: nothing was consumed; 75 the grace period ran out with requests unfinished (not committed,
+so redone by the next owner).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import socket
+import sys
+from collections.abc import Callable
+from types import FrameType
+from typing import TYPE_CHECKING
+
+from pydantic import ValidationError
+
+if TYPE_CHECKING:
+    from worker.captioner import Captioner
+
+from worker.settings import SettingsError, WorkerSettings, load_worker_settings
+
+log = logging.getLogger("worker")
+
+EXIT_OK = 0
+EXIT_FATAL = 1
+EXIT_USAGE = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="captionfleet worker",
+        description="Caption image requests from a Kafka topic; results and dead letters go to Kafka topics.",
+        epilog="Every setting is also a WORKER_* environment variable, e.g. WORKER_KAFKA__BOOTSTRAP.",
+    )
+    p.add_argument("--model", help="checkpoint dir, s3://bucket/prefix, hub id or 'builtin' (WORKER_MODEL__REF)")
+    p.add_argument("--bootstrap", help="Kafka brokers, host:port[,host:port] (WORKER_KAFKA__BOOTSTRAP)")
+    p.add_argument("--group-id", help="consumer group (WORKER_KAFKA__GROUP_ID)")
+    p.add_argument("--request-topic", help="WORKER_KAFKA__REQUEST_TOPIC")
+    p.add_argument("--result-topic", help="WORKER_KAFKA__RESULT_TOPIC")
+    p.add_argument("--dead-letter-topic", help="WORKER_KAFKA__DEAD_LETTER_TOPIC")
+    p.add_argument("--metrics-port", type=int, help="port for /metrics, /healthz, /readyz (WORKER_METRICS__PORT)")
+    p.add_argument("--log-format", choices=["text", "json"], help="WORKER_LOG_FORMAT")
+    return p
+
+
+def _apply_overrides(settings: WorkerSettings, args: argparse.Namespace) -> WorkerSettings:
+    data = settings.model_dump()
+    for flag, (group, field) in {
+        "model": ("model", "ref"),
+        "bootstrap": ("kafka", "bootstrap"),
+        "group_id": ("kafka", "group_id"),
+        "request_topic": ("kafka", "request_topic"),
+        "result_topic": ("kafka", "result_topic"),
+        "dead_letter_topic": ("kafka", "dead_letter_topic"),
+        "metrics_port": ("metrics", "port"),
+    }.items():
+        value = getattr(args, flag)
+        if value is not None:
+            data[group][field] = value
+    if args.log_format:
+        data["log_format"] = args.log_format
+    return WorkerSettings.model_validate(data)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        settings = _apply_overrides(load_worker_settings(), args)
+    except SettingsError as error:
+        print(f"error: bad setting:\n{error}", file=sys.stderr)
+        return EXIT_USAGE
+    except ValidationError as error:
+        first = error.errors()[0]
+        print(f"error: bad option {'.'.join(map(str, first['loc']))}: {first['msg']}", file=sys.stderr)
+        return EXIT_USAGE
+
+    from worker.logs import configure_logging
+
+    configure_logging(settings.log_level, settings.log_format)
+    return _serve(settings)
+
+
+def _serve(settings: WorkerSettings) -> int:
+    # Imported here: torch and transformers take seconds to import, and --help should not wait for them.
+    from kafka.errors import KafkaError, KafkaTimeoutError
+
+    from worker.bulk import load_captioner
+    from worker.connectors.kafka import BootstrapError, KafkaOutput, KafkaSource, bootstrap_servers, make_producer
+    from worker.fetch import Fetcher
+    from worker.metrics import Health, MetricsServer, WorkerMetrics
+    from worker.model_store import ModelRefError
+    from worker.stream import StreamWorker
+
+    kafka = settings.kafka
+    name = kafka.client_id or f"captionfleet-{socket.gethostname()}-{os.getpid()}"
+    try:
+        bootstrap_servers(kafka)
+        fetcher = Fetcher(settings.fetch, s3=settings.s3, max_bytes=settings.images.max_bytes)
+    except (BootstrapError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+
+    metrics, health = WorkerMetrics(), Health()
+    server = None
+    if settings.metrics.enabled:
+        try:
+            server = MetricsServer(settings.metrics.host, settings.metrics.port, metrics, health)
+        except OSError as error:
+            print(
+                f"error: cannot serve metrics on {settings.metrics.host}:{settings.metrics.port}: {error}; "
+                "set WORKER_METRICS__PORT to a free port (0 picks one)",
+                file=sys.stderr,
+            )
+            return EXIT_USAGE
+    try:
+        try:
+            captioner = load_captioner(settings)
+        except (ModelRefError, OSError, ValueError) as error:
+            print(f"error: {error}", file=sys.stderr)
+            return EXIT_USAGE
+        _warm_up(captioner)
+        health.set(model_loaded=True)
+        try:
+            source = KafkaSource(kafka, name)
+            output = KafkaOutput(make_producer(kafka, name), kafka.produce_timeout_s)
+        except KafkaTimeoutError as error:  # what kafka-python 3 raises when no bootstrap server answers
+            print(
+                f"error: no Kafka broker answered at {kafka.bootstrap} ({error}): check WORKER_KAFKA__BOOTSTRAP "
+                "and that the brokers are up",
+                file=sys.stderr,
+            )
+            return EXIT_FATAL
+        except KafkaError as error:
+            print(f"error: Kafka client setup failed: {error}; check the WORKER_KAFKA__* settings", file=sys.stderr)
+            return EXIT_USAGE
+        worker = StreamWorker(settings, captioner, source, output, fetcher, metrics=metrics, health=health, name=name)
+        previous = _stop_on_signals(worker.stop)
+        try:
+            report = worker.run()
+        except (KafkaError, RuntimeError, OSError) as error:
+            log.error("worker stopped: %s", error)
+            return EXIT_FATAL
+        finally:
+            _restore(previous)
+        if report.abandoned:
+            # Threads may still be inside a batch or a fetch; do not wait for them past the grace period.
+            logging.shutdown()
+            os._exit(report.exit_code)
+        return report.exit_code
+    finally:
+        if server is not None:
+            server.close()
+
+
+def _warm_up(captioner: Captioner) -> None:
+    """One tiny batch before reporting ready: the first model call pays for lazy initialisation (seconds
+    on CPU), which would otherwise land on the first real requests' latency."""
+    import time
+
+    import torch
+
+    width, height = captioner.image_size
+    start = time.perf_counter()
+    captioner.caption_pixels(torch.zeros(1, 3, height, width))
+    log.info("model warmed up in %.2fs", time.perf_counter() - start)
+
+
+_Handler = signal.Handlers | int | None | object
+
+
+def _stop_on_signals(stop: Callable[[], None]) -> dict[int, _Handler]:
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return {}  # embedded use (tests): the caller stops the worker itself
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        log.info("signal %s: stopping", signal.Signals(signum).name)
+        stop()
+
+    return {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+
+def _restore(previous: dict[int, _Handler]) -> None:
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)  # type: ignore[arg-type]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

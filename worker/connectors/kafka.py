@@ -1,0 +1,209 @@
+"""Kafka (kafka-python): the request source and the result / dead-letter output.
+
+The stream loop (``worker.stream``) talks to the two small protocols it defines, ``Source`` and
+``Output``; this module implements them on a real broker. Tests implement them in memory.
+
+kafka-python 3 runs the group protocol on its own IO thread and calls rebalance listeners there,
+while the thread that called ``poll()`` (or ``close()``) waits. Our listener is the async flavour so
+it can *await* the offset commit on revocation: the commit then reaches the broker before this
+member rejoins, and the partition's next owner starts right after our last result.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Iterable
+from typing import Any
+
+from kafka import AsyncConsumerRebalanceListener, KafkaConsumer, KafkaProducer, OffsetAndMetadata, TopicPartition
+from kafka import errors as kafka_errors
+
+from worker.settings import KafkaSettings
+from worker.stream import CommitRejectedError, Rebalance
+
+log = logging.getLogger(__name__)
+
+# A commit refused because the group moved on: the partitions' new owners redo the uncommitted work.
+_MEMBERSHIP_ERRORS: tuple[type[Exception], ...] = (
+    kafka_errors.CommitFailedError,
+    kafka_errors.RebalanceInProgressError,
+    kafka_errors.IllegalGenerationError,
+    kafka_errors.UnknownMemberIdError,
+)
+
+
+class BootstrapError(ValueError):
+    """WORKER_KAFKA__BOOTSTRAP is missing or malformed; the message names the fix."""
+
+
+class OutputError(Exception):
+    """The broker did not acknowledge a result or dead letter: nothing past it may be committed."""
+
+
+def bootstrap_servers(settings: KafkaSettings) -> list[str]:
+    servers = [part.strip() for part in settings.bootstrap.split(",") if part.strip()]
+    if not servers:
+        raise BootstrapError("WORKER_KAFKA__BOOTSTRAP is empty: set it to host:port, e.g. localhost:9092")
+    for server in servers:
+        host, _, port = server.rpartition(":")
+        if not host or not port.isdigit():
+            raise BootstrapError(
+                f"WORKER_KAFKA__BOOTSTRAP has {server!r}: use host:port[,host:port], e.g. kafka-0.kafka:9092"
+            )
+    return servers
+
+
+def consumer_config(settings: KafkaSettings, client_id: str) -> dict[str, Any]:
+    config: dict[str, Any] = {
+        "bootstrap_servers": bootstrap_servers(settings),
+        "client_id": client_id,
+        "group_id": settings.group_id,
+        # Offsets are committed by the stream loop, after the results they cover are acknowledged.
+        "enable_auto_commit": False,
+        "auto_offset_reset": settings.auto_offset_reset,
+        "session_timeout_ms": settings.session_timeout_ms,
+        "heartbeat_interval_ms": settings.heartbeat_interval_ms,
+        "max_poll_interval_ms": settings.max_poll_interval_ms,
+        "max_poll_records": settings.max_poll_records,
+        "fetch_max_wait_ms": settings.fetch_max_wait_ms,
+        # Topics are created by whoever owns them; a typo must not silently create an empty one.
+        "allow_auto_create_topics": False,
+    }
+    if settings.group_instance_id:
+        config["group_instance_id"] = settings.group_instance_id
+    return config
+
+
+def make_producer(settings: KafkaSettings, client_id: str) -> KafkaProducer:
+    delivery_ms = int(settings.produce_timeout_s * 1000)
+    return KafkaProducer(
+        bootstrap_servers=bootstrap_servers(settings),
+        client_id=client_id,
+        # Acknowledged by every in-sync replica: "acknowledged by the broker" must survive a broker loss.
+        acks="all",
+        # Idempotence (kafka-python's default) keeps retried sends from duplicating results.
+        enable_idempotence=True,
+        linger_ms=settings.linger_ms,
+        delivery_timeout_ms=delivery_ms,
+        # kafka-python requires delivery > linger + request timeout: leave room for a retry or two.
+        request_timeout_ms=max(500, min(30_000, delivery_ms // 2 - settings.linger_ms)),
+    )
+
+
+def encode_json(value: Any) -> bytes:
+    # default=str: metadata passed through may hold anything JSON had; nothing else reaches here.
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=str).encode("utf-8")
+
+
+class KafkaOutput:
+    """Results and dead letters through one idempotent producer.
+
+    ``send`` may buffer; ``flush`` returns only when everything sent so far is acknowledged by the
+    broker, and raises OutputError otherwise (the quix-streams / bytewax sink contract).
+    """
+
+    def __init__(self, producer: KafkaProducer, timeout_s: float) -> None:
+        self._producer = producer
+        self._timeout_s = timeout_s
+        self._lock = threading.Lock()
+        self._errors: list[str] = []
+
+    def send(self, topic: str, key: str, value: dict[str, Any]) -> None:
+        future = self._producer.send(topic, key=key.encode("utf-8"), value=encode_json(value))
+        future.add_errback(self._failed, topic, key)
+
+    def _failed(self, topic: str, key: str, error: Exception) -> None:
+        with self._lock:
+            self._errors.append(f"{topic} key={key}: {error}")
+
+    def flush(self) -> None:
+        try:
+            self._producer.flush(timeout=self._timeout_s)
+        except kafka_errors.KafkaTimeoutError as error:
+            raise OutputError(
+                f"the broker did not acknowledge results within {self._timeout_s}s "
+                "(WORKER_KAFKA__PRODUCE_TIMEOUT_S): is it reachable?"
+            ) from error
+        with self._lock:
+            errors, self._errors = self._errors, []
+        if errors:
+            raise OutputError(f"{len(errors)} results were not delivered, e.g. {errors[0]}")
+
+    def close(self) -> None:
+        self._producer.close(timeout=self._timeout_s)
+
+
+class KafkaSource:
+    """The request topic through a consumer group; offsets are committed only when told."""
+
+    def __init__(self, settings: KafkaSettings, client_id: str, consumer: KafkaConsumer | None = None) -> None:
+        self.settings = settings
+        self.consumer = consumer or KafkaConsumer(**consumer_config(settings, client_id))
+
+    def subscribe(self, handler: Rebalance) -> None:
+        self.consumer.subscribe([self.settings.request_topic], listener=_Listener(self.consumer, handler))
+
+    def poll(self, timeout_s: float, max_records: int) -> list[Any]:
+        batches = self.consumer.poll(timeout_ms=int(timeout_s * 1000), max_records=max_records)
+        return [record for records in batches.values() for record in records]
+
+    def assignment(self) -> set[TopicPartition]:
+        return set(self.consumer.assignment())
+
+    def pause(self, partitions: Iterable[TopicPartition]) -> None:
+        self.consumer.pause(*partitions)
+
+    def resume(self, partitions: Iterable[TopicPartition]) -> None:
+        self.consumer.resume(*partitions)
+
+    def commit(self, offsets: dict[TopicPartition, int]) -> None:
+        try:
+            self.consumer.commit(offsets=_offsets(offsets))
+        except _MEMBERSHIP_ERRORS as error:
+            raise CommitRejectedError(str(error)) from error
+
+    def highwater(self, partition: TopicPartition) -> int | None:
+        # Not end_offsets(): some brokers (the test broker among them) answer it with the last batch's
+        # base offset + 1. The high watermark comes with every fetch response.
+        try:
+            value = self.consumer.highwater(partition)
+        except kafka_errors.IllegalStateError:  # no longer assigned
+            return None
+        return int(value) if value is not None else None
+
+    def close(self) -> None:
+        # autocommit=False: everything worth committing was committed by the stream loop.
+        self.consumer.close(autocommit=False)
+
+
+def _offsets(offsets: dict[TopicPartition, int]) -> dict[TopicPartition, OffsetAndMetadata]:
+    return {tp: OffsetAndMetadata(offset, "", -1) for tp, offset in offsets.items()}
+
+
+class _Listener(AsyncConsumerRebalanceListener):
+    """Runs on kafka-python's IO thread while the stream loop's thread waits in poll() or close()."""
+
+    def __init__(self, consumer: KafkaConsumer, handler: Rebalance) -> None:
+        self._consumer = consumer
+        self._handler = handler
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        partitions = sorted(revoked)
+        committed = False
+        offsets = self._handler.revoking(partitions)
+        if offsets:
+            try:
+                # Awaited, so it lands before our JoinGroup; a blocking commit() is not allowed here.
+                await self._consumer.commit_async(offsets=_offsets(offsets))
+                committed = True
+            except Exception as error:  # the group moved on already: the new owner redoes that work
+                log.warning("commit on revocation of %s failed: %s (duplicates possible)", partitions, error)
+        self._handler.revoked(partitions, offsets if committed else {})
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        self._handler.assigned(sorted(assigned))
+
+    async def on_partitions_lost(self, lost: set[TopicPartition]) -> None:
+        self._handler.lost(sorted(lost))

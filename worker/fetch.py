@@ -1,0 +1,361 @@
+"""Image uris -> bytes, under an allow-list policy decided before any I/O.
+
+Where images may come from is configured, not open (``WORKER_FETCH__*``):
+
+- ``s3://bucket/key``: only buckets in ``allowed_buckets``;
+- ``file:///path``: only inside ``file_root``; ``..`` is refused outright and symlinks are resolved
+  before the check, so neither can escape it, and the final open does not follow a symlink swapped in
+  after the check;
+- ``http(s)://``: refused unless the host is in ``allowed_hosts`` (redirects are held to it too).
+
+A refused uri fails with kind ``forbidden`` and is never fetched: requests come from other teams'
+producers, and an open fetcher inside the cluster would read whatever the worker's role can (SSRF).
+
+S3 reads retry with jittered exponential backoff on throttling (503 SlowDown), other 5xx and timeouts;
+botocore's own retries are off so the attempts and waits are the ones configured here.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import random
+import stat
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote, urlsplit
+
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    ConnectionClosedError,
+    ConnectTimeoutError,
+    EndpointConnectionError,
+    ReadTimeoutError,
+    ResponseStreamingError,
+)
+
+from worker.connectors.s3 import make_s3_client, parse_s3_uri
+from worker.settings import FetchSettings, S3Settings
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+
+log = logging.getLogger(__name__)
+
+FORBIDDEN = "forbidden"
+NOT_FOUND = "not_found"
+TIMEOUT = "timeout"
+UNAVAILABLE = "unavailable"  # throttled or 5xx on every attempt: worth replaying later
+TOO_LARGE = "too_large"
+BAD_URI = "malformed"
+OTHER = "fetch"
+
+# S3 error codes worth another attempt: throttling and server-side trouble.
+_RETRY_CODES = frozenset(
+    {
+        "SlowDown",
+        "Throttling",
+        "ThrottlingException",
+        "RequestLimitExceeded",
+        "ServiceUnavailable",
+        "InternalError",
+        "RequestTimeout",
+        "503",
+        "500",
+        "502",
+        "504",
+    }
+)
+_NOT_FOUND_CODES = frozenset({"NoSuchKey", "NoSuchBucket", "404", "NotFound"})
+_FORBIDDEN_CODES = frozenset(
+    {"AccessDenied", "403", "AllAccessDisabled", "InvalidAccessKeyId", "SignatureDoesNotMatch"}
+)
+_TIMEOUTS = (ReadTimeoutError, ConnectTimeoutError, TimeoutError)
+_CONNECTION_ERRORS = (EndpointConnectionError, ConnectionClosedError, ResponseStreamingError, ConnectionError)
+
+
+class FetchError(Exception):
+    """The uri could not be read; ``kind`` is stable (a failure kind), ``message`` names the fix."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+
+
+@dataclass(frozen=True)
+class S3Target:
+    bucket: str
+    key: str
+
+
+@dataclass(frozen=True)
+class FileTarget:
+    path: Path
+
+
+@dataclass(frozen=True)
+class HttpTarget:
+    url: str
+
+
+Target = S3Target | FileTarget | HttpTarget
+
+
+class _Retry(Exception):
+    """An attempt failed in a way another attempt may fix."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+
+
+class Fetcher:
+    """Thread-safe: fetch threads share one instance (and one S3 client, whose pool is sized for them)."""
+
+    def __init__(
+        self,
+        settings: FetchSettings,
+        *,
+        s3: S3Settings,
+        max_bytes: int,
+        s3_client: S3Client | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+        jitter: Callable[[], float] = random.random,
+    ) -> None:
+        self.settings = settings
+        self.max_bytes = max_bytes
+        self.allowed_buckets = frozenset(settings.allowed_buckets)
+        self.allowed_hosts = frozenset(host.lower() for host in settings.allowed_hosts)
+        self.file_root = Path(os.path.realpath(settings.file_root)) if settings.file_root else None
+        self._s3_settings = s3
+        self._s3_client = s3_client
+        self._client_lock = threading.Lock()
+        self._slots = threading.BoundedSemaphore(settings.concurrency)
+        self._sleep = sleep
+        self._jitter = jitter
+        if self.file_root is not None and not self.file_root.is_dir():
+            raise ValueError(
+                f"WORKER_FETCH__FILE_ROOT={settings.file_root} is not a folder: point it at the folder "
+                "file:// uris may read, or unset it to refuse file:// uris"
+            )
+
+    # -- policy (no I/O) -----------------------------------------------------------------------------
+
+    def check(self, uri: str) -> Target:
+        """Where ``uri`` points, if the policy allows it; raises FetchError (forbidden/malformed) otherwise."""
+        scheme = uri.split("://", 1)[0].lower() if "://" in uri else ""
+        if scheme == "s3":
+            return self._check_s3(uri)
+        if scheme == "file":
+            return self._check_file(uri)
+        if scheme in ("http", "https"):
+            return self._check_http(uri)
+        raise FetchError(
+            BAD_URI, f"unsupported uri {uri[:200]!r}: use s3://bucket/key (or file:// / https:// where enabled)"
+        )
+
+    def _check_s3(self, uri: str) -> S3Target:
+        try:
+            bucket, key = parse_s3_uri(uri)
+        except ValueError as error:
+            raise FetchError(BAD_URI, str(error)) from error
+        if not key or key.endswith("/"):
+            raise FetchError(BAD_URI, f"{uri!r} names no object: expected s3://bucket/key")
+        if bucket not in self.allowed_buckets:
+            allowed = ", ".join(sorted(self.allowed_buckets)) or "none"
+            raise FetchError(
+                FORBIDDEN,
+                f"bucket {bucket!r} is not allowed (allowed: {allowed}); add it to WORKER_FETCH__ALLOWED_BUCKETS "
+                "if this worker should read it",
+            )
+        return S3Target(bucket, key)
+
+    def _check_file(self, uri: str) -> FileTarget:
+        if self.file_root is None:
+            raise FetchError(
+                FORBIDDEN, "file:// uris are refused: set WORKER_FETCH__FILE_ROOT to the one folder they may read"
+            )
+        parts = urlsplit(uri)
+        if parts.netloc not in ("", "localhost"):
+            raise FetchError(FORBIDDEN, f"file:// uri with a host ({parts.netloc!r}): only local files are read")
+        raw = unquote(parts.path)
+        if "\x00" in raw or not raw.startswith("/"):
+            raise FetchError(BAD_URI, f"{uri[:200]!r} is not an absolute file:///path")
+        if ".." in PurePosixPath(raw).parts:
+            raise FetchError(FORBIDDEN, f"{uri[:200]!r} contains '..': give the path inside the root as it is")
+        # realpath follows every symlink on the way, so a link pointing out of the root is caught here.
+        resolved = Path(os.path.realpath(raw))
+        if not resolved.is_relative_to(self.file_root):
+            raise FetchError(FORBIDDEN, f"{uri[:200]!r} is outside WORKER_FETCH__FILE_ROOT ({self.file_root})")
+        return FileTarget(resolved)
+
+    def _check_http(self, uri: str) -> HttpTarget:
+        host = (urlsplit(uri).hostname or "").lower()
+        if not self.allowed_hosts:
+            raise FetchError(FORBIDDEN, "http(s) uris are refused: set WORKER_FETCH__ALLOWED_HOSTS to allow hosts")
+        if host not in self.allowed_hosts:
+            raise FetchError(
+                FORBIDDEN, f"host {host!r} is not allowed; add it to WORKER_FETCH__ALLOWED_HOSTS if it should be read"
+            )
+        return HttpTarget(uri)
+
+    # -- fetching ------------------------------------------------------------------------------------
+
+    def fetch(self, uri: str) -> bytes:
+        """The object's bytes; raises FetchError. Refused uris fail before any I/O."""
+        target = self.check(uri)
+        if isinstance(target, FileTarget):
+            return self._read_file(target.path, uri)
+        with self._slots:  # bounded concurrency, whichever threads call us
+            if isinstance(target, S3Target):
+                return self._with_retries(uri, lambda: self._get_s3(target, uri))
+            return self._with_retries(uri, lambda: self._get_http(target.url, uri))
+
+    def _with_retries(self, uri: str, attempt: Callable[[], bytes]) -> bytes:
+        settings = self.settings
+        for number in range(1, settings.max_attempts + 1):
+            try:
+                return attempt()
+            except _Retry as error:
+                if number == settings.max_attempts:
+                    raise FetchError(error.kind, f"{error.message} (gave up after {number} attempts)") from error
+                # Full jitter: retries from many threads spread out instead of hitting the store together.
+                cap = min(settings.backoff_max_ms, settings.backoff_initial_ms * 2 ** (number - 1)) / 1000
+                delay = cap * self._jitter()
+                log.info(
+                    "fetch %s: %s; attempt %d of %d in %.2fs",
+                    uri,
+                    error.message,
+                    number + 1,
+                    settings.max_attempts,
+                    delay,
+                )
+                self._sleep(delay)
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+    def _client(self) -> S3Client:
+        with self._client_lock:
+            if self._s3_client is None:
+                self._s3_client = make_s3_client(
+                    self._s3_settings,
+                    connect_timeout=self.settings.connect_timeout_s,
+                    read_timeout=self.settings.read_timeout_s,
+                    max_attempts=1,  # retries are ours (above), so attempts do not multiply
+                    max_pool_connections=self.settings.concurrency,
+                )
+            return self._s3_client
+
+    def _get_s3(self, target: S3Target, uri: str) -> bytes:
+        try:
+            response = self._client().get_object(Bucket=target.bucket, Key=target.key)
+            body = response["Body"]
+            try:
+                size = int(response.get("ContentLength") or 0)
+                if size > self.max_bytes:
+                    raise FetchError(TOO_LARGE, f"{size} bytes exceeds the limit of {self.max_bytes} bytes")
+                data = body.read(self.max_bytes + 1)
+            finally:
+                body.close()
+        except ClientError as error:
+            raise self._classify_client_error(error, uri) from error
+        except _TIMEOUTS as error:
+            raise _Retry(TIMEOUT, f"timed out: {error}") from error
+        except _CONNECTION_ERRORS as error:
+            raise _Retry(UNAVAILABLE, f"connection failed: {error}") from error
+        except BotoCoreError as error:
+            raise FetchError(OTHER, f"{type(error).__name__}: {error}") from error
+        if len(data) > self.max_bytes:
+            raise FetchError(TOO_LARGE, f"more than {self.max_bytes} bytes")
+        return bytes(data)
+
+    def _classify_client_error(self, error: ClientError, uri: str) -> Exception:
+        info: dict[str, Any] = dict(error.response.get("Error", {}))
+        code = str(info.get("Code", ""))
+        status = int(error.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+        text = f"{code or status}: {info.get('Message', '')}".strip()
+        if code in _NOT_FOUND_CODES or status == 404:
+            return FetchError(NOT_FOUND, f"{uri} does not exist ({text})")
+        if code in _FORBIDDEN_CODES or status == 403:
+            return FetchError(
+                FORBIDDEN, f"the store refused to read {uri} ({text}): grant the worker's credentials read access"
+            )
+        if code in _RETRY_CODES or status >= 500 or status == 429:
+            return _Retry(UNAVAILABLE, f"store busy or failing ({text})")
+        return FetchError(OTHER, f"S3 error {text}")
+
+    def _read_file(self, path: Path, uri: str) -> bytes:
+        # O_NOFOLLOW: the checked path is already resolved, so a symlink here was swapped in since.
+        flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+        try:
+            fd = os.open(path, flags)
+        except FileNotFoundError as error:
+            raise FetchError(NOT_FOUND, f"{uri} does not exist") from error
+        except (PermissionError, OSError) as error:
+            if isinstance(error, PermissionError) or error.errno == errno.ELOOP:  # a symlink appeared
+                raise FetchError(FORBIDDEN, f"{uri}: not readable ({error.strerror})") from error
+            raise FetchError(OTHER, f"{uri}: {error}") from error
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise FetchError(NOT_FOUND, f"{uri} is not a file")
+            if info.st_size > self.max_bytes:
+                raise FetchError(TOO_LARGE, f"{info.st_size} bytes exceeds the limit of {self.max_bytes} bytes")
+            with os.fdopen(fd, "rb", closefd=False) as file:
+                return file.read(self.max_bytes + 1)
+        finally:
+            os.close(fd)
+
+    def _get_http(self, url: str, uri: str) -> bytes:
+        opener = urllib.request.build_opener(_HostPinnedRedirects(self.allowed_hosts))
+        timeout = self.settings.connect_timeout_s + self.settings.read_timeout_s
+        try:
+            with opener.open(url, timeout=timeout) as response:
+                data: bytes = response.read(self.max_bytes + 1)
+        except urllib.error.HTTPError as error:
+            if error.code in (404, 410):
+                raise FetchError(NOT_FOUND, f"{uri}: HTTP {error.code}") from error
+            if error.code in (401, 403):
+                raise FetchError(FORBIDDEN, f"{uri}: HTTP {error.code}") from error
+            if error.code == 429 or error.code >= 500:
+                raise _Retry(UNAVAILABLE, f"HTTP {error.code}") from error
+            raise FetchError(OTHER, f"{uri}: HTTP {error.code}") from error
+        except _RedirectRefused as error:
+            raise FetchError(FORBIDDEN, str(error)) from error
+        except TimeoutError as error:
+            raise _Retry(TIMEOUT, f"timed out: {error}") from error
+        except urllib.error.URLError as error:
+            if isinstance(error.reason, TimeoutError):
+                raise _Retry(TIMEOUT, f"timed out: {error.reason}") from error
+            raise _Retry(UNAVAILABLE, f"connection failed: {error.reason}") from error
+        if len(data) > self.max_bytes:
+            raise FetchError(TOO_LARGE, f"more than {self.max_bytes} bytes")
+        return data
+
+
+class _RedirectRefused(Exception):
+    pass
+
+
+class _HostPinnedRedirects(urllib.request.HTTPRedirectHandler):
+    """Follow redirects only to allowed hosts: an allowed host must not bounce us anywhere else."""
+
+    def __init__(self, allowed_hosts: frozenset[str]) -> None:
+        self.allowed_hosts = allowed_hosts
+
+    def redirect_request(
+        self, req: urllib.request.Request, fp: Any, code: int, msg: str, headers: Any, newurl: str
+    ) -> urllib.request.Request | None:
+        host = (urlsplit(newurl).hostname or "").lower()
+        if urlsplit(newurl).scheme not in ("http", "https") or host not in self.allowed_hosts:
+            raise _RedirectRefused(f"redirect to {newurl[:200]!r} refused: host not in WORKER_FETCH__ALLOWED_HOSTS")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)

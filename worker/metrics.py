@@ -1,0 +1,201 @@
+"""Prometheus metrics and the HTTP endpoint every worker serves: /metrics, /healthz, /readyz.
+
+Each worker has its own registry (not prometheus-client's global one), so several workers in one
+process, as in tests, never share counters. Names follow the project's conventions: the
+``captionfleet_`` prefix, counters ending in ``_total``, durations as ``_seconds`` histograms.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
+
+log = logging.getLogger(__name__)
+
+# Seconds: from a few ms (tiny models, warm cache) to a minute (a big model on CPU under load).
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class WorkerMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.messages = Counter(
+            "captionfleet_messages_consumed", "Kafka messages consumed from the request topic", ["topic"], registry=r
+        )
+        self.requests = Counter(
+            "captionfleet_requests", "caption requests parsed from messages, by message shape", ["source"], registry=r
+        )
+        self.images = Counter(
+            "captionfleet_images", "requests finished, by outcome (captioned or failed)", ["outcome"], registry=r
+        )
+        self.failures = Counter(
+            "captionfleet_failures",
+            "dead letters by failure kind (malformed messages included, as kind=malformed)",
+            ["kind"],
+            registry=r,
+        )
+        self.ignored = Counter(
+            "captionfleet_ignored_events", "S3 events with nothing to caption (test events, deletions)", registry=r
+        )
+        self.batch_size = Histogram(
+            "captionfleet_batch_size", "images per model call", buckets=_BATCH_BUCKETS, registry=r
+        )
+        self.queue_wait = Histogram(
+            "captionfleet_queue_wait_seconds",
+            "time an image waited between being decoded and its batch starting",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.inference = Histogram(
+            "captionfleet_inference_seconds",
+            "duration of one model call (a batch)",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.fetch = Histogram(
+            "captionfleet_fetch_seconds",
+            "time to read one image (retries included)",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.end_to_end = Histogram(
+            "captionfleet_end_to_end_latency_seconds",
+            "request message timestamp to its result (or dead letter) being sent",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.lag = Gauge(
+            "captionfleet_consumer_lag",
+            "messages on the partition not yet done and committed (high watermark minus commit point)",
+            ["topic", "partition"],
+            registry=r,
+        )
+        self.in_flight = Gauge("captionfleet_in_flight_requests", "requests fetched but not yet answered", registry=r)
+        self.fetch_paused = Gauge(
+            "captionfleet_fetch_paused", "1 while fetching is paused because the in-flight limit is reached", registry=r
+        )
+        self.assigned = Gauge("captionfleet_assigned_partitions", "partitions this worker owns", registry=r)
+        self.rebalances = Counter(
+            "captionfleet_rebalances", "partition assignments received (1 per join; more means rebalances)", registry=r
+        )
+        self.commits = Counter("captionfleet_commits", "offset commits (each after a producer flush)", registry=r)
+        self.model = Info("captionfleet_model", "the loaded model", registry=r)
+
+    def sample(self, name: str, labels: dict[str, str] | None = None) -> float:
+        """A sample's current value (0 when absent): for tests and the bench."""
+        value = self.registry.get_sample_value(name, labels or {})
+        return value or 0.0
+
+
+class Health:
+    """What /healthz and /readyz answer. Written by the worker loop, read by the HTTP threads."""
+
+    def __init__(self, stall_after_s: float = 120.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self._lock = threading.Lock()
+        # The consumer loop turns several times a second; a minute of silence means it is stuck.
+        self.stall_after_s = stall_after_s
+        self._clock = clock
+        self.model_loaded = False
+        self.partitions = 0
+        self.stopping = False
+        self.failed: str | None = None
+        # None until the loop starts: loading a big model can take minutes and is not a stall.
+        self._beat: float | None = None
+
+    def beat(self) -> None:
+        """The consumer loop is alive: called on every turn, rebalance drains included."""
+        self._beat = self._clock()
+
+    def set(
+        self,
+        *,
+        model_loaded: bool | None = None,
+        partitions: int | None = None,
+        stopping: bool | None = None,
+        failed: str | None = None,
+    ) -> None:
+        with self._lock:
+            if model_loaded is not None:
+                self.model_loaded = model_loaded
+            if partitions is not None:
+                self.partitions = partitions
+            if stopping is not None:
+                self.stopping = stopping
+            if failed is not None:
+                self.failed = failed
+
+    def live(self) -> tuple[bool, str]:
+        with self._lock:
+            if self.failed:
+                return False, f"failed: {self.failed}"
+        stalled = 0.0 if self._beat is None else self._clock() - self._beat
+        if stalled > self.stall_after_s:
+            return False, f"consumer loop stalled for {stalled:.0f}s"
+        return True, "ok"
+
+    def ready(self) -> tuple[bool, str]:
+        live, why = self.live()
+        with self._lock:
+            if not live:
+                return False, why
+            if not self.model_loaded:
+                return False, "model not loaded yet"
+            if self.stopping:
+                return False, "shutting down"
+            if self.partitions == 0:
+                return False, "no partitions assigned (joining the group, or more workers than partitions)"
+        return True, "ok"
+
+
+class MetricsServer:
+    """A small threaded HTTP server; ``port`` is the bound one (useful with port 0)."""
+
+    def __init__(self, host: str, port: int, metrics: WorkerMetrics, health: Health) -> None:
+        handler = _make_handler(metrics, health)
+        self._server = ThreadingHTTPServer((host, port), handler)
+        self._server.daemon_threads = True
+        self.host = host
+        self.port = int(self._server.server_address[1])
+        self._thread = threading.Thread(target=self._server.serve_forever, name="metrics-http", daemon=True)
+        self._thread.start()
+        log.info("metrics on http://%s:%d/metrics (also /healthz, /readyz)", host, self.port)
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)
+
+
+def _make_handler(metrics: WorkerMetrics, health: Health) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            path = self.path.split("?", 1)[0]
+            if path == "/metrics":
+                self._send(200, generate_latest(metrics.registry), CONTENT_TYPE_LATEST)
+            elif path == "/healthz":
+                ok, why = health.live()
+                self._send(200 if ok else 503, why.encode() + b"\n")
+            elif path == "/readyz":
+                ok, why = health.ready()
+                self._send(200 if ok else 503, why.encode() + b"\n")
+            else:
+                self._send(404, b"not found: try /metrics, /healthz or /readyz\n")
+
+        def _send(self, status: int, body: bytes, content_type: str = "text/plain; charset=utf-8") -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:
+            log.debug("metrics http: " + format, *args)  # probes every few seconds must not flood the logs
+
+    return Handler
