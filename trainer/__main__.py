@@ -1,0 +1,121 @@
+"""``captionfleet train`` / ``python -m trainer``: train or fine-tune a captioning model.
+
+Examples:
+    captionfleet train --preset shapes                      # rebuild the built-in demo model
+    captionfleet train --data captions.jsonl --init-from builtin --out-dir out/ft --max-steps 500
+    captionfleet train --data annotations/captions_train2017.json --image-root train2017 \\
+        --init-from nlpconnect/vit-gpt2-image-captioning --learning-rate 5e-5
+Every setting is also a TRAINER_<FIELD> environment variable (see trainer/settings.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shlex
+import sys
+import typing
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from trainer.data import DataError
+from trainer.presets import PRESETS
+from trainer.settings import TrainerSettings, load_trainer_settings
+from worker.settings import SettingsError
+
+log = logging.getLogger("trainer")
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def _is_nested(annotation: Any) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
+
+
+def _flag_help(name: str, annotation: Any, default: Any) -> str:
+    choices = typing.get_args(annotation) if typing.get_origin(annotation) is typing.Literal else ()
+    text = f"default: {default!r}" if not isinstance(default, Path) else f"default: {default}"
+    return f"{'|'.join(map(str, choices))}; {text}" if choices else text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="captionfleet train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--preset", choices=sorted(PRESETS), help="a named, recorded group of settings")
+    # One flag per flat setting, generated so flags and settings can never drift apart.
+    for name, info in TrainerSettings.model_fields.items():
+        if _is_nested(info.annotation):
+            continue
+        flag = "--" + name.replace("_", "-")
+        if info.annotation is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS)
+        else:
+            parser.add_argument(
+                flag,
+                dest=name,
+                default=argparse.SUPPRESS,
+                metavar=name.upper(),
+                help=_flag_help(name, info.annotation, info.default),
+            )
+    parser.add_argument("--num-beams", type=int, default=None, help="decoding for the final evaluation")
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="decoding for the final evaluation")
+    return parser
+
+
+def settings_from_args(args: argparse.Namespace) -> TrainerSettings:
+    values: dict[str, Any] = dict(PRESETS[args.preset]) if args.preset else {}
+    for name in TrainerSettings.model_fields:
+        if name in vars(args):
+            raw = getattr(args, name)
+            values[name] = None if raw in ("", "none", "None") and name in ("run_dir", "image_root") else raw
+    decoding = {k: v for k, v in (("num_beams", args.num_beams), ("max_new_tokens", args.max_new_tokens)) if v}
+    if decoding:
+        values["decoding"] = {**TrainerSettings().decoding.model_dump(), **decoding}
+    return load_trainer_settings(**values)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log.setLevel(logging.INFO)
+    try:
+        settings = settings_from_args(args)
+    except SettingsError as error:
+        print(f"error: bad setting:\n{error}", file=sys.stderr)
+        return EXIT_USAGE
+
+    # Imported here: torch and transformers take seconds to import, --help should not wait for them.
+    from trainer.train import train
+    from worker.model_store import ModelRefError
+
+    command = "captionfleet train " + shlex.join(argv)
+    try:
+        result = train(settings, command=command.strip())
+    except (DataError, ModelRefError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print(
+            f"\ninterrupted: run the same command again to resume from the last checkpoint in "
+            f"{settings.resolved_run_dir}",
+            file=sys.stderr,
+        )
+        return 130
+    info = result.info
+    scores = info.get("scores", {})
+    print(f"published {info.get('version')} to {result.out_dir} after {result.step} steps")
+    print(
+        f"exact match {scores.get('exact_match', 0):.1%}  BLEU-4 {scores.get('bleu4', 0):.3f}  "
+        f"CIDEr {scores.get('cider', 0):.3f}  repetition {scores.get('repetition_rate', 0):.1%}  "
+        f"({scores.get('images', 0)} val images); wall time {result.wall_seconds:.0f}s"
+    )
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

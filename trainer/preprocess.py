@@ -1,0 +1,118 @@
+"""Batches for training: pixels through the worker's own preprocessing, captions to labels.
+
+Labels are the caption's tokens followed by one end-of-sequence token, padded with -100 (ignored
+by the loss). GPT-2 uses a single special token as bos, eos and pad, so padding cannot be told
+apart from the real end by its id: the -100s are placed by length, and the first eos after the
+caption is kept as a label, which is what teaches the model to stop.
+"""
+
+from __future__ import annotations
+
+import functools
+import random
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from trainer.data import CaptionDataset
+from worker.captioner import Preprocessing
+
+IGNORE_INDEX = -100  # CrossEntropyLoss's default ignore_index
+
+
+def preprocessing_for(processor: Any) -> Preprocessing:
+    """The worker's preprocessing for an image processor: saved and read back exactly as the worker
+    reads ``preprocessor_config.json`` from a checkpoint."""
+    with tempfile.TemporaryDirectory() as tmp:
+        processor.save_pretrained(tmp)
+        return Preprocessing.from_checkpoint(Path(tmp))
+
+
+def encode_captions(tokenizer: Any, captions: Sequence[str], max_tokens: int) -> torch.Tensor:
+    """(batch, length) label ids: caption tokens, then eos, then -100 padding.
+
+    ``max_tokens`` counts the eos. A longer caption is cut and gets no eos: teaching the model to
+    stop in mid-sentence would be worse than letting the worker's max_new_tokens cut it.
+    """
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("the tokenizer has no eos token; set tokenizer.eos_token (GPT-2: <|endoftext|>)")
+    rows = []
+    for caption in captions:
+        ids = tokenizer(caption, add_special_tokens=False)["input_ids"]
+        rows.append(ids[:max_tokens] if len(ids) >= max_tokens else [*ids, eos])
+    width = max(len(r) for r in rows)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    for i, ids in enumerate(rows):
+        labels[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+    return labels
+
+
+@dataclass
+class Batch:
+    pixel_values: torch.Tensor  # (batch, 3, H, W) float32
+    labels: torch.Tensor  # (batch, length) long, -100 at padding
+
+    def __len__(self) -> int:
+        return int(self.pixel_values.shape[0])
+
+
+class BatchMaker:
+    """Turns data-set indices into a Batch; which caption of an image is used is a pure function
+    of (seed, index, epoch), so a resumed run sees exactly the batches an uninterrupted one would."""
+
+    def __init__(
+        self, dataset: CaptionDataset, preprocessing: Preprocessing, tokenizer: Any, max_tokens: int, seed: int
+    ) -> None:
+        self.dataset = dataset
+        self.preprocessing = preprocessing
+        self.tokenizer = tokenizer
+        self.max_tokens = max_tokens
+        self.seed = seed
+
+    def caption_for(self, index: int, epoch: int) -> str:
+        captions = self.dataset.captions(index)
+        if len(captions) == 1:
+            return captions[0]
+        return random.Random(f"caption:{self.seed}:{epoch}:{index}").choice(captions)
+
+    def __call__(self, indices: Sequence[int], epoch: int = 0) -> Batch:
+        images: list[Image.Image] = [self.dataset.image(i) for i in indices]
+        captions = [self.caption_for(i, epoch) for i in indices]
+        return Batch(self.preprocessing(images), encode_captions(self.tokenizer, captions, self.max_tokens))
+
+
+def batch_indices(length: int, batch_size: int, seed: int, micro_step: int) -> tuple[list[int], int]:
+    """The data-set indices of micro-batch number ``micro_step`` and its epoch.
+
+    Each epoch is a fresh permutation seeded by (seed, epoch), and an epoch's tail shorter than a
+    batch is dropped, so the answer depends on nothing but the arguments: resuming needs no
+    sampler state.
+    """
+    per_epoch = max(1, length // batch_size)
+    epoch, position = divmod(micro_step, per_epoch)
+    if length >= batch_size:
+        chunk = _permutation(length, seed, epoch)[position * batch_size : (position + 1) * batch_size]
+    else:  # tiny data sets (tests): repeat items to fill the batch
+        generator = torch.Generator().manual_seed(hash_seed(seed, epoch, micro_step))
+        chunk = torch.randint(0, length, (batch_size,), generator=generator)
+    return [int(i) for i in chunk], epoch
+
+
+@functools.lru_cache(maxsize=2)
+def _permutation(length: int, seed: int, epoch: int) -> torch.Tensor:
+    return torch.randperm(length, generator=torch.Generator().manual_seed(hash_seed(seed, epoch)))
+
+
+def hash_seed(*parts: int) -> int:
+    """A stable 63-bit seed from integers (Python's hash() of a tuple is not stable across runs)."""
+    value = 1469598103934665603
+    for part in parts:
+        for byte in int(part).to_bytes(8, "little", signed=True):
+            value = ((value ^ byte) * 1099511628211) % (1 << 63)
+    return value

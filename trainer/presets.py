@@ -1,0 +1,45 @@
+"""Named groups of settings for recorded, repeatable runs (``captionfleet train --preset NAME``)."""
+
+from __future__ import annotations
+
+import importlib.resources
+from typing import Any
+
+# The built-in demo model: trained from scratch on synthetic shapes, small enough to ship inside
+# the package (a few MB) and to train on a laptop CPU in minutes. Its validation pictures come
+# from seed + 1; the unit test and the demo use other seeds again, so every score is on pictures
+# it never saw.
+SHAPES: dict[str, Any] = {
+    "name": "builtin-shapes",
+    "data": "shapes",
+    # Inside the installed package (the repo, for an editable install), wherever the command runs.
+    "out_dir": str(importlib.resources.files("worker") / "builtin_model"),
+    "run_dir": ".cache/runs/builtin-shapes",  # resume state; .cache/ is git-ignored
+    "seed": 1337,
+    "image_size": 64,
+    # 16 px patches (16 encoder tokens): about twice as fast on CPU as 8 px and, in a sweep on a GPU
+    # (3000 steps each), more accurate too: 95.8% exact match against 93.6%.
+    "patch_size": 16,
+    "vit_hidden": 128,
+    "vit_layers": 3,
+    "vit_heads": 4,
+    "gpt2_hidden": 128,
+    "gpt2_layers": 2,
+    "gpt2_heads": 4,
+    "max_positions": 24,  # the longest shapes caption is 14 words: 14 tokens + start + eos
+    "vocab_size": 400,  # the BPE stops at ~334: every caption word is then a single token
+    "dropout": 0.0,
+    "max_steps": 3000,
+    "batch_size": 64,
+    "learning_rate": 1.5e-3,
+    "min_lr": 1e-4,
+    "warmup_steps": 100,
+    "eval_interval": 500,
+    "eval_caption_samples": 200,
+    "shapes_val_size": 500,
+    # One torch thread (plus the batch-making thread): matrices this small gain little from a second
+    # one, and on a busy machine two spin-waiting OpenMP threads ran 10x slower than one.
+    "threads": 1,
+}
+
+PRESETS: dict[str, dict[str, Any]] = {"shapes": SHAPES}
