@@ -1,4 +1,5 @@
-"""`captionfleet worker` / `python -m worker`: caption requests from a Kafka topic until SIGTERM.
+"""`captionfleet worker` / `python -m worker`: caption requests from a Kafka topic until SIGTERM
+(or, with --source/--out, this pod's shard of an S3 prefix: see worker/bulk_worker.py).
 
 Settings come from WORKER_* variables (see worker/settings.py); the flags below override the most
 common ones. On SIGTERM or Ctrl-C the worker stops fetching, finishes the batch in flight, flushes
@@ -50,6 +51,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dead-letter-topic", help="WORKER_KAFKA__DEAD_LETTER_TOPIC")
     p.add_argument("--metrics-port", type=int, help="port for /metrics, /healthz, /readyz (WORKER_METRICS__PORT)")
     p.add_argument("--log-format", choices=["text", "json"], help="WORKER_LOG_FORMAT")
+    p.add_argument(
+        "--source",
+        help="bulk mode: caption the objects under s3://bucket/prefix/ (this pod's shard) instead of a Kafka topic",
+    )
+    p.add_argument("--out", help="bulk mode: s3://bucket/prefix/ for the result parts (with --source)")
     return p
 
 
@@ -87,6 +93,16 @@ def main(argv: list[str] | None = None) -> int:
     from worker.logs import configure_logging
 
     configure_logging(settings.log_level, settings.log_format)
+    if args.source or args.out:
+        if not (args.source and args.out and args.source.startswith("s3://") and args.out.startswith("s3://")):
+            print(
+                "error: bulk mode needs both --source s3://bucket/images/ and --out s3://bucket/captions/",
+                file=sys.stderr,
+            )
+            return EXIT_USAGE
+        from worker.bulk_worker import run_bulk_worker
+
+        return run_bulk_worker(settings, args.source, args.out)
     return _serve(settings)
 
 
