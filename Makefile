@@ -6,9 +6,21 @@ BIN := $(VENV)/bin
 TORCH_PIN ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint typecheck unit integration clean
+.PHONY: setup system-deps demo test lint typecheck unit integration clean bench bench-quick soak
+.PHONY: image image-test k8s-validate
 
-setup: $(STAMP)
+setup: $(STAMP) system-deps
+
+# Debian packages the tests drive (design.md): Chromium for the dashboard's browser test and Prometheus
+# for its fleet view. apt runs only when a binary is missing (as root, as on CI machines).
+system-deps:
+	@missing=""; \
+	test -x /usr/bin/chromium || missing="$$missing chromium"; \
+	test -x /usr/bin/prometheus || missing="$$missing prometheus"; \
+	if [ -n "$$missing" ]; then \
+		echo "installing$$missing with apt-get"; \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
+	fi
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -20,13 +32,13 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/captionfleet demo
 
-test: $(STAMP) lint typecheck
+test: $(STAMP) system-deps lint typecheck
 	$(BIN)/python -m pytest -q tests
 
 unit: $(STAMP)
 	$(BIN)/python -m pytest -q tests/unit
 
-integration: $(STAMP)
+integration: $(STAMP) system-deps
 	$(BIN)/python -m pytest -q tests/integration tests/e2e
 
 lint: $(STAMP)
@@ -35,6 +47,34 @@ lint: $(STAMP)
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
+
+# Benchmarks are commands, not tests (docs/benchmarks.md): side by side with the model card's usage.
+bench: $(STAMP)
+	$(BIN)/python -m bench.compare --out docs
+
+bench-quick: $(STAMP)
+	$(BIN)/python -m bench.compare --quick --out docs
+
+soak: $(STAMP)
+	$(BIN)/python -m bench.soak --out docs
+
+# Containers and Kubernetes (README "Containers and Kubernetes").
+# The image with your own Docker: GPU (CUDA torch from PyPI) by default, TORCH_VARIANT=cpu for a CPU
+# image from the torch wheel in .whl/.
+TORCH_VARIANT ?= cuda
+IMAGE ?= captionfleet:$(TORCH_VARIANT)
+image:
+	DOCKER_BUILDKIT=1 docker build --build-arg TORCH_VARIANT=$(TORCH_VARIANT) -t $(IMAGE) .
+
+# Builds the CPU image on a private Docker engine from a debootstrapped base and runs it (demo,
+# worker /readyz); as root. Bounded: the whole run is cut off after 40 minutes.
+image-test: $(STAMP)
+	bash ops/install-image-tools.sh
+	timeout --kill-after=120 2400 $(BIN)/python ops/image_test.py
+
+# kustomize builds of every overlay, validated offline (no cluster needed).
+k8s-validate: $(STAMP)
+	$(BIN)/python -m pytest -q tests/integration/test_k8s_manifests.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache demo-out

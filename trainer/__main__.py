@@ -90,13 +90,16 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
 
     # Imported here: torch and transformers take seconds to import, --help should not wait for them.
+    from trainer import refresh
+    from trainer.registry import RegistryError
     from trainer.train import train
     from worker.model_store import ModelRefError
 
     command = "captionfleet train " + shlex.join(argv)
     try:
+        settings = refresh.prepare(settings)  # --init-from latest, s3:// data (refresh runs)
         result = train(settings, command=command.strip())
-    except (DataError, ModelRefError) as error:
+    except (DataError, ModelRefError, RegistryError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
@@ -114,6 +117,14 @@ def main(argv: list[str] | None = None) -> int:
         f"CIDEr {scores.get('cider', 0):.3f}  repetition {scores.get('repetition_rate', 0):.1%}  "
         f"({scores.get('images', 0)} val images); wall time {result.wall_seconds:.0f}s"
     )
+    if settings.publish_to and result.out_dir is not None:
+        # Through the quality gate: a rejected version is stored with its scores, LATEST unchanged.
+        try:
+            outcome = refresh.publish_trained(settings, result.out_dir)
+        except (DataError, ModelRefError, RegistryError) as error:
+            print(f"error: publishing to {settings.publish_to}: {error}", file=sys.stderr)
+            return EXIT_FAILED
+        print(outcome.line())
     return EXIT_OK
 
 

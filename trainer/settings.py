@@ -120,6 +120,18 @@ class TrainerSettings(BaseSettings):
     # Object storage for s3:// images and s3:// init_from refs.
     s3: S3Settings = S3Settings()
 
+    # --- publishing to object storage (trainer/publish.py) -------------------------------------------
+    # A registry root s3://bucket/models/<name>: the finished checkpoint is uploaded to versions/<v>/
+    # there and becomes LATEST only if it passes the quality gate. Empty: out_dir only.
+    # With it, init_from may be "latest" (fine-tune what workers serve now): the refresh run.
+    publish_to: str = ""
+    # The gate's score and how far below LATEST's (in its own units: CIDEr 0..10, others 0..1) a new
+    # version may be and still be promoted; judged on the model's fixed evaluation set.
+    gate_metric: Literal["cider", "bleu4", "exact_match"] = "cider"
+    gate_tolerance: float = Field(default=0.05, ge=0)
+    # Validation images the first publish stores as that fixed evaluation set (never re-drawn).
+    eval_set_size: int = Field(default=200, ge=1)
+
     @model_validator(mode="after")
     def _check(self) -> TrainerSettings:
         if self.min_lr > self.learning_rate:

@@ -110,11 +110,11 @@ def _serve(settings: WorkerSettings) -> int:
     # Imported here: torch and transformers take seconds to import, and --help should not wait for them.
     from kafka.errors import KafkaError, KafkaTimeoutError
 
-    from worker.bulk import load_captioner
     from worker.connectors.kafka import BootstrapError, KafkaOutput, KafkaSource, bootstrap_servers, make_producer
     from worker.fetch import Fetcher
     from worker.metrics import Health, MetricsServer, WorkerMetrics
     from worker.model_store import ModelRefError
+    from worker.models import HotSwapCaptioner, load_serving_model, start_watcher
     from worker.stream import StreamWorker
 
     kafka = settings.kafka
@@ -140,7 +140,7 @@ def _serve(settings: WorkerSettings) -> int:
             return EXIT_USAGE
     try:
         try:
-            captioner = load_captioner(settings)
+            captioner = load_serving_model(settings)  # a .../LATEST ref: the version it names, hot-swappable
         except (ModelRefError, OSError, ValueError) as error:
             print(f"error: {error}", file=sys.stderr)
             return EXIT_USAGE
@@ -160,6 +160,9 @@ def _serve(settings: WorkerSettings) -> int:
             print(f"error: Kafka client setup failed: {error}; check the WORKER_KAFKA__* settings", file=sys.stderr)
             return EXIT_USAGE
         worker = StreamWorker(settings, captioner, source, output, fetcher, metrics=metrics, health=health, name=name)
+        if isinstance(captioner, HotSwapCaptioner):
+            captioner.on_swap(worker.model_swapped)
+        watcher = start_watcher(settings, captioner, metrics)  # polls LATEST; None for a fixed model
         previous = _stop_on_signals(worker.stop)
         try:
             report = worker.run()
@@ -168,6 +171,8 @@ def _serve(settings: WorkerSettings) -> int:
             return EXIT_FATAL
         finally:
             _restore(previous)
+            if watcher is not None:
+                watcher.stop()
         if report.abandoned:
             # Threads may still be inside a batch or a fetch; do not wait for them past the grace period.
             logging.shutdown()

@@ -52,8 +52,15 @@ class BulkSummary:
 
 
 def load_captioner(settings: WorkerSettings) -> Captioner:
+    from worker.models import latest_root, load_serving_model
+
+    if latest_root(settings.model.ref) is not None:
+        # s3://…/models/<name>/LATEST: the version it names now; a bulk run keeps it to the end.
+        return load_serving_model(settings)
     path = resolve_model_ref(settings.model.ref, cache_dir=settings.model.cache_dir, s3=settings.s3)
-    return Captioner.from_dir(path, device=settings.model.device, decoding=settings.decoding)
+    return Captioner.from_dir(
+        path, device=settings.model.device, decoding=settings.decoding, precision=settings.model.precision
+    )
 
 
 def run_caption_job(

@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Literal, NamedTuple, get_args
+from typing import Any, Literal, NamedTuple
 
 from botocore.exceptions import BotoCoreError, ClientError
 from tqdm import tqdm
@@ -50,22 +50,13 @@ from worker.connectors.s3 import (
     new_run_id,
     parse_s3_uri,
 )
-from worker.images import FailureKind, ImageLimits
-from worker.messages import FETCH_FAILURE, INFERENCE_FAILURE, Result
+from worker.images import ImageLimits
+from worker.messages import FAILURE_KINDS, Result
 from worker.pipeline import CaptionPipeline
 from worker.settings import BulkS3Settings, WorkerSettings
 from worker.sharding import ShardSpec
 
 logger = logging.getLogger(__name__)
-
-# Every kind a failure row can carry: the decoder's, the fetcher's, the model's.
-FAILURE_KINDS = frozenset(get_args(FailureKind)) | {
-    FETCH_FAILURE,
-    INFERENCE_FAILURE,
-    "not_found",
-    "forbidden",
-    "timeout",
-}
 
 # What the listing decides for each object; "own_output" is the job's own results under the source prefix.
 Decision = Literal["own_output", "filtered", "other_shard", "skip", "todo", "retry"]

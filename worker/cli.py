@@ -189,25 +189,40 @@ def _cmd_worker(argv: list[str]) -> int:
     return worker_main(argv)
 
 
+def _cmd_models(argv: list[str]) -> int:
+    from trainer.models_cli import main as models_main
+
+    return models_main(argv)
+
+
 def _cmd_demo(argv: list[str]) -> int:
     from trainer.demo import run_demo
 
     return run_demo(argv)
 
 
+def _cmd_dashboard(argv: list[str]) -> int:
+    from dashboard.__main__ import main as dashboard_main
+
+    return dashboard_main(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # worker, train and demo parse their own options.
-    own_parsers = {"worker": _cmd_worker, "train": _cmd_train, "demo": _cmd_demo}
+    own_parsers = {"worker": _cmd_worker, "train": _cmd_train, "demo": _cmd_demo, "dashboard": _cmd_dashboard}
+    own_parsers["models"] = _cmd_models
     if argv and argv[0] in own_parsers:
         return own_parsers[argv[0]](argv[1:])
     parser = argparse.ArgumentParser(prog="captionfleet", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{caption,worker,train,demo}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{caption,worker,train,demo,dashboard}")
     _caption_parser(sub)
     sub.add_parser("worker", help="run a streaming worker (captionfleet worker --help)")
     sub.add_parser("train", help="train or fine-tune a model (captionfleet train --help)")
     sub.add_parser("demo", help="caption a generated shapes archive with the built-in model")
+    sub.add_parser("models", help="published model versions: list, show, promote, rollback")
+    sub.add_parser("dashboard", help="serve the Streamlit dashboard (captionfleet dashboard --help)")
     args = parser.parse_args(argv)
     try:
         if args.command == "caption":

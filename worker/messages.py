@@ -3,11 +3,22 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, get_args
+
+from worker.images import FailureKind
 
 # Failure kinds beyond the image decoder's: the model itself failed on the item, or fetching it did.
 INFERENCE_FAILURE = "inference"
 FETCH_FAILURE = "fetch"
+
+# Every kind a failure row can carry: the decoder's, the fetcher's, the model's.
+FAILURE_KINDS = frozenset(get_args(FailureKind)) | {
+    FETCH_FAILURE,
+    INFERENCE_FAILURE,
+    "not_found",
+    "forbidden",
+    "timeout",
+}
 
 
 @dataclass

@@ -15,6 +15,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
 
+from worker.messages import FAILURE_KINDS
+
 log = logging.getLogger(__name__)
 
 # Seconds: from a few ms (tiny models, warm cache) to a minute (a big model on CPU under load).
@@ -87,6 +89,24 @@ class WorkerMetrics:
         )
         self.commits = Counter("captionfleet_commits", "offset commits (each after a producer flush)", registry=r)
         self.model = Info("captionfleet_model", "the loaded model", registry=r)
+        # Every outcome and failure kind exists at 0 from the start: Prometheus's rate()/increase()
+        # need a sample before the first event, or a new worker's first burst is never counted.
+        for outcome in ("captioned", "failed"):
+            self.images.labels(outcome)
+        for kind in sorted(FAILURE_KINDS):
+            self.failures.labels(kind)
+        # Hot swaps (worker.models): a new version taking over, and versions that failed to load.
+        self.model_swaps = Counter(
+            "captionfleet_model_swaps", "switches to a newly published model version", registry=r
+        )
+        self.model_load_failures = Counter(
+            "captionfleet_model_load_failures",
+            "published model versions that failed to load (the serving model stays)",
+            registry=r,
+        )
+        self.model_load_failure = Info(
+            "captionfleet_model_load_failure", "the last model version that failed to load, and why", registry=r
+        )
 
     def sample(self, name: str, labels: dict[str, str] | None = None) -> float:
         """A sample's current value (0 when absent): for tests and the bench."""

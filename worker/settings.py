@@ -27,6 +27,15 @@ class ModelSettings(BaseModel):
     cache_dir: Path = Path("~/.cache/captionfleet/models").expanduser()
     # "auto" picks CUDA (half precision) when present, else CPU (float32).
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Numeric fast path (worker/fastpath.py). "auto": fp16 on CUDA; on CPU bf16 where it has native bf16
+    # matmul, else fp32 (oneDNN). "fp32" is the lossless path; int8 / int8-bf16 are faster on CPU but a
+    # caption can then depend on which images share its batch, so they are opt-in.
+    precision: Literal["auto", "fp32", "bf16", "int8", "int8-bf16", "fp16"] = "auto"
+    # With a ref s3://bucket/models/<name>/LATEST (as the trainer publishes) the streaming worker
+    # re-reads LATEST this often and hot-swaps to a new version between batches (0 = never re-read).
+    poll_interval_s: float = Field(default=30.0, ge=0)
+    # A version that failed to load is tried again only after this long: the fix is usually a new version.
+    retry_failed_s: float = Field(default=600.0, ge=0)
 
 
 class DecodingSettings(BaseModel):

@@ -215,6 +215,8 @@ class MeteredCaptioner(Captioner):
         finally:
             self._metrics.batch_size.observe(int(pixel_values.shape[0]))
             self._metrics.inference.observe(time.perf_counter() - start)
+            if self.version != self._inner.version:  # hot-swapped (worker.models): name the model that ran
+                self.__dict__.update({k: v for k, v in vars(self._inner).items() if not k.startswith("_")})
 
 
 class _NullSink:
@@ -296,6 +298,13 @@ class StreamWorker:
         # on kafka-python's IO thread, so it holds up this member's heartbeats: stay well inside the session.
         self._revoke_drain_s = min(self.kafka.session_timeout_ms / 3, self.kafka.max_poll_interval_ms / 2) / 1000
         self.metrics.model.info({"version": captioner.version, "source": str(getattr(captioner, "source", ""))})
+
+    def model_swapped(self, old: Captioner, new: Captioner) -> None:
+        """A hot swap (worker.models, in the model thread between batches): failures and the info metric
+        name the new version from now on."""
+        self.model_version = new.version
+        self.metrics.model.info({"version": new.version, "source": str(getattr(new, "source", ""))})
+        self.metrics.model_swaps.inc()
 
     # -- control -------------------------------------------------------------------------------------
 

@@ -1,0 +1,545 @@
+"""Side by side, in one process run: what users would run vs captionfleet, against the machine's limit.
+
+    python -m bench.compare [--quick] [--rounds N] [--out docs]      (make bench / make bench-quick)
+
+Every row captions the same images with the same weights: the full ViT-base/16-224 + GPT-2 124M
+architecture of nlpconnect/vit-gpt2-image-captioning built from configs with random weights (its
+compute cost is the real one), saved as a real checkpoint by bench/full_checkpoint.py. Random
+weights make captions meaningless and generation could stop at a random end-of-text, so every row
+generates exactly ``max_new_tokens`` (min_new_tokens = max_new_tokens): equal work per image.
+
+Rows (model card decoding: 4 beams, 16 tokens):
+  a  model card: ViTImageProcessor + one image per generate call, fp32
+  b  plain batched generate as a user would write it (ViTImageProcessor, batch 8, fp32)
+  c  captionfleet: JPEG folder -> CaptionPipeline (decode overlap, batching) with its defaults
+Rows (greedy, 16 tokens, batch 32; model only vs the limit of their precision):
+  fp32-plain (torch default GEMM), fp32 (oneDNN), bf16, int8, int8-bf16, and the default end to end.
+
+The limit of a precision = the best matmul rate measured in this run for that precision divided by
+the FLOPs per image (counted from the model's layer shapes). Peak RSS is per row: the kernel's
+high-water mark is reset (/proc/self/clear_refs) after each row's model is loaded and freed.
+Rounds interleave all rows (a, b, c, ... then again), and figures are medians over rounds, because
+the machine may be shared. Writes <out>/benchmarks.json, <out>/benchmarks.md, <out>/benchmarks.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+from transformers import GenerationConfig, VisionEncoderDecoderModel, ViTImageProcessor
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.chart import bar_chart
+from bench.full_checkpoint import save_full_checkpoint
+from worker import fastpath
+from worker.captioner import Captioner
+from worker.connectors.local import iter_folder
+from worker.images import ImageLimits
+from worker.pipeline import CaptionPipeline
+from worker.settings import BatchSettings, DecodingSettings
+
+EOS = 50256
+TOKENS = 16
+
+
+# -- measurement helpers ------------------------------------------------------------------------
+
+
+def rss_mb() -> float:
+    return _status_kb("VmRSS") / 1024
+
+
+def peak_rss_mb() -> float:
+    return _status_kb("VmHWM") / 1024
+
+
+def _status_kb(field_name: str) -> int:
+    match = re.search(rf"{field_name}:\s+(\d+)", Path("/proc/self/status").read_text())
+    return int(match.group(1)) if match else 0
+
+
+_LOAD_PEAK_MB = 0.0  # the high-water mark before the last reset: imports, loading, warm-up
+
+
+def reset_peak_rss() -> None:
+    global _LOAD_PEAK_MB
+    _LOAD_PEAK_MB = max(_LOAD_PEAK_MB, peak_rss_mb())
+    gc.collect()
+    # Resets VmHWM to the current RSS (Linux >= 4.0); elsewhere peaks are cumulative.
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def gen_config(beams: int) -> GenerationConfig:
+    return GenerationConfig(
+        decoder_start_token_id=EOS,
+        bos_token_id=EOS,
+        eos_token_id=EOS,
+        pad_token_id=EOS,
+        num_beams=beams,
+        max_new_tokens=TOKENS,
+        min_new_tokens=TOKENS,
+        early_stopping=False,
+        do_sample=False,
+    )
+
+
+def decoding(beams: int) -> DecodingSettings:
+    return DecodingSettings(num_beams=beams, max_new_tokens=TOKENS)
+
+
+def realistic_jpegs(folder: Path, count: int, size: tuple[int, int] = (1600, 1200)) -> list[Path]:
+    """Photo-like JPEGs: smooth colour fields plus texture and noise, ~300-600 KB at quality 90."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    paths = []
+    for i in range(count):
+        fx, fy, phase = [*rng.uniform(0.002, 0.02, 2).tolist(), rng.uniform(0, 6.28)]
+        base = np.stack([np.sin(xx * fx + phase + c) * np.cos(yy * fy - c) for c in (0.0, 2.1, 4.2)], axis=-1)
+        noise = rng.normal(0, 0.12, (h // 4, w // 4, 3)).astype(np.float32).repeat(4, 0).repeat(4, 1)
+        pixels = np.clip((base * 0.4 + 0.5 + noise) * 255, 0, 255).astype(np.uint8)
+        path = folder / f"photo_{i:04d}.jpg"
+        Image.fromarray(pixels).save(path, quality=90)
+        paths.append(path)
+    return paths
+
+
+# -- FLOPs and the limit -------------------------------------------------------------------------
+
+
+def flops_per_image(model: VisionEncoderDecoderModel, pixels: torch.Tensor, beams: int) -> float:
+    """Matmul FLOPs of one image's generate call: every Linear/Conv1D/Conv2d counted from its shapes
+    by forward hooks, plus attention's two matmuls per layer computed from the sequence lengths."""
+    total = 0.0
+
+    def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        nonlocal total
+        x = inputs[0]
+        if isinstance(module, nn.Conv2d):
+            out_pixels = output.shape[-1] * output.shape[-2]
+            total += (
+                2.0
+                * x.shape[0]
+                * out_pixels
+                * module.out_channels
+                * module.in_channels
+                * int(np.prod(module.kernel_size))
+            )
+        else:
+            weight = module.weight
+            k = x.shape[-1]
+            n = weight.shape[1] if weight.shape[0] == k and type(module).__name__ == "Conv1D" else weight.shape[0]
+            total += 2.0 * (x.numel() // k) * k * n
+
+    handles = [
+        m.register_forward_hook(hook)  # type: ignore[arg-type]
+        for m in model.modules()
+        if isinstance(m, nn.Linear | nn.Conv2d) or type(m).__name__ == "Conv1D"
+    ]
+    try:
+        with torch.inference_mode():
+            model.generate(pixel_values=pixels[:1], generation_config=gen_config(beams))
+    finally:
+        for handle in handles:
+            handle.remove()
+    enc, dec = model.config.encoder, model.config.decoder
+    seq = (enc.image_size // enc.patch_size) ** 2 + 1
+    total += enc.num_hidden_layers * 2 * 2.0 * seq * seq * enc.hidden_size  # ViT QK^T and AV
+    rows = beams
+    for step in range(1, TOKENS + 1):  # decoder self-attention over `step` tokens, cross over `seq`
+        total += dec.n_layer * 2 * 2.0 * rows * (step + seq) * dec.n_embd
+    return total
+
+
+def matmul_rates(quick: bool) -> dict[str, dict[str, float]]:
+    """GFLOP/s of each kernel on the model's own GEMM shapes; the best per precision is the limit."""
+    shapes = [(32 * 197, 768, 3072), (32 * 197, 3072, 768), (128, 768, 50257)]
+    reps = 3 if quick else 8
+    out: dict[str, dict[str, float]] = {}
+    ops = fastpath._onednn_ops()
+    for m, k, n in shapes:
+        x = torch.randn(m, k)
+        lin = nn.Linear(k, n)
+        flop = 2.0 * m * k * n
+        # Each callable is measured before the next shape rebinds these names (B023 is harmless here).
+        kernels: dict[str, Callable[[], object]] = {"fp32 torch": lambda: lin(x)}  # noqa: B023
+        if ops is not None:
+            packed = ops[0](lin.weight.detach(), None)
+            kernels["fp32 oneDNN"] = lambda: ops[1](x, packed, lin.bias, "none", [], "")  # noqa: B023
+        xb, linb = x.bfloat16(), nn.Linear(k, n).bfloat16()
+        kernels["bf16"] = lambda: linb(xb)  # noqa: B023
+        q = fastpath.quantize_int8(nn.Sequential(nn.Linear(k, n)))
+        kernels["int8 dynamic"] = lambda: q(x)  # noqa: B023
+        with torch.inference_mode():
+            for name, fn in kernels.items():
+                seconds = fastpath._median_seconds(fn, reps)
+                out.setdefault(name, {})[f"{m}x{k}x{n}"] = round(flop / seconds / 1e9, 1)
+    return out
+
+
+# -- rows ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    name: str
+    group: str  # "card" (4 beams) or "greedy"
+    precision: str
+    batch: int
+    images: int = 0
+    seconds: list[float] = field(default_factory=list)
+    peak_rss_mb: list[float] = field(default_factory=list)
+    run_peak_rss_mb: list[float] = field(default_factory=list)
+    note: str = ""
+
+    @property
+    def images_per_s(self) -> float:
+        return statistics.median(self.images / s for s in self.seconds)
+
+    @property
+    def peak_mb(self) -> float:
+        return max(self.peak_rss_mb)
+
+
+def load_plain(path: Path) -> VisionEncoderDecoderModel:
+    model = VisionEncoderDecoderModel.from_pretrained(path, use_safetensors=True)
+    return model.eval()
+
+
+def _open(paths: list[Path]) -> list[Image.Image]:
+    return [Image.open(p).convert("RGB") for p in paths]
+
+
+def run_model_card(path: Path, photos: list[Path], n: int) -> float:
+    """What the model card shows: open, processor, generate, one image at a time."""
+    model = load_plain(path)
+    processor = ViTImageProcessor.from_pretrained(path)
+    config = gen_config(4)
+    with torch.inference_mode():
+        first = processor(images=_open(photos[:1]), return_tensors="pt").pixel_values
+        model.generate(pixel_values=first, generation_config=config)
+        reset_peak_rss()
+        start = time.perf_counter()
+        for image in photos[:n]:
+            one = processor(images=_open([image]), return_tensors="pt").pixel_values
+            model.generate(pixel_values=one, generation_config=config)
+        return time.perf_counter() - start
+
+
+def run_plain_batched(path: Path, photos: list[Path], n: int, batch: int, beams: int) -> float:
+    model = load_plain(path)
+    processor = ViTImageProcessor.from_pretrained(path)
+    config = gen_config(beams)
+    with torch.inference_mode():
+        first = processor(images=_open(photos[:1]), return_tensors="pt").pixel_values
+        model.generate(pixel_values=first, generation_config=config)
+        reset_peak_rss()
+        start = time.perf_counter()
+        for i in range(0, n, batch):
+            pixels = processor(images=_open(photos[i : i + batch]), return_tensors="pt").pixel_values
+            model.generate(pixel_values=pixels, generation_config=config)
+        return time.perf_counter() - start
+
+
+def load_captioner(path: Path, precision: str, beams: int) -> Captioner:
+    captioner = Captioner.from_dir(path, device="cpu", decoding=decoding(beams), precision=precision)
+    # Same work per image in every row (see the module docstring).
+    base = captioner.generation_config
+
+    def forced(d: DecodingSettings) -> GenerationConfig:
+        config = base(d)
+        config.min_new_tokens = d.max_new_tokens
+        return config
+
+    captioner.generation_config = forced  # type: ignore[method-assign]
+    return captioner
+
+
+def run_captioner_model_only(captioner: Captioner, pixels: torch.Tensor, n: int, batch: int) -> float:
+    captioner.caption_pixels(pixels[:batch])  # warm-up (oneDNN primitive caches)
+    reset_peak_rss()
+    start = time.perf_counter()
+    for i in range(0, n, batch):
+        captioner.caption_pixels(pixels[i : i + batch])
+    return time.perf_counter() - start
+
+
+class NullSink:
+    def __init__(self) -> None:
+        self.rows = 0
+        self.failed = 0
+
+    def write(self, results: Any) -> None:
+        for result in results:
+            self.rows += 1
+            self.failed += 0 if result.ok else 1
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def done_ids(self) -> set[str]:
+        return set()
+
+
+def run_pipeline(captioner: Captioner, folder: Path, n: int, batch: BatchSettings) -> float:
+    items = list(iter_folder(folder))[:n]
+    warm = NullSink()
+    CaptionPipeline(captioner, warm, batch, ImageLimits(max_bytes=50 << 20, max_pixels=50_000_000)).run(items[:2])
+    reset_peak_rss()
+    sink = NullSink()
+    start = time.perf_counter()
+    CaptionPipeline(captioner, sink, batch, ImageLimits(max_bytes=50 << 20, max_pixels=50_000_000)).run(items)
+    seconds = time.perf_counter() - start
+    if sink.rows != len(items) or sink.failed:
+        raise RuntimeError(f"pipeline wrote {sink.rows} rows ({sink.failed} failed) for {len(items)} images")
+    return seconds
+
+
+# -- main ----------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer images and one round (under 2 minutes)")
+    parser.add_argument("--rounds", type=int, default=0, help="interleaved rounds (default 1 quick, 3 full)")
+    parser.add_argument("--out", type=Path, default=Path("docs"), help="folder for benchmarks.json/.md/.png")
+    parser.add_argument("--work", type=Path, default=None, help="keep the checkpoint and JPEGs here")
+    parser.add_argument(
+        "--threads", type=int, default=0, help="torch threads per process (default: torch's, one per core)"
+    )
+    parser.add_argument("--row", type=int, default=None, help=argparse.SUPPRESS)  # internal: run one row
+    args = parser.parse_args(argv)
+    quick: bool = args.quick
+    if args.threads:
+        # On a shared machine, 2 OpenMP threads on 2 cores stall at every op's barrier whenever another
+        # job holds a core (ms per op); one thread per process does not.
+        torch.set_num_threads(args.threads)
+    rounds = args.rounds or (1 if quick else 3)
+    n_card, n_batched, n_card_c, n_greedy = (2, 8, 16, 32) if quick else (6, 16, 32, 64)
+    work = args.work or Path(tempfile.mkdtemp(prefix="captionfleet-bench-"))
+    started = time.perf_counter()
+
+    checkpoint = work / "vit-gpt2-full"
+    if not (checkpoint / "model.safetensors").exists():
+        save_full_checkpoint(checkpoint)
+    folder = work / "jpegs"
+    paths = sorted(folder.glob("*.jpg")) if folder.exists() else []
+    if len(paths) < n_greedy:
+        paths = realistic_jpegs(folder, n_greedy)
+    default_precision = fastpath.resolve_precision("auto", torch.device("cpu"))
+    rows = make_rows(default_precision)
+    if args.row is not None:  # child: one row, one measurement, one JSON line
+        print(json.dumps(run_row(rows[args.row], checkpoint, paths, folder, (n_card, n_batched, n_card_c, n_greedy))))
+        return 0
+    print(f"setup {time.perf_counter() - started:.0f}s; default precision here: {default_precision}", flush=True)
+
+    plain = load_plain(checkpoint)
+    pixels = Captioner.from_dir(checkpoint, device="cpu", precision="fp32").preprocess(_open(paths[:1]))
+    flops_greedy = flops_per_image(plain, pixels, 1)
+    flops_beams = flops_per_image(plain, pixels, 4)
+    del plain
+    rates = matmul_rates(quick)
+    print(f"FLOPs/image: greedy {flops_greedy / 1e9:.1f} G, 4 beams {flops_beams / 1e9:.1f} G", flush=True)
+
+    # Each row in a fresh process: its peak RSS is its own (freed memory is rarely returned to the OS,
+    # so rows sharing a process would inherit each other's peaks), and rounds interleave the rows.
+    for r in range(rounds):
+        for i, row in enumerate(rows):
+            command = [sys.executable, "-m", "bench.compare", "--row", str(i), "--work", str(work)]
+            done = subprocess.run(
+                command + (["--quick"] if quick else []) + (["--threads", str(args.threads)] if args.threads else []),
+                capture_output=True,
+                text=True,
+                check=False,
+                cwd=Path(__file__).resolve().parents[1],
+            )
+            if done.returncode != 0:
+                raise RuntimeError(f"row {row.name!r} failed:\n{done.stderr[-3000:]}")
+            result = json.loads(done.stdout.strip().splitlines()[-1])
+            row.images = result["images"]
+            row.seconds.append(result["seconds"])
+            row.peak_rss_mb.append(result["peak_rss_mb"])
+            row.run_peak_rss_mb.append(result["run_peak_rss_mb"])
+            speed = row.images / result["seconds"]
+            print(
+                f"round {r + 1} {row.name:40s} {speed:7.2f} img/s  peak {result['peak_rss_mb']:6.0f} MB "
+                f"(while captioning {result['run_peak_rss_mb']:.0f})",
+                flush=True,
+            )
+
+    report = build_report(rows, rates, flops_greedy, flops_beams, default_precision, rounds, quick)
+    report["seconds"] = round(time.perf_counter() - started, 1)
+    write_outputs(report, args.out)
+    print(markdown_table(report))
+    print(f"total {report['seconds']}s; wrote benchmarks*.json, *-table.md, *.png under {args.out}")
+    return 0
+
+
+def make_rows(default_precision: str) -> list[Row]:
+    default_batch = BatchSettings()
+    return [
+        Row("a model card (1 image/call)", "card", "fp32", 1),
+        Row("b plain batched generate", "card", "fp32", 8),
+        Row("c captionfleet pipeline, defaults", "card", default_precision, default_batch.max_items),
+        Row("plain generate fp32, torch GEMM", "greedy", "fp32-plain", 32),
+        Row("model only fp32 (oneDNN)", "greedy", "fp32", 32),
+        Row("model only bf16", "greedy", "bf16", 32),
+        Row("model only int8", "greedy", "int8", 32),
+        Row("model only int8-bf16", "greedy", "int8-bf16", 32),
+        Row(f"end to end JPEGs, {default_precision}", "greedy", default_precision, 32),
+    ]
+
+
+def run_row(row: Row, checkpoint: Path, paths: list[Path], folder: Path, sizes: tuple[int, int, int, int]) -> dict:
+    n_card, n_batched, n_card_c, n_greedy = sizes
+    if row.name.startswith("a "):
+        images, seconds = n_card, run_model_card(checkpoint, paths, n_card)
+    elif row.name.startswith("b "):
+        images, seconds = n_batched, run_plain_batched(checkpoint, paths, n_batched, 8, 4)
+    elif row.name.startswith("c "):
+        captioner = load_captioner(checkpoint, row.precision, 4)
+        images, seconds = n_card_c, run_pipeline(captioner, folder, n_card_c, BatchSettings())
+    elif row.name.startswith("end to end"):
+        captioner = load_captioner(checkpoint, row.precision, 1)
+        batch = BatchSettings(max_items=32, max_wait_ms=1000)
+        images, seconds = n_greedy, run_pipeline(captioner, folder, n_greedy, batch)
+    elif row.precision == "fp32-plain":
+        images, seconds = n_greedy, run_plain_batched(checkpoint, paths, n_greedy, 32, 1)
+    else:
+        captioner = load_captioner(checkpoint, row.precision, 1)
+        pixels = captioner.preprocess(_open(paths[:n_greedy]))
+        images, seconds = n_greedy, run_captioner_model_only(captioner, pixels, n_greedy, 32)
+    return {
+        "images": images,
+        "seconds": seconds,
+        # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the (large) parent across fork + exec.
+        "peak_rss_mb": max(_LOAD_PEAK_MB, peak_rss_mb()),  # the whole process: imports, loading, captioning
+        "run_peak_rss_mb": peak_rss_mb(),  # since the reset after warm-up: captioning only
+    }
+
+
+def limit_key(precision: str) -> str:
+    return {"fp32-plain": "fp32", "int8-bf16": "int8"}.get(precision, precision)
+
+
+def build_report(
+    rows: list[Row],
+    rates: dict[str, dict[str, float]],
+    flops_greedy: float,
+    flops_beams: float,
+    default_precision: str,
+    rounds: int,
+    quick: bool,
+) -> dict[str, Any]:
+    best = {
+        "fp32": max(max(v.values()) for k, v in rates.items() if k.startswith("fp32")),
+        "bf16": max(rates["bf16"].values()),
+        "int8": max(rates["int8 dynamic"].values()),
+    }
+    card = rows[0].images_per_s
+    out_rows = []
+    for row in rows:
+        flops = flops_beams if row.group == "card" else flops_greedy
+        limit = best[limit_key(row.precision)] * 1e9 / flops
+        ips = row.images_per_s
+        out_rows.append(
+            {
+                **{k: v for k, v in asdict(row).items() if k not in ("seconds", "peak_rss_mb", "run_peak_rss_mb")},
+                "decoding": "4 beams, 16 tokens" if row.group == "card" else "greedy, 16 tokens",
+                "images_per_s": round(ips, 2),
+                "ms_per_image": round(1000 / ips, 1),
+                "peak_rss_mb": round(row.peak_mb),
+                "peak_rss_mb_while_captioning": round(max(row.run_peak_rss_mb)),
+                "vs_model_card": round(ips / card, 2),
+                "limit_images_per_s": round(limit, 2),
+                "fraction_of_limit": round(ips / limit, 2),
+                "rounds_images_per_s": [round(row.images / s, 2) for s in row.seconds],
+            }
+        )
+    e2e = out_rows[-1]
+    model_only = next(r for r in out_rows if r["group"] == "greedy" and r["precision"] == e2e["precision"])
+    return {
+        "machine": {
+            "cpu": _cpu_name(),
+            "cores": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "shared": "yes: other engineers' jobs ran on the same 2 cores; figures are medians of interleaved rounds",
+        },
+        "model": "ViT-base/16-224 + GPT-2 124M (nlpconnect/vit-gpt2-image-captioning architecture), random weights",
+        "quick": quick,
+        "rounds": rounds,
+        "default_precision": default_precision,
+        "gflop_per_image": {"greedy": round(flops_greedy / 1e9, 1), "4 beams": round(flops_beams / 1e9, 1)},
+        "matmul_gflops": rates,
+        "best_gflops": best,
+        "rows": out_rows,
+        "end_to_end_vs_model_only": round(e2e["images_per_s"] / model_only["images_per_s"], 2),
+    }
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def markdown_table(report: dict[str, Any]) -> str:
+    lines = [
+        "| row | decoding | precision | batch | images/s | ms/image | peak RSS MB (process / captioning) "
+        "| x model card | limit img/s | of limit |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in report["rows"]:
+        lines.append(
+            f"| {r['name']} | {r['decoding']} | {r['precision']} | {r['batch']} | {r['images_per_s']} | "
+            f"{r['ms_per_image']} | {r['peak_rss_mb']} / {r['peak_rss_mb_while_captioning']} | "
+            f"{r['vs_model_card']} | {r['limit_images_per_s']} | {r['fraction_of_limit']} |"
+        )
+    return "\n".join(lines)
+
+
+def write_outputs(report: dict[str, Any], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    suffix = "-quick" if report["quick"] else ""
+    (out / f"benchmarks{suffix}.json").write_text(json.dumps(report, indent=2) + "\n")
+    bar_chart(
+        [(r["name"], r["images_per_s"], r["limit_images_per_s"]) for r in report["rows"]],
+        title="images/s (bar) vs the limit of its precision (tick); same weights, one run",
+        path=out / f"benchmarks{suffix}.png",
+    )
+    (out / f"benchmarks{suffix}-table.md").write_text(markdown_table(report) + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,145 @@
+"""The dashboard's layout: `captionfleet dashboard` (or `streamlit run dashboard/app.py`).
+
+Two tabs: ad-hoc captioning of uploads, and the operators' live view of the fleet. Everything it
+shows comes from dashboard/data.py; this file only decides where it goes.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# `streamlit run dashboard/app.py` puts dashboard/ (not the repository) on sys.path.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import pandas as pd
+import streamlit as st
+
+from dashboard.data import FleetView, caption_uploads, fleet_view, load_model
+from dashboard.settings import DashboardSettings, load_dashboard_settings, load_model_settings
+from worker.images import ImageLimits
+from worker.settings import DecodingSettings, SettingsError, WorkerSettings
+
+
+def sidebar(model_settings: WorkerSettings) -> DecodingSettings:
+    st.sidebar.header("Decoding")
+    defaults = model_settings.decoding
+    beams = st.sidebar.slider("Beams", 1, 8, min(defaults.num_beams, 8), help="beam search width; 1 is greedy")
+    length = st.sidebar.slider("Max length (tokens)", 4, 64, min(max(defaults.max_new_tokens, 4), 64))
+    st.sidebar.caption(f"Model: `{model_settings.model.ref}` (WORKER_MODEL__REF)")
+    return defaults.model_copy(update={"num_beams": beams, "max_new_tokens": length})
+
+
+def upload_tab(model_settings: WorkerSettings, settings: DashboardSettings, decoding: DecodingSettings) -> None:
+    limits = ImageLimits(max_bytes=model_settings.images.max_bytes, max_pixels=model_settings.images.max_pixels)
+    files = st.file_uploader(
+        f"Images (up to {limits.max_bytes / 2**20:.0f} MB each)", accept_multiple_files=True, key="uploads"
+    )
+    uploaded = tuple(f.file_id for f in files or [])
+    if st.button("Generate caption", type="primary", disabled=not files):
+        model = load_model(model_settings)
+        with st.spinner("Captioning..."):
+            results = caption_uploads(
+                model, [(f.name, f.getvalue()) for f in files or []], decoding, limits, settings.upload.batch_size
+            )
+        st.session_state["results"] = (uploaded, results)
+    shown_for, results = st.session_state.get("results", ((), []))
+    if shown_for != uploaded:  # files removed or added since: their old captions would mislead
+        results = []
+    for result in results:
+        if not result.ok:
+            st.error(result.problem, icon="⚠️")
+            continue
+        picture, text = st.columns([1, 3])
+        if result.image is not None:
+            picture.image(result.image, caption=result.name, width=200)
+        text.markdown(f"### {result.caption}")
+        text.caption(
+            f"model {result.model_version} · {result.seconds * 1000:.0f} ms "
+            f"(one model call for {result.batch} image{'s' if result.batch > 1 else ''})"
+        )
+
+
+def chart(title: str, frame: pd.DataFrame, unit: str, note: str = "") -> None:
+    st.subheader(title)
+    if frame.dropna(how="all").empty:
+        st.caption(f"{title}: no data in the window yet")
+        return
+    st.line_chart(frame, x_label="time", y_label=unit)
+    if note:
+        st.caption(note)
+
+
+def fleet_panels(view: FleetView) -> None:
+    st.caption(f"Source: {view.source}")
+    for problem in view.problems:
+        st.warning(problem)
+    if not view.answered and view.problems:
+        st.error(
+            "No metrics source answered, so there is nothing to chart: check that the workers are up and that "
+            "DASHBOARD_PROMETHEUS__URL (or DASHBOARD_SCRAPE__URLS) points at them."
+        )
+    elif not view.answered:
+        st.warning(
+            "The source answered, but no captionfleet worker is up in it: check Prometheus's scrape config "
+            "(the workers' /metrics targets) and that the workers are running."
+        )
+    throughput = view.throughput.fillna(0)
+    peak = float(throughput.sum(axis=1).max()) if len(throughput) else 0.0
+    left, right = st.columns(2)
+    with left:
+        chart("Throughput", throughput, "images/s", f"Throughput peak: {peak:.2f} images/s (all workers)")
+        chart("Latency", view.latency, "seconds", "p50 and p95, end to end (request sent → answer) and per model call")
+        st.subheader("Failures by kind")
+        if view.failures.empty:
+            st.caption("No failures since the workers started")
+        else:
+            st.bar_chart(view.failures, x_label="kind", y_label="failures since the workers started")
+    with right:
+        chart("Batch size", view.batch_size, "images per model call")
+        chart("Consumer lag", view.lag, "messages", "requests on the topic not yet answered and committed")
+        st.subheader("Model version per worker")
+        if view.workers.empty:
+            st.caption("No workers seen")
+        else:
+            up = view.workers[view.workers["up"]]
+            if len(up):
+                per_version = up.groupby("model version").size().rename("workers").to_frame()
+                # Horizontal: version strings are long, and a rollout shows as two bars side by side.
+                st.bar_chart(per_version, x_label="model version", y_label="workers", horizontal=True, height=160)
+            st.dataframe(view.workers, hide_index=True, width="stretch")
+
+
+def fleet_tab(settings: DashboardSettings) -> None:
+    @st.fragment(run_every=settings.fleet.refresh_s)
+    def live() -> None:
+        view = fleet_view(settings)
+        if view is None:
+            st.info(
+                "No metrics source is configured: set DASHBOARD_PROMETHEUS__URL (e.g. http://prometheus:9090), "
+                "or DASHBOARD_SCRAPE__URLS to the workers' /metrics URLs (e.g. http://worker-0:9400/metrics)."
+            )
+            return
+        fleet_panels(view)
+
+    live()
+
+
+def main() -> None:
+    st.set_page_config(page_title="captionfleet", page_icon="🖼️", layout="wide")
+    st.title("captionfleet")
+    try:
+        settings = load_dashboard_settings()
+        model_settings = load_model_settings()
+    except SettingsError as error:
+        st.error(f"Bad setting:\n\n{error}")
+        st.stop()
+    decoding = sidebar(model_settings)
+    captions, fleet = st.tabs(["Caption images", "Fleet"])
+    with captions:
+        upload_tab(model_settings, settings, decoding)
+    with fleet:
+        fleet_tab(settings)
+
+
+main()

@@ -1,0 +1,231 @@
+"""The dashboard end to end, in a real browser: `captionfleet dashboard` served by Streamlit, a
+streaming worker (`python -m worker`) on the real Kafka-compatible broker, and a real Prometheus
+scraping that worker every second. Chromium (via Playwright) uploads an image through the page and
+reads its caption, then watches the fleet tab chart the batches the worker captioned.
+
+Screenshots of both views are saved under tests/artifacts/ (ignored by git) for people to look at.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from playwright.sync_api import Page, expect
+
+from tests.hostile_images import jpeg_bytes
+from tests.integration.stream_support import WorkerProcess
+from tests.services.browser import chromium
+from tests.services.kafka import FAST_GROUP, KafkaBroker, free_port
+from tests.services.prometheus import PrometheusServer
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(420)]
+
+REPO = Path(__file__).resolve().parents[2]
+ARTIFACTS = REPO / "tests" / "artifacts"
+BATCHES, PER_BATCH = 4, 6
+
+
+def _worker_env(broker: KafkaBroker, checkpoint: Path, images: Path, tmp: Path, port: int) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("WORKER_", "DASHBOARD_"))}
+    env.update(
+        {
+            "WORKER_KAFKA__BOOTSTRAP": broker.bootstrap,
+            "WORKER_KAFKA__REQUEST_TOPIC": "dash-requests",
+            "WORKER_KAFKA__RESULT_TOPIC": "dash-results",
+            "WORKER_KAFKA__DEAD_LETTER_TOPIC": "dash-dead",
+            "WORKER_KAFKA__GROUP_ID": "dash-group",
+            "WORKER_KAFKA__CLIENT_ID": "dash-worker",
+            "WORKER_KAFKA__SESSION_TIMEOUT_MS": str(FAST_GROUP["session_timeout_ms"]),
+            "WORKER_KAFKA__HEARTBEAT_INTERVAL_MS": str(FAST_GROUP["heartbeat_interval_ms"]),
+            "WORKER_MODEL__REF": str(checkpoint),
+            "WORKER_MODEL__DEVICE": "cpu",
+            "WORKER_MODEL__CACHE_DIR": str(tmp / "cache"),
+            "WORKER_DECODING__NUM_BEAMS": "1",
+            "WORKER_DECODING__MAX_NEW_TOKENS": "6",
+            "WORKER_FETCH__FILE_ROOT": str(images),
+            "WORKER_METRICS__HOST": "127.0.0.1",
+            "WORKER_METRICS__PORT": str(port),
+            "WORKER_LOG_LEVEL": "WARNING",
+            # Two shared cores: one torch thread per process keeps the worker and the dashboard from thrashing.
+            "OMP_NUM_THREADS": "1",
+            "CUDA_VISIBLE_DEVICES": "",
+        }
+    )
+    return env
+
+
+@pytest.fixture
+def fleet(tiny_checkpoint: Path, tmp_path: Path) -> Iterator[dict[str, object]]:
+    """A broker, one worker fed by it, and Prometheus scraping the worker; torn down afterwards."""
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "cat.jpg").write_bytes(jpeg_bytes())
+    (images / "notes.txt").write_bytes(b"not a picture\n")
+    with KafkaBroker() as broker:
+        broker.create_topic("dash-requests", 1)
+        broker.create_topic("dash-results", 1)
+        broker.create_topic("dash-dead", 1)
+        port = free_port()
+        worker = WorkerProcess(_worker_env(broker, tiny_checkpoint, images, tmp_path, port), tmp_path / "worker.log")
+        try:
+            worker.wait_ready(timeout_s=120)
+            with PrometheusServer([f"127.0.0.1:{port}"], tmp_path / "prometheus") as prometheus:
+                yield {"broker": broker, "worker": worker, "prometheus": prometheus, "images": images}
+        finally:
+            worker.close()
+
+
+@pytest.fixture
+def dashboard(fleet: dict[str, object], tmp_path: Path) -> Iterator[str]:
+    """`captionfleet dashboard` on a free port, reading the fleet from the Prometheus server."""
+    prometheus = fleet["prometheus"]
+    assert isinstance(prometheus, PrometheusServer)
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("WORKER_", "DASHBOARD_"))}
+    env.update(
+        {
+            "DASHBOARD_PROMETHEUS__URL": prometheus.url,
+            "DASHBOARD_PROMETHEUS__RATE_WINDOW_S": "5",  # five 1 s scrapes per rate() window
+            "DASHBOARD_FLEET__REFRESH_S": "2",
+            "DASHBOARD_FLEET__WINDOW_S": "180",
+            # WORKER_MODEL__REF unset: the dashboard's default, the built-in model, whose captions are words.
+            "WORKER_MODEL__DEVICE": "cpu",
+            "WORKER_DECODING__NUM_BEAMS": "1",
+            "OMP_NUM_THREADS": "1",
+            "CUDA_VISIBLE_DEVICES": "",
+        }
+    )
+    log = (tmp_path / "dashboard.log").open("ab")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "worker.cli", "dashboard", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        cwd=tmp_path,  # not the repository: the command line alone must configure Streamlit
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert proc.poll() is None, (tmp_path / "dashboard.log").read_text()
+            try:
+                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as response:
+                    if response.read().strip() == b"ok":
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "streamlit not healthy after 90 s"
+            time.sleep(0.3)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+        log.close()
+
+
+def _images_done(worker: WorkerProcess) -> float:
+    return sum(v for (name, _), v in worker.metrics().items() if name == "captionfleet_images_total")
+
+
+def _send_batches(fleet: dict[str, object]) -> int:
+    """BATCHES bursts of PER_BATCH requests, each answered before the next is sent."""
+    broker, worker, images = fleet["broker"], fleet["worker"], fleet["images"]
+    assert isinstance(broker, KafkaBroker) and isinstance(worker, WorkerProcess) and isinstance(images, Path)
+    prometheus = fleet["prometheus"]
+    assert isinstance(prometheus, PrometheusServer)
+    deadline = time.monotonic() + 30
+    while not [r for r in prometheus.query('up{job="captionfleet-worker"} == 1')]:
+        assert time.monotonic() < deadline, f"Prometheus never scraped the worker:\n{prometheus.log_tail()}"
+        time.sleep(0.5)
+    sent = 0
+    for burst in range(BATCHES):
+        # One request per burst names a text file: the fleet view must chart it as a failure by kind.
+        names = ["notes.txt"] + ["cat.jpg"] * (PER_BATCH - 1)
+        messages = [
+            (0, None, json.dumps({"id": f"b{burst}-{i}", "uri": f"file://{images}/{name}"}).encode())
+            for i, name in enumerate(names)
+        ]
+        sent += broker.produce("dash-requests", messages)
+        deadline = time.monotonic() + 60
+        while _images_done(worker) < sent:
+            assert time.monotonic() < deadline, (
+                f"worker answered {_images_done(worker)} of {sent}:\n{worker.log_tail()}"
+            )
+            time.sleep(0.2)
+        time.sleep(2)  # spread the bursts over several 1 s scrapes
+    return sent
+
+
+def _peak(page: Page) -> float:
+    text = page.get_by_text(re.compile(r"Throughput peak: [\d.]+ images/s")).first.inner_text(timeout=1000)
+    match = re.search(r"([\d.]+) images/s", text)
+    return float(match.group(1)) if match else 0.0
+
+
+def test_upload_caption_and_fleet_charts_in_a_real_browser(
+    fleet: dict[str, object], dashboard: str, tmp_path: Path
+) -> None:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    (ARTIFACTS / "dashboard-fleet-failed.png").unlink(missing_ok=True)  # only a failure of this run leaves one
+    upload = tmp_path / "upload.jpg"
+    upload.write_bytes(jpeg_bytes())
+    sent = _send_batches(fleet)
+    prometheus = fleet["prometheus"]
+    assert isinstance(prometheus, PrometheusServer)
+
+    with chromium() as browser:
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(dashboard, wait_until="domcontentloaded")
+        page.locator('[data-testid="stFileUploader"] input[type="file"]').set_input_files(str(upload))
+        page.get_by_role("button", name="Generate caption").click()
+        line = page.get_by_text(re.compile(r"^model \S+ · \d+ ms")).first
+        expect(line).to_be_visible(timeout=90_000)
+        caption = page.locator('[data-testid="stMarkdownContainer"] h3').first.inner_text()
+        # The built-in model names the shapes it sees: the test picture is coloured squares.
+        assert re.fullmatch(r"[a-z]+( [a-z]+)+", caption.strip()), caption
+        assert re.search(r"\b(square|rectangle|circle|triangle)s?\b", caption), caption
+        assert "upload.jpg" in page.content()
+        page.screenshot(path=str(ARTIFACTS / "dashboard-upload.png"), full_page=True)
+
+        page.set_viewport_size({"width": 1400, "height": 2000})  # Streamlit scrolls inside; show all panels
+        page.get_by_role("tab", name="Fleet").click()
+        expect(page.get_by_text(f"Source: Prometheus at {prometheus.url}")).to_be_visible(timeout=30_000)
+        # The fragment refreshes every 2 s; rate() needs a window of scrapes after the bursts.
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                if _peak(page) > 0:
+                    break
+            except Exception:  # not rendered yet (the throughput panel shows "no data" at first)
+                pass
+            if time.monotonic() > deadline:
+                page.screenshot(path=str(ARTIFACTS / "dashboard-fleet-failed.png"), full_page=True)
+                raise AssertionError(f"the throughput chart never showed the batches:\n{page.inner_text('body')}")
+            page.wait_for_timeout(1000)
+        # Throughput, batch size, latency, lag, failures by kind, workers per version: six charts.
+        expect(page.locator('[data-testid="stVegaLiteChart"]')).to_have_count(6, timeout=30_000)
+        assert "No failures since the workers started" not in page.inner_text("body")
+        expect(page.get_by_text("127.0.0.1:", exact=False).first).to_be_visible()
+        page.wait_for_timeout(2500)  # one more refresh, so the charts have drawn
+        page.screenshot(path=str(ARTIFACTS / "dashboard-fleet.png"), full_page=True)
+        browser_text = page.inner_text("body")
+        assert "No metrics source answered" not in browser_text
+
+    # What the chart showed is what Prometheus holds: every image the worker answered.
+    total = sum(float(r["value"][1]) for r in prometheus.query("sum(captionfleet_images_total)"))
+    assert total == sent
+    failed = prometheus.query("sum by (kind) (captionfleet_failures_total) > 0")  # every kind is exported at 0
+    assert {r["metric"]["kind"]: float(r["value"][1]) for r in failed} == {"not_an_image": BATCHES}

@@ -1,0 +1,105 @@
+"""The fleet view's data without Prometheus: scraping a real worker metrics endpoint (in process, on a
+free port) and turning successive scrapes into rates, batch sizes, quantiles, lag and versions."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from dashboard.data import Scrape, ScrapeHistory, histogram_quantile
+from tests.services.kafka import free_port
+from worker.metrics import Health, MetricsServer, WorkerMetrics
+
+APP = str(Path(__file__).resolve().parents[2] / "dashboard" / "app.py")
+
+
+@pytest.fixture
+def worker() -> Iterator[tuple[WorkerMetrics, str]]:
+    metrics = WorkerMetrics()
+    metrics.model.info({"version": "v7", "source": "/models/v7"})
+    server = MetricsServer("127.0.0.1", 0, metrics, Health())
+    try:
+        yield metrics, f"http://127.0.0.1:{server.port}/metrics"
+    finally:
+        server.close()
+
+
+def test_histogram_quantile_interpolates_like_prometheus() -> None:
+    buckets = {0.1: 10.0, 0.5: 30.0, 1.0: 40.0, math.inf: 40.0}
+    assert histogram_quantile(0.5, buckets) == pytest.approx(0.3)  # rank 20: halfway through (0.1, 0.5]
+    assert histogram_quantile(0.25, buckets) == pytest.approx(0.1)
+    assert histogram_quantile(0.95, buckets) == pytest.approx(0.5 + 0.5 * (38 - 30) / 10)
+    assert histogram_quantile(0.99, {1.0: 1.0, math.inf: 5.0}) == 1.0  # beyond the last finite bound
+    assert math.isnan(histogram_quantile(0.5, {1.0: 0.0, math.inf: 0.0}))
+
+
+def test_scrapes_become_rates_batch_sizes_latency_lag_and_versions(worker: tuple[WorkerMetrics, str]) -> None:
+    metrics, url = worker
+    dead = f"http://127.0.0.1:{free_port()}/metrics"
+    history = ScrapeHistory([url, dead], timeout_s=2, history=10, min_interval_s=0)
+    history.refresh(now=1000.0)
+    metrics.images.labels("captioned").inc(8)
+    metrics.images.labels("failed").inc(2)
+    for size in (4, 4, 2):
+        metrics.batch_size.observe(size)
+    for seconds in (0.02, 0.02, 0.02, 0.7):
+        metrics.end_to_end.observe(seconds)
+    metrics.failures.labels("decode").inc(2)
+    metrics.lag.labels("req", "0").set(5)
+    metrics.lag.labels("req", "1").set(7)
+    history.refresh(now=1002.0)
+
+    view = history.view(window_s=60)
+    assert view.throughput[url].iloc[-1] == pytest.approx(5.0)  # 10 images in 2 s
+    assert view.batch_size[url].iloc[-1] == pytest.approx(10 / 3)
+    p50 = view.latency["end-to-end p50"].iloc[-1]
+    assert 0.01 < p50 <= 0.025 and view.latency["end-to-end p95"].iloc[-1] > 0.5
+    assert view.lag[url].iloc[-1] == 12
+    assert view.failures.loc["decode", "failures"] == 2
+    rows = {row["worker"]: row for row in view.workers.to_dict("records")}
+    assert rows[url]["up"] and rows[url]["model version"] == "v7"
+    assert not rows[dead]["up"] and "did not answer" in rows[dead]["problem"]
+    assert view.answered
+
+    # A restarted worker's counters start again from zero: a drop is a reset (3 new images), never negative.
+    restarted = Scrape(True, {("captionfleet_images_total", (("outcome", "captioned"),)): 3.0})
+    history.rounds.append((1003.0, {url: restarted}))
+    assert history.view(window_s=60).throughput[url].iloc[-1] == pytest.approx(3.0)
+
+
+def test_the_page_says_so_when_no_worker_answers(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("DASHBOARD_PROMETHEUS__URL", raising=False)
+    monkeypatch.setenv("DASHBOARD_SCRAPE__URLS", f"http://127.0.0.1:{free_port()}/metrics")
+    at = AppTest.from_file(APP, default_timeout=60).run()
+    assert not at.exception, at.exception
+    assert any("No metrics source answered" in e.value for e in at.error)
+    assert any("did not answer" in w.value for w in at.warning)
+
+
+def test_the_page_charts_a_scraped_worker(worker: tuple[WorkerMetrics, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    metrics, url = worker
+    monkeypatch.delenv("DASHBOARD_PROMETHEUS__URL", raising=False)
+    monkeypatch.setenv("DASHBOARD_SCRAPE__URLS", url)
+    monkeypatch.setenv("DASHBOARD_FLEET__REFRESH_S", "0.5")
+    metrics.failures.labels("not_found").inc(3)
+    at = AppTest.from_file(APP, default_timeout=60).run()
+    assert not at.exception, at.exception
+    assert not at.error
+    (table,) = at.get("dataframe")
+    assert table.value["model version"].tolist() == ["v7"] and table.value["worker"].tolist() == [url]
+    # Failures by kind, lag (one point so far) and workers per version are charts.
+    assert len(at.get("vega_lite_chart")) == 3
+    assert not any(c.value == "No failures since the workers started" for c in at.caption)
+
+
+def test_the_page_says_so_when_prometheus_does_not_answer(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DASHBOARD_PROMETHEUS__URL", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.setenv("DASHBOARD_PROMETHEUS__TIMEOUT_S", "2")
+    at = AppTest.from_file(APP, default_timeout=60).run()
+    assert not at.exception, at.exception
+    assert any("No metrics source answered" in e.value for e in at.error)
+    assert any("check DASHBOARD_PROMETHEUS__URL" in w.value for w in at.warning)

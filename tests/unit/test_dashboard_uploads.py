@@ -1,0 +1,110 @@
+"""The dashboard's upload tab, driven by Streamlit's AppTest (no browser, no server): each file gets
+its caption or its own message, and one bad file never costs the others their captions."""
+
+from __future__ import annotations
+
+import io
+import random
+import re
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from streamlit.testing.v1 import AppTest
+
+from tests.hostile_images import hostile_corpus, jpeg_bytes
+
+APP = str(Path(__file__).resolve().parents[2] / "dashboard" / "app.py")
+CAPTION_LINE = re.compile(r"^model (\S+) · \d+ ms \(one model call for (\d+) images?\)$")
+
+
+@pytest.fixture
+def app(tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AppTest:
+    for name in ("DASHBOARD_PROMETHEUS__URL", "DASHBOARD_SCRAPE__URLS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("WORKER_MODEL__REF", str(tiny_checkpoint))
+    monkeypatch.setenv("WORKER_MODEL__DEVICE", "cpu")
+    monkeypatch.setenv("WORKER_MODEL__CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("WORKER_DECODING__NUM_BEAMS", "1")
+    monkeypatch.setenv("WORKER_DECODING__MAX_NEW_TOKENS", "6")
+    at = AppTest.from_file(APP, default_timeout=120)
+    at.run()
+    assert not at.exception, at.exception
+    return at
+
+
+def generate(at: AppTest, files: list[tuple[str, bytes, str]]) -> AppTest:
+    at.file_uploader(key="uploads").set_value(files)
+    at.run()
+    button = next(b for b in at.button if b.label == "Generate caption")
+    assert not button.disabled
+    button.click().run()
+    assert not at.exception, at.exception
+    return at
+
+
+def captions(at: AppTest) -> list[str]:
+    return [m.value.removeprefix("### ") for m in at.markdown if m.value.startswith("### ")]
+
+
+def caption_lines(at: AppTest) -> list[re.Match[str]]:
+    return [m for c in at.caption if (m := CAPTION_LINE.match(c.value))]
+
+
+def test_button_waits_for_an_upload_and_no_source_is_explained(app: AppTest) -> None:
+    button = next(b for b in app.button if b.label == "Generate caption")
+    assert button.disabled
+    # The fleet tab, with neither Prometheus nor worker URLs set, says how to configure one.
+    assert any("DASHBOARD_PROMETHEUS__URL" in i.value for i in app.info)
+
+
+def test_a_good_image_is_captioned_with_model_version_and_time(app: AppTest, tiny_checkpoint: Path) -> None:
+    from worker.captioner import checkpoint_version
+
+    generate(app, [("cat.jpg", jpeg_bytes(), "image/jpeg")])
+    assert len(captions(app)) == 1 and captions(app)[0].strip()
+    (line,) = caption_lines(app)
+    assert line.group(1) == checkpoint_version(tiny_checkpoint) and line.group(2) == "1"
+    assert not app.error
+    assert len(app.get("image")) == 1  # shown beside its caption
+
+
+def test_corrupt_and_text_files_get_messages_while_the_good_image_is_captioned(app: AppTest) -> None:
+    corpus = {case.name: case for case in hostile_corpus()}
+    files = [
+        ("half.jpg", corpus["half.jpg"].data, "image/jpeg"),
+        ("good.jpg", jpeg_bytes(), "image/jpeg"),
+        ("notes.txt", b"these are my notes, not a picture\n", "text/plain"),
+        ("also-good.png", corpus["rgba.png"].data, "image/png"),
+    ]
+    generate(app, files)
+    errors = [e.value for e in app.error]
+    assert len(errors) == 2, errors
+    assert errors[0].startswith("half.jpg is cut short") or errors[0].startswith("half.jpg could not be decoded")
+    assert errors[1].startswith("notes.txt is not an image: not a recognised image format")
+    assert len(captions(app)) == 2 and all(c.strip() for c in captions(app))
+    assert len(app.get("image")) == 2
+    # The two good images were captioned together, in one model call.
+    assert [m.group(2) for m in caption_lines(app)] == ["2", "2"]
+
+
+def test_an_oversized_file_is_refused_with_the_limit_named(app: AppTest, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WORKER_IMAGES__MAX_BYTES", "20000")
+    noise = Image.frombytes("RGB", (200, 200), random.Random(7).randbytes(200 * 200 * 3))
+    buffer = io.BytesIO()
+    noise.save(buffer, "JPEG", quality=95)
+    big = buffer.getvalue()
+    assert len(big) > 20000
+    generate(app, [("huge.jpg", big, "image/jpeg"), ("small.jpg", jpeg_bytes(), "image/jpeg")])
+    (error,) = [e.value for e in app.error]
+    assert error.startswith(f"huge.jpg is too large: {len(big)} bytes exceeds the limit of 20000 bytes")
+    assert "WORKER_IMAGES__MAX_BYTES" in error
+    assert len(captions(app)) == 1
+
+
+def test_captions_go_when_their_files_are_removed(app: AppTest) -> None:
+    generate(app, [("cat.jpg", jpeg_bytes(), "image/jpeg")])
+    assert len(captions(app)) == 1
+    app.file_uploader(key="uploads").set_value(None)
+    app.run()
+    assert captions(app) == [] and not app.get("image")

@@ -1,0 +1,133 @@
+"""The fast path (worker/fastpath.py): captions agree with fp32, and every private-op route falls back."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+from transformers import VisionEncoderDecoderModel
+
+from trainer.shapes import ShapesDataset
+from worker import fastpath
+from worker.captioner import Captioner
+from worker.model_store import builtin_model_dir
+from worker.settings import DecodingSettings, ModelSettings
+
+# Not the training (1337) or validation (1338) seeds, nor the built-in model test's (2024).
+FRESH_SEED = 2025
+
+
+@pytest.fixture(scope="module")
+def shapes() -> list[Image.Image]:
+    data = ShapesDataset(FRESH_SEED, 120, 64)
+    return [data.image(i) for i in range(len(data))]
+
+
+@pytest.fixture(scope="module")
+def fp32_captions(shapes: list[Image.Image]) -> list[str]:
+    captioner = Captioner.from_dir(builtin_model_dir(), device="cpu", decoding=DecodingSettings(), precision="fp32")
+    return _caption_in_batches(captioner, shapes)
+
+
+def _caption_in_batches(captioner: Captioner, images: list[Image.Image], batch: int = 32) -> list[str]:
+    out: list[str] = []
+    for i in range(0, len(images), batch):
+        out += captioner.caption(images[i : i + batch])
+    return out
+
+
+def _agreement(a: list[str], b: list[str]) -> float:
+    return sum(x == y for x, y in zip(a, b, strict=True)) / len(a)
+
+
+@pytest.mark.parametrize("precision", ["auto", "bf16", "int8", "int8-bf16"])
+def test_optimized_captions_agree_with_fp32_on_the_builtin_model(
+    precision: str, shapes: list[Image.Image], fp32_captions: list[str]
+) -> None:
+    captioner = Captioner.from_dir(builtin_model_dir(), device="cpu", decoding=DecodingSettings(), precision=precision)
+    captions = _caption_in_batches(captioner, shapes)
+    assert _agreement(captions, fp32_captions) >= 0.95
+    assert len(set(captions)) > 20  # a broken model captioning everything alike would fail loudly here
+
+
+def test_auto_is_the_documented_cpu_default() -> None:
+    cpu = torch.device("cpu")
+    expected = "bf16" if fastpath.cpu_has_native_bf16() else "fp32"
+    assert fastpath.resolve_precision("auto", cpu) == expected
+    assert Captioner.from_dir(builtin_model_dir(), device="cpu").precision == expected
+    assert ModelSettings().precision == "auto"
+
+
+def test_precision_names_are_checked_per_device() -> None:
+    with pytest.raises(ValueError, match="one of"):
+        fastpath.resolve_precision("fp8", torch.device("cpu"))
+    with pytest.raises(ValueError, match="CUDA"):
+        fastpath.resolve_precision("fp16", torch.device("cpu"))
+    with pytest.raises(ValueError, match="CPU-only"):
+        fastpath.resolve_precision("int8", torch.device("cuda"))
+    assert fastpath.resolve_precision("auto", torch.device("cuda")) == "fp16"
+
+
+def test_conv1d_to_linear_keeps_outputs(tiny_checkpoint: Path) -> None:
+    original = VisionEncoderDecoderModel.from_pretrained(tiny_checkpoint, use_safetensors=True).eval()
+    converted = VisionEncoderDecoderModel.from_pretrained(tiny_checkpoint, use_safetensors=True).eval()
+    assert fastpath.conv1d_to_linear(converted) > 0
+    assert not [m for m in converted.modules() if type(m).__name__ == "Conv1D"]
+    tokens = torch.tensor([[0, 5, 7, 9]])
+    hidden = torch.randn(1, 5, original.config.decoder.n_embd)
+    with torch.inference_mode():
+        want = original.decoder(input_ids=tokens, encoder_hidden_states=hidden).logits
+        got = converted.decoder(input_ids=tokens, encoder_hidden_states=hidden).logits
+    assert torch.allclose(want, got, atol=1e-5)
+
+
+def _images(n: int) -> list[Image.Image]:
+    rng = np.random.default_rng(3)
+    return [Image.fromarray(rng.integers(0, 255, (30, 40, 3), dtype=np.uint8)) for _ in range(n)]
+
+
+def test_onednn_route_gives_the_same_captions(tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    if fastpath._onednn_ops() is None:
+        pytest.skip("this torch build has no oneDNN linear ops")
+    decoding = DecodingSettings(num_beams=3, max_new_tokens=8)
+    monkeypatch.setattr(fastpath, "onednn_is_faster", lambda *_: False)
+    plain = Captioner.from_dir(tiny_checkpoint, device="cpu", decoding=decoding, precision="fp32")
+    assert not [m for m in plain.model.modules() if isinstance(m, fastpath.OneDNNLinear)]
+    monkeypatch.setattr(fastpath, "onednn_is_faster", lambda *_: True)  # route every layer, whatever is faster
+    routed = Captioner.from_dir(tiny_checkpoint, device="cpu", decoding=decoding, precision="fp32")
+    assert [m for m in routed.model.modules() if isinstance(m, fastpath.OneDNNLinear)]
+    images = _images(6)
+    assert routed.caption(images) == plain.caption(images)
+
+
+def test_falls_back_when_the_private_op_is_missing(tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(fastpath, "_onednn_ops", lambda: None)
+    fastpath.onednn_is_faster.cache_clear()
+    captioner = Captioner.from_dir(tiny_checkpoint, device="cpu", precision="fp32")
+    assert not [m for m in captioner.model.modules() if isinstance(m, fastpath.OneDNNLinear)]
+    assert len(captioner.caption(_images(3))) == 3
+    fastpath.onednn_is_faster.cache_clear()
+
+
+def test_falls_back_when_the_private_op_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(*args: object) -> torch.Tensor:
+        raise RuntimeError("mkldnn: unsupported")
+
+    monkeypatch.setattr(fastpath, "_onednn_ops", lambda: (lambda w, _hint: w, broken))
+    model = nn.Sequential(nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 2))
+    assert fastpath.route_linears_to_onednn(model, measure=False) == 0
+    assert [type(m) for m in model] == [nn.Linear, nn.ReLU, nn.Linear]
+
+
+def test_falls_back_when_the_private_op_is_wrong(monkeypatch: pytest.MonkeyPatch) -> None:
+    def wrong(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, *rest: object) -> torch.Tensor:
+        return torch.zeros(x.shape[0], w.shape[0])
+
+    monkeypatch.setattr(fastpath, "_onednn_ops", lambda: (lambda w, _hint: w, wrong))
+    model = nn.Sequential(nn.Linear(8, 4))
+    assert fastpath.route_linears_to_onednn(model, measure=False) == 0
+    assert type(model[0]) is nn.Linear

@@ -1,0 +1,137 @@
+"""Hot swapping (worker/models.py) with in-memory captioners: the batch in flight finishes on the old
+model, a version that fails to load leaves the old one serving, LATEST refs are parsed strictly."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from PIL import Image
+
+from worker.captioner import Captioner, Preprocessing
+from worker.metrics import WorkerMetrics
+from worker.model_store import ModelRefError
+from worker.models import HotSwapCaptioner, ModelWatcher, check_version, latest_root, version_uri
+from worker.settings import DecodingSettings
+
+
+def preprocessing(size: int = 32) -> Preprocessing:
+    return Preprocessing(size, size, Image.Resampling.BILINEAR, 1 / 255, None, None)
+
+
+class FakeCaptioner(Captioner):
+    """Captions every image with its own version; can hold a batch until released."""
+
+    def __init__(self, version: str, size: int = 32) -> None:
+        self.version = version
+        self.source = f"fake://{version}"
+        self.preprocess = preprocessing(size)
+        self.decoding = DecodingSettings()
+        self.started = threading.Event()
+        self.release = threading.Event()
+        self.release.set()
+
+    def caption_pixels(self, pixel_values: torch.Tensor, decoding: DecodingSettings | None = None) -> list[str]:
+        self.started.set()
+        assert self.release.wait(10)
+        return [self.version] * int(pixel_values.shape[0])
+
+
+def batch(n: int = 2) -> torch.Tensor:
+    return torch.zeros(n, 3, 32, 32)
+
+
+def test_the_batch_in_flight_finishes_on_the_old_model() -> None:
+    old, new = FakeCaptioner("v1"), FakeCaptioner("v2")
+    hot = HotSwapCaptioner(old)
+    swaps: list[tuple[str, str]] = []
+    hot.on_swap(lambda a, b: swaps.append((a.version, b.version)))
+    old.release.clear()
+    out: list[list[str]] = []
+    thread = threading.Thread(target=lambda: out.append(hot.caption_pixels(batch())))
+    thread.start()
+    assert old.started.wait(10)
+    hot.offer(new)  # arrives while v1 is mid-batch
+    old.release.set()
+    thread.join(10)
+    assert out == [["v1", "v1"]]
+    assert hot.version == "v1"  # results of that batch are built now: they must name v1
+    assert hot.caption_pixels(batch(3)) == ["v2"] * 3
+    assert hot.version == "v2" and hot.source == "fake://v2"
+    assert swaps == [("v1", "v2")]
+
+
+def test_a_version_with_another_input_size_is_refused() -> None:
+    hot = HotSwapCaptioner(FakeCaptioner("v1", size=32))
+    with pytest.raises(ModelRefError, match="input size 64x64"):
+        hot.offer(FakeCaptioner("v2", size=64))
+    assert hot.caption_pixels(batch()) == ["v1", "v1"]
+
+
+def test_watcher_keeps_the_old_model_when_a_version_fails_to_load() -> None:
+    hot = HotSwapCaptioner(FakeCaptioner("v1"))
+    metrics = WorkerMetrics()
+    now = [0.0]
+    latest = ["v1"]
+    loads: list[str] = []
+
+    def load(version: str) -> Captioner:
+        loads.append(version)
+        if version == "broken":
+            raise ModelRefError("s3://b/models/x/versions/broken holds only pickled weights (pytorch_model.bin)")
+        return FakeCaptioner(version)
+
+    watcher = ModelWatcher(
+        hot, lambda: latest[0], load, interval_s=1, retry_failed_s=60, metrics=metrics, clock=lambda: now[0]
+    )
+    assert watcher.check() == "unchanged"
+    latest[0] = "broken"
+    assert watcher.check() == "failed"
+    assert hot.caption_pixels(batch()) == ["v1", "v1"]
+    assert metrics.sample("captionfleet_model_load_failures_total") == 1
+    reasons = {
+        sample.labels["version"]: sample.labels["reason"]
+        for family in metrics.registry.collect()
+        if family.name == "captionfleet_model_load_failure"
+        for sample in family.samples
+    }
+    assert "pickled" in reasons["broken"]  # the metric says why, not only that
+    assert watcher.check() == "known_bad" and loads == ["broken"]  # not retried at every poll
+    now[0] = 61
+    assert watcher.check() == "failed" and loads == ["broken", "broken"]
+    latest[0] = "v2"
+    assert watcher.check() == "loaded"
+    assert watcher.check() == "unchanged"
+    assert hot.caption_pixels(batch(1)) == ["v2"]
+    latest[0] = "v1"  # a rollback is a swap like any other
+    assert watcher.check() == "loaded"
+    assert hot.caption_pixels(batch(1)) == ["v1"]
+
+
+def test_watcher_survives_an_unreadable_latest() -> None:
+    hot = HotSwapCaptioner(FakeCaptioner("v1"))
+
+    def read() -> str | None:
+        raise OSError("connection refused")
+
+    watcher = ModelWatcher(hot, read, lambda v: FakeCaptioner(v), interval_s=1)
+    assert watcher.check() == "unreadable"
+    assert hot.caption_pixels(batch(1)) == ["v1"]
+
+
+def test_watcher_refuses_a_version_that_names_itself_otherwise() -> None:
+    hot = HotSwapCaptioner(FakeCaptioner("v1"))
+    watcher = ModelWatcher(hot, lambda: "v2", lambda v: FakeCaptioner("something-else"), interval_s=1)
+    assert watcher.check() == "failed"
+    assert hot.caption_pixels(batch(1)) == ["v1"]
+
+
+def test_latest_refs_and_version_names() -> None:
+    assert latest_root("s3://bucket/models/tiny/LATEST") == "s3://bucket/models/tiny"
+    assert latest_root("s3://bucket/models/tiny/versions/v1") is None
+    assert latest_root("/models/tiny/LATEST") is None  # local folders are not polled
+    assert version_uri("s3://b/models/x/", "x-1.2") == "s3://b/models/x/versions/x-1.2"
+    for bad in ("../etc", "a/b", "", ".hidden", "x" * 200):
+        with pytest.raises(ModelRefError, match="not a valid name"):
+            check_version(bad)

@@ -1,0 +1,78 @@
+"""The quality gate's decision and the registry's refusals that need no object storage."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from trainer.models_cli import format_table
+from trainer.publish import Gate, gate_decision
+from trainer.registry import Registry, RegistryError
+
+
+def scores(cider: float, exact: float = 0.5) -> dict[str, Any]:
+    return {"cider": cider, "bleu4": 0.3, "exact_match": exact}
+
+
+def test_first_version_is_promoted() -> None:
+    promote, why = gate_decision(scores(0.1), None, Gate())
+    assert promote and "first version" in why
+
+
+@pytest.mark.parametrize(
+    ("new", "old", "tolerance", "promote"),
+    [
+        (1.00, 1.00, 0.0, True),  # equal is not worse
+        (1.20, 1.00, 0.0, True),
+        (0.96, 1.00, 0.05, True),  # within the tolerance
+        (0.94, 1.00, 0.05, False),
+        (0.99, 1.00, 0.0, False),
+    ],
+)
+def test_gate_compares_with_latest_within_the_tolerance(
+    new: float, old: float, tolerance: float, promote: bool
+) -> None:
+    decided, why = gate_decision(scores(new), scores(old), Gate("cider", tolerance))
+    assert decided is promote
+    assert "cider" in why and f"{old:.4f}" in why
+
+
+def test_gate_uses_the_chosen_metric() -> None:
+    decided, why = gate_decision(scores(5.0, exact=0.2), scores(1.0, exact=0.9), Gate("exact_match", 0.1))
+    assert not decided and "exact_match 0.2000" in why
+
+
+@pytest.mark.parametrize("root", ["models/x", "s3://", "s3://bucket", "s3://bucket/"])
+def test_registry_root_must_be_an_s3_prefix(root: str) -> None:
+    with pytest.raises(RegistryError):
+        Registry(root, client=object())  # type: ignore[arg-type]
+
+
+def test_registry_accepts_the_latest_ref_as_root() -> None:
+    registry = Registry("s3://bucket/models/tiny/LATEST", client=object())  # type: ignore[arg-type]
+    assert registry.root == "s3://bucket/models/tiny"
+    assert registry.version_uri("tiny-1") == "s3://bucket/models/tiny/versions/tiny-1"
+
+
+def test_list_table_marks_latest_and_rejections() -> None:
+    rows = [
+        {"version": "v1", "status": "promoted", "latest": True, "scores": scores(1.5, 0.8), "created": "2026-11-26"},
+        {"version": "v2", "status": "rejected", "latest": False, "scores": scores(0.2), "parent": {"version": "v1"}},
+        {"version": "v3", "status": "incomplete", "latest": False},
+    ]
+    lines = format_table(rows).splitlines()
+    assert lines[1].startswith("*") and "v1" in lines[1] and "80.0%" in lines[1]
+    assert "rejected" in lines[2] and "v1" in lines[2].split("rejected")[1]
+    assert "incomplete" in lines[3] and "-" in lines[3]
+
+
+def test_models_cli_without_a_root_names_the_fix(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from worker.cli import main as cli_main
+
+    monkeypatch.chdir(tmp_path)  # no stray .env
+    monkeypatch.delenv("TRAINER_PUBLISH_TO", raising=False)
+    assert cli_main(["models", "list"]) == 2
+    assert "--root s3://bucket/models/<name>" in capsys.readouterr().err

@@ -1,0 +1,241 @@
+"""Publishing a trained checkpoint to object storage through a quality gate.
+
+    upload versions/<v>/ completely -> record it (candidate) -> evaluate it and the current LATEST on the
+    model's fixed evaluation set -> promote (LATEST := v) or reject (LATEST untouched)
+
+The evaluation set is stored with the model (``eval/manifest.jsonl`` and ``eval/images/``), written by
+the first publish from that run's validation images and never re-drawn: every later version is judged
+on exactly the same pictures, so scores compare across versions and runs. Both models are scored by
+the worker's own Captioner with the same decoding. A version is promoted when its gate metric is not
+below LATEST's by more than the tolerance; a rejected version stays stored, with its scores and the
+reason in its record, and can still be promoted by hand (``captionfleet models promote``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from PIL import Image
+
+from trainer.checkpoint import weights_version
+from trainer.data import CaptionDataset, DataError, ImageCaptionDataset
+from trainer.evaluate import evaluate_captioner
+from trainer.registry import METADATA_FILE, Registry, RegistryError, now
+from worker.captioner import Captioner
+from worker.images import ImageError, ImageLimits, decode_image
+from worker.model_store import resolve_model_ref
+from worker.settings import DecodingSettings, S3Settings
+
+log = logging.getLogger(__name__)
+
+EVAL = "eval"
+EVAL_MANIFEST = "manifest.jsonl"
+GateMetric = Literal["cider", "bleu4", "exact_match"]
+
+
+@dataclass(frozen=True)
+class Gate:
+    # The score compared: CIDEr (0..10) by default, the most discriminating of the three on captions.
+    metric: GateMetric = "cider"
+    # How far below LATEST (in the metric's own units) a new version may score and still be promoted.
+    tolerance: float = 0.0
+
+
+def gate_decision(candidate: dict[str, Any], baseline: dict[str, Any] | None, gate: Gate) -> tuple[bool, str]:
+    """(promote?, why) from two score dicts; no baseline means the first version, promoted."""
+    if baseline is None:
+        return True, "first version: there is no LATEST to compare with"
+    new, old = float(candidate[gate.metric]), float(baseline[gate.metric])
+    floor = old - gate.tolerance
+    if new >= floor:
+        return True, f"{gate.metric} {new:.4f} >= {old:.4f} (LATEST) - {gate.tolerance} tolerance"
+    return False, (
+        f"{gate.metric} {new:.4f} is below LATEST's {old:.4f} by more than the tolerance {gate.tolerance} "
+        f"(needed >= {floor:.4f})"
+    )
+
+
+# -- the fixed evaluation set --------------------------------------------------------------------
+
+
+@dataclass
+class EvalSet:
+    dataset: ImageCaptionDataset
+    digest: str  # sha256 of the manifest: names this exact set in every score record
+
+
+def eval_set_exists(registry: Registry) -> bool:
+    return registry.get_json(registry.key(EVAL, "info.json")) is not None
+
+
+def write_eval_set(registry: Registry, source: CaptionDataset, size: int) -> None:
+    """Store the first ``size`` images of ``source`` with their captions; once, never overwritten."""
+    if eval_set_exists(registry):
+        raise RegistryError(f"{registry.uri(EVAL)} already exists: the evaluation set is written once")
+    count = min(size, len(source))
+    if count < 1:
+        raise DataError("the evaluation set would be empty: give the first publish some validation images")
+    lines = []
+    for i in range(count):
+        buffer = io.BytesIO()
+        source.image(i).convert("RGB").save(buffer, format="PNG")
+        key = registry.key(EVAL, "images", f"{i:05d}.png")
+        registry.client.put_object(Bucket=registry.bucket, Key=key, Body=buffer.getvalue(), ContentType="image/png")
+        lines.append(json.dumps({"image": f"images/{i:05d}.png", "captions": list(source.captions(i))}))
+    manifest = ("\n".join(lines) + "\n").encode()
+    registry.client.put_object(Bucket=registry.bucket, Key=registry.key(EVAL, EVAL_MANIFEST), Body=manifest)
+    # Last: its presence means the set is complete.
+    registry.put_json(
+        registry.key(EVAL, "info.json"),
+        {"images": count, "sha256": hashlib.sha256(manifest).hexdigest(), "source": source.describe(), "at": now()},
+    )
+    log.info("stored the evaluation set (%d images) at %s", count, registry.uri(EVAL))
+
+
+def read_eval_set(registry: Registry) -> EvalSet:
+    info = registry.get_json(registry.key(EVAL, "info.json"))
+    if info is None:
+        raise RegistryError(
+            f"{registry.uri(EVAL)} has no evaluation set: the first publish writes it from its validation images"
+        )
+    manifest = registry.client.get_object(Bucket=registry.bucket, Key=registry.key(EVAL, EVAL_MANIFEST))["Body"].read()
+    digest = hashlib.sha256(manifest).hexdigest()
+    if digest != info.get("sha256"):
+        raise RegistryError(f"{registry.uri(EVAL, EVAL_MANIFEST)} changed after it was written: restore it")
+    images: list[Image.Image] = []
+    captions: list[list[str]] = []
+    for line in manifest.decode().splitlines():
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        data = registry.client.get_object(Bucket=registry.bucket, Key=registry.key(EVAL, row["image"]))["Body"].read()
+        try:
+            images.append(decode_image(data, limits=ImageLimits()))
+        except ImageError as error:
+            message = f"evaluation image {row['image']} is unreadable ({error.message}): restore it"
+            raise RegistryError(message) from error
+        captions.append([str(c) for c in row["captions"]])
+    return EvalSet(ImageCaptionDataset(images, captions, registry.uri(EVAL)), digest)
+
+
+def ensure_eval_set(registry: Registry, source: CaptionDataset | None, size: int) -> EvalSet:
+    if not eval_set_exists(registry):
+        if source is None:
+            raise RegistryError(
+                f"{registry.uri(EVAL)} has no evaluation set and this publish brings no validation data: "
+                "publish from a training run first (captionfleet train --publish-to ...)"
+            )
+        write_eval_set(registry, source, size)
+    return read_eval_set(registry)
+
+
+def score_checkpoint(path: Path, eval_set: EvalSet, decoding: DecodingSettings, device: str) -> dict[str, Any]:
+    captioner = Captioner.from_dir(path, device=device, decoding=decoding)
+    evaluation = evaluate_captioner(captioner, eval_set.dataset)
+    return {
+        **evaluation.scores.as_dict(),
+        "eval_set": eval_set.digest[:16],
+        "decoding": decoding.model_dump(),
+        "samples": [list(s) for s in evaluation.samples(3)],
+    }
+
+
+# -- publishing ----------------------------------------------------------------------------------
+
+
+@dataclass
+class PublishOutcome:
+    version: str
+    promoted: bool
+    reason: str
+    scores: dict[str, Any]
+    baseline: str | None = None
+    baseline_scores: dict[str, Any] | None = None
+    record: dict[str, Any] = field(default_factory=dict)
+
+    def line(self) -> str:
+        verdict = "promoted to LATEST" if self.promoted else "REJECTED (LATEST unchanged)"
+        return f"{self.version}: {verdict}: {self.reason}"
+
+
+def publish_version(
+    checkpoint: Path,
+    registry: Registry,
+    *,
+    gate: Gate | None = None,
+    decoding: DecodingSettings | None = None,
+    device: str = "auto",
+    cache_dir: Path,
+    s3: S3Settings | None = None,
+    eval_source: CaptionDataset | None = None,
+    eval_size: int = 200,
+    name: str = "captioner",
+) -> PublishOutcome:
+    """Upload ``checkpoint`` as a new version, then promote it only if it passes the gate."""
+    gate = gate or Gate()
+    decoding = decoding or DecodingSettings()
+    metadata_file = checkpoint / METADATA_FILE
+    metadata: dict[str, Any] = json.loads(metadata_file.read_text()) if metadata_file.is_file() else {}
+    # The version is the folder name and what the worker reports: the same string everywhere.
+    version = str(metadata.get("version") or weights_version(checkpoint, metadata.get("name", name)))
+    metadata["version"] = version
+    existing = registry.record(version)
+    if existing is not None and existing.get("status") in ("promoted", "rejected", "rolled_back"):
+        log.info("%s is already published (%s): nothing to do", version, existing.get("status"))
+        return PublishOutcome(
+            version,
+            existing.get("status") == "promoted",
+            f"already published: {existing.get('reason', '')}",
+            existing.get("scores", {}),
+            existing.get("baseline"),
+            existing.get("baseline_scores"),
+            existing,
+        )
+
+    # 1. every file up, then a record: from here on the version is complete and can become LATEST.
+    size = registry.upload(checkpoint, version, metadata)
+    record: dict[str, Any] = {
+        "version": version,
+        "status": "candidate",
+        "created": metadata.get("created") or now(),
+        "uploaded": now(),
+        "parent": metadata.get("parent"),
+        "size_bytes": size,
+        "training_scores": metadata.get("scores"),
+        "uri": registry.version_uri(version),
+    }
+    registry.write_record(version, record)
+
+    # 2. the gate: candidate and LATEST on the same fixed set, with the same decoding.
+    eval_set = ensure_eval_set(registry, eval_source, eval_size)
+    scores = score_checkpoint(checkpoint, eval_set, decoding, device)
+    baseline = registry.latest()
+    baseline_scores = None
+    if baseline is not None and baseline != version:
+        baseline_path = resolve_model_ref(registry.version_uri(baseline), cache_dir=cache_dir, s3=s3)
+        baseline_scores = score_checkpoint(baseline_path, eval_set, decoding, device)
+    promote, reason = gate_decision(scores, baseline_scores, gate)
+    record.update(
+        scores=scores,
+        baseline=baseline,
+        baseline_scores=baseline_scores,
+        gate={"metric": gate.metric, "tolerance": gate.tolerance},
+        reason=reason,
+        status="rejected" if not promote else "candidate",
+    )
+    registry.write_record(version, record)
+
+    # 3. LATEST moves last, and only for a version that passed.
+    if promote:
+        registry.set_latest(version, action="publish", reason=reason)
+        record = registry.record(version) or record
+        log.info("%s promoted: %s", version, reason)
+    else:
+        log.warning("%s rejected by the quality gate: %s", version, reason)
+    return PublishOutcome(version, promote, reason, scores, baseline, baseline_scores, record)

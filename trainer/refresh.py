@@ -1,0 +1,144 @@
+"""Refresh runs: fine-tune what workers serve now on new data from S3, then publish through the gate.
+
+    captionfleet train --publish-to s3://bucket/models/captioner --init-from latest \\
+        --data s3://bucket/new/captions.jsonl --max-steps 500 --learning-rate 5e-5
+
+``--init-from latest`` (or ``s3://.../models/<name>/LATEST``) starts from the version LATEST names;
+``s3://.../models/<name>/versions/<v>`` from a named one. ``--data`` may be an s3:// manifest
+(.jsonl/.csv, image paths relative to its folder or s3:// uris) or COCO captions JSON (``--image-root
+s3://bucket/train2017/``, default: the JSON's folder): it is downloaded and turned into a local manifest
+of s3:// image uris, which the data loader reads. This is what the Kubernetes CronJob runs.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from trainer.data import DataError, open_splits
+from trainer.publish import Gate, PublishOutcome, eval_set_exists, publish_version
+from trainer.registry import Registry, RegistryError
+from trainer.settings import TrainerSettings
+from worker.connectors.s3 import make_s3_client, parse_s3_uri
+from worker.models import latest_root, read_latest, version_uri
+
+log = logging.getLogger(__name__)
+
+
+def resolve_init_from(settings: TrainerSettings) -> TrainerSettings:
+    """``latest`` / ``.../LATEST`` -> the s3:// uri of the version LATEST names now (recorded as parent)."""
+    ref = settings.init_from.strip()
+    if ref == "latest":
+        if not settings.publish_to:
+            raise RegistryError("--init-from latest needs --publish-to s3://bucket/models/<name> (TRAINER_PUBLISH_TO)")
+        root = Registry(settings.publish_to, settings.s3).root
+    else:
+        found = latest_root(ref)
+        if found is None:
+            return settings
+        root = found
+    version = read_latest(make_s3_client(settings.s3), root)
+    if version is None:
+        raise RegistryError(
+            f"{root}/LATEST does not exist yet: train the first version from scratch or from a checkpoint "
+            "(--init-from DIR|builtin) with --publish-to, then refresh from latest"
+        )
+    log.info("refreshing from %s (LATEST of %s)", version, root)
+    return settings.model_copy(update={"init_from": version_uri(root, version)})
+
+
+def _s3_join(folder: str, path: str) -> str:
+    if path.startswith("s3://"):
+        return path
+    return folder.rstrip("/") + "/" + str(PurePosixPath(path))
+
+
+def fetch_s3_data(settings: TrainerSettings) -> TrainerSettings:
+    """An s3:// manifest or COCO file -> a local JSONL manifest of s3:// images; other data unchanged."""
+    if not settings.data.startswith("s3://"):
+        return settings
+    bucket, key = parse_s3_uri(settings.data)
+    client = make_s3_client(settings.s3)
+    try:
+        text = client.get_object(Bucket=bucket, Key=key)["Body"].read().decode("utf-8")
+    except Exception as error:
+        raise DataError(f"could not read {settings.data}: {error}; check the uri and TRAINER_S3__* settings") from error
+    folder = settings.data.rsplit("/", 1)[0]
+    rows: list[dict[str, Any]] = []
+    suffix = PurePosixPath(key).suffix.lower()
+    if suffix == ".json":
+        # pydantic turns "s3://b/x" into the Path "s3:/b/x": put the second slash back.
+        root = str(settings.image_root) if settings.image_root is not None else folder
+        root = "s3://" + root[len("s3:/") :].lstrip("/") if root.startswith("s3:/") else root
+        if not root.startswith("s3://"):
+            raise DataError("COCO captions on S3 need their images on S3: pass --image-root s3://bucket/folder/")
+        doc = json.loads(text)
+        files = {img["id"]: str(img["file_name"]) for img in doc.get("images", [])}
+        for ann in doc.get("annotations", []):
+            if ann.get("image_id") in files:
+                rows.append({"image": _s3_join(root, files[ann["image_id"]]), "caption": str(ann.get("caption", ""))})
+    elif suffix in (".jsonl", ".ndjson"):
+        for line in text.splitlines():
+            if line.strip():
+                row = json.loads(line)
+                if isinstance(row, dict) and isinstance(row.get("image"), str):
+                    rows.append({**row, "image": _s3_join(folder, row["image"])})
+    elif suffix == ".csv":
+        for row in csv.DictReader(io.StringIO(text)):
+            if row.get("image"):
+                rows.append({"image": _s3_join(folder, row["image"]), "caption": row.get("caption") or ""})
+    else:
+        raise DataError(f"{settings.data}: expected a .jsonl/.csv manifest or a COCO captions .json")
+    if not rows:
+        raise DataError(f"{settings.data} lists no images")
+    local = settings.resolved_run_dir / "data" / (PurePosixPath(key).stem + ".jsonl")
+    local.parent.mkdir(parents=True, exist_ok=True)
+    local.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    log.info("%s: %d rows -> %s", settings.data, len(rows), local)
+    return settings.model_copy(update={"data": str(local), "image_root": None})
+
+
+def prepare(settings: TrainerSettings) -> TrainerSettings:
+    """Settings for a refresh run: init_from resolved, S3 data fetched (no-ops for other runs)."""
+    return fetch_s3_data(resolve_init_from(settings))
+
+
+def publish_trained(settings: TrainerSettings, out_dir: Path) -> PublishOutcome:
+    """Publish the run's checkpoint to settings.publish_to through the quality gate."""
+    from worker.captioner import Captioner
+
+    registry = Registry(settings.publish_to, settings.s3)
+    source = None
+    if not eval_set_exists(registry):
+        # The first publish stores the fixed evaluation set: this run's validation images.
+        prep = Captioner.from_dir(out_dir, device="cpu").preprocess
+        splits = open_splits(
+            settings.data,
+            image_root=settings.image_root,
+            size=(prep.width, prep.height),
+            resample=prep.resample,
+            seed=settings.seed,
+            val_fraction=settings.val_fraction,
+            max_val_images=settings.max_val_images,
+            shapes_train_size=settings.shapes_train_size,
+            shapes_val_size=settings.shapes_val_size,
+            s3=settings.s3,
+            threads=settings.load_threads,
+        )
+        source = splits.val
+    return publish_version(
+        out_dir,
+        registry,
+        gate=Gate(settings.gate_metric, settings.gate_tolerance),
+        decoding=settings.decoding,
+        device=settings.device,
+        cache_dir=settings.cache_dir,
+        s3=settings.s3,
+        eval_source=source,
+        eval_size=settings.eval_set_size,
+        name=settings.name,
+    )

@@ -1,0 +1,203 @@
+"""The model registry in object storage: versions, their records, LATEST and its history.
+
+Under one root, ``s3://bucket/models/<name>``::
+
+    versions/<version>/...      the checkpoint files (captionfleet.json uploaded last)
+    records/<version>.json      status (candidate, promoted, rejected, rolled_back), gate scores, reason,
+                                parent, dates; written once the files are all up, so a version without
+                                a record is an incomplete upload and can never become LATEST
+    LATEST                      one line: the version workers serve (worker/models.py reads it)
+    history/<ns>-<action>.json  every LATEST change: version, previous, action, reason, when
+    eval/                       the fixed evaluation set of the quality gate (trainer/publish.py)
+
+The worker knows only ``versions/`` and ``LATEST`` (from worker/models.py); the rest is the trainer's.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from botocore.exceptions import ClientError
+
+from worker.connectors.s3 import make_s3_client, parse_s3_uri
+from worker.model_store import ALLOWED_SUFFIXES, PICKLED_SUFFIXES
+from worker.models import LATEST, VERSIONS, check_version, read_latest
+from worker.settings import S3Settings
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+
+log = logging.getLogger(__name__)
+
+METADATA_FILE = "captionfleet.json"
+RECORDS = "records"
+HISTORY = "history"
+
+
+class RegistryError(Exception):
+    """A registry operation cannot be done; the message names the fix."""
+
+
+def now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+class Registry:
+    def __init__(self, root: str, s3: S3Settings | None = None, client: S3Client | None = None) -> None:
+        root = root.strip().rstrip("/")
+        if root.endswith("/" + LATEST):
+            root = root[: -len(LATEST) - 1]
+        try:
+            self.bucket, self.prefix = parse_s3_uri(root)
+        except ValueError as error:
+            raise RegistryError(f"{error}; the registry root looks like s3://bucket/models/<name>") from error
+        if not self.prefix:
+            raise RegistryError(f"{root!r} has no prefix: use s3://bucket/models/<name>")
+        self.root = root
+        self.client = client or make_s3_client(s3 or S3Settings())
+
+    # -- objects -----------------------------------------------------------------------------------
+
+    def key(self, *parts: str) -> str:
+        return "/".join([self.prefix, *parts])
+
+    def uri(self, *parts: str) -> str:
+        return f"s3://{self.bucket}/{self.key(*parts)}"
+
+    def get_json(self, key: str) -> dict[str, Any] | None:
+        try:
+            body = self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+        except ClientError as error:
+            if error.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound"):
+                return None
+            raise
+        value = json.loads(body)
+        return value if isinstance(value, dict) else None
+
+    def put_json(self, key: str, value: dict[str, Any]) -> None:
+        body = (json.dumps(value, indent=2, default=str) + "\n").encode()
+        self.client.put_object(Bucket=self.bucket, Key=key, Body=body, ContentType="application/json")
+
+    def list_keys(self, prefix: str) -> list[str]:
+        keys: list[str] = []
+        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
+            keys += [obj["Key"] for obj in page.get("Contents", [])]
+        return keys
+
+    # -- versions ----------------------------------------------------------------------------------
+
+    def version_uri(self, version: str) -> str:
+        return self.uri(VERSIONS, check_version(version))
+
+    def upload(self, local: Path, version: str, metadata: dict[str, Any]) -> int:
+        """Upload a checkpoint folder to versions/<version>/; captionfleet.json (``metadata``) goes last.
+        Pickled weights are never uploaded. Returns the bytes uploaded."""
+        check_version(version)
+        files = sorted(p for p in local.iterdir() if p.is_file() and p.name != METADATA_FILE)
+        if not any(p.suffix == ".safetensors" for p in files) or not (local / "config.json").is_file():
+            raise RegistryError(
+                f"{local} is not a checkpoint with safetensors weights and config.json: publish a folder "
+                "written by save_pretrained (the trainer's out_dir)"
+            )
+        size = 0
+        for path in files:
+            if path.suffix in PICKLED_SUFFIXES:
+                log.warning("not publishing pickled file %s: only safetensors are loaded", path.name)
+                continue
+            if path.suffix not in ALLOWED_SUFFIXES and path.name != "README.md":
+                continue
+            self.client.upload_file(str(path), self.bucket, self.key(VERSIONS, version, path.name))
+            size += path.stat().st_size
+        # Last: a version folder with captionfleet.json has all its other files.
+        self.put_json(self.key(VERSIONS, version, METADATA_FILE), metadata)
+        return size
+
+    def record(self, version: str) -> dict[str, Any] | None:
+        return self.get_json(self.key(RECORDS, f"{check_version(version)}.json"))
+
+    def write_record(self, version: str, record: dict[str, Any]) -> None:
+        self.put_json(self.key(RECORDS, f"{check_version(version)}.json"), {**record, "updated": now()})
+
+    def metadata(self, version: str) -> dict[str, Any] | None:
+        return self.get_json(self.key(VERSIONS, check_version(version), METADATA_FILE))
+
+    def version_names(self) -> list[str]:
+        names = set()
+        paginator = self.client.get_paginator("list_objects_v2")
+        prefix = self.key(VERSIONS) + "/"
+        for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix, Delimiter="/"):
+            for common in page.get("CommonPrefixes", []):
+                names.add(common["Prefix"][len(prefix) :].rstrip("/"))
+        return sorted(names)
+
+    def versions(self) -> list[dict[str, Any]]:
+        """Every version with its record (status ``incomplete`` without one), oldest first."""
+        latest = self.latest()
+        rows = []
+        for name in self.version_names():
+            record = self.record(name) or {"version": name, "status": "incomplete"}
+            rows.append({**record, "latest": name == latest})
+        return sorted(rows, key=lambda r: (r.get("created") or "", r["version"]))
+
+    # -- LATEST ------------------------------------------------------------------------------------
+
+    def latest(self) -> str | None:
+        return read_latest(self.client, self.root)
+
+    def history(self) -> list[dict[str, Any]]:
+        entries = []
+        for key in sorted(self.list_keys(self.key(HISTORY) + "/")):
+            entry = self.get_json(key)
+            if entry is not None:
+                entries.append(entry)
+        return entries
+
+    def set_latest(self, version: str, *, action: str, reason: str = "") -> str | None:
+        """Point LATEST at a complete version; returns the previous one. Records the change."""
+        record = self.record(version)
+        if record is None:
+            raise RegistryError(
+                f"version {version!r} is not a complete upload in {self.root} (no {RECORDS}/{version}.json): "
+                "publish it again (captionfleet train --publish-to ...); see captionfleet models list"
+            )
+        previous = self.latest()
+        self.client.put_object(
+            Bucket=self.bucket, Key=self.key(LATEST), Body=f"{version}\n".encode(), ContentType="text/plain"
+        )
+        entry = {"version": version, "previous": previous, "action": action, "reason": reason, "at": now()}
+        self.put_json(self.key(HISTORY, f"{time.time_ns():020d}-{action}.json"), entry)
+        if record.get("status") != "promoted":
+            self.write_record(version, {**record, "status": "promoted", "promoted": now(), "promoted_by": action})
+        log.info("LATEST of %s: %s -> %s (%s)", self.root, previous, version, action)
+        return previous
+
+    def promote(self, version: str, reason: str = "") -> str | None:
+        """Make a stored version LATEST, whatever its gate said (an operator's decision)."""
+        return self.set_latest(version, action="promote", reason=reason or "promoted by hand")
+
+    def rollback(self, to: str | None = None, reason: str = "") -> tuple[str, str]:
+        """LATEST back to ``to``, or to the version that was LATEST before the current one (skipping
+        versions already rolled back). The current one is marked rolled_back. Returns (from, to)."""
+        current = self.latest()
+        if current is None:
+            raise RegistryError(f"{self.root} has no LATEST: nothing to roll back")
+        if to is None:
+            rolled_back = {row["version"] for row in self.versions() if row.get("status") == "rolled_back"} | {current}
+            earlier = [e["version"] for e in self.history() if e.get("version") not in rolled_back]
+            if not earlier:
+                raise RegistryError(
+                    f"{current} is the only version {self.root} has served: nothing earlier to roll back to; "
+                    "promote a stored version instead (captionfleet models promote VERSION)"
+                )
+            to = earlier[-1]
+        if to == current:
+            raise RegistryError(f"{to} is already LATEST")
+        self.set_latest(to, action="rollback", reason=reason or f"rolled back from {current}")
+        record = self.record(current)
+        if record is not None:
+            self.write_record(current, {**record, "status": "rolled_back", "rolled_back": now()})
+        return current, to

@@ -1,0 +1,248 @@
+"""Make a loaded VisionEncoderDecoder model fast on the device it runs on, keeping captions right.
+
+Precisions (``Captioner.from_dir(..., precision=...)``, ``WORKER_MODEL__PRECISION``):
+
+- ``fp32``: float32 weights and math. On CPUs the Linear layers (and GPT-2's Conv1D, converted to
+  Linear) go through oneDNN's packed-weight GEMM instead of torch's default (MKL on x86): on AMD
+  Zen the default runs at about half of oneDNN's rate, worst on the 768x50257 lm_head. Only the
+  summation order changes (differences ~1e-6 relative), so this is the lossless path.
+- ``bf16``: the whole model cast to bfloat16 (a cast, not autocast: autocast re-casts weights every
+  call, which is slower at small batches). Uses AVX-512 BF16 / AMX where the CPU has them.
+- ``int8``: dynamic int8 quantization of every Linear (after the Conv1D -> Linear conversion,
+  without which ``quantize_dynamic`` would only reach the ViT and the lm_head). Fastest on CPU,
+  but activations are quantized with one scale per *tensor*, so a caption can depend on which
+  other images share its batch: opt-in, never the default.
+- ``int8-bf16``: int8 encoder, bf16 decoder; closer to fp32 than ``int8``, same batch caveat.
+- ``fp16``: half precision, the CUDA choice.
+- ``auto``: the default per device: ``fp16`` on CUDA; on CPU ``bf16`` when the CPU has native
+  bf16 matmul (AVX-512 BF16 or AMX), else ``fp32``. That is the fastest path that keeps captions
+  independent of batch composition and agrees with fp32 on >= 95% of the built-in model's captions
+  (tests/unit/test_fastpath.py; figures in docs/benchmarks.md).
+
+The oneDNN route uses private torch ops (``torch.ops.mkldnn._linear_pointwise``); every converted
+layer is checked against ``F.linear`` once at load time and the plain layer is kept when the op is
+missing, fails, disagrees, or is measured slower on this CPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal, cast
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+Precision = Literal["auto", "fp32", "bf16", "int8", "int8-bf16", "fp16"]
+PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16", "int8", "int8-bf16", "fp16")
+
+
+def cpu_has_native_bf16() -> bool:
+    """AVX-512 BF16 or AMX: without them bf16 matmul is emulated and slower than fp32."""
+    try:
+        capability = torch.backends.cpu.get_cpu_capability()
+    except Exception:
+        return False
+    if capability not in ("AVX512", "AVX512_BF16", "AMX"):
+        return False
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux: get_cpu_capability() said AVX-512, which implies BF16 only on newer parts
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+    if device.type == "cuda":
+        if precision in ("int8", "int8-bf16"):
+            raise ValueError(f"precision {precision!r} is CPU-only; use fp16, bf16 or fp32 on CUDA")
+        return "fp16" if precision == "auto" else precision
+    if precision == "fp16":
+        raise ValueError("precision 'fp16' is for CUDA; on CPU use bf16 (or auto)")
+    if precision == "auto":
+        return "bf16" if cpu_has_native_bf16() else "fp32"
+    return precision
+
+
+# -- GPT-2 Conv1D -> nn.Linear ------------------------------------------------------------------
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    # transformers' GPT-2 Conv1D: weight (in, out), y = x @ W + b. Matched by name so that a
+    # transformers release moving the class does not break loading (it would just not convert).
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and isinstance(module.weight, nn.Parameter)
+
+
+def conv1d_to_linear(model: nn.Module) -> int:
+    """Replace GPT-2's Conv1D layers by equivalent nn.Linear layers; returns how many."""
+    count = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if not _is_conv1d(child):
+                continue
+            weight = cast(torch.Tensor, child.weight)
+            bias = cast(torch.Tensor | None, child.bias)
+            linear = nn.Linear(weight.shape[0], weight.shape[1], bias=bias is not None, device="meta")
+            linear.weight = nn.Parameter(weight.detach().t().contiguous(), requires_grad=False)
+            if bias is not None:
+                linear.bias = nn.Parameter(bias.detach(), requires_grad=False)
+            setattr(parent, name, linear)
+            count += 1
+    return count
+
+
+# -- oneDNN-routed fp32 Linear ------------------------------------------------------------------
+
+
+def _onednn_ops() -> tuple[Callable[..., torch.Tensor], Callable[..., torch.Tensor]] | None:
+    """The private ops, or None where this torch build lacks them (or oneDNN)."""
+    try:
+        if not torch.backends.mkldnn.is_available():
+            return None
+        return torch.ops.mkldnn._reorder_linear_weight, torch.ops.mkldnn._linear_pointwise
+    except (AttributeError, RuntimeError):
+        return None
+
+
+class OneDNNLinear(nn.Module):
+    """A float32 Linear whose weight is pre-packed for oneDNN's GEMM."""
+
+    def __init__(self, linear: nn.Linear, packed: torch.Tensor, op: Callable[..., torch.Tensor]) -> None:
+        super().__init__()
+        self.in_features = linear.in_features
+        self.out_features = linear.out_features
+        self.packed = packed
+        self.bias = linear.bias.detach() if linear.bias is not None else None
+        self._op = op
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        out = self._op(x.reshape(-1, shape[-1]).contiguous(), self.packed, self.bias, "none", [], "")
+        return out.reshape(*shape[:-1], self.out_features)
+
+
+def _median_seconds(fn: Callable[[], object], reps: int = 5) -> float:
+    fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+@functools.cache
+def onednn_is_faster(in_features: int, out_features: int, rows: int = 64) -> bool:
+    """Measured once per shape on this CPU: MKL beats oneDNN on some Intel parts, loses on AMD."""
+    ops = _onednn_ops()
+    if ops is None:
+        return False
+    reorder, linear_op = ops
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, in_features, generator=gen)
+    w = torch.randn(out_features, in_features, generator=gen)
+    b = torch.zeros(out_features)
+    try:
+        packed = reorder(w, None)
+        plain = _median_seconds(lambda: F.linear(x, w, b))
+        routed = _median_seconds(lambda: linear_op(x, packed, b, "none", [], ""))
+    except Exception:
+        return False
+    return routed < plain
+
+
+def route_linears_to_onednn(model: nn.Module, *, measure: bool = True) -> int:
+    """Swap float32 nn.Linear layers for OneDNNLinear where it works (and, with ``measure``, is
+    faster on this CPU); returns how many were swapped. Any failure keeps the plain layer."""
+    ops = _onednn_ops()
+    if ops is None:
+        logger.info("oneDNN linear ops unavailable in this torch build: keeping torch's default GEMM")
+        return 0
+    reorder, linear_op = ops
+    count = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is not nn.Linear or child.weight.dtype != torch.float32 or child.weight.device.type != "cpu":
+                continue
+            if measure and not onednn_is_faster(child.in_features, child.out_features):
+                continue
+            try:
+                packed = reorder(child.weight.detach(), None)
+                routed = OneDNNLinear(child, packed, linear_op)
+                probe = torch.randn(3, child.in_features)
+                if not torch.allclose(routed(probe), child(probe), rtol=1e-4, atol=1e-4):
+                    raise RuntimeError("output differs from F.linear")
+            except Exception as error:
+                logger.warning("oneDNN routing failed for %s (%s): keeping the plain layer", name, error)
+                continue
+            setattr(parent, name, routed)
+            count += 1
+    return count
+
+
+# -- int8 ---------------------------------------------------------------------------------------
+
+
+def quantize_int8(module: nn.Module) -> nn.Module:
+    """Dynamic int8 (weights per tensor, activations per tensor at run time), in place."""
+    from torch.ao.quantization import quantize_dynamic
+
+    with warnings.catch_warnings():
+        # torch.ao.quantization is deprecated in favour of torchao, which is not a dependency here;
+        # the eager dynamic path still works in the pinned torch and is covered by tests.
+        warnings.simplefilter("ignore")
+        return cast(nn.Module, quantize_dynamic(module, {nn.Linear}, dtype=torch.qint8, inplace=True))
+
+
+def _cast_output_hook(dtype: torch.dtype) -> Callable[[nn.Module, Any, Any], Any]:
+    def hook(module: nn.Module, inputs: Any, output: Any) -> Any:
+        hidden = getattr(output, "last_hidden_state", None)
+        if hidden is not None and hidden.dtype != dtype:
+            output.last_hidden_state = hidden.to(dtype)
+        return output
+
+    return hook
+
+
+# -- entry point --------------------------------------------------------------------------------
+
+
+def optimize(model: Any, precision: str, device: torch.device, *, onednn: bool = True) -> tuple[Any, torch.dtype]:
+    """Apply ``precision`` (already resolved) to a float32 model on ``device``, in eval mode.
+
+    Returns the model and the dtype its pixel input must have.
+    """
+    if device.type == "cuda":
+        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
+        return model.to(device, dtype), dtype
+    if precision == "fp32":
+        if onednn:
+            converted = conv1d_to_linear(model)
+            routed = route_linears_to_onednn(model)
+            logger.info("fp32: %d Conv1D converted, %d Linear layers routed through oneDNN", converted, routed)
+        return model, torch.float32
+    if precision == "bf16":
+        # Conv1D -> Linear first: bf16 Linear goes straight to oneDNN's bf16 GEMM.
+        conv1d_to_linear(model)
+        return model.to(torch.bfloat16), torch.bfloat16
+    if precision == "int8":
+        conv1d_to_linear(model)
+        quantize_int8(model)
+        return model, torch.float32
+    if precision == "int8-bf16":
+        conv1d_to_linear(model)
+        quantize_int8(model.encoder)
+        model.decoder.to(torch.bfloat16)
+        # The decoder cross-attends to the encoder's output: hand it over in the decoder's dtype.
+        model.encoder.register_forward_hook(_cast_output_hook(torch.bfloat16))
+        return model, torch.float32
+    raise ValueError(f"precision {precision!r} is not available on {device}")
