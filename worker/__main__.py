@@ -112,7 +112,7 @@ def _serve(settings: WorkerSettings) -> int:
 
     from worker.connectors.kafka import BootstrapError, KafkaOutput, KafkaSource, bootstrap_servers, make_producer
     from worker.fetch import Fetcher
-    from worker.metrics import Health, MetricsServer, WorkerMetrics
+    from worker.metrics import Health, MetricsPortError, WorkerMetrics, serve_metrics
     from worker.model_store import ModelRefError
     from worker.models import HotSwapCaptioner, load_serving_model, start_watcher
     from worker.stream import StreamWorker
@@ -127,17 +127,11 @@ def _serve(settings: WorkerSettings) -> int:
         return EXIT_USAGE
 
     metrics, health = WorkerMetrics(), Health()
-    server = None
-    if settings.metrics.enabled:
-        try:
-            server = MetricsServer(settings.metrics.host, settings.metrics.port, metrics, health)
-        except OSError as error:
-            print(
-                f"error: cannot serve metrics on {settings.metrics.host}:{settings.metrics.port}: {error}; "
-                "set WORKER_METRICS__PORT to a free port (0 picks one)",
-                file=sys.stderr,
-            )
-            return EXIT_USAGE
+    try:
+        server = serve_metrics(settings.metrics, metrics, health)
+    except MetricsPortError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USAGE
     try:
         try:
             captioner = load_serving_model(settings)  # a .../LATEST ref: the version it names, hot-swappable

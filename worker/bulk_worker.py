@@ -13,7 +13,7 @@ import logging
 import sys
 
 from worker.messages import Result
-from worker.metrics import Health, MetricsServer, WorkerMetrics
+from worker.metrics import Health, MetricsPortError, WorkerMetrics, serve_metrics
 from worker.settings import WorkerSettings, load_kubernetes_job_env
 
 log = logging.getLogger(__name__)
@@ -47,17 +47,11 @@ def run_bulk_worker(settings: WorkerSettings, source: str, out: str) -> int:
     from worker.sharding import resolve_shard
 
     metrics, health = WorkerMetrics(), Health()
-    server = None
-    if settings.metrics.enabled:
-        try:
-            server = MetricsServer(settings.metrics.host, settings.metrics.port, metrics, health)
-        except OSError as error:
-            print(
-                f"error: cannot serve metrics on {settings.metrics.host}:{settings.metrics.port}: {error}; "
-                "set WORKER_METRICS__PORT to a free port (0 picks one)",
-                file=sys.stderr,
-            )
-            return EXIT_USAGE
+    try:
+        server = serve_metrics(settings.metrics, metrics, health)
+    except MetricsPortError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USAGE
     try:
         try:
             shard = resolve_shard(None, settings.shard, load_kubernetes_job_env().job_completion_index)

@@ -16,6 +16,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
 
 from worker.messages import FAILURE_KINDS
+from worker.settings import MetricsSettings
 
 log = logging.getLogger(__name__)
 
@@ -219,3 +220,20 @@ def _make_handler(metrics: WorkerMetrics, health: Health) -> type[BaseHTTPReques
             log.debug("metrics http: " + format, *args)  # probes every few seconds must not flood the logs
 
     return Handler
+
+
+class MetricsPortError(Exception):
+    """The metrics endpoint could not be opened; the message names the setting to change."""
+
+
+def serve_metrics(settings: MetricsSettings, metrics: WorkerMetrics, health: Health) -> MetricsServer | None:
+    """The worker's /metrics, /healthz and /readyz server, or None when WORKER_METRICS__ENABLED is false."""
+    if not settings.enabled:
+        return None
+    try:
+        return MetricsServer(settings.host, settings.port, metrics, health)
+    except OSError as error:
+        raise MetricsPortError(
+            f"cannot serve metrics on {settings.host}:{settings.port}: {error}; "
+            "set WORKER_METRICS__PORT to a free port (0 picks one)"
+        ) from error

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -9,7 +10,8 @@ from collections.abc import Iterator
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from worker.metrics import Health, MetricsServer, WorkerMetrics
+from worker.metrics import Health, MetricsPortError, MetricsServer, WorkerMetrics, serve_metrics
+from worker.settings import MetricsSettings
 
 
 @pytest.fixture
@@ -97,3 +99,13 @@ def test_two_workers_in_one_process_do_not_share_counters() -> None:
     a.images.labels("captioned").inc()
     assert a.sample("captionfleet_images_total", {"outcome": "captioned"}) == 1
     assert b.sample("captionfleet_images_total", {"outcome": "captioned"}) == 0
+
+
+def test_a_busy_metrics_port_names_the_setting_and_disabled_serves_nothing() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(MetricsPortError, match="WORKER_METRICS__PORT"):
+            serve_metrics(MetricsSettings(host="127.0.0.1", port=port), WorkerMetrics(), Health())
+    assert serve_metrics(MetricsSettings(enabled=False), WorkerMetrics(), Health()) is None
