@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import signal
 import subprocess
 import time
 import urllib.error
@@ -20,6 +19,7 @@ from types import TracebackType
 from typing import IO, Any
 
 from tests.services.kafka import free_port
+from tests.services.process import terminate
 
 BINARY = "prometheus"
 
@@ -93,13 +93,7 @@ class PrometheusServer:
 
     def stop(self) -> None:
         proc, self._proc = self._proc, None
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
+        terminate(proc, grace_s=15)
         if self._log is not None:
             self._log.close()
             self._log = None
