@@ -73,7 +73,7 @@ def _coco_scorers() -> tuple[Any, Any]:
         from pycocoevalcap.cider.cider import Cider
     except ImportError as error:
         raise ImportError(
-            "BLEU and CIDEr need pycocoevalcap: pip install pycocoevalcap (or the project's train extra)"
+            "BLEU and CIDEr need pycocoevalcap, a dependency of captionfleet: pip install pycocoevalcap"
         ) from error
     return Bleu(4), Cider()
 
