@@ -19,7 +19,7 @@ import logging
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from trainer.data import DataError, open_splits
+from trainer.data import DataError
 from trainer.publish import Gate, PublishOutcome, eval_set_exists, publish_version
 from trainer.registry import Registry, RegistryError
 from trainer.settings import TrainerSettings
@@ -109,26 +109,16 @@ def prepare(settings: TrainerSettings) -> TrainerSettings:
 
 def publish_trained(settings: TrainerSettings, out_dir: Path) -> PublishOutcome:
     """Publish the run's checkpoint to settings.publish_to through the quality gate."""
-    from worker.captioner import Captioner
+    from trainer.train import open_run_splits
+    from worker.captioner import Preprocessing
 
     registry = Registry(settings.publish_to, settings.s3)
     source = None
     if not eval_set_exists(registry):
         # The first publish stores the fixed evaluation set: this run's validation images.
-        prep = Captioner.from_dir(out_dir, device="cpu").preprocess
-        splits = open_splits(
-            settings.data,
-            image_root=settings.image_root,
-            size=(prep.width, prep.height),
-            resample=prep.resample,
-            seed=settings.seed,
-            val_fraction=settings.val_fraction,
-            max_val_images=settings.max_val_images,
-            shapes_train_size=settings.shapes_train_size,
-            shapes_val_size=settings.shapes_val_size,
-            s3=settings.s3,
-            threads=settings.load_threads,
-        )
+        # Only the input size is needed: read it from the checkpoint, do not load the model for it.
+        prep = Preprocessing.from_checkpoint(out_dir)
+        splits = open_run_splits(settings, (prep.width, prep.height), prep.resample)
         source = splits.val
     return publish_version(
         out_dir,

@@ -51,6 +51,23 @@ class TrainResult:
     wall_seconds: float = 0.0
 
 
+def open_run_splits(settings: TrainerSettings, size: tuple[int, int], resample: Any) -> Splits:
+    """The run's train/validation splits, images resized once to the model's input ``size``."""
+    return open_splits(
+        settings.data,
+        image_root=settings.image_root,
+        size=size,
+        resample=resample,
+        seed=settings.seed,
+        val_fraction=settings.val_fraction,
+        max_val_images=settings.max_val_images,
+        shapes_train_size=settings.shapes_train_size,
+        shapes_val_size=settings.shapes_val_size,
+        s3=settings.s3,
+        threads=settings.load_threads,
+    )
+
+
 def lr_at(step: int, settings: TrainerSettings) -> float:
     """Linear warm-up to learning_rate, then cosine decay to min_lr at max_steps."""
     if step < settings.warmup_steps:
@@ -200,19 +217,7 @@ def train(
         from PIL import Image
 
         size, resample = (settings.image_size, settings.image_size), Image.Resampling.BILINEAR
-    splits = open_splits(
-        settings.data,
-        image_root=settings.image_root,
-        size=size,
-        resample=resample,
-        seed=settings.seed,
-        val_fraction=settings.val_fraction,
-        max_val_images=settings.max_val_images,
-        shapes_train_size=settings.shapes_train_size,
-        shapes_val_size=settings.shapes_val_size,
-        s3=settings.s3,
-        threads=settings.load_threads,
-    )
+    splits = open_run_splits(settings, size, resample)
     if resume is None and not settings.init_from:
         bundle = configure_model(settings, tokenizer_captions(splits, settings))
     prep = preprocessing_for(bundle.processor)
