@@ -31,7 +31,7 @@ def sidebar(model_settings: WorkerSettings) -> DecodingSettings:
 
 
 def upload_tab(model_settings: WorkerSettings, settings: DashboardSettings, decoding: DecodingSettings) -> None:
-    limits = ImageLimits(max_bytes=model_settings.images.max_bytes, max_pixels=model_settings.images.max_pixels)
+    limits = ImageLimits.from_settings(model_settings.images)
     files = st.file_uploader(
         f"Images (up to {limits.max_bytes / 2**20:.0f} MB each)", accept_multiple_files=True, key="uploads"
     )

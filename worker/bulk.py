@@ -101,7 +101,7 @@ def run_caption_job(
         captioner,
         sink,
         settings.batch,
-        ImageLimits(max_bytes=settings.images.max_bytes, max_pixels=settings.images.max_pixels),
+        ImageLimits.from_settings(settings.images),
         on_result=on_result,
     )
     previous = _stop_on_signals(pipeline)

@@ -472,7 +472,7 @@ def run_s3_caption_job(
         captioner,
         sink,
         settings.batch,
-        ImageLimits(max_bytes=settings.images.max_bytes, max_pixels=settings.images.max_pixels),
+        ImageLimits.from_settings(settings.images),
         on_result=on_each,
         flush_interval_s=bulk.part_interval_s,
     )

@@ -13,9 +13,12 @@ import logging
 import threading
 import warnings
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError, features
+
+if TYPE_CHECKING:
+    from worker.settings import ImageSettings
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +43,11 @@ class ImageLimits:
     max_bytes: int = 50 * 1024 * 1024
     # Well below Pillow's decompression-bomb limit (~89M pixels), so our check fires first.
     max_pixels: int = 50_000_000
+
+    @classmethod
+    def from_settings(cls, images: ImageSettings) -> ImageLimits:
+        """The limits a component configured with WORKER_IMAGES__* applies."""
+        return cls(max_bytes=images.max_bytes, max_pixels=images.max_pixels)
 
 
 # Sniffed name -> the Pillow plugin allowed to open it.

@@ -290,7 +290,7 @@ class StreamWorker:
             self._captioner,
             _NullSink(),
             settings.batch,
-            ImageLimits(max_bytes=settings.images.max_bytes, max_pixels=settings.images.max_pixels),
+            ImageLimits.from_settings(settings.images),
             on_item_result=self._on_item_result,
         )
         self._model_thread = threading.Thread(target=self._run_model, name="model", daemon=True)
