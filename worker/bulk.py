@@ -20,6 +20,7 @@ from worker.model_store import resolve_model_ref
 from worker.pipeline import CaptionPipeline
 from worker.settings import WorkerSettings
 from worker.sinks import open_file_sink
+from worker.threads import apply_threads
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +59,7 @@ def load_captioner(settings: WorkerSettings) -> Captioner:
         # s3://…/models/<name>/LATEST: the version it names now; a bulk run keeps it to the end.
         return load_serving_model(settings)
     path = resolve_model_ref(settings.model.ref, cache_dir=settings.model.cache_dir, s3=settings.s3)
+    apply_threads(settings.model.threads)
     return Captioner.from_dir(
         path, device=settings.model.device, decoding=settings.decoding, precision=settings.model.precision
     )

@@ -213,6 +213,30 @@ def _cast_output_hook(dtype: torch.dtype) -> Callable[[nn.Module, Any, Any], Any
     return hook
 
 
+# -- attention -----------------------------------------------------------------------------------
+
+
+def use_eager_decoder_attention(model: Any) -> bool:
+    """Run the decoder's attention as plain matmul + softmax instead of SDPA; True if switched.
+
+    Why: each decoding step attends with a single query token, and torch's CPU flash-attention
+    kernel in bf16 is tiled for long queries: in a profile (ViT-base + GPT-2, batch 32, greedy, one
+    thread) the decoder's SDPA calls took 9 ms each, 23% of the whole run, and switching the decoder
+    to eager attention made bf16 captioning 1.2x faster with identical captions. The encoder keeps
+    SDPA (eager measured no better there), and fp32 / int8 gain nothing (their fp32 kernel is fine).
+    """
+    decoder = getattr(model, "decoder", None)
+    setter = getattr(decoder, "set_attn_implementation", None)
+    if decoder is None or setter is None:
+        return False
+    try:
+        setter("eager")
+    except Exception as error:  # an architecture that cannot switch keeps SDPA: slower, still right
+        logger.info("decoder attention stays %s (%s)", decoder.config._attn_implementation, error)
+        return False
+    return True
+
+
 # -- entry point --------------------------------------------------------------------------------
 
 
@@ -233,6 +257,7 @@ def optimize(model: Any, precision: str, device: torch.device, *, onednn: bool =
     if precision == "bf16":
         # Conv1D -> Linear first: bf16 Linear goes straight to oneDNN's bf16 GEMM.
         conv1d_to_linear(model)
+        use_eager_decoder_attention(model)
         return model.to(torch.bfloat16), torch.bfloat16
     if precision == "int8":
         conv1d_to_linear(model)
@@ -242,6 +267,7 @@ def optimize(model: Any, precision: str, device: torch.device, *, onednn: bool =
         conv1d_to_linear(model)
         quantize_int8(model.encoder)
         model.decoder.to(torch.bfloat16)
+        use_eager_decoder_attention(model)
         # The decoder cross-attends to the encoder's output: hand it over in the decoder's dtype.
         model.encoder.register_forward_hook(_cast_output_hook(torch.bfloat16))
         return model, torch.float32

@@ -30,6 +30,7 @@ from worker.captioner import Captioner, Preprocessing
 from worker.connectors.s3 import make_s3_client, parse_s3_uri
 from worker.model_store import ModelRefError, resolve_model_ref
 from worker.settings import DecodingSettings, WorkerSettings
+from worker.threads import apply_threads
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -269,6 +270,7 @@ def warm_up(captioner: Captioner) -> None:
 
 def load_version(root: str, version: str, settings: WorkerSettings) -> Captioner:
     path = resolve_model_ref(version_uri(root, version), cache_dir=settings.model.cache_dir, s3=settings.s3)
+    apply_threads(settings.model.threads)
     return Captioner.from_dir(
         path, device=settings.model.device, decoding=settings.decoding, precision=settings.model.precision
     )

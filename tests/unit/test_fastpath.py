@@ -104,6 +104,21 @@ def test_onednn_route_gives_the_same_captions(tiny_checkpoint: Path, monkeypatch
     assert routed.caption(images) == plain.caption(images)
 
 
+def test_bf16_decoder_attention_is_eager_and_captions_match_sdpa(tiny_checkpoint: Path) -> None:
+    decoding = DecodingSettings(num_beams=3, max_new_tokens=8)
+    fast = Captioner.from_dir(tiny_checkpoint, device="cpu", decoding=decoding, precision="bf16")
+    assert fast.model.decoder.config._attn_implementation == "eager"
+    assert fast.model.encoder.config._attn_implementation == "sdpa"  # eager measured no better there
+    sdpa = Captioner.from_dir(tiny_checkpoint, device="cpu", decoding=decoding, precision="bf16")
+    sdpa.model.decoder.set_attn_implementation("sdpa")
+    images = _images(6)
+    assert fast.caption(images) == sdpa.caption(images)
+
+
+def test_eager_attention_switch_tolerates_models_without_it() -> None:
+    assert fastpath.use_eager_decoder_attention(nn.Linear(2, 2)) is False
+
+
 def test_falls_back_when_the_private_op_is_missing(tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(fastpath, "_onednn_ops", lambda: None)
     fastpath.onednn_is_faster.cache_clear()

@@ -1,0 +1,77 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from worker import threads
+from worker.settings import SettingsError, load_worker_settings
+
+
+def _cgroup(root: Path, files: dict[str, str]) -> Path:
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    return root
+
+
+def test_cgroup_v2_limit(tmp_path: Path) -> None:
+    assert threads.cgroup_cpu_limit(_cgroup(tmp_path, {"cpu.max": "150000 100000\n"})) == 1.5
+
+
+def test_cgroup_v2_without_limit(tmp_path: Path) -> None:
+    assert threads.cgroup_cpu_limit(_cgroup(tmp_path, {"cpu.max": "max 100000\n"})) is None
+
+
+def test_cgroup_v1_limit_and_no_limit(tmp_path: Path) -> None:
+    limited = _cgroup(tmp_path / "a", {"cpu/cpu.cfs_quota_us": "300000", "cpu/cpu.cfs_period_us": "100000"})
+    assert threads.cgroup_cpu_limit(limited) == 3.0
+    unlimited = _cgroup(tmp_path / "b", {"cpu/cpu.cfs_quota_us": "-1", "cpu/cpu.cfs_period_us": "100000"})
+    assert threads.cgroup_cpu_limit(unlimited) is None
+
+
+def test_no_cgroup_files_means_no_limit(tmp_path: Path) -> None:
+    assert threads.cgroup_cpu_limit(tmp_path) is None
+
+
+def test_default_is_the_limit_rounded_down_within_the_usable_cores(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(threads, "usable_cores", lambda: 64)
+    assert threads.default_threads(_cgroup(tmp_path / "a", {"cpu.max": "250000 100000"})) == 2
+    assert threads.default_threads(_cgroup(tmp_path / "b", {"cpu.max": "50000 100000"})) == 1  # never 0
+    assert threads.default_threads(_cgroup(tmp_path / "c", {"cpu.max": "max 100000"})) == 64
+    monkeypatch.setattr(threads, "usable_cores", lambda: 4)
+    assert threads.default_threads(_cgroup(tmp_path / "d", {"cpu.max": "800000 100000"})) == 4
+
+
+def test_apply_threads_sets_torch() -> None:
+    before = torch.get_num_threads()
+    try:
+        assert threads.apply_threads(1) == 1
+        assert torch.get_num_threads() == 1
+        assert threads.apply_threads(0) == threads.default_threads()
+        assert torch.get_num_threads() == threads.default_threads()
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_bad_thread_setting_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WORKER_MODEL__THREADS", "-2")
+    with pytest.raises(SettingsError, match="WORKER_MODEL__THREADS"):
+        load_worker_settings()
+
+
+def test_loading_a_model_applies_the_thread_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    from worker.bulk import load_captioner
+
+    before = torch.get_num_threads()
+    monkeypatch.setenv("WORKER_MODEL__REF", "builtin")
+    monkeypatch.setenv("WORKER_MODEL__DEVICE", "cpu")
+    monkeypatch.setenv("WORKER_MODEL__THREADS", "1")
+    try:
+        load_captioner(load_worker_settings())
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

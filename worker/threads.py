@@ -1,0 +1,62 @@
+"""How many threads torch may use in this process.
+
+torch sizes its intra-op pool by the cores it can see, and in a container that is every core of the
+node, not the container's CPU limit: a worker limited to 2 CPUs on a 64-core node would run 64
+OpenMP threads, and each op would then wait at its barrier for threads the kernel has throttled
+(on this project's 2-core machines two threads on two busy cores already made small ops ~100x
+slower, docs/benchmarks.md). So the default is the CPU limit of the cgroup, rounded down, never
+more than the cores this process may run on. ``WORKER_MODEL__THREADS`` overrides it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+def cgroup_cpu_limit(root: Path = CGROUP_ROOT) -> float | None:
+    """The CPU limit (in cores) of this process's cgroup, or None when there is none."""
+    try:  # cgroup v2: "max 100000" (no limit) or "<quota> <period>"
+        quota, period = (root / "cpu.max").read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:  # cgroup v1: a quota of -1 means no limit
+        quota_us = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
+        period_us = int((root / "cpu" / "cpu.cfs_period_us").read_text())
+        return None if quota_us <= 0 or period_us <= 0 else quota_us / period_us
+    except (OSError, ValueError):
+        return None
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def default_threads(root: Path = CGROUP_ROOT) -> int:
+    cores = usable_cores()
+    limit = cgroup_cpu_limit(root)
+    if limit is None:
+        return cores
+    # Rounded down: a thread more than the quota is throttled, and the others wait for it at every op.
+    return max(1, min(cores, math.floor(limit)))
+
+
+def apply_threads(requested: int) -> int:
+    """Set torch's intra-op threads (0 = ``default_threads()``); returns the number set."""
+    threads = requested or default_threads()
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+        logger.info("torch uses %d thread(s)%s", threads, "" if requested else " (the CPU limit of this container)")
+    return threads
