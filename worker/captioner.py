@@ -23,6 +23,7 @@ from transformers import AutoTokenizer, GenerationConfig, VisionEncoderDecoderMo
 from transformers.utils import logging as hf_logging
 
 from worker import fastpath
+from worker.beams import beam_group, share_cross_attention_projections
 from worker.model_store import check_checkpoint_dir
 from worker.settings import DecodingSettings
 
@@ -170,6 +171,7 @@ class Captioner:
         load_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(resolved, torch.float32)
         model = VisionEncoderDecoderModel.from_pretrained(path, use_safetensors=True, dtype=load_dtype)
         model.eval()
+        share_cross_attention_projections(model)  # before optimize(), which converts what it wraps
         model, input_dtype = fastpath.optimize(model, resolved, torch_device)
         tokenizer = AutoTokenizer.from_pretrained(path)
         version = checkpoint_version(path)
@@ -221,10 +223,11 @@ class Captioner:
     def caption_pixels(self, pixel_values: torch.Tensor, decoding: DecodingSettings | None = None) -> list[str]:
         """Caption already preprocessed images (N, 3, H, W), e.g. prepared by decode threads."""
         rows = pixel_values.shape[0]
-        output = self.model.generate(
-            pixel_values=pixel_values.to(self.device, self.dtype),
-            generation_config=self.generation_config(decoding or self.decoding),
-        )
+        config = self.generation_config(decoding or self.decoding)
+        with beam_group(self.model, config.num_beams) as beam_kwargs:
+            output = self.model.generate(
+                pixel_values=pixel_values.to(self.device, self.dtype), generation_config=config, **beam_kwargs
+            )
         captions = [text.strip() for text in self.tokenizer.batch_decode(output, skip_special_tokens=True)]
         if len(captions) != rows:  # never misattribute captions to images
             raise RuntimeError(f"model returned {len(captions)} captions for {rows} images")

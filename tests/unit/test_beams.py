@@ -1,0 +1,107 @@
+"""Beam search shares per-image work across beams (worker/beams.py) without changing captions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import DynamicCache
+
+from worker.beams import PerImageProjection, SharedCrossAttentionCache, beam_group
+from worker.captioner import Captioner
+from worker.model_store import builtin_model_dir
+from worker.settings import DecodingSettings
+
+
+def _images(n: int, seed: int = 5) -> list[Image.Image]:
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 255, (30, 40, 3), dtype=np.uint8)) for _ in range(n)]
+
+
+def _plain_generate(captioner: Captioner, images: list[Image.Image], decoding: DecodingSettings) -> list[str]:
+    """transformers' own beam search on the same weights: projections per beam, full cache reorder."""
+    with torch.inference_mode():
+        output = captioner.model.generate(
+            pixel_values=captioner.preprocess(images).to(captioner.dtype),
+            generation_config=captioner.generation_config(decoding),
+        )
+    return [t.strip() for t in captioner.tokenizer.batch_decode(output, skip_special_tokens=True)]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_shared_beam_work_gives_transformers_captions(
+    tiny_checkpoint: Path, precision: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reorders: list[int] = []
+    original = SharedCrossAttentionCache.reorder_cache
+    monkeypatch.setattr(
+        SharedCrossAttentionCache, "reorder_cache", lambda self, idx: (reorders.append(len(idx)), original(self, idx))
+    )
+    decoding = DecodingSettings(num_beams=3, max_new_tokens=8)
+    captioner = Captioner.from_dir(tiny_checkpoint, device="cpu", decoding=decoding, precision=precision)
+    wrappers = [m for m in captioner.model.modules() if isinstance(m, PerImageProjection)]
+    assert len(wrappers) == captioner.model.config.decoder.n_layer
+    images = _images(7)
+    want = _plain_generate(captioner, images, decoding)
+    assert len(set(want)) > 1  # distinct captions, so an image mix-up would show
+    assert captioner.caption(images) == want
+    assert reorders and set(reorders) == {7 * 3}  # generate() used our cache, not one of its own
+
+
+def test_builtin_model_captions_unchanged_with_four_beams() -> None:
+    from trainer.shapes import ShapesDataset
+
+    data = ShapesDataset(77, 24, 64)
+    images = [data.image(i) for i in range(len(data))]
+    captioner = Captioner.from_dir(builtin_model_dir(), device="cpu", decoding=DecodingSettings(), precision="fp32")
+    assert captioner.caption(images) == _plain_generate(captioner, images, DecodingSettings())
+
+
+def test_projection_runs_once_per_image_when_rows_are_beam_copies() -> None:
+    seen: list[int] = []
+    inner = torch.nn.Linear(4, 6)
+    inner.register_forward_hook(lambda _m, args, _o: seen.append(args[0].shape[0]))
+    wrapper = PerImageProjection(inner)
+    x = torch.randn(2, 5, 4).repeat_interleave(3, dim=0)  # 2 images x 3 beams
+    wrapper.group = 3
+    with torch.inference_mode():
+        assert torch.allclose(wrapper(x), inner(x), atol=1e-6)
+    assert seen[0] == 2  # the wrapped call saw one row per image
+
+
+def test_projection_computes_every_row_when_they_are_not_copies() -> None:
+    seen: list[int] = []
+    inner = torch.nn.Linear(4, 6)
+    inner.register_forward_hook(lambda _m, args, _o: seen.append(args[0].shape[0]))
+    wrapper = PerImageProjection(inner)
+    wrapper.group = 3
+    x = torch.randn(6, 5, 4)  # 6 different rows
+    with torch.inference_mode():
+        assert torch.equal(wrapper(x), inner(x))
+    assert seen[0] == 6
+    assert wrapper(torch.randn(4, 5, 4)).shape == (4, 5, 6)  # rows not a multiple of the group
+
+
+def test_cache_reorders_self_attention_only() -> None:
+    cache = SharedCrossAttentionCache()
+    keys = torch.arange(4.0).view(4, 1, 1, 1).expand(4, 1, 2, 2).contiguous()
+    cache.self_attention_cache.update(keys, keys.clone(), 0)
+    cache.cross_attention_cache.update(keys, keys.clone(), 0)
+    cache.reorder_cache(torch.tensor([1, 1, 3, 2]))
+    assert cache.self_attention_cache.layers[0].keys[:, 0, 0, 0].tolist() == [1.0, 1.0, 3.0, 2.0]
+    assert cache.cross_attention_cache.layers[0].keys[:, 0, 0, 0].tolist() == [0.0, 1.0, 2.0, 3.0]
+    assert isinstance(cache.self_attention_cache, DynamicCache)
+
+
+def test_beam_group_sets_and_resets_the_group(tiny_checkpoint: Path) -> None:
+    captioner = Captioner.from_dir(tiny_checkpoint, device="cpu", precision="fp32")
+    wrappers = [m for m in captioner.model.modules() if isinstance(m, PerImageProjection)]
+    with beam_group(captioner.model, 4) as kwargs:
+        assert {w.group for w in wrappers} == {4}
+        assert isinstance(kwargs["cache"], SharedCrossAttentionCache)
+    assert {w.group for w in wrappers} == {1}
+    with beam_group(captioner.model, 1) as kwargs:
+        assert kwargs == {}  # greedy: transformers' own cache
