@@ -13,7 +13,9 @@ Rows (model card decoding: 4 beams, 16 tokens):
   b  plain batched generate as a user would write it (ViTImageProcessor, batch 8, fp32)
   c  captionfleet: JPEG folder -> CaptionPipeline (decode overlap, batching) with its defaults
 Rows (greedy, 16 tokens, batch 32; model only vs the limit of their precision):
-  fp32-plain (torch default GEMM), fp32 (oneDNN), bf16, int8, int8-bf16, and the default end to end.
+  fp32-plain (torch default GEMM), fp32 (oneDNN), bf16, int8, int8-bf16; the process layout of the
+  default precision (one process with a thread per core vs one single-thread process per core, run
+  at once); and the default precision end to end from JPEGs.
 
 The limit of a precision = the best matmul rate measured in this run for that precision divided by
 the FLOPs per image (counted from the model's layer shapes). Peak RSS is per row: the kernel's
@@ -28,14 +30,15 @@ import argparse
 import contextlib
 import gc
 import json
+import multiprocessing
 import os
 import platform
 import re
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -130,8 +133,9 @@ def realistic_jpegs(folder: Path, count: int, size: tuple[int, int] = (1600, 120
 
 
 def flops_per_image(model: VisionEncoderDecoderModel, pixels: torch.Tensor, beams: int) -> float:
-    """Matmul FLOPs of one image's generate call: every Linear/Conv1D/Conv2d counted from its shapes
-    by forward hooks, plus attention's two matmuls per layer computed from the sequence lengths."""
+    """Matmul FLOPs one image needs: every Linear/Conv1D/Conv2d of a generate call counted from its
+    shapes by forward hooks, plus attention's two matmuls per layer from the sequence lengths, less the
+    per-beam copies of the cross-attention projections."""
     total = 0.0
 
     def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
@@ -167,6 +171,9 @@ def flops_per_image(model: VisionEncoderDecoderModel, pixels: torch.Tensor, beam
     enc, dec = model.config.encoder, model.config.decoder
     seq = (enc.image_size // enc.patch_size) ** 2 + 1
     total += enc.num_hidden_layers * 2 * 2.0 * seq * seq * enc.hidden_size  # ViT QK^T and AV
+    # Each beam of an image gets the same cross-attention keys and values: the work needed counts them
+    # once (transformers projects them per beam; captionfleet once per image, worker/beams.py).
+    total -= (beams - 1) * dec.n_layer * 2.0 * seq * dec.n_embd * 2 * dec.n_embd
     rows = beams
     for step in range(1, TOKENS + 1):  # decoder self-attention over `step` tokens, cross over `seq`
         total += dec.n_layer * 2 * 2.0 * rows * (step + seq) * dec.n_embd
@@ -208,6 +215,8 @@ class Row:
     group: str  # "card" (4 beams) or "greedy"
     precision: str
     batch: int
+    processes: int = 1  # >1: that many processes at once, each with `threads` threads (the layout rows)
+    threads: int = 0  # torch threads in the row's process(es); 0: the bench's --threads
     images: int = 0
     seconds: list[float] = field(default_factory=list)
     peak_rss_mb: list[float] = field(default_factory=list)
@@ -277,9 +286,12 @@ def load_captioner(path: Path, precision: str, beams: int) -> Captioner:
     return captioner
 
 
-def run_captioner_model_only(captioner: Captioner, pixels: torch.Tensor, n: int, batch: int) -> float:
-    captioner.caption_pixels(pixels[:batch])  # warm-up (oneDNN primitive caches)
+def run_captioner_model_only(
+    captioner: Captioner, pixels: torch.Tensor, n: int, batch: int, before_start: Callable[[], None] = lambda: None
+) -> float:
+    captioner.caption_pixels(pixels[:2])  # warm-up: lazy initialisation, oneDNN primitive caches
     reset_peak_rss()
+    before_start()
     start = time.perf_counter()
     for i in range(0, n, batch):
         captioner.caption_pixels(pixels[i : i + batch])
@@ -332,7 +344,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--threads", type=int, default=0, help="torch threads per process (default: torch's, one per core)"
     )
-    parser.add_argument("--row", type=int, default=None, help=argparse.SUPPRESS)  # internal: run one row
     args = parser.parse_args(argv)
     quick: bool = args.quick
     if args.threads:
@@ -340,7 +351,9 @@ def main(argv: list[str] | None = None) -> int:
         # job holds a core (ms per op); one thread per process does not.
         torch.set_num_threads(args.threads)
     rounds = args.rounds or (1 if quick else 3)
-    n_card, n_batched, n_card_c, n_greedy = (2, 8, 16, 32) if quick else (6, 16, 32, 64)
+    # --quick: fewer images, and batch 16 for the greedy rows, to finish in under two minutes.
+    n_card, n_batched, n_card_c, n_greedy = (2, 8, 16, 16) if quick else (6, 16, 32, 64)
+    greedy_batch = 16 if quick else 32
     work = args.work or Path(tempfile.mkdtemp(prefix="captionfleet-bench-"))
     started = time.perf_counter()
 
@@ -352,10 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(paths) < n_greedy:
         paths = realistic_jpegs(folder, n_greedy)
     default_precision = fastpath.resolve_precision("auto", torch.device("cpu"))
-    rows = make_rows(default_precision)
-    if args.row is not None:  # child: one row, one measurement, one JSON line
-        print(json.dumps(run_row(rows[args.row], checkpoint, paths, folder, (n_card, n_batched, n_card_c, n_greedy))))
-        return 0
+    rows = make_rows(default_precision, greedy_batch, args.threads)
     print(f"setup {time.perf_counter() - started:.0f}s; default precision here: {default_precision}", flush=True)
 
     plain = load_plain(checkpoint)
@@ -363,24 +373,21 @@ def main(argv: list[str] | None = None) -> int:
     flops_greedy = flops_per_image(plain, pixels, 1)
     flops_beams = flops_per_image(plain, pixels, 4)
     del plain
-    rates = matmul_rates(quick)
+    # The limit of a row is measured with the threads the row uses in all: --threads, or every core.
+    cores = os.cpu_count() or 1
+    rates = {torch.get_num_threads(): matmul_rates(quick)}
+    if cores not in rates:
+        threads_now = torch.get_num_threads()
+        torch.set_num_threads(cores)
+        rates[cores] = matmul_rates(quick)
+        torch.set_num_threads(threads_now)
     print(f"FLOPs/image: greedy {flops_greedy / 1e9:.1f} G, 4 beams {flops_beams / 1e9:.1f} G", flush=True)
 
     # Each row in a fresh process: its peak RSS is its own (freed memory is rarely returned to the OS,
     # so rows sharing a process would inherit each other's peaks), and rounds interleave the rows.
     for r in range(rounds):
         for i, row in enumerate(rows):
-            command = [sys.executable, "-m", "bench.compare", "--row", str(i), "--work", str(work)]
-            done = subprocess.run(
-                command + (["--quick"] if quick else []) + (["--threads", str(args.threads)] if args.threads else []),
-                capture_output=True,
-                text=True,
-                check=False,
-                cwd=Path(__file__).resolve().parents[1],
-            )
-            if done.returncode != 0:
-                raise RuntimeError(f"row {row.name!r} failed:\n{done.stderr[-3000:]}")
-            result = json.loads(done.stdout.strip().splitlines()[-1])
+            result = measure_row(i, row, (n_card, n_batched, n_card_c, n_greedy), work, args.threads)
             row.images = result["images"]
             row.seconds.append(result["seconds"])
             row.peak_rss_mb.append(result["peak_rss_mb"])
@@ -400,22 +407,113 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def make_rows(default_precision: str) -> list[Row]:
+def measure_row(index: int, row: Row, sizes: tuple[int, int, int, int], work: Path, threads: int) -> dict[str, Any]:
+    """Run one row in fresh process(es); a layout row starts its processes together and they begin
+    captioning at a shared barrier, so the figure is their combined rate while all of them run.
+
+    Processes come from a fork server that imported torch and transformers once (a new interpreter
+    per row spent ~3.5 s importing them); each still loads its own model, so its peak RSS is its own.
+    """
+    import bench.compare as this  # the importable module, not __main__: the fork server pickles by name
+
+    context = multiprocessing.get_context("forkserver")
+    # What bench.compare imports (preloading bench.compare itself would clash with it running as __main__).
+    context.set_forkserver_preload(["torch", "transformers", "worker.captioner", "worker.pipeline", "bench.chart"])
+    barrier = Path(tempfile.mkdtemp(prefix="barrier-", dir=work)) if row.processes > 1 else None
+    receivers, children = [], []
+    for _ in range(row.processes):
+        receiver, sender = context.Pipe(duplex=False)
+        child = context.Process(
+            target=this.run_row_child, args=(row, work, sizes, row.threads or threads, barrier, sender)
+        )
+        child.start()
+        sender.close()
+        receivers.append(receiver)
+        children.append(child)
+    results = []
+    for receiver, child in zip(receivers, children, strict=True):
+        try:
+            status, payload = receiver.recv()
+        except EOFError:
+            status, payload = "error", "the row's process died without a result"
+        child.join()
+        if status != "ok":
+            raise RuntimeError(f"row {row.name!r} failed:\n{payload}")
+        results.append(payload)
+    return {  # processes run at once: images add up, the slowest sets the time, memory adds up
+        "images": sum(r["images"] for r in results),
+        "seconds": max(r["seconds"] for r in results),
+        "peak_rss_mb": sum(r["peak_rss_mb"] for r in results),
+        "run_peak_rss_mb": sum(r["run_peak_rss_mb"] for r in results),
+    }
+
+
+def run_row_child(
+    row: Row, work: Path, sizes: tuple[int, int, int, int], threads: int, barrier: Path | None, sender: Any
+) -> None:
+    try:
+        if threads:
+            torch.set_num_threads(threads)
+        paths = sorted((work / "jpegs").glob("*.jpg"))
+        sender.send(("ok", run_row(row, work / "vit-gpt2-full", paths, work / "jpegs", sizes, barrier)))
+    except BaseException:
+        sender.send(("error", traceback.format_exc()))
+        raise
+
+
+def wait_at(barrier: Path, parties: int) -> None:
+    """Every process of a layout row starts timing only when all have loaded and warmed up."""
+    (barrier / f"ready-{os.getpid()}").touch()
+    deadline = time.monotonic() + 600
+    while len(list(barrier.glob("ready-*"))) < parties:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the other processes of the layout row never reached {barrier}")
+        time.sleep(0.005)
+
+
+def make_rows(default_precision: str, greedy_batch: int = 32, threads: int = 0) -> list[Row]:
     default_batch = BatchSettings()
+    cores = os.cpu_count() or 1
+    # The process layout of the default precision: its model-only row is one process with a thread per
+    # core unless --threads says otherwise, in which case that layout gets a row of its own.
+    one_process = (
+        []
+        if threads in (0, cores)
+        else [
+            Row(
+                f"model only {default_precision}, 1 process x {cores} threads",
+                "greedy",
+                default_precision,
+                greedy_batch,
+                threads=cores,
+            )
+        ]
+    )
     return [
         Row("a model card (1 image/call)", "card", "fp32", 1),
         Row("b plain batched generate", "card", "fp32", 8),
         Row("c captionfleet pipeline, defaults", "card", default_precision, default_batch.max_items),
-        Row("plain generate fp32, torch GEMM", "greedy", "fp32-plain", 32),
-        Row("model only fp32 (oneDNN)", "greedy", "fp32", 32),
-        Row("model only bf16", "greedy", "bf16", 32),
-        Row("model only int8", "greedy", "int8", 32),
-        Row("model only int8-bf16", "greedy", "int8-bf16", 32),
-        Row(f"end to end JPEGs, {default_precision}", "greedy", default_precision, 32),
+        Row("plain generate fp32, torch GEMM", "greedy", "fp32-plain", greedy_batch),
+        Row("model only fp32 (oneDNN)", "greedy", "fp32", greedy_batch),
+        Row("model only bf16", "greedy", "bf16", greedy_batch),
+        Row("model only int8", "greedy", "int8", greedy_batch),
+        Row("model only int8-bf16", "greedy", "int8-bf16", greedy_batch),
+        *one_process,
+        Row(
+            f"model only {default_precision}, {cores} processes x 1 thread",
+            "greedy",
+            default_precision,
+            greedy_batch,
+            cores,
+            1,
+        ),
+        Row(f"end to end JPEGs, {default_precision}", "greedy", default_precision, greedy_batch),
     ]
 
 
-def run_row(row: Row, checkpoint: Path, paths: list[Path], folder: Path, sizes: tuple[int, int, int, int]) -> dict:
+def run_row(
+    row: Row, checkpoint: Path, paths: list[Path], folder: Path, sizes: tuple[int, int, int, int], barrier: Path | None
+) -> dict:
     n_card, n_batched, n_card_c, n_greedy = sizes
     if row.name.startswith("a "):
         images, seconds = n_card, run_model_card(checkpoint, paths, n_card)
@@ -426,14 +524,15 @@ def run_row(row: Row, checkpoint: Path, paths: list[Path], folder: Path, sizes: 
         images, seconds = n_card_c, run_pipeline(captioner, folder, n_card_c, BatchSettings())
     elif row.name.startswith("end to end"):
         captioner = load_captioner(checkpoint, row.precision, 1)
-        batch = BatchSettings(max_items=32, max_wait_ms=1000)
+        batch = BatchSettings(max_items=row.batch, max_wait_ms=1000)
         images, seconds = n_greedy, run_pipeline(captioner, folder, n_greedy, batch)
     elif row.precision == "fp32-plain":
-        images, seconds = n_greedy, run_plain_batched(checkpoint, paths, n_greedy, 32, 1)
+        images, seconds = n_greedy, run_plain_batched(checkpoint, paths, n_greedy, row.batch, 1)
     else:
         captioner = load_captioner(checkpoint, row.precision, 1)
         pixels = captioner.preprocess(_open(paths[:n_greedy]))
-        images, seconds = n_greedy, run_captioner_model_only(captioner, pixels, n_greedy, 32)
+        start_together = (lambda: wait_at(barrier, row.processes)) if barrier else (lambda: None)
+        images, seconds = n_greedy, run_captioner_model_only(captioner, pixels, n_greedy, row.batch, start_together)
     return {
         "images": images,
         "seconds": seconds,
@@ -449,22 +548,28 @@ def limit_key(precision: str) -> str:
 
 def build_report(
     rows: list[Row],
-    rates: dict[str, dict[str, float]],
+    rates_by_threads: dict[int, dict[str, dict[str, float]]],
     flops_greedy: float,
     flops_beams: float,
     default_precision: str,
     rounds: int,
     quick: bool,
 ) -> dict[str, Any]:
-    best = {
-        "fp32": max(max(v.values()) for k, v in rates.items() if k.startswith("fp32")),
-        "bf16": max(rates["bf16"].values()),
-        "int8": max(rates["int8 dynamic"].values()),
+    best_by_threads = {
+        threads: {
+            "fp32": max(max(v.values()) for k, v in rates.items() if k.startswith("fp32")),
+            "bf16": max(rates["bf16"].values()),
+            "int8": max(rates["int8 dynamic"].values()),
+        }
+        for threads, rates in rates_by_threads.items()
     }
+    bench_threads = next(iter(rates_by_threads))  # the first measured: the threads of the plain rows
     card = rows[0].images_per_s
     out_rows = []
     for row in rows:
         flops = flops_beams if row.group == "card" else flops_greedy
+        row_threads = row.processes * (row.threads or bench_threads)
+        best = best_by_threads.get(row_threads, best_by_threads[bench_threads])
         limit = best[limit_key(row.precision)] * 1e9 / flops
         ips = row.images_per_s
         out_rows.append(
@@ -476,13 +581,20 @@ def build_report(
                 "peak_rss_mb": round(row.peak_mb),
                 "peak_rss_mb_while_captioning": round(max(row.run_peak_rss_mb)),
                 "vs_model_card": round(ips / card, 2),
+                "threads_in_all": row_threads,
                 "limit_images_per_s": round(limit, 2),
                 "fraction_of_limit": round(ips / limit, 2),
                 "rounds_images_per_s": [round(row.images / s, 2) for s in row.seconds],
             }
         )
     e2e = out_rows[-1]
-    model_only = next(r for r in out_rows if r["group"] == "greedy" and r["precision"] == e2e["precision"])
+    model_only = next(r for r in out_rows if f"{r['name']} ".startswith(f"model only {e2e['precision']} "))
+    cores = os.cpu_count() or 1
+    per_core = next(r for r in out_rows if r["name"].endswith(f"{cores} processes x 1 thread"))
+    one_process = next(
+        (r for r in out_rows if r["name"].endswith(f"1 process x {cores} threads")),
+        model_only,  # with a thread per core (no --threads), the model-only row is that layout
+    )
     return {
         "machine": {
             "cpu": _cpu_name(),
@@ -497,10 +609,11 @@ def build_report(
         "rounds": rounds,
         "default_precision": default_precision,
         "gflop_per_image": {"greedy": round(flops_greedy / 1e9, 1), "4 beams": round(flops_beams / 1e9, 1)},
-        "matmul_gflops": rates,
-        "best_gflops": best,
+        "matmul_gflops": {f"{t} threads": rates for t, rates in rates_by_threads.items()},
+        "best_gflops": {f"{t} threads": best for t, best in best_by_threads.items()},
         "rows": out_rows,
         "end_to_end_vs_model_only": round(e2e["images_per_s"] / model_only["images_per_s"], 2),
+        "processes_per_core_vs_one_process": round(per_core["images_per_s"] / one_process["images_per_s"], 2),
     }
 
 
@@ -516,13 +629,14 @@ def _cpu_name() -> str:
 
 def markdown_table(report: dict[str, Any]) -> str:
     lines = [
-        "| row | decoding | precision | batch | images/s | ms/image | peak RSS MB (process / captioning) "
+        "| row | decoding | precision | batch | threads | images/s | ms/image | peak RSS MB (process / captioning) "
         "| x model card | limit img/s | of limit |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["rows"]:
         lines.append(
-            f"| {r['name']} | {r['decoding']} | {r['precision']} | {r['batch']} | {r['images_per_s']} | "
+            f"| {r['name']} | {r['decoding']} | {r['precision']} | {r['batch']} | {r['threads_in_all']} | "
+            f"{r['images_per_s']} | "
             f"{r['ms_per_image']} | {r['peak_rss_mb']} / {r['peak_rss_mb_while_captioning']} | "
             f"{r['vs_model_card']} | {r['limit_images_per_s']} | {r['fraction_of_limit']} |"
         )
