@@ -216,9 +216,9 @@ def main(argv: list[str] | None = None) -> int:
                     ),
                     "end_to_end": job(captioner, settings, f"s3://{BUCKET}/out/{kind}-e2e-{r}/", count),
                 }
-                for name, (rate, cpu) in measured.items():
+                for name, (rate, ms) in measured.items():
                     rates[name].append(rate)
-                    cpu_ms[name].append(cpu)
+                    cpu_ms[name].append(ms)
                 emit(
                     model=kind,
                     round=r,

@@ -42,13 +42,13 @@ import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 from PIL import Image
 from torch import nn
-from transformers import GenerationConfig, VisionEncoderDecoderModel, ViTImageProcessor
+from transformers import GenerationConfig, GPT2Config, VisionEncoderDecoderModel, ViTConfig, ViTImageProcessor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -119,7 +119,8 @@ def realistic_jpegs(folder: Path, count: int, size: tuple[int, int] = (1600, 120
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     paths = []
     for i in range(count):
-        fx, fy, phase = [*rng.uniform(0.002, 0.02, 2).tolist(), rng.uniform(0, 6.28)]
+        fx, fy = rng.uniform(0.002, 0.02, 2).tolist()
+        phase = rng.uniform(0, 6.28)
         base = np.stack([np.sin(xx * fx + phase + c) * np.cos(yy * fy - c) for c in (0.0, 2.1, 4.2)], axis=-1)
         noise = rng.normal(0, 0.12, (h // 4, w // 4, 3)).astype(np.float32).repeat(4, 0).repeat(4, 1)
         pixels = np.clip((base * 0.4 + 0.5 + noise) * 255, 0, 255).astype(np.uint8)
@@ -152,13 +153,13 @@ def flops_per_image(model: VisionEncoderDecoderModel, pixels: torch.Tensor, beam
                 * int(np.prod(module.kernel_size))
             )
         else:
-            weight = module.weight
+            weight = cast(torch.Tensor, module.weight)
             k = x.shape[-1]
             n = weight.shape[1] if weight.shape[0] == k and type(module).__name__ == "Conv1D" else weight.shape[0]
             total += 2.0 * (x.numel() // k) * k * n
 
     handles = [
-        m.register_forward_hook(hook)  # type: ignore[arg-type]
+        m.register_forward_hook(hook)
         for m in model.modules()
         if isinstance(m, nn.Linear | nn.Conv2d) or type(m).__name__ == "Conv1D"
     ]
@@ -169,6 +170,9 @@ def flops_per_image(model: VisionEncoderDecoderModel, pixels: torch.Tensor, beam
         for handle in handles:
             handle.remove()
     enc, dec = model.config.encoder, model.config.decoder
+    assert isinstance(enc, ViTConfig) and isinstance(dec, GPT2Config), "a ViT + GPT-2 checkpoint"
+    # ViTConfig allows (height, width) pairs; the bench's checkpoint has square images and patches.
+    assert isinstance(enc.image_size, int) and isinstance(enc.patch_size, int)
     seq = (enc.image_size // enc.patch_size) ** 2 + 1
     total += enc.num_hidden_layers * 2 * 2.0 * seq * seq * enc.hidden_size  # ViT QK^T and AV
     # Each beam of an image gets the same cross-attention keys and values: the work needed counts them
@@ -277,9 +281,9 @@ def load_captioner(path: Path, precision: str, beams: int) -> Captioner:
     # Same work per image in every row (see the module docstring).
     base = captioner.generation_config
 
-    def forced(d: DecodingSettings) -> GenerationConfig:
-        config = base(d)
-        config.min_new_tokens = d.max_new_tokens
+    def forced(decoding: DecodingSettings) -> GenerationConfig:  # the signature of the method it replaces
+        config = base(decoding)
+        config.min_new_tokens = decoding.max_new_tokens
         return config
 
     captioner.generation_config = forced  # type: ignore[method-assign]

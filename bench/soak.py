@@ -57,8 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     captioned = [0]
     inner = captioner.caption_pixels
 
-    def counting(pixels: torch.Tensor, decoding: DecodingSettings | None = None) -> list[str]:
-        out = inner(pixels, decoding)
+    def counting(pixel_values: torch.Tensor, decoding: DecodingSettings | None = None) -> list[str]:
+        out = inner(pixel_values, decoding)
         captioned[0] += len(out)
         return out
 

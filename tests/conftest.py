@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import cast
 
 import pytest
 import torch
+from transformers import GPT2LMHeadModel
 
 from trainer.scratch import ScratchSizes, build_model
 
@@ -22,8 +24,9 @@ def save_tiny_checkpoint(path: Path, seed: int = 0) -> Path:
     model, processor, tokenizer = build_model(TINY_CAPTIONS, ScratchSizes(), seed=seed)
     # Untrained weights tend to predict end-of-text first, which would make every caption empty
     # and tests comparing captions toothless: damp that one token (bos = eos = pad in GPT-2).
+    decoder = cast(GPT2LMHeadModel, model.decoder)
     with torch.no_grad():
-        model.decoder.transformer.wte.weight[tokenizer.eos_token_id] *= 0.2
+        decoder.transformer.wte.weight[tokenizer.eos_token_id] *= 0.2
     model.save_pretrained(path)
     processor.save_pretrained(path)
     tokenizer.save_pretrained(path)
