@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -117,6 +119,28 @@ def test_bf16_decoder_attention_is_eager_and_captions_match_sdpa(tiny_checkpoint
 
 def test_eager_attention_switch_tolerates_models_without_it() -> None:
     assert fastpath.use_eager_decoder_attention(nn.Linear(2, 2)) is False
+
+
+def _mapped(path: Path) -> bool:
+    gc.collect()
+    return str(path.resolve()) in Path("/proc/self/maps").read_text()
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads Linux's /proc/self/maps")
+@pytest.mark.parametrize("precision", ["fp32", "int8", "int8-bf16"])
+def test_float32_paths_do_not_keep_the_checkpoint_file_mapped(
+    tmp_path: Path, tiny_checkpoint: Path, precision: str
+) -> None:
+    copy = tmp_path / "ckpt"  # a path of its own: no other test's model maps it
+    shutil.copytree(tiny_checkpoint, copy)
+    weights = copy / "model.safetensors"
+    plain = VisionEncoderDecoderModel.from_pretrained(copy, use_safetensors=True)
+    assert _mapped(weights)  # what the fix is for: float32 weights are views into the file's map
+    del plain
+    assert not _mapped(weights)
+    captioner = Captioner.from_dir(copy, device="cpu", precision=precision)
+    assert not _mapped(weights)
+    assert captioner.caption(_images(2))  # and the model still works
 
 
 def test_falls_back_when_the_private_op_is_missing(tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
