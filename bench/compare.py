@@ -21,7 +21,7 @@ The limit of a precision = the best matmul rate measured in this run for that pr
 the FLOPs per image (counted from the model's layer shapes). Peak RSS is per row: the kernel's
 high-water mark is reset (/proc/self/clear_refs) after each row's model is loaded and freed.
 Rounds interleave all rows (a, b, c, ... then again), and figures are medians over rounds, because
-the machine may be shared. Writes <out>/benchmarks.json, <out>/benchmarks.md, <out>/benchmarks.png.
+the machine may be shared. Writes <out>/benchmarks.json, <out>/benchmarks-table.md, <out>/benchmarks.png.
 """
 
 from __future__ import annotations
