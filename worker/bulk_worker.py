@@ -61,7 +61,7 @@ def run_bulk_worker(settings: WorkerSettings, source: str, out: str) -> int:
             return EXIT_USAGE
         metrics.model.info({"version": captioner.version, "source": captioner.source})
         # A bulk worker's unit of work is its shard, held from start to finish: ready once the model is in.
-        health.set(model_loaded=True, partitions=1)
+        health.set(model_loaded=True, joined=True, partitions=1)
         health.beat()
         try:
             summary = run_s3_caption_job(

@@ -124,6 +124,8 @@ class Health:
         self.stall_after_s = stall_after_s
         self._clock = clock
         self.model_loaded = False
+        # In the consumer group: an assignment has been received, possibly of no partitions.
+        self.joined = False
         self.partitions = 0
         self.stopping = False
         self.failed: str | None = None
@@ -138,6 +140,7 @@ class Health:
         self,
         *,
         model_loaded: bool | None = None,
+        joined: bool | None = None,
         partitions: int | None = None,
         stopping: bool | None = None,
         failed: str | None = None,
@@ -145,6 +148,8 @@ class Health:
         with self._lock:
             if model_loaded is not None:
                 self.model_loaded = model_loaded
+            if joined is not None:
+                self.joined = joined
             if partitions is not None:
                 self.partitions = partitions
             if stopping is not None:
@@ -170,8 +175,12 @@ class Health:
                 return False, "model not loaded yet"
             if self.stopping:
                 return False, "shutting down"
+            if not self.joined:
+                return False, "joining the consumer group"
+            # Ready with no partitions: with more workers than partitions (a rollout's surge pod, say)
+            # the idle one is healthy and waiting, and holding it unready would stall the rollout.
             if self.partitions == 0:
-                return False, "no partitions assigned (joining the group, or more workers than partitions)"
+                return True, "ok: no partitions assigned (more workers than partitions)"
         return True, "ok"
 
 

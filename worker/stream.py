@@ -613,7 +613,7 @@ class StreamWorker:
                 self._partitions[tp] = PartitionState(self._epoch)
         self.metrics.rebalances.inc()
         self.metrics.assigned.set(len(self._partitions))
-        self.health.set(partitions=len(self._partitions))
+        self.health.set(joined=True, partitions=len(self._partitions))
         if self._paused or self._stopping:
             self.source.pause(partitions)
         log.info("assigned %s", _names(partitions))

@@ -56,14 +56,18 @@ def test_metrics_are_served_with_the_project_names(served: tuple[MetricsServer, 
     assert {"captionfleet_inference_seconds_bucket", "captionfleet_end_to_end_latency_seconds_bucket"} <= names
 
 
-def test_ready_only_with_a_model_and_partitions(served: tuple[MetricsServer, WorkerMetrics, Health]) -> None:
+def test_ready_with_a_model_once_in_the_group(served: tuple[MetricsServer, WorkerMetrics, Health]) -> None:
     server, _, health = served
     assert get(server, "/healthz")[0] == 200  # alive while loading the model: no restart loop on slow loads
     status, why = get(server, "/readyz")
     assert status == 503 and "model" in why
     health.set(model_loaded=True)
     status, why = get(server, "/readyz")
-    assert status == 503 and "partitions" in why
+    assert status == 503 and "joining" in why
+    # In the group with nothing assigned (more workers than partitions): ready, and it says so.
+    health.set(joined=True, partitions=0)
+    status, why = get(server, "/readyz")
+    assert status == 200 and "no partitions" in why
     health.set(partitions=2)
     assert get(server, "/readyz") == (200, "ok\n")
     health.set(stopping=True)
@@ -74,7 +78,7 @@ def test_ready_only_with_a_model_and_partitions(served: tuple[MetricsServer, Wor
 def test_failure_and_stall_make_it_unhealthy() -> None:
     now = [100.0]
     health = Health(stall_after_s=60, clock=lambda: now[0])
-    health.set(model_loaded=True, partitions=1)
+    health.set(model_loaded=True, joined=True, partitions=1)
     assert health.live()[0] is True  # the loop has not started yet (loading the model)
     health.beat()
     now[0] += 61
