@@ -349,16 +349,23 @@ def main(argv: list[str] | None = None) -> int:
         "--threads", type=int, default=0, help="torch threads per process (default: torch's, one per core)"
     )
     args = parser.parse_args(argv)
-    quick: bool = args.quick
     if args.threads:
         # On a shared machine, 2 OpenMP threads on 2 cores stall at every op's barrier whenever another
         # job holds a core (ms per op); one thread per process does not.
         torch.set_num_threads(args.threads)
+    if args.work is not None:
+        return run(args, args.work)
+    # Without --work the 1 GB checkpoint and the JPEGs are made afresh and removed afterwards.
+    with tempfile.TemporaryDirectory(prefix="captionfleet-bench-") as work:
+        return run(args, Path(work))
+
+
+def run(args: argparse.Namespace, work: Path) -> int:
+    quick: bool = args.quick
     rounds = args.rounds or (1 if quick else 3)
     # --quick: fewer images, and batch 16 for the greedy rows, to finish in under two minutes.
     n_card, n_batched, n_card_c, n_greedy = (2, 8, 16, 16) if quick else (6, 16, 32, 64)
     greedy_batch = 16 if quick else 32
-    work = args.work or Path(tempfile.mkdtemp(prefix="captionfleet-bench-"))
     started = time.perf_counter()
 
     checkpoint = work / "vit-gpt2-full"
