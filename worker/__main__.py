@@ -110,7 +110,14 @@ def _serve(settings: WorkerSettings) -> int:
     # Imported here: torch and transformers take seconds to import, and --help should not wait for them.
     from kafka.errors import KafkaError, KafkaTimeoutError
 
-    from worker.connectors.kafka import BootstrapError, KafkaOutput, KafkaSource, bootstrap_servers, make_producer
+    from worker.connectors.kafka import (
+        BootstrapError,
+        KafkaOutput,
+        KafkaSource,
+        bootstrap_servers,
+        make_producer,
+        security_config,
+    )
     from worker.fetch import Fetcher
     from worker.metrics import Health, MetricsPortError, WorkerMetrics, serve_metrics
     from worker.model_store import ModelRefError
@@ -121,6 +128,7 @@ def _serve(settings: WorkerSettings) -> int:
     name = kafka.client_id or f"captionfleet-{socket.gethostname()}-{os.getpid()}"
     try:
         bootstrap_servers(kafka)
+        security_config(kafka)
         fetcher = Fetcher(settings.fetch, s3=settings.s3, max_bytes=settings.images.max_bytes)
     except (BootstrapError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -161,6 +161,18 @@ class KafkaSettings(BaseModel):
     produce_timeout_s: float = Field(default=30.0, gt=0)
     # Results are small; a few ms of linger batches them without adding visible latency.
     linger_ms: int = Field(default=5, ge=0)
+    # Broker security: PLAINTEXT for an in-cluster broker; SASL_SSL for managed Kafka (MSK, Confluent
+    # Cloud, Event Hubs, ...); SSL alone for TLS or mutual TLS.
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    # With SASL_*: the mechanism and its username/password (from a Secret, never a ConfigMap).
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "PLAIN"
+    sasl_username: str = ""
+    sasl_password: SecretStr | None = None
+    # With SSL / SASL_SSL: a CA bundle for a private CA (unset: the system's trust store), and a client
+    # certificate and key for mutual TLS.
+    ssl_cafile: Path | None = None
+    ssl_certfile: Path | None = None
+    ssl_keyfile: Path | None = None
 
 
 class FetchSettings(BaseModel):

@@ -55,6 +55,49 @@ def bootstrap_servers(settings: KafkaSettings) -> list[str]:
     return servers
 
 
+class KafkaSecurityError(ValueError):
+    """The WORKER_KAFKA__ security settings do not fit together; the message names the fix."""
+
+
+def security_config(settings: KafkaSettings) -> dict[str, Any]:
+    """kafka-python's security arguments, shared by the consumer and the producer; checked at start-up
+    so a missing password or certificate stops the worker with a message, not a stream of reconnects."""
+    protocol = settings.security_protocol
+    config: dict[str, Any] = {"security_protocol": protocol}
+    if protocol.startswith("SASL_"):
+        password = settings.sasl_password.get_secret_value() if settings.sasl_password else ""
+        if not settings.sasl_username or not password:
+            raise KafkaSecurityError(
+                f"WORKER_KAFKA__SECURITY_PROTOCOL={protocol} needs WORKER_KAFKA__SASL_USERNAME and "
+                "WORKER_KAFKA__SASL_PASSWORD (or set the protocol to PLAINTEXT/SSL)"
+            )
+        config |= {
+            "sasl_mechanism": settings.sasl_mechanism,
+            "sasl_plain_username": settings.sasl_username,
+            "sasl_plain_password": password,
+        }
+    tls_files = {
+        "SSL_CAFILE": settings.ssl_cafile,
+        "SSL_CERTFILE": settings.ssl_certfile,
+        "SSL_KEYFILE": settings.ssl_keyfile,
+    }
+    given = {name: path for name, path in tls_files.items() if path is not None}
+    if given and not protocol.endswith("SSL"):
+        raise KafkaSecurityError(
+            f"WORKER_KAFKA__{next(iter(given))} is set but WORKER_KAFKA__SECURITY_PROTOCOL={protocol} does not "
+            "use TLS: set the protocol to SSL or SASL_SSL, or unset the file"
+        )
+    for name, path in given.items():
+        if not path.is_file():
+            raise KafkaSecurityError(f"WORKER_KAFKA__{name}={path} is not a readable file: mount it or fix the path")
+        config[name.lower()] = str(path)
+    if (settings.ssl_certfile is None) != (settings.ssl_keyfile is None):
+        raise KafkaSecurityError(
+            "mutual TLS needs both WORKER_KAFKA__SSL_CERTFILE and WORKER_KAFKA__SSL_KEYFILE (or neither)"
+        )
+    return config
+
+
 def consumer_config(settings: KafkaSettings, client_id: str) -> dict[str, Any]:
     config: dict[str, Any] = {
         "bootstrap_servers": bootstrap_servers(settings),
@@ -73,7 +116,7 @@ def consumer_config(settings: KafkaSettings, client_id: str) -> dict[str, Any]:
     }
     if settings.group_instance_id:
         config["group_instance_id"] = settings.group_instance_id
-    return config
+    return config | security_config(settings)
 
 
 def make_producer(settings: KafkaSettings, client_id: str) -> KafkaProducer:
@@ -89,6 +132,7 @@ def make_producer(settings: KafkaSettings, client_id: str) -> KafkaProducer:
         delivery_timeout_ms=delivery_ms,
         # kafka-python requires delivery > linger + request timeout: leave room for a retry or two.
         request_timeout_ms=max(500, min(30_000, delivery_ms // 2 - settings.linger_ms)),
+        **security_config(settings),
     )
 
 
