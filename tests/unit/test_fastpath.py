@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import shutil
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import pytest
@@ -106,15 +107,76 @@ def test_onednn_route_gives_the_same_captions(tiny_checkpoint: Path, monkeypatch
     assert routed.caption(images) == plain.caption(images)
 
 
-def test_bf16_decoder_attention_is_eager_and_captions_match_sdpa(tiny_checkpoint: Path) -> None:
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "int8", "int8-bf16"])
+def test_decoder_attention_is_eager_on_cpu_and_captions_match_sdpa(tiny_checkpoint: Path, precision: str) -> None:
     decoding = DecodingSettings(num_beams=3, max_new_tokens=8)
-    fast = Captioner.from_dir(tiny_checkpoint, device="cpu", decoding=decoding, precision="bf16")
+    fast = Captioner.from_dir(tiny_checkpoint, device="cpu", decoding=decoding, precision=precision)
     assert fast.model.decoder.config._attn_implementation == "eager"
-    assert fast.model.encoder.config._attn_implementation == "sdpa"  # eager measured no better there
-    sdpa = Captioner.from_dir(tiny_checkpoint, device="cpu", decoding=decoding, precision="bf16")
+    assert fast.model.encoder.config._attn_implementation == "sdpa"  # eager measured slower there
+    if precision.startswith("int8"):
+        return  # int8 activations are quantized per tensor: any float difference may flip a token
+    sdpa = Captioner.from_dir(tiny_checkpoint, device="cpu", decoding=decoding, precision=precision)
     sdpa.model.decoder.set_attn_implementation("sdpa")
     images = _images(6)
     assert fast.caption(images) == sdpa.caption(images)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_gelu_fused_into_the_gemm_gives_the_same_captions(
+    tiny_checkpoint: Path, precision: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if fastpath._onednn_ops() is None:
+        pytest.skip("this torch build has no oneDNN linear ops")
+    monkeypatch.setattr(fastpath, "onednn_is_faster", lambda *_: True)  # route every layer, whatever is faster
+    decoding = DecodingSettings(num_beams=3, max_new_tokens=8)
+    fused = Captioner.from_dir(tiny_checkpoint, device="cpu", decoding=decoding, precision=precision)
+    gemms = [m for m in fused.model.modules() if isinstance(m, fastpath.OneDNNLinear) and m.attr == "gelu"]
+    # The tiny model has 2 ViT and 2 GPT-2 layers: erf GELU in the encoder, tanh GELU in the decoder.
+    assert sorted(m.algorithm for m in gemms) == ["none", "none", "tanh", "tanh"]
+    assert not [m for m in fused.model.modules() if type(m).__name__ in ("GELUActivation", "NewGELUActivation")]
+    monkeypatch.setattr(fastpath, "fuse_gelu", lambda _model: 0)
+    separate = Captioner.from_dir(tiny_checkpoint, device="cpu", decoding=decoding, precision=precision)
+    images = _images(6)
+    assert fused.caption(images) == separate.caption(images)
+
+
+class ViTMLP(nn.Module):  # the name and layout of transformers' ViT MLP, which fuse_gelu looks for
+    def __init__(self, activation: nn.Module) -> None:
+        super().__init__()
+        self.fc1, self.activation_fn, self.fc2 = nn.Linear(8, 16), activation, nn.Linear(16, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return cast(torch.Tensor, self.fc2(self.activation_fn(self.fc1(x))))
+
+
+def test_gelu_fusion_is_undone_when_the_post_op_is_wrong(monkeypatch: pytest.MonkeyPatch) -> None:
+    ops = fastpath._onednn_ops()
+    if ops is None:
+        pytest.skip("this torch build has no oneDNN linear ops")
+    reorder, linear_op = ops
+
+    def ignores_post_ops(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, *_rest: object) -> torch.Tensor:
+        return linear_op(x, w, b, "none", [], "")
+
+    monkeypatch.setattr(fastpath, "_onednn_ops", lambda: (reorder, ignores_post_ops))
+    mlp = ViTMLP(nn.GELU())
+    assert fastpath.route_linears_to_onednn(mlp, measure=False) == 2
+    assert fastpath.fuse_gelu(mlp) == 0
+    assert isinstance(mlp.activation_fn, nn.GELU) and mlp.fc1.attr == "none"
+
+
+def test_only_gelu_is_fused() -> None:
+    from transformers.activations import ACT2FN
+
+    assert fastpath._gelu_algorithm(ACT2FN["gelu"]) == "none"
+    assert fastpath._gelu_algorithm(ACT2FN["gelu_new"]) == "tanh"  # GPT-2
+    assert fastpath._gelu_algorithm(ACT2FN["gelu_pytorch_tanh"]) == "tanh"
+    assert fastpath._gelu_algorithm(nn.GELU(approximate="tanh")) == "tanh"
+    assert fastpath._gelu_algorithm(ACT2FN["relu"]) is None
+    assert fastpath._gelu_algorithm(ACT2FN["gelu_python"]) is None  # erf in Python: left as it is
+    mlp = ViTMLP(nn.ReLU())
+    if fastpath.route_linears_to_onednn(mlp, measure=False):
+        assert fastpath.fuse_gelu(mlp) == 0
 
 
 def test_eager_attention_switch_tolerates_models_without_it() -> None:
