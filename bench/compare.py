@@ -367,6 +367,7 @@ def run(args: argparse.Namespace, work: Path) -> int:
     n_card, n_batched, n_card_c, n_greedy = (2, 8, 16, 16) if quick else (6, 16, 32, 64)
     greedy_batch = 16 if quick else 32
     started = time.perf_counter()
+    load_at_start = round(os.getloadavg()[0], 2)
 
     checkpoint = work / "vit-gpt2-full"
     if not (checkpoint / "model.safetensors").exists():
@@ -410,7 +411,7 @@ def run(args: argparse.Namespace, work: Path) -> int:
                 flush=True,
             )
 
-    report = build_report(rows, rates, flops_greedy, flops_beams, default_precision, rounds, quick)
+    report = build_report(rows, rates, flops_greedy, flops_beams, default_precision, rounds, quick, load_at_start)
     report["seconds"] = round(time.perf_counter() - started, 1)
     write_outputs(report, args.out)
     print(markdown_table(report))
@@ -485,21 +486,19 @@ def wait_at(barrier: Path, parties: int) -> None:
 def make_rows(default_precision: str, greedy_batch: int = 32, threads: int = 0) -> list[Row]:
     default_batch = BatchSettings()
     cores = os.cpu_count() or 1
-    # The process layout of the default precision: its model-only row is one process with a thread per
-    # core unless --threads says otherwise, in which case that layout gets a row of its own.
-    one_process = (
-        []
-        if threads in (0, cores)
-        else [
-            Row(
-                f"model only {default_precision}, 1 process x {cores} threads",
-                "greedy",
-                default_precision,
-                greedy_batch,
-                threads=cores,
-            )
-        ]
-    )
+    # Process layouts of the default precision and of the lossless fp32 path: one single-thread process
+    # per core, next to one process with a thread per core. That one is the model-only row unless
+    # --threads says otherwise, in which case it gets a row of its own.
+    layout_precisions = list(dict.fromkeys((default_precision, "fp32")))
+    one_process = [
+        Row(f"model only {precision}, 1 process x {cores} threads", "greedy", precision, greedy_batch, threads=cores)
+        for precision in layout_precisions
+        if threads not in (0, cores)
+    ]
+    per_core = [
+        Row(f"model only {precision}, {cores} processes x 1 thread", "greedy", precision, greedy_batch, cores, 1)
+        for precision in layout_precisions
+    ]
     return [
         Row("a model card (1 image/call)", "card", "fp32", 1),
         Row("b plain batched generate", "card", "fp32", 8),
@@ -510,14 +509,7 @@ def make_rows(default_precision: str, greedy_batch: int = 32, threads: int = 0) 
         Row("model only int8", "greedy", "int8", greedy_batch),
         Row("model only int8-bf16", "greedy", "int8-bf16", greedy_batch),
         *one_process,
-        Row(
-            f"model only {default_precision}, {cores} processes x 1 thread",
-            "greedy",
-            default_precision,
-            greedy_batch,
-            cores,
-            1,
-        ),
+        *per_core,
         Row(f"end to end JPEGs, {default_precision}", "greedy", default_precision, greedy_batch),
     ]
 
@@ -565,6 +557,7 @@ def build_report(
     default_precision: str,
     rounds: int,
     quick: bool,
+    load_at_start: float,
 ) -> dict[str, Any]:
     best_by_threads = {
         threads: {
@@ -599,13 +592,15 @@ def build_report(
             }
         )
     e2e = out_rows[-1]
-    model_only = next(r for r in out_rows if f"{r['name']} ".startswith(f"model only {e2e['precision']} "))
+    model_only = _model_only(out_rows, e2e["precision"])
     cores = os.cpu_count() or 1
-    per_core = next(r for r in out_rows if r["name"].endswith(f"{cores} processes x 1 thread"))
-    one_process = next(
-        (r for r in out_rows if r["name"].endswith(f"1 process x {cores} threads")),
-        model_only,  # with a thread per core (no --threads), the model-only row is that layout
-    )
+    layouts = {}
+    for per_core in (r for r in out_rows if r["name"].endswith(f"{cores} processes x 1 thread")):
+        one_process = next(
+            (r for r in out_rows if r["name"] == f"model only {per_core['precision']}, 1 process x {cores} threads"),
+            None,
+        ) or _model_only(out_rows, per_core["precision"])  # without --threads, that row is one thread per core
+        layouts[per_core["precision"]] = round(per_core["images_per_s"] / one_process["images_per_s"], 2)
     return {
         "machine": {
             "cpu": _cpu_name(),
@@ -613,7 +608,8 @@ def build_report(
             "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__,
             "python": platform.python_version(),
-            "shared": "yes: other engineers' jobs ran on the same 2 cores; figures are medians of interleaved rounds",
+            # Other jobs on the machine slow rows down unevenly: what the run started with, for the reader.
+            "load_average_1min_at_start": load_at_start,
         },
         "model": "ViT-base/16-224 + GPT-2 124M (nlpconnect/vit-gpt2-image-captioning architecture), random weights",
         "quick": quick,
@@ -624,8 +620,13 @@ def build_report(
         "best_gflops": {f"{t} threads": best for t, best in best_by_threads.items()},
         "rows": out_rows,
         "end_to_end_vs_model_only": round(e2e["images_per_s"] / model_only["images_per_s"], 2),
-        "processes_per_core_vs_one_process": round(per_core["images_per_s"] / one_process["images_per_s"], 2),
+        "processes_per_core_vs_one_process": layouts,
     }
+
+
+def _model_only(rows: list[dict[str, Any]], precision: str) -> dict[str, Any]:
+    """The one-process model-only row of a precision ("model only fp32 (oneDNN)", "model only bf16")."""
+    return next(r for r in rows if f"{r['name']} ".startswith(f"model only {precision} "))
 
 
 def _cpu_name() -> str:
