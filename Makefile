@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_PIN ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: setup system-deps demo test lint typecheck unit integration clean bench bench-quick soak
+.PHONY: setup system-deps demo test lint typecheck unit integration clean bench bench-quick bench-gpu soak
 .PHONY: image image-test k8s-validate
 
 setup: $(STAMP) system-deps
@@ -54,6 +54,11 @@ bench: $(STAMP)
 
 bench-quick: $(STAMP)
 	$(BIN)/python -m bench.compare --quick --out docs
+
+# The same side by side on a CUDA GPU (needs a CUDA build of torch in the venv). On the lent GPU
+# machine, whose image has its own torch, run bench/gpu_session.sh instead (docs/benchmarks.md).
+bench-gpu: $(STAMP)
+	$(BIN)/python -m bench.gpu --out docs
 
 soak: $(STAMP)
 	$(BIN)/python -m bench.soak --out docs

@@ -93,12 +93,12 @@ def reset_peak_rss() -> None:
         Path("/proc/self/clear_refs").write_text("5")
 
 
-def gen_config(beams: int) -> GenerationConfig:
+def gen_config(beams: int, eos: int = EOS) -> GenerationConfig:
     return GenerationConfig(
-        decoder_start_token_id=EOS,
-        bos_token_id=EOS,
-        eos_token_id=EOS,
-        pad_token_id=EOS,
+        decoder_start_token_id=eos,
+        bos_token_id=eos,
+        eos_token_id=eos,
+        pad_token_id=eos,
         num_beams=beams,
         max_new_tokens=TOKENS,
         min_new_tokens=TOKENS,
@@ -165,7 +165,7 @@ def flops_per_image(model: VisionEncoderDecoderModel, pixels: torch.Tensor, beam
     ]
     try:
         with torch.inference_mode():
-            model.generate(pixel_values=pixels[:1], generation_config=gen_config(beams))
+            model.generate(pixel_values=pixels[:1], generation_config=gen_config(beams, model.config.eos_token_id))
     finally:
         for handle in handles:
             handle.remove()

@@ -1,0 +1,360 @@
+"""bench.compare's side by side on a CUDA device: what users would run vs captionfleet, against the limit.
+
+    python -m bench.gpu [--quick] [--out docs]             (on the GPU machine: bench/gpu_session.sh)
+    python -m bench.gpu --device cpu --checkpoint DIR ...  (a smoke test of this script, tests/unit)
+
+Same images, weights and decoding as bench.compare (the full ViT-base/16-224 + GPT-2 124M
+architecture with random weights; every row generates exactly 16 tokens). Rows:
+
+  a    model card: ViTImageProcessor + one image per generate call, fp32, 4 beams
+  b    plain batched generate, fp32, batch 8, 4 beams (bench.compare's row b)
+  b16  plain batched generate with the model in fp16, batch 64, 4 beams: what a GPU user would write
+  c    captionfleet: JPEG folder -> CaptionPipeline with the GPU overlay's settings (k8s/overlays/gpu:
+       batch 32, 6 decode threads) and the device's default precision, 4 beams
+  greedy, model only, batch 128: fp32, fp16, bf16 (captionfleet's Captioner)
+  end to end: JPEGs through the pipeline, default precision, greedy, batch 128, vs model only
+  static: the default precision with transformers' static KV cache (cache_implementation="static",
+       which transformers compiles on CUDA); a row that fails records why instead of a figure
+
+The limit of a precision = the best matmul rate measured here on the model's own GEMM shapes (fp32
+with TF32 off, as the rows run it; fp16; bf16) divided by the FLOPs per image (bench.compare's count).
+Rows run in this one process (the GPU's memory peak is reset per row); rounds interleave the rows.
+Writes <out>/benchmarks-gpu[-quick].json, -table.md and .png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import GenerationConfig, ViTImageProcessor
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.chart import bar_chart
+from bench.compare import NullSink, _open, flops_per_image, gen_config, load_plain, realistic_jpegs
+from bench.full_checkpoint import save_full_checkpoint
+from worker import fastpath
+from worker.captioner import Captioner
+from worker.connectors.local import iter_folder
+from worker.images import ImageLimits
+from worker.pipeline import CaptionPipeline
+from worker.settings import BatchSettings, DecodingSettings
+
+TOKENS = 16
+# k8s/overlays/gpu/kustomization.yaml: WORKER_BATCH__MAX_ITEMS=32, WORKER_BATCH__DECODE_THREADS=6.
+GPU_OVERLAY_BATCH = BatchSettings(max_items=32, decode_threads=6)
+LIMITS = ImageLimits(max_bytes=50 << 20, max_pixels=50_000_000)
+
+
+@dataclass
+class Row:
+    name: str
+    beams: int
+    precision: str
+    batch: int
+    seconds: list[float] = field(default_factory=list)
+    images: int = 0
+    peak_mb: float = 0.0
+    error: str = ""
+
+
+class Device:
+    """Timing and memory on the device the rows run on (a CPU run is only a smoke test)."""
+
+    def __init__(self, name: str) -> None:
+        if name == "cuda" and not torch.cuda.is_available():
+            raise SystemExit(
+                "no CUDA GPU is visible: run this on the GPU machine (bench/gpu_session.sh), or pass "
+                "--device cpu with a small --checkpoint to smoke-test the script"
+            )
+        self.torch = torch.device(name)
+        self.cuda = self.torch.type == "cuda"
+        if self.cuda:
+            torch.backends.cuda.matmul.allow_tf32 = False  # fp32 rows are true fp32, as on the CPU
+            torch.backends.cudnn.allow_tf32 = False
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def reset_peak(self) -> None:
+        if self.cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+
+    def peak_mb(self) -> float:
+        return torch.cuda.max_memory_allocated() / 2**20 if self.cuda else 0.0
+
+    def name(self) -> str:
+        return torch.cuda.get_device_name(0) if self.cuda else "cpu (smoke test)"
+
+    def timed(self, fn: Callable[[], object]) -> float:
+        self.sync()
+        start = time.perf_counter()
+        fn()
+        self.sync()
+        return time.perf_counter() - start
+
+
+def matmul_rates(device: Device, batch: int, quick: bool) -> dict[str, dict[str, float]]:
+    """GFLOP/s per dtype on the model's GEMM shapes at the greedy batch (encoder MLP, lm_head)."""
+    shapes = [(batch * 197, 768, 3072), (batch * 197, 3072, 768), (batch, 768, 50257)]
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    if device.cuda:
+        dtypes["fp16"] = torch.float16
+    reps = 5 if quick else 20
+    out: dict[str, dict[str, float]] = {}
+    for name, dtype in dtypes.items():
+        for m, k, n in shapes:
+            a = torch.randn(m, k, device=device.torch, dtype=dtype)
+            b = torch.randn(k, n, device=device.torch, dtype=dtype)
+            a @ b  # warm-up: kernel selection
+            seconds = device.timed(lambda: [a @ b for _ in range(reps)]) / reps  # noqa: B023
+            out.setdefault(name, {})[f"{m}x{k}x{n}"] = round(2.0 * m * k * n / seconds / 1e9, 1)
+    return out
+
+
+def plain_generate(checkpoint: Path, device: Device, photos: list[Path], row: Row, n: int) -> float:
+    """Rows a, b, b16: transformers as its model card shows, on the device."""
+    dtype = torch.float16 if row.precision == "fp16" else torch.float32
+    model = load_plain(checkpoint).to(device.torch, dtype)  # type: ignore[arg-type]  # transformers' stub
+    processor = ViTImageProcessor.from_pretrained(checkpoint)
+    config = gen_config(row.beams, model.config.eos_token_id)  # the smoke test's model is not GPT-2
+
+    def run(paths: list[Path]) -> None:
+        for i in range(0, len(paths), row.batch):
+            pixels = processor(images=_open(paths[i : i + row.batch]), return_tensors="pt").pixel_values
+            model.generate(pixel_values=pixels.to(device.torch, model.dtype), generation_config=config)
+
+    with torch.inference_mode():
+        run(photos[: row.batch])  # warm-up
+        device.reset_peak()
+        return device.timed(lambda: run(photos[:n]))
+
+
+def captioner_for(checkpoint: Path, device: Device, precision: str, beams: int) -> Captioner:
+    captioner = Captioner.from_dir(
+        checkpoint, device=device.torch.type, decoding=DecodingSettings(num_beams=beams), precision=precision
+    )
+    base = captioner.generation_config
+
+    def forced(decoding: DecodingSettings) -> GenerationConfig:  # equal work per image in every row
+        config = base(decoding)
+        config.max_new_tokens = config.min_new_tokens = TOKENS
+        return config
+
+    captioner.generation_config = forced  # type: ignore[method-assign]
+    return captioner
+
+
+def pipeline(captioner: Captioner, device: Device, folder: Path, n: int, batch: BatchSettings) -> float:
+    items = list(iter_folder(folder))[:n]
+    CaptionPipeline(captioner, NullSink(), batch, LIMITS).run(items[: batch.max_items])  # warm-up
+    device.reset_peak()
+    sink = NullSink()
+    seconds = device.timed(lambda: CaptionPipeline(captioner, sink, batch, LIMITS).run(items))
+    if sink.rows != len(items) or sink.failed:
+        raise RuntimeError(f"pipeline wrote {sink.rows} rows ({sink.failed} failed) for {len(items)} images")
+    return seconds
+
+
+def model_only(captioner: Captioner, device: Device, pixels: torch.Tensor, batch: int, static: bool) -> float:
+    if static:
+        forced = captioner.generation_config
+
+        def with_static_cache(decoding: DecodingSettings) -> GenerationConfig:
+            config = forced(decoding)
+            config.cache_implementation = "static"
+            return config
+
+        captioner.generation_config = with_static_cache  # type: ignore[method-assign]
+
+    def run() -> None:
+        for i in range(0, pixels.shape[0], batch):
+            captioner.caption_pixels(pixels[i : i + batch])
+
+    run()  # warm-up: cuBLAS handles, and for the static row the compilation
+    device.reset_peak()
+    return device.timed(run)
+
+
+def make_rows(device: Device, default: str, greedy_batch: int) -> list[Row]:
+    precisions = ["fp32", "fp16", "bf16"] if device.cuda else ["fp32", "bf16"]
+    return [
+        Row("a model card (1 image/call)", 4, "fp32", 1),
+        Row("b plain batched generate", 4, "fp32", 8),
+        *([Row("b16 plain batched generate, fp16", 4, "fp16", 64)] if device.cuda else []),
+        Row("c captionfleet pipeline, GPU overlay settings", 4, default, GPU_OVERLAY_BATCH.max_items),
+        *[Row(f"model only {p}", 1, p, greedy_batch) for p in precisions],
+        Row(f"model only {default}, static KV cache", 1, default, greedy_batch),
+        Row(f"end to end JPEGs, {default}", 1, default, greedy_batch),
+    ]
+
+
+def run_row(row: Row, checkpoint: Path, device: Device, photos: list[Path], folder: Path, n: int) -> None:
+    card_images = max(2, n // 16)
+    if row.name.startswith(("a ", "b ", "b16 ")):
+        images = card_images if row.name.startswith("a ") else n // 2
+        row.images, seconds = images, plain_generate(checkpoint, device, photos, row, images)
+    elif row.name.startswith("c "):
+        captioner = captioner_for(checkpoint, device, row.precision, row.beams)
+        row.images, seconds = n, pipeline(captioner, device, folder, n, GPU_OVERLAY_BATCH)
+    elif row.name.startswith("end to end"):
+        captioner = captioner_for(checkpoint, device, row.precision, 1)
+        batch = BatchSettings(max_items=row.batch, max_wait_ms=1000, decode_threads=12, prefetch=2 * row.batch)
+        row.images, seconds = n, pipeline(captioner, device, folder, n, batch)
+    else:
+        captioner = captioner_for(checkpoint, device, row.precision, 1)
+        pixels = captioner.preprocess(_open(photos[:n]))
+        row.images, seconds = n, model_only(captioner, device, pixels, row.batch, "static" in row.name)
+    row.seconds.append(seconds)
+    row.peak_mb = max(row.peak_mb, device.peak_mb())
+
+
+def report(rows: list[Row], rates: dict[str, dict[str, float]], flops: dict[int, float], device: Device) -> dict:
+    best = {name: max(by_shape.values()) for name, by_shape in rates.items()}
+    measured = [r for r in rows if r.seconds]
+    card_row = rows[0]
+    card = statistics.median(card_row.images / s for s in card_row.seconds) if card_row.seconds else float("nan")
+    out_rows: list[dict[str, Any]] = []
+    for row in rows:
+        ips = statistics.median(row.images / s for s in row.seconds) if row.seconds else 0.0
+        limit = best[row.precision] * 1e9 / flops[row.beams]
+        out_rows.append(
+            {
+                "name": row.name,
+                "decoding": f"{row.beams} beams, {TOKENS} tokens" if row.beams > 1 else f"greedy, {TOKENS} tokens",
+                "precision": row.precision,
+                "batch": row.batch,
+                "images_per_s": round(ips, 2),
+                "ms_per_image": round(1000 / ips, 2) if ips else None,
+                "peak_gpu_mb": round(row.peak_mb),
+                "vs_model_card": round(ips / card, 2),
+                "limit_images_per_s": round(limit, 1),
+                "fraction_of_limit": round(ips / limit, 3),
+                "rounds_images_per_s": [round(row.images / s, 2) for s in row.seconds],
+                "error": row.error,
+            }
+        )
+    by_name = {r["name"]: r for r in out_rows}
+    e2e = out_rows[-1]
+    return {
+        "device": device.name(),
+        "torch": torch.__version__,
+        "gflop_per_image": {f"{beams} beams": round(f / 1e9, 1) for beams, f in flops.items()},
+        "matmul_gflops": rates,
+        "rows": out_rows,
+        "end_to_end_vs_model_only": round(
+            e2e["images_per_s"] / (by_name[f"model only {e2e['precision']}"]["images_per_s"] or float("nan")), 2
+        ),
+        "rows_measured": len(measured),
+    }
+
+
+def markdown_table(result: dict) -> str:
+    lines = [
+        "| row | decoding | precision | batch | images/s | ms/image | peak GPU MB | x model card | limit img/s "
+        "| of limit |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        figures = (
+            f"{r['images_per_s']} | {r['ms_per_image']} | {r['peak_gpu_mb']} | {r['vs_model_card']}"
+            if not r["error"]
+            else f"failed: {r['error'][:80]} | | | "
+        )
+        lines.append(
+            f"| {r['name']} | {r['decoding']} | {r['precision']} | {r['batch']} | {figures} | "
+            f"{r['limit_images_per_s']} | {r['fraction_of_limit']} |"
+        )
+    return "\n".join(lines)
+
+
+def jpegs(folder: Path, n: int, distinct: int = 32) -> list[Path]:
+    """n files from `distinct` photo-like JPEGs: making one takes ~0.4 s of a CPU core, and a GPU row
+    needs hundreds; copies decode at the same cost as originals."""
+    originals = realistic_jpegs(folder, min(n, distinct))
+    for i in range(len(originals), n):
+        shutil.copyfile(originals[i % len(originals)], folder / f"photo_{i:04d}.jpg")
+    return sorted(folder.glob("*.jpg"))[:n]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda", help="cuda (the benchmark) or cpu (a smoke test)")
+    parser.add_argument("--quick", action="store_true", help="fewer images, one round")
+    parser.add_argument("--rounds", type=int, default=0, help="interleaved rounds (default 1 quick, 2 full)")
+    parser.add_argument("--images", type=int, default=0, help="images per greedy row (default 256 quick, 1024)")
+    parser.add_argument("--batch", type=int, default=128, help="batch of the greedy rows")
+    parser.add_argument("--checkpoint", type=Path, default=None, help="default: the full architecture, made here")
+    parser.add_argument("--work", type=Path, default=None, help="keep the checkpoint and JPEGs here")
+    parser.add_argument("--out", type=Path, default=Path("docs"))
+    args = parser.parse_args(argv)
+    device = Device(args.device)
+    with tempfile.TemporaryDirectory(prefix="bench-gpu-") as temporary:
+        work = args.work or Path(temporary)
+        return run(args, device, work)
+
+
+def run(args: argparse.Namespace, device: Device, work: Path) -> int:
+    started = time.perf_counter()
+    n = args.images or (256 if args.quick else 1024)
+    rounds = args.rounds or (1 if args.quick else 2)
+    checkpoint = args.checkpoint or work / "vit-gpt2-full"
+    if not (checkpoint / "model.safetensors").exists():
+        save_full_checkpoint(checkpoint)
+    folder = work / "jpegs"
+    photos = sorted(folder.glob("*.jpg")) if folder.exists() else []
+    if len(photos) < n:
+        photos = jpegs(folder, n)
+    plain = load_plain(checkpoint)
+    pixels = Captioner.from_dir(checkpoint, device="cpu", precision="fp32").preprocess(_open(photos[:1]))
+    flops = {beams: flops_per_image(plain, pixels, beams) for beams in (1, 4)}
+    del plain
+    rates = matmul_rates(device, args.batch, args.quick)
+    default = fastpath.resolve_precision("auto", device.torch)
+    rows = make_rows(device, default, args.batch)
+    print(f"{device.name()}: default precision {default}; setup {time.perf_counter() - started:.0f}s", flush=True)
+    for r in range(rounds):
+        for row in rows:
+            if row.error:
+                continue
+            try:
+                run_row(row, checkpoint, device, photos, folder, n)
+            except Exception as error:  # one row's failure (say, static cache unsupported) is reported
+                row.error = f"{type(error).__name__}: {error}".splitlines()[0]
+                traceback.print_exc()
+            figure = f"{row.images / row.seconds[-1]:8.2f} img/s" if row.seconds and not row.error else row.error
+            print(f"round {r + 1} {row.name:48s} {figure}  peak GPU {device.peak_mb():.0f} MB", flush=True)
+            if device.cuda:
+                torch.cuda.empty_cache()
+    result = report(rows, rates, flops, device)
+    result["seconds"] = round(time.perf_counter() - started, 1)
+    suffix = "-quick" if args.quick else ""
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"benchmarks-gpu{suffix}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.out / f"benchmarks-gpu{suffix}-table.md").write_text(markdown_table(result) + "\n")
+    bar_chart(
+        [(r["name"], r["images_per_s"], r["limit_images_per_s"]) for r in result["rows"]],
+        title=f"images/s on {result['device']} (bar) vs the limit of its precision (tick)",
+        path=args.out / f"benchmarks-gpu{suffix}.png",
+    )
+    print(markdown_table(result))
+    print(f"total {result['seconds']}s; wrote benchmarks-gpu{suffix}.* under {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,30 @@
+"""bench/gpu.py runs only where a GPU is lent; its --device cpu smoke mode keeps it from rotting here."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bench import gpu
+
+
+def test_gpu_bench_runs_end_to_end_in_its_cpu_smoke_mode(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    argv = ["--device", "cpu", "--checkpoint", str(tiny_checkpoint), "--quick", "--images", "4", "--batch", "2"]
+    assert gpu.main([*argv, "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out")]) == 0
+    result = json.loads((tmp_path / "out" / "benchmarks-gpu-quick.json").read_text())
+    rows = {row["name"]: row for row in result["rows"]}
+    static = rows.pop("model only bf16, static KV cache")
+    assert static["images_per_s"] > 0 or static["error"]  # transformers may not offer it for this model
+    assert all(row["images_per_s"] > 0 and not row["error"] for row in rows.values()), rows
+    assert rows["a model card (1 image/call)"]["vs_model_card"] == 1.0
+    assert all(row["limit_images_per_s"] > 0 for row in rows.values())
+    assert (tmp_path / "out" / "benchmarks-gpu-quick.png").stat().st_size > 0
+    assert "| c captionfleet pipeline" in (tmp_path / "out" / "benchmarks-gpu-quick-table.md").read_text()
+
+
+def test_gpu_bench_says_where_to_run_it_without_a_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(gpu.torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="run this on the GPU machine"):
+        gpu.Device("cuda")
