@@ -82,25 +82,27 @@ def _caption_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 def _apply_overrides(settings: WorkerSettings, args: argparse.Namespace) -> WorkerSettings:
     """Command-line flags win over the environment; validated like the environment is."""
-    data = settings.model_dump()
+    # Only what the environment set: defaults that depend on other settings (the batch size on the
+    # device) are derived again from the final values.
+    data = settings.model_dump(exclude_unset=True)
     if args.model:
-        data["model"]["ref"] = args.model
+        data.setdefault("model", {})["ref"] = args.model
     if args.device:
-        data["model"]["device"] = args.device
+        data.setdefault("model", {})["device"] = args.device
     if args.batch_size is not None:
-        data["batch"]["max_items"] = args.batch_size
+        data.setdefault("batch", {})["max_items"] = args.batch_size
     if args.max_wait_ms is not None:
-        data["batch"]["max_wait_ms"] = args.max_wait_ms
+        data.setdefault("batch", {})["max_wait_ms"] = args.max_wait_ms
     if args.num_beams is not None:
-        data["decoding"]["num_beams"] = args.num_beams
+        data.setdefault("decoding", {})["num_beams"] = args.num_beams
     if args.max_new_tokens is not None:
-        data["decoding"]["max_new_tokens"] = args.max_new_tokens
+        data.setdefault("decoding", {})["max_new_tokens"] = args.max_new_tokens
     for flag, field in (("format", "format"), ("rows_per_part", "rows_per_part"), ("suffix", "suffixes")):
         if getattr(args, flag, None) is not None:
-            data["bulk"][field] = getattr(args, flag)
+            data.setdefault("bulk", {})[field] = getattr(args, flag)
     for flag in ("min_size", "max_size"):
         if getattr(args, flag, None) is not None:
-            data["bulk"][flag] = getattr(args, flag)
+            data.setdefault("bulk", {})[flag] = getattr(args, flag)
     return WorkerSettings.model_validate(data)
 
 

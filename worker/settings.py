@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_MODEL = "nlpconnect/vit-gpt2-image-captioning"
@@ -25,7 +25,7 @@ class ModelSettings(BaseModel):
     ref: str = DEFAULT_MODEL
     # Remote checkpoints are downloaded here once, keyed by their ETags.
     cache_dir: Path = Path("~/.cache/captionfleet/models").expanduser()
-    # "auto" picks CUDA (half precision) when present, else CPU (float32).
+    # "auto" picks CUDA when a GPU is visible, else the CPU.
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # Numeric fast path (worker/fastpath.py). "auto": fp16 on CUDA; on CPU bf16 where it has native bf16
     # matmul, else fp32 (oneDNN). "fp32" is the lossless path; int8 / int8-bf16 are faster on CPU but a
@@ -51,8 +51,16 @@ class DecodingSettings(BaseModel):
     length_penalty: float = 1.0
 
 
+# The batch size when WORKER_BATCH__MAX_ITEMS is not set, per device (WorkerSettings applies it). On CPU
+# throughput gains little past 8 while each image waits for its whole batch (full architecture, bf16, 4
+# beams, 2 threads: 4.3 images/s at 8, 4.5 at 16, 4.6 at 32); a GPU needs more rows to be busy (H200,
+# fp16, 4 beams: 144 images/s at 32, docs/benchmarks.md), and 32 is what the k8s GPU overlay sets.
+CPU_BATCH = 8
+CUDA_BATCH = 32
+
+
 class BatchSettings(BaseModel):
-    max_items: int = Field(default=8, ge=1, le=1024)
+    max_items: int = Field(default=CPU_BATCH, ge=1, le=1024)
     # The wait is counted from the first item of a batch, so a lone image waits at most this.
     max_wait_ms: int = Field(default=50, ge=0)
     # Cost limit: total source pixels in one batch (0 = no limit); bounds memory of decoded images.
@@ -227,6 +235,23 @@ class WorkerSettings(BaseSettings):
     fetch: FetchSettings = FetchSettings()
     metrics: MetricsSettings = MetricsSettings()
     shutdown: ShutdownSettings = ShutdownSettings()
+
+    @model_validator(mode="after")
+    def _batch_for_the_device(self) -> WorkerSettings:
+        if "max_items" not in self.batch.model_fields_set and runs_on_cuda(self.model.device):
+            # Constructed, not copied: max_items stays "not set by the user", so when a command-line
+            # --device changes the device the settings are validated again and this default follows.
+            values = {**self.batch.__dict__, "max_items": CUDA_BATCH}
+            self.batch = BatchSettings.model_construct(_fields_set=set(self.batch.model_fields_set), **values)
+        return self
+
+
+def runs_on_cuda(device: str) -> bool:
+    if device != "auto":
+        return device == "cuda"
+    import torch  # here, not at the top: the dashboard and the CLI's --help need no torch for settings
+
+    return bool(torch.cuda.is_available())
 
 
 class KubernetesJobEnv(BaseSettings):

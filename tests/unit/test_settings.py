@@ -1,8 +1,10 @@
+import argparse
 from pathlib import Path
 
 import pytest
 
-from worker.settings import SettingsError, WorkerSettings, load_worker_settings
+from worker.cli import _apply_overrides
+from worker.settings import CPU_BATCH, CUDA_BATCH, SettingsError, WorkerSettings, load_worker_settings
 
 
 def test_nested_environment_variables(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -39,3 +41,39 @@ def test_bad_setting_names_the_variable(monkeypatch: pytest.MonkeyPatch, var: st
         load_worker_settings()
     assert var in str(info.value)
     assert "fix:" in str(info.value)
+
+
+def _flags(**overrides: object) -> argparse.Namespace:
+    flags: dict[str, object] = dict(model=None, device=None, batch_size=None, max_wait_ms=None)
+    return argparse.Namespace(**{**flags, "num_beams": None, "max_new_tokens": None, **overrides})
+
+
+def test_the_batch_size_follows_the_device_unless_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WORKER_MODEL__DEVICE", "cpu")
+    assert load_worker_settings().batch.max_items == CPU_BATCH
+    monkeypatch.setenv("WORKER_MODEL__DEVICE", "cuda")
+    assert load_worker_settings().batch.max_items == CUDA_BATCH
+    monkeypatch.setenv("WORKER_BATCH__MAX_ITEMS", "12")
+    assert load_worker_settings().batch.max_items == 12  # what the operator set wins on any device
+
+
+def test_auto_device_batch_size_asks_torch_for_a_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert WorkerSettings().batch.max_items == CUDA_BATCH
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert WorkerSettings().batch.max_items == CPU_BATCH
+
+
+def test_command_line_device_re_derives_the_batch_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WORKER_MODEL__DEVICE", "cuda")
+    monkeypatch.setenv("WORKER_BATCH__MAX_WAIT_MS", "7")
+    on_cpu = _apply_overrides(load_worker_settings(), _flags(device="cpu"))
+    assert (on_cpu.model.device, on_cpu.batch.max_items, on_cpu.batch.max_wait_ms) == ("cpu", CPU_BATCH, 7)
+    sized = _apply_overrides(load_worker_settings(), _flags(device="cpu", batch_size=3))
+    assert sized.batch.max_items == 3
+    monkeypatch.setenv("WORKER_S3__SECRET_ACCESS_KEY", "hunter2")  # secrets survive the round trip
+    kept = _apply_overrides(load_worker_settings(), _flags(model="builtin"))
+    assert kept.model.ref == "builtin" and kept.batch.max_items == CUDA_BATCH
+    assert kept.s3.secret_access_key is not None and kept.s3.secret_access_key.get_secret_value() == "hunter2"
