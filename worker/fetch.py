@@ -42,7 +42,7 @@ from botocore.exceptions import (
     ResponseStreamingError,
 )
 
-from worker.connectors.s3 import make_s3_client, parse_s3_uri
+from worker.connectors.s3 import RetryPolicy, make_s3_client, parse_s3_uri
 from worker.settings import FetchSettings, S3Settings
 
 if TYPE_CHECKING:
@@ -141,8 +141,16 @@ class Fetcher:
         self._s3_client = s3_client
         self._client_lock = threading.Lock()
         self._slots = threading.BoundedSemaphore(settings.concurrency)
-        self._sleep = sleep
-        self._jitter = jitter
+        # Full jitter: retries from many threads spread out instead of hitting the store together.
+        self._retry = RetryPolicy(
+            attempts=settings.max_attempts,
+            base_s=settings.backoff_initial_ms / 1000,
+            max_s=settings.backoff_max_ms / 1000,
+            sleep=sleep,
+            random=jitter,
+            retryable=lambda error: isinstance(error, _Retry),
+            describe=str,
+        )
         if self.file_root is not None and not self.file_root.is_dir():
             raise ValueError(
                 f"WORKER_FETCH__FILE_ROOT={settings.file_root} is not a folder: point it at the folder "
@@ -222,26 +230,12 @@ class Fetcher:
             return self._with_retries(uri, lambda: self._get_http(target.url, uri))
 
     def _with_retries(self, uri: str, attempt: Callable[[], bytes]) -> bytes:
-        settings = self.settings
-        for number in range(1, settings.max_attempts + 1):
-            try:
-                return attempt()
-            except _Retry as error:
-                if number == settings.max_attempts:
-                    raise FetchError(error.kind, f"{error.message} (gave up after {number} attempts)") from error
-                # Full jitter: retries from many threads spread out instead of hitting the store together.
-                cap = min(settings.backoff_max_ms, settings.backoff_initial_ms * 2 ** (number - 1)) / 1000
-                delay = cap * self._jitter()
-                log.info(
-                    "fetch %s: %s; attempt %d of %d in %.2fs",
-                    uri,
-                    error.message,
-                    number + 1,
-                    settings.max_attempts,
-                    delay,
-                )
-                self._sleep(delay)
-        raise AssertionError("unreachable: the last attempt returns or raises")
+        try:
+            data, _attempts = self._retry.call(attempt, what=f"fetch {uri}")
+        except _Retry as error:
+            attempts = self.settings.max_attempts
+            raise FetchError(error.kind, f"{error.message} (gave up after {attempts} attempts)") from error
+        return data
 
     def _client(self) -> S3Client:
         with self._client_lock:

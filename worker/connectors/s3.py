@@ -292,6 +292,9 @@ class RetryPolicy:
     max_s: float = 10.0
     sleep: Callable[[float], None] = time.sleep
     random: Callable[[], float] = random.random
+    # Which errors another attempt may fix (default: S3's throttling, 5xx, timeouts, broken connections).
+    retryable: Callable[[BaseException], bool] = is_retryable
+    describe: Callable[[BaseException], str] = describe_error
 
     def backoff(self, retry: int) -> float:
         """The wait before retry number ``retry`` (1 = the first retry)."""
@@ -304,11 +307,11 @@ class RetryPolicy:
             try:
                 return fn(), attempt
             except Exception as error:
-                if attempt >= self.attempts or not is_retryable(error):
+                if attempt >= self.attempts or not self.retryable(error):
                     raise
                 wait = self.backoff(attempt)
                 log.info(
-                    "%s: %s; retry %d of %d in %.2fs", what, describe_error(error), attempt, self.attempts - 1, wait
+                    "%s: %s; retry %d of %d in %.2fs", what, self.describe(error), attempt, self.attempts - 1, wait
                 )
                 self.sleep(wait)
         raise AssertionError("unreachable: the loop returns or raises")
