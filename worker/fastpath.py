@@ -181,7 +181,7 @@ def onednn_is_faster(in_features: int, out_features: int, dtype: torch.dtype = t
 
 
 # How far a routed layer may differ from F.linear on a probe: only the summation order changes, so
-# fp32 agrees to ~1e-6; bf16 rounds its output to 8 bits of mantissa (one step: 2^-8 relative).
+# fp32 agrees to ~1e-6; bf16 rounds its output to 8 significant bits (one step: up to 2^-7 relative).
 _TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
 
 
