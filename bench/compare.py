@@ -55,7 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.chart import bar_chart
 from bench.full_checkpoint import save_full_checkpoint
 from worker import fastpath
-from worker.captioner import Captioner
+from worker.captioner import Captioner, Preprocessing
 from worker.connectors.local import iter_folder
 from worker.images import ImageLimits
 from worker.pipeline import CaptionPipeline
@@ -236,6 +236,24 @@ class Row:
         return max(self.peak_rss_mb)
 
 
+def prepare(
+    checkpoint: Path, folder: Path, n: int, make_jpegs: Callable[[Path, int], list[Path]]
+) -> tuple[Path, list[Path]]:
+    """The full-architecture checkpoint and at least ``n`` JPEGs, made once and kept in ``--work``."""
+    if not (checkpoint / "model.safetensors").exists():
+        save_full_checkpoint(checkpoint)
+    paths = sorted(folder.glob("*.jpg")) if folder.exists() else []
+    if len(paths) < n:
+        paths = make_jpegs(folder, n)
+    return checkpoint, paths
+
+
+def flops_per_image_by_beams(checkpoint: Path, photo: Path, beams: tuple[int, ...]) -> dict[int, float]:
+    plain = load_plain(checkpoint)
+    pixels = Preprocessing.from_checkpoint(checkpoint)(_open([photo]))  # the captioner's own preprocessing
+    return {b: flops_per_image(plain, pixels, b) for b in beams}
+
+
 def load_plain(path: Path) -> VisionEncoderDecoderModel:
     model = VisionEncoderDecoderModel.from_pretrained(path, use_safetensors=True)
     return model.eval()
@@ -276,8 +294,8 @@ def run_plain_batched(path: Path, photos: list[Path], n: int, batch: int, beams:
         return time.perf_counter() - start
 
 
-def load_captioner(path: Path, precision: str, beams: int) -> Captioner:
-    captioner = Captioner.from_dir(path, device="cpu", decoding=decoding(beams), precision=precision)
+def load_captioner(path: Path, precision: str, beams: int, device: str = "cpu") -> Captioner:
+    captioner = Captioner.from_dir(path, device=device, decoding=decoding(beams), precision=precision)
     # Same work per image in every row (see the module docstring).
     base = captioner.generation_config
 
@@ -369,22 +387,13 @@ def run(args: argparse.Namespace, work: Path) -> int:
     started = time.perf_counter()
     load_at_start = round(os.getloadavg()[0], 2)
 
-    checkpoint = work / "vit-gpt2-full"
-    if not (checkpoint / "model.safetensors").exists():
-        save_full_checkpoint(checkpoint)
-    folder = work / "jpegs"
-    paths = sorted(folder.glob("*.jpg")) if folder.exists() else []
-    if len(paths) < n_greedy:
-        paths = realistic_jpegs(folder, n_greedy)
+    checkpoint, paths = prepare(work / "vit-gpt2-full", work / "jpegs", n_greedy, realistic_jpegs)
     default_precision = fastpath.resolve_precision("auto", torch.device("cpu"))
     rows = make_rows(default_precision, greedy_batch, args.threads)
     print(f"setup {time.perf_counter() - started:.0f}s; default precision here: {default_precision}", flush=True)
 
-    plain = load_plain(checkpoint)
-    pixels = Captioner.from_dir(checkpoint, device="cpu", precision="fp32").preprocess(_open(paths[:1]))
-    flops_greedy = flops_per_image(plain, pixels, 1)
-    flops_beams = flops_per_image(plain, pixels, 4)
-    del plain
+    flops = flops_per_image_by_beams(checkpoint, paths[0], (1, 4))
+    flops_greedy, flops_beams = flops[1], flops[4]
     # The limit of a row is measured with the threads the row uses in all: --threads, or every core.
     cores = os.cpu_count() or 1
     rates = {torch.get_num_threads(): matmul_rates(quick)}

@@ -43,8 +43,16 @@ from transformers import GenerationConfig, ViTImageProcessor
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.chart import bar_chart
-from bench.compare import NullSink, _open, flops_per_image, gen_config, load_plain, realistic_jpegs
-from bench.full_checkpoint import save_full_checkpoint
+from bench.compare import (
+    NullSink,
+    _open,
+    flops_per_image_by_beams,
+    gen_config,
+    load_captioner,
+    load_plain,
+    prepare,
+    realistic_jpegs,
+)
 from worker import fastpath
 from worker.captioner import Captioner
 from worker.connectors.local import iter_folder
@@ -144,21 +152,6 @@ def plain_generate(checkpoint: Path, device: Device, photos: list[Path], row: Ro
         return device.timed(lambda: run(photos[:n]))
 
 
-def captioner_for(checkpoint: Path, device: Device, precision: str, beams: int) -> Captioner:
-    captioner = Captioner.from_dir(
-        checkpoint, device=device.torch.type, decoding=DecodingSettings(num_beams=beams), precision=precision
-    )
-    base = captioner.generation_config
-
-    def forced(decoding: DecodingSettings) -> GenerationConfig:  # equal work per image in every row
-        config = base(decoding)
-        config.max_new_tokens = config.min_new_tokens = TOKENS
-        return config
-
-    captioner.generation_config = forced  # type: ignore[method-assign]
-    return captioner
-
-
 def pipeline(captioner: Captioner, device: Device, folder: Path, n: int, batch: BatchSettings) -> float:
     items = list(iter_folder(folder))[:n]
     CaptionPipeline(captioner, NullSink(), batch, LIMITS).run(items[: batch.max_items])  # warm-up
@@ -210,14 +203,14 @@ def run_row(row: Row, checkpoint: Path, device: Device, photos: list[Path], fold
         images = card_images if row.name.startswith("a ") else n // 2
         row.images, seconds = images, plain_generate(checkpoint, device, photos, row, images)
     elif row.name.startswith("c "):
-        captioner = captioner_for(checkpoint, device, row.precision, row.beams)
+        captioner = load_captioner(checkpoint, row.precision, row.beams, device.torch.type)
         row.images, seconds = n, pipeline(captioner, device, folder, n, GPU_OVERLAY_BATCH)
     elif row.name.startswith("end to end"):
-        captioner = captioner_for(checkpoint, device, row.precision, 1)
+        captioner = load_captioner(checkpoint, row.precision, 1, device.torch.type)
         batch = BatchSettings(max_items=row.batch, max_wait_ms=1000, decode_threads=12, prefetch=2 * row.batch)
         row.images, seconds = n, pipeline(captioner, device, folder, n, batch)
     else:
-        captioner = captioner_for(checkpoint, device, row.precision, 1)
+        captioner = load_captioner(checkpoint, row.precision, 1, device.torch.type)
         pixels = captioner.preprocess(_open(photos[:n]))
         row.images, seconds = n, model_only(captioner, device, pixels, row.batch, "static" in row.name)
     row.seconds.append(seconds)
@@ -313,17 +306,9 @@ def run(args: argparse.Namespace, device: Device, work: Path) -> int:
     started = time.perf_counter()
     n = args.images or (256 if args.quick else 1024)
     rounds = args.rounds or (1 if args.quick else 2)
-    checkpoint = args.checkpoint or work / "vit-gpt2-full"
-    if not (checkpoint / "model.safetensors").exists():
-        save_full_checkpoint(checkpoint)
     folder = work / "jpegs"
-    photos = sorted(folder.glob("*.jpg")) if folder.exists() else []
-    if len(photos) < n:
-        photos = jpegs(folder, n)
-    plain = load_plain(checkpoint)
-    pixels = Captioner.from_dir(checkpoint, device="cpu", precision="fp32").preprocess(_open(photos[:1]))
-    flops = {beams: flops_per_image(plain, pixels, beams) for beams in (1, 4)}
-    del plain
+    checkpoint, photos = prepare(args.checkpoint or work / "vit-gpt2-full", folder, n, jpegs)
+    flops = flops_per_image_by_beams(checkpoint, photos[0], (1, 4))
     rates = matmul_rates(device, args.batch, args.quick)
     default = fastpath.resolve_precision("auto", device.torch)
     rows = make_rows(device, default, args.batch)
