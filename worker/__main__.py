@@ -28,7 +28,7 @@ from pydantic import ValidationError
 if TYPE_CHECKING:
     from worker.captioner import Captioner
 
-from worker.settings import SettingsError, WorkerSettings, load_worker_settings
+from worker.settings import SettingsError, WorkerSettings, load_worker_settings, with_overrides
 
 log = logging.getLogger("worker")
 
@@ -60,22 +60,20 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _apply_overrides(settings: WorkerSettings, args: argparse.Namespace) -> WorkerSettings:
-    data = settings.model_dump()
-    for flag, (group, field) in {
-        "model": ("model", "ref"),
-        "bootstrap": ("kafka", "bootstrap"),
-        "group_id": ("kafka", "group_id"),
-        "request_topic": ("kafka", "request_topic"),
-        "result_topic": ("kafka", "result_topic"),
-        "dead_letter_topic": ("kafka", "dead_letter_topic"),
-        "metrics_port": ("metrics", "port"),
-    }.items():
-        value = getattr(args, flag)
-        if value is not None:
-            data[group][field] = value
-    if args.log_format:
-        data["log_format"] = args.log_format
-    return WorkerSettings.model_validate(data)
+    """Command-line flags win over the environment."""
+    return with_overrides(
+        settings,
+        {
+            "model.ref": args.model,
+            "kafka.bootstrap": args.bootstrap,
+            "kafka.group_id": args.group_id,
+            "kafka.request_topic": args.request_topic,
+            "kafka.result_topic": args.result_topic,
+            "kafka.dead_letter_topic": args.dead_letter_topic,
+            "metrics.port": args.metrics_port,
+            "log_format": args.log_format or None,
+        },
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

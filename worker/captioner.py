@@ -25,7 +25,7 @@ from transformers.utils import logging as hf_logging
 from worker import fastpath
 from worker.beams import beam_group, share_cross_attention_projections
 from worker.model_store import check_checkpoint_dir
-from worker.settings import DecodingSettings
+from worker.settings import DecodingSettings, runs_on_cuda
 
 logger = logging.getLogger(__name__)
 
@@ -98,8 +98,8 @@ class Preprocessing:
 def pick_device(requested: str) -> torch.device:
     if requested == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device 'cuda' was requested but no CUDA GPU is visible; set the device to auto or cpu")
-    if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested == "auto":  # the rule lives in settings, which derives the batch size from it
+        return torch.device("cuda" if runs_on_cuda("auto") else "cpu")
     return torch.device(requested)
 
 

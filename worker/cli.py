@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from worker.model_store import ModelRefError
-from worker.settings import SettingsError, WorkerSettings, load_worker_settings
+from worker.settings import SettingsError, WorkerSettings, load_worker_settings, with_overrides
 
 EXIT_OK = 0
 EXIT_SOME_FAILED = 3  # the run completed, but some images have failure rows
@@ -81,29 +81,23 @@ def _caption_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def _apply_overrides(settings: WorkerSettings, args: argparse.Namespace) -> WorkerSettings:
-    """Command-line flags win over the environment; validated like the environment is."""
-    # Only what the environment set: defaults that depend on other settings (the batch size on the
-    # device) are derived again from the final values.
-    data = settings.model_dump(exclude_unset=True)
-    if args.model:
-        data.setdefault("model", {})["ref"] = args.model
-    if args.device:
-        data.setdefault("model", {})["device"] = args.device
-    if args.batch_size is not None:
-        data.setdefault("batch", {})["max_items"] = args.batch_size
-    if args.max_wait_ms is not None:
-        data.setdefault("batch", {})["max_wait_ms"] = args.max_wait_ms
-    if args.num_beams is not None:
-        data.setdefault("decoding", {})["num_beams"] = args.num_beams
-    if args.max_new_tokens is not None:
-        data.setdefault("decoding", {})["max_new_tokens"] = args.max_new_tokens
-    for flag, field in (("format", "format"), ("rows_per_part", "rows_per_part"), ("suffix", "suffixes")):
-        if getattr(args, flag, None) is not None:
-            data.setdefault("bulk", {})[field] = getattr(args, flag)
-    for flag in ("min_size", "max_size"):
-        if getattr(args, flag, None) is not None:
-            data.setdefault("bulk", {})[flag] = getattr(args, flag)
-    return WorkerSettings.model_validate(data)
+    """Command-line flags win over the environment."""
+    return with_overrides(
+        settings,
+        {
+            "model.ref": args.model or None,
+            "model.device": args.device or None,
+            "batch.max_items": args.batch_size,
+            "batch.max_wait_ms": args.max_wait_ms,
+            "decoding.num_beams": args.num_beams,
+            "decoding.max_new_tokens": args.max_new_tokens,
+            "bulk.format": getattr(args, "format", None),
+            "bulk.rows_per_part": getattr(args, "rows_per_part", None),
+            "bulk.suffixes": getattr(args, "suffix", None),
+            "bulk.min_size": getattr(args, "min_size", None),
+            "bulk.max_size": getattr(args, "max_size", None),
+        },
+    )
 
 
 def _cmd_caption(args: argparse.Namespace) -> int:

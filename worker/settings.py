@@ -247,6 +247,7 @@ class WorkerSettings(BaseSettings):
 
 
 def runs_on_cuda(device: str) -> bool:
+    """Where a model setting runs: "auto" means the GPU when one is visible (captioner.pick_device too)."""
     if device != "auto":
         return device == "cuda"
     import torch  # here, not at the top: the dashboard and the CLI's --help need no torch for settings
@@ -277,6 +278,22 @@ def load_worker_settings() -> WorkerSettings:
         return WorkerSettings()
     except ValidationError as error:
         raise SettingsError(describe_validation_error(error, "WORKER_")) from error
+
+
+def with_overrides(settings: WorkerSettings, overrides: dict[str, Any]) -> WorkerSettings:
+    """Command-line values (``{"batch.max_items": 3}``; None = flag not given) win over the environment,
+    validated like the environment is. Only what the environment set is carried over, so defaults that
+    depend on other settings (the batch size on the device) are derived again from the final values."""
+    data = settings.model_dump(exclude_unset=True)
+    for path, value in overrides.items():
+        if value is None:
+            continue
+        *groups, field = path.split(".")
+        target = data
+        for group in groups:
+            target = target.setdefault(group, {})
+        target[field] = value
+    return WorkerSettings.model_validate(data)
 
 
 def load_kubernetes_job_env() -> KubernetesJobEnv:

@@ -77,3 +77,27 @@ def test_command_line_device_re_derives_the_batch_size(monkeypatch: pytest.Monke
     kept = _apply_overrides(load_worker_settings(), _flags(model="builtin"))
     assert kept.model.ref == "builtin" and kept.batch.max_items == CUDA_BATCH
     assert kept.s3.secret_access_key is not None and kept.s3.secret_access_key.get_secret_value() == "hunter2"
+
+
+def test_worker_flags_keep_the_environment_and_the_device_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    from worker.__main__ import _apply_overrides as worker_overrides
+    from worker.__main__ import _parser as worker_parser
+
+    monkeypatch.setenv("WORKER_MODEL__DEVICE", "cuda")
+    monkeypatch.setenv("WORKER_KAFKA__GROUP_ID", "from-env")
+    monkeypatch.setenv("WORKER_S3__SECRET_ACCESS_KEY", "hunter2")
+    args = worker_parser().parse_args(["--bootstrap", "kafka:9092", "--metrics-port", "9500", "--log-format", "json"])
+    settings = worker_overrides(load_worker_settings(), args)
+    assert (settings.kafka.bootstrap, settings.kafka.group_id) == ("kafka:9092", "from-env")
+    assert (settings.metrics.port, settings.log_format) == (9500, "json")
+    assert settings.batch.max_items == CUDA_BATCH and "max_items" not in settings.batch.model_fields_set
+    assert settings.s3.secret_access_key is not None and settings.s3.secret_access_key.get_secret_value() == "hunter2"
+
+
+def test_a_bad_flag_value_is_validated_like_the_environment() -> None:
+    from pydantic import ValidationError
+
+    from worker.settings import with_overrides
+
+    with pytest.raises(ValidationError, match="max_items"):
+        with_overrides(WorkerSettings(), {"batch.max_items": 0, "decoding.num_beams": None})
