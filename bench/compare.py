@@ -612,7 +612,7 @@ def build_report(
         layouts[per_core["precision"]] = round(per_core["images_per_s"] / one_process["images_per_s"], 2)
     return {
         "machine": {
-            "cpu": _cpu_name(),
+            "cpu": _cpu_identity(),
             "cores": os.cpu_count(),
             "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__,
@@ -638,14 +638,40 @@ def _model_only(rows: list[dict[str, Any]], precision: str) -> dict[str, Any]:
     return next(r for r in rows if f"{r['name']} ".startswith(f"model only {precision} "))
 
 
-def _cpu_name() -> str:
+def _cpu_identity() -> dict[str, Any]:
+    """Name, family/model and the microarchitecture where we know it: "AMD EPYC" alone hides whether
+    AVX-512 runs on full-width units (Zen 5) or on 256-bit halves (Zen 4), which halves every limit."""
+    fields: dict[str, str] = {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+            key, _, value = line.partition(":")
+            if not key.strip():
+                break  # the first processor's block is enough
+            fields.setdefault(key.strip(), value.strip())
     except OSError:
-        pass
-    return platform.processor()
+        return {"name": platform.processor()}
+    family, model = int(fields.get("cpu family", "-1")), int(fields.get("model", "-1"))
+    flags = set(fields.get("flags", "").split())
+    return {
+        "name": fields.get("model name", platform.processor()),
+        "family": family,
+        "model": model,
+        "microarchitecture": _amd_microarchitecture(fields.get("vendor_id", ""), family, model),
+        "flags": sorted(flags & {"avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8"}),
+    }
+
+
+def _amd_microarchitecture(vendor: str, family: int, model: int) -> str:
+    """AMD's family/model numbers (AMD's processor programming references); "unknown" elsewhere."""
+    if vendor != "AuthenticAMD":
+        return "unknown"
+    if family == 0x1A:
+        return "Zen 5"
+    if family == 0x19:
+        return "Zen 4" if 0x10 <= model <= 0x1F or 0x60 <= model <= 0xAF else "Zen 3"
+    if family == 0x17:
+        return "Zen / Zen 2"
+    return "unknown"
 
 
 def markdown_table(report: dict[str, Any]) -> str:
