@@ -173,6 +173,7 @@ class Captioner:
         model.eval()
         share_cross_attention_projections(model)  # before optimize(), which converts what it wraps
         model, input_dtype = fastpath.optimize(model, resolved, torch_device)
+        fastpath.return_freed_heap()  # what loading and converting freed, out of the RSS
         tokenizer = AutoTokenizer.from_pretrained(path)
         version = checkpoint_version(path)
         logger.info("loaded model %s from %s on %s (%s)", version, path, torch_device, resolved)
