@@ -315,3 +315,17 @@ def test_a_listing_that_fails_half_way_keeps_the_parts_and_writes_no_marker() ->
     resumed = run(s3)
     assert (resumed.skipped, resumed.complete) == (10, True)
     assert len(all_rows(s3)) == 23
+
+
+@pytest.mark.parametrize("separator", ["\u2028", "\u2029", "\u0085"])
+def test_a_jsonl_shard_with_unicode_line_separators_in_keys_resumes(separator: str) -> None:
+    # json.dumps(ensure_ascii=False) leaves these unescaped; str.splitlines() would cut the row in two.
+    s3 = FakeS3()
+    s3.buckets.add("out")
+    s3.put("src", f"imgs/a{separator}b.png", png(3))
+    s3.put("src", "imgs/c.png", png(4))
+    first = run(s3, settings=settings(format="jsonl"))
+    assert (first.done, first.failed) == (2, 0)
+    assert sorted(r["key"] for r in all_rows(s3)) == sorted([f"imgs/a{separator}b.png", "imgs/c.png"])
+    again = run(s3, settings=settings(format="jsonl"))
+    assert (again.skipped, again.done) == (2, 0)

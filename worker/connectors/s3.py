@@ -568,8 +568,14 @@ def encode_part(rows: list[dict[str, Any]], fmt: str) -> bytes:
 def decode_part(data: bytes, fmt: str, columns: list[str] | None = None) -> list[dict[str, Any]]:
     if fmt == "parquet":
         return pq.read_table(io.BytesIO(data), columns=columns).to_pylist()
-    rows = [json.loads(line) for line in data.decode("utf-8").splitlines() if line.strip()]
+    rows = [json.loads(line) for line in _jsonl_lines(data)]
     return [{name: row.get(name) for name in columns} for row in rows] if columns else rows
+
+
+def _jsonl_lines(data: bytes) -> list[str]:
+    # "\n" only: str.splitlines() also breaks at U+2028/U+2029/U+0085, which json.dumps(ensure_ascii=False)
+    # leaves unescaped inside strings, so a key containing one would read back as two broken lines.
+    return [line for line in data.decode("utf-8").split("\n") if line.strip()]
 
 
 def _drop_rows(data: bytes, fmt: str, drop: set[int]) -> tuple[bytes, int]:
@@ -581,7 +587,7 @@ def _drop_rows(data: bytes, fmt: str, drop: set[int]) -> tuple[bytes, int]:
         buf = io.BytesIO()
         pq.write_table(kept, buf, compression="zstd")
         return buf.getvalue(), kept.num_rows
-    lines = [line for line in data.decode("utf-8").splitlines() if line.strip()]
+    lines = _jsonl_lines(data)
     kept_lines = [line for i, line in enumerate(lines) if i not in drop]
     return ("".join(line + "\n" for line in kept_lines)).encode("utf-8"), len(kept_lines)
 
