@@ -80,17 +80,24 @@ def run_caption_job(
     running it again; ``overwrite`` starts over.
     """
     root = Path(source)
+    own_files = frozenset({out.resolve(), out.with_name(out.name + ".parts").resolve()})
+    # Listed (a bad source fails here) and, when starting over, the model loaded (a bad --model fails
+    # here) before the sink opens: --overwrite must not empty the results of a run that cannot start.
+    items = [item for item in iter_folder(root, exclude=own_files) if not _inside(item.path, own_files)]
+    if overwrite and items:
+        captioner = captioner or load_captioner(settings)
     sink = open_file_sink(out, overwrite=overwrite)
     done = sink.done_ids()
-    own_files = frozenset({out.resolve(), out.with_name(out.name + ".parts").resolve()})
-    items = [item for item in iter_folder(root, exclude=own_files) if not _inside(item.path, own_files)]
     todo = [item for item in items if item.id not in done]
     summary = BulkSummary(total=len(items), skipped=len(items) - len(todo), done=0)
     if not todo:
         sink.close()
         return summary
-
-    captioner = captioner or load_captioner(settings)
+    try:
+        captioner = captioner or load_captioner(settings)
+    except BaseException:
+        sink.close()  # rows already there stay as they are
+        raise
     summary.model_version = captioner.version
     progress = tqdm(total=len(todo), unit="img", disable=not show_progress, dynamic_ncols=True)
 

@@ -408,6 +408,8 @@ def run_s3_caption_job(
             f"no objects under {src_uri}: check the bucket and prefix (keys are case-sensitive, and the prefix is "
             "a folder: s3://bucket/photos lists photos/...); nothing was written"
         )
+    if options.overwrite:
+        captioner = captioner or load_captioner(settings)  # a bad --model fails before --overwrite deletes
     store = PartStore(client, out_bucket, out_prefix + shard.name + "/", fmt=bulk.format, retry=retry)
     try:
         if options.overwrite:

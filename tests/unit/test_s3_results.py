@@ -329,3 +329,22 @@ def test_a_jsonl_shard_with_unicode_line_separators_in_keys_resumes(separator: s
     assert sorted(r["key"] for r in all_rows(s3)) == sorted([f"imgs/a{separator}b.png", "imgs/c.png"])
     again = run(s3, settings=settings(format="jsonl"))
     assert (again.skipped, again.done) == (2, 0)
+
+
+def test_overwrite_with_a_model_that_cannot_load_deletes_nothing(tmp_path: Any) -> None:
+    from worker.model_store import ModelRefError
+
+    s3 = archive()
+    run(s3)
+    parts_before = {k: v for k, v in s3.objects.items() if k[0] == "out"}
+    broken = WorkerSettings(s3=S3Settings(endpoint_url="http://fake-s3"), model={"ref": str(tmp_path / "nothing")})  # type: ignore[arg-type]
+    with pytest.raises(ModelRefError):
+        run_s3_caption_job(
+            "s3://src/imgs",
+            "s3://out/res",
+            broken,
+            options=S3JobOptions(overwrite=True),
+            show_progress=False,
+            client=s3,
+        )
+    assert {k: v for k, v in s3.objects.items() if k[0] == "out"} == parts_before

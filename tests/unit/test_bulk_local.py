@@ -1,0 +1,56 @@
+"""The local folder job: --overwrite empties old results only once the run can really start."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image
+
+from tests.unit.test_s3_retry import FakeCaptioner
+from worker.bulk import run_caption_job
+from worker.model_store import ModelRefError
+from worker.settings import WorkerSettings
+from worker.sinks import read_rows
+
+
+def folder(tmp_path: Path, n: int) -> Path:
+    root = tmp_path / "photos"
+    root.mkdir()
+    for i in range(n):
+        buf = io.BytesIO()
+        Image.new("RGB", (8, 8), (i * 20, 0, 0)).save(buf, "PNG")
+        (root / f"{i}.png").write_bytes(buf.getvalue())
+    return root
+
+
+def caption(root: Path, out: Path, captioner: Any = None, **settings: Any) -> Any:
+    config = WorkerSettings(batch={"max_items": 2, "max_wait_ms": 5}, **settings)  # type: ignore[arg-type]
+    return run_caption_job(str(root), out, config, overwrite=True, show_progress=False, captioner=captioner)
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
+def test_overwrite_with_a_bad_source_or_model_keeps_the_old_results(tmp_path: Path, suffix: str) -> None:
+    root, out = folder(tmp_path, 3), tmp_path / f"captions{suffix}"
+    first = caption(root, out, FakeCaptioner())
+    assert first.done == 3
+    before = out.read_bytes()
+
+    with pytest.raises(NotADirectoryError):
+        caption(tmp_path / "photoz", out, FakeCaptioner())  # a typo in the source
+    assert out.read_bytes() == before
+
+    with pytest.raises(ModelRefError):
+        caption(root, out, model={"ref": str(tmp_path / "no-such-model")})
+    assert out.read_bytes() == before
+    assert sorted(r["id"] for r in read_rows(out)) == ["0.png", "1.png", "2.png"]
+
+
+def test_overwrite_that_can_start_replaces_the_rows(tmp_path: Path) -> None:
+    root, out = folder(tmp_path, 2), tmp_path / "captions.jsonl"
+    caption(root, out, FakeCaptioner())
+    again = caption(root, out, FakeCaptioner())
+    assert (again.skipped, again.done) == (0, 2)
+    assert len(read_rows(out)) == 2
