@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import asdict, dataclass, field
 from typing import Any, get_args
 
@@ -45,3 +47,47 @@ class Result:
 
     def to_row(self) -> dict[str, Any]:
         return asdict(self)
+
+
+# Fields a result or dead letter passes through from the request, largest first to give way.
+PASSED_THROUGH = ("request", "metadata")
+PREVIEW_CHARS = 1000
+
+
+def encode_json(value: Any) -> bytes:
+    """A result or dead letter as the bytes of its Kafka message."""
+    # default=str: metadata passed through may hold anything JSON had; nothing else reaches here.
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=str).encode("utf-8")
+
+
+def fit_value(value: dict[str, Any], limit: int) -> dict[str, Any]:
+    """``value``, or a copy whose passed-through fields are summaries, so that its encoding fits in
+    ``limit`` bytes.
+
+    Why: a request near the broker's size limit comes back larger (its dead letter carries it whole,
+    undecodable bytes escaped, and its metadata again); a send over the limit fails, and a worker that
+    cannot answer a message fails on it again after every restart. The summary keeps what is needed to
+    find the original (size, sha256, a preview; the message's topic/partition/offset are in ``source``).
+    """
+    if len(encode_json(value)) <= limit:
+        return value
+    fitted = dict(value)
+    for name in PASSED_THROUGH:
+        if fitted.get(name):
+            fitted[name] = _summary(encode_json(fitted[name]))
+            if len(encode_json(fitted)) <= limit:
+                return fitted
+    # Still too large: the remaining text fields (a huge uri or error message) are cut to a preview.
+    for name, field_value in fitted.items():
+        if isinstance(field_value, str) and len(field_value) > PREVIEW_CHARS:
+            fitted[name] = field_value[:PREVIEW_CHARS] + "...[truncated]"
+    return fitted
+
+
+def _summary(raw: bytes) -> dict[str, Any]:
+    return {
+        "truncated": True,
+        "bytes": len(raw),
+        "sha256": hashlib.sha256(raw).hexdigest(),
+        "preview": raw[:PREVIEW_CHARS].decode("utf-8", errors="replace"),
+    }

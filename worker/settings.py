@@ -169,6 +169,10 @@ class KafkaSettings(BaseModel):
     produce_timeout_s: float = Field(default=30.0, gt=0)
     # Results are small; a few ms of linger batches them without adding visible latency.
     linger_ms: int = Field(default=5, ge=0)
+    # The largest message the producer sends (its max_request_size); keep it at or below the topics'
+    # max.message.bytes. Results and dead letters that would be larger carry a summary of the request's
+    # passed-through fields instead: a message that cannot be sent would stop the worker on every restart.
+    max_message_bytes: int = Field(default=1_000_000, ge=64 * 1024)
     # Broker security: PLAINTEXT for an in-cluster broker; SASL_SSL for managed Kafka (MSK, Confluent
     # Cloud, Event Hubs, ...); SSL alone for TLS or mutual TLS.
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"

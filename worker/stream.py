@@ -46,7 +46,7 @@ from kafka import TopicPartition
 from worker.captioner import Captioner
 from worker.fetch import Fetcher, FetchError
 from worker.images import ImageLimits
-from worker.messages import FETCH_FAILURE, Result
+from worker.messages import FETCH_FAILURE, Result, fit_value
 from worker.metrics import Health, WorkerMetrics
 from worker.pipeline import CaptionPipeline, Item
 from worker.requests import MALFORMED, MalformedMessage, Request, parse_message
@@ -296,6 +296,8 @@ class StreamWorker:
         self._model_thread = threading.Thread(target=self._run_model, name="model", daemon=True)
         # A revocation waits this long for in-flight work before giving it up to the next owner. It runs
         # on kafka-python's IO thread, so it holds up this member's heartbeats: stay well inside the session.
+        # Room for the key (ids are at most 1024 characters, 4 bytes each in UTF-8) and the record's framing.
+        self._max_value_bytes = self.kafka.max_message_bytes - 8 * 1024
         self._revoke_drain_s = min(self.kafka.session_timeout_ms / 3, self.kafka.max_poll_interval_ms / 2) / 1000
         self.metrics.model.info({"version": captioner.version, "source": str(getattr(captioner, "source", ""))})
 
@@ -491,7 +493,7 @@ class StreamWorker:
             for absent in ("error_kind", "error_message"):
                 row.pop(absent)
             row.update(metadata=item.request.metadata, end_to_end_ms=latency_ms, worker=self.name)
-            self.output.send(self.kafka.result_topic, item.id, row)
+            self.output.send(self.kafka.result_topic, item.id, fit_value(row, self._max_value_bytes))
             self.metrics.images.labels("captioned").inc()
             if result.queue_ms is not None:
                 self.metrics.queue_wait.observe(result.queue_ms / 1000)
@@ -547,7 +549,7 @@ class StreamWorker:
             value["bytes"] = result.bytes
         # Without an id (a message we could not read), its coordinates are the key: unique and findable.
         key = request_id if request_id is not None else f"{origin.topic}/{origin.partition}/{origin.offset}"
-        self.output.send(self.kafka.dead_letter_topic, key, value)
+        self.output.send(self.kafka.dead_letter_topic, key, fit_value(value, self._max_value_bytes))
         self.metrics.failures.labels(kind).inc()
         log.warning(
             "failed id=%s uri=%s kind=%s at %s: %s",

@@ -12,6 +12,7 @@ from typing import Any
 from kafka import TopicPartition
 
 from worker.captioner import Captioner
+from worker.messages import encode_json
 from worker.settings import DecodingSettings
 from worker.stream import Rebalance
 
@@ -39,8 +40,13 @@ class MemoryOutput:
     flushes: int = 0
     fail_flush: bool = False
     closed: bool = False
+    # Like the producer's max_request_size: a larger message fails at send().
+    max_bytes: int | None = None
 
     def send(self, topic: str, key: str, value: dict[str, Any]) -> None:
+        size = len(key.encode()) + len(encode_json(value))
+        if self.max_bytes is not None and size > self.max_bytes:
+            raise OutputFailedError(f"message of {size} bytes is larger than max_request_size {self.max_bytes}")
         self.sent.append((topic, key, value))
 
     def flush(self) -> None:

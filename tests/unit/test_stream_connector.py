@@ -8,7 +8,8 @@ from typing import Any
 import pytest
 from kafka.errors import KafkaTimeoutError
 
-from worker.connectors.kafka import BootstrapError, KafkaOutput, bootstrap_servers, consumer_config, encode_json
+from worker.connectors.kafka import BootstrapError, KafkaOutput, bootstrap_servers, consumer_config
+from worker.messages import encode_json
 from worker.settings import KafkaSettings
 
 
@@ -78,3 +79,15 @@ def test_flush_timeout_names_the_setting() -> None:
     output = KafkaOutput(FakeProducer(flush_error=KafkaTimeoutError()), timeout_s=1)  # type: ignore[arg-type]
     with pytest.raises(Exception, match="WORKER_KAFKA__PRODUCE_TIMEOUT_S"):
         output.flush()
+
+
+def test_fit_value_summarises_passed_through_fields_then_cuts_long_text() -> None:
+    from worker.messages import fit_value
+
+    small = {"id": "a", "metadata": {"album": 7}}
+    assert fit_value(small, 1000) is small
+    big = {"id": "a", "uri": "s3://b/" + "k" * 5000, "request": {"blob": "x" * 5000}, "metadata": {"m": "y" * 5000}}
+    fitted = fit_value(big, 4000)
+    assert fitted["request"]["truncated"] and fitted["metadata"]["truncated"]
+    assert fitted["uri"].endswith("...[truncated]") and len(encode_json(fitted)) <= 4000
+    assert big["request"] == {"blob": "x" * 5000}  # the original is not changed

@@ -177,6 +177,28 @@ def test_every_request_answered_once_and_committed_only_after_ack(make: Any, roo
         assert sample("captionfleet_consumer_lag", {"topic": TOPIC, "partition": str(partition)}) == 0
 
 
+def test_messages_too_large_to_answer_whole_are_answered_with_summaries(make: Any, root: Path) -> None:
+    # A binary value escapes to ~5x its size in its dead letter, and metadata comes back in the result:
+    # both would exceed the producer's limit, fail the send and stop the worker at the same offset forever.
+    source, output = new_pair(partitions=1)
+    output.max_bytes = 64 * 1024
+    good = f"file://{root}/good.jpg"
+    source.append(0, bytes(range(128, 256)) * 400, key=b"blob", answers=["blob"])  # 51 KB, not UTF-8
+    source.append(0, request("big", good, notes="x" * 60_000), answers=["big"])
+    source.append(0, request("after", good), answers=["after"])
+    running, _ = make(source, output, max_message_bytes=64 * 1024)
+
+    wait_for(lambda: len(output.sent) == 3 and all_committed(source), what="all answered and committed")
+    assert running.stop().exit_code == EXIT_OK
+    assert source.violations == []
+    dead = dict((key, value) for topic, key, value in output.sent if topic == DEAD)
+    assert dead["blob"]["kind"] == "malformed" and dead["blob"]["request"]["truncated"] is True
+    assert dead["blob"]["request"]["bytes"] > 64 * 1024 and len(dead["blob"]["request"]["sha256"]) == 64
+    results = {value["id"]: value for value in output.values(RESULTS)}
+    assert results["big"]["caption"] and results["big"]["metadata"]["truncated"] is True
+    assert results["after"]["metadata"] == {}  # small messages pass whole
+
+
 def test_batches_span_partitions(make: Any, root: Path) -> None:
     source, output = new_pair()
     for i in range(8):

@@ -11,7 +11,6 @@ member rejoins, and the partition's next owner starts right after our last resul
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 from collections.abc import Iterable
@@ -20,6 +19,7 @@ from typing import Any
 from kafka import AsyncConsumerRebalanceListener, KafkaConsumer, KafkaProducer, OffsetAndMetadata, TopicPartition
 from kafka import errors as kafka_errors
 
+from worker.messages import encode_json
 from worker.settings import KafkaSettings
 from worker.stream import CommitRejectedError, Rebalance
 
@@ -130,15 +130,11 @@ def make_producer(settings: KafkaSettings, client_id: str) -> KafkaProducer:
         enable_idempotence=True,
         linger_ms=settings.linger_ms,
         delivery_timeout_ms=delivery_ms,
+        max_request_size=settings.max_message_bytes,
         # kafka-python requires delivery > linger + request timeout: leave room for a retry or two.
         request_timeout_ms=max(500, min(30_000, delivery_ms // 2 - settings.linger_ms)),
         **security_config(settings),
     )
-
-
-def encode_json(value: Any) -> bytes:
-    # default=str: metadata passed through may hold anything JSON had; nothing else reaches here.
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=str).encode("utf-8")
 
 
 class KafkaOutput:
