@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from trainer.data import DataError
 from trainer.model import METADATA_FILE, ModelBundle, load_checkpoint
 
 log = logging.getLogger(__name__)
@@ -131,13 +132,40 @@ def find_resume(run_dir: Path) -> Path | None:
     return None
 
 
-def load_resume(run_dir: Path) -> ResumeState | None:
+# A DataError, so the CLI reports it in one line (exit 1) like the other reasons a run cannot start.
+class ResumeMismatchError(DataError):
+    """The run folder holds a checkpoint of a run with other settings."""
+
+
+def fingerprint_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """``field: old -> new`` for each run-defining setting that differs. A setting only one side has
+    (added to or removed from TrainerSettings since the checkpoint) is skipped: it cannot be compared."""
+    return [f"{k}: {saved[k]!r} -> {v!r}" for k, v in current.items() if k in saved and saved[k] != v]
+
+
+def check_fingerprint(path: Path, saved: dict[str, Any] | None, current: dict[str, Any]) -> None:
+    if saved is None:
+        log.warning("%s predates settings fingerprints: resuming it without comparing settings", path)
+        return
+    changes = fingerprint_changes(saved, current)
+    if changes:
+        raise ResumeMismatchError(
+            f"{path} is a checkpoint of a run with other settings ({'; '.join(changes)}); resuming would "
+            "continue that run as if it were this one. To start a new run in its place pass --no-resume "
+            "(TRAINER_RESUME=false), or give this run another --run-dir (or --out-dir)"
+        )
+
+
+def load_resume(run_dir: Path, *, fingerprint: dict[str, Any]) -> ResumeState | None:
+    """The checkpoint to continue from, if any. ``fingerprint`` (TrainerSettings.fingerprint) must
+    match the one saved with it: a run only continues under the settings that define it."""
     path = find_resume(run_dir)
     if path is None:
         return None
     state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
-    model, processor, tokenizer = load_checkpoint(path / MODEL_SUBDIR)
     extra = json.loads(state["extra"])
+    check_fingerprint(path, extra.get("fingerprint"), fingerprint)  # before loading weights: refusing is quick
+    model, processor, tokenizer = load_checkpoint(path / MODEL_SUBDIR)
     bundle = ModelBundle(model, processor, tokenizer, extra.pop("parent", None))
     return ResumeState(bundle, int(state["step"]), state["optimizer"], state["scaler"], extra, state["rng"], path)
 

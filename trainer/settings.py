@@ -16,6 +16,35 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from trainer.scratch import ScratchSizes
 from worker.settings import DecodingSettings, S3Settings, SettingsError, describe_validation_error
 
+# Settings a resumed run may change from the run it continues. Every other setting defines the run
+# (data, model, optimisation): a checkpoint only resumes under the values it was written with, see
+# TrainerSettings.fingerprint. A new setting defines the run unless it is added here, with why.
+RESUME_MAY_CHANGE = frozenset(
+    {
+        "max_steps",  # the step budget: raising it is how a finished or stopped run is extended
+        "name",  # only labels the published version string; the weights do not depend on it
+        "out_dir",  # where the finished model is written, not what is trained
+        "run_dir",  # where the checkpoint lives; a run folder may be moved
+        "cache_dir",  # where remote init_from checkpoints are cached: the same files wherever they are
+        "load_threads",  # how fast file data sets are read, not what is read
+        "device",  # a run may continue on another machine; the checkpoint is device-independent
+        "dtype",  # compute precision of the same steps ("auto" already differs from machine to machine)
+        "threads",  # CPU threads: speed only
+        "eval_interval",  # how often to validate and checkpoint, not what is trained
+        "eval_batches",  # how much validation loss is averaged over: a report, not training
+        "eval_caption_samples",  # captions sampled at each evaluation: a report, not training
+        "resume",  # the switch itself (only compared when it is on)
+        "log_interval",  # logging only
+        "progress",  # progress bar only
+        "decoding",  # decoding for the final evaluation, after training
+        "s3",  # endpoint and credentials for the same objects; they may rotate between attempts
+        "publish_to",  # where the finished model is uploaded, after training
+        "gate_metric",  # the quality gate judges the finished model, after training
+        "gate_tolerance",  # the quality gate judges the finished model, after training
+        "eval_set_size",  # the registry's fixed evaluation set, drawn after training
+    }
+)
+
 
 class TrainerSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="TRAINER_", env_nested_delimiter="__", env_file=".env", extra="ignore")
@@ -109,7 +138,8 @@ class TrainerSettings(BaseSettings):
     eval_batches: int = Field(default=4, ge=1)
     # Val images captioned at each interval through the worker's captioner (0 = loss only).
     eval_caption_samples: int = Field(default=64, ge=0)
-    # Continue from run_dir's checkpoint when there is one (same step, same optimizer state).
+    # Continue from run_dir's checkpoint when there is one (same step, same optimizer state); refused
+    # when it was written under other run-defining settings (all but RESUME_MAY_CHANGE).
     resume: bool = True
     # Print a line (besides the progress bar) every this many steps.
     log_interval: int = Field(default=50, ge=1)
@@ -168,6 +198,11 @@ class TrainerSettings(BaseSettings):
     def recorded(self) -> dict[str, Any]:
         """What goes into captionfleet.json: everything but secrets."""
         return self.model_dump(mode="json", exclude={"s3": {"access_key_id", "secret_access_key"}})
+
+    def fingerprint(self) -> dict[str, Any]:
+        """The settings that define the run (all but RESUME_MAY_CHANGE), saved with each checkpoint:
+        resuming under other values would silently continue a different run."""
+        return {k: v for k, v in self.recorded().items() if k not in RESUME_MAY_CHANGE}
 
 
 def load_trainer_settings(**overrides: Any) -> TrainerSettings:

@@ -6,7 +6,8 @@
 
 A run killed at any point continues from its last checkpoint when started again with the same
 settings: same step, same optimizer state, same data order (batches are a pure function of the
-seed and the step, see trainer.preprocess.batch_indices).
+seed and the step, see trainer.preprocess.batch_indices). Started again with other settings that
+define the run (TrainerSettings.fingerprint), it refuses to resume rather than continue the old run.
 """
 
 from __future__ import annotations
@@ -203,7 +204,9 @@ def train(
         torch.backends.cudnn.allow_tf32 = True
 
     # -- model (resumed, fine-tuned or new) and data --------------------------------------------------
-    resume = load_resume(run_dir) if settings.resume else None
+    # Refused when the checkpoint's run had other run-defining settings (data, seed, batch size...):
+    # continuing it would train on, or publish again, that run recorded with this one's settings.
+    resume = load_resume(run_dir, fingerprint=settings.fingerprint()) if settings.resume else None
     bundle: ModelBundle
     if resume is not None:
         bundle = resume.bundle
@@ -317,7 +320,11 @@ def train(
                 step=step,
                 optimizer=optimizer,
                 scaler=scaler,
-                extra={"train_seconds": train_seconds, "settings": settings.recorded()},
+                extra={
+                    "train_seconds": train_seconds,
+                    "settings": settings.recorded(),
+                    "fingerprint": settings.fingerprint(),
+                },
             )
             entry: dict[str, Any] = {"step": step, "val_loss": round(val_loss, 5), "train_loss": round(loss_sum, 5)}
             quick = quick_caption_eval(resume_model_dir(run_dir), splits.val, settings)
