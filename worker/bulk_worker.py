@@ -12,16 +12,12 @@ from __future__ import annotations
 import logging
 import sys
 
+from worker.exit_codes import EXIT_INTERRUPTED, EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, exit_for_access_error
 from worker.messages import Result
 from worker.metrics import Health, MetricsPortError, WorkerMetrics, serve_metrics
 from worker.settings import WorkerSettings, load_kubernetes_job_env
 
 log = logging.getLogger(__name__)
-
-EXIT_OK = 0
-EXIT_USAGE = 2
-EXIT_SOME_FAILED = 3
-EXIT_INTERRUPTED = 130
 
 
 def record(metrics: WorkerMetrics, health: Health, result: Result) -> None:
@@ -73,7 +69,10 @@ def run_bulk_worker(settings: WorkerSettings, source: str, out: str) -> int:
                 captioner=captioner,
                 on_result=lambda result: record(metrics, health, result),
             )
-        except (S3AccessError, S3JobError, ValueError) as error:
+        except S3AccessError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return exit_for_access_error(error)
+        except (S3JobError, ValueError) as error:
             print(f"error: {error}", file=sys.stderr)
             return EXIT_USAGE
         for line in summary.lines():

@@ -7,12 +7,9 @@ import logging
 import sys
 from pathlib import Path
 
+from worker.exit_codes import EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, exit_for_access_error
 from worker.model_store import ModelRefError
 from worker.settings import SettingsError, WorkerSettings, load_worker_settings, with_overrides
-
-EXIT_OK = 0
-EXIT_SOME_FAILED = 3  # the run completed, but some images have failure rows
-EXIT_USAGE = 2  # bad arguments, settings or model reference: nothing was captioned
 
 
 def _caption_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -137,7 +134,10 @@ def _cmd_caption(args: argparse.Namespace) -> int:
             s3_summary = run_s3_caption_job(
                 args.src, args.out, settings, options=options, show_progress=not args.no_progress
             )
-        except (SettingsError, S3AccessError, S3JobError, ModelRefError, ValueError) as error:
+        except S3AccessError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return exit_for_access_error(error)
+        except (SettingsError, S3JobError, ModelRefError, ValueError) as error:
             print(f"error: {error}", file=sys.stderr)
             return EXIT_USAGE
         for line in s3_summary.lines():

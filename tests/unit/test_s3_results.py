@@ -27,6 +27,7 @@ from worker.connectors.s3 import (
     S3ResultSink,
     decode_part,
 )
+from worker.exit_codes import EXIT_TEMPFAIL, EXIT_USAGE, exit_for_access_error
 from worker.messages import Result
 from worker.settings import BulkS3Settings, S3Settings, WorkerSettings
 from worker.sharding import ShardSpec, shard_of
@@ -305,8 +306,9 @@ def test_a_listing_that_fails_half_way_keeps_the_parts_and_writes_no_marker() ->
                 s3.fail("ListObjectsV2", "imgs/", client_error("AccessDenied", 403, "ListObjectsV2"))
 
     s3.on_call = deny_after_first_page
-    with pytest.raises(S3AccessError, match="access denied to list s3://src/imgs/"):
+    with pytest.raises(S3AccessError, match="access denied to list s3://src/imgs/") as denied:
         run(s3, settings=settings(list_page_size=10, rows_per_part=2))
+    assert exit_for_access_error(denied.value) == EXIT_USAGE  # a refusal: retrying the Job cannot help
     rows = all_rows(s3)
     assert len(rows) == 10  # the first page's rows were written whole
     assert ("out", f"res/shard-00000-of-00001/{MARKER_NAME}") not in s3.objects
@@ -348,3 +350,20 @@ def test_overwrite_with_a_model_that_cannot_load_deletes_nothing(tmp_path: Any) 
             client=s3,
         )
     assert {k: v for k, v in s3.objects.items() if k[0] == "out"} == parts_before
+
+
+def test_a_store_failing_mid_run_is_a_retryable_error_and_the_rerun_resumes() -> None:
+    s3 = archive()
+
+    def fail_after_first_page(operation: str, kwargs: dict[str, Any]) -> None:
+        if operation == "ListObjectsV2" and kwargs.get("ContinuationToken"):
+            s3.fail("ListObjectsV2", "imgs/", client_error("InternalError", 500, "ListObjectsV2"))
+
+    s3.on_call = fail_after_first_page
+    with pytest.raises(S3AccessError, match="InternalError") as failed:
+        run(s3, settings=settings(list_page_size=10, rows_per_part=2))
+    # EX_TEMPFAIL: k8s/base/bulk-job.yaml retries the index instead of failing the whole Job.
+    assert failed.value.retryable and exit_for_access_error(failed.value) == EXIT_TEMPFAIL
+    s3.on_call = None
+    resumed = run(s3)
+    assert (resumed.skipped, resumed.complete) == (10, True)

@@ -228,7 +228,16 @@ def describe_error(error: BaseException) -> str:
 
 
 class S3AccessError(Exception):
-    """The job cannot use a bucket or endpoint at all (not one object's problem); the message names the fix."""
+    """The job cannot use a bucket or endpoint at all (not one object's problem); the message names the fix.
+
+    ``retryable``: the store failed (unreachable, throttling, 5xx after our retries) rather than refused
+    (no such bucket, access denied, bad credentials), so running the job again may succeed; the CLI exits
+    with EX_TEMPFAIL (75) for those, which a Kubernetes Job retries, and with 2 (fail the Job) otherwise.
+    """
+
+    def __init__(self, message: str, *, retryable: bool = False) -> None:
+        super().__init__(message)
+        self.retryable = retryable
 
 
 def access_error(error: BaseException, action: str, uri: str, endpoint: str | None) -> S3AccessError:
@@ -238,7 +247,8 @@ def access_error(error: BaseException, action: str, uri: str, endpoint: str | No
     if isinstance(error, EndpointConnectionError | ConnectTimeoutError):
         return S3AccessError(
             f"cannot reach the S3 endpoint {where} to {action} {uri} ({describe_error(error)}): check "
-            "WORKER_S3__ENDPOINT_URL (leave it unset for AWS itself) and that the store is running"
+            "WORKER_S3__ENDPOINT_URL (leave it unset for AWS itself) and that the store is running",
+            retryable=True,
         )
     if isinstance(error, NoCredentialsError):
         return S3AccessError(f"no S3 credentials found to {action} {uri}: {CREDENTIALS_HINT}; set one of them")
@@ -259,7 +269,8 @@ def access_error(error: BaseException, action: str, uri: str, endpoint: str | No
         )
     return S3AccessError(
         f"cannot {action} {uri}: {describe_error(error)}; check the uri, WORKER_S3__ENDPOINT_URL ({where}) and "
-        "the credentials"
+        "the credentials",
+        retryable=True,  # a failing store (InternalError, SlowDown, timeouts), not a refusal
     )
 
 
