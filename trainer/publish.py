@@ -1,7 +1,8 @@
 """Publishing a trained checkpoint to object storage through a quality gate.
 
     upload versions/<v>/ completely -> record it (candidate) -> evaluate it and the current LATEST on the
-    model's fixed evaluation set -> promote (LATEST := v) or reject (LATEST untouched)
+    model's fixed evaluation set -> promote (LATEST := v, only if LATEST is still the version it was
+    compared with) or reject (LATEST untouched)
 
 The evaluation set is stored with the model (``eval/manifest.jsonl`` and ``eval/images/``), written by
 the first publish from that run's validation images and never re-drawn: every later version is judged
@@ -26,7 +27,7 @@ from PIL import Image
 from trainer.checkpoint import weights_version
 from trainer.data import CaptionDataset, DataError, ImageCaptionDataset
 from trainer.evaluate import evaluate_captioner
-from trainer.registry import METADATA_FILE, Registry, RegistryError, now
+from trainer.registry import METADATA_FILE, LatestMovedError, Registry, RegistryError, now
 from worker.captioner import Captioner
 from worker.images import ImageError, ImageLimits, decode_image
 from worker.model_store import resolve_model_ref
@@ -187,11 +188,19 @@ def publish_version(
     metadata["version"] = version
     existing = registry.record(version)
     if existing is not None and existing.get("status") in ("promoted", "rejected", "rolled_back"):
-        log.info("%s is already published (%s): nothing to do", version, existing.get("status"))
+        status = existing.get("status")
+        log.info("%s is already published (%s): nothing to do", version, status)
+        # Promoted means LATEST names it now, not that it once did: since then LATEST may have been
+        # rolled back or moved to a later version (whose promotion leaves this record "promoted").
+        latest = registry.latest()
+        served = latest == version
+        reason = f"already published ({status}): {existing.get('reason', '')}"
+        if status == "promoted" and not served:
+            reason += f"; LATEST now names {latest}, not this version (promote it by hand to serve it again)"
         return PublishOutcome(
             version,
-            existing.get("status") == "promoted",
-            f"already published: {existing.get('reason', '')}",
+            served,
+            reason,
             existing.get("scores", {}),
             existing.get("baseline"),
             existing.get("baseline_scores"),
@@ -215,27 +224,60 @@ def publish_version(
     # 2. the gate: candidate and LATEST on the same fixed set, with the same decoding.
     eval_set = ensure_eval_set(registry, eval_source, eval_size)
     scores = score_checkpoint(checkpoint, eval_set, decoding, device)
-    baseline = registry.latest()
+    # What LATEST is now, with its ETag: LATEST moves below only if it is still this one.
+    latest_read = registry.latest_state()
+    baseline = latest_read.version
     baseline_scores = None
     if baseline is not None and baseline != version:
         baseline_path = resolve_model_ref(registry.version_uri(baseline), cache_dir=cache_dir, s3=s3)
         baseline_scores = score_checkpoint(baseline_path, eval_set, decoding, device)
     promote, reason = gate_decision(scores, baseline_scores, gate)
-    record.update(
+    record = _update_record(
+        registry,
+        version,
+        record,
+        status="rejected" if not promote else "candidate",
         scores=scores,
         baseline=baseline,
         baseline_scores=baseline_scores,
         gate={"metric": gate.metric, "tolerance": gate.tolerance},
         reason=reason,
-        status="rejected" if not promote else "candidate",
     )
-    registry.write_record(version, record)
 
-    # 3. LATEST moves last, and only for a version that passed.
+    # 3. LATEST moves last, only for a version that passed, and only if LATEST is still the baseline
+    # it passed against: scoring takes minutes, and another publish, a promote or a rollback made
+    # meanwhile must not be overwritten by a decision about a LATEST that is gone.
     if promote:
-        registry.set_latest(version, action="publish", reason=reason)
-        record = registry.record(version) or record
-        log.info("%s promoted: %s", version, reason)
+        try:
+            registry.set_latest(version, action="publish", reason=reason, expect=latest_read)
+        except LatestMovedError as moved:
+            if moved.found == version:  # promoted by hand while it was being scored
+                reason = f"{reason}; LATEST already names it (promoted while it was being scored)"
+            else:
+                promote = False
+                reason = (
+                    f"passed the gate ({reason}), but {moved} while this version was being scored, so it "
+                    f"was not promoted; publish again to compare it with {moved.found}, or promote it by hand "
+                    f"(captionfleet models promote {version})"
+                )
+            record = _update_record(registry, version, record, reason=reason)
+            log.warning("%s: %s", version, reason)
+        else:
+            record = registry.record(version) or record
+            log.info("%s promoted: %s", version, reason)
     else:
         log.warning("%s rejected by the quality gate: %s", version, reason)
     return PublishOutcome(version, promote, reason, scores, baseline, baseline_scores, record)
+
+
+def _update_record(
+    registry: Registry, version: str, written: dict[str, Any], *, status: str | None = None, **changes: Any
+) -> dict[str, Any]:
+    """Write ``changes`` onto the stored record, re-read first: another process (a promote, a rollback)
+    may have changed it since ``written`` was. ``status`` is set only over this publish's own
+    "candidate": a status someone else decided meanwhile stays."""
+    record = {**(registry.record(version) or written), **changes}
+    if status is not None and record.get("status") == "candidate":
+        record["status"] = status
+    registry.write_record(version, record)
+    return record

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,7 +26,7 @@ from botocore.exceptions import ClientError
 
 from worker.connectors.s3 import make_s3_client, parse_s3_uri
 from worker.model_store import ALLOWED_SUFFIXES, PICKLED_SUFFIXES
-from worker.models import LATEST, VERSIONS, check_version, read_latest
+from worker.models import LATEST, VERSIONS, check_version, parse_latest, read_latest
 from worker.settings import S3Settings
 
 if TYPE_CHECKING:
@@ -40,6 +41,24 @@ HISTORY = "history"
 
 class RegistryError(Exception):
     """A registry operation cannot be done; the message names the fix."""
+
+
+class LatestMovedError(RegistryError):
+    """LATEST no longer names the version it named when a decision was based on it."""
+
+    def __init__(self, expected: str | None, found: str | None) -> None:
+        self.expected = expected
+        self.found = found
+        change = f"from {expected} to {found}" if expected != found else f"(it names {found}, but was rewritten)"
+        super().__init__(f"LATEST changed {change}")
+
+
+@dataclass(frozen=True)
+class LatestState:
+    """What LATEST named when it was read, with its object's ETag (both None: there was no LATEST)."""
+
+    version: str | None
+    etag: str | None
 
 
 def now() -> str:
@@ -148,6 +167,16 @@ class Registry:
     def latest(self) -> str | None:
         return read_latest(self.client, self.root)
 
+    def latest_state(self) -> LatestState:
+        """LATEST and its ETag: pass it to ``set_latest(expect=...)`` to move LATEST only if it is unchanged."""
+        try:
+            response = self.client.get_object(Bucket=self.bucket, Key=self.key(LATEST))
+        except ClientError as error:
+            if error.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound"):
+                return LatestState(None, None)
+            raise
+        return LatestState(parse_latest(response["Body"].read()), response.get("ETag"))
+
     def history(self) -> list[dict[str, Any]]:
         entries = []
         for key in sorted(self.list_keys(self.key(HISTORY) + "/")):
@@ -156,24 +185,62 @@ class Registry:
                 entries.append(entry)
         return entries
 
-    def set_latest(self, version: str, *, action: str, reason: str = "") -> str | None:
-        """Point LATEST at a complete version; returns the previous one. Records the change."""
+    def set_latest(
+        self, version: str, *, action: str, reason: str = "", expect: LatestState | None = None
+    ) -> str | None:
+        """Point LATEST at a complete version; returns the previous one. Records the change.
+
+        With ``expect`` (from ``latest_state()``), LATEST moves only if it is still that one, else
+        LatestMovedError: a decision made against it (the publish gate's) must not overwrite a
+        promotion or rollback made since."""
         record = self.record(version)
         if record is None:
             raise RegistryError(
                 f"version {version!r} is not a complete upload in {self.root} (no {RECORDS}/{version}.json): "
                 "publish it again (captionfleet train --publish-to ...); see captionfleet models list"
             )
-        previous = self.latest()
-        self.client.put_object(
-            Bucket=self.bucket, Key=self.key(LATEST), Body=f"{version}\n".encode(), ContentType="text/plain"
-        )
+        if expect is None:
+            previous = self.latest()
+            self._put_latest(version)
+        else:
+            previous = self.latest_state().version
+            if previous != expect.version:
+                raise LatestMovedError(expect.version, previous)
+            self._put_latest(version, expect)
         entry = {"version": version, "previous": previous, "action": action, "reason": reason, "at": now()}
         self.put_json(self.key(HISTORY, f"{time.time_ns():020d}-{action}.json"), entry)
         if record.get("status") != "promoted":
             self.write_record(version, {**record, "status": "promoted", "promoted": now(), "promoted_by": action})
         log.info("LATEST of %s: %s -> %s (%s)", self.root, previous, version, action)
         return previous
+
+    def _put_latest(self, version: str, expect: LatestState | None = None) -> None:
+        body = f"{version}\n".encode()
+        key = self.key(LATEST)
+        if expect is None:
+            self.client.put_object(Bucket=self.bucket, Key=key, Body=body, ContentType="text/plain")
+            return
+        # The re-read in set_latest leaves a window of one round trip; a conditional write closes it
+        # where the store supports them (AWS S3, MinIO, recent SeaweedFS): it fails with 412 if LATEST is
+        # no longer the object read with ``expect`` (If-None-Match: * when there was no LATEST).
+        try:
+            if expect.etag is None:
+                self.client.put_object(
+                    Bucket=self.bucket, Key=key, Body=body, ContentType="text/plain", IfNoneMatch="*"
+                )
+            else:
+                self.client.put_object(
+                    Bucket=self.bucket, Key=key, Body=body, ContentType="text/plain", IfMatch=expect.etag
+                )
+        except ClientError as error:
+            code = str(error.response.get("Error", {}).get("Code", ""))
+            if code in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
+                raise LatestMovedError(expect.version, self.latest()) from error
+            if code not in ("NotImplemented", "501"):
+                raise
+            # A store without conditional writes: the re-read just before is the only check left.
+            log.warning("%s does not support conditional writes; moving LATEST unconditionally", self.root)
+            self.client.put_object(Bucket=self.bucket, Key=key, Body=body, ContentType="text/plain")
 
     def promote(self, version: str, reason: str = "") -> str | None:
         """Make a stored version LATEST, whatever its gate said (an operator's decision)."""

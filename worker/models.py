@@ -78,6 +78,11 @@ def read_latest(client: S3Client, root: str) -> str | None:
         if error.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound"):
             return None
         raise
+    return parse_latest(body)
+
+
+def parse_latest(body: bytes) -> str | None:
+    """The version a LATEST object's content names; None when it is empty."""
     text = body.decode("utf-8", errors="replace").strip()
     if not text:
         return None
@@ -138,13 +143,21 @@ class HotSwapCaptioner(Captioner):
         with self._lock:
             self._pending = new
 
-    def _swap_if_offered(self) -> None:
+    def withdraw(self) -> tuple[str, str | None]:
+        """Drop an offer not yet taken. Returns (the active version, the withdrawn one or None), read
+        together under the lock: no swap can slip in between, so the active version is the one that
+        serves the next batch."""
         with self._lock:
+            dropped, self._pending = self._pending, None
+            return self._active.version, dropped.version if dropped is not None else None
+
+    def _swap_if_offered(self) -> None:
+        with self._lock:  # _active changes under the lock too: see withdraw()
             new, self._pending = self._pending, None
-        if new is None:
-            return
-        old = self._active
-        self._active = new
+            if new is None:
+                return
+            old = self._active
+            self._active = new
         self.__dict__.update({k: v for k, v in vars(new).items() if not k.startswith("_")})
         log.info("model swapped: %s -> %s (from %s)", old.version, new.version, new.source)
         for callback in self._on_swap:
@@ -159,6 +172,27 @@ class HotSwapCaptioner(Captioner):
 
 
 # -- watching LATEST ------------------------------------------------------------------------------
+
+
+def is_storage_error(error: BaseException) -> bool:
+    """Whether a load failed on object storage or the network rather than on the checkpoint.
+
+    The rule: a botocore error (ClientError: throttling, 5xx, a missing or changed object;
+    BotoCoreError: timeouts, refused or dropped connections) raised by the load or anywhere in its
+    chain of causes. ``resolve_model_ref`` wraps those in ModelRefError ``from`` the botocore error,
+    while what it finds wrong with a checkpoint (pickled weights, missing files) and a refused hot swap
+    (another input size) are ModelRefErrors with no botocore cause. Storage errors are usually gone by
+    the next poll, so they must not block the version for retry_failed_s; a broken checkpoint stays
+    broken until a new version is published, so it is not re-downloaded at every poll.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        if isinstance(current, (ClientError, BotoCoreError)):
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or (None if current.__suppress_context__ else current.__context__)
+    return False
 
 
 class ModelWatcher:
@@ -196,7 +230,10 @@ class ModelWatcher:
 
     def check(self) -> str:
         """One poll: ``unchanged``, ``loaded`` (swaps at the next batch), ``failed``, ``known_bad``,
-        ``unreadable`` or ``no_latest``. Never raises."""
+        ``unreadable`` or ``no_latest``. Never raises. When LATEST moves, a swap still pending is
+        withdrawn; when it moves back to the serving version, nothing is loaded. A version that failed
+        on a broken checkpoint is tried again only after ``retry_failed_s``, one that failed on object
+        storage at the next poll (see ``is_storage_error``)."""
         try:
             version = self._read()
         except (ClientError, BotoCoreError, ModelRefError, OSError) as error:
@@ -211,6 +248,18 @@ class ModelWatcher:
             return "no_latest"
         if version == self._wanted:
             return "unchanged"
+        # LATEST moved away from the version serving or offered. An offer not yet taken is for a
+        # version LATEST no longer names (e.g. rolled back while the worker was idle): withdraw it now,
+        # whatever happens to the load below, so the next batch does not swap to it.
+        active, withdrawn = self.target.withdraw()
+        if withdrawn is not None:
+            log.info("%s now names %s: withdrew the pending swap to %s", self.where, version, withdrawn)
+        self._wanted = active
+        if version == active:
+            # Back to the version that is serving: nothing to load (a reload would hold the model
+            # twice in memory, swap it for itself, and could fail on a transient error).
+            log.info("%s names %s again, which is serving: nothing to load", self.where, version)
+            return "unchanged"
         failed_at = self._failed.get(version)
         if failed_at is not None and self._clock() - failed_at < self.retry_failed_s:
             return "known_bad"
@@ -223,13 +272,18 @@ class ModelWatcher:
                 )
             self.target.offer(captioner)
         except Exception as error:  # whatever breaks a load must leave the old model serving
-            self._failed[version] = self._clock()
+            transient = is_storage_error(error)
+            if not transient:
+                self._failed[version] = self._clock()
             reason = f"{type(error).__name__}: {error}"
             log.error(
-                "model version %s (named by %s) failed to load; still serving %s: %s",
+                "model version %s (named by %s) failed to load; still serving %s; %s: %s",
                 version,
                 self.where,
-                self.target.version,
+                self.target.active.version,
+                "object storage error, retrying at the next poll"
+                if transient
+                else f"not retried for {self.retry_failed_s:.0f}s",
                 reason,
                 extra={"model_version": version},
             )
