@@ -83,7 +83,8 @@ def run_caption_job(
     own_files = frozenset({out.resolve(), out.with_name(out.name + ".parts").resolve()})
     # Listed (a bad source fails here) and, when starting over, the model loaded (a bad --model fails
     # here) before the sink opens: --overwrite must not empty the results of a run that cannot start.
-    items = [item for item in iter_folder(root, exclude=own_files) if not _inside(item.path, own_files)]
+    listing = iter_folder(root, exclude=own_files, max_bytes=settings.images.max_bytes)
+    items = [item for item in listing if not _inside(item.path, own_files)]
     if overwrite and items:
         captioner = captioner or load_captioner(settings)
     sink = open_file_sink(out, overwrite=overwrite)

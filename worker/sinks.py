@@ -151,7 +151,11 @@ class ParquetSink:
             table = _last_row_per_id(pa.concat_tables([pq.read_table(f) for f in files]))
             tmp = self.path.with_name(self.path.name + ".tmp")
             pq.write_table(table, tmp)
+            # On disk before the parts (which are) go: a power cut must not leave neither.
+            with tmp.open("rb") as f:
+                os.fsync(f.fileno())
             tmp.rename(self.path)
+            _fsync_dir(self.path.parent)
         shutil.rmtree(self.parts_dir, ignore_errors=True)
 
 

@@ -54,3 +54,35 @@ def test_overwrite_that_can_start_replaces_the_rows(tmp_path: Path) -> None:
     again = caption(root, out, FakeCaptioner())
     assert (again.skipped, again.done) == (0, 2)
     assert len(read_rows(out)) == 2
+
+
+def test_a_file_over_the_size_limit_gets_a_row_without_being_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root, out = folder(tmp_path, 1), tmp_path / "captions.jsonl"
+    huge = root / "movie.jpg"
+    huge.write_bytes(b"\xff\xd8\xff" + b"\0" * 4096)  # a "JPEG" far over the limit below
+    opened: list[Path] = []
+    real_open = Path.open
+
+    def spy(self: Path, *args: Any, **kwargs: Any) -> Any:
+        if self == huge:
+            opened.append(self)
+        return real_open(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", spy)
+    summary = caption(root, out, FakeCaptioner(), images={"max_bytes": 1024})
+    assert summary.done == 1 and summary.failed_by_kind == {"too_large": 1}
+    rows = {r["id"]: r for r in read_rows(out)}
+    assert rows["movie.jpg"]["error_kind"] == "too_large" and "1024" in rows["movie.jpg"]["error_message"]
+    assert opened == []  # refused by its listed size: never opened, let alone read whole
+
+
+def test_a_file_grown_since_it_was_listed_is_read_only_up_to_the_limit(tmp_path: Path) -> None:
+    from worker.connectors.local import SourceItem
+    from worker.images import ImageError
+
+    path = tmp_path / "grew.png"
+    path.write_bytes(b"\0" * 5000)
+    with pytest.raises(ImageError, match="more than 1001 bytes exceeds the limit of 1000"):
+        SourceItem("grew.png", path.as_uri(), path, size=10, max_bytes=1000).read()

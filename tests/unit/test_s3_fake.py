@@ -40,10 +40,10 @@ class FlakyBody:
         self._data = io.BytesIO(data)
         self._error = error
 
-    def read(self) -> bytes:
+    def read(self, amt: int | None = None) -> bytes:  # botocore's StreamingBody.read(amt=None)
         if self._error is not None:
             raise self._error
-        return self._data.read()
+        return self._data.read(amt)
 
 
 @dataclass

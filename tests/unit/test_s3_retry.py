@@ -251,3 +251,12 @@ def test_prefetcher_keeps_order_and_bounds_what_is_fetched_ahead() -> None:
     assert [item.id for item in [first, *rest]] == [f"{i:02d}" for i in range(40)]
     assert all(item.read() == png() for item in rest)
     assert rest[0].attempts == 1 and rest[0].fetch_ms is not None
+
+
+def test_an_object_grown_past_the_limit_since_it_was_listed_is_not_downloaded_whole(s3: FakeS3) -> None:
+    s3.put("b", "grown.png", b"\x89PNG" + b"\0" * 5000)
+    listed = S3Object("b", "grown.png", s3.etag("b", "grown.png"), size=100)  # what the listing said
+    with pytest.raises(ImageError, match="more than 1000 bytes") as refused:
+        S3Reader(s3, max_bytes=1000).get(listed)
+    assert refused.value.kind == "too_large"
+    assert S3Reader(s3, max_bytes=10_000).get(listed).data == s3.objects[("b", "grown.png")]

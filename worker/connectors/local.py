@@ -6,7 +6,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from worker.images import sniff_format
+from worker.images import ImageError, sniff_format
 
 # A file is an input when its name says image *or* its first bytes do: a photo saved without an
 # extension is captioned, and a ".jpg" that holds text gets a failure row instead of vanishing.
@@ -22,9 +22,24 @@ class SourceItem:
     uri: str
     path: Path
     size: int
+    max_bytes: int = 0  # 0 = no limit
 
     def read(self) -> bytes:
-        return self.path.read_bytes()
+        """The file's bytes; a file over ``max_bytes`` (a video named .jpg) is refused, not read whole."""
+        if self.max_bytes and self.size > self.max_bytes:
+            raise _too_large(self.size, self.max_bytes)
+        with self.path.open("rb") as f:
+            data = f.read(self.max_bytes + 1) if self.max_bytes else f.read()
+        if self.max_bytes and len(data) > self.max_bytes:  # grown since it was listed
+            raise _too_large(len(data), self.max_bytes, at_least=True)
+        return data
+
+
+def _too_large(size: int, limit: int, *, at_least: bool = False) -> ImageError:
+    return ImageError(
+        "too_large",
+        f"{'more than ' if at_least else ''}{size} bytes exceeds the limit of {limit} bytes (WORKER_IMAGES__MAX_BYTES)",
+    )
 
 
 def _looks_like_image(path: Path) -> bool:
@@ -34,8 +49,9 @@ def _looks_like_image(path: Path) -> bool:
         return sniff_format(f.read(SNIFF_BYTES)) is not None
 
 
-def iter_folder(root: Path, exclude: frozenset[Path] = frozenset()) -> Iterator[SourceItem]:
-    """Image files under root in a stable order; hidden files and ``exclude`` are skipped."""
+def iter_folder(root: Path, exclude: frozenset[Path] = frozenset(), max_bytes: int = 0) -> Iterator[SourceItem]:
+    """Image files under root in a stable order; hidden files and ``exclude`` are skipped. Items over
+    ``max_bytes`` fail as too_large when read, without being read."""
     root = root.resolve()
     if not root.is_dir():
         raise NotADirectoryError(f"{root} is not a directory: pass a folder of images")
@@ -48,4 +64,5 @@ def iter_folder(root: Path, exclude: frozenset[Path] = frozenset()) -> Iterator[
             continue
         if not path.is_file() or not _looks_like_image(path):
             continue
-        yield SourceItem(id=relative.as_posix(), uri=path.as_uri(), path=path, size=path.stat().st_size)
+        size = path.stat().st_size
+        yield SourceItem(id=relative.as_posix(), uri=path.as_uri(), path=path, size=size, max_bytes=max_bytes)

@@ -385,14 +385,22 @@ class S3Reader:
 
         def once() -> tuple[bytes, str]:
             response = self.client.get_object(Bucket=obj.bucket, Key=obj.key)
-            # The body is read inside the retried call: a timeout mid-stream is retried too.
-            return response["Body"].read(), str(response.get("ETag") or obj.etag)
+            # The body is read inside the retried call: a timeout mid-stream is retried too. At most one
+            # byte over the limit: an object grown since it was listed is not downloaded whole.
+            body = response["Body"].read(self.max_bytes + 1) if self.max_bytes else response["Body"].read()
+            return body, str(response.get("ETag") or obj.etag)
 
         start = time.perf_counter()
         try:
             (data, etag), attempts = self.retry.call(once, what=obj.uri)
         except Exception as error:
             raise item_error(error, obj.uri) from error
+        if self.max_bytes and len(data) > self.max_bytes:
+            raise ImageError(
+                "too_large",
+                f"more than {self.max_bytes} bytes (grown since it was listed at {obj.size}): exceeds the limit "
+                "(WORKER_IMAGES__MAX_BYTES)",
+            )
         return Fetched(data, etag, time.perf_counter() - start, attempts)
 
 
