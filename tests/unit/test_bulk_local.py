@@ -86,3 +86,22 @@ def test_a_file_grown_since_it_was_listed_is_read_only_up_to_the_limit(tmp_path:
     path.write_bytes(b"\0" * 5000)
     with pytest.raises(ImageError, match="more than 1001 bytes exceeds the limit of 1000"):
         SourceItem("grew.png", path.as_uri(), path, size=10, max_bytes=1000).read()
+
+
+def test_a_file_that_cannot_be_sniffed_gets_a_row_and_does_not_stop_the_listing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root, out = folder(tmp_path, 2), tmp_path / "captions.jsonl"
+    locked = root / "scan-0001"  # no image suffix: the listing opens it to sniff its first bytes
+    locked.write_bytes(b"\x89PNG\r\n\x1a\n")
+    real_open = Path.open
+
+    def deny(self: Path, *args: Any, **kwargs: Any) -> Any:
+        if self == locked:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_open(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", deny)  # as for a non-root user and a file mode 000
+    summary = caption(root, out, FakeCaptioner())
+    assert summary.done == 2 and summary.failed_by_kind == {"forbidden": 1}
+    assert {r["id"]: r["error_kind"] for r in read_rows(out)}["scan-0001"] == "forbidden"

@@ -45,8 +45,13 @@ def _too_large(size: int, limit: int, *, at_least: bool = False) -> ImageError:
 def _looks_like_image(path: Path) -> bool:
     if path.suffix.lower() in IMAGE_SUFFIXES:
         return True
-    with path.open("rb") as f:
-        return sniff_format(f.read(SNIFF_BYTES)) is not None
+    try:
+        with path.open("rb") as f:
+            return sniff_format(f.read(SNIFF_BYTES)) is not None
+    except OSError:
+        # Unreadable (permissions) or gone since the scan saw it: an input, so that reading it gives
+        # its failure row (forbidden, not_found) instead of one file stopping the whole listing.
+        return True
 
 
 def iter_folder(root: Path, exclude: frozenset[Path] = frozenset(), max_bytes: int = 0) -> Iterator[SourceItem]:
@@ -64,5 +69,8 @@ def iter_folder(root: Path, exclude: frozenset[Path] = frozenset(), max_bytes: i
             continue
         if not path.is_file() or not _looks_like_image(path):
             continue
-        size = path.stat().st_size
+        try:
+            size = path.stat().st_size
+        except OSError:
+            size = 0  # gone since the scan saw it: reading it reports not_found
         yield SourceItem(id=relative.as_posix(), uri=path.as_uri(), path=path, size=size, max_bytes=max_bytes)
