@@ -8,6 +8,7 @@ batcher in input order; the batcher decides when a batch goes to the model.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -206,6 +207,31 @@ class CaptionPipeline:
             [p.item for p in batch],
         )
 
+    def _consume(self, pending: queue.Queue[object], batcher: Batcher[Prepared]) -> None:
+        """The model side of run(): batch what the decode threads prepared, caption, write."""
+        last_flush = time.monotonic()
+        while True:
+            try:
+                entry = pending.get(timeout=batcher.time_left())
+            except queue.Empty:  # the open batch waited max_wait: run it as it is
+                self._caption_batch(batcher.flush())
+                continue
+            if entry is _DONE:
+                break
+            assert isinstance(entry, Future)
+            prepared: Prepared = entry.result()
+            if prepared.failure is not None:
+                self._emit([prepared.failure], [prepared.item])
+            else:
+                cost = prepared.width * prepared.height
+                for ready in batcher.add(prepared, cost=cost):
+                    self._caption_batch(ready)
+            if time.monotonic() - last_flush >= self.flush_interval_s:
+                self.sink.flush()
+                last_flush = time.monotonic()
+        if len(batcher):
+            self._caption_batch(batcher.flush())
+
     def run(self, items: Iterable[Item]) -> RunStats:
         started = time.perf_counter()
         batcher: Batcher[Prepared] = Batcher(
@@ -230,28 +256,17 @@ class CaptionPipeline:
 
             producer = threading.Thread(target=produce, name="source", daemon=True)
             producer.start()
-            last_flush = time.monotonic()
-            while True:
-                try:
-                    entry = pending.get(timeout=batcher.time_left())
-                except queue.Empty:  # the open batch waited max_wait: run it as it is
-                    self._caption_batch(batcher.flush())
-                    continue
-                if entry is _DONE:
-                    break
-                assert isinstance(entry, Future)
-                prepared: Prepared = entry.result()
-                if prepared.failure is not None:
-                    self._emit([prepared.failure], [prepared.item])
-                else:
-                    cost = prepared.width * prepared.height
-                    for ready in batcher.add(prepared, cost=cost):
-                        self._caption_batch(ready)
-                if time.monotonic() - last_flush >= self.flush_interval_s:
-                    self.sink.flush()
-                    last_flush = time.monotonic()
-            if len(batcher):
-                self._caption_batch(batcher.flush())
+            try:
+                self._consume(pending, batcher)
+            except BaseException:
+                # The sink (or the model loop) failed: stop the producer, which may be blocked on the
+                # full queue, instead of leaving it and its decode work behind.
+                self.stop_event.set()
+                deadline = time.monotonic() + 10  # a source blocked in I/O is a daemon thread: not forever
+                while producer.is_alive() and time.monotonic() < deadline:
+                    with contextlib.suppress(queue.Empty):
+                        pending.get(timeout=0.05)
+                raise
             producer.join()
         self.sink.flush()
         self.stats.seconds = time.perf_counter() - started

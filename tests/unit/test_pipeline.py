@@ -219,3 +219,17 @@ def test_an_unexpected_preprocessing_error_fails_only_that_item() -> None:
     assert len(sink.rows) == 6
     assert by_id["3"].error_kind == "decode" and "preprocessing bug" in (by_id["3"].error_message or "")
     assert all(by_id[str(i)].caption == f"red={i}" for i in range(6) if i != 3)
+
+
+def test_a_failing_sink_stops_the_source_thread_and_raises() -> None:
+    class BrokenSink(MemorySink):
+        def write(self, results: list[Result]) -> None:
+            raise OSError("disk full")
+
+    items = [MemoryItem(f"ok{i}", png((i, 0, 0))) for i in range(50)]  # far more than the prefetch queue holds
+    settings = BatchSettings(max_items=2, max_wait_ms=20, prefetch=2)
+    pipeline = CaptionPipeline(FakeCaptioner(), BrokenSink(), settings, ImageLimits())  # type: ignore[arg-type]
+    with pytest.raises(OSError, match="disk full"):
+        pipeline.run(items)
+    # The producer was blocked on the full queue; left there it would hold its thread forever.
+    assert not any(t.name == "source" and t.is_alive() for t in threading.enumerate())
