@@ -76,27 +76,38 @@ def eval_set_exists(registry: Registry) -> bool:
 
 
 def write_eval_set(registry: Registry, source: CaptionDataset, size: int) -> None:
-    """Store the first ``size`` images of ``source`` with their captions; once, never overwritten."""
+    """Store the first ``size`` images of ``source`` with their captions; once, never overwritten.
+
+    The files go under ``eval/<digest>/`` (the manifest's sha256, which lists each image's sha256), and
+    ``eval/info.json``, created only if absent, names that folder. Two first publishes racing each write
+    their own folder and exactly one info.json wins; the other publish then uses the winner's set.
+    """
     if eval_set_exists(registry):
         raise RegistryError(f"{registry.uri(EVAL)} already exists: the evaluation set is written once")
     count = min(size, len(source))
     if count < 1:
         raise DataError("the evaluation set would be empty: give the first publish some validation images")
+    images: list[bytes] = []
     lines = []
     for i in range(count):
         buffer = io.BytesIO()
         source.image(i).convert("RGB").save(buffer, format="PNG")
-        key = registry.key(EVAL, "images", f"{i:05d}.png")
-        registry.client.put_object(Bucket=registry.bucket, Key=key, Body=buffer.getvalue(), ContentType="image/png")
-        lines.append(json.dumps({"image": f"images/{i:05d}.png", "captions": list(source.captions(i))}))
+        images.append(buffer.getvalue())
+        row = {"image": f"images/{i:05d}.png", "sha256": hashlib.sha256(images[-1]).hexdigest()}
+        lines.append(json.dumps({**row, "captions": list(source.captions(i))}))
     manifest = ("\n".join(lines) + "\n").encode()
-    registry.client.put_object(Bucket=registry.bucket, Key=registry.key(EVAL, EVAL_MANIFEST), Body=manifest)
-    # Last: its presence means the set is complete.
-    registry.put_json(
-        registry.key(EVAL, "info.json"),
-        {"images": count, "sha256": hashlib.sha256(manifest).hexdigest(), "source": source.describe(), "at": now()},
-    )
-    log.info("stored the evaluation set (%d images) at %s", count, registry.uri(EVAL))
+    digest = hashlib.sha256(manifest).hexdigest()
+    folder = digest[:16]
+    for i, data in enumerate(images):
+        key = registry.key(EVAL, folder, "images", f"{i:05d}.png")
+        registry.client.put_object(Bucket=registry.bucket, Key=key, Body=data, ContentType="image/png")
+    registry.client.put_object(Bucket=registry.bucket, Key=registry.key(EVAL, folder, EVAL_MANIFEST), Body=manifest)
+    # Last, and only if absent: its presence means a set is complete, and it is never replaced.
+    info = {"images": count, "sha256": digest, "folder": folder, "source": source.describe(), "at": now()}
+    if registry.create_json(registry.key(EVAL, "info.json"), info):
+        log.info("stored the evaluation set (%d images) at %s", count, registry.uri(EVAL, folder))
+    else:
+        log.warning("another publish stored the evaluation set first: scoring on that one")
 
 
 def read_eval_set(registry: Registry) -> EvalSet:
@@ -105,24 +116,35 @@ def read_eval_set(registry: Registry) -> EvalSet:
         raise RegistryError(
             f"{registry.uri(EVAL)} has no evaluation set: the first publish writes it from its validation images"
         )
-    manifest = registry.client.get_object(Bucket=registry.bucket, Key=registry.key(EVAL, EVAL_MANIFEST))["Body"].read()
+    # Sets written before content-addressed folders keep their files directly under eval/.
+    base = (EVAL, info["folder"]) if info.get("folder") else (EVAL,)
+    manifest_key = registry.key(*base, EVAL_MANIFEST)
+    manifest = registry.client.get_object(Bucket=registry.bucket, Key=manifest_key)["Body"].read()
     digest = hashlib.sha256(manifest).hexdigest()
     if digest != info.get("sha256"):
-        raise RegistryError(f"{registry.uri(EVAL, EVAL_MANIFEST)} changed after it was written: restore it")
+        raise RegistryError(
+            f"{registry.uri(*base, EVAL_MANIFEST)} does not match the sha256 in {registry.uri(EVAL, 'info.json')}: "
+            "it changed after it was written; restore it from a backup or versioned bucket (scores against "
+            "another set would not be comparable)"
+        )
     images: list[Image.Image] = []
     captions: list[list[str]] = []
-    for line in manifest.decode().splitlines():
+    for line in manifest.decode().split("\n"):
         if not line.strip():
             continue
         row = json.loads(line)
-        data = registry.client.get_object(Bucket=registry.bucket, Key=registry.key(EVAL, row["image"]))["Body"].read()
+        data = registry.client.get_object(Bucket=registry.bucket, Key=registry.key(*base, row["image"]))["Body"].read()
+        if "sha256" in row and hashlib.sha256(data).hexdigest() != row["sha256"]:
+            raise RegistryError(
+                f"evaluation image {registry.uri(*base, row['image'])} changed after it was written: restore it"
+            )
         try:
             images.append(decode_image(data, limits=ImageLimits()))
         except ImageError as error:
             message = f"evaluation image {row['image']} is unreadable ({error.message}): restore it"
             raise RegistryError(message) from error
         captions.append([str(c) for c in row["captions"]])
-    return EvalSet(ImageCaptionDataset(images, captions, registry.uri(EVAL)), digest)
+    return EvalSet(ImageCaptionDataset(images, captions, registry.uri(*base)), digest)
 
 
 def ensure_eval_set(registry: Registry, source: CaptionDataset | None, size: int) -> EvalSet:

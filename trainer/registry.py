@@ -101,6 +101,28 @@ class Registry:
         body = (json.dumps(value, indent=2, default=str) + "\n").encode()
         self.client.put_object(Bucket=self.bucket, Key=key, Body=body, ContentType="application/json")
 
+    def create_json(self, key: str, value: dict[str, Any]) -> bool:
+        """Write ``key`` only if it does not exist yet; False if it already did (another writer won).
+
+        A conditional PutObject (If-None-Match: *) makes it atomic where the store supports them; on a
+        store without them (501) it checks first, which leaves a window of one round trip."""
+        body = (json.dumps(value, indent=2, default=str) + "\n").encode()
+        try:
+            self.client.put_object(
+                Bucket=self.bucket, Key=key, Body=body, ContentType="application/json", IfNoneMatch="*"
+            )
+            return True
+        except ClientError as error:
+            code = str(error.response.get("Error", {}).get("Code", ""))
+            if code in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
+                return False
+            if code not in ("NotImplemented", "501"):
+                raise
+        if self.get_json(key) is not None:
+            return False
+        self.put_json(key, value)
+        return True
+
     def list_keys(self, prefix: str) -> list[str]:
         keys: list[str] = []
         for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):

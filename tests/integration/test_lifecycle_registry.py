@@ -80,7 +80,9 @@ def test_publish_gate_list_promote_rollback(
     # Judged on the same stored set, not a new draw; and the rejected files are all there, loadable.
     assert read_eval_set(registry).digest == eval_digest
     assert record["scores"]["eval_set"] == first.scores["eval_set"] == eval_digest[:16]
-    assert len(registry.list_keys(registry.key(EVAL, "images") + "/")) == EVAL_IMAGES
+    info = registry.get_json(registry.key(EVAL, "info.json"))
+    assert info is not None and info["sha256"] == eval_digest
+    assert len(registry.list_keys(registry.key(EVAL, info["folder"], "images") + "/")) == EVAL_IMAGES
     stored = resolve_model_ref(registry.version_uri(second.version), cache_dir=tmp_path / "cache2", s3=s3)
     assert Captioner.from_dir(stored, device="cpu", decoding=DECODING).version == second.version
     # Publishing the same weights again changes nothing.
