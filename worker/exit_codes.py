@@ -12,7 +12,7 @@ if TYPE_CHECKING:
 EXIT_OK = 0
 EXIT_USAGE = 2  # bad arguments, settings or model reference: every retry would fail the same way
 EXIT_SOME_FAILED = 3  # the run completed, but some images have failure rows
-EXIT_TEMPFAIL = 75  # sysexits' EX_TEMPFAIL: the object store failed mid-run; running again resumes
+EXIT_TEMPFAIL = 75  # sysexits' EX_TEMPFAIL: the object store was unreachable or failing; running again resumes
 EXIT_INTERRUPTED = 130
 
 

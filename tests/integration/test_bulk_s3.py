@@ -371,7 +371,9 @@ def test_unusable_source_or_output_is_a_clear_error_and_writes_nothing(
         text=True,
         timeout=240,
     )
-    assert result.returncode == 2, (result.stdout, result.stderr)
+    # An unreachable store may be down for a moment: EX_TEMPFAIL, which the Indexed Job retries.
+    # Refusals (access denied, no such bucket) and an empty source exit 2: retrying cannot help.
+    assert result.returncode == (75 if case == "wrong endpoint" else 2), (result.stdout, result.stderr)
     for needle in needles:
         assert needle in result.stderr, result.stderr
     assert list_keys(s3_server.client(), bucket, out_prefix) == {}  # no partial output
