@@ -8,18 +8,23 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, get_args
 
 from worker.images import FailureKind
+from worker.requests import MALFORMED
 
 # Failure kinds beyond the image decoder's: the model itself failed on the item, or fetching it did.
 INFERENCE_FAILURE = "inference"
 FETCH_FAILURE = "fetch"
 
-# Every kind a failure row can carry: the decoder's, the fetcher's, the model's.
+# Every kind a failure row or dead letter can carry: the decoder's, the fetcher's, the model's, and an
+# unreadable message's. The fetcher's are spelled out (worker.fetch pulls in botocore; test_fetch checks
+# they match); "malformed" is also the fetcher's kind for a uri it cannot parse.
 FAILURE_KINDS = frozenset(get_args(FailureKind)) | {
     FETCH_FAILURE,
     INFERENCE_FAILURE,
+    MALFORMED,
     "not_found",
     "forbidden",
     "timeout",
+    "unavailable",
 }
 
 

@@ -64,7 +64,7 @@ class WorkerMetrics:
         )
         self.fetch = Histogram(
             "captionfleet_fetch_seconds",
-            "time to read one image (retries included)",
+            "time to read one image (retries included), failed reads included",
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )

@@ -138,13 +138,12 @@ class PartitionState:
         self.epoch = epoch
         self.pending: dict[int, int] = {}  # offset -> requests not yet answered
         self.next_offset: int | None = None  # one past the last message dispatched
-        # Where this assignment started reading: the group's committed offset, so no need to commit it again.
-        self.first_offset: int | None = None
+        # What this worker committed for this assignment. Not assumed to be where reading started: a new
+        # group with auto_offset_reset=latest has no committed offset at all, and a restart would skip to
+        # the end past a first message still in flight. One extra commit per assignment is the price.
         self.committed: int | None = None
 
     def start(self, offset: int, requests: int) -> None:
-        if self.first_offset is None:
-            self.first_offset = offset
         if requests > 0:
             self.pending[offset] = self.pending.get(offset, 0) + requests
         self.next_offset = max(self.next_offset or 0, offset + 1)
@@ -188,7 +187,10 @@ class Source(Protocol):
 
 class Output(Protocol):
     def send(self, topic: str, key: str, value: dict[str, Any]) -> None: ...
-    def flush(self) -> None: ...
+
+    # True once everything sent so far is acknowledged; raises if a send failed. With timeout_s (a caller
+    # with its own deadline, a revocation), False when the acknowledgements did not all arrive in time.
+    def flush(self, timeout_s: float | None = None) -> bool: ...
     def close(self) -> None: ...
 
 
@@ -294,10 +296,11 @@ class StreamWorker:
             on_item_result=self._on_item_result,
         )
         self._model_thread = threading.Thread(target=self._run_model, name="model", daemon=True)
-        # A revocation waits this long for in-flight work before giving it up to the next owner. It runs
-        # on kafka-python's IO thread, so it holds up this member's heartbeats: stay well inside the session.
         # Room for the key (ids are at most 1024 characters, 4 bytes each in UTF-8) and the record's framing.
         self._max_value_bytes = self.kafka.max_message_bytes - 8 * 1024
+        # A revocation waits this long for in-flight work and the flush of its answers, then gives what is
+        # not done up to the next owner. It runs on kafka-python's IO thread, so it holds up this member's
+        # heartbeats: stay well inside the session.
         self._revoke_drain_s = min(self.kafka.session_timeout_ms / 3, self.kafka.max_poll_interval_ms / 2) / 1000
         self.metrics.model.info({"version": captioner.version, "source": str(getattr(captioner, "source", ""))})
 
@@ -347,8 +350,7 @@ class StreamWorker:
 
     def _turn(self) -> None:
         self.health.beat()
-        if self._failure is not None:
-            raise RuntimeError(f"the model thread failed: {self._failure}") from self._failure
+        self._raise_if_failed()
         self._backpressure()
         room = max(1, min(self.kafka.max_in_flight - self._in_flight, self.kafka.max_poll_records))
         if self._in_flight:
@@ -362,6 +364,10 @@ class StreamWorker:
             self._commit(list(self._partitions))
         if time.monotonic() - self._last_lag >= _LAG_EVERY_S:
             self._update_lag()
+
+    def _raise_if_failed(self) -> None:
+        if self._failure is not None:
+            raise RuntimeError(f"the model thread failed: {self._failure}") from self._failure
 
     def _backpressure(self) -> None:
         if not self._paused and self._in_flight >= self.kafka.max_in_flight:
@@ -421,19 +427,14 @@ class StreamWorker:
 
     def _fetch(self, item: StreamItem) -> None:
         start = time.perf_counter()
-        try:
-            item.data = self.fetcher.fetch(item.uri)
-        except FetchError as error:
-            kind, message = error.kind, error.message
-        except Exception as error:  # a bug or an unexpected library error: one failure, not a dead worker
-            log.exception("fetch of %s (%s) failed unexpectedly", item.id, item.uri)
-            kind, message = FETCH_FAILURE, f"{type(error).__name__}: {error}"
-        else:
-            item.fetch_ms = (time.perf_counter() - start) * 1000
-            self.metrics.fetch.observe(item.fetch_ms / 1000)
+        failed = self._read(item)
+        item.fetch_ms = (time.perf_counter() - start) * 1000
+        # Failed reads too: a store that times out after every retry is what this histogram must show.
+        self.metrics.fetch.observe(item.fetch_ms / 1000)
+        if failed is None:
             self._inbox.put(item)
             return
-        item.fetch_ms = (time.perf_counter() - start) * 1000
+        kind, message = failed
         failure = Result(
             id=item.id,
             uri=item.uri,
@@ -443,6 +444,17 @@ class StreamWorker:
             fetch_ms=round(item.fetch_ms, 3),
         )
         self._done.put(Finished(item, failure))
+
+    def _read(self, item: StreamItem) -> tuple[str, str] | None:
+        """Read the image into item.data; the failure's kind and message if it could not be read."""
+        try:
+            item.data = self.fetcher.fetch(item.uri)
+        except FetchError as error:
+            return error.kind, error.message
+        except Exception as error:  # a bug or an unexpected library error: one failure, not a dead worker
+            log.exception("fetch of %s (%s) failed unexpectedly", item.id, item.uri)
+            return FETCH_FAILURE, f"{type(error).__name__}: {error}"
+        return None
 
     def _inputs(self) -> Iterator[Item]:
         while (entry := self._inbox.get()) is not _END:
@@ -568,10 +580,7 @@ class StreamWorker:
         for tp in partitions:
             state = self._partitions.get(tp)
             point = state.commit_point() if state is not None else None
-            if state is None or point is None:
-                continue
-            already = state.committed if state.committed is not None else state.first_offset
-            if point != already:
+            if state is not None and point is not None and point != state.committed:
                 offsets[tp] = point
         return offsets
 
@@ -621,25 +630,42 @@ class StreamWorker:
         log.info("assigned %s", _names(partitions))
 
     def revoking(self, partitions: list[TopicPartition]) -> dict[TopicPartition, int]:
-        """Finish what is in flight for these partitions (bounded), flush, and say what to commit."""
+        """Finish what is in flight for these partitions, flush, and say what to commit: all of it within
+        the revocation's bound, since this holds up the member's heartbeats (see __init__)."""
         if self._closing:  # shutdown committed already; after a failure nothing more may be committed
             return {}
         deadline = time.monotonic() + self._revoke_drain_s
-        while self._pending(partitions) and time.monotonic() < deadline:
+        self._finish_pending(partitions, deadline)
+        if self._failure is not None:
+            # The consumer thread raises on its next turn and commits nothing more (_abort): nor do we.
+            log.warning("the model thread failed: committing nothing for %s", _names(partitions))
+            return {}
+        offsets = self._committable(partitions)
+        # A broker slow to acknowledge must not stall the heartbeats past the session timeout (a flush may
+        # take up to produce_timeout_s): give up the commit instead, and the next owner redoes the work.
+        if offsets and not self.output.flush(max(0.0, deadline - time.monotonic())):
+            log.warning(
+                "results for %s not acknowledged within %.1fs of the revocation: committing nothing, "
+                "their new owner redoes them",
+                _names(partitions),
+                self._revoke_drain_s,
+            )
+            return {}
+        return offsets
+
+    def _finish_pending(self, partitions: list[TopicPartition], deadline: float) -> None:
+        """Send the answers of these partitions' work until none is left, the deadline, or a dead model."""
+        while self._pending(partitions) and self._failure is None and time.monotonic() < deadline:
             self.health.beat()
             self._drain(0.05)
         left = self._pending(partitions)
-        if left:
+        if left and self._failure is None:
             log.warning(
                 "%d requests of %s still in flight after %.1fs: their new owner redoes them",
                 left,
                 _names(partitions),
                 self._revoke_drain_s,
             )
-        offsets = self._committable(partitions)
-        if offsets:
-            self.output.flush()
-        return offsets
 
     def revoked(self, partitions: list[TopicPartition], committed: dict[TopicPartition, int]) -> None:
         if committed:
@@ -677,12 +703,15 @@ class StreamWorker:
         log.info("stopping: finishing %d requests in flight (up to %.1fs)", self._in_flight, left_s)
         if not self._paused:
             self._set_paused(True)
-        while self._in_flight and time.monotonic() < deadline:
+        # A dead model thread finishes nothing more: stop waiting, and fail (run() aborts) rather than
+        # wait out the grace period and report it as one.
+        while self._in_flight and self._failure is None and time.monotonic() < deadline:
             self.health.beat()
             self._drain(0.05)
             # Keep the membership alive while draining; partitions are paused, so nothing new arrives
             # (records that still do are not dispatched, so not committed: their next owner reads them).
             self.source.poll(0, 1)
+        self._raise_if_failed()
         abandoned = self._in_flight
         self._commit(list(self._partitions))
         self._update_lag()

@@ -42,6 +42,8 @@ class MemoryOutput:
     closed: bool = False
     # Like the producer's max_request_size: a larger message fails at send().
     max_bytes: int | None = None
+    # A slow broker: flush() takes this long to see everything acknowledged.
+    ack_delay_s: float = 0.0
 
     def send(self, topic: str, key: str, value: dict[str, Any]) -> None:
         size = len(key.encode()) + len(encode_json(value))
@@ -49,11 +51,16 @@ class MemoryOutput:
             raise OutputFailedError(f"message of {size} bytes is larger than max_request_size {self.max_bytes}")
         self.sent.append((topic, key, value))
 
-    def flush(self) -> None:
+    def flush(self, timeout_s: float | None = None) -> bool:
         self.flushes += 1
         if self.fail_flush:
             raise OutputFailedError("broker unreachable")
+        if timeout_s is not None and timeout_s < self.ack_delay_s:
+            time.sleep(timeout_s)
+            return False
+        time.sleep(self.ack_delay_s)
         self.acked = len(self.sent)
+        return True
 
     def close(self) -> None:
         self.closed = True
@@ -72,13 +79,16 @@ class MemorySource:
     """One topic's partitions as lists; a single member that owns them all unless told otherwise.
 
     Rebalances are queued with ``rebalance()`` and run inside the next poll(), as with kafka-python.
+    A partition with no committed offset is read from its start, or from its end with ``reset="latest"``
+    (auto_offset_reset). ``revoking_started`` is set and ``revoking_s`` records each ``revoking()``'s duration.
     Every commit is checked: each message below a committed offset must have all of its expected
     answers (``expect[(partition, offset)]`` = keys) acknowledged by the output at that moment.
     """
 
-    def __init__(self, topic: str, partitions: int, output: MemoryOutput) -> None:
+    def __init__(self, topic: str, partitions: int, output: MemoryOutput, reset: str = "earliest") -> None:
         self.topic = topic
         self.output = output
+        self.reset = reset
         self.logs: dict[int, list[MemoryRecord]] = {p: [] for p in range(partitions)}
         self.expect: dict[tuple[int, int], list[str]] = {}
         self.positions: dict[TopicPartition, int] = {}
@@ -91,6 +101,8 @@ class MemorySource:
         self.pause_calls = 0
         self.closed = False
         self.violations: list[str] = []
+        self.revoking_started = threading.Event()
+        self.revoking_s: list[float] = []
         self._queued: list[str] = []
         self._lock = threading.Lock()
 
@@ -136,13 +148,19 @@ class MemorySource:
         assert self.handler is not None
         self.owned = {TopicPartition(self.topic, p) for p in self.logs}
         self.paused = set()
-        self.positions = {tp: self.committed.get(tp, 0) for tp in self.owned}
+        self.positions = {tp: self.committed.get(tp, self._reset_offset(tp)) for tp in self.owned}
         self.handler.assigned(sorted(self.owned))
+
+    def _reset_offset(self, tp: TopicPartition) -> int:
+        return len(self.logs[tp.partition]) if self.reset == "latest" else 0
 
     def _revoke(self) -> None:
         assert self.handler is not None
         partitions = sorted(self.owned)
+        self.revoking_started.set()
+        start = time.monotonic()
         offsets = self.handler.revoking(partitions)
+        self.revoking_s.append(time.monotonic() - start)
         self.commit(offsets)
         self.handler.revoked(partitions, offsets)
         self.owned, self.paused = set(), set()

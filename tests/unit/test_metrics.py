@@ -113,3 +113,14 @@ def test_a_busy_metrics_port_names_the_setting_and_disabled_serves_nothing() -> 
         with pytest.raises(MetricsPortError, match="WORKER_METRICS__PORT"):
             serve_metrics(MetricsSettings(host="127.0.0.1", port=port), WorkerMetrics(), Health())
     assert serve_metrics(MetricsSettings(enabled=False), WorkerMetrics(), Health()) is None
+
+
+def test_every_failure_kind_exists_at_zero_from_the_start() -> None:
+    # rate()/increase() need a sample before the first event: a series born at its first failure hides it.
+    from worker.fetch import UNAVAILABLE
+    from worker.messages import FAILURE_KINDS
+    from worker.requests import MALFORMED
+
+    registry = WorkerMetrics().registry
+    for kind in sorted(FAILURE_KINDS | {MALFORMED, UNAVAILABLE}):
+        assert registry.get_sample_value("captionfleet_failures_total", {"kind": kind}) == 0, kind

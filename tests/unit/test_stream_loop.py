@@ -11,17 +11,19 @@ from __future__ import annotations
 import json
 import threading
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from kafka import TopicPartition
 
 from tests.hostile_images import jpeg_bytes
 from tests.unit.stream_fakes import GatedCaptioner, MemoryOutput, MemorySource, OutputFailedError, wait_for
 from worker.captioner import Captioner
 from worker.fetch import Fetcher
 from worker.metrics import WorkerMetrics
+from worker.pipeline import CaptionPipeline, Item, RunStats
 from worker.settings import DecodingSettings, WorkerSettings
 from worker.stream import EXIT_GRACE_EXCEEDED, EXIT_OK, StreamReport, StreamWorker
 
@@ -173,6 +175,7 @@ def test_every_request_answered_once_and_committed_only_after_ack(make: Any, roo
     assert sample("captionfleet_failures_total", {"kind": "malformed"}) == 1
     assert sample("captionfleet_ignored_events_total") == 1
     assert sample("captionfleet_requests_total", {"source": "s3_event"}) == 2
+    assert sample("captionfleet_fetch_seconds_count") == 10  # failed reads (4 of them) included
     for partition in range(4):
         assert sample("captionfleet_consumer_lag", {"topic": TOPIC, "partition": str(partition)}) == 0
 
@@ -305,3 +308,100 @@ def test_grace_period_over_leaves_unfinished_work_uncommitted(make: Any, root: P
     assert report.exit_code == EXIT_GRACE_EXCEEDED and report.abandoned == 2
     assert all(offset == 0 for offset in source.committed.values())  # redone by the next owner
     assert source.violations == [] and source.closed
+
+
+def test_revocation_gives_up_the_commit_when_the_broker_is_slow_to_acknowledge(make: Any, root: Path) -> None:
+    # A revocation holds up the member's heartbeats (kafka-python's IO thread runs it), and a flush may
+    # wait up to produce_timeout_s: past the session timeout, the member would be evicted.
+    source, output = new_pair(partitions=1)
+    source.append(0, request("g0", f"file://{root}/good.jpg"), answers=["g0"])
+    # session 1.5 s -> the revocation is bounded at 0.5 s; no periodic commit, so only it could commit.
+    running, _ = make(source, output, session_timeout_ms=1500, heartbeat_interval_ms=500, commit_interval_ms=600_000)
+    wait_for(lambda: output.keys() == ["g0"], what="the answer sent")
+    output.ack_delay_s = 10.0
+    source.rebalance()
+    wait_for(lambda: len(source.revoking_s) == 1, timeout_s=5, what="the revocation to return")
+    assert source.revoking_s[0] < 0.5 + 1.0
+    assert source.committed == {}  # never acknowledged: the next owner (here, us again) redoes it
+    output.ack_delay_s = 0.0
+    wait_for(lambda: output.keys() == ["g0", "g0"], what="the message answered again")
+    assert running.stop().exit_code == EXIT_OK
+    assert source.committed == {TopicPartition(TOPIC, 0): 1}
+    assert source.violations == []
+
+
+def test_a_new_group_reading_from_the_end_commits_where_it_started(make: Any, root: Path, captioner: Captioner) -> None:
+    # With auto_offset_reset=latest and no committed offset, a crash while the first message is in flight
+    # would restart at the end, past it and the answered ones after it, unless its offset was committed.
+    output = MemoryOutput()
+    source = MemorySource(TOPIC, 1, output, reset="latest")
+    good = f"file://{root}/good.jpg"
+    for i in range(2):
+        source.append(0, request(f"old{i}", good))  # sent before the group existed: never read
+    model = GatedCaptioner(captioner)
+    running, metrics = make(source, output, model=model, auto_offset_reset="latest")
+    wait_for(lambda: metrics.sample("captionfleet_rebalances_total") == 1, what="the assignment")
+    first = source.append(0, request("g2", good), answers=["g2"])
+    source.append(0, request("f3", "file:///etc/passwd"), answers=["f3"])
+    wait_for(lambda: model.entered.is_set() and output.keys() == ["f3"], what="g2 in the model, f3 answered")
+    tp = TopicPartition(TOPIC, 0)
+    try:
+        wait_for(lambda: source.committed.get(tp) == first, timeout_s=5, what="the first offset committed")
+    finally:
+        model.gate.set()
+    wait_for(lambda: source.committed.get(tp) == 4, what="everything committed")
+    assert running.stop().exit_code == EXIT_OK
+    assert sorted(output.keys()) == ["f3", "g2"] and source.violations == []
+
+
+@pytest.fixture
+def dying_model(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[threading.Event, threading.Event]]:
+    """The model thread takes one request, then dies (a CUDA error, say) once the test sets ``die``."""
+    took, die = threading.Event(), threading.Event()
+
+    def run(self: CaptionPipeline, items: Iterable[Item]) -> RunStats:
+        next(iter(items))
+        took.set()
+        die.wait(timeout=30)
+        raise RuntimeError("CUDA error: device-side assert triggered")
+
+    monkeypatch.setattr(CaptionPipeline, "run", run)
+    yield took, die
+    die.set()  # never leave the model thread waiting
+
+
+def test_a_dead_model_during_shutdown_fails_the_worker_at_once(
+    make: Any, root: Path, dying_model: tuple[threading.Event, threading.Event]
+) -> None:
+    took, die = dying_model
+    source, output = new_pair(partitions=1)
+    source.append(0, request("g0", f"file://{root}/good.jpg"), answers=["g0"])
+    running, _ = make(source, output, grace_s=20.0)
+    wait_for(took.is_set, what="a request in the model")
+    running.worker.stop()
+    wait_for(lambda: running.worker.health.stopping, what="the shutdown drain")
+    die.set()
+    running.thread.join(5)  # waiting out the grace period would take 16 s
+    assert not running.thread.is_alive(), "a dead model was waited for until the grace period ran out"
+    assert isinstance(running.error, RuntimeError) and "model thread failed" in str(running.error)
+    assert all(offset == 0 for offset in source.committed.values())  # redone by the next owner
+    assert source.closed and output.keys() == []
+
+
+def test_a_dead_model_during_a_revocation_fails_the_worker_at_once(
+    make: Any, root: Path, dying_model: tuple[threading.Event, threading.Event]
+) -> None:
+    took, die = dying_model
+    source, output = new_pair(partitions=1)
+    source.append(0, request("g0", f"file://{root}/good.jpg"), answers=["g0"])
+    # session 30 s -> a revocation waits up to 10 s for in-flight work.
+    running, _ = make(source, output, session_timeout_ms=30_000)
+    wait_for(took.is_set, what="a request in the model")
+    source.rebalance()
+    wait_for(source.revoking_started.is_set, what="the revocation")
+    die.set()
+    running.thread.join(5)
+    assert not running.thread.is_alive(), "a dead model was waited for until the revocation's bound"
+    assert isinstance(running.error, RuntimeError) and "model thread failed" in str(running.error)
+    assert all(offset == 0 for offset in source.committed.values())
+    assert source.closed

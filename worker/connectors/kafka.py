@@ -158,10 +158,13 @@ class KafkaOutput:
         with self._lock:
             self._errors.append(f"{topic} key={key}: {error}")
 
-    def flush(self) -> None:
+    def flush(self, timeout_s: float | None = None) -> bool:
+        # timeout_s: a caller's own deadline (a revocation); running out of it is not a broker failure.
         try:
-            self._producer.flush(timeout=self._timeout_s)
+            self._producer.flush(timeout=self._timeout_s if timeout_s is None else timeout_s)
         except kafka_errors.KafkaTimeoutError as error:
+            if timeout_s is not None:
+                return False
             raise OutputError(
                 f"the broker did not acknowledge results within {self._timeout_s}s "
                 "(WORKER_KAFKA__PRODUCE_TIMEOUT_S): is it reachable?"
@@ -170,6 +173,7 @@ class KafkaOutput:
             errors, self._errors = self._errors, []
         if errors:
             raise OutputError(f"{len(errors)} results were not delivered, e.g. {errors[0]}")
+        return True
 
     def close(self) -> None:
         self._producer.close(timeout=self._timeout_s)
