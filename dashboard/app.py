@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import pandas as pd
 import streamlit as st
 
-from dashboard.data import FleetView, caption_uploads, fleet_view, load_model
+from dashboard.data import FleetView, LoadedModel, caption_uploads, fleet_view, load_model
 from dashboard.settings import DashboardSettings, load_dashboard_settings, load_model_settings
 from worker.images import ImageLimits
 from worker.settings import DecodingSettings, SettingsError, WorkerSettings
@@ -30,6 +30,23 @@ def sidebar(model_settings: WorkerSettings) -> DecodingSettings:
     return defaults.model_copy(update={"num_beams": beams, "max_new_tokens": length})
 
 
+def model_or_error(model_settings: WorkerSettings) -> LoadedModel | None:
+    """The model, or None after showing why it did not load: a bad model setting must cost the upload
+    tab its captions, not the whole page (the Fleet tab is drawn after this one)."""
+    try:
+        return load_model(model_settings)
+    except Exception as error:  # any load failure: bad ref, unreachable store, no GPU for "cuda", ...
+        model = model_settings.model
+        st.error(
+            f"The model could not be loaded (WORKER_MODEL__REF={model.ref}, WORKER_MODEL__DEVICE={model.device}): "
+            f"{type(error).__name__}: {error}\n\nFix the dashboard's WORKER_MODEL__* settings (in Kubernetes it "
+            "reads the workers' ConfigMap, but its pod has no GPU: WORKER_MODEL__DEVICE must be cpu or auto "
+            "there), then press Generate caption again.",
+            icon="🚫",
+        )
+        return None
+
+
 def upload_tab(model_settings: WorkerSettings, settings: DashboardSettings, decoding: DecodingSettings) -> None:
     limits = ImageLimits.from_settings(model_settings.images)
     files = st.file_uploader(
@@ -37,12 +54,13 @@ def upload_tab(model_settings: WorkerSettings, settings: DashboardSettings, deco
     )
     uploaded = tuple(f.file_id for f in files or [])
     if st.button("Generate caption", type="primary", disabled=not files):
-        model = load_model(model_settings)
-        with st.spinner("Captioning..."):
-            results = caption_uploads(
-                model, [(f.name, f.getvalue()) for f in files or []], decoding, limits, settings.upload.batch_size
-            )
-        st.session_state["results"] = (uploaded, results)
+        model = model_or_error(model_settings)
+        if model is not None:
+            with st.spinner("Captioning..."):
+                results = caption_uploads(
+                    model, [(f.name, f.getvalue()) for f in files or []], decoding, limits, settings.upload.batch_size
+                )
+            st.session_state["results"] = (uploaded, results)
     shown_for, results = st.session_state.get("results", ((), []))
     if shown_for != uploaded:  # files removed or added since: their old captions would mislead
         results = []
@@ -70,7 +88,11 @@ def chart(title: str, frame: pd.DataFrame, unit: str, note: str = "") -> None:
         st.caption(note)
 
 
-def fleet_panels(view: FleetView) -> None:
+def window_text(window_s: int) -> str:
+    return f"{window_s // 60} min" if window_s % 60 == 0 else f"{window_s} s"
+
+
+def fleet_panels(view: FleetView, window_s: int) -> None:
     st.caption(f"Source: {view.source}")
     for problem in view.problems:
         st.warning(problem)
@@ -91,10 +113,11 @@ def fleet_panels(view: FleetView) -> None:
         chart("Throughput", throughput, "images/s", f"Throughput peak: {peak:.2f} images/s (all workers)")
         chart("Latency", view.latency, "seconds", "p50 and p95, end to end (request sent → answer) and per model call")
         st.subheader("Failures by kind")
+        # Counted over the window, so a worker scaling in or restarting does not make failures vanish.
         if view.failures.empty:
-            st.caption("No failures since the workers started")
+            st.caption(f"No failures in the last {window_text(window_s)}")
         else:
-            st.bar_chart(view.failures, x_label="kind", y_label="failures since the workers started")
+            st.bar_chart(view.failures, x_label="kind", y_label=f"failures in the last {window_text(window_s)}")
     with right:
         chart("Batch size", view.batch_size, "images per model call")
         chart("Consumer lag", view.lag, "messages", "requests on the topic not yet answered and committed")
@@ -120,7 +143,7 @@ def fleet_tab(settings: DashboardSettings) -> None:
                 "or DASHBOARD_SCRAPE__URLS to the workers' /metrics URLs (e.g. http://worker-0:9400/metrics)."
             )
             return
-        fleet_panels(view)
+        fleet_panels(view, settings.fleet.window_s)
 
     live()
 

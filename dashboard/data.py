@@ -1,8 +1,10 @@
 """Everything the dashboard's layout shows, fetched and cached here: app.py only lays it out.
 
 - Uploads: the model is loaded once per process (``st.cache_resource``) and shared by every browser
-  session behind a lock (a Captioner takes one call at a time); each file is decoded on its own, so
-  a corrupt or oversized file gets its own message and never costs the others their captions.
+  session behind a lock (a Captioner takes one call at a time); with a ``.../LATEST`` ref, LATEST is
+  re-read as often as the workers poll it and a new version replaces the old. Each file is decoded
+  on its own, so a corrupt or oversized file gets its own message and never costs the others their
+  captions; only one batch of full-size images is alive at a time, and results keep thumbnails.
 - Fleet: from Prometheus's HTTP API when a URL is set, else by scraping the workers' ``/metrics``
   directly and keeping the history in this process. Both give the same :class:`FleetView`.
 """
@@ -24,12 +26,16 @@ from typing import Any
 
 import pandas as pd
 import streamlit as st
+from botocore.exceptions import BotoCoreError, ClientError
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from dashboard.settings import DashboardSettings
+from dashboard.settings import DEFAULT_WORKER_SELECTOR, DashboardSettings
 from worker.captioner import Captioner
+from worker.connectors.s3 import make_s3_client
 from worker.images import ImageError, ImageLimits, decode_image
+from worker.model_store import ModelRefError
+from worker.models import LATEST, latest_root, load_version, read_latest
 from worker.settings import DecodingSettings, WorkerSettings
 
 # -- uploads -------------------------------------------------------------------------------------
@@ -45,17 +51,64 @@ class LoadedModel:
         return self.captioner.version
 
 
-@st.cache_resource(show_spinner="Loading the model (once per dashboard process)...")
-def _load_model(key: str, _settings: WorkerSettings) -> LoadedModel:
-    # Keyed by ref/device/cache dir only: the settings object holds secrets and is not hashed.
+# One entry: when LATEST moves, the new version's model replaces the old one instead of joining it.
+@st.cache_resource(max_entries=1, show_spinner="Loading the model (once per dashboard process)...")
+def _load_model(key: str, _settings: WorkerSettings, _version: str | None) -> LoadedModel:
+    # Keyed by ref/device/cache dir (and the version LATEST names) only: the settings object holds
+    # secrets and is not hashed.
+    root = latest_root(_settings.model.ref)
+    if root is not None and _version is not None:
+        return LoadedModel(load_version(root, _version, _settings))
     from worker.bulk import load_captioner
 
     return LoadedModel(load_captioner(_settings))
 
 
-def load_model(settings: WorkerSettings) -> LoadedModel:
+class LatestReader:
+    """The version a ``.../LATEST`` ref names, re-read at most every WORKER_MODEL__POLL_INTERVAL_S
+    (as the workers poll it; 0 = read once), so uploads follow the workers to a new version."""
+
+    def __init__(self) -> None:
+        self._seen: dict[str, tuple[float, str]] = {}  # root -> (when read, version)
+        self._lock = threading.Lock()
+
+    def version(self, root: str, settings: WorkerSettings, now: float | None = None) -> str:
+        now = time.monotonic() if now is None else now
+        ttl = settings.model.poll_interval_s
+        with self._lock:
+            seen = self._seen.get(root)
+            if seen is not None and (ttl <= 0 or now - seen[0] < ttl):
+                return seen[1]
+            try:
+                version = read_latest(make_s3_client(settings.s3, connect_timeout=5, read_timeout=10), root)
+            except (ClientError, BotoCoreError) as error:
+                if seen is None:
+                    raise ModelRefError(
+                        f"could not read {root}/{LATEST}: {error}; check WORKER_MODEL__REF, "
+                        "WORKER_S3__ENDPOINT_URL and the credentials"
+                    ) from error
+                version = None
+            if version is None:
+                if seen is None:
+                    raise ModelRefError(
+                        f"{root}/{LATEST} does not exist: publish a version first, or fix WORKER_MODEL__REF"
+                    )
+                # Unreadable or gone: keep the version in use, as a worker does, and try again a TTL later.
+                version = seen[1]
+            self._seen[root] = (now, version)
+            return version
+
+
+_LATEST_READER = LatestReader()
+
+
+def load_model(settings: WorkerSettings, now: float | None = None) -> LoadedModel:
+    """The model uploads are captioned with (raises when it cannot be loaded; the message says why)."""
     model = settings.model
-    return _load_model(f"{model.ref}|{model.device}|{model.cache_dir}", settings)
+    key = f"{model.ref}|{model.device}|{model.cache_dir}"
+    root = latest_root(model.ref)
+    version = None if root is None else _LATEST_READER.version(root, settings, now)
+    return _load_model(f"{key}|{version or ''}", settings, version)
 
 
 # Headlines per failure kind; the decoder's own message follows with the detail.
@@ -89,38 +142,80 @@ class UploadResult:
         return f"{self.name} {_HEADLINES.get(self.kind or '', 'failed')}: {self.message}"
 
 
+# The longest side of the picture a result keeps for the page (shown 200 px wide; 512 stays sharp on
+# high-density screens). Results live in each session's state: a full 50-Mpx image would be ~150 MB.
+THUMBNAIL_SIDE = 512
+
+
+def thumbnail(image: Image.Image, side: int = THUMBNAIL_SIDE) -> Image.Image:
+    """A new image whose longest side is at most ``side`` (the image itself when it already fits)."""
+    width, height = image.size
+    if max(width, height) <= side:
+        return image
+    scale = side / max(width, height)
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return image.resize(size, Image.Resampling.LANCZOS, reducing_gap=2.0)
+
+
+def _decode(result: UploadResult, data: bytes, limits: ImageLimits, draft_size: tuple[int, int]) -> Image.Image | None:
+    """The upload decoded at full size, or None with the reason recorded in ``result``."""
+    try:
+        return decode_image(data, limits=limits, draft_size=draft_size)
+    except ImageError as error:
+        result.kind, result.message = error.kind, error.message
+        if error.kind == "too_large":
+            result.message += "; the limits are WORKER_IMAGES__MAX_BYTES and WORKER_IMAGES__MAX_PIXELS"
+        return None
+
+
+def _caption_batch(
+    model: LoadedModel, batch: list[tuple[UploadResult, Image.Image]], decoding: DecodingSettings, side: int
+) -> None:
+    """One model call for the batch; its results get their captions (or the failure) and thumbnails."""
+    with model.lock:
+        began = time.perf_counter()
+        captions: list[str] | None = None
+        failure = ""
+        try:
+            captions = model.captioner.caption([image for _, image in batch], decoding)
+        except Exception as error:  # a model failure is shown per file, like any other
+            failure = f"the model failed: {type(error).__name__}: {error}"
+        seconds = time.perf_counter() - began
+    for index, (result, image) in enumerate(batch):
+        result.image = thumbnail(image, side)
+        if captions is None:
+            result.kind, result.message = "model", failure
+        else:
+            result.caption, result.model_version = captions[index], model.version
+            result.seconds, result.batch = seconds, len(batch)
+
+
 def caption_uploads(
     model: LoadedModel,
     files: Sequence[tuple[str, bytes]],
     decoding: DecodingSettings,
     limits: ImageLimits,
     batch_size: int,
+    thumbnail_side: int = THUMBNAIL_SIDE,
 ) -> list[UploadResult]:
-    """Caption (name, bytes) uploads; one result per file, in order, failures included."""
+    """Caption (name, bytes) uploads; one result per file, in order, failures included.
+
+    Files are decoded as their batch fills and dropped to thumbnails once it is captioned, so at most
+    one batch of full-size images is in memory (ten 50-Mpx PNGs decoded up front would be ~1.5 GB).
+    """
     results = [UploadResult(name) for name, _ in files]
-    good: list[UploadResult] = []
+    batch: list[tuple[UploadResult, Image.Image]] = []
     for result, (_, data) in zip(results, files, strict=True):
-        try:
-            result.image = decode_image(data, limits=limits, draft_size=model.captioner.image_size)
-        except ImageError as error:
-            result.kind, result.message = error.kind, error.message
-            if error.kind == "too_large":
-                result.message += "; the limits are WORKER_IMAGES__MAX_BYTES and WORKER_IMAGES__MAX_PIXELS"
+        image = _decode(result, data, limits, model.captioner.image_size)
+        if image is None:
             continue
-        good.append(result)
-    for start in range(0, len(good), batch_size):
-        chunk = good[start : start + batch_size]
-        with model.lock:
-            began = time.perf_counter()
-            try:
-                captions = model.captioner.caption([r.image for r in chunk if r.image is not None], decoding)
-            except Exception as error:  # a model failure is shown per file, like any other
-                for r in chunk:
-                    r.kind, r.message = "model", f"the model failed: {type(error).__name__}: {error}"
-                continue
-            seconds = time.perf_counter() - began
-        for r, caption in zip(chunk, captions, strict=True):
-            r.caption, r.model_version, r.seconds, r.batch = caption, model.version, seconds, len(chunk)
+        batch.append((result, image))
+        del image  # the batch holds the only reference: captioning it frees the full-size image
+        if len(batch) == batch_size:
+            _caption_batch(model, batch, decoding, thumbnail_side)
+            batch = []
+    if batch:
+        _caption_batch(model, batch, decoding, thumbnail_side)
     return results
 
 
@@ -136,7 +231,7 @@ class FleetView:
     batch_size: pd.DataFrame  # mean images per model call
     latency: pd.DataFrame  # seconds; columns: end-to-end p50/p95, model call p50/p95 (fleet-wide)
     lag: pd.DataFrame  # messages not yet committed, summed over each worker's partitions
-    failures: pd.DataFrame  # index: kind; column "failures" (since each worker started)
+    failures: pd.DataFrame  # index: kind; column "failures" (increase over the window, all workers)
     workers: pd.DataFrame  # columns: worker, up, model version, model source, problem
     problems: list[str] = field(default_factory=list)  # sources that did not answer
 
@@ -205,7 +300,13 @@ def _matrix_frame(result: list[dict[str, Any]], label: str | None, name: str = "
     return frame.replace([math.inf, -math.inf], math.nan)
 
 
-def prometheus_view(client: PrometheusClient, window_s: int, rate_window_s: int, now: float | None = None) -> FleetView:
+def prometheus_view(
+    client: PrometheusClient,
+    window_s: int,
+    rate_window_s: int,
+    now: float | None = None,
+    worker_selector: str = DEFAULT_WORKER_SELECTOR,
+) -> FleetView:
     end = time.time() if now is None else now
     start = end - window_s
     step = max(1.0, window_s / 240)  # ~240 points per chart whatever the window
@@ -228,8 +329,10 @@ def prometheus_view(client: PrometheusClient, window_s: int, rate_window_s: int,
     latency = pd.concat(latency_parts, axis=1).sort_index() if any(len(p) for p in latency_parts) else empty_frame()
     lag = matrix("sum by (instance) (captionfleet_consumer_lag)", "instance")
 
-    # Workers export every kind at 0 from the start; chart only the kinds that happened.
-    failures_rows = client.query("sum by (kind) (captionfleet_failures_total) > 0")
+    # Over the window, like the other charts: raw totals would drop whenever a worker scales in or
+    # restarts (increase() handles counter resets). Workers export every kind at 0 from the start;
+    # chart only the kinds that happened.
+    failures_rows = client.query(f"sum by (kind) (increase(captionfleet_failures_total[{window_s}s])) > 0")
     failures = pd.DataFrame(
         {"failures": [float(r["value"][1]) for r in failures_rows]},
         index=pd.Index([r["metric"].get("kind", "?") for r in failures_rows], name="kind"),
@@ -245,6 +348,8 @@ def prometheus_view(client: PrometheusClient, window_s: int, rate_window_s: int,
         for r in client.query("captionfleet_model_info")
     ]
     # Targets Prometheus could not scrape: listed so a dead worker does not just vanish from the page.
+    # Only the workers' targets (DASHBOARD_PROMETHEUS__WORKER_SELECTOR): a shared Prometheus has others.
+    down = f"up{{{worker_selector}}} == 0" if worker_selector.strip() else "up == 0"
     rows += [
         {
             "worker": r["metric"].get("instance", "?"),
@@ -253,7 +358,7 @@ def prometheus_view(client: PrometheusClient, window_s: int, rate_window_s: int,
             "model source": "",
             "problem": f"Prometheus cannot scrape it (job {r['metric'].get('job', '?')})",
         }
-        for r in client.query("up == 0")
+        for r in client.query(down)
     ]
     workers = pd.DataFrame(rows) if rows else _empty_workers()
     return FleetView(f"Prometheus at {client.url}", throughput, batch, latency, lag, failures, workers)
@@ -349,6 +454,7 @@ class ScrapeHistory:
         batch: dict[str, dict[pd.Timestamp, float]] = {}
         lag: dict[str, dict[pd.Timestamp, float]] = {}
         latency: dict[str, dict[pd.Timestamp, float]] = {}
+        failures: dict[str, float] = {}  # by kind, grown over the window (scaled-in workers included)
         for (t0, before), (t1, after) in itertools.pairwise(rounds):
             at = pd.Timestamp(t1, unit="s")
             pooled: dict[str, dict[float, float]] = {"end_to_end_latency": {}, "inference": {}}
@@ -360,6 +466,9 @@ class ScrapeHistory:
                 calls = new.grew(old, "captionfleet_batch_size_count")
                 sizes = new.grew(old, "captionfleet_batch_size_sum")
                 batch.setdefault(url, {})[at] = sizes / calls if calls else math.nan
+                old_failures = old.by_label("captionfleet_failures_total", "kind")
+                for kind, n in new.by_label("captionfleet_failures_total", "kind").items():
+                    failures[kind] = failures.get(kind, 0.0) + _increase(n, old_failures.get(kind, 0.0))
                 for metric, pool in pooled.items():
                     name = f"captionfleet_{metric}_seconds_bucket"
                     for le, count in new.by_label(name, "le").items():
@@ -373,16 +482,14 @@ class ScrapeHistory:
                 if s.ok:
                     lag.setdefault(url, {})[pd.Timestamp(t, unit="s")] = s.total("captionfleet_consumer_lag")
 
+        # Every kind is exported at 0 from the start; chart the ones that happened.
+        failures = {kind: n for kind, n in failures.items() if n > 0}
         latest = rounds[-1][1] if rounds else {}
-        failures: dict[str, float] = {}
         rows = []
         for url in self.urls:
             found = latest.get(url)
             if found is not None and found.ok:
                 s = found
-                for kind, n in s.by_label("captionfleet_failures_total", "kind").items():
-                    if n > 0:  # every kind is exported at 0 from the start; chart the ones that happened
-                        failures[kind] = failures.get(kind, 0.0) + n
                 info = next((dict(labels) for n, labels in s.samples if n == "captionfleet_model_info"), {})
                 rows.append(
                     {
@@ -426,7 +533,12 @@ def fleet_view(settings: DashboardSettings) -> FleetView | None:
     if settings.prometheus.url:
         client = PrometheusClient(settings.prometheus.url, settings.prometheus.timeout_s)
         try:
-            return prometheus_view(client, settings.fleet.window_s, settings.prometheus.rate_window_s)
+            return prometheus_view(
+                client,
+                settings.fleet.window_s,
+                settings.prometheus.rate_window_s,
+                worker_selector=settings.prometheus.worker_selector,
+            )
         except SourceError as error:
             empty = empty_frame()
             return FleetView(

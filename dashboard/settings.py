@@ -28,9 +28,20 @@ class ServerSettings(BaseModel):
     port: int = Field(default=8501, ge=1, le=65535)
 
 
+# The labels Prometheus gives the workers' targets: the prometheus-community chart's kubernetes-pods job
+# (which reads the prometheus.io/* annotations of k8s/base/worker-deployment.yaml) copies pod labels
+# into target labels, "app.kubernetes.io/name" becoming app_kubernetes_io_name.
+DEFAULT_WORKER_SELECTOR = 'app_kubernetes_io_name="captionfleet",app_kubernetes_io_component="worker"'
+
+
 class PrometheusSettings(BaseModel):
     # e.g. http://prometheus:9090; empty = scrape the workers in scrape.urls directly.
     url: str = ""
+    # PromQL label matchers that pick the workers' scrape targets out of `up`, so another team's dead
+    # target in a shared Prometheus is not listed as a dead worker. Change it when your Prometheus
+    # labels them otherwise (e.g. job="captionfleet-worker" for a static scrape config); empty lists
+    # every target Prometheus cannot scrape.
+    worker_selector: str = DEFAULT_WORKER_SELECTOR
     # The rate()/quantile window. It must cover at least two scrapes (four is safer): 1m suits a 15s
     # scrape interval; tests scraping every second use a few seconds.
     rate_window_s: int = Field(default=60, ge=1)

@@ -3,7 +3,9 @@
 One image runs several parts, so the check looks at PID 1's command line:
 - ``captionfleet worker``: GET /healthz on WORKER_METRICS__PORT (9400 by default); liveness, not
   readiness, because Docker (like a liveness probe) should only flag a worker that is stuck;
-- ``captionfleet dashboard``: Streamlit's own /_stcore/health on DASHBOARD_SERVER__PORT (8501 by default);
+- ``captionfleet dashboard``: Streamlit's own /_stcore/health on DASHBOARD_SERVER__PORT (8501 by default).
+  That command execs ``python -m streamlit run .../dashboard/app.py --server.port N ...`` (so SIGTERM
+  reaches Streamlit), which is what PID 1 then shows: recognised by the app's path, port from the flag;
 - anything else (demo, train, caption): no server to ask, the exit code is the verdict: healthy.
 Standard library only: it runs every 30 s and must start fast.
 """
@@ -31,8 +33,11 @@ def url_for(argv: list[str]) -> str | None:
         if "--metrics-port" in argv[:-1]:
             port = argv[argv.index("--metrics-port") + 1]
         return None if port == "0" else f"http://127.0.0.1:{port}/healthz"
-    if "dashboard" in argv:
-        return f"http://127.0.0.1:{os.environ.get('DASHBOARD_SERVER__PORT', '8501')}/_stcore/health"
+    if "dashboard" in argv or any(arg.endswith("dashboard/app.py") for arg in argv):
+        port = os.environ.get("DASHBOARD_SERVER__PORT", "8501")
+        if "--server.port" in argv[:-1]:
+            port = argv[argv.index("--server.port") + 1]
+        return f"http://127.0.0.1:{port}/_stcore/health"
     return None
 
 

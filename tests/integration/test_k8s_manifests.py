@@ -15,6 +15,7 @@ import contextlib
 import importlib.util
 import io
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -28,7 +29,7 @@ import yaml
 from pydantic import BaseModel
 from pydantic_settings import BaseSettings
 
-from dashboard.settings import DashboardSettings
+from dashboard.settings import DEFAULT_WORKER_SELECTOR, DashboardSettings, ServerSettings
 from trainer.settings import TrainerSettings
 from worker.settings import WorkerSettings
 
@@ -404,6 +405,41 @@ def test_gpu_placement(built: tuple[str, list[dict[str, Any]]]) -> None:
             assert asks == (None, None), f"{where}: asks for a GPU"
 
 
+def test_only_containers_with_a_gpu_are_told_to_use_cuda(built: tuple[str, list[dict[str, Any]]]) -> None:
+    overlay, docs = built
+    errors = []
+    for doc, spec in workloads(docs):
+        for container in spec["containers"]:
+            env = container_env(docs, container)
+            has_gpu = GPU in container.get("resources", {}).get("limits", {})
+            for name in ("WORKER_MODEL__DEVICE", "TRAINER_DEVICE"):
+                if env.get(name) == "cuda" and not has_gpu:
+                    errors.append(
+                        f"{overlay}: {doc['kind']} {doc['metadata']['name']}/{container['name']} gets {name}=cuda "
+                        f"but asks for no {GPU}: it fails on load; override it in the container's env (cpu)"
+                    )
+    assert not errors, "\n".join(errors)
+    # The dashboard loads the workers' ConfigMap (cuda in the gpu overlay) and has no GPU of its own.
+    (container,) = one(docs, "Deployment", "captionfleet-dashboard")["spec"]["template"]["spec"]["containers"]
+    settings = settings_for(["WORKER_"], container_env(docs, container))["WORKER_"]
+    assert isinstance(settings, WorkerSettings) and settings.model.device == "cpu"
+
+
+def test_the_dashboard_lists_down_workers_by_the_labels_prometheus_gives_them(
+    built: tuple[str, list[dict[str, Any]]],
+) -> None:
+    """The kubernetes-pods scrape job (prometheus-community chart) maps each pod label to a target
+    label, with characters outside [a-zA-Z0-9_] as "_": the selector must match the worker pods'."""
+    overlay, docs = built
+    labels = one(docs, "Deployment", "captionfleet-worker")["spec"]["template"]["metadata"]["labels"]
+    target_labels = {re.sub(r"[^a-zA-Z0-9_]", "_", key): value for key, value in labels.items()}
+    wanted = dict(re.findall(r'(\w+)="([^"]*)"', DEFAULT_WORKER_SELECTOR))
+    assert wanted and wanted.items() <= target_labels.items(), (
+        f"{overlay}: DASHBOARD_PROMETHEUS__WORKER_SELECTOR's default {DEFAULT_WORKER_SELECTOR} does not match "
+        f"the worker pods' target labels {target_labels}"
+    )
+
+
 def test_network_policies_deny_by_default(built: tuple[str, list[dict[str, Any]]]) -> None:
     overlay, docs = built
     policies = objects(docs, "NetworkPolicy")
@@ -449,6 +485,11 @@ def test_healthcheck_asks_the_part_that_runs(monkeypatch: pytest.MonkeyPatch) ->
     assert healthcheck.url_for(["captionfleet", "worker", "--metrics-port", "9500"]).endswith(":9500/healthz")
     assert healthcheck.url_for(["captionfleet", "dashboard"]) == "http://127.0.0.1:8501/_stcore/health"
     assert healthcheck.url_for(["captionfleet", "demo"]) is None
+    # `captionfleet dashboard` execs Streamlit: that command line is what PID 1 shows while it serves.
+    from dashboard.__main__ import streamlit_command
+
+    serving = streamlit_command(DashboardSettings(server=ServerSettings(port=8600)), max_image_bytes=2**20)
+    assert healthcheck.url_for(serving) == "http://127.0.0.1:8600/_stcore/health"
     monkeypatch.setenv("WORKER_METRICS__PORT", "9401")
     assert healthcheck.url_for(["captionfleet", "worker"]) == "http://127.0.0.1:9401/healthz"
     # Its defaults are the settings' defaults.

@@ -4,13 +4,16 @@ free port) and turning successive scrapes into rates, batch sizes, quantiles, la
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from dashboard.data import Scrape, ScrapeHistory, histogram_quantile
+from dashboard.data import Scrape, ScrapeHistory, fleet_view, histogram_quantile, prometheus_view
+from dashboard.settings import load_dashboard_settings
 from tests.services.kafka import free_port
 from worker.metrics import Health, MetricsServer, WorkerMetrics
 
@@ -85,15 +88,19 @@ def test_the_page_charts_a_scraped_worker(worker: tuple[WorkerMetrics, str], mon
     monkeypatch.delenv("DASHBOARD_PROMETHEUS__URL", raising=False)
     monkeypatch.setenv("DASHBOARD_SCRAPE__URLS", url)
     monkeypatch.setenv("DASHBOARD_FLEET__REFRESH_S", "0.5")
-    metrics.failures.labels("not_found").inc(3)
     at = AppTest.from_file(APP, default_timeout=60).run()
+    assert not at.exception, at.exception
+    assert any(c.value == "No failures in the last 15 min" for c in at.caption)
+    metrics.failures.labels("not_found").inc(3)
+    time.sleep(0.3)  # past the minimum interval between scrape rounds (refresh_s / 2)
+    at.run()
     assert not at.exception, at.exception
     assert not at.error
     (table,) = at.get("dataframe")
     assert table.value["model version"].tolist() == ["v7"] and table.value["worker"].tolist() == [url]
-    # Failures by kind, lag (one point so far) and workers per version are charts.
-    assert len(at.get("vega_lite_chart")) == 3
-    assert not any(c.value == "No failures since the workers started" for c in at.caption)
+    # Throughput (one interval so far), failures by kind, lag and workers per version are charts.
+    assert len(at.get("vega_lite_chart")) == 4
+    assert not any(c.value.startswith("No failures") for c in at.caption)
 
 
 def test_the_page_says_so_when_prometheus_does_not_answer(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -103,3 +110,66 @@ def test_the_page_says_so_when_prometheus_does_not_answer(monkeypatch: pytest.Mo
     assert not at.exception, at.exception
     assert any("No metrics source answered" in e.value for e in at.error)
     assert any("check DASHBOARD_PROMETHEUS__URL" in w.value for w in at.warning)
+
+
+# -- failures over the window, and the workers' targets only ---------------------------------------
+
+
+def test_failures_are_counted_over_the_window_across_restarts_and_scale_in() -> None:
+    def round_(**by_kind: float) -> Scrape:
+        return Scrape(True, {("captionfleet_failures_total", (("kind", k),)): n for k, n in by_kind.items()})
+
+    history = ScrapeHistory(["a", "b"], timeout_s=1, history=10, min_interval_s=0)
+    history.rounds.append((1000.0, {"a": round_(decode=50.0), "b": round_(decode=7.0)}))  # before: not counted
+    history.rounds.append((1010.0, {"a": round_(decode=52.0), "b": round_(decode=9.0, empty=1.0)}))
+    # a restarted (its counter dropped: 1 new failure), b scaled in: its earlier failures still count.
+    history.rounds.append((1020.0, {"a": round_(decode=1.0), "b": Scrape(False, error="gone")}))
+    assert history.view(window_s=60).failures["failures"].to_dict() == {"decode": 2 + 2 + 1, "empty": 1}
+    # Once the rounds age out of the window, their failures do too.
+    history.rounds.append((1100.0, {"a": round_(decode=1.0), "b": Scrape(False, error="gone")}))
+    assert history.view(window_s=60).failures.empty
+
+
+class FakePrometheus:
+    """PrometheusClient's two calls: records every expression, answers from ``answers``
+    (expression prefix -> result rows), nothing else."""
+
+    def __init__(self, answers: dict[str, list[dict[str, Any]]] | None = None) -> None:
+        self.url = "http://prometheus.test"
+        self.answers = answers or {}
+        self.queries: list[str] = []
+
+    def query(self, expr: str) -> list[dict[str, Any]]:
+        self.queries.append(expr)
+        return next((rows for prefix, rows in self.answers.items() if expr.startswith(prefix)), [])
+
+    def query_range(self, expr: str, start: float, end: float, step_s: float) -> list[dict[str, Any]]:
+        self.queries.append(expr)
+        return []
+
+
+def test_prometheus_failures_are_an_increase_over_the_window() -> None:
+    rows = [{"metric": {"kind": "decode"}, "value": [1000, "4"]}]
+    client = FakePrometheus({"sum by (kind) (increase(captionfleet_failures_total[900s]))": rows})
+    view = prometheus_view(client, window_s=900, rate_window_s=60, now=1000.0)  # type: ignore[arg-type]
+    assert "sum by (kind) (increase(captionfleet_failures_total[900s])) > 0" in client.queries
+    assert view.failures["failures"].to_dict() == {"decode": 4.0}
+
+
+def test_only_the_workers_targets_are_listed_as_down() -> None:
+    down = [{"metric": {"instance": "10.0.0.5:9400", "job": "kubernetes-pods"}, "value": [1000, "0"]}]
+    client = FakePrometheus({"up{": down})
+    view = prometheus_view(client, window_s=900, rate_window_s=60, now=1000.0)  # type: ignore[arg-type]
+    (up,) = [q for q in client.queries if q.startswith("up")]
+    # The labels Prometheus's kubernetes-pods job copies from the worker pods' labels.
+    assert up == 'up{app_kubernetes_io_name="captionfleet",app_kubernetes_io_component="worker"} == 0'
+    assert view.workers["worker"].tolist() == ["10.0.0.5:9400"] and not view.workers["up"].any()
+
+
+def test_the_worker_selector_is_a_dashboard_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    client = FakePrometheus()
+    monkeypatch.setattr("dashboard.data.PrometheusClient", lambda url, timeout_s: client)
+    monkeypatch.setenv("DASHBOARD_PROMETHEUS__URL", client.url)
+    monkeypatch.setenv("DASHBOARD_PROMETHEUS__WORKER_SELECTOR", 'job="captionfleet-worker"')
+    assert fleet_view(load_dashboard_settings()) is not None
+    assert 'up{job="captionfleet-worker"} == 0' in client.queries

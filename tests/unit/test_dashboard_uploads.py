@@ -3,16 +3,22 @@ its caption or its own message, and one bad file never costs the others their ca
 
 from __future__ import annotations
 
+import gc
 import io
 import random
 import re
+import weakref
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 from PIL import Image
 from streamlit.testing.v1 import AppTest
 
+from dashboard.data import THUMBNAIL_SIDE, LoadedModel, caption_uploads
 from tests.hostile_images import hostile_corpus, jpeg_bytes
+from worker.images import ImageLimits
+from worker.settings import DecodingSettings
 
 APP = str(Path(__file__).resolve().parents[2] / "dashboard" / "app.py")
 CAPTION_LINE = re.compile(r"^model (\S+) · \d+ ms \(one model call for (\d+) images?\)$")
@@ -108,3 +114,66 @@ def test_captions_go_when_their_files_are_removed(app: AppTest) -> None:
     app.file_uploader(key="uploads").set_value(None)
     app.run()
     assert captions(app) == [] and not app.get("image")
+
+
+def test_a_model_that_cannot_load_is_explained_and_the_fleet_tab_still_drawn(
+    app: AppTest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # What the gpu overlay did to the dashboard pod: device cuda where no GPU is visible.
+    monkeypatch.setenv("WORKER_MODEL__DEVICE", "cuda")
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    generate(app, [("cat.jpg", jpeg_bytes(), "image/jpeg")])
+    (error,) = [e.value for e in app.error]
+    assert "no CUDA GPU is visible" in error and "WORKER_MODEL__DEVICE must be cpu or auto" in error
+    assert captions(app) == []
+    assert any("DASHBOARD_PROMETHEUS__URL" in i.value for i in app.info)  # the Fleet tab, drawn after
+
+
+# -- memory: one batch of full-size images at a time, thumbnails in the results --------------------
+
+
+class SizeCaptioner:
+    """Captions each image with the size it was given; checks that earlier batches were let go."""
+
+    image_size = (32, 32)
+    version = "sizes-v1"
+
+    def __init__(self) -> None:
+        self.seen: list[weakref.ref[Image.Image]] = []
+        self.alive_from_earlier_batches: list[int] = []
+
+    def caption(self, images: Sequence[Image.Image], decoding: DecodingSettings | None = None) -> list[str]:
+        gc.collect()
+        # Images small enough to be their own thumbnail rightly stay: count the full-size ones.
+        alive = [image for ref in self.seen if (image := ref()) is not None and max(image.size) > THUMBNAIL_SIDE]
+        self.alive_from_earlier_batches.append(len(alive))
+        del alive
+        self.seen += [weakref.ref(image) for image in images]
+        return [f"{image.width}x{image.height}" for image in images]
+
+
+def png(width: int, height: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), (200, 40, 40)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def test_results_keep_thumbnails_and_only_one_batch_is_decoded_at_a_time() -> None:
+    sizes = [(1600, 900), (700, 1400), (300, 200), (2048, 2048), (513, 100)]
+    files = [(f"{w}x{h}.png", png(w, h)) for w, h in sizes]
+    captioner = SizeCaptioner()
+    model = LoadedModel(captioner)  # type: ignore[arg-type]
+    results = caption_uploads(model, files, DecodingSettings(), ImageLimits(), batch_size=2)
+    # The model saw every image at full size: captions are what they were before thumbnails.
+    assert [r.caption for r in results] == [f"{w}x{h}" for w, h in sizes]
+    assert [r.batch for r in results] == [2, 2, 2, 2, 1]
+    for result, (w, h) in zip(results, sizes, strict=True):
+        assert result.image is not None
+        assert max(result.image.size) <= THUMBNAIL_SIDE, (result.name, result.image.size)
+        if max(w, h) > THUMBNAIL_SIDE:  # the longest side is the thumbnail's, the aspect ratio kept
+            assert max(result.image.size) == THUMBNAIL_SIDE
+            assert result.image.width / result.image.height == pytest.approx(w / h, rel=0.02)
+        else:
+            assert result.image.size == (w, h)
+    # When each batch reached the model, the full-size images of the batches before it were gone.
+    assert captioner.alive_from_earlier_batches == [0, 0, 0]
