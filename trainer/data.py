@@ -199,6 +199,23 @@ def _reader(s3: S3Settings | None) -> Callable[[str], bytes]:
     return read
 
 
+def _skip_kind(error: Exception) -> str | None:
+    """How a failed read of one image is counted when it is skipped; None when the store itself failed
+    (throttling, 5xx, timeouts, refused credentials): that says nothing about the image."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    from worker.connectors.s3 import FORBIDDEN_CODES, NOT_FOUND_CODES, error_code
+
+    if isinstance(error, ClientError):
+        code = error_code(error)
+        if code in NOT_FOUND_CODES:
+            return "missing"
+        return "unreadable" if code in FORBIDDEN_CODES else None  # one object's permissions: skip it
+    if isinstance(error, BotoCoreError):
+        return None
+    return "unreadable"  # a local file: permissions, a directory, ...
+
+
 class ImageCaptionDataset:
     """Decoded images (already at the model's input size) and their captions, in memory."""
 
@@ -246,8 +263,15 @@ def load_pairs(
             data = read(pair.image)
         except FileNotFoundError:
             return ("missing", pair.image)
-        except Exception as error:  # S3 errors, permissions: one image, not the whole data set
-            return ("unreadable", f"{pair.image} ({type(error).__name__}: {error})")
+        except Exception as error:
+            kind = _skip_kind(error)
+            if kind is None:
+                raise DataError(
+                    f"reading {pair.image} failed after retries ({type(error).__name__}: {error}): the store "
+                    "failed, not this image, so the run stops instead of training without it (a data set that "
+                    "loses images at random also reshuffles the train/validation split); run it again"
+                ) from error
+            return (kind, f"{pair.image} ({type(error).__name__}: {error})")
         try:
             image = decode_image(data, limits=limits, draft_size=size)
         except ImageError as error:

@@ -165,3 +165,39 @@ def test_manifest_splits_keep_captions_with_their_image(tmp_path: Path) -> None:
     train_captions = {c for i in range(len(splits.train)) for c in splits.train.captions(i)}
     assert not val_captions & train_captions
     assert splits.describe()["val"]["split"] == "val"
+
+
+def test_a_failing_store_stops_loading_but_a_missing_or_forbidden_object_is_skipped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from botocore.exceptions import ClientError, EndpointConnectionError
+
+    from trainer.data import Pair, load_pairs
+
+    good = tmp_path / "good.png"
+    Image.new("RGB", (40, 30), "red").save(good)
+
+    def store(answers: dict[str, Exception]) -> object:
+        def read(ref: str) -> bytes:
+            if ref in answers:
+                raise answers[ref]
+            return good.read_bytes()
+
+        return lambda _s3: read
+
+    def error(code: str, status: int) -> ClientError:
+        return ClientError({"Error": {"Code": code}, "ResponseMetadata": {"HTTPStatusCode": status}}, "GetObject")
+
+    pairs = [Pair(f"s3://b/{name}.png", ("a caption",)) for name in ("ok", "gone", "denied", "later")]
+    monkeypatch.setattr(
+        "trainer.data._reader",
+        store({"s3://b/gone.png": error("NoSuchKey", 404), "s3://b/denied.png": error("AccessDenied", 403)}),
+    )
+    skipped = Skipped()
+    data = load_pairs(pairs, size=SIZE, resample=Image.Resampling.BILINEAR, source="s3", skipped=skipped, threads=2)
+    assert len(data) == 2 and skipped.as_dict()["by_reason"] == {"missing": 1, "unreadable": 1}
+
+    for failure in (error("InternalError", 500), error("SlowDown", 503), EndpointConnectionError(endpoint_url="x")):
+        monkeypatch.setattr("trainer.data._reader", store({"s3://b/later.png": failure}))
+        with pytest.raises(DataError, match="the store failed, not this image"):
+            load_pairs(pairs, size=SIZE, resample=Image.Resampling.BILINEAR, source="s3", skipped=Skipped(), threads=2)
