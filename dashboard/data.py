@@ -11,9 +11,11 @@
 
 from __future__ import annotations
 
+import ipaddress
 import itertools
 import json
 import math
+import socket
 import threading
 import time
 import urllib.error
@@ -390,6 +392,33 @@ class Scrape:
         return out
 
 
+def expand_url(url: str) -> list[str]:
+    """One http URL per address its host name resolves to, else ``[url]``.
+
+    Why: behind a Service name each request reaches one worker, and counters taken from different
+    workers in turn look like resets (invented rates). A headless Service's name resolves to every
+    worker pod, so each is scraped, and charted, on its own."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname
+    if parts.scheme != "http" or host is None:
+        return [url]  # https: the certificate names the host, not its addresses
+    try:
+        ipaddress.ip_address(host)
+        return [url]
+    except ValueError:
+        pass
+    port = parts.port or 80
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError:
+        return [url]  # scraping it reports the error
+    addresses = sorted({str(info[4][0]) for info in infos})
+    if len(addresses) < 2:
+        return [url]
+    hosts = [f"[{a}]" if ":" in a else a for a in addresses]  # IPv6 literals are bracketed in URLs
+    return [urllib.parse.urlunsplit(parts._replace(netloc=f"{h}:{port}")) for h in hosts]
+
+
 def scrape(url: str, timeout_s: float) -> Scrape:
     try:
         with urllib.request.urlopen(url, timeout=timeout_s) as response:
@@ -443,7 +472,8 @@ class ScrapeHistory:
             now = time.time() if now is None else now
             if self.rounds and now - self.rounds[-1][0] < self.min_interval_s:
                 return
-            self.rounds.append((now, {url: scrape(url, self.timeout_s) for url in self.urls}))
+            targets = [target for url in self.urls for target in expand_url(url)]
+            self.rounds.append((now, {target: scrape(target, self.timeout_s) for target in targets}))
 
     def view(self, window_s: float) -> FleetView:
         with self._lock:
@@ -486,7 +516,7 @@ class ScrapeHistory:
         failures = {kind: n for kind, n in failures.items() if n > 0}
         latest = rounds[-1][1] if rounds else {}
         rows = []
-        for url in self.urls:
+        for url in latest or self.urls:  # what the last round scraped: one row per worker pod
             found = latest.get(url)
             if found is not None and found.ok:
                 s = found
@@ -504,7 +534,7 @@ class ScrapeHistory:
                 error = found.error if found is not None else "not scraped yet"
                 rows.append({"worker": url, "up": False, "model version": "", "model source": "", "problem": error})
         return FleetView(
-            source=f"scraping {len(self.urls)} worker(s) directly (history since this dashboard started)",
+            source=f"scraping {len(rows)} worker(s) directly (history since this dashboard started)",
             throughput=_frame(throughput),
             batch_size=_frame(batch),
             latency=_frame(latency),

@@ -21,6 +21,7 @@ import subprocess
 import sys
 import types
 import typing
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -495,3 +496,13 @@ def test_healthcheck_asks_the_part_that_runs(monkeypatch: pytest.MonkeyPatch) ->
     # Its defaults are the settings' defaults.
     assert WorkerSettings.model_fields["metrics"].default.port == 9400
     assert DashboardSettings.model_fields["server"].default.port == 8501
+
+
+def test_the_dashboards_direct_scrape_reaches_every_worker_pod(built: tuple[str, list[dict[str, Any]]]) -> None:
+    _, docs = built
+    (container,) = pod_spec(one(docs, "Deployment", "captionfleet-dashboard"))["containers"]  # type: ignore[index]
+    urls = container_env(docs, container).get("DASHBOARD_SCRAPE__URLS") or ""
+    for url in filter(None, urls.split(",")):
+        service = urllib.parse.urlsplit(url).hostname.split(".")[0]  # type: ignore[union-attr]
+        # A ClusterIP name sends each scrape to one worker in turn: their counters would be mixed.
+        assert one(docs, "Service", service)["spec"].get("clusterIP") == "None", url

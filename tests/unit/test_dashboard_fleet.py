@@ -173,3 +173,41 @@ def test_the_worker_selector_is_a_dashboard_setting(monkeypatch: pytest.MonkeyPa
     monkeypatch.setenv("DASHBOARD_PROMETHEUS__WORKER_SELECTOR", 'job="captionfleet-worker"')
     assert fleet_view(load_dashboard_settings()) is not None
     assert 'up{job="captionfleet-worker"} == 0' in client.queries
+
+
+def test_a_name_that_resolves_to_several_workers_is_scraped_per_worker(monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+
+    from dashboard import data
+
+    def resolve(host: str, port: int, type: int = 0) -> list[tuple[Any, ...]]:
+        if host != "workers.svc":
+            raise socket.gaierror("unknown host")
+        return [(socket.AF_INET, type, 6, "", (ip, port)) for ip in ("10.0.0.2", "10.0.0.1", "10.0.0.2")]
+
+    monkeypatch.setattr(socket, "getaddrinfo", resolve)
+    assert data.expand_url("http://workers.svc:9400/metrics") == [
+        "http://10.0.0.1:9400/metrics",
+        "http://10.0.0.2:9400/metrics",
+    ]
+    for single in ("http://10.0.0.9:9400/metrics", "http://elsewhere:9400/metrics", "https://workers.svc/metrics"):
+        assert data.expand_url(single) == [single]
+
+    # Two workers behind the name: each is charted on its own, so no counter seems to reset.
+    totals = {"http://10.0.0.1:9400/metrics": [1000.0, 1010.0], "http://10.0.0.2:9400/metrics": [200.0, 205.0]}
+    monkeypatch.setattr(
+        data,
+        "scrape",
+        lambda url, timeout_s: Scrape(
+            True, {("captionfleet_images_total", (("outcome", "captioned"),)): totals[url].pop(0)}
+        ),
+    )
+    history = ScrapeHistory(["http://workers.svc:9400/metrics"], timeout_s=1, history=10, min_interval_s=0)
+    history.refresh(now=1000.0)
+    history.refresh(now=1010.0)
+    view = history.view(window_s=900)
+    assert sorted(view.workers["worker"]) == sorted(totals)
+    assert view.throughput.iloc[-1].to_dict() == {
+        "http://10.0.0.1:9400/metrics": 1.0,
+        "http://10.0.0.2:9400/metrics": 0.5,
+    }
