@@ -26,7 +26,9 @@ _PUNCT = re.compile(r"[^\w\s']+")
 
 
 def tokenize(text: str) -> list[str]:
-    return _PUNCT.sub(" ", text.lower()).split()
+    # Apostrophes stay inside words ("dog's"), but quotes around one ('red') go, as in the COCO
+    # toolkit's PTB tokenizer: quoting habits must not decide a match.
+    return [token for token in (t.strip("'") for t in _PUNCT.sub(" ", text.lower()).split()) if token]
 
 
 def normalize(text: str) -> str:

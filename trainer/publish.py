@@ -53,6 +53,14 @@ def gate_decision(candidate: dict[str, Any], baseline: dict[str, Any] | None, ga
     if baseline is None:
         return True, "first version: there is no LATEST to compare with"
     new, old = float(candidate[gate.metric]), float(baseline[gate.metric])
+    if gate.metric == "cider" and int(candidate.get("images", MIN_EVAL_IMAGES)) < MIN_EVAL_IMAGES:
+        # CIDEr weighs an n-gram by how few images' references contain it: on a one-image set (stored
+        # before sets that small were refused) every weight, and every score, is 0, and "0 >= 0" would
+        # promote any model at all.
+        return False, (
+            "the evaluation set has one image, on which CIDEr scores every model 0: the gate cannot tell this "
+            "version from LATEST, so LATEST stays. Promote by hand, or gate on TRAINER_GATE_METRIC=bleu4"
+        )
     floor = old - gate.tolerance
     if new >= floor:
         return True, f"{gate.metric} {new:.4f} >= {old:.4f} (LATEST) - {gate.tolerance} tolerance"
@@ -63,6 +71,10 @@ def gate_decision(candidate: dict[str, Any], baseline: dict[str, Any] | None, ga
 
 
 # -- the fixed evaluation set --------------------------------------------------------------------
+
+
+# CIDEr's n-gram weights are log(images / images whose references contain it): 0 for every n-gram on one image.
+MIN_EVAL_IMAGES = 2
 
 
 @dataclass
@@ -85,8 +97,15 @@ def write_eval_set(registry: Registry, source: CaptionDataset, size: int) -> Non
     if eval_set_exists(registry):
         raise RegistryError(f"{registry.uri(EVAL)} already exists: the evaluation set is written once")
     count = min(size, len(source))
-    if count < 1:
-        raise DataError("the evaluation set would be empty: give the first publish some validation images")
+    if count < MIN_EVAL_IMAGES:
+        # Written once and kept for the registry's life: a set CIDEr cannot score must never be stored.
+        raise DataError(
+            f"the evaluation set would have {count} image(s); it needs at least {MIN_EVAL_IMAGES} (CIDEr scores every "
+            "model 0 on one image) and about 20 to be worth trusting: give the first publish more validation "
+            "images (more data, or a larger TRAINER_VAL_FRACTION)"
+        )
+    if count < 20:
+        log.warning("the evaluation set has only %d images: the gate's scores will be noisy", count)
     images: list[bytes] = []
     lines = []
     for i in range(count):

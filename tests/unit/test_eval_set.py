@@ -81,3 +81,11 @@ def test_a_set_in_the_earlier_layout_still_reads(registry: Registry) -> None:
     registry.put_json(registry.key(EVAL, "info.json"), {"images": 1, "sha256": hashlib.sha256(manifest).hexdigest()})
     eval_set = read_eval_set(registry)
     assert len(eval_set.dataset) == 1 and eval_set.dataset.captions(0) == ["a dot"]
+
+
+def test_an_evaluation_set_cider_cannot_score_is_never_stored(registry: Registry) -> None:
+    from trainer.data import DataError
+
+    with pytest.raises(DataError, match="at least 2"):
+        write_eval_set(registry, source(200, n=1), size=200)
+    assert registry.get_json(registry.key(EVAL, "info.json")) is None

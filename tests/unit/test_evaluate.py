@@ -77,3 +77,10 @@ def test_mismatched_lengths_are_refused() -> None:
         score_captions(["a", "b"], [["a"]])
     with pytest.raises(ValueError, match="at least one reference"):
         score_captions(["a"], [[]])
+
+
+def test_quotes_around_a_word_are_not_part_of_it() -> None:
+    from trainer.evaluate import tokenize
+
+    assert tokenize("The 'red' ball, the dog's toy.") == ["the", "red", "ball", "the", "dog's", "toy"]
+    assert tokenize("' '' '") == []

@@ -76,3 +76,11 @@ def test_models_cli_without_a_root_names_the_fix(
     monkeypatch.delenv("TRAINER_PUBLISH_TO", raising=False)
     assert cli_main(["models", "list"]) == 2
     assert "--root s3://bucket/models/<name>" in capsys.readouterr().err
+
+
+def test_cider_on_a_one_image_set_is_not_a_pass() -> None:
+    # On a one-image evaluation set every CIDEr is 0: "0 >= 0 - tolerance" would promote any model.
+    promote, why = gate_decision({"cider": 0.0, "images": 1}, {"cider": 0.0, "images": 1}, Gate("cider", 0.05))
+    assert not promote and "cannot tell this version from LATEST" in why
+    assert gate_decision({"cider": 0.0, "images": 2}, {"cider": 0.0, "images": 2}, Gate("cider", 0.05))[0]  # a tie
+    assert gate_decision({"bleu4": 0.0, "images": 1}, {"bleu4": 0.0, "images": 1}, Gate("bleu4", 0.05))[0]
