@@ -4,9 +4,11 @@ Where images may come from is configured, not open (``WORKER_FETCH__*``):
 
 - ``s3://bucket/key``: only buckets in ``allowed_buckets``;
 - ``file:///path``: only inside ``file_root``; ``..`` is refused outright and symlinks are resolved
-  before the check, so neither can escape it, and the final open does not follow a symlink swapped in
-  after the check;
-- ``http(s)://``: refused unless the host is in ``allowed_hosts`` (redirects are held to it too).
+  before the check, so neither can escape it; the final open does not follow a symlink swapped in
+  after the check, and what it opened is checked again (a folder on the way may have been swapped);
+- ``http(s)://``: refused unless the host is in ``allowed_hosts`` (redirects are held to it too), and
+  each attempt has an overall deadline (connect + read timeout), not only a per-receive one;
+- S3 keys with ``.``/``..`` segments are refused: a path-normalising store could read another bucket.
 
 A refused uri fails with kind ``forbidden`` and is never fetched: requests come from other teams'
 producers, and an open fetcher inside the cluster would read whatever the worker's role can (SSRF).
@@ -18,6 +20,7 @@ botocore's own retries are off so the attempts and waits are the ones configured
 from __future__ import annotations
 
 import errno
+import http.client
 import logging
 import os
 import random
@@ -49,6 +52,8 @@ if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
 
 log = logging.getLogger(__name__)
+
+_CHUNK_BYTES = 64 * 1024
 
 FORBIDDEN = "forbidden"
 NOT_FOUND = "not_found"
@@ -161,6 +166,12 @@ class Fetcher:
 
     def check(self, uri: str) -> Target:
         """Where ``uri`` points, if the policy allows it; raises FetchError (forbidden/malformed) otherwise."""
+        try:
+            return self._check(uri)
+        except ValueError as error:  # urlsplit on a broken uri ("file://[/x", a bad port)
+            raise FetchError(BAD_URI, f"{uri[:200]!r} is not a valid uri ({error})") from error
+
+    def _check(self, uri: str) -> Target:
         scheme = uri.split("://", 1)[0].lower() if "://" in uri else ""
         if scheme == "s3":
             return self._check_s3(uri)
@@ -179,6 +190,10 @@ class Fetcher:
             raise FetchError(BAD_URI, str(error)) from error
         if not key or key.endswith("/"):
             raise FetchError(BAD_URI, f"{uri!r} names no object: expected s3://bucket/key")
+        if any(segment in (".", "..") for segment in key.split("/")):
+            # A store or proxy that normalises the request path would read ".."'s target, which can be
+            # another bucket than the one the allow-list checked.
+            raise FetchError(FORBIDDEN, f"{uri[:200]!r} has a '.' or '..' segment in its key: refused")
         if bucket not in self.allowed_buckets:
             allowed = ", ".join(sorted(self.allowed_buckets)) or "none"
             raise FetchError(
@@ -289,7 +304,8 @@ class Fetcher:
 
     def _read_file(self, path: Path, uri: str) -> bytes:
         # O_NOFOLLOW: the checked path is already resolved, so a symlink here was swapped in since.
-        flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+        # O_NONBLOCK: opening a FIFO would otherwise wait for a writer forever (fstat then refuses it).
+        flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
         try:
             fd = os.open(path, flags)
         except FileNotFoundError as error:
@@ -299,6 +315,7 @@ class Fetcher:
                 raise FetchError(FORBIDDEN, f"{uri}: not readable ({error.strerror})") from error
             raise FetchError(OTHER, f"{uri}: {error}") from error
         try:
+            self._check_opened_inside_root(fd, uri)
             info = os.fstat(fd)
             if not stat.S_ISREG(info.st_mode):
                 raise FetchError(NOT_FOUND, f"{uri} is not a file")
@@ -309,12 +326,26 @@ class Fetcher:
         finally:
             os.close(fd)
 
+    def _check_opened_inside_root(self, fd: int, uri: str) -> None:
+        """O_NOFOLLOW guards only the last path component: a folder on the way swapped for a symlink
+        after the check would be followed. What was really opened is what /proc says the fd is."""
+        assert self.file_root is not None
+        try:
+            opened = Path(os.readlink(f"/proc/self/fd/{fd}"))
+        except OSError:
+            return  # no /proc (not Linux): the check before the open is what there is
+        if not opened.is_relative_to(self.file_root):
+            raise FetchError(FORBIDDEN, f"{uri[:200]!r} led outside WORKER_FETCH__FILE_ROOT ({self.file_root})")
+
     def _get_http(self, url: str, uri: str) -> bytes:
         opener = urllib.request.build_opener(_HostPinnedRedirects(self.allowed_hosts))
         timeout = self.settings.connect_timeout_s + self.settings.read_timeout_s
         try:
             with opener.open(url, timeout=timeout) as response:
-                data: bytes = response.read(self.max_bytes + 1)
+                declared = int(response.headers.get("Content-Length") or 0)
+                if declared > self.max_bytes:
+                    raise FetchError(TOO_LARGE, f"{declared} bytes exceeds the limit of {self.max_bytes} bytes")
+                data = self._read_by_deadline(response, timeout)
         except urllib.error.HTTPError as error:
             if error.code in (404, 410):
                 raise FetchError(NOT_FOUND, f"{uri}: HTTP {error.code}") from error
@@ -325,6 +356,8 @@ class Fetcher:
             raise FetchError(OTHER, f"{uri}: HTTP {error.code}") from error
         except _RedirectRefused as error:
             raise FetchError(FORBIDDEN, str(error)) from error
+        except http.client.InvalidURL as error:
+            raise FetchError(BAD_URI, f"{uri[:200]!r}: {error}") from error
         except TimeoutError as error:
             raise _Retry(TIMEOUT, f"timed out: {error}") from error
         except urllib.error.URLError as error:
@@ -334,6 +367,28 @@ class Fetcher:
         if len(data) > self.max_bytes:
             raise FetchError(TOO_LARGE, f"more than {self.max_bytes} bytes")
         return data
+
+    def _read_by_deadline(self, response: Any, limit_s: float) -> bytes:
+        """At most max_bytes + 1 bytes, in chunks, within the deadline. The socket timeout alone bounds
+        each read, not the whole body: a host dripping a byte every few seconds would hold a fetch slot
+        (shared by every fetch) for as long as it liked."""
+        deadline = time.monotonic() + limit_s
+        chunks: list[bytes] = []
+        size = 0
+        while size <= self.max_bytes:
+            # read1: what one receive brings; read(n) would wait for all n bytes (each wait within the
+            # socket timeout, so a dripping host would still hold it).
+            chunk = response.read1(min(_CHUNK_BYTES, self.max_bytes + 1 - size))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+            if time.monotonic() > deadline:
+                raise _Retry(
+                    TIMEOUT,
+                    f"body not received within {self.settings.connect_timeout_s + self.settings.read_timeout_s:g}s",
+                )
+        return b"".join(chunks)
 
 
 class _RedirectRefused(Exception):

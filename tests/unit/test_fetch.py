@@ -5,8 +5,13 @@ The real SeaweedFS server is used in tests/integration/test_stream_fetch_s3.py.
 
 from __future__ import annotations
 
+import contextlib
+import http.server
 import io
 import os
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -228,3 +233,103 @@ def test_every_kind_the_fetcher_raises_is_a_known_failure_kind() -> None:
 
     kinds = {fetch.FORBIDDEN, fetch.NOT_FOUND, fetch.TIMEOUT, fetch.UNAVAILABLE, fetch.TOO_LARGE, fetch.BAD_URI}
     assert kinds | {fetch.OTHER} <= FAILURE_KINDS
+
+
+# -- hostile sources: slow hosts, swapped folders, FIFOs, dot segments, broken uris ----------------
+
+
+class DrippingHandler(http.server.BaseHTTPRequestHandler):
+    """Announces a small body, then sends it a byte at a time, slowly: each read is within the socket
+    timeout, the whole body is not."""
+
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Length", "40")
+        self.end_headers()
+        with contextlib.suppress(OSError):
+            for _ in range(40):
+                self.wfile.write(b"x")
+                self.wfile.flush()
+                time.sleep(0.1)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def dripping_host() -> Iterator[str]:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), DrippingHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://localhost:{server.server_address[1]}/slow.jpg"
+    server.shutdown()
+    server.server_close()
+
+
+def test_a_host_dripping_its_body_times_out_within_the_limit(dripping_host: str) -> None:
+    f, sleeps = fetcher(allowed_hosts=["localhost"], connect_timeout_s=0.2, read_timeout_s=0.3, max_attempts=2)
+    start = time.monotonic()
+    with pytest.raises(FetchError) as info:
+        f.fetch(dripping_host)
+    assert info.value.kind == "timeout" and "not received within 0.5s" in info.value.message
+    # Two attempts of 0.5 s (plus at most one read each), not the 4 s the body takes.
+    assert time.monotonic() - start < 3.0 and len(sleeps) == 1
+
+
+def test_a_declared_body_over_the_limit_is_not_read(dripping_host: str) -> None:
+    f = Fetcher(FetchSettings(allowed_hosts=["localhost"]), s3=S3Settings(), max_bytes=10)
+    with pytest.raises(FetchError) as info:
+        f.fetch(dripping_host)
+    assert info.value.kind == "too_large" and "40 bytes" in info.value.message
+
+
+def test_a_folder_swapped_for_a_link_after_the_check_is_refused(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    (root / "d").mkdir(parents=True)
+    (root / "d" / "secret.txt").write_bytes(b"inside")
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "secret.txt").write_bytes(b"SECRET")
+    f, _ = fetcher(tmp_path)
+    target = f.check(f"file://{root}/d/secret.txt")  # the policy check passes...
+    (root / "d" / "secret.txt").unlink()
+    (root / "d").rmdir()
+    (root / "d").symlink_to(tmp_path / "outside")  # ...then a folder on the way becomes a link out
+    with pytest.raises(FetchError) as info:
+        f._read_file(target.path, "file://swapped")  # type: ignore[union-attr]
+    assert info.value.kind == "forbidden"
+
+
+def test_a_fifo_is_refused_without_waiting_for_a_writer(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    os.mkfifo(root / "pipe.jpg")
+    f, _ = fetcher(tmp_path)
+    result: list[FetchError] = []
+
+    def fetch() -> None:
+        with pytest.raises(FetchError) as info:
+            f.fetch(f"file://{root}/pipe.jpg")
+        result.append(info.value)
+
+    reader = threading.Thread(target=fetch, daemon=True)
+    reader.start()
+    reader.join(5)
+    assert not reader.is_alive(), "opening a FIFO blocked the fetch"
+    assert result[0].kind == "not_found"
+
+
+@pytest.mark.parametrize(
+    ("uri", "kind"),
+    [
+        ("s3://images/../secrets/creds.json", "forbidden"),
+        ("s3://images/a/./b.jpg", "forbidden"),
+        ("s3://images/a/..", "forbidden"),
+        ("http://[/x.jpg", "malformed"),
+        ("http://localhost:notaport/x.jpg", "malformed"),
+    ],
+)
+def test_dot_segments_and_broken_uris_are_refused_before_any_io(uri: str, kind: str) -> None:
+    f, _ = fetcher(client=NoCallsClient(), allowed_hosts=["localhost"])
+    with pytest.raises(FetchError) as info:
+        f.fetch(uri)
+    assert info.value.kind == kind
