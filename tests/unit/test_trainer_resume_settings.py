@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 import torch
 
+from tests.unit.test_trainer_train import tiny as tiny_run
 from trainer.__main__ import build_parser, main, settings_from_args
 from trainer.checkpoint import STATE_FILE, ResumeMismatchError, find_resume
 from trainer.settings import RESUME_MAY_CHANGE, TrainerSettings
@@ -19,45 +20,21 @@ from worker.settings import DecodingSettings
 
 pytest.importorskip("pycocoevalcap", reason="evaluation needs pycocoevalcap (pip install pycocoevalcap)")
 
-# The smallest run that trains, checkpoints at step 2 and publishes at step 4.
-TINY: dict[str, Any] = {
-    "name": "tiny",
-    "image_size": 32,
-    "patch_size": 8,
-    "vit_hidden": 32,
-    "vit_layers": 1,
-    "vit_heads": 2,
-    "gpt2_hidden": 32,
-    "gpt2_layers": 1,
-    "gpt2_heads": 2,
-    "max_positions": 24,
-    "vocab_size": 400,
-    "tokenizer_captions": 200,
-    "batch_size": 4,
-    "max_steps": 4,
-    "learning_rate": 3e-3,
-    "min_lr": 3e-4,
-    "warmup_steps": 1,
-    "eval_interval": 2,
-    "eval_batches": 1,
-    "eval_caption_samples": 0,
-    "shapes_val_size": 4,
-    "max_val_images": 4,
-    "log_interval": 1,
-    "progress": False,
-    "device": "cpu",
-    "threads": 1,  # the test machines are small and shared
-}
-
 
 def tiny(tmp_path: Path, **overrides: Any) -> TrainerSettings:
-    values = {
-        **TINY,
-        "out_dir": tmp_path / "model",
-        "run_dir": tmp_path / "run",
+    """test_trainer_train's tiny run, shortened: checkpoints at step 2 and publishes at step 4."""
+    short: dict[str, Any] = {
+        "tokenizer_captions": 200,
+        "batch_size": 4,
+        "max_steps": 4,
+        "warmup_steps": 1,
+        "eval_interval": 2,
+        "eval_caption_samples": 0,
+        "shapes_val_size": 4,
+        "max_val_images": 4,
         "decoding": DecodingSettings(num_beams=1, max_new_tokens=8),
     }
-    return TrainerSettings(**{**values, **overrides})
+    return tiny_run(tmp_path, **{**short, **overrides})
 
 
 def stopped_at_step_2(settings: TrainerSettings) -> Path:
@@ -133,7 +110,10 @@ def test_no_resume_then_starts_the_changed_run_afresh(tmp_path: Path) -> None:
 
 
 def test_the_cli_refuses_in_one_line_that_names_the_fix(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    flags = [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items() if k != "progress"]
+    tiny_values = tiny(tmp_path).model_dump(
+        exclude_defaults=True, exclude={"decoding", "out_dir", "run_dir", "progress"}
+    )
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in tiny_values.items()]
     flags += ["--no-progress", f"--out-dir={tmp_path / 'model'}", f"--run-dir={tmp_path / 'run'}"]
     stopped_at_step_2(settings_from_args(build_parser().parse_args(flags)))
 
