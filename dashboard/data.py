@@ -72,6 +72,7 @@ class LatestReader:
 
     def __init__(self) -> None:
         self._seen: dict[str, tuple[float, str]] = {}  # root -> (when read, version)
+        self._client: Any = None  # made once: a boto3 client costs more to build than a GET
         self._lock = threading.Lock()
 
     def version(self, root: str, settings: WorkerSettings, now: float | None = None) -> str:
@@ -82,7 +83,9 @@ class LatestReader:
             if seen is not None and (ttl <= 0 or now - seen[0] < ttl):
                 return seen[1]
             try:
-                version = read_latest(make_s3_client(settings.s3, connect_timeout=5, read_timeout=10), root)
+                if self._client is None:
+                    self._client = make_s3_client(settings.s3, connect_timeout=5, read_timeout=10)
+                version = read_latest(self._client, root)
             except (ClientError, BotoCoreError) as error:
                 if seen is None:
                     raise ModelRefError(

@@ -105,23 +105,29 @@ class Registry:
         """Write ``key`` only if it does not exist yet; False if it already did (another writer won).
 
         A conditional PutObject (If-None-Match: *) makes it atomic where the store supports them; on a
-        store without them (501) it checks first, which leaves a window of one round trip."""
+        store without them it checks first, which leaves a window of one round trip."""
         body = (json.dumps(value, indent=2, default=str) + "\n").encode()
+        written = self._put_if(key, body, "application/json", IfNoneMatch="*")
+        if written is not None:
+            return written
+        if self.get_json(key) is not None:
+            return False
+        self.put_json(key, value)
+        return True
+
+    def _put_if(self, key: str, body: bytes, content_type: str, **condition: str) -> bool | None:
+        """A conditional PutObject (IfMatch / IfNoneMatch): True if written, False if the condition failed
+        (412, or 409 for a conflicting conditional write), None if the store has no conditional writes."""
         try:
-            self.client.put_object(
-                Bucket=self.bucket, Key=key, Body=body, ContentType="application/json", IfNoneMatch="*"
-            )
+            self.client.put_object(Bucket=self.bucket, Key=key, Body=body, ContentType=content_type, **condition)  # type: ignore[arg-type]
             return True
         except ClientError as error:
             code = str(error.response.get("Error", {}).get("Code", ""))
             if code in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
                 return False
-            if code not in ("NotImplemented", "501"):
-                raise
-        if self.get_json(key) is not None:
-            return False
-        self.put_json(key, value)
-        return True
+            if code in ("NotImplemented", "501"):
+                return None
+            raise
 
     def list_keys(self, prefix: str) -> list[str]:
         keys: list[str] = []
@@ -245,21 +251,11 @@ class Registry:
         # The re-read in set_latest leaves a window of one round trip; a conditional write closes it
         # where the store supports them (AWS S3, MinIO, recent SeaweedFS): it fails with 412 if LATEST is
         # no longer the object read with ``expect`` (If-None-Match: * when there was no LATEST).
-        try:
-            if expect.etag is None:
-                self.client.put_object(
-                    Bucket=self.bucket, Key=key, Body=body, ContentType="text/plain", IfNoneMatch="*"
-                )
-            else:
-                self.client.put_object(
-                    Bucket=self.bucket, Key=key, Body=body, ContentType="text/plain", IfMatch=expect.etag
-                )
-        except ClientError as error:
-            code = str(error.response.get("Error", {}).get("Code", ""))
-            if code in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
-                raise LatestMovedError(expect.version, self.latest()) from error
-            if code not in ("NotImplemented", "501"):
-                raise
+        condition = {"IfNoneMatch": "*"} if expect.etag is None else {"IfMatch": expect.etag}
+        written = self._put_if(key, body, "text/plain", **condition)
+        if written is False:
+            raise LatestMovedError(expect.version, self.latest())
+        if written is None:
             # A store without conditional writes: the re-read just before is the only check left.
             log.warning("%s does not support conditional writes; moving LATEST unconditionally", self.root)
             self.client.put_object(Bucket=self.bucket, Key=key, Body=body, ContentType="text/plain")
