@@ -75,13 +75,14 @@ RUN --mount=type=secret,id=pip-ca \
 
 FROM deps AS app
 COPY pyproject.toml README.md ./
+COPY captionfleet ./captionfleet
 COPY worker ./worker
 COPY trainer ./trainer
 COPY dashboard ./dashboard
 # --no-deps: everything is installed above; a missing dependency fails the import check instead.
 RUN pip install --no-cache-dir --no-deps --no-build-isolation . \
     && pip check \
-    && python -c "import worker.cli, trainer.demo"
+    && python -I -c "import captionfleet.cli, captionfleet.demo, captionfleet.worker.__main__, captionfleet.dashboard.data"
 
 # ---- runtime: python3 and the venv, no compilers, no pip caches, no build context ----------------
 FROM ${BASE_IMAGE}

@@ -20,10 +20,10 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from trainer.shapes import ShapesDataset
-from worker.captioner import Captioner
-from worker.model_store import builtin_model_dir
-from worker.settings import DecodingSettings
+from captionfleet.core.captioner import Captioner
+from captionfleet.core.model_store import builtin_model_dir
+from captionfleet.core.settings import DecodingSettings
+from captionfleet.trainer.shapes import ShapesDataset
 
 PRECISIONS = ("fp32", "bf16", "int8", "int8-bf16")
 

@@ -41,11 +41,11 @@ from pydantic import SecretStr
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from captionfleet.core.captioner import Captioner
+from captionfleet.core.images import decode_image
+from captionfleet.core.settings import BatchSettings, BulkS3Settings, DecodingSettings, S3Settings, WorkerSettings
+from captionfleet.worker.bulk_s3 import run_s3_caption_job
 from tests.services.seaweedfs import SeaweedS3
-from worker.bulk_s3 import run_s3_caption_job
-from worker.captioner import Captioner
-from worker.images import decode_image
-from worker.settings import BatchSettings, BulkS3Settings, DecodingSettings, S3Settings, WorkerSettings
 
 BUCKET = "bench"
 

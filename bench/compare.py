@@ -54,12 +54,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.chart import bar_chart
 from bench.full_checkpoint import save_full_checkpoint
-from worker import fastpath
-from worker.captioner import Captioner, Preprocessing
-from worker.connectors.local import iter_folder
-from worker.images import ImageLimits
-from worker.pipeline import CaptionPipeline
-from worker.settings import BatchSettings, DecodingSettings
+from captionfleet.core import fastpath
+from captionfleet.core.captioner import Captioner, Preprocessing
+from captionfleet.core.images import ImageLimits
+from captionfleet.core.settings import BatchSettings, DecodingSettings
+from captionfleet.worker.connectors.local import iter_folder
+from captionfleet.worker.pipeline import CaptionPipeline
 
 EOS = 50256
 TOKENS = 16
@@ -176,7 +176,7 @@ def flops_per_image(model: VisionEncoderDecoderModel, pixels: torch.Tensor, beam
     seq = (enc.image_size // enc.patch_size) ** 2 + 1
     total += enc.num_hidden_layers * 2 * 2.0 * seq * seq * enc.hidden_size  # ViT QK^T and AV
     # Each beam of an image gets the same cross-attention keys and values: the work needed counts them
-    # once (transformers projects them per beam; captionfleet once per image, worker/beams.py).
+    # once (transformers projects them per beam; captionfleet once per image, captionfleet/core/beams.py).
     total -= (beams - 1) * dec.n_layer * 2.0 * seq * dec.n_embd * 2 * dec.n_embd
     rows = beams
     for step in range(1, TOKENS + 1):  # decoder self-attention over `step` tokens, cross over `seq`
@@ -439,7 +439,9 @@ def measure_row(index: int, row: Row, sizes: tuple[int, int, int, int], work: Pa
 
     context = multiprocessing.get_context("forkserver")
     # What bench.compare imports (preloading bench.compare itself would clash with it running as __main__).
-    context.set_forkserver_preload(["torch", "transformers", "worker.captioner", "worker.pipeline", "bench.chart"])
+    context.set_forkserver_preload(
+        ["torch", "transformers", "captionfleet.core.captioner", "captionfleet.worker.pipeline", "bench.chart"]
+    )
     barrier = Path(tempfile.mkdtemp(prefix="barrier-", dir=work)) if row.processes > 1 else None
     receivers, children = [], []
     for _ in range(row.processes):

@@ -23,9 +23,9 @@ from transformers import GenerationConfig, GPT2Config, VisionEncoderDecoderConfi
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from captionfleet.core.captioner import Captioner
+from captionfleet.core.settings import DecodingSettings
 from tests.conftest import save_tiny_checkpoint
-from worker.captioner import Captioner
-from worker.settings import DecodingSettings
 
 
 def emit(**fields: object) -> None:

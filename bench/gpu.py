@@ -53,12 +53,12 @@ from bench.compare import (
     prepare,
     realistic_jpegs,
 )
-from worker import fastpath
-from worker.captioner import Captioner
-from worker.connectors.local import iter_folder
-from worker.images import ImageLimits
-from worker.pipeline import CaptionPipeline
-from worker.settings import BatchSettings, DecodingSettings
+from captionfleet.core import fastpath
+from captionfleet.core.captioner import Captioner
+from captionfleet.core.images import ImageLimits
+from captionfleet.core.settings import BatchSettings, DecodingSettings
+from captionfleet.worker.connectors.local import iter_folder
+from captionfleet.worker.pipeline import CaptionPipeline
 
 TOKENS = 16
 # k8s/overlays/gpu/kustomization.yaml: WORKER_BATCH__MAX_ITEMS=32, WORKER_BATCH__DECODE_THREADS=6.

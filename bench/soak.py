@@ -25,9 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.chart import line_chart
 from bench.compare import rss_mb
-from trainer.shapes import ShapesDataset
-from worker.bulk import load_captioner, run_caption_job
-from worker.settings import BatchSettings, DecodingSettings, ModelSettings, WorkerSettings
+from captionfleet.core.settings import BatchSettings, DecodingSettings, ModelSettings, WorkerSettings
+from captionfleet.trainer.shapes import ShapesDataset
+from captionfleet.worker.bulk import load_captioner, run_caption_job
 
 
 def main(argv: list[str] | None = None) -> int:

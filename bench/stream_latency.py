@@ -5,7 +5,7 @@
     python bench/stream_latency.py --model DIR      # any checkpoint directory
 
 What it does: starts the Kafka-compatible test broker, starts the worker as in production
-(`python -m worker`, its own process), then
+(`python -m captionfleet.worker`, its own process), then
 
 1. capacity: sends ``--flood`` requests at once and times their results: the drain rate is the
    maximum sustained rate (requests/s) with these settings on this machine;
@@ -196,10 +196,10 @@ def run(args: argparse.Namespace, work: Path) -> int:
                 "WORKER_LOG_LEVEL": "WARNING",
             }
         )
-        log = (work / "worker.log").open("wb")
+        log = (work / "captionfleet.worker.log").open("wb")
         worker = subprocess.Popen([sys.executable, "-m", "worker"], env=env, cwd=REPO, stdout=log, stderr=log)
         try:
-            wait_ready(port, worker, work / "worker.log")
+            wait_ready(port, worker, work / "captionfleet.worker.log")
             results = Results(broker.bootstrap, [topics["results"], topics["dead"]])
             producer = broker.producer(linger_ms=0)
             uris = [f"file://{path}" for path in images]

@@ -1,4 +1,4 @@
-"""`captionfleet dashboard` (or `python -m dashboard`): run the Streamlit app with the settings' port."""
+"""`captionfleet dashboard` (or `python -m captionfleet.dashboard`): run the Streamlit app with the settings' port."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import os
 import sys
 from pathlib import Path
 
-from dashboard.settings import DashboardSettings, load_dashboard_settings, load_model_settings
-from worker.settings import SettingsError
+from captionfleet.core.settings import SettingsError
+from captionfleet.dashboard.settings import DashboardSettings, load_dashboard_settings, load_model_settings
 
 APP = Path(__file__).resolve().with_name("app.py")
 EXIT_USAGE = 2

@@ -6,19 +6,13 @@ shows comes from dashboard/data.py; this file only decides where it goes.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-# `streamlit run dashboard/app.py` puts dashboard/ (not the repository) on sys.path.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import pandas as pd
 import streamlit as st
 
-from dashboard.data import FleetView, LoadedModel, caption_uploads, fleet_view, load_model
-from dashboard.settings import DashboardSettings, load_dashboard_settings, load_model_settings
-from worker.images import ImageLimits
-from worker.settings import DecodingSettings, SettingsError, WorkerSettings
+from captionfleet.core.images import ImageLimits
+from captionfleet.core.settings import DecodingSettings, SettingsError, WorkerSettings
+from captionfleet.dashboard.data import FleetView, LoadedModel, caption_uploads, fleet_view, load_model
+from captionfleet.dashboard.settings import DashboardSettings, load_dashboard_settings, load_model_settings
 
 
 def sidebar(model_settings: WorkerSettings) -> DecodingSettings:

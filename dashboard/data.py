@@ -32,13 +32,13 @@ from botocore.exceptions import BotoCoreError, ClientError
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from dashboard.settings import DEFAULT_WORKER_SELECTOR, DashboardSettings
-from worker.captioner import Captioner
-from worker.connectors.s3 import make_s3_client
-from worker.images import ImageError, ImageLimits, decode_image
-from worker.model_store import ModelRefError
-from worker.models import LATEST, latest_root, load_version, read_latest
-from worker.settings import DecodingSettings, WorkerSettings
+from captionfleet.core.captioner import Captioner
+from captionfleet.core.images import ImageError, ImageLimits, decode_image
+from captionfleet.core.model_store import ModelRefError
+from captionfleet.core.settings import DecodingSettings, WorkerSettings
+from captionfleet.dashboard.settings import DEFAULT_WORKER_SELECTOR, DashboardSettings
+from captionfleet.worker.connectors.s3 import make_s3_client
+from captionfleet.worker.models import LATEST, latest_root, load_version, read_latest
 
 # -- uploads -------------------------------------------------------------------------------------
 
@@ -61,7 +61,7 @@ def _load_model(key: str, _settings: WorkerSettings, _version: str | None) -> Lo
     root = latest_root(_settings.model.ref)
     if root is not None and _version is not None:
         return LoadedModel(load_version(root, _version, _settings))
-    from worker.bulk import load_captioner
+    from captionfleet.worker.bulk import load_captioner
 
     return LoadedModel(load_captioner(_settings))
 

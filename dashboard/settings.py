@@ -13,7 +13,7 @@ from typing import Annotated
 from pydantic import BaseModel, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from worker.settings import SettingsError, WorkerSettings, _split_list, describe_validation_error
+from captionfleet.core.settings import SettingsError, WorkerSettings, _split_list, describe_validation_error
 
 # When WORKER_MODEL__REF is unset the workers default to the hub model, which a dashboard pod without
 # hub access would fail to download on its first upload. The built-in model ships in the package,

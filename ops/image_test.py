@@ -204,7 +204,7 @@ def torch_cpu_wheel(version: str) -> Path:
 
 def shapes_picture(folder: Path) -> str:
     """One picture the built-in model knows (the demo's generator), for the worker's round trip."""
-    from trainer.shapes import render, sample_scene
+    from captionfleet.trainer.shapes import render, sample_scene
 
     scene = sample_scene(4242, 0)
     render(scene, 64).save(folder / "shape.png")

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import GPT2LMHeadModel
 
-from trainer.scratch import ScratchSizes, build_model
+from captionfleet.trainer.scratch import ScratchSizes, build_model
 
 TINY_CAPTIONS = [
     "a red circle",

@@ -1,4 +1,4 @@
-"""``captionfleet train`` / ``python -m trainer``: train or fine-tune a captioning model.
+"""``captionfleet train`` / ``python -m captionfleet.trainer``: train or fine-tune a captioning model.
 
 Examples:
     captionfleet train --preset shapes                      # rebuild the built-in demo model
@@ -20,10 +20,10 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from trainer.data import DataError
-from trainer.presets import PRESETS
-from trainer.settings import TrainerSettings, load_trainer_settings
-from worker.settings import SettingsError
+from captionfleet.core.settings import SettingsError
+from captionfleet.trainer.data import DataError
+from captionfleet.trainer.presets import PRESETS
+from captionfleet.trainer.settings import TrainerSettings, load_trainer_settings
 
 log = logging.getLogger("trainer")
 
@@ -90,10 +90,10 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
 
     # Imported here: torch and transformers take seconds to import, --help should not wait for them.
-    from trainer import refresh
-    from trainer.registry import RegistryError
-    from trainer.train import train
-    from worker.model_store import ModelRefError
+    from captionfleet.core.model_store import ModelRefError
+    from captionfleet.trainer import refresh
+    from captionfleet.trainer.registry import RegistryError
+    from captionfleet.trainer.train import train
 
     command = "captionfleet train " + shlex.join(argv)
     try:

@@ -24,8 +24,8 @@ from typing import Any
 
 import torch
 
-from trainer.data import DataError
-from trainer.model import METADATA_FILE, ModelBundle, load_checkpoint
+from captionfleet.trainer.data import DataError
+from captionfleet.trainer.model import METADATA_FILE, ModelBundle, load_checkpoint
 
 log = logging.getLogger(__name__)
 

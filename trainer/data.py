@@ -25,9 +25,9 @@ from typing import Any, Protocol
 
 from PIL import Image
 
-from trainer.shapes import ShapesDataset
-from worker.images import ImageError, ImageLimits, decode_image
-from worker.settings import S3Settings
+from captionfleet.core.images import ImageError, ImageLimits, decode_image
+from captionfleet.core.settings import S3Settings
+from captionfleet.trainer.shapes import ShapesDataset
 
 log = logging.getLogger(__name__)
 
@@ -187,7 +187,7 @@ def _reader(s3: S3Settings | None) -> Callable[[str], bytes]:
     def read(ref: str) -> bytes:
         nonlocal client
         if ref.startswith("s3://"):
-            from worker.connectors.s3 import make_s3_client, parse_s3_uri
+            from captionfleet.worker.connectors.s3 import make_s3_client, parse_s3_uri
 
             if client is None:
                 client = make_s3_client(s3 or S3Settings())
@@ -204,7 +204,7 @@ def _skip_kind(error: Exception) -> str | None:
     (throttling, 5xx, timeouts, refused credentials): that says nothing about the image."""
     from botocore.exceptions import BotoCoreError, ClientError
 
-    from worker.connectors.s3 import FORBIDDEN_CODES, NOT_FOUND_CODES, error_code
+    from captionfleet.worker.connectors.s3 import FORBIDDEN_CODES, NOT_FOUND_CODES, error_code
 
     if isinstance(error, ClientError):
         code = error_code(error)

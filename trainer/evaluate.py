@@ -18,9 +18,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trainer.data import CaptionDataset
-from worker.captioner import Captioner
-from worker.settings import DecodingSettings
+from captionfleet.core.captioner import Captioner
+from captionfleet.core.settings import DecodingSettings
+from captionfleet.trainer.data import CaptionDataset
 
 _PUNCT = re.compile(r"[^\w\s']+")
 
@@ -153,14 +153,14 @@ def evaluate_dir(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m trainer.evaluate MODEL_REF``: score a model on fresh shapes (or a data file)."""
+    """``python -m captionfleet.trainer.evaluate MODEL_REF``: score a model on fresh shapes (or a data file)."""
     import argparse
 
-    from trainer.data import ShapesDataset, Skipped, open_files
-    from worker.model_store import resolve_model_ref
-    from worker.settings import ModelSettings
+    from captionfleet.core.model_store import resolve_model_ref
+    from captionfleet.core.settings import ModelSettings
+    from captionfleet.trainer.data import ShapesDataset, Skipped, open_files
 
-    parser = argparse.ArgumentParser(prog="python -m trainer.evaluate", description=main.__doc__)
+    parser = argparse.ArgumentParser(prog="python -m captionfleet.trainer.evaluate", description=main.__doc__)
     parser.add_argument("model", help="model ref: directory, s3://, hub id or builtin")
     parser.add_argument("--data", default="shapes", help="shapes, a .jsonl/.csv manifest or COCO .json")
     parser.add_argument("--image-root", type=Path, default=None)

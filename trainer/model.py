@@ -11,8 +11,8 @@ from typing import Any
 import torch
 from transformers import AutoImageProcessor, AutoTokenizer, VisionEncoderDecoderModel
 
-from trainer.scratch import build_model
-from trainer.settings import TrainerSettings
+from captionfleet.trainer.scratch import build_model
+from captionfleet.trainer.settings import TrainerSettings
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ def parent_of(path: Path, ref: str) -> dict[str, Any]:
 def configure_model(settings: TrainerSettings, captions_for_tokenizer: list[str]) -> ModelBundle:
     """The model to train, following settings.init_from (fine-tune) or the scratch sizes."""
     if settings.init_from:
-        from worker.model_store import resolve_model_ref
+        from captionfleet.core.model_store import resolve_model_ref
 
         path = resolve_model_ref(settings.init_from, cache_dir=settings.cache_dir, s3=settings.s3)
         model, processor, tokenizer = load_checkpoint(path)

@@ -13,10 +13,10 @@ from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from trainer.registry import Registry, RegistryError
-from trainer.settings import load_trainer_settings
-from worker.model_store import ModelRefError
-from worker.settings import SettingsError
+from captionfleet.core.model_store import ModelRefError
+from captionfleet.core.settings import SettingsError
+from captionfleet.trainer.registry import Registry, RegistryError
+from captionfleet.trainer.settings import load_trainer_settings
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 

@@ -19,8 +19,8 @@ from typing import Any
 import torch
 from PIL import Image
 
-from trainer.data import CaptionDataset
-from worker.captioner import Preprocessing
+from captionfleet.core.captioner import Preprocessing
+from captionfleet.trainer.data import CaptionDataset
 
 IGNORE_INDEX = -100  # CrossEntropyLoss's default ignore_index
 

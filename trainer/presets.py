@@ -13,7 +13,7 @@ SHAPES: dict[str, Any] = {
     "name": "builtin-shapes",
     "data": "shapes",
     # Inside the installed package (the repo, for an editable install), wherever the command runs.
-    "out_dir": str(importlib.resources.files("worker") / "builtin_model"),
+    "out_dir": str(importlib.resources.files("captionfleet.core") / "builtin_model"),
     "run_dir": ".cache/runs/builtin-shapes",  # resume state; .cache/ is git-ignored
     "seed": 1337,
     "image_size": 64,

@@ -24,14 +24,14 @@ from typing import Any, Literal
 
 from PIL import Image
 
-from trainer.checkpoint import weights_version
-from trainer.data import CaptionDataset, DataError, ImageCaptionDataset
-from trainer.evaluate import evaluate_captioner
-from trainer.registry import METADATA_FILE, LatestMovedError, Registry, RegistryError, now
-from worker.captioner import Captioner
-from worker.images import ImageError, ImageLimits, decode_image
-from worker.model_store import resolve_model_ref
-from worker.settings import DecodingSettings, S3Settings
+from captionfleet.core.captioner import Captioner
+from captionfleet.core.images import ImageError, ImageLimits, decode_image
+from captionfleet.core.model_store import resolve_model_ref
+from captionfleet.core.settings import DecodingSettings, S3Settings
+from captionfleet.trainer.checkpoint import weights_version
+from captionfleet.trainer.data import CaptionDataset, DataError, ImageCaptionDataset
+from captionfleet.trainer.evaluate import evaluate_captioner
+from captionfleet.trainer.registry import METADATA_FILE, LatestMovedError, Registry, RegistryError, now
 
 log = logging.getLogger(__name__)
 

@@ -19,12 +19,12 @@ import logging
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from trainer.data import DataError
-from trainer.publish import Gate, PublishOutcome, eval_set_exists, publish_version
-from trainer.registry import Registry, RegistryError
-from trainer.settings import TrainerSettings
-from worker.connectors.s3 import make_s3_client, parse_s3_uri
-from worker.models import latest_root, read_latest, version_uri
+from captionfleet.trainer.data import DataError
+from captionfleet.trainer.publish import Gate, PublishOutcome, eval_set_exists, publish_version
+from captionfleet.trainer.registry import Registry, RegistryError
+from captionfleet.trainer.settings import TrainerSettings
+from captionfleet.worker.connectors.s3 import make_s3_client, parse_s3_uri
+from captionfleet.worker.models import latest_root, read_latest, version_uri
 
 log = logging.getLogger(__name__)
 
@@ -109,8 +109,8 @@ def prepare(settings: TrainerSettings) -> TrainerSettings:
 
 def publish_trained(settings: TrainerSettings, out_dir: Path) -> PublishOutcome:
     """Publish the run's checkpoint to settings.publish_to through the quality gate."""
-    from trainer.train import open_run_splits
-    from worker.captioner import Preprocessing
+    from captionfleet.core.captioner import Preprocessing
+    from captionfleet.trainer.train import open_run_splits
 
     registry = Registry(settings.publish_to, settings.s3)
     source = None

@@ -24,10 +24,10 @@ from typing import TYPE_CHECKING, Any
 
 from botocore.exceptions import ClientError
 
-from worker.connectors.s3 import make_s3_client, parse_s3_uri
-from worker.model_store import ALLOWED_SUFFIXES, PICKLED_SUFFIXES
-from worker.models import LATEST, VERSIONS, check_version, parse_latest, read_latest
-from worker.settings import S3Settings
+from captionfleet.core.model_store import ALLOWED_SUFFIXES, PICKLED_SUFFIXES
+from captionfleet.core.settings import S3Settings
+from captionfleet.worker.connectors.s3 import make_s3_client, parse_s3_uri
+from captionfleet.worker.models import LATEST, VERSIONS, check_version, parse_latest, read_latest
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client

@@ -13,8 +13,8 @@ from typing import Any, Literal
 from pydantic import Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from trainer.scratch import ScratchSizes
-from worker.settings import DecodingSettings, S3Settings, SettingsError, describe_validation_error
+from captionfleet.core.settings import DecodingSettings, S3Settings, SettingsError, describe_validation_error
+from captionfleet.trainer.scratch import ScratchSizes
 
 # Settings a resumed run may change from the run it continues. Every other setting defines the run
 # (data, model, optimisation): a checkpoint only resumes under the values it was written with, see

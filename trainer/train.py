@@ -28,16 +28,16 @@ import torch
 from tqdm import tqdm
 from transformers.utils import logging as hf_logging
 
-from trainer.checkpoint import load_resume, publish, resume_model_dir, save_resume
-from trainer.data import CaptionDataset, Splits, open_splits
-from trainer.evaluate import Evaluation, evaluate_captioner
-from trainer.model import ModelBundle, configure_model, count_parameters
-from trainer.model_card import model_card as default_model_card
-from trainer.preprocess import Batch, BatchMaker, batch_indices, preprocessing_for
-from trainer.settings import TrainerSettings
-from trainer.shapes import all_captions_sample
-from worker.captioner import Captioner, pick_device
-from worker.settings import DecodingSettings
+from captionfleet.core.captioner import Captioner, pick_device
+from captionfleet.core.settings import DecodingSettings
+from captionfleet.trainer.checkpoint import load_resume, publish, resume_model_dir, save_resume
+from captionfleet.trainer.data import CaptionDataset, Splits, open_splits
+from captionfleet.trainer.evaluate import Evaluation, evaluate_captioner
+from captionfleet.trainer.model import ModelBundle, configure_model, count_parameters
+from captionfleet.trainer.model_card import model_card as default_model_card
+from captionfleet.trainer.preprocess import Batch, BatchMaker, batch_indices, preprocessing_for
+from captionfleet.trainer.settings import TrainerSettings
+from captionfleet.trainer.shapes import all_captions_sample
 
 log = logging.getLogger(__name__)
 

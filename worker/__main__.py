@@ -1,7 +1,7 @@
-"""`captionfleet worker` / `python -m worker`: caption requests from a Kafka topic until SIGTERM
+"""`captionfleet worker` / `python -m captionfleet.worker`: caption requests from a Kafka topic until SIGTERM
 (or, with --source/--out, this pod's shard of an S3 prefix: see worker/bulk_worker.py).
 
-Settings come from WORKER_* variables (see worker/settings.py); the flags below override the most
+Settings come from WORKER_* variables (see captionfleet/core/settings.py); the flags below override the most
 common ones. On SIGTERM or Ctrl-C the worker stops fetching, finishes the batch in flight, flushes
 its results, commits and leaves the group, within WORKER_SHUTDOWN__GRACE_S.
 
@@ -26,9 +26,9 @@ from typing import TYPE_CHECKING
 from pydantic import ValidationError
 
 if TYPE_CHECKING:
-    from worker.captioner import Captioner
+    from captionfleet.core.captioner import Captioner
 
-from worker.settings import SettingsError, WorkerSettings, load_worker_settings, with_overrides
+from captionfleet.core.settings import SettingsError, WorkerSettings, load_worker_settings, with_overrides
 
 log = logging.getLogger("worker")
 
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: bad option {'.'.join(map(str, first['loc']))}: {first['msg']}", file=sys.stderr)
         return EXIT_USAGE
 
-    from worker.logs import configure_logging
+    from captionfleet.core.logs import configure_logging
 
     configure_logging(settings.log_level, settings.log_format)
     if args.source or args.out:
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
             )
             return EXIT_USAGE
-        from worker.bulk_worker import run_bulk_worker
+        from captionfleet.worker.bulk_worker import run_bulk_worker
 
         return run_bulk_worker(settings, args.source, args.out)
     return _serve(settings)
@@ -108,7 +108,8 @@ def _serve(settings: WorkerSettings) -> int:
     # Imported here: torch and transformers take seconds to import, and --help should not wait for them.
     from kafka.errors import KafkaError, KafkaTimeoutError
 
-    from worker.connectors.kafka import (
+    from captionfleet.core.model_store import ModelRefError
+    from captionfleet.worker.connectors.kafka import (
         BootstrapError,
         KafkaOutput,
         KafkaSource,
@@ -116,11 +117,10 @@ def _serve(settings: WorkerSettings) -> int:
         make_producer,
         security_config,
     )
-    from worker.fetch import Fetcher
-    from worker.metrics import Health, MetricsPortError, WorkerMetrics, serve_metrics
-    from worker.model_store import ModelRefError
-    from worker.models import HotSwapCaptioner, load_serving_model, start_watcher
-    from worker.stream import StreamWorker
+    from captionfleet.worker.fetch import Fetcher
+    from captionfleet.worker.metrics import Health, MetricsPortError, WorkerMetrics, serve_metrics
+    from captionfleet.worker.models import HotSwapCaptioner, load_serving_model, start_watcher
+    from captionfleet.worker.stream import StreamWorker
 
     kafka = settings.kafka
     name = kafka.client_id or f"captionfleet-{socket.gethostname()}-{os.getpid()}"

@@ -12,15 +12,15 @@ from types import FrameType
 
 from tqdm import tqdm
 
-from worker.captioner import Captioner
-from worker.connectors.local import iter_folder
-from worker.images import ImageLimits
-from worker.messages import Result
-from worker.model_store import resolve_model_ref
-from worker.pipeline import CaptionPipeline
-from worker.settings import WorkerSettings
-from worker.sinks import open_file_sink
-from worker.threads import apply_threads
+from captionfleet.core.captioner import Captioner
+from captionfleet.core.images import ImageLimits
+from captionfleet.core.model_store import resolve_model_ref
+from captionfleet.core.settings import WorkerSettings
+from captionfleet.core.threads import apply_threads
+from captionfleet.worker.connectors.local import iter_folder
+from captionfleet.worker.messages import Result
+from captionfleet.worker.pipeline import CaptionPipeline
+from captionfleet.worker.sinks import open_file_sink
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ class BulkSummary:
 
 
 def load_captioner(settings: WorkerSettings) -> Captioner:
-    from worker.models import latest_root, load_serving_model
+    from captionfleet.worker.models import latest_root, load_serving_model
 
     if latest_root(settings.model.ref) is not None:
         # s3://…/models/<name>/LATEST: the version it names now; a bulk run keeps it to the end.

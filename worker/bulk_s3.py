@@ -32,9 +32,11 @@ from typing import Any, Literal, NamedTuple
 from botocore.exceptions import BotoCoreError, ClientError
 from tqdm import tqdm
 
-from worker.bulk import BulkSummary, _restore_signals, _stop_on_signals, load_captioner
-from worker.captioner import Captioner
-from worker.connectors.s3 import (
+from captionfleet.core.captioner import Captioner
+from captionfleet.core.images import ImageLimits
+from captionfleet.core.settings import BulkS3Settings, WorkerSettings
+from captionfleet.worker.bulk import BulkSummary, _restore_signals, _stop_on_signals, load_captioner
+from captionfleet.worker.connectors.s3 import (
     ObjectStore,
     PartRef,
     PartStore,
@@ -50,11 +52,9 @@ from worker.connectors.s3 import (
     new_run_id,
     parse_s3_uri,
 )
-from worker.images import ImageLimits
-from worker.messages import FAILURE_KINDS, Result
-from worker.pipeline import CaptionPipeline
-from worker.settings import BulkS3Settings, WorkerSettings
-from worker.sharding import ShardSpec
+from captionfleet.worker.messages import FAILURE_KINDS, Result
+from captionfleet.worker.pipeline import CaptionPipeline
+from captionfleet.worker.sharding import ShardSpec
 
 logger = logging.getLogger(__name__)
 

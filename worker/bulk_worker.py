@@ -12,10 +12,16 @@ from __future__ import annotations
 import logging
 import sys
 
-from worker.exit_codes import EXIT_INTERRUPTED, EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, exit_for_access_error
-from worker.messages import Result
-from worker.metrics import Health, MetricsPortError, WorkerMetrics, serve_metrics
-from worker.settings import WorkerSettings, load_kubernetes_job_env
+from captionfleet.core.settings import WorkerSettings, load_kubernetes_job_env
+from captionfleet.worker.exit_codes import (
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_SOME_FAILED,
+    EXIT_USAGE,
+    exit_for_access_error,
+)
+from captionfleet.worker.messages import Result
+from captionfleet.worker.metrics import Health, MetricsPortError, WorkerMetrics, serve_metrics
 
 log = logging.getLogger(__name__)
 
@@ -35,12 +41,12 @@ def record(metrics: WorkerMetrics, health: Health, result: Result) -> None:
 
 
 def run_bulk_worker(settings: WorkerSettings, source: str, out: str) -> int:
-    from worker.bulk import load_captioner
-    from worker.bulk_s3 import S3JobError, S3JobOptions, run_s3_caption_job
-    from worker.connectors.s3 import S3AccessError
-    from worker.model_store import ModelRefError
-    from worker.settings import SettingsError
-    from worker.sharding import resolve_shard
+    from captionfleet.core.model_store import ModelRefError
+    from captionfleet.core.settings import SettingsError
+    from captionfleet.worker.bulk import load_captioner
+    from captionfleet.worker.bulk_s3 import S3JobError, S3JobOptions, run_s3_caption_job
+    from captionfleet.worker.connectors.s3 import S3AccessError
+    from captionfleet.worker.sharding import resolve_shard
 
     metrics, health = WorkerMetrics(), Health()
     try:

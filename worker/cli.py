@@ -1,4 +1,6 @@
-"""`captionfleet` — one console script for every part: caption, train, demo."""
+"""`captionfleet caption`: caption a folder or an S3 prefix into results (the bulk front end).
+
+The root command that dispatches to it lives in ``captionfleet/cli.py``."""
 
 from __future__ import annotations
 
@@ -7,12 +9,12 @@ import logging
 import sys
 from pathlib import Path
 
-from worker.exit_codes import EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, exit_for_access_error
-from worker.model_store import ModelRefError
-from worker.settings import SettingsError, WorkerSettings, load_worker_settings, with_overrides
+from captionfleet.core.model_store import ModelRefError
+from captionfleet.core.settings import SettingsError, WorkerSettings, load_worker_settings, with_overrides
+from captionfleet.worker.exit_codes import EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, exit_for_access_error
 
 
-def _caption_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def add_caption_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "caption",
         help="caption every image under a folder or S3 prefix into Parquet or JSONL results (resumable)",
@@ -97,10 +99,9 @@ def _apply_overrides(settings: WorkerSettings, args: argparse.Namespace) -> Work
     )
 
 
-def _cmd_caption(args: argparse.Namespace) -> int:
+def run_caption(args: argparse.Namespace) -> int:
+    """Run ``captionfleet caption`` with parsed arguments; returns the exit status."""
     from pydantic import ValidationError
-
-    from worker.bulk import run_caption_job
 
     try:
         settings = _apply_overrides(load_worker_settings(), args)
@@ -117,39 +118,47 @@ def _cmd_caption(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             return EXIT_USAGE
-        # The S3 bulk job (worker/bulk_s3.py).
-        from worker.bulk_s3 import S3JobError, S3JobOptions, run_s3_caption_job
-        from worker.connectors.s3 import S3AccessError
-        from worker.settings import load_kubernetes_job_env
-        from worker.sharding import resolve_shard
+        return _caption_s3(args, settings)
+    return _caption_local(args, settings)
 
-        try:
-            shard = resolve_shard(args.shard, settings.shard, load_kubernetes_job_env().job_completion_index)
-            options = S3JobOptions(
-                shard=shard,
-                retry_failed=None if args.retry_failed is None else frozenset(args.retry_failed),
-                any_model_version=args.any_model_version,
-                overwrite=args.overwrite,
-            )
-            s3_summary = run_s3_caption_job(
-                args.src, args.out, settings, options=options, show_progress=not args.no_progress
-            )
-        except S3AccessError as error:
-            print(f"error: {error}", file=sys.stderr)
-            return exit_for_access_error(error)
-        except (SettingsError, S3JobError, ModelRefError, ValueError) as error:
-            print(f"error: {error}", file=sys.stderr)
-            return EXIT_USAGE
-        for line in s3_summary.lines():
-            print(line)
-        if s3_summary.interrupted:
-            print(
-                f"interrupted: the parts written so far are in {s3_summary.output}; "
-                "run the same command again to resume"
-            )
-            return 130
-        print(f"results: {s3_summary.output}")
-        return EXIT_SOME_FAILED if s3_summary.failed else EXIT_OK
+
+def _caption_s3(args: argparse.Namespace, settings: WorkerSettings) -> int:
+    """An s3:// source into s3:// result parts: one shard of its keys."""
+    from captionfleet.core.settings import load_kubernetes_job_env
+    from captionfleet.worker.bulk_s3 import S3JobError, S3JobOptions, run_s3_caption_job
+    from captionfleet.worker.connectors.s3 import S3AccessError
+    from captionfleet.worker.sharding import resolve_shard
+
+    try:
+        shard = resolve_shard(args.shard, settings.shard, load_kubernetes_job_env().job_completion_index)
+        options = S3JobOptions(
+            shard=shard,
+            retry_failed=None if args.retry_failed is None else frozenset(args.retry_failed),
+            any_model_version=args.any_model_version,
+            overwrite=args.overwrite,
+        )
+        s3_summary = run_s3_caption_job(
+            args.src, args.out, settings, options=options, show_progress=not args.no_progress
+        )
+    except S3AccessError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return exit_for_access_error(error)
+    except (SettingsError, S3JobError, ModelRefError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    for line in s3_summary.lines():
+        print(line)
+    if s3_summary.interrupted:
+        print(f"interrupted: the parts written so far are in {s3_summary.output}; run the same command again to resume")
+        return 130
+    print(f"results: {s3_summary.output}")
+    return EXIT_SOME_FAILED if s3_summary.failed else EXIT_OK
+
+
+def _caption_local(args: argparse.Namespace, settings: WorkerSettings) -> int:
+    """A local folder into one results file."""
+    from captionfleet.worker.bulk import run_caption_job
+
     s3_only_flags = ["shard", "retry_failed", "any_model_version", "suffix", "min_size", "max_size"]
     s3_only_flags += ["format", "rows_per_part"]
     s3_only = [
@@ -171,64 +180,3 @@ def _cmd_caption(args: argparse.Namespace) -> int:
         return 130
     print(f"results: {out}")
     return EXIT_SOME_FAILED if summary.failed else EXIT_OK
-
-
-def _cmd_train(argv: list[str]) -> int:
-    from trainer.__main__ import main as train_main
-
-    return train_main(argv)
-
-
-def _cmd_worker(argv: list[str]) -> int:
-    from worker.__main__ import main as worker_main
-
-    return worker_main(argv)
-
-
-def _cmd_models(argv: list[str]) -> int:
-    from trainer.models_cli import main as models_main
-
-    return models_main(argv)
-
-
-def _cmd_demo(argv: list[str]) -> int:
-    from trainer.demo import run_demo
-
-    return run_demo(argv)
-
-
-def _cmd_dashboard(argv: list[str]) -> int:
-    from dashboard.__main__ import main as dashboard_main
-
-    return dashboard_main(argv)
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # worker, train and demo parse their own options.
-    own_parsers = {"worker": _cmd_worker, "train": _cmd_train, "demo": _cmd_demo, "dashboard": _cmd_dashboard}
-    own_parsers["models"] = _cmd_models
-    if argv and argv[0] in own_parsers:
-        return own_parsers[argv[0]](argv[1:])
-    parser = argparse.ArgumentParser(prog="captionfleet", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{caption,worker,train,demo,dashboard}")
-    _caption_parser(sub)
-    sub.add_parser("worker", help="run a streaming worker (captionfleet worker --help)")
-    sub.add_parser("train", help="train or fine-tune a model (captionfleet train --help)")
-    sub.add_parser("demo", help="caption a generated shapes archive with the built-in model")
-    sub.add_parser("models", help="published model versions: list, show, promote, rollback")
-    sub.add_parser("dashboard", help="serve the Streamlit dashboard (captionfleet dashboard --help)")
-    args = parser.parse_args(argv)
-    try:
-        if args.command == "caption":
-            return _cmd_caption(args)
-    except SettingsError as error:
-        print(f"error: bad setting:\n{error}", file=sys.stderr)
-        return EXIT_USAGE
-    parser.error(f"unknown command {args.command}")
-    return EXIT_USAGE
-
-
-if __name__ == "__main__":
-    sys.exit(main())

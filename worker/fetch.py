@@ -45,8 +45,8 @@ from botocore.exceptions import (
     ResponseStreamingError,
 )
 
-from worker.connectors.s3 import RetryPolicy, make_s3_client, parse_s3_uri
-from worker.settings import FetchSettings, S3Settings
+from captionfleet.core.settings import FetchSettings, S3Settings
+from captionfleet.worker.connectors.s3 import RetryPolicy, make_s3_client, parse_s3_uri
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client

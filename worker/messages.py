@@ -7,8 +7,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any, get_args
 
-from worker.images import FailureKind
-from worker.requests import MALFORMED
+from captionfleet.core.images import FailureKind
+from captionfleet.worker.requests import MALFORMED
 
 # Failure kinds beyond the image decoder's: the model itself failed on the item, or fetching it did.
 INFERENCE_FAILURE = "inference"

@@ -26,16 +26,16 @@ import numpy as np
 import torch
 from botocore.exceptions import BotoCoreError, ClientError
 
-from worker.captioner import Captioner, Preprocessing
-from worker.connectors.s3 import make_s3_client, parse_s3_uri
-from worker.model_store import ModelRefError, resolve_model_ref
-from worker.settings import DecodingSettings, WorkerSettings
-from worker.threads import apply_threads
+from captionfleet.core.captioner import Captioner, Preprocessing
+from captionfleet.core.model_store import ModelRefError, resolve_model_ref
+from captionfleet.core.settings import DecodingSettings, WorkerSettings
+from captionfleet.core.threads import apply_threads
+from captionfleet.worker.connectors.s3 import make_s3_client, parse_s3_uri
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
 
-    from worker.metrics import WorkerMetrics
+    from captionfleet.worker.metrics import WorkerMetrics
 
 log = logging.getLogger(__name__)
 
@@ -335,7 +335,7 @@ def load_serving_model(settings: WorkerSettings) -> Captioner:
     otherwise what ``worker.bulk.load_captioner`` loads."""
     root = latest_root(settings.model.ref)
     if root is None:
-        from worker.bulk import load_captioner
+        from captionfleet.worker.bulk import load_captioner
 
         return load_captioner(settings)
     try:

@@ -22,12 +22,12 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from worker.batcher import Batcher
-from worker.captioner import Captioner
-from worker.images import ImageError, ImageLimits, decode_image
-from worker.messages import FETCH_FAILURE, INFERENCE_FAILURE, Result
-from worker.settings import BatchSettings
-from worker.sinks import Sink
+from captionfleet.core.captioner import Captioner
+from captionfleet.core.images import ImageError, ImageLimits, decode_image
+from captionfleet.core.settings import BatchSettings
+from captionfleet.worker.batcher import Batcher
+from captionfleet.worker.messages import FETCH_FAILURE, INFERENCE_FAILURE, Result
+from captionfleet.worker.sinks import Sink
 
 logger = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ import hashlib
 import re
 from dataclasses import dataclass
 
-from worker.settings import SettingsError, ShardSettings
+from captionfleet.core.settings import SettingsError, ShardSettings
 
 _SHARD_RE = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
 

@@ -21,7 +21,7 @@ from typing import Any, Protocol
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from worker.messages import Result
+from captionfleet.worker.messages import Result
 
 SCHEMA = pa.schema(
     [

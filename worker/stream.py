@@ -43,14 +43,14 @@ from typing import Any, Protocol
 import torch
 from kafka import TopicPartition
 
-from worker.captioner import Captioner
-from worker.fetch import Fetcher, FetchError
-from worker.images import ImageLimits
-from worker.messages import FETCH_FAILURE, Result, fit_value
-from worker.metrics import Health, WorkerMetrics
-from worker.pipeline import CaptionPipeline, Item
-from worker.requests import MALFORMED, MalformedMessage, Request, parse_message
-from worker.settings import DecodingSettings, WorkerSettings
+from captionfleet.core.captioner import Captioner
+from captionfleet.core.images import ImageLimits
+from captionfleet.core.settings import DecodingSettings, WorkerSettings
+from captionfleet.worker.fetch import Fetcher, FetchError
+from captionfleet.worker.messages import FETCH_FAILURE, Result, fit_value
+from captionfleet.worker.metrics import Health, WorkerMetrics
+from captionfleet.worker.pipeline import CaptionPipeline, Item
+from captionfleet.worker.requests import MALFORMED, MalformedMessage, Request, parse_message
 
 log = logging.getLogger(__name__)
 

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from captionfleet.core.images import sniff_format
+from captionfleet.worker.connectors.local import IMAGE_SUFFIXES
+from captionfleet.worker.sinks import read_rows
 from tests.hostile_images import hostile_corpus
-from worker.connectors.local import IMAGE_SUFFIXES
-from worker.images import sniff_format
-from worker.sinks import read_rows
 
 GOOD_IMAGES = 40
 
@@ -51,7 +51,7 @@ def make_folder(root: Path) -> dict[str, str | None]:
 def run_cli(*args: str | Path, env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, **(env_extra or {})}
     return subprocess.run(
-        [sys.executable, "-m", "worker.cli", *map(str, args)],
+        [sys.executable, "-m", "captionfleet.cli", *map(str, args)],
         capture_output=True,
         text=True,
         timeout=240,

@@ -181,7 +181,7 @@ class WorkerProcess:
         self.port = int(env["WORKER_METRICS__PORT"])
         self._log = log_path.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "worker"], env=env, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT
+            [sys.executable, "-m", "captionfleet.worker"], env=env, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT
         )
 
     def get(self, path: str) -> tuple[int, str]:

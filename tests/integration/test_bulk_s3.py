@@ -27,13 +27,13 @@ import pytest
 from PIL import Image
 from pydantic import SecretStr
 
+from captionfleet.core.captioner import Captioner
+from captionfleet.core.settings import BulkS3Settings, DecodingSettings, S3Settings, WorkerSettings
+from captionfleet.worker.bulk_s3 import S3JobOptions, run_s3_caption_job
+from captionfleet.worker.connectors.s3 import MARKER_NAME, decode_part
+from captionfleet.worker.sharding import ShardSpec, shard_of
 from tests.hostile_images import hostile_corpus
 from tests.services.seaweedfs import SeaweedS3
-from worker.bulk_s3 import S3JobOptions, run_s3_caption_job
-from worker.captioner import Captioner
-from worker.connectors.s3 import MARKER_NAME, decode_part
-from worker.settings import BulkS3Settings, DecodingSettings, S3Settings, WorkerSettings
-from worker.sharding import ShardSpec, shard_of
 
 pytestmark = pytest.mark.integration
 
@@ -223,7 +223,7 @@ def cli_env(server: SeaweedS3, **extra: str) -> dict[str, str]:
 
 
 def cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "worker.cli", "caption", *args, "--num-beams", "1", "--max-new-tokens", "8"]
+    return [sys.executable, "-m", "captionfleet.cli", "caption", *args, "--num-beams", "1", "--max-new-tokens", "8"]
 
 
 def test_sigkill_mid_run_then_restart_gives_every_key_once_and_keeps_finished_parts(

@@ -15,12 +15,12 @@ import pytest
 import torch
 from PIL import Image
 
-import worker.bulk as bulk
+import captionfleet.worker.bulk as bulk
+from captionfleet.core.captioner import Captioner
+from captionfleet.core.settings import WorkerSettings
+from captionfleet.worker.bulk_worker import run_bulk_worker
 from tests.integration.test_bulk_s3 import cli_env, list_keys, read_rows
 from tests.services.seaweedfs import SeaweedS3
-from worker.bulk_worker import run_bulk_worker
-from worker.captioner import Captioner
-from worker.settings import WorkerSettings
 
 pytestmark = pytest.mark.integration
 
@@ -63,7 +63,7 @@ def test_indexed_job_pods_cover_the_prefix_between_them(
             WORKER_METRICS__HOST="127.0.0.1",
         )
         done = subprocess.run(
-            [sys.executable, "-m", "worker", "--model", str(tiny_checkpoint), *source_and_out(s3_bucket)],
+            [sys.executable, "-m", "captionfleet.worker", "--model", str(tiny_checkpoint), *source_and_out(s3_bucket)],
             env=env,
             capture_output=True,
             text=True,
@@ -78,7 +78,10 @@ def test_indexed_job_pods_cover_the_prefix_between_them(
 
 def test_bulk_mode_needs_both_uris(tiny_checkpoint: Path) -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "worker", "--source", "s3://b/imgs/"], capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "captionfleet.worker", "--source", "s3://b/imgs/"],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert done.returncode == 2
     assert "--out" in done.stderr

@@ -30,9 +30,9 @@ import yaml
 from pydantic import BaseModel
 from pydantic_settings import BaseSettings
 
-from dashboard.settings import DEFAULT_WORKER_SELECTOR, DashboardSettings, ServerSettings
-from trainer.settings import TrainerSettings
-from worker.settings import WorkerSettings
+from captionfleet.core.settings import WorkerSettings
+from captionfleet.dashboard.settings import DEFAULT_WORKER_SELECTOR, DashboardSettings, ServerSettings
+from captionfleet.trainer.settings import TrainerSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "k8s"
@@ -282,7 +282,7 @@ def test_every_env_var_is_a_setting_of_its_component(built: tuple[str, list[dict
 
 def is_subcommand(command: str) -> bool:
     """`captionfleet COMMAND --help` exits 0 for a real subcommand and 2 (argparse's error) otherwise."""
-    from worker import cli
+    from captionfleet import cli
 
     out = io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
@@ -487,7 +487,7 @@ def test_healthcheck_asks_the_part_that_runs(monkeypatch: pytest.MonkeyPatch) ->
     assert healthcheck.url_for(["captionfleet", "dashboard"]) == "http://127.0.0.1:8501/_stcore/health"
     assert healthcheck.url_for(["captionfleet", "demo"]) is None
     # `captionfleet dashboard` execs Streamlit: that command line is what PID 1 shows while it serves.
-    from dashboard.__main__ import streamlit_command
+    from captionfleet.dashboard.__main__ import streamlit_command
 
     serving = streamlit_command(DashboardSettings(server=ServerSettings(port=8600)), max_image_bytes=2**20)
     assert healthcheck.url_for(serving) == "http://127.0.0.1:8600/_stcore/health"

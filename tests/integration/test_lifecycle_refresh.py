@@ -13,16 +13,16 @@ from pathlib import Path
 
 import pytest
 
+from captionfleet.core.settings import DecodingSettings
+from captionfleet.trainer.data import ImageCaptionDataset
+from captionfleet.trainer.publish import Gate, publish_version, read_eval_set
+from captionfleet.trainer.refresh import resolve_init_from
+from captionfleet.trainer.registry import Registry, RegistryError
+from captionfleet.trainer.settings import TrainerSettings
+from captionfleet.trainer.shapes import ShapesDataset
 from tests.conftest import save_tiny_checkpoint
 from tests.integration.test_lifecycle_registry import s3_settings
 from tests.services.seaweedfs import SeaweedS3
-from trainer.data import ImageCaptionDataset
-from trainer.publish import Gate, publish_version, read_eval_set
-from trainer.refresh import resolve_init_from
-from trainer.registry import Registry, RegistryError
-from trainer.settings import TrainerSettings
-from trainer.shapes import ShapesDataset
-from worker.settings import DecodingSettings
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -72,7 +72,7 @@ def test_refresh_run_fine_tunes_latest_on_s3_data_and_publishes_through_the_gate
     )
     # fmt: off
     command = [
-        sys.executable, "-m", "trainer", "--init-from", "latest", "--data", f"s3://{s3_bucket}/new/captions.jsonl",
+        sys.executable, "-m", "captionfleet.trainer", "--init-from", "latest", "--data", f"s3://{s3_bucket}/new/captions.jsonl",
         "--name", "tiny", "--out-dir", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache"),
         "--max-steps", "2", "--batch-size", "4", "--warmup-steps", "1", "--eval-interval", "2", "--eval-batches", "1",
         "--eval-caption-samples", "0", "--val-fraction", "0.25", "--max-val-images", "2", "--threads", "1",

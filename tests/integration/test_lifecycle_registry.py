@@ -12,17 +12,17 @@ from pathlib import Path
 import pytest
 from pydantic import SecretStr
 
+from captionfleet.cli import main as cli_main
+from captionfleet.core.captioner import Captioner
+from captionfleet.core.model_store import resolve_model_ref
+from captionfleet.core.settings import DecodingSettings, S3Settings
+from captionfleet.trainer.data import ImageCaptionDataset
+from captionfleet.trainer.evaluate import normalize
+from captionfleet.trainer.publish import EVAL, Gate, publish_version, read_eval_set
+from captionfleet.trainer.registry import Registry, RegistryError
+from captionfleet.trainer.shapes import ShapesDataset
 from tests.conftest import save_tiny_checkpoint
 from tests.services.seaweedfs import SeaweedS3
-from trainer.data import ImageCaptionDataset
-from trainer.evaluate import normalize
-from trainer.publish import EVAL, Gate, publish_version, read_eval_set
-from trainer.registry import Registry, RegistryError
-from trainer.shapes import ShapesDataset
-from worker.captioner import Captioner
-from worker.cli import main as cli_main
-from worker.model_store import resolve_model_ref
-from worker.settings import DecodingSettings, S3Settings
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 

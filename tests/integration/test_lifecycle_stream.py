@@ -16,6 +16,8 @@ from typing import Any
 
 import pytest
 
+from captionfleet.trainer.checkpoint import weights_version
+from captionfleet.trainer.registry import Registry, now
 from tests.conftest import save_tiny_checkpoint
 from tests.hostile_images import jpeg_bytes
 from tests.integration.stream_support import AnswerReader, WorkerProcess, make_topics, new_port, worker_env
@@ -23,8 +25,6 @@ from tests.integration.test_lifecycle_registry import s3_settings
 from tests.services.kafka import KafkaBroker
 from tests.services.seaweedfs import SeaweedS3
 from tests.unit.stream_fakes import wait_for
-from trainer.checkpoint import weights_version
-from trainer.registry import Registry, now
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(400)]
 

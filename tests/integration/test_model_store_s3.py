@@ -12,11 +12,11 @@ from typing import Any
 import pytest
 from pydantic import SecretStr
 
-import worker.model_store as model_store
+import captionfleet.core.model_store as model_store
+from captionfleet.core.model_store import ModelRefError, resolve_model_ref
+from captionfleet.core.settings import S3Settings
+from captionfleet.worker.connectors.s3 import make_s3_client
 from tests.services.seaweedfs import SeaweedS3
-from worker.connectors.s3 import make_s3_client
-from worker.model_store import ModelRefError, resolve_model_ref
-from worker.settings import S3Settings
 
 pytestmark = pytest.mark.integration
 
@@ -164,9 +164,9 @@ def test_captioner_loads_from_s3_and_captions_like_the_local_copy(
 ) -> None:
     from PIL import Image
 
-    from worker.bulk import load_captioner
-    from worker.captioner import Captioner
-    from worker.settings import ModelSettings, WorkerSettings
+    from captionfleet.core.captioner import Captioner
+    from captionfleet.core.settings import ModelSettings, WorkerSettings
+    from captionfleet.worker.bulk import load_captioner
 
     upload_dir(s3_server, s3_bucket, "models/tiny-captioner/", tiny_checkpoint)
     settings = WorkerSettings(

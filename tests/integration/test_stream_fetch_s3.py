@@ -8,10 +8,10 @@ from typing import Any
 
 import pytest
 
+from captionfleet.core.settings import FetchSettings, S3Settings
+from captionfleet.worker.fetch import Fetcher, FetchError
 from tests.hostile_images import jpeg_bytes
 from tests.services.seaweedfs import SeaweedS3
-from worker.fetch import Fetcher, FetchError
-from worker.settings import FetchSettings, S3Settings
 
 pytestmark = pytest.mark.integration
 

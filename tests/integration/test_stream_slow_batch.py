@@ -18,15 +18,15 @@ import pytest
 import torch
 from kafka import TopicPartition
 
+from captionfleet.core.captioner import Captioner
+from captionfleet.core.settings import DecodingSettings, WorkerSettings
+from captionfleet.worker.connectors.kafka import KafkaOutput, KafkaSource, make_producer
+from captionfleet.worker.fetch import Fetcher
+from captionfleet.worker.metrics import WorkerMetrics
+from captionfleet.worker.stream import EXIT_OK, StreamReport, StreamWorker
 from tests.hostile_images import jpeg_bytes
 from tests.services.kafka import KafkaBroker, TopicReader
 from tests.unit.stream_fakes import wait_for
-from worker.captioner import Captioner
-from worker.connectors.kafka import KafkaOutput, KafkaSource, make_producer
-from worker.fetch import Fetcher
-from worker.metrics import WorkerMetrics
-from worker.settings import DecodingSettings, WorkerSettings
-from worker.stream import EXIT_OK, StreamReport, StreamWorker
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(300)]
 

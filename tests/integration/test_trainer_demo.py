@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from trainer.demo import run_demo
-from worker.sinks import read_rows
+from captionfleet.demo import run_demo
+from captionfleet.worker.sinks import read_rows
 
 pytestmark = pytest.mark.slow
 

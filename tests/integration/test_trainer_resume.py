@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer.checkpoint import STATE_FILE, find_resume
+from captionfleet.trainer.checkpoint import STATE_FILE, find_resume
 
 pytestmark = pytest.mark.slow
 
@@ -28,7 +28,7 @@ TINY = [
 
 def _command(tmp_path: Path, max_steps: int) -> list[str]:
     return [
-        sys.executable, "-m", "trainer", *TINY, "--max-steps", str(max_steps), "--eval-interval", "5",
+        sys.executable, "-m", "captionfleet.trainer", *TINY, "--max-steps", str(max_steps), "--eval-interval", "5",
         "--out-dir", str(tmp_path / "model"), "--run-dir", str(tmp_path / "run"), "--log-interval", "1",
     ]  # fmt: skip
 

@@ -11,10 +11,10 @@ from typing import Any
 
 from kafka import TopicPartition
 
-from worker.captioner import Captioner
-from worker.messages import encode_json
-from worker.settings import DecodingSettings
-from worker.stream import Rebalance
+from captionfleet.core.captioner import Captioner
+from captionfleet.core.settings import DecodingSettings
+from captionfleet.worker.messages import encode_json
+from captionfleet.worker.stream import Rebalance
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 import pytest
 
-from worker.batcher import Batcher
+from captionfleet.worker.batcher import Batcher
 
 
 class FakeClock:

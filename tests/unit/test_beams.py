@@ -1,4 +1,4 @@
-"""Beam search shares per-image work across beams (worker/beams.py) without changing captions."""
+"""Beam search shares per-image work across beams (captionfleet/core/beams.py) without changing captions."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import torch
 from PIL import Image
 from transformers import DynamicCache
 
-from worker.beams import PerImageProjection, SharedCrossAttentionCache, beam_group
-from worker.captioner import Captioner
-from worker.model_store import builtin_model_dir
-from worker.settings import DecodingSettings
+from captionfleet.core.beams import PerImageProjection, SharedCrossAttentionCache, beam_group
+from captionfleet.core.captioner import Captioner
+from captionfleet.core.model_store import builtin_model_dir
+from captionfleet.core.settings import DecodingSettings
 
 
 def _images(n: int, seed: int = 5) -> list[Image.Image]:
@@ -52,7 +52,7 @@ def test_shared_beam_work_gives_transformers_captions(
 
 
 def test_builtin_model_captions_unchanged_with_four_beams() -> None:
-    from trainer.shapes import ShapesDataset
+    from captionfleet.trainer.shapes import ShapesDataset
 
     data = ShapesDataset(77, 24, 64)
     images = [data.image(i) for i in range(len(data))]

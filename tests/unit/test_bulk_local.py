@@ -9,11 +9,11 @@ from typing import Any
 import pytest
 from PIL import Image
 
+from captionfleet.core.model_store import ModelRefError
+from captionfleet.core.settings import WorkerSettings
+from captionfleet.worker.bulk import run_caption_job
+from captionfleet.worker.sinks import read_rows
 from tests.unit.test_s3_retry import FakeCaptioner
-from worker.bulk import run_caption_job
-from worker.model_store import ModelRefError
-from worker.settings import WorkerSettings
-from worker.sinks import read_rows
 
 
 def folder(tmp_path: Path, n: int) -> Path:
@@ -79,8 +79,8 @@ def test_a_file_over_the_size_limit_gets_a_row_without_being_read(
 
 
 def test_a_file_grown_since_it_was_listed_is_read_only_up_to_the_limit(tmp_path: Path) -> None:
-    from worker.connectors.local import SourceItem
-    from worker.images import ImageError
+    from captionfleet.core.images import ImageError
+    from captionfleet.worker.connectors.local import SourceItem
 
     path = tmp_path / "grew.png"
     path.write_bytes(b"\0" * 5000)

@@ -10,9 +10,9 @@ import torch
 from PIL import Image
 from transformers import ViTImageProcessorPil
 
-from worker.captioner import Captioner, checkpoint_version
-from worker.model_store import ModelRefError
-from worker.settings import DecodingSettings
+from captionfleet.core.captioner import Captioner, checkpoint_version
+from captionfleet.core.model_store import ModelRefError
+from captionfleet.core.settings import DecodingSettings
 
 
 def _images(n: int, size: tuple[int, int] = (40, 30)) -> list[Image.Image]:

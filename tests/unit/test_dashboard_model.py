@@ -8,8 +8,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from dashboard import data
-from worker.settings import WorkerSettings
+from captionfleet.core.settings import WorkerSettings
+from captionfleet.dashboard import data
 
 ROOT = "s3://models/captioner"
 
@@ -63,7 +63,7 @@ def test_an_unreadable_latest_keeps_the_version_in_use(
 
 
 def test_no_latest_and_no_version_yet_names_the_fix(store: dict[str, object]) -> None:
-    from worker.model_store import ModelRefError
+    from captionfleet.core.model_store import ModelRefError
 
     store["latest"] = None
     with pytest.raises(ModelRefError, match="publish a version first"):

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from dashboard.__main__ import APP, main, streamlit_command
-from dashboard.settings import load_dashboard_settings, load_model_settings
-from worker.settings import SettingsError
+from captionfleet.core.settings import SettingsError
+from captionfleet.dashboard.__main__ import APP, main, streamlit_command
+from captionfleet.dashboard.settings import load_dashboard_settings, load_model_settings
 
 
 @pytest.fixture(autouse=True)
@@ -53,7 +53,7 @@ def test_streamlit_runs_the_app_on_the_configured_port_without_usage_stats(monke
 
 
 def test_the_cli_execs_streamlit_with_flag_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
-    from worker.cli import main as cli_main
+    from captionfleet.cli import main as cli_main
 
     ran: list[list[str]] = []
     monkeypatch.setattr("os.execv", lambda path, args: ran.append(list(args)))

@@ -15,10 +15,10 @@ import pytest
 from PIL import Image
 from streamlit.testing.v1 import AppTest
 
-from dashboard.data import THUMBNAIL_SIDE, LoadedModel, caption_uploads
+from captionfleet.core.images import ImageLimits
+from captionfleet.core.settings import DecodingSettings
+from captionfleet.dashboard.data import THUMBNAIL_SIDE, LoadedModel, caption_uploads
 from tests.hostile_images import hostile_corpus, jpeg_bytes
-from worker.images import ImageLimits
-from worker.settings import DecodingSettings
 
 APP = str(Path(__file__).resolve().parents[2] / "dashboard" / "app.py")
 CAPTION_LINE = re.compile(r"^model (\S+) · \d+ ms \(one model call for (\d+) images?\)$")
@@ -65,7 +65,7 @@ def test_button_waits_for_an_upload_and_no_source_is_explained(app: AppTest) -> 
 
 
 def test_a_good_image_is_captioned_with_model_version_and_time(app: AppTest, tiny_checkpoint: Path) -> None:
-    from worker.captioner import checkpoint_version
+    from captionfleet.core.captioner import checkpoint_version
 
     generate(app, [("cat.jpg", jpeg_bytes(), "image/jpeg")])
     assert len(captions(app)) == 1 and captions(app)[0].strip()

@@ -11,10 +11,10 @@ import logging
 import pytest
 from PIL import Image
 
+from captionfleet.trainer.data import ImageCaptionDataset
+from captionfleet.trainer.publish import EVAL, EVAL_MANIFEST, read_eval_set, write_eval_set
+from captionfleet.trainer.registry import Registry, RegistryError
 from tests.unit.test_publish_race import RegistryS3
-from trainer.data import ImageCaptionDataset
-from trainer.publish import EVAL, EVAL_MANIFEST, read_eval_set, write_eval_set
-from trainer.registry import Registry, RegistryError
 
 ROOT = "s3://bucket/models/x"
 
@@ -62,8 +62,8 @@ def test_two_first_publishes_racing_agree_on_one_set(
     write_eval_set(registry, source(200), size=3)
     winner = read_eval_set(registry).digest
     # The second publish checked for a set before the first had finished, so it writes one too.
-    monkeypatch.setattr("trainer.publish.eval_set_exists", lambda _registry: False)
-    with caplog.at_level(logging.WARNING, logger="trainer.publish"):
+    monkeypatch.setattr("captionfleet.trainer.publish.eval_set_exists", lambda _registry: False)
+    with caplog.at_level(logging.WARNING, logger="captionfleet.trainer.publish"):
         write_eval_set(registry, source(90), size=3)
     assert "another publish stored the evaluation set first" in caplog.text
     assert read_eval_set(registry).digest == winner  # info.json was not replaced: one set for both
@@ -84,7 +84,7 @@ def test_a_set_in_the_earlier_layout_still_reads(registry: Registry) -> None:
 
 
 def test_an_evaluation_set_cider_cannot_score_is_never_stored(registry: Registry) -> None:
-    from trainer.data import DataError
+    from captionfleet.trainer.data import DataError
 
     with pytest.raises(DataError, match="at least 2"):
         write_eval_set(registry, source(200, n=1), size=200)

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from trainer.evaluate import is_repetitive, normalize, score_captions
+from captionfleet.trainer.evaluate import is_repetitive, normalize, score_captions
 
 pytest.importorskip("pycocoevalcap", reason="BLEU/CIDEr need pycocoevalcap (pip install pycocoevalcap)")
 
@@ -80,7 +80,7 @@ def test_mismatched_lengths_are_refused() -> None:
 
 
 def test_quotes_around_a_word_are_not_part_of_it() -> None:
-    from trainer.evaluate import tokenize
+    from captionfleet.trainer.evaluate import tokenize
 
     assert tokenize("The 'red' ball, the dog's toy.") == ["the", "red", "ball", "the", "dog's", "toy"]
     assert tokenize("' '' '") == []

@@ -1,4 +1,4 @@
-"""The fast path (worker/fastpath.py): captions agree with fp32, and every private-op route falls back."""
+"""The fast path (captionfleet/core/fastpath.py): captions agree with fp32, and every private-op route falls back."""
 
 from __future__ import annotations
 
@@ -14,11 +14,11 @@ from PIL import Image
 from torch import nn
 from transformers import VisionEncoderDecoderModel
 
-from trainer.shapes import ShapesDataset
-from worker import fastpath
-from worker.captioner import Captioner
-from worker.model_store import builtin_model_dir
-from worker.settings import DecodingSettings, ModelSettings
+from captionfleet.core import fastpath
+from captionfleet.core.captioner import Captioner
+from captionfleet.core.model_store import builtin_model_dir
+from captionfleet.core.settings import DecodingSettings, ModelSettings
+from captionfleet.trainer.shapes import ShapesDataset
 
 # Not the training (1337) or validation (1338) seeds, nor the built-in model test's (2024).
 FRESH_SEED = 2025

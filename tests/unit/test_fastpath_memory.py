@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from worker.fastpath import return_freed_heap
+from captionfleet.core.fastpath import return_freed_heap
 
 
 def _anonymous_mb() -> float:

@@ -21,8 +21,8 @@ from botocore.exceptions import ReadTimeoutError
 from botocore.response import StreamingBody
 from botocore.stub import Stubber
 
-from worker.fetch import Fetcher, FetchError
-from worker.settings import FetchSettings, S3Settings
+from captionfleet.core.settings import FetchSettings, S3Settings
+from captionfleet.worker.fetch import Fetcher, FetchError
 
 
 def fetcher(tmp_path: Path | None = None, client: Any = None, **settings: Any) -> tuple[Fetcher, list[float]]:
@@ -214,7 +214,7 @@ def test_s3_timeouts_are_retried_then_reported() -> None:
 
 
 def test_fetch_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    from worker.settings import load_worker_settings
+    from captionfleet.core.settings import load_worker_settings
 
     monkeypatch.setenv("WORKER_FETCH__ALLOWED_BUCKETS", "images, uploads")
     monkeypatch.setenv("WORKER_FETCH__ALLOWED_HOSTS", '["cdn.example.com"]')
@@ -228,8 +228,8 @@ def test_fetch_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch, tm
 def test_every_kind_the_fetcher_raises_is_a_known_failure_kind() -> None:
     # Known kinds get their failure counter at 0 from the start (worker.metrics), and bulk runs accept
     # them in --retry-failed: a kind missing there is missed by rate() on its first burst.
-    from worker import fetch
-    from worker.messages import FAILURE_KINDS
+    from captionfleet.worker import fetch
+    from captionfleet.worker.messages import FAILURE_KINDS
 
     kinds = {fetch.FORBIDDEN, fetch.NOT_FOUND, fetch.TIMEOUT, fetch.UNAVAILABLE, fetch.TOO_LARGE, fetch.BAD_URI}
     assert kinds | {fetch.OTHER} <= FAILURE_KINDS

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile, ImageStat
 
+from captionfleet.core.images import ImageError, ImageLimits, decode_image, sniff_format
 from tests.hostile_images import Case, hostile_corpus, jpeg_bytes, png_declaring
-from worker.images import ImageError, ImageLimits, decode_image, sniff_format
 
 CORPUS = hostile_corpus()
 BY_NAME = {case.name: case for case in CORPUS}

@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 from pydantic import SecretStr
 
-from worker.connectors import kafka as connector
-from worker.connectors.kafka import KafkaSecurityError, consumer_config, security_config
-from worker.settings import KafkaSettings
+from captionfleet.core.settings import KafkaSettings
+from captionfleet.worker.connectors import kafka as connector
+from captionfleet.worker.connectors.kafka import KafkaSecurityError, consumer_config, security_config
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -85,7 +85,13 @@ def test_the_worker_refuses_to_start_without_sasl_credentials() -> None:
         "WORKER_MODEL__REF": "builtin",
     }
     done = subprocess.run(
-        [sys.executable, "-m", "worker"], env=env, cwd=REPO, capture_output=True, text=True, timeout=120, check=False
+        [sys.executable, "-m", "captionfleet.worker"],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
     assert done.returncode == 2, done.stderr
     assert "WORKER_KAFKA__SASL_USERNAME" in done.stderr

@@ -10,8 +10,8 @@ from collections.abc import Iterator
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from worker.metrics import Health, MetricsPortError, MetricsServer, WorkerMetrics, serve_metrics
-from worker.settings import MetricsSettings
+from captionfleet.core.settings import MetricsSettings
+from captionfleet.worker.metrics import Health, MetricsPortError, MetricsServer, WorkerMetrics, serve_metrics
 
 
 @pytest.fixture
@@ -117,9 +117,9 @@ def test_a_busy_metrics_port_names_the_setting_and_disabled_serves_nothing() -> 
 
 def test_every_failure_kind_exists_at_zero_from_the_start() -> None:
     # rate()/increase() need a sample before the first event: a series born at its first failure hides it.
-    from worker.fetch import UNAVAILABLE
-    from worker.messages import FAILURE_KINDS
-    from worker.requests import MALFORMED
+    from captionfleet.worker.fetch import UNAVAILABLE
+    from captionfleet.worker.messages import FAILURE_KINDS
+    from captionfleet.worker.requests import MALFORMED
 
     registry = WorkerMetrics().registry
     for kind in sorted(FAILURE_KINDS | {MALFORMED, UNAVAILABLE}):

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from worker.connectors.s3 import parse_s3_uri
-from worker.model_store import BUILTIN_REF, ModelRefError, check_checkpoint_dir, resolve_model_ref
+from captionfleet.core.model_store import BUILTIN_REF, ModelRefError, check_checkpoint_dir, resolve_model_ref
+from captionfleet.worker.connectors.s3 import parse_s3_uri
 
 
 def make_checkpoint(path: Path, *files: str) -> Path:
@@ -34,7 +34,7 @@ def test_pickled_weights_only_are_refused(tmp_path: Path) -> None:
 
 def test_pickled_beside_safetensors_is_allowed_with_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     ckpt = make_checkpoint(tmp_path / "ckpt", "config.json", "model.safetensors", "training_args.bin")
-    with caplog.at_level(logging.WARNING, logger="worker.model_store"):
+    with caplog.at_level(logging.WARNING, logger="captionfleet.core.model_store"):
         check_checkpoint_dir(ckpt)
     assert "training_args.bin" in caplog.text
 

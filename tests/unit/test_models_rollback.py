@@ -10,11 +10,11 @@ from typing import Any
 
 import pytest
 
+from captionfleet.core.captioner import Captioner
+from captionfleet.core.model_store import ModelRefError, resolve_model_ref
+from captionfleet.worker.models import HotSwapCaptioner, ModelWatcher, is_storage_error, version_uri
 from tests.unit.test_models_swap import FakeCaptioner, batch
 from tests.unit.test_s3_fake import FakeS3, read_timeout, slow_down
-from worker.captioner import Captioner
-from worker.model_store import ModelRefError, resolve_model_ref
-from worker.models import HotSwapCaptioner, ModelWatcher, is_storage_error, version_uri
 
 ROOT = "s3://bucket/models/x"
 
@@ -156,7 +156,7 @@ def s3(monkeypatch: pytest.MonkeyPatch) -> PagedS3:
         fake.put("bucket", f"models/x/versions/{version}/model.safetensors", b"\0" * 8)
     fake.put("bucket", "models/x/versions/pickled/config.json", b"{}")
     fake.put("bucket", "models/x/versions/pickled/pytorch_model.bin", b"\0" * 8)
-    monkeypatch.setattr("worker.model_store.make_s3_client", lambda settings: fake)
+    monkeypatch.setattr("captionfleet.core.model_store.make_s3_client", lambda settings: fake)
     return fake
 
 

@@ -9,11 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
-from worker.captioner import Captioner, Preprocessing
-from worker.metrics import WorkerMetrics
-from worker.model_store import ModelRefError
-from worker.models import HotSwapCaptioner, ModelWatcher, check_version, latest_root, version_uri
-from worker.settings import DecodingSettings
+from captionfleet.core.captioner import Captioner, Preprocessing
+from captionfleet.core.model_store import ModelRefError
+from captionfleet.core.settings import DecodingSettings
+from captionfleet.worker.metrics import WorkerMetrics
+from captionfleet.worker.models import HotSwapCaptioner, ModelWatcher, check_version, latest_root, version_uri
 
 
 def preprocessing(size: int = 32) -> Preprocessing:

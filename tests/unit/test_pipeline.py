@@ -15,10 +15,10 @@ import pytest
 import torch
 from PIL import Image
 
-from worker.images import ImageLimits
-from worker.messages import Result
-from worker.pipeline import CaptionPipeline
-from worker.settings import BatchSettings
+from captionfleet.core.images import ImageLimits
+from captionfleet.core.settings import BatchSettings
+from captionfleet.worker.messages import Result
+from captionfleet.worker.pipeline import CaptionPipeline
 
 
 def png(colour: tuple[int, int, int], size: tuple[int, int] = (16, 12)) -> bytes:

@@ -6,9 +6,9 @@ from typing import Any
 
 import pytest
 
-from trainer.models_cli import format_table
-from trainer.publish import Gate, gate_decision
-from trainer.registry import Registry, RegistryError
+from captionfleet.trainer.models_cli import format_table
+from captionfleet.trainer.publish import Gate, gate_decision
+from captionfleet.trainer.registry import Registry, RegistryError
 
 
 def scores(cider: float, exact: float = 0.5) -> dict[str, Any]:
@@ -70,7 +70,7 @@ def test_list_table_marks_latest_and_rejections() -> None:
 def test_models_cli_without_a_root_names_the_fix(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from worker.cli import main as cli_main
+    from captionfleet.cli import main as cli_main
 
     monkeypatch.chdir(tmp_path)  # no stray .env
     monkeypatch.delenv("TRAINER_PUBLISH_TO", raising=False)

@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
+from captionfleet.trainer.publish import EvalSet, PublishOutcome, publish_version
+from captionfleet.trainer.registry import LatestMovedError, LatestState, Registry
 from tests.unit.test_s3_fake import FakeS3, client_error
-from trainer.publish import EvalSet, PublishOutcome, publish_version
-from trainer.registry import LatestMovedError, LatestState, Registry
 
 ROOT = "s3://bucket/models/x"
 LATEST_KEY = "models/x/LATEST"
@@ -100,10 +100,10 @@ def gate(
             return scores(baseline)
         return scores(candidate)
 
-    monkeypatch.setattr("trainer.publish.score_checkpoint", score)
-    monkeypatch.setattr("trainer.publish.ensure_eval_set", lambda *a: EvalSet(None, "0" * 64))  # type: ignore[arg-type]
+    monkeypatch.setattr("captionfleet.trainer.publish.score_checkpoint", score)
+    monkeypatch.setattr("captionfleet.trainer.publish.ensure_eval_set", lambda *a: EvalSet(None, "0" * 64))  # type: ignore[arg-type]
     monkeypatch.setattr(
-        "trainer.publish.resolve_model_ref", lambda ref, **kw: Path("baseline-" + ref.rsplit("/", 1)[-1])
+        "captionfleet.trainer.publish.resolve_model_ref", lambda ref, **kw: Path("baseline-" + ref.rsplit("/", 1)[-1])
     )
 
 

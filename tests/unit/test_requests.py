@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from worker.requests import MalformedMessage, parse_message, readable
+from captionfleet.worker.requests import MalformedMessage, parse_message, readable
 
 
 def event(*records: dict[str, Any]) -> bytes:

@@ -14,10 +14,9 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from tests.unit.test_s3_fake import FakeS3, client_error, read_timeout
-from tests.unit.test_s3_retry import FakeCaptioner
-from worker.bulk_s3 import S3JobError, S3JobOptions, ShardIndex, run_s3_caption_job
-from worker.connectors.s3 import (
+from captionfleet.core.settings import BulkS3Settings, S3Settings, WorkerSettings
+from captionfleet.worker.bulk_s3 import S3JobError, S3JobOptions, ShardIndex, run_s3_caption_job
+from captionfleet.worker.connectors.s3 import (
     MARKER_NAME,
     PartRef,
     PartStore,
@@ -27,10 +26,11 @@ from worker.connectors.s3 import (
     S3ResultSink,
     decode_part,
 )
-from worker.exit_codes import EXIT_TEMPFAIL, EXIT_USAGE, exit_for_access_error
-from worker.messages import Result
-from worker.settings import BulkS3Settings, S3Settings, WorkerSettings
-from worker.sharding import ShardSpec, shard_of
+from captionfleet.worker.exit_codes import EXIT_TEMPFAIL, EXIT_USAGE, exit_for_access_error
+from captionfleet.worker.messages import Result
+from captionfleet.worker.sharding import ShardSpec, shard_of
+from tests.unit.test_s3_fake import FakeS3, client_error, read_timeout
+from tests.unit.test_s3_retry import FakeCaptioner
 
 
 def png(red: int) -> bytes:
@@ -334,7 +334,7 @@ def test_a_jsonl_shard_with_unicode_line_separators_in_keys_resumes(separator: s
 
 
 def test_overwrite_with_a_model_that_cannot_load_deletes_nothing(tmp_path: Any) -> None:
-    from worker.model_store import ModelRefError
+    from captionfleet.core.model_store import ModelRefError
 
     s3 = archive()
     run(s3)

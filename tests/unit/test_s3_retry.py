@@ -16,8 +16,9 @@ import torch
 from botocore.exceptions import ConnectTimeoutError, EndpointConnectionError
 from PIL import Image
 
-from tests.unit.test_s3_fake import FakeS3, client_error, read_timeout, slow_down
-from worker.connectors.s3 import (
+from captionfleet.core.images import ImageError, ImageLimits
+from captionfleet.core.settings import BatchSettings
+from captionfleet.worker.connectors.s3 import (
     Prefetcher,
     RetryPolicy,
     S3Object,
@@ -26,10 +27,9 @@ from worker.connectors.s3 import (
     is_retryable,
     list_pages,
 )
-from worker.images import ImageError, ImageLimits
-from worker.messages import Result
-from worker.pipeline import CaptionPipeline
-from worker.settings import BatchSettings
+from captionfleet.worker.messages import Result
+from captionfleet.worker.pipeline import CaptionPipeline
+from tests.unit.test_s3_fake import FakeS3, client_error, read_timeout, slow_down
 
 
 def png(red: int = 200) -> bytes:

@@ -3,8 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from worker.cli import _apply_overrides
-from worker.settings import CPU_BATCH, CUDA_BATCH, SettingsError, WorkerSettings, load_worker_settings
+from captionfleet.core.settings import CPU_BATCH, CUDA_BATCH, SettingsError, WorkerSettings, load_worker_settings
+from captionfleet.worker.cli import _apply_overrides
 
 
 def test_nested_environment_variables(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -80,8 +80,8 @@ def test_command_line_device_re_derives_the_batch_size(monkeypatch: pytest.Monke
 
 
 def test_worker_flags_keep_the_environment_and_the_device_batch(monkeypatch: pytest.MonkeyPatch) -> None:
-    from worker.__main__ import _apply_overrides as worker_overrides
-    from worker.__main__ import _parser as worker_parser
+    from captionfleet.worker.__main__ import _apply_overrides as worker_overrides
+    from captionfleet.worker.__main__ import _parser as worker_parser
 
     monkeypatch.setenv("WORKER_MODEL__DEVICE", "cuda")
     monkeypatch.setenv("WORKER_KAFKA__GROUP_ID", "from-env")
@@ -97,7 +97,7 @@ def test_worker_flags_keep_the_environment_and_the_device_batch(monkeypatch: pyt
 def test_a_bad_flag_value_is_validated_like_the_environment() -> None:
     from pydantic import ValidationError
 
-    from worker.settings import with_overrides
+    from captionfleet.core.settings import with_overrides
 
     with pytest.raises(ValidationError, match="max_items"):
         with_overrides(WorkerSettings(), {"batch.max_items": 0, "decoding.num_beams": None})

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from worker.settings import SettingsError, ShardSettings, load_kubernetes_job_env, load_worker_settings
-from worker.sharding import ShardSpec, resolve_shard, shard_of
+from captionfleet.core.settings import SettingsError, ShardSettings, load_kubernetes_job_env, load_worker_settings
+from captionfleet.worker.sharding import ShardSpec, resolve_shard, shard_of
 
 KEYS = [f"archive/{i % 7}/{i // 7:05d}.jpg" for i in range(3000)] + ["ünïcödé/фото.png", "a b?c#d.jpg", ""]
 

@@ -2,8 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from worker.messages import Result
-from worker.sinks import JsonlSink, ParquetSink, open_file_sink, read_rows
+from captionfleet.worker.messages import Result
+from captionfleet.worker.sinks import JsonlSink, ParquetSink, open_file_sink, read_rows
 
 
 def results(ids: range) -> list[Result]:

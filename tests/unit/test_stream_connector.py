@@ -8,9 +8,9 @@ from typing import Any
 import pytest
 from kafka.errors import KafkaTimeoutError
 
-from worker.connectors.kafka import BootstrapError, KafkaOutput, bootstrap_servers, consumer_config
-from worker.messages import encode_json
-from worker.settings import KafkaSettings
+from captionfleet.core.settings import KafkaSettings
+from captionfleet.worker.connectors.kafka import BootstrapError, KafkaOutput, bootstrap_servers, consumer_config
+from captionfleet.worker.messages import encode_json
 
 
 def test_consumer_commits_nothing_by_itself() -> None:
@@ -82,7 +82,7 @@ def test_flush_timeout_names_the_setting() -> None:
 
 
 def test_fit_value_summarises_passed_through_fields_then_cuts_long_text() -> None:
-    from worker.messages import fit_value
+    from captionfleet.worker.messages import fit_value
 
     small = {"id": "a", "metadata": {"album": 7}}
     assert fit_value(small, 1000) is small

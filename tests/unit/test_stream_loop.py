@@ -18,14 +18,14 @@ from typing import Any
 import pytest
 from kafka import TopicPartition
 
+from captionfleet.core.captioner import Captioner
+from captionfleet.core.settings import DecodingSettings, WorkerSettings
+from captionfleet.worker.fetch import Fetcher
+from captionfleet.worker.metrics import WorkerMetrics
+from captionfleet.worker.pipeline import CaptionPipeline, Item, RunStats
+from captionfleet.worker.stream import EXIT_GRACE_EXCEEDED, EXIT_OK, StreamReport, StreamWorker
 from tests.hostile_images import jpeg_bytes
 from tests.unit.stream_fakes import GatedCaptioner, MemoryOutput, MemorySource, OutputFailedError, wait_for
-from worker.captioner import Captioner
-from worker.fetch import Fetcher
-from worker.metrics import WorkerMetrics
-from worker.pipeline import CaptionPipeline, Item, RunStats
-from worker.settings import DecodingSettings, WorkerSettings
-from worker.stream import EXIT_GRACE_EXCEEDED, EXIT_OK, StreamReport, StreamWorker
 
 TOPIC = "requests"
 RESULTS = "caption-results"

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from worker.__main__ import main
-from worker.logs import JsonFormatter
+from captionfleet.core.logs import JsonFormatter
+from captionfleet.worker.__main__ import main
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -22,7 +22,7 @@ def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.chdir(tmp_path)  # no stray .env
     monkeypatch.setenv("WORKER_METRICS__ENABLED", "false")
     # main() takes over the root logger, which would drop pytest's log capture for the session.
-    monkeypatch.setattr("worker.logs.configure_logging", lambda level, fmt: None)
+    monkeypatch.setattr("captionfleet.core.logs.configure_logging", lambda level, fmt: None)
 
 
 def test_missing_bootstrap_names_the_variable(capsys: pytest.CaptureFixture[str]) -> None:
@@ -64,7 +64,7 @@ def test_metrics_port_taken(monkeypatch: pytest.MonkeyPatch, capsys: pytest.Capt
 
 
 def test_json_logs_carry_the_item_fields() -> None:
-    record = logging.LogRecord("worker.stream", logging.WARNING, __file__, 1, "failed id=%s", ("x",), None)
+    record = logging.LogRecord("captionfleet.worker.stream", logging.WARNING, __file__, 1, "failed id=%s", ("x",), None)
     for name, value in {"id": "x", "topic": "requests", "partition": 2, "offset": 41, "kind": "decode"}.items():
         setattr(record, name, value)
     line = json.loads(JsonFormatter().format(record))
@@ -81,7 +81,12 @@ def test_json_logs_carry_the_item_fields() -> None:
 
 def test_python_dash_m_worker_help() -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "worker", "--help"], cwd=REPO, capture_output=True, text=True, timeout=60, check=False
+        [sys.executable, "-m", "captionfleet.worker", "--help"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert done.returncode == 0
     assert "WORKER_KAFKA__BOOTSTRAP" in done.stdout

@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from worker import threads
-from worker.settings import SettingsError, load_worker_settings
+from captionfleet.core import threads
+from captionfleet.core.settings import SettingsError, load_worker_settings
 
 
 def _cgroup(root: Path, files: dict[str, str]) -> Path:
@@ -64,7 +64,7 @@ def test_bad_thread_setting_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_loading_a_model_applies_the_thread_setting(monkeypatch: pytest.MonkeyPatch) -> None:
-    from worker.bulk import load_captioner
+    from captionfleet.worker.bulk import load_captioner
 
     before = torch.get_num_threads()
     monkeypatch.setenv("WORKER_MODEL__REF", "builtin")

@@ -6,11 +6,11 @@ import json
 
 import pytest
 
-from trainer.evaluate import evaluate_captioner
-from trainer.shapes import ShapesDataset
-from worker.captioner import Captioner
-from worker.model_store import builtin_model_dir
-from worker.settings import DecodingSettings
+from captionfleet.core.captioner import Captioner
+from captionfleet.core.model_store import builtin_model_dir
+from captionfleet.core.settings import DecodingSettings
+from captionfleet.trainer.evaluate import evaluate_captioner
+from captionfleet.trainer.shapes import ShapesDataset
 
 # The model trained on seed 1337 and was validated on 1338; these pictures are new to it.
 FRESH_SEED = 2024

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from trainer.data import DataError, Skipped, open_files, open_splits, read_manifest, split_indices
+from captionfleet.trainer.data import DataError, Skipped, open_files, open_splits, read_manifest, split_indices
 
 SIZE = (32, 32)
 
@@ -172,7 +172,7 @@ def test_a_failing_store_stops_loading_but_a_missing_or_forbidden_object_is_skip
 ) -> None:
     from botocore.exceptions import ClientError, EndpointConnectionError
 
-    from trainer.data import Pair, load_pairs
+    from captionfleet.trainer.data import Pair, load_pairs
 
     good = tmp_path / "good.png"
     Image.new("RGB", (40, 30), "red").save(good)
@@ -190,7 +190,7 @@ def test_a_failing_store_stops_loading_but_a_missing_or_forbidden_object_is_skip
 
     pairs = [Pair(f"s3://b/{name}.png", ("a caption",)) for name in ("ok", "gone", "denied", "later")]
     monkeypatch.setattr(
-        "trainer.data._reader",
+        "captionfleet.trainer.data._reader",
         store({"s3://b/gone.png": error("NoSuchKey", 404), "s3://b/denied.png": error("AccessDenied", 403)}),
     )
     skipped = Skipped()
@@ -198,6 +198,6 @@ def test_a_failing_store_stops_loading_but_a_missing_or_forbidden_object_is_skip
     assert len(data) == 2 and skipped.as_dict()["by_reason"] == {"missing": 1, "unreadable": 1}
 
     for failure in (error("InternalError", 500), error("SlowDown", 503), EndpointConnectionError(endpoint_url="x")):
-        monkeypatch.setattr("trainer.data._reader", store({"s3://b/later.png": failure}))
+        monkeypatch.setattr("captionfleet.trainer.data._reader", store({"s3://b/later.png": failure}))
         with pytest.raises(DataError, match="the store failed, not this image"):
             load_pairs(pairs, size=SIZE, resample=Image.Resampling.BILINEAR, source="s3", skipped=Skipped(), threads=2)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from trainer.preprocess import IGNORE_INDEX, batch_indices, encode_captions, hash_seed
-from trainer.scratch import train_tokenizer
+from captionfleet.trainer.preprocess import IGNORE_INDEX, batch_indices, encode_captions, hash_seed
+from captionfleet.trainer.scratch import train_tokenizer
 
 CAPTIONS = ["a red circle", "a big blue square above a small red star", "two green stars"]
 

@@ -10,13 +10,13 @@ from typing import Any
 import pytest
 import torch
 
+from captionfleet.core.settings import DecodingSettings
+from captionfleet.trainer.__main__ import build_parser, main, settings_from_args
+from captionfleet.trainer.checkpoint import STATE_FILE, ResumeMismatchError, find_resume
+from captionfleet.trainer.settings import RESUME_MAY_CHANGE, TrainerSettings
+from captionfleet.trainer.shapes import ShapesDataset
+from captionfleet.trainer.train import train
 from tests.unit.test_trainer_train import tiny as tiny_run
-from trainer.__main__ import build_parser, main, settings_from_args
-from trainer.checkpoint import STATE_FILE, ResumeMismatchError, find_resume
-from trainer.settings import RESUME_MAY_CHANGE, TrainerSettings
-from trainer.shapes import ShapesDataset
-from trainer.train import train
-from worker.settings import DecodingSettings
 
 pytest.importorskip("pycocoevalcap", reason="evaluation needs pycocoevalcap (pip install pycocoevalcap)")
 
@@ -133,7 +133,7 @@ def test_a_checkpoint_without_a_fingerprint_resumes_as_before(tmp_path: Path, ca
     del extra["fingerprint"]
     torch.save({**state, "extra": json.dumps(extra)}, checkpoint / STATE_FILE)
 
-    with caplog.at_level(logging.WARNING, logger="trainer.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="captionfleet.trainer.checkpoint"):
         resumed = train(settings)
     assert resumed.resumed_from == 2 and resumed.step == 4
     assert "without comparing settings" in caplog.text

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from trainer.shapes import COLOURS, SHAPES, SIZES, ShapesDataset, all_captions_sample, render, sample_scene
+from captionfleet.trainer.shapes import COLOURS, SHAPES, SIZES, ShapesDataset, all_captions_sample, render, sample_scene
 
 
 def test_same_seed_and_index_give_the_same_picture_and_caption() -> None:

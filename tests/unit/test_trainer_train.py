@@ -12,13 +12,13 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from trainer.__main__ import build_parser, main, settings_from_args
-from trainer.checkpoint import STATE_FILE, find_resume
-from trainer.settings import TrainerSettings
-from trainer.shapes import ShapesDataset
-from trainer.train import lr_at, train
-from worker.captioner import Captioner
-from worker.settings import DecodingSettings
+from captionfleet.core.captioner import Captioner
+from captionfleet.core.settings import DecodingSettings
+from captionfleet.trainer.__main__ import build_parser, main, settings_from_args
+from captionfleet.trainer.checkpoint import STATE_FILE, find_resume
+from captionfleet.trainer.settings import TrainerSettings
+from captionfleet.trainer.shapes import ShapesDataset
+from captionfleet.trainer.train import lr_at, train
 
 pytest.importorskip("pycocoevalcap", reason="evaluation needs pycocoevalcap (pip install pycocoevalcap)")
 
@@ -190,7 +190,7 @@ def test_settings_check_shapes_of_the_model() -> None:
 
 
 def test_a_checkpoint_swap_killed_between_its_renames_is_recovered(tmp_path: Path) -> None:
-    from trainer.checkpoint import CHECKPOINT, MODEL_SUBDIR, _swap_in
+    from captionfleet.trainer.checkpoint import CHECKPOINT, MODEL_SUBDIR, _swap_in
 
     run = tmp_path / "run"
     old = run / f".{CHECKPOINT}.old"

@@ -19,9 +19,9 @@ from typing import Any
 from kafka import AsyncConsumerRebalanceListener, KafkaConsumer, KafkaProducer, OffsetAndMetadata, TopicPartition
 from kafka import errors as kafka_errors
 
-from worker.messages import encode_json
-from worker.settings import KafkaSettings
-from worker.stream import CommitRejectedError, Rebalance
+from captionfleet.core.settings import KafkaSettings
+from captionfleet.worker.messages import encode_json
+from captionfleet.worker.stream import CommitRejectedError, Rebalance
 
 log = logging.getLogger(__name__)
 

@@ -40,9 +40,9 @@ from botocore.exceptions import (
     ResponseStreamingError,
 )
 
-from worker.images import ImageError
-from worker.messages import Result
-from worker.settings import S3Settings
+from captionfleet.core.images import ImageError
+from captionfleet.core.settings import S3Settings
+from captionfleet.worker.messages import Result
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client

@@ -27,12 +27,12 @@ class ModelSettings(BaseModel):
     cache_dir: Path = Path("~/.cache/captionfleet/models").expanduser()
     # "auto" picks CUDA when a GPU is visible, else the CPU.
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    # Numeric fast path (worker/fastpath.py). "auto": fp16 on CUDA; on CPU bf16 where it has native bf16
+    # Numeric fast path (captionfleet/core/fastpath.py). "auto": fp16 on CUDA; on CPU bf16 where it has native bf16
     # matmul, else fp32 (oneDNN). "fp32" is the lossless path; int8 / int8-bf16 are faster on CPU but a
     # caption can then depend on which images share its batch, so they are opt-in.
     precision: Literal["auto", "fp32", "bf16", "int8", "int8-bf16", "fp16"] = "auto"
     # torch's threads in this process. 0: the container's CPU limit (rounded down), else the cores it may
-    # use; torch alone would start one per core of the node (worker/threads.py). On CPU nodes, one worker
+    # use; torch alone would start one per core of the node (captionfleet/core/threads.py). On CPU nodes, one worker
     # per core with 1 thread each is the layout least hurt by noisy neighbours (docs/benchmarks.md).
     threads: int = Field(default=0, ge=0, le=1024)
     # With a ref s3://bucket/models/<name>/LATEST (as the trainer publishes) the streaming worker

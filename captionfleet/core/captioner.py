@@ -22,10 +22,10 @@ from PIL import Image
 from transformers import AutoTokenizer, GenerationConfig, VisionEncoderDecoderModel
 from transformers.utils import logging as hf_logging
 
-from worker import fastpath
-from worker.beams import beam_group, share_cross_attention_projections
-from worker.model_store import check_checkpoint_dir
-from worker.settings import DecodingSettings, runs_on_cuda
+from captionfleet.core import fastpath
+from captionfleet.core.beams import beam_group, share_cross_attention_projections
+from captionfleet.core.model_store import check_checkpoint_dir
+from captionfleet.core.settings import DecodingSettings, runs_on_cuda
 
 logger = logging.getLogger(__name__)
 
@@ -142,7 +142,7 @@ class Captioner:
         self.device = next(model.parameters()).device
         # What pixels are cast to: an int8 model keeps float32 inputs although some weights are not.
         self.dtype = input_dtype or next(model.parameters()).dtype
-        # The resolved fast path (see worker/fastpath.py): fp32, bf16, int8, int8-bf16 or fp16.
+        # The resolved fast path (see captionfleet/core/fastpath.py): fp32, bf16, int8, int8-bf16 or fp16.
         self.precision = precision
 
     @property
@@ -160,7 +160,7 @@ class Captioner:
     ) -> Captioner:
         """``precision``: "auto" (the fastest path per device that keeps captions independent of
         batching and agrees with fp32: fp16 on CUDA, bf16 on CPUs with native bf16, else fp32), or one
-        of fp32 (lossless), bf16, int8, int8-bf16, fp16; see worker/fastpath.py."""
+        of fp32 (lossless), bf16, int8, int8-bf16, fp16; see captionfleet/core/fastpath.py."""
         path = Path(path)
         check_checkpoint_dir(path)
         torch_device = pick_device(device)

@@ -14,8 +14,8 @@ import json
 import sys
 from pathlib import Path
 
-from trainer.evaluate import normalize, score_captions
-from trainer.shapes import render, sample_scene
+from captionfleet.trainer.evaluate import normalize, score_captions
+from captionfleet.trainer.shapes import render, sample_scene
 
 # Training used seed 1337 (and 1338 for validation); the unit test uses 2024. A different seed
 # again, so the demo's pictures are new to the model.
@@ -61,10 +61,10 @@ def run_demo(argv: list[str] | None = None) -> int:
         return 2
 
     # Imported here so --help is instant.
-    from worker.bulk import run_caption_job
-    from worker.model_store import ModelRefError
-    from worker.settings import SettingsError, load_worker_settings
-    from worker.sinks import read_rows
+    from captionfleet.core.model_store import ModelRefError
+    from captionfleet.core.settings import SettingsError, load_worker_settings
+    from captionfleet.worker.bulk import run_caption_job
+    from captionfleet.worker.sinks import read_rows
 
     images = args.out / "images"
     print(f"1/3 drawing {args.count} shapes pictures (seed {args.seed}) into {images}/")

@@ -24,8 +24,8 @@ from urllib.parse import urlparse
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from worker.connectors.s3 import make_s3_client, parse_s3_uri
-from worker.settings import S3Settings
+from captionfleet.core.settings import S3Settings
+from captionfleet.worker.connectors.s3 import make_s3_client, parse_s3_uri
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -64,8 +64,8 @@ class ModelRefError(Exception):
 
 
 def builtin_model_dir() -> Path:
-    """The demo checkpoint shipped as package data (``worker/builtin_model/``)."""
-    path = Path(str(importlib.resources.files("worker") / "builtin_model"))
+    """The demo checkpoint shipped as package data (``captionfleet/core/builtin_model/``)."""
+    path = Path(str(importlib.resources.files("captionfleet.core") / "builtin_model"))
     if not (path / "config.json").is_file():
         raise ModelRefError(
             "built-in demo model not found: run `captionfleet train --preset shapes` to build it into "

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Literal
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError, features
 
 if TYPE_CHECKING:
-    from worker.settings import ImageSettings
+    from captionfleet.core.settings import ImageSettings
 
 log = logging.getLogger(__name__)
 

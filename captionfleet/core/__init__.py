@@ -1,0 +1,1 @@
+"""The library layer: settings, images, failures, S3, model store and loading. It imports nothing above it."""
