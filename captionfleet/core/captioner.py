@@ -14,7 +14,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -116,6 +116,30 @@ def checkpoint_version(path: Path) -> str:
             for chunk in iter(lambda: f.read(1 << 22), b""):
                 digest.update(chunk)
     return "sha256-" + digest.hexdigest()[:12]
+
+
+class CaptionModel(Protocol):
+    """What the pipeline, the stream and the bulk jobs need of a model.
+
+    A loaded :class:`Captioner` is one; so is a wrapper around one (the hot swap, the stream's metered
+    model), which delegates to the model it wraps instead of subclassing ``Captioner`` and copying its state.
+    """
+
+    @property
+    def version(self) -> str: ...
+
+    @property
+    def source(self) -> str: ...
+
+    @property
+    def preprocess(self) -> Preprocessing: ...
+
+    @property
+    def image_size(self) -> tuple[int, int]: ...
+
+    def caption(self, images: Sequence[Image.Image], decoding: DecodingSettings | None = None) -> list[str]: ...
+
+    def caption_pixels(self, pixel_values: torch.Tensor, decoding: DecodingSettings | None = None) -> list[str]: ...
 
 
 class Captioner:
