@@ -25,7 +25,7 @@ from captionfleet.trainer.data import DataError
 from captionfleet.trainer.presets import PRESETS
 from captionfleet.trainer.settings import TrainerSettings, load_trainer_settings
 
-log = logging.getLogger("trainer")
+log = logging.getLogger("captionfleet.trainer")  # the package: its modules log at INFO
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
 from captionfleet.core.settings import SettingsError, WorkerSettings, load_worker_settings, with_overrides
 
-log = logging.getLogger("worker")
+log = logging.getLogger("captionfleet.worker")
 
 EXIT_OK = 0
 EXIT_FATAL = 1
