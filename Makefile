@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 
 setup: $(STAMP) system-deps
 
-# Debian packages the tests drive (design.md): Chromium for the dashboard's browser test and Prometheus
+# Debian packages the tests drive (docs/testing.md): Chromium for the dashboard's browser test and Prometheus
 # for its fleet view. apt runs only when a binary is missing (as root, as on CI machines).
 system-deps:
 	@missing=""; \

@@ -147,7 +147,7 @@ def worker_env(
             "WORKER_KAFKA__DEAD_LETTER_TOPIC": names["dead"],
             "WORKER_KAFKA__GROUP_ID": names["group"],
             "WORKER_KAFKA__CLIENT_ID": client_id,
-            # Fast joins on the test broker (design.md): ~3 s instead of ~23 s.
+            # Fast joins on the test broker (docs/testing.md): ~3 s instead of ~23 s.
             "WORKER_KAFKA__SESSION_TIMEOUT_MS": "6000",
             "WORKER_KAFKA__HEARTBEAT_INTERVAL_MS": "1000",
             "WORKER_MODEL__REF": str(checkpoint),

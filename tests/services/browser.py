@@ -1,5 +1,5 @@
 """Headless Chromium for tests: Playwright for Python driving Debian's /usr/bin/chromium (no browser
-download; ``make system-deps`` installs it), with the flags that keep it off the network (design.md)."""
+download; ``make system-deps`` installs it), with the flags that keep it off the network (docs/testing.md)."""
 
 from __future__ import annotations
 

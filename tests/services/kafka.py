@@ -2,7 +2,7 @@
 
 ``with KafkaBroker() as broker: broker.create_topic("t", partitions=4)``. It listens on a free
 loopback port (it panics when the port is taken, so a clash is retried on another) with in-memory
-storage, and is ready when a metadata request succeeds. Known quirks (see design.md): its
+storage, and is ready when a metadata request succeeds. Known quirks (see docs/testing.md): its
 ``end_offsets()`` answer is wrong (use ``consumer.highwater``), and group joins are slow with
 default timeouts: consumers in tests use ``FAST_GROUP`` settings.
 """
