@@ -89,13 +89,13 @@ class StreamWorker:
         # not done up to the next owner. It runs on kafka-python's IO thread, so it holds up this member's
         # heartbeats: stay well inside the session.
         self._revoke_drain_s = min(self.kafka.session_timeout_ms / 3, self.kafka.max_poll_interval_ms / 2) / 1000
-        self.metrics.model.info({"version": captioner.version, "source": str(getattr(captioner, "source", ""))})
+        self.metrics.model.info({"version": captioner.version, "source": captioner.source})
 
     def model_swapped(self, old: CaptionModel, new: CaptionModel) -> None:
         """A hot swap (worker.models, in the model thread between batches): failures and the info metric
         name the new version from now on."""
         self.model_version = new.version
-        self.metrics.model.info({"version": new.version, "source": str(getattr(new, "source", ""))})
+        self.metrics.model.info({"version": new.version, "source": new.source})
         self.metrics.model_swaps.inc()
 
     # -- control -------------------------------------------------------------------------------------
