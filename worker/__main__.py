@@ -120,7 +120,7 @@ def _serve(settings: WorkerSettings) -> int:
     from captionfleet.worker.fetch import Fetcher
     from captionfleet.worker.metrics import Health, MetricsPortError, WorkerMetrics, serve_metrics
     from captionfleet.worker.models import HotSwapCaptioner, load_serving_model, start_watcher
-    from captionfleet.worker.stream import StreamWorker
+    from captionfleet.worker.stream.loop import StreamWorker
 
     kafka = settings.kafka
     name = kafka.client_id or f"captionfleet-{socket.gethostname()}-{os.getpid()}"

@@ -13,6 +13,7 @@ import logging
 import sys
 
 from captionfleet.core.settings import WorkerSettings, load_kubernetes_job_env
+from captionfleet.worker.accounting import count_image
 from captionfleet.worker.exit_codes import (
     EXIT_INTERRUPTED,
     EXIT_OK,
@@ -29,12 +30,8 @@ log = logging.getLogger(__name__)
 def record(metrics: WorkerMetrics, health: Health, result: Result) -> None:
     """One finished image, counted the way the streaming worker counts it (same metric names)."""
     health.beat()
-    if result.ok:
-        metrics.images.labels("captioned").inc()
-        if result.queue_ms is not None:
-            metrics.queue_wait.observe(result.queue_ms / 1000)
-    else:
-        metrics.images.labels("failed").inc()
+    count_image(metrics, result)
+    if not result.ok:
         metrics.failures.labels(result.error_kind or "unknown").inc()
     if result.fetch_ms is not None:
         metrics.fetch.observe(result.fetch_ms / 1000)

@@ -22,7 +22,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from captionfleet.core.captioner import Captioner
+from captionfleet.core.captioner import CaptionModel
 from captionfleet.core.images import ImageError, ImageLimits, decode_image
 from captionfleet.core.settings import BatchSettings
 from captionfleet.worker.batcher import Batcher
@@ -89,7 +89,7 @@ _DONE = object()  # end-of-input marker on the prefetch queue
 class CaptionPipeline:
     def __init__(
         self,
-        captioner: Captioner,
+        captioner: CaptionModel,
         sink: Sink,
         batch: BatchSettings,
         limits: ImageLimits,

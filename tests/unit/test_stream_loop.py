@@ -18,12 +18,12 @@ from typing import Any
 import pytest
 from kafka import TopicPartition
 
-from captionfleet.core.captioner import Captioner
+from captionfleet.core.captioner import Captioner, CaptionModel
 from captionfleet.core.settings import DecodingSettings, WorkerSettings
 from captionfleet.worker.fetch import Fetcher
 from captionfleet.worker.metrics import WorkerMetrics
 from captionfleet.worker.pipeline import CaptionPipeline, Item, RunStats
-from captionfleet.worker.stream import EXIT_GRACE_EXCEEDED, EXIT_OK, StreamReport, StreamWorker
+from captionfleet.worker.stream.loop import EXIT_GRACE_EXCEEDED, EXIT_OK, StreamReport, StreamWorker
 from tests.hostile_images import jpeg_bytes
 from tests.unit.stream_fakes import GatedCaptioner, MemoryOutput, MemorySource, OutputFailedError, wait_for
 
@@ -92,7 +92,7 @@ def make(root: Path, captioner: Captioner) -> Iterator[Any]:
     started: list[Running] = []
 
     def start(
-        source: MemorySource, output: MemoryOutput, model: Captioner | None = None, **kafka: Any
+        source: MemorySource, output: MemoryOutput, model: CaptionModel | None = None, **kafka: Any
     ) -> tuple[Running, WorkerMetrics]:
         s = settings(root, **kafka)
         metrics = WorkerMetrics()

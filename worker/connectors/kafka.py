@@ -1,7 +1,7 @@
 """Kafka (kafka-python): the request source and the result / dead-letter output.
 
-The stream loop (``worker.stream``) talks to the two small protocols it defines, ``Source`` and
-``Output``; this module implements them on a real broker. Tests implement them in memory.
+The stream loop talks to the small protocols of ``worker.stream.ports``, ``Source`` and ``Output``;
+this module implements them on a real broker. Tests implement them in memory.
 
 kafka-python 3 runs the group protocol on its own IO thread and calls rebalance listeners there,
 while the thread that called ``poll()`` (or ``close()``) waits. Our listener is the async flavour so
@@ -21,7 +21,7 @@ from kafka import errors as kafka_errors
 
 from captionfleet.core.settings import KafkaSettings
 from captionfleet.worker.messages import encode_json
-from captionfleet.worker.stream import CommitRejectedError, Rebalance
+from captionfleet.worker.stream.ports import CommitRejectedError, Rebalance
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,71 @@
+"""The stream's commits, in the order that makes it at least once, and the consumer lag they leave.
+
+The commit points are taken first (per partition, the first offset with a request still in flight), then
+the output is flushed (it returns only once every answer sent so far is acknowledged, or raises), and
+only then are those points committed: every answer they cover was sent before the flush. A crash
+anywhere redoes at most the uncommitted tail; duplicates are possible, loss is not.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from kafka import TopicPartition
+
+from captionfleet.worker.metrics import WorkerMetrics
+from captionfleet.worker.stream.offsets import Offsets
+from captionfleet.worker.stream.ports import CommitRejectedError, Output, Source
+
+# The stream's one logger name, as before it became a package (log queries and alerts match on it).
+log = logging.getLogger(__package__)
+
+_LAG_EVERY_S = 1.0
+
+
+class Commits:
+    def __init__(
+        self, source: Source, output: Output, offsets: Offsets, metrics: WorkerMetrics, interval_s: float
+    ) -> None:
+        self.source = source
+        self.output = output
+        self.offsets = offsets
+        self.metrics = metrics
+        self._interval_s = interval_s
+        self._last_commit = time.monotonic()
+        self._last_lag = 0.0
+
+    def when_due(self) -> None:
+        """Commit every commit interval, and update the lag every second (the consumer thread's turns)."""
+        if time.monotonic() - self._last_commit >= self._interval_s:
+            self.commit(self.offsets.partitions())
+        if time.monotonic() - self._last_lag >= _LAG_EVERY_S:
+            self.update_lag()
+
+    def commit(self, partitions: list[TopicPartition]) -> None:
+        self._last_commit = time.monotonic()
+        offsets = self.offsets.committable(partitions)
+        if not offsets:
+            return
+        # The order that makes this at-least-once: the commit points were taken before the flush, so
+        # every answer they cover was sent before it, and flush() returns only once all are acknowledged.
+        self.output.flush()
+        try:
+            self.source.commit(offsets)
+        except CommitRejectedError as error:
+            log.warning("commit refused, the group is rebalancing (%s): the next owner may redo some work", error)
+            return
+        self.committed(offsets)
+
+    def committed(self, offsets: dict[TopicPartition, int]) -> None:
+        """Record offsets committed, here or by the Source on a revocation."""
+        self.offsets.committed(offsets)
+        self.metrics.commits.inc()
+        log.debug("committed %s", {f"{tp.topic}[{tp.partition}]": offset for tp, offset in offsets.items()})
+
+    def update_lag(self) -> None:
+        self._last_lag = time.monotonic()
+        for tp, done in self.offsets.done():
+            highwater = self.source.highwater(tp)
+            if highwater is not None and done is not None:
+                self.metrics.lag.labels(tp.topic, str(tp.partition)).set(max(0, highwater - done))

@@ -1,0 +1,141 @@
+"""The stream's fetch threads and model thread: requests in, finished answers out.
+
+Fetch threads read each image (policy first, see ``worker.fetch``) and pass the bytes on to the model
+thread, or a failure straight back. The model thread runs the same ``CaptionPipeline`` as the bulk path
+(decode pool, batcher, captioner), so batches span partitions and one bad image fails alone. Both talk
+to the consumer thread through queues only: it drains ``done``.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+from captionfleet.core.captioner import CaptionModel
+from captionfleet.core.images import ImageLimits
+from captionfleet.core.settings import WorkerSettings
+from captionfleet.worker.fetch import Fetcher, FetchError
+from captionfleet.worker.messages import FETCH_FAILURE, Result
+from captionfleet.worker.metrics import WorkerMetrics
+from captionfleet.worker.pipeline import CaptionPipeline, Item
+from captionfleet.worker.stream.items import Finished, StreamItem
+
+# The stream's one logger name, as before it became a package (log queries and alerts match on it).
+log = logging.getLogger(__package__)
+
+_END = object()  # closes the pipeline's input
+
+
+class _NullSink:
+    """The pipeline's sink: results leave through the consumer thread instead (see on_item_result)."""
+
+    def done_ids(self) -> set[str]:
+        return set()
+
+    def write(self, results: list[Result]) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class Stages:
+    """``model_version``: the version a fetch failure names (the serving model's, which a hot swap changes)."""
+
+    def __init__(
+        self,
+        settings: WorkerSettings,
+        fetcher: Fetcher,
+        captioner: CaptionModel,
+        metrics: WorkerMetrics,
+        model_version: Callable[[], str],
+    ) -> None:
+        self.fetcher = fetcher
+        self.metrics = metrics
+        self._model_version = model_version
+        self.done: queue.SimpleQueue[Finished] = queue.SimpleQueue()
+        # Set by the model thread if it dies; the consumer thread then stops the worker.
+        self.failure: BaseException | None = None
+        self._inbox: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._fetch_pool = ThreadPoolExecutor(settings.fetch.concurrency, thread_name_prefix="fetch")
+        self._pipeline = CaptionPipeline(
+            captioner,
+            _NullSink(),
+            settings.batch,
+            ImageLimits.from_settings(settings.images),
+            on_item_result=self._on_item_result,
+        )
+        self._model_thread = threading.Thread(target=self._run_model, name="model", daemon=True)
+
+    def start(self) -> None:
+        self._model_thread.start()
+
+    def submit(self, item: StreamItem) -> None:
+        self._fetch_pool.submit(self._fetch, item)
+
+    def end_input(self) -> None:
+        """No more requests: the model thread finishes what it holds, then ends."""
+        self._inbox.put(_END)
+
+    def join(self, timeout_s: float) -> bool:
+        """Wait for the model thread to finish its last batch; False if it is still busy."""
+        self._model_thread.join(timeout_s)
+        return not self._model_thread.is_alive()
+
+    def stop_fetching(self) -> None:
+        """Drop the fetches not started yet (they were not committed, so they are redone) and do not wait."""
+        self._fetch_pool.shutdown(wait=False, cancel_futures=True)
+
+    def _fetch(self, item: StreamItem) -> None:
+        start = time.perf_counter()
+        failed = self._read(item)
+        item.fetch_ms = (time.perf_counter() - start) * 1000
+        # Failed reads too: a store that times out after every retry is what this histogram must show.
+        self.metrics.fetch.observe(item.fetch_ms / 1000)
+        if failed is None:
+            self._inbox.put(item)
+            return
+        kind, message = failed
+        failure = Result(
+            id=item.id,
+            uri=item.uri,
+            model_version=self._model_version(),
+            error_kind=kind,
+            error_message=message,
+            fetch_ms=round(item.fetch_ms, 3),
+        )
+        self.done.put(Finished(item, failure))
+
+    def _read(self, item: StreamItem) -> tuple[str, str] | None:
+        """Read the image into item.data; the failure's kind and message if it could not be read."""
+        try:
+            item.data = self.fetcher.fetch(item.uri)
+        except FetchError as error:
+            return error.kind, error.message
+        except Exception as error:  # a bug or an unexpected library error: one failure, not a dead worker
+            log.exception("fetch of %s (%s) failed unexpectedly", item.id, item.uri)
+            return FETCH_FAILURE, f"{type(error).__name__}: {error}"
+        return None
+
+    def _inputs(self) -> Iterator[Item]:
+        while (entry := self._inbox.get()) is not _END:
+            assert isinstance(entry, StreamItem)
+            yield entry
+
+    def _run_model(self) -> None:
+        try:
+            self._pipeline.run(self._inputs())
+        except BaseException as error:  # reported by the consumer thread, which stops the worker
+            log.exception("the model thread failed")
+            self.failure = error
+
+    def _on_item_result(self, item: Item, result: Result) -> None:
+        assert isinstance(item, StreamItem)
+        self.done.put(Finished(item, result))
