@@ -14,9 +14,7 @@ from tqdm import tqdm
 
 from captionfleet.core.captioner import Captioner
 from captionfleet.core.images import ImageLimits
-
-# A .../LATEST ref loads the version it names at the start; a bulk run keeps that version to the end.
-from captionfleet.core.loading import load_model as load_captioner
+from captionfleet.core.loading import load_model as load_captioner  # a .../LATEST ref: kept to the end of the run
 from captionfleet.core.settings import WorkerSettings
 from captionfleet.worker.connectors.local import iter_folder
 from captionfleet.worker.messages import Result
