@@ -82,7 +82,7 @@ COPY dashboard ./dashboard
 # --no-deps: everything is installed above; a missing dependency fails the import check instead.
 RUN pip install --no-cache-dir --no-deps --no-build-isolation . \
     && pip check \
-    && python -I -c "import captionfleet.cli, captionfleet.demo, captionfleet.worker.__main__, captionfleet.dashboard.data"
+    && python -I -c "import captionfleet.cli, captionfleet.demo, captionfleet.worker.__main__, captionfleet.dashboard.uploads, captionfleet.dashboard.fleet"
 
 # ---- runtime: python3 and the venv, no compilers, no pip caches, no build context ----------------
 FROM ${BASE_IMAGE}

@@ -43,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from captionfleet.core.captioner import Captioner
 from captionfleet.core.images import decode_image
+from captionfleet.core.loading import load_checkpoint
 from captionfleet.core.settings import BatchSettings, BulkS3Settings, DecodingSettings, S3Settings, WorkerSettings
 from captionfleet.worker.bulk_s3 import run_s3_caption_job
 from tests.services.seaweedfs import SeaweedS3
@@ -201,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         decoding = DecodingSettings(num_beams=args.num_beams, max_new_tokens=args.max_new_tokens)
         for kind in models:
             path = build_checkpoint(kind, Path(tmp) / kind)
-            captioner = Captioner.from_dir(path, device=args.device, decoding=decoding)
+            captioner = load_checkpoint(path, device=args.device, precision="auto", decoding=decoding)
             rates: dict[str, list[float]] = {"model_only": [], "data_path_only": [], "end_to_end": []}
             cpu_ms: dict[str, list[float]] = {name: [] for name in rates}
             # Warm-up, untimed: the first pass over a batch shape or caption length is many times slower

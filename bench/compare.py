@@ -57,6 +57,7 @@ from bench.full_checkpoint import save_full_checkpoint
 from captionfleet.core import fastpath
 from captionfleet.core.captioner import Captioner, Preprocessing
 from captionfleet.core.images import ImageLimits
+from captionfleet.core.loading import load_checkpoint
 from captionfleet.core.settings import BatchSettings, DecodingSettings
 from captionfleet.worker.connectors.local import iter_folder
 from captionfleet.worker.pipeline import CaptionPipeline
@@ -295,7 +296,7 @@ def run_plain_batched(path: Path, photos: list[Path], n: int, batch: int, beams:
 
 
 def load_captioner(path: Path, precision: str, beams: int, device: str = "cpu") -> Captioner:
-    captioner = Captioner.from_dir(path, device=device, decoding=decoding(beams), precision=precision)
+    captioner = load_checkpoint(path, device=device, decoding=decoding(beams), precision=precision)
     # Same work per image in every row (see the module docstring).
     base = captioner.generation_config
 

@@ -1,7 +1,7 @@
 """The dashboard's layout: `captionfleet dashboard` (or `streamlit run dashboard/app.py`).
 
 Two tabs: ad-hoc captioning of uploads, and the operators' live view of the fleet. Everything it
-shows comes from dashboard/data.py; this file only decides where it goes.
+shows comes from dashboard/model.py, uploads.py and fleet.py; this file only decides where it goes.
 """
 
 from __future__ import annotations
@@ -11,8 +11,10 @@ import streamlit as st
 
 from captionfleet.core.images import ImageLimits
 from captionfleet.core.settings import DecodingSettings, SettingsError, WorkerSettings
-from captionfleet.dashboard.data import FleetView, LoadedModel, caption_uploads, fleet_view, load_model
+from captionfleet.dashboard.fleet import FleetView, fleet_view
+from captionfleet.dashboard.model import LoadedModel, load_model
 from captionfleet.dashboard.settings import DashboardSettings, load_dashboard_settings, load_model_settings
+from captionfleet.dashboard.uploads import caption_uploads
 
 
 def sidebar(model_settings: WorkerSettings) -> DecodingSettings:

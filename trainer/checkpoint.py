@@ -24,8 +24,9 @@ from typing import Any
 
 import torch
 
+from captionfleet.core.registry_layout import METADATA_FILE
 from captionfleet.trainer.data import DataError
-from captionfleet.trainer.model import METADATA_FILE, ModelBundle, load_checkpoint
+from captionfleet.trainer.model import ModelBundle, load_checkpoint
 
 log = logging.getLogger(__name__)
 

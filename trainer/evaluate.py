@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from captionfleet.core.captioner import Captioner
+from captionfleet.core.loading import load_checkpoint
 from captionfleet.core.settings import DecodingSettings
 from captionfleet.trainer.data import CaptionDataset
 
@@ -148,7 +149,7 @@ def evaluate_dir(
     batch_size: int = 32,
 ) -> Evaluation:
     """Load a checkpoint exactly as the worker does, then evaluate it."""
-    captioner = Captioner.from_dir(path, device=device, decoding=decoding or DecodingSettings())
+    captioner = load_checkpoint(path, device=device, precision="auto", decoding=decoding or DecodingSettings())
     return evaluate_captioner(captioner, dataset, limit=limit, batch_size=batch_size)
 
 
@@ -173,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
 
     path = resolve_model_ref(args.model, cache_dir=ModelSettings().cache_dir)
     decoding = DecodingSettings() if args.num_beams is None else DecodingSettings(num_beams=args.num_beams)
-    captioner = Captioner.from_dir(path, device=args.device, decoding=decoding)
+    captioner = load_checkpoint(path, device=args.device, precision="auto", decoding=decoding)
     width, height = captioner.image_size
     dataset: CaptionDataset
     if args.data == "shapes":

@@ -11,12 +11,11 @@ from typing import Any
 import torch
 from transformers import AutoImageProcessor, AutoTokenizer, VisionEncoderDecoderModel
 
+from captionfleet.core.registry_layout import METADATA_FILE
 from captionfleet.trainer.scratch import build_model
 from captionfleet.trainer.settings import TrainerSettings
 
 log = logging.getLogger(__name__)
-
-METADATA_FILE = "captionfleet.json"
 
 
 @dataclass

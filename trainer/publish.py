@@ -24,18 +24,18 @@ from typing import Any, Literal
 
 from PIL import Image
 
-from captionfleet.core.captioner import Captioner
 from captionfleet.core.images import ImageError, ImageLimits, decode_image
+from captionfleet.core.loading import load_checkpoint
 from captionfleet.core.model_store import resolve_model_ref
+from captionfleet.core.registry_layout import EVAL, METADATA_FILE
 from captionfleet.core.settings import DecodingSettings, S3Settings
 from captionfleet.trainer.checkpoint import weights_version
 from captionfleet.trainer.data import CaptionDataset, DataError, ImageCaptionDataset
 from captionfleet.trainer.evaluate import evaluate_captioner
-from captionfleet.trainer.registry import METADATA_FILE, LatestMovedError, Registry, RegistryError, now
+from captionfleet.trainer.registry import LatestMovedError, Registry, RegistryError, now
 
 log = logging.getLogger(__name__)
 
-EVAL = "eval"
 EVAL_MANIFEST = "manifest.jsonl"
 GateMetric = Literal["cider", "bleu4", "exact_match"]
 
@@ -178,7 +178,7 @@ def ensure_eval_set(registry: Registry, source: CaptionDataset | None, size: int
 
 
 def score_checkpoint(path: Path, eval_set: EvalSet, decoding: DecodingSettings, device: str) -> dict[str, Any]:
-    captioner = Captioner.from_dir(path, device=device, decoding=decoding)
+    captioner = load_checkpoint(path, device=device, precision="auto", decoding=decoding)
     evaluation = evaluate_captioner(captioner, eval_set.dataset)
     return {
         **evaluation.scores.as_dict(),

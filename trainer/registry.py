@@ -1,16 +1,8 @@
-"""The model registry in object storage: versions, their records, LATEST and its history.
+"""The model registry in object storage, written: uploads, records, LATEST and its history.
 
-Under one root, ``s3://bucket/models/<name>``::
-
-    versions/<version>/...      the checkpoint files (captionfleet.json uploaded last)
-    records/<version>.json      status (candidate, promoted, rejected, rolled_back), gate scores, reason,
-                                parent, dates; written once the files are all up, so a version without
-                                a record is an incomplete upload and can never become LATEST
-    LATEST                      one line: the version workers serve (worker/models.py reads it)
-    history/<ns>-<action>.json  every LATEST change: version, previous, action, reason, when
-    eval/                       the fixed evaluation set of the quality gate (trainer/publish.py)
-
-The worker knows only ``versions/`` and ``LATEST`` (from worker/models.py); the rest is the trainer's.
+The layout (what lives where under ``s3://bucket/models/<name>``) and how it is read are in
+captionfleet/core/registry_layout.py, shared with the workers and the dashboard; this is the writer,
+which only the trainer uses.
 """
 
 from __future__ import annotations
@@ -25,18 +17,24 @@ from typing import TYPE_CHECKING, Any
 from botocore.exceptions import ClientError
 
 from captionfleet.core.model_store import ALLOWED_SUFFIXES, PICKLED_SUFFIXES
+from captionfleet.core.registry_layout import (
+    HISTORY,
+    LATEST,
+    METADATA_FILE,
+    RECORDS,
+    VERSIONS,
+    check_version,
+    is_not_found,
+    parse_latest,
+    read_latest,
+)
 from captionfleet.core.settings import S3Settings
 from captionfleet.worker.connectors.s3 import make_s3_client, parse_s3_uri
-from captionfleet.worker.models import LATEST, VERSIONS, check_version, parse_latest, read_latest
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
 
 log = logging.getLogger(__name__)
-
-METADATA_FILE = "captionfleet.json"
-RECORDS = "records"
-HISTORY = "history"
 
 
 class RegistryError(Exception):
@@ -91,7 +89,7 @@ class Registry:
         try:
             body = self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
         except ClientError as error:
-            if error.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound"):
+            if is_not_found(error):
                 return None
             raise
         value = json.loads(body)
@@ -200,7 +198,7 @@ class Registry:
         try:
             response = self.client.get_object(Bucket=self.bucket, Key=self.key(LATEST))
         except ClientError as error:
-            if error.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound"):
+            if is_not_found(error):
                 return LatestState(None, None)
             raise
         return LatestState(parse_latest(response["Body"].read()), response.get("ETag"))

@@ -28,7 +28,8 @@ import torch
 from tqdm import tqdm
 from transformers.utils import logging as hf_logging
 
-from captionfleet.core.captioner import Captioner, pick_device
+from captionfleet.core.captioner import pick_device
+from captionfleet.core.loading import load_checkpoint
 from captionfleet.core.settings import DecodingSettings
 from captionfleet.trainer.checkpoint import load_resume, publish, resume_model_dir, save_resume
 from captionfleet.trainer.data import CaptionDataset, Splits, open_splits
@@ -131,7 +132,7 @@ def quick_caption_eval(path: Path, dataset: CaptionDataset, settings: TrainerSet
     if settings.eval_caption_samples <= 0:
         return None
     decoding = DecodingSettings(num_beams=1, max_new_tokens=settings.decoding.max_new_tokens)
-    captioner = Captioner.from_dir(path, device=settings.device, decoding=decoding)
+    captioner = load_checkpoint(path, device=settings.device, precision="auto", decoding=decoding)
     return evaluate_captioner(captioner, dataset, limit=settings.eval_caption_samples)
 
 
@@ -345,7 +346,7 @@ def train(
 
     # -- publish: save, evaluate exactly what the worker will load, swap into place --------------------
     def evaluate(path: Path) -> dict[str, Any]:
-        captioner = Captioner.from_dir(path, device=settings.device, decoding=settings.decoding)
+        captioner = load_checkpoint(path, device=settings.device, precision="auto", decoding=settings.decoding)
         evaluation = evaluate_captioner(captioner, splits.val, limit=settings.max_val_images)
         log.info("final evaluation: %s", evaluation.scores.line())
         return {

@@ -21,12 +21,8 @@ import socket
 import sys
 from collections.abc import Callable
 from types import FrameType
-from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
-
-if TYPE_CHECKING:
-    from captionfleet.core.captioner import Captioner
 
 from captionfleet.core.settings import SettingsError, WorkerSettings, load_worker_settings, with_overrides
 
@@ -108,6 +104,7 @@ def _serve(settings: WorkerSettings) -> int:
     # Imported here: torch and transformers take seconds to import, and --help should not wait for them.
     from kafka.errors import KafkaError, KafkaTimeoutError
 
+    from captionfleet.core.loading import warm_up
     from captionfleet.core.model_store import ModelRefError
     from captionfleet.worker.connectors.kafka import (
         BootstrapError,
@@ -118,9 +115,10 @@ def _serve(settings: WorkerSettings) -> int:
         security_config,
     )
     from captionfleet.worker.fetch import Fetcher
+    from captionfleet.worker.hotswap import HotSwapCaptioner
     from captionfleet.worker.metrics import Health, MetricsPortError, WorkerMetrics, serve_metrics
-    from captionfleet.worker.models import HotSwapCaptioner, load_serving_model, start_watcher
     from captionfleet.worker.stream.loop import StreamWorker
+    from captionfleet.worker.watcher import load_serving_model, start_watcher
 
     kafka = settings.kafka
     name = kafka.client_id or f"captionfleet-{socket.gethostname()}-{os.getpid()}"
@@ -144,7 +142,8 @@ def _serve(settings: WorkerSettings) -> int:
         except (ModelRefError, OSError, ValueError) as error:
             print(f"error: {error}", file=sys.stderr)
             return EXIT_USAGE
-        _warm_up(captioner)
+        # Before reporting ready: the first model call's lazy initialisation must not land on requests.
+        log.info("model warmed up in %.2fs", warm_up(captioner))
         health.set(model_loaded=True)
         try:
             source = KafkaSource(kafka, name)
@@ -181,19 +180,6 @@ def _serve(settings: WorkerSettings) -> int:
     finally:
         if server is not None:
             server.close()
-
-
-def _warm_up(captioner: Captioner) -> None:
-    """One tiny batch before reporting ready: the first model call pays for lazy initialisation (seconds
-    on CPU), which would otherwise land on the first real requests' latency."""
-    import time
-
-    import torch
-
-    width, height = captioner.image_size
-    start = time.perf_counter()
-    captioner.caption_pixels(torch.zeros(1, 3, height, width))
-    log.info("model warmed up in %.2fs", time.perf_counter() - start)
 
 
 _Handler = signal.Handlers | int | None | object

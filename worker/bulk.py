@@ -14,9 +14,8 @@ from tqdm import tqdm
 
 from captionfleet.core.captioner import Captioner
 from captionfleet.core.images import ImageLimits
-from captionfleet.core.model_store import resolve_model_ref
+from captionfleet.core.loading import load_model as load_captioner  # a .../LATEST ref: kept to the end of the run
 from captionfleet.core.settings import WorkerSettings
-from captionfleet.core.threads import apply_threads
 from captionfleet.worker.connectors.local import iter_folder
 from captionfleet.worker.messages import Result
 from captionfleet.worker.pipeline import CaptionPipeline
@@ -50,19 +49,6 @@ class BulkSummary:
             f"failures by kind: {kinds}",
             f"speed: {self.images_per_second:.2f} images/s over {self.seconds:.1f}s (model {self.model_version})",
         ]
-
-
-def load_captioner(settings: WorkerSettings) -> Captioner:
-    from captionfleet.worker.models import latest_root, load_serving_model
-
-    if latest_root(settings.model.ref) is not None:
-        # s3://…/models/<name>/LATEST: the version it names now; a bulk run keeps it to the end.
-        return load_serving_model(settings)
-    path = resolve_model_ref(settings.model.ref, cache_dir=settings.model.cache_dir, s3=settings.s3)
-    apply_threads(settings.model.threads)
-    return Captioner.from_dir(
-        path, device=settings.model.device, decoding=settings.decoding, precision=settings.model.precision
-    )
 
 
 def run_caption_job(

@@ -25,11 +25,10 @@ from transformers.utils import logging as hf_logging
 from captionfleet.core import fastpath
 from captionfleet.core.beams import beam_group, share_cross_attention_projections
 from captionfleet.core.model_store import check_checkpoint_dir
+from captionfleet.core.registry_layout import METADATA_FILE
 from captionfleet.core.settings import DecodingSettings, runs_on_cuda
 
 logger = logging.getLogger(__name__)
-
-METADATA_FILE = "captionfleet.json"
 
 
 class _DropImageMaskWarning(logging.Filter):

@@ -165,8 +165,8 @@ def test_captioner_loads_from_s3_and_captions_like_the_local_copy(
     from PIL import Image
 
     from captionfleet.core.captioner import Captioner
+    from captionfleet.core.loading import load_model as load_captioner
     from captionfleet.core.settings import ModelSettings, WorkerSettings
-    from captionfleet.worker.bulk import load_captioner
 
     upload_dir(s3_server, s3_bucket, "models/tiny-captioner/", tiny_checkpoint)
     settings = WorkerSettings(

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from captionfleet.dashboard.data import Scrape, ScrapeHistory, fleet_view, histogram_quantile, prometheus_view
+from captionfleet.dashboard.fleet import Scrape, ScrapeHistory, fleet_view, histogram_quantile, prometheus_view
 from captionfleet.dashboard.settings import load_dashboard_settings
 from captionfleet.worker.metrics import Health, MetricsServer, WorkerMetrics
 from tests.services.kafka import free_port
@@ -168,7 +168,7 @@ def test_only_the_workers_targets_are_listed_as_down() -> None:
 
 def test_the_worker_selector_is_a_dashboard_setting(monkeypatch: pytest.MonkeyPatch) -> None:
     client = FakePrometheus()
-    monkeypatch.setattr("captionfleet.dashboard.data.PrometheusClient", lambda url, timeout_s: client)
+    monkeypatch.setattr("captionfleet.dashboard.fleet.PrometheusClient", lambda url, timeout_s: client)
     monkeypatch.setenv("DASHBOARD_PROMETHEUS__URL", client.url)
     monkeypatch.setenv("DASHBOARD_PROMETHEUS__WORKER_SELECTOR", 'job="captionfleet-worker"')
     assert fleet_view(load_dashboard_settings()) is not None
@@ -178,7 +178,7 @@ def test_the_worker_selector_is_a_dashboard_setting(monkeypatch: pytest.MonkeyPa
 def test_a_name_that_resolves_to_several_workers_is_scraped_per_worker(monkeypatch: pytest.MonkeyPatch) -> None:
     import socket
 
-    from captionfleet.dashboard import data
+    from captionfleet.dashboard import fleet as data
 
     def resolve(host: str, port: int, type: int = 0) -> list[tuple[Any, ...]]:
         if host != "workers.svc":

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 
 from captionfleet.core.settings import WorkerSettings
-from captionfleet.dashboard import data
+from captionfleet.dashboard import model as data
 
 ROOT = "s3://models/captioner"
 

@@ -17,7 +17,8 @@ from streamlit.testing.v1 import AppTest
 
 from captionfleet.core.images import ImageLimits
 from captionfleet.core.settings import DecodingSettings
-from captionfleet.dashboard.data import THUMBNAIL_SIDE, LoadedModel, caption_uploads
+from captionfleet.dashboard.model import LoadedModel
+from captionfleet.dashboard.uploads import THUMBNAIL_SIDE, caption_uploads
 from tests.hostile_images import hostile_corpus, jpeg_bytes
 
 APP = str(Path(__file__).resolve().parents[2] / "dashboard" / "app.py")

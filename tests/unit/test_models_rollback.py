@@ -1,4 +1,4 @@
-"""The LATEST watcher (worker/models.py) when LATEST moves while a swap is pending, and how a failed
+"""The LATEST watcher (worker/watcher.py) when LATEST moves while a swap is pending, and how a failed
 load is retried: storage errors at the next poll, broken checkpoints only after retry_failed_s."""
 
 from __future__ import annotations
@@ -12,7 +12,9 @@ import pytest
 
 from captionfleet.core.captioner import Captioner
 from captionfleet.core.model_store import ModelRefError, resolve_model_ref
-from captionfleet.worker.models import HotSwapCaptioner, ModelWatcher, is_storage_error, version_uri
+from captionfleet.core.registry_layout import version_uri
+from captionfleet.worker.hotswap import HotSwapCaptioner
+from captionfleet.worker.watcher import ModelWatcher, is_storage_error
 from tests.unit.test_models_swap import FakeCaptioner, batch
 from tests.unit.test_s3_fake import FakeS3, read_timeout, slow_down
 

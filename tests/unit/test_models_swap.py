@@ -1,4 +1,4 @@
-"""Hot swapping (worker/models.py) with in-memory captioners: the batch in flight finishes on the old
+"""Hot swapping (worker/hotswap.py) with in-memory captioners: the batch in flight finishes on the old
 model, a version that fails to load leaves the old one serving, LATEST refs are parsed strictly."""
 
 from __future__ import annotations
@@ -11,9 +11,11 @@ from PIL import Image
 
 from captionfleet.core.captioner import Captioner, Preprocessing
 from captionfleet.core.model_store import ModelRefError
+from captionfleet.core.registry_layout import check_version, latest_root, version_uri
 from captionfleet.core.settings import DecodingSettings
+from captionfleet.worker.hotswap import HotSwapCaptioner
 from captionfleet.worker.metrics import WorkerMetrics
-from captionfleet.worker.models import HotSwapCaptioner, ModelWatcher, check_version, latest_root, version_uri
+from captionfleet.worker.watcher import ModelWatcher
 
 
 def preprocessing(size: int = 32) -> Preprocessing:

@@ -64,7 +64,7 @@ def test_bad_thread_setting_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_loading_a_model_applies_the_thread_setting(monkeypatch: pytest.MonkeyPatch) -> None:
-    from captionfleet.worker.bulk import load_captioner
+    from captionfleet.core.loading import load_model as load_captioner
 
     before = torch.get_num_threads()
     monkeypatch.setenv("WORKER_MODEL__REF", "builtin")

@@ -1,0 +1,108 @@
+"""From a model ref to a loaded captioner: the one way every part loads a model.
+
+- ``load_checkpoint``: a local checkpoint folder -> a Captioner, optionally with torch's threads set
+  first and one warm-up batch after. Callers that run at a fixed device and precision and manage
+  torch's threads themselves (trainer evaluation, benchmarks) pass ``threads=None``.
+- ``load_model``: what ``WORKER_MODEL__*`` names (a folder, s3:// prefix, hub id, builtin, or a
+  ``s3://.../models/<name>/LATEST`` ref, which loads the version LATEST names now) with the worker's
+  device, precision, decoding and thread settings: what the worker, the bulk jobs and the dashboard serve.
+- ``load_version``: one published version of a registry root, with the same settings (the hot swap, the
+  dashboard following LATEST).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from botocore.exceptions import BotoCoreError, ClientError
+
+from captionfleet.core.captioner import Captioner, CaptionModel
+from captionfleet.core.model_store import ModelRefError, resolve_model_ref
+from captionfleet.core.registry_layout import LATEST, latest_root, read_latest, version_uri
+from captionfleet.core.settings import DecodingSettings, S3Settings, WorkerSettings
+from captionfleet.core.threads import apply_threads
+from captionfleet.worker.connectors.s3 import make_s3_client
+
+
+def warm_up(captioner: CaptionModel) -> float:
+    """One tiny batch; returns the seconds it took. The first model call pays for lazy initialisation
+    (seconds on CPU), which should not land on a real request's latency."""
+    width, height = captioner.image_size
+    start = time.perf_counter()
+    captioner.caption_pixels(torch.zeros(1, 3, height, width))
+    return time.perf_counter() - start
+
+
+def load_checkpoint(
+    path: Path,
+    *,
+    device: str,
+    precision: str,
+    decoding: DecodingSettings | None = None,
+    threads: int | None = None,
+    warm: bool = False,
+) -> Captioner:
+    """A local checkpoint folder, loaded. ``threads``: torch's intra-op threads to set first (0 = the
+    container's CPU limit, see core/threads.py); None leaves them as the caller set them."""
+    if threads is not None:
+        apply_threads(threads)
+    captioner = Captioner.from_dir(path, device=device, decoding=decoding, precision=precision)
+    if warm:
+        warm_up(captioner)
+    return captioner
+
+
+def _load_ref(ref: str, settings: WorkerSettings, *, warm: bool) -> Captioner:
+    model = settings.model
+    path = resolve_model_ref(ref, cache_dir=model.cache_dir, s3=settings.s3)
+    return load_checkpoint(
+        path,
+        device=model.device,
+        precision=model.precision,
+        decoding=settings.decoding,
+        threads=model.threads,
+        warm=warm,
+    )
+
+
+def load_version(root: str, version: str, settings: WorkerSettings, *, warm: bool = False) -> Captioner:
+    """Version ``version`` of the registry at ``root`` (``s3://bucket/models/<name>``), with the worker's settings."""
+    return _load_ref(version_uri(root, version), settings, warm=warm)
+
+
+def serving_version(root: str, s3: S3Settings) -> str:
+    """The version ``root``/LATEST names now; ModelRefError (saying what to fix) when it cannot be read."""
+    try:
+        version = read_latest(make_s3_client(s3), root)
+    except (ClientError, BotoCoreError) as error:
+        raise ModelRefError(
+            f"could not read {root}/{LATEST}: {error}; check the uri, WORKER_S3__ENDPOINT_URL and the credentials"
+        ) from error
+    if version is None:
+        raise ModelRefError(
+            f"{root}/{LATEST} does not exist: publish a version first (captionfleet train --publish-to {root}, "
+            f"or captionfleet models promote VERSION --root {root})"
+        )
+    return version
+
+
+def load_model(settings: WorkerSettings, *, warm: bool = False) -> Captioner:
+    """The model ``settings.model.ref`` names, with the worker's device, precision, decoding and threads.
+
+    A ``.../LATEST`` ref loads the version LATEST names now, and that version's captionfleet.json must
+    say the same version (a watcher following LATEST compares the two)."""
+    root = latest_root(settings.model.ref)
+    if root is None:
+        return _load_ref(settings.model.ref, settings, warm=warm)
+    version = serving_version(root, settings.s3)
+    captioner = load_version(root, version, settings)
+    if captioner.version != version:
+        raise ModelRefError(
+            f"{version_uri(root, version)} says it is version {captioner.version!r} (captionfleet.json): "
+            "republish it with the trainer (captionfleet train --publish-to ...)"
+        )
+    if warm:
+        warm_up(captioner)
+    return captioner

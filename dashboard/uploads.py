@@ -1,0 +1,125 @@
+"""Captioning the files a browser uploads: each decoded on its own, captioned in batches.
+
+A corrupt or oversized file gets its own message and never costs the others their captions; only one
+batch of full-size images is alive at a time, and results keep thumbnails. The model comes from
+dashboard/model.py.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from PIL import Image
+
+from captionfleet.core.images import ImageError, ImageLimits, decode_image
+from captionfleet.core.settings import DecodingSettings
+from captionfleet.dashboard.model import LoadedModel
+
+# Headlines per failure kind; the decoder's own message follows with the detail.
+_HEADLINES = {
+    "empty": "is empty",
+    "not_an_image": "is not an image",
+    "unsupported": "is in an unsupported format",
+    "truncated": "is cut short (a corrupt or incomplete file)",
+    "too_large": "is too large",
+    "decode": "could not be decoded (a corrupt image)",
+}
+
+
+@dataclass
+class UploadResult:
+    name: str
+    image: Image.Image | None = None
+    caption: str | None = None
+    model_version: str = ""
+    seconds: float = 0.0  # the model call that captioned it
+    batch: int = 0  # images in that call
+    kind: str | None = None
+    message: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.caption is not None
+
+    @property
+    def problem(self) -> str:
+        return f"{self.name} {_HEADLINES.get(self.kind or '', 'failed')}: {self.message}"
+
+
+# The longest side of the picture a result keeps for the page (shown 200 px wide; 512 stays sharp on
+# high-density screens). Results live in each session's state: a full 50-Mpx image would be ~150 MB.
+THUMBNAIL_SIDE = 512
+
+
+def thumbnail(image: Image.Image, side: int = THUMBNAIL_SIDE) -> Image.Image:
+    """A new image whose longest side is at most ``side`` (the image itself when it already fits)."""
+    width, height = image.size
+    if max(width, height) <= side:
+        return image
+    scale = side / max(width, height)
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return image.resize(size, Image.Resampling.LANCZOS, reducing_gap=2.0)
+
+
+def _decode(result: UploadResult, data: bytes, limits: ImageLimits, draft_size: tuple[int, int]) -> Image.Image | None:
+    """The upload decoded at full size, or None with the reason recorded in ``result``."""
+    try:
+        return decode_image(data, limits=limits, draft_size=draft_size)
+    except ImageError as error:
+        result.kind, result.message = error.kind, error.message
+        if error.kind == "too_large":
+            result.message += "; the limits are WORKER_IMAGES__MAX_BYTES and WORKER_IMAGES__MAX_PIXELS"
+        return None
+
+
+def _caption_batch(
+    model: LoadedModel, batch: list[tuple[UploadResult, Image.Image]], decoding: DecodingSettings, side: int
+) -> None:
+    """One model call for the batch; its results get their captions (or the failure) and thumbnails."""
+    with model.lock:
+        began = time.perf_counter()
+        captions: list[str] | None = None
+        failure = ""
+        try:
+            captions = model.captioner.caption([image for _, image in batch], decoding)
+        except Exception as error:  # a model failure is shown per file, like any other
+            failure = f"the model failed: {type(error).__name__}: {error}"
+        seconds = time.perf_counter() - began
+    for index, (result, image) in enumerate(batch):
+        result.image = thumbnail(image, side)
+        if captions is None:
+            result.kind, result.message = "model", failure
+        else:
+            result.caption, result.model_version = captions[index], model.version
+            result.seconds, result.batch = seconds, len(batch)
+
+
+def caption_uploads(
+    model: LoadedModel,
+    files: Sequence[tuple[str, bytes]],
+    decoding: DecodingSettings,
+    limits: ImageLimits,
+    batch_size: int,
+    thumbnail_side: int = THUMBNAIL_SIDE,
+) -> list[UploadResult]:
+    """Caption (name, bytes) uploads; one result per file, in order, failures included.
+
+    Files are decoded as their batch fills and dropped to thumbnails once it is captioned, so at most
+    one batch of full-size images is in memory (ten 50-Mpx PNGs decoded up front would be ~1.5 GB).
+    """
+    results = [UploadResult(name) for name, _ in files]
+    batch: list[tuple[UploadResult, Image.Image]] = []
+    for result, (_, data) in zip(results, files, strict=True):
+        image = _decode(result, data, limits, model.captioner.image_size)
+        if image is None:
+            continue
+        batch.append((result, image))
+        del image  # the batch holds the only reference: captioning it frees the full-size image
+        if len(batch) == batch_size:
+            _caption_batch(model, batch, decoding, thumbnail_side)
+            batch = []
+    if batch:
+        _caption_batch(model, batch, decoding, thumbnail_side)
+    return results
