@@ -35,9 +35,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from captionfleet.core.captioner import Captioner
 from captionfleet.core.images import ImageError, ImageLimits, decode_image
 from captionfleet.core.model_store import ModelRefError
+from captionfleet.core.s3 import make_s3_client
 from captionfleet.core.settings import DecodingSettings, WorkerSettings
 from captionfleet.dashboard.settings import DEFAULT_WORKER_SELECTOR, DashboardSettings
-from captionfleet.worker.connectors.s3 import make_s3_client
 from captionfleet.worker.models import LATEST, latest_root, load_version, read_latest
 
 # -- uploads -------------------------------------------------------------------------------------

@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING, Any
 from botocore.exceptions import ClientError
 
 from captionfleet.core.model_store import ALLOWED_SUFFIXES, PICKLED_SUFFIXES
+from captionfleet.core.s3 import make_s3_client, parse_s3_uri
 from captionfleet.core.settings import S3Settings
-from captionfleet.worker.connectors.s3 import make_s3_client, parse_s3_uri
 from captionfleet.worker.models import LATEST, VERSIONS, check_version, parse_latest, read_latest
 
 if TYPE_CHECKING:

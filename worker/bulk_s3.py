@@ -34,24 +34,12 @@ from tqdm import tqdm
 
 from captionfleet.core.captioner import Captioner
 from captionfleet.core.images import ImageLimits
+from captionfleet.core.s3 import ObjectStore, RetryPolicy, access_error, as_object_store, make_s3_client, parse_s3_uri
 from captionfleet.core.settings import BulkS3Settings, WorkerSettings
 from captionfleet.worker.bulk import BulkSummary, _restore_signals, _stop_on_signals, load_captioner
-from captionfleet.worker.connectors.s3 import (
-    ObjectStore,
-    PartRef,
-    PartStore,
-    Prefetcher,
-    RetryPolicy,
-    S3Object,
-    S3Reader,
-    S3ResultSink,
-    access_error,
-    as_object_store,
-    list_pages,
-    make_s3_client,
-    new_run_id,
-    parse_s3_uri,
-)
+from captionfleet.worker.connectors.s3_listing import S3Object, list_pages
+from captionfleet.worker.connectors.s3_parts import PartRef, PartStore, S3ResultSink, new_run_id
+from captionfleet.worker.connectors.s3_reader import Prefetcher, S3Reader
 from captionfleet.worker.messages import FAILURE_KINDS, Result
 from captionfleet.worker.pipeline import CaptionPipeline
 from captionfleet.worker.sharding import ShardSpec

@@ -28,9 +28,9 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from captionfleet.core.captioner import Captioner, Preprocessing
 from captionfleet.core.model_store import ModelRefError, resolve_model_ref
+from captionfleet.core.s3 import make_s3_client, parse_s3_uri
 from captionfleet.core.settings import DecodingSettings, WorkerSettings
 from captionfleet.core.threads import apply_threads
-from captionfleet.worker.connectors.s3 import make_s3_client, parse_s3_uri
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
