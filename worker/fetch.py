@@ -140,13 +140,6 @@ class Fetcher:
             retryable=lambda error: isinstance(error, _Retry),
             describe=str,
         )
-        # S3 reads go through core.s3.read_object, which raises botocore's own errors: the same
-        # backoff, with what is worth another attempt decided from those errors (``_s3_transient``).
-        self._s3_retry = replace(
-            self._retry,
-            retryable=lambda error: _s3_transient(error) is not None,
-            describe=lambda error: str(_s3_transient(error) or error),
-        )
         if self.file_root is not None and not self.file_root.is_dir():
             raise ValueError(
                 f"WORKER_FETCH__FILE_ROOT={settings.file_root} is not a folder: point it at the folder "
@@ -256,12 +249,19 @@ class Fetcher:
             return self._s3_client
 
     def _get_s3(self, target: S3Target, uri: str) -> bytes:
+        # core.s3.read_object raises botocore's own errors: the same backoff as for http, with what is
+        # worth another attempt decided by what those errors mean here.
+        retry = replace(
+            self._retry,
+            retryable=lambda error: isinstance(_s3_failure(error, uri), _Retry),
+            describe=lambda error: str(_s3_failure(error, uri)),
+        )
         try:
             fetched = read_object(
                 as_object_store(self._client()),
                 target.bucket,
                 target.key,
-                retry=self._s3_retry,
+                retry=retry,
                 what=f"fetch {uri}",
                 max_bytes=self.max_bytes,
                 refuse_declared=True,
@@ -365,57 +365,32 @@ class Fetcher:
         return b"".join(chunks)
 
 
-def _s3_transient(error: BaseException) -> _Retry | None:
-    """The failure of an S3 read that another attempt may fix (throttling, 5xx, timeouts, broken
-    connections), as the kind it is reported as when retries run out; None for any other error."""
+def _s3_failure(error: BaseException, uri: str) -> BaseException:
+    """An S3 read's error as ``fetch`` takes it: a ``_Retry`` when another attempt may fix it (throttling,
+    5xx, timeouts, broken connections), else a FetchError, or the error itself when it is not the
+    store's (a bug)."""
+    if isinstance(error, ObjectTooLarge):
+        what = "more than" if error.declared is None else f"{error.declared} bytes exceeds the limit of"
+        return FetchError(TOO_LARGE, f"{what} {error.limit} bytes")
     if isinstance(error, ClientError):
-        if _s3_refusal(error, "") is None and is_retryable(error):
-            return _Retry(UNAVAILABLE, f"store busy or failing ({_client_error_text(error)})")
-        return None
+        code, status = error_code(error), http_status(error)
+        text = f"{code or status}: {error.response.get('Error', {}).get('Message', '')}".strip()
+        if is_not_found(error) or code == NO_SUCH_BUCKET or status == 404:
+            return FetchError(NOT_FOUND, f"{uri} does not exist ({text})")
+        if code in REFUSED_CODES or status == 403:
+            return FetchError(
+                FORBIDDEN, f"the store refused to read {uri} ({text}): grant the worker's credentials read access"
+            )
+        if is_retryable(error):
+            return _Retry(UNAVAILABLE, f"store busy or failing ({text})")
+        return FetchError(OTHER, f"S3 error {text}")
     if isinstance(error, TIMEOUT_ERRORS):
         return _Retry(TIMEOUT, f"timed out: {error}")
     if isinstance(error, CONNECTION_ERRORS):
         return _Retry(UNAVAILABLE, f"connection failed: {error}")
-    return None
-
-
-def _s3_failure(error: BaseException, uri: str) -> BaseException:
-    """The final error of an S3 read as what ``fetch`` raises: a FetchError, a ``_Retry`` (retries ran
-    out) or, for an error that is not the store's (a bug), the error itself."""
-    if isinstance(error, ObjectTooLarge):
-        if error.declared is None:
-            return FetchError(TOO_LARGE, f"more than {error.limit} bytes")
-        return FetchError(TOO_LARGE, f"{error.declared} bytes exceeds the limit of {error.limit} bytes")
-    if isinstance(error, ClientError):
-        return (
-            _s3_refusal(error, uri)
-            or _s3_transient(error)
-            or FetchError(OTHER, f"S3 error {_client_error_text(error)}")
-        )
-    transient = _s3_transient(error)
-    if transient is not None:
-        return transient
     if isinstance(error, BotoCoreError):
         return FetchError(OTHER, f"{type(error).__name__}: {error}")
     return error
-
-
-def _s3_refusal(error: ClientError, uri: str) -> FetchError | None:
-    """A missing object (or bucket) or the store's refusal: final, not worth another attempt."""
-    status = http_status(error)
-    if is_not_found(error) or error_code(error) == NO_SUCH_BUCKET or status == 404:
-        return FetchError(NOT_FOUND, f"{uri} does not exist ({_client_error_text(error)})")
-    if error_code(error) in REFUSED_CODES or status == 403:
-        text = _client_error_text(error)
-        return FetchError(
-            FORBIDDEN, f"the store refused to read {uri} ({text}): grant the worker's credentials read access"
-        )
-    return None
-
-
-def _client_error_text(error: ClientError) -> str:
-    message = error.response.get("Error", {}).get("Message", "")
-    return f"{error_code(error) or http_status(error)}: {message}".strip()
 
 
 class _RedirectRefused(Exception):

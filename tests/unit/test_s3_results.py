@@ -16,7 +16,8 @@ from PIL import Image
 
 from captionfleet.core.s3 import S3AccessError
 from captionfleet.core.settings import BulkS3Settings, S3Settings, WorkerSettings
-from captionfleet.worker.bulk_s3 import S3JobError, S3JobOptions, ShardIndex, run_s3_caption_job
+from captionfleet.worker.bulk_s3 import S3JobError, S3JobOptions, run_s3_caption_job
+from captionfleet.worker.bulk_s3_index import ShardIndex
 from captionfleet.worker.connectors.s3_listing import S3Object
 from captionfleet.worker.connectors.s3_parts import MARKER_NAME, PartRef, PartStore, S3ResultSink, decode_part
 from captionfleet.worker.connectors.s3_reader import S3Item
