@@ -232,9 +232,12 @@ class Fetcher:
         try:
             data, _attempts = self._retry.call(attempt, what=f"fetch {uri}")
         except _Retry as error:
-            attempts = self.settings.max_attempts
-            raise FetchError(error.kind, f"{error.message} (gave up after {attempts} attempts)") from error
+            raise self._gave_up(error) from error
         return data
+
+    def _gave_up(self, failure: _Retry) -> FetchError:
+        """The failure of the last attempt, when every attempt failed in a way another might have fixed."""
+        return FetchError(failure.kind, f"{failure.message} (gave up after {self.settings.max_attempts} attempts)")
 
     def _client(self) -> S3Client:
         with self._client_lock:
@@ -268,9 +271,8 @@ class Fetcher:
             )
         except Exception as error:
             failure = _s3_failure(error, uri)
-            if isinstance(failure, _Retry):  # still failing after every attempt
-                attempts = self.settings.max_attempts
-                raise FetchError(failure.kind, f"{failure.message} (gave up after {attempts} attempts)") from error
+            if isinstance(failure, _Retry):
+                raise self._gave_up(failure) from error
             if failure is error:
                 raise
             raise failure from error
