@@ -21,8 +21,8 @@ from captionfleet.core.loading import load_model as load_ref
 from captionfleet.core.loading import load_version
 from captionfleet.core.model_store import ModelRefError
 from captionfleet.core.registry_layout import LATEST, latest_root, read_latest
+from captionfleet.core.s3 import make_s3_client
 from captionfleet.core.settings import WorkerSettings
-from captionfleet.worker.connectors.s3 import make_s3_client
 
 
 @dataclass

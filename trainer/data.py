@@ -187,7 +187,7 @@ def _reader(s3: S3Settings | None) -> Callable[[str], bytes]:
     def read(ref: str) -> bytes:
         nonlocal client
         if ref.startswith("s3://"):
-            from captionfleet.worker.connectors.s3 import make_s3_client, parse_s3_uri
+            from captionfleet.core.s3 import make_s3_client, parse_s3_uri
 
             if client is None:
                 client = make_s3_client(s3 or S3Settings())
@@ -204,7 +204,7 @@ def _skip_kind(error: Exception) -> str | None:
     (throttling, 5xx, timeouts, refused credentials): that says nothing about the image."""
     from botocore.exceptions import BotoCoreError, ClientError
 
-    from captionfleet.worker.connectors.s3 import FORBIDDEN_CODES, NOT_FOUND_CODES, error_code
+    from captionfleet.core.s3 import FORBIDDEN_CODES, NOT_FOUND_CODES, error_code
 
     if isinstance(error, ClientError):
         code = error_code(error)

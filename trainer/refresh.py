@@ -20,11 +20,11 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from captionfleet.core.registry_layout import latest_root, read_latest, version_uri
+from captionfleet.core.s3 import make_s3_client, parse_s3_uri
 from captionfleet.trainer.data import DataError
 from captionfleet.trainer.publish import Gate, PublishOutcome, eval_set_exists, publish_version
 from captionfleet.trainer.registry import Registry, RegistryError
 from captionfleet.trainer.settings import TrainerSettings
-from captionfleet.worker.connectors.s3 import make_s3_client, parse_s3_uri
 
 log = logging.getLogger(__name__)
 

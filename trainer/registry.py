@@ -24,12 +24,11 @@ from captionfleet.core.registry_layout import (
     RECORDS,
     VERSIONS,
     check_version,
-    is_not_found,
     parse_latest,
     read_latest,
 )
+from captionfleet.core.s3 import is_not_found, make_s3_client, parse_s3_uri
 from captionfleet.core.settings import S3Settings
-from captionfleet.worker.connectors.s3 import make_s3_client, parse_s3_uri
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client

@@ -20,46 +20,28 @@ loses at most the rows of the part being filled. ``retry_failed`` re-runs keys w
 from __future__ import annotations
 
 import logging
-import queue
-import threading
-from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Literal, NamedTuple
+from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
-from tqdm import tqdm
 
 from captionfleet.core.captioner import Captioner
 from captionfleet.core.images import ImageLimits
+from captionfleet.core.s3 import ObjectStore, RetryPolicy, access_error, as_object_store, make_s3_client, parse_s3_uri
 from captionfleet.core.settings import BulkS3Settings, WorkerSettings
 from captionfleet.worker.bulk import BulkSummary, _restore_signals, _stop_on_signals, load_captioner
-from captionfleet.worker.connectors.s3 import (
-    ObjectStore,
-    PartRef,
-    PartStore,
-    Prefetcher,
-    RetryPolicy,
-    S3Object,
-    S3Reader,
-    S3ResultSink,
-    access_error,
-    as_object_store,
-    list_pages,
-    make_s3_client,
-    new_run_id,
-    parse_s3_uri,
-)
+from captionfleet.worker.bulk_s3_feed import ListingFeed, Progress, make_decide, make_filter
+from captionfleet.worker.bulk_s3_index import ShardIndex, compact, load_index, other_layouts, shard_counts
+from captionfleet.worker.connectors.s3_listing import S3Object, list_pages
+from captionfleet.worker.connectors.s3_parts import PartRef, PartStore, S3ResultSink, new_run_id
+from captionfleet.worker.connectors.s3_reader import Prefetcher, S3Reader
 from captionfleet.worker.messages import FAILURE_KINDS, Result
-from captionfleet.worker.pipeline import CaptionPipeline
+from captionfleet.worker.pipeline import CaptionPipeline, RunStats
 from captionfleet.worker.sharding import ShardSpec
 
 logger = logging.getLogger(__name__)
-
-# What the listing decides for each object; "own_output" is the job's own results under the source prefix.
-Decision = Literal["own_output", "filtered", "other_shard", "skip", "todo", "retry"]
 
 
 class S3JobError(Exception):
@@ -105,171 +87,6 @@ class S3JobSummary(BulkSummary):
         return lines
 
 
-# -- which keys are done: an index over the shard's parts ---------------------------------------------
-
-
-class RowRef(NamedTuple):
-    part: str
-    position: int
-    etag: str
-    model_version: str
-    error_kind: str | None
-
-
-class ShardIndex:
-    """What the shard's parts hold, per key, oldest row first (parts are added in order)."""
-
-    COLUMNS = ("key", "etag", "model_version", "error_kind")
-
-    def __init__(self) -> None:
-        self._rows: dict[str, list[RowRef]] = {}
-        self._lock = threading.Lock()  # the listing thread reads while the pipeline adds new parts
-
-    def add(self, part: PartRef, rows: Iterable[dict[str, Any]]) -> None:
-        with self._lock:
-            for position, row in enumerate(rows):
-                ref = RowRef(part.name, position, str(row["etag"]), str(row["model_version"]), row["error_kind"])
-                self._rows.setdefault(str(row["key"]), []).append(ref)
-
-    def rows(self, key: str) -> list[RowRef]:
-        with self._lock:
-            return list(self._rows.get(key, ()))
-
-    def __len__(self) -> int:
-        return sum(len(refs) for refs in self._rows.values())
-
-    def answer(self, key: str, model_version: str, any_model_version: bool, etag: str | None = None) -> RowRef | None:
-        """The row that answers ``key`` for this run: the newest one of an accepted model version
-        (and, when ``etag`` is given, for that content)."""
-        for ref in reversed(self.rows(key)):
-            if (etag is None or ref.etag == etag) and (any_model_version or ref.model_version == model_version):
-                return ref
-        return None
-
-    def decide(
-        self, obj: S3Object, model_version: str, any_model_version: bool, retry: frozenset[str] | None
-    ) -> Literal["todo", "retry", "skip"]:
-        ref = self.answer(obj.key, model_version, any_model_version, obj.etag)
-        if ref is None:
-            return "todo"
-        if ref.error_kind is not None and retry is not None and (not retry or ref.error_kind in retry):
-            return "retry"
-        return "skip"
-
-    def superseded(self) -> dict[str, set[int]]:
-        """Rows no reader should see, by part: per key, all but the newest row of each model version,
-        and every row for content older than the newest row's (a different ETag)."""
-        drop: dict[str, set[int]] = {}
-        with self._lock:
-            for refs in self._rows.values():
-                if len(refs) < 2:
-                    continue
-                current_etag = refs[-1].etag
-                versions: set[str] = set()
-                for ref in reversed(refs):
-                    if ref.etag != current_etag or ref.model_version in versions:
-                        drop.setdefault(ref.part, set()).add(ref.position)
-                    else:
-                        versions.add(ref.model_version)
-        return drop
-
-    def remove(self, drop: dict[str, set[int]]) -> None:
-        """Forget rows that compaction removed from their parts."""
-        with self._lock:
-            for key, refs in list(self._rows.items()):
-                kept = [ref for ref in refs if ref.position not in drop.get(ref.part, ())]
-                if len(kept) != len(refs):
-                    self._rows[key] = kept
-
-    def part_names(self) -> list[str]:
-        """The parts that hold at least one row."""
-        with self._lock:
-            return sorted({ref.part for refs in self._rows.values() for ref in refs})
-
-
-def load_index(store: PartStore, parts: list[PartRef], threads: int) -> ShardIndex:
-    """Read the key columns of every part (in parallel: each is a GET), in part order."""
-    index = ShardIndex()
-    columns = list(ShardIndex.COLUMNS)
-    with ThreadPoolExecutor(max(1, min(threads, len(parts)))) as pool:
-        for part, rows in zip(parts, pool.map(lambda part: store.read(part, columns), parts), strict=True):
-            index.add(part, rows)
-    return index
-
-
-# -- listing ahead of the pipeline ---------------------------------------------------------------------
-
-
-class ListingFeed:
-    """Lists in a background thread, decides what each object needs, and queues the ones to caption.
-
-    Listing ahead (up to ``ahead`` keys) means page latency never stalls the pipeline and the progress
-    bar knows how much work is coming while the listing is still running.
-    """
-
-    _END = object()
-
-    def __init__(self, pages: Iterable[list[S3Object]], decide: Callable[[S3Object], Decision], *, ahead: int) -> None:
-        self._pages = pages
-        self._decide = decide
-        self._queue: queue.Queue[object] = queue.Queue(maxsize=ahead)
-        self._stop = threading.Event()
-        self.counts: Counter[str] = Counter()
-        self.finished = threading.Event()
-        self.error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="s3-list", daemon=True)
-
-    def start(self) -> ListingFeed:
-        self._thread.start()
-        return self
-
-    @property
-    def listed(self) -> int:
-        """Objects listed so far, the job's own output excluded."""
-        return sum(self.counts.values()) - self.counts["own_output"]
-
-    @property
-    def queued(self) -> int:
-        return self.counts["todo"] + self.counts["retry"]
-
-    def _put(self, entry: object) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(entry, timeout=0.2)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def _run(self) -> None:
-        try:
-            for page in self._pages:
-                for obj in page:
-                    decision = self._decide(obj)
-                    self.counts[decision] += 1
-                    if decision in ("todo", "retry") and not self._put(obj):
-                        return
-        except BaseException as error:  # handed to the consumer, which raises it
-            self.error = error
-        finally:
-            self.finished.set()
-            self._put(self._END)
-
-    def __iter__(self) -> Iterator[S3Object]:
-        while True:
-            entry = self._queue.get()
-            if entry is self._END:
-                if self.error is not None:
-                    raise self.error
-                return
-            assert isinstance(entry, S3Object)
-            yield entry
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
-
-
 # -- the job -------------------------------------------------------------------------------------------
 
 
@@ -282,99 +99,42 @@ def _retry_policy(bulk: BulkS3Settings) -> RetryPolicy:
     return RetryPolicy(attempts=bulk.retry_attempts, base_s=bulk.retry_base_s, max_s=bulk.retry_max_s)
 
 
-def make_filter(bulk: BulkS3Settings) -> Callable[[S3Object], bool]:
-    """True for objects the job takes: not a folder marker, and matching the suffix and size filters."""
-    suffixes = tuple(s.lower() if s.startswith(".") else "." + s.lower() for s in bulk.suffixes)
+@dataclass(frozen=True)
+class _Plan:
+    """What one run works on, resolved from its arguments before any I/O."""
 
-    def keep(obj: S3Object) -> bool:
-        if obj.key.endswith("/"):
-            return False
-        if suffixes and not obj.key.lower().endswith(suffixes):
-            return False
-        return obj.size >= bulk.min_size and (not bulk.max_size or obj.size <= bulk.max_size)
+    settings: WorkerSettings
+    options: S3JobOptions
+    client: ObjectStore
+    retry: RetryPolicy
+    src_bucket: str
+    src_prefix: str
+    out_bucket: str
+    out_prefix: str
 
-    return keep
+    @property
+    def bulk(self) -> BulkS3Settings:
+        return self.settings.bulk
 
+    @property
+    def endpoint(self) -> str | None:
+        return self.settings.s3.endpoint_url
 
-def _other_layouts(client: ObjectStore, bucket: str, prefix: str, shard: ShardSpec, retry: RetryPolicy) -> set[int]:
-    """Shard counts other than ours already used under the output prefix."""
-    page, _ = retry.call(
-        lambda: client.list_objects_v2(Bucket=bucket, Prefix=prefix, Delimiter="/", MaxKeys=1000), f"list {prefix}"
-    )
-    totals = set()
-    for common in page.get("CommonPrefixes", []):
-        name = str(common.get("Prefix", ""))[len(prefix) :].rstrip("/")
-        if name.startswith("shard-") and "-of-" in name:
-            try:
-                totals.add(int(name.rsplit("-of-", 1)[1]))
-            except ValueError:
-                continue
-    totals.discard(shard.total)
-    return totals
+    @property
+    def src_uri(self) -> str:
+        return f"s3://{self.src_bucket}/{self.src_prefix}"
 
-
-class _Progress:
-    """tqdm bar whose total grows while the listing runs; images/s and ETA come from tqdm."""
-
-    def __init__(self, feed: ListingFeed, enabled: bool) -> None:
-        self.feed = feed
-        self.bar = tqdm(total=0, unit="img", disable=not enabled, dynamic_ncols=True)
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._ticker = threading.Thread(target=self._tick, name="progress", daemon=True)
-        if enabled:
-            self._ticker.start()
-
-    def _refresh_total(self) -> None:
-        self.bar.total = self.feed.queued
-        listing = "done" if self.feed.finished.is_set() else "running"
-        self.bar.set_postfix(listed=self.feed.listed, skipped=self.feed.counts["skip"], listing=listing, refresh=False)
-
-    def _tick(self) -> None:
-        while not self._stop.wait(0.5):
-            with self._lock:
-                self._refresh_total()
-                self.bar.refresh()
-
-    def update(self, result: Result) -> None:
-        with self._lock:
-            if self.bar.total != self.feed.queued:
-                self._refresh_total()
-            self.bar.update(1)
-
-    def close(self) -> None:
-        self._stop.set()
-        if self._ticker.is_alive():
-            self._ticker.join(timeout=2)
-        with self._lock:
-            self._refresh_total()
-            self.bar.close()
+    @property
+    def own_output(self) -> str | None:
+        """The output prefix when it lies under the source prefix: the job's own results, not input."""
+        same_folder = self.out_bucket == self.src_bucket and self.out_prefix.startswith(self.src_prefix)
+        return self.out_prefix if same_folder else None
 
 
-def run_s3_caption_job(
-    source: str,
-    out: str,
-    settings: WorkerSettings,
-    *,
-    options: S3JobOptions = S3JobOptions(),
-    show_progress: bool = True,
-    captioner: Captioner | None = None,
-    client: ObjectStore | None = None,
-    on_result: Callable[[Result], None] | None = None,
-) -> S3JobSummary:
-    """Caption every object under ``source`` (s3://bucket/prefix/) in ``options.shard`` into result
-    parts under ``out`` (s3://bucket/prefix/), resuming from the parts already there.
-
-    Raises S3AccessError / S3JobError (messages name the fix) before writing anything when the source
-    cannot be listed, holds nothing, or the output cannot be listed.
-    """
+def _plan(source: str, out: str, settings: WorkerSettings, options: S3JobOptions, client: ObjectStore | None) -> _Plan:
     bulk = settings.bulk
     src_bucket, src_prefix = parse_s3_uri(source)
     out_bucket, out_prefix = parse_s3_uri(out)
-    src_prefix, out_prefix = _folder(src_prefix), _folder(out_prefix)
-    shard = options.shard
-    endpoint = settings.s3.endpoint_url
-    retry = _retry_policy(bulk)
     if client is None:
         # botocore's own retries are off: RetryPolicy does them, with the same backoff for every call,
         # and also retries a body read that times out half-way (botocore cannot).
@@ -394,76 +154,149 @@ def run_s3_caption_job(
                 f"--retry-failed: unknown failure kind(s) {', '.join(unknown)}; use some of "
                 f"{', '.join(sorted(FAILURE_KINDS))}, or none for every kind"
             )
-    src_uri = f"s3://{src_bucket}/{src_prefix}"
+    return _Plan(
+        settings, options, client, _retry_policy(bulk), src_bucket, _folder(src_prefix), out_bucket, _folder(out_prefix)
+    )
 
+
+@dataclass
+class _Run:
+    """This run's own state: its id, the sink writing its parts, and the keys of the shard it listed."""
+
+    version: str  # the model's
+    run_id: str
+    sink: S3ResultSink
+    in_shard: set[str] = field(default_factory=set)
+
+
+def run_s3_caption_job(
+    source: str,
+    out: str,
+    settings: WorkerSettings,
+    *,
+    options: S3JobOptions = S3JobOptions(),
+    show_progress: bool = True,
+    captioner: Captioner | None = None,
+    client: ObjectStore | None = None,
+    on_result: Callable[[Result], None] | None = None,
+) -> S3JobSummary:
+    """Caption every object under ``source`` (s3://bucket/prefix/) in ``options.shard`` into result
+    parts under ``out`` (s3://bucket/prefix/), resuming from the parts already there.
+
+    Raises S3AccessError / S3JobError (messages name the fix) before writing anything when the source
+    cannot be listed, holds nothing, or the output cannot be listed.
+    """
+    plan = _plan(source, out, settings, options, client)
     # Preflight, before anything is written: the first page proves the endpoint, the credentials and
     # the source; listing our shard's folder proves the output bucket.
-    pages = list_pages(client, src_bucket, src_prefix, page_size=bulk.list_page_size, retry=retry)
+    pages = _list_source(plan)
+    if options.overwrite:
+        captioner = captioner or load_captioner(settings)  # a bad --model fails before --overwrite deletes
+    store, parts = _open_output(plan)
+    captioner = captioner or load_captioner(settings)
+    index = _read_index(plan, store, parts)
+    run_id = new_run_id()
+    sink = S3ResultSink(store, run_id=run_id, rows_per_part=plan.bulk.rows_per_part, on_part=index.add)
+    run = _Run(captioner.version, run_id, sink)
+    summary = _caption(plan, store, index, pages, captioner, run, show_progress=show_progress, on_result=on_result)
+    if summary.interrupted:
+        return summary
+    _check_anything_listed(plan, summary)
+    _finish_shard(plan, store, index, {part.name: part for part in [*parts, *run.sink.parts_written]}, summary, run)
+    summary.complete = True
+    return summary
+
+
+def _list_source(plan: _Plan) -> Iterator[list[S3Object]]:
+    """The source's pages, the first one listed now (so a bad endpoint, credentials or source fail
+    here, before anything is written), the rest as they are iterated; listing errors are S3AccessErrors."""
+    pages = list_pages(
+        plan.client, plan.src_bucket, plan.src_prefix, page_size=plan.bulk.list_page_size, retry=plan.retry
+    )
     try:
         first_page = next(pages)
     except (ClientError, BotoCoreError) as error:
-        raise access_error(error, "list", src_uri, endpoint) from error
+        raise access_error(error, "list", plan.src_uri, plan.endpoint) from error
     if not first_page:
         raise S3JobError(
-            f"no objects under {src_uri}: check the bucket and prefix (keys are case-sensitive, and the prefix is "
-            "a folder: s3://bucket/photos lists photos/...); nothing was written"
+            f"no objects under {plan.src_uri}: check the bucket and prefix (keys are case-sensitive, and the prefix "
+            "is a folder: s3://bucket/photos lists photos/...); nothing was written"
         )
-    if options.overwrite:
-        captioner = captioner or load_captioner(settings)  # a bad --model fails before --overwrite deletes
-    store = PartStore(client, out_bucket, out_prefix + shard.name + "/", fmt=bulk.format, retry=retry)
+    return _rest_of_listing(plan, first_page, pages)
+
+
+def _rest_of_listing(
+    plan: _Plan, first_page: list[S3Object], pages: Iterator[list[S3Object]]
+) -> Iterator[list[S3Object]]:
+    yield first_page
     try:
-        if options.overwrite:
+        yield from pages
+    except (ClientError, BotoCoreError) as error:  # e.g. credentials revoked half-way
+        raise access_error(error, "list", plan.src_uri, plan.endpoint) from error
+
+
+def _open_output(plan: _Plan) -> tuple[PartStore, list[PartRef]]:
+    """The shard's output folder and the parts already in it (none after --overwrite deletes them)."""
+    shard = plan.options.shard
+    store = PartStore(
+        plan.client, plan.out_bucket, plan.out_prefix + shard.name + "/", fmt=plan.bulk.format, retry=plan.retry
+    )
+    try:
+        if plan.options.overwrite:
             removed = store.delete_all()
             logger.warning("--overwrite: removed %d objects under %s", removed, store.uri())
         parts = store.list_parts()
-        other_totals = _other_layouts(client, out_bucket, out_prefix, shard, retry)
+        other_totals = other_layouts(plan.client, plan.out_bucket, plan.out_prefix, shard, plan.retry)
     except (ClientError, BotoCoreError) as error:
-        raise access_error(error, "list the output folder", store.uri(), endpoint) from error
+        raise access_error(error, "list the output folder", store.uri(), plan.endpoint) from error
     if other_totals:
         logger.warning(
             "%s already holds results split into %s shards; this run uses %d shards, so it will not see those rows "
             "and redoes their keys: use --shard i/%d to resume them, or another --out",
-            f"s3://{out_bucket}/{out_prefix}",
+            f"s3://{plan.out_bucket}/{plan.out_prefix}",
             "/".join(map(str, sorted(other_totals))),
             shard.total,
             min(other_totals),
         )
+    return store, parts
 
-    captioner = captioner or load_captioner(settings)
-    version = captioner.version
+
+def _read_index(plan: _Plan, store: PartStore, parts: list[PartRef]) -> ShardIndex:
     try:
-        index = load_index(store, parts, bulk.fetch_concurrency)
+        index = load_index(store, parts, plan.bulk.fetch_concurrency)
     except (ClientError, BotoCoreError) as error:
-        raise access_error(error, "read the existing parts in", store.uri(), endpoint) from error
+        raise access_error(error, "read the existing parts in", store.uri(), plan.endpoint) from error
     if parts:
         logger.info("%s: %d rows in %d existing parts", store.uri(), len(index), len(parts))
+    return index
 
-    exclude = out_prefix if out_bucket == src_bucket and out_prefix.startswith(src_prefix) else None
-    keep = make_filter(bulk)
-    in_shard: set[str] = set()
 
-    def decide(obj: S3Object) -> Decision:
-        if exclude is not None and obj.key.startswith(exclude):
-            return "own_output"
-        if not keep(obj):
-            return "filtered"
-        if not shard.owns(obj.key):
-            return "other_shard"
-        in_shard.add(obj.key)
-        return index.decide(obj, version, options.any_model_version, options.retry_failed)
-
-    def rest_of_listing() -> Iterator[list[S3Object]]:
-        yield first_page
-        try:
-            yield from pages
-        except (ClientError, BotoCoreError) as error:  # e.g. credentials revoked half-way
-            raise access_error(error, "list", src_uri, endpoint) from error
-
-    feed = ListingFeed(rest_of_listing(), decide, ahead=bulk.list_ahead)
-    run_id = new_run_id()
-    sink = S3ResultSink(store, run_id=run_id, rows_per_part=bulk.rows_per_part, on_part=index.add)
-    summary = S3JobSummary(total=0, skipped=0, done=0, model_version=version, shard=str(shard), output=store.uri())
-    progress = _Progress(feed, show_progress)
+def _caption(
+    plan: _Plan,
+    store: PartStore,
+    index: ShardIndex,
+    pages: Iterator[list[S3Object]],
+    captioner: Captioner,
+    run: _Run,
+    *,
+    show_progress: bool,
+    on_result: Callable[[Result], None] | None,
+) -> S3JobSummary:
+    """List and caption: every object of the shard that the index does not answer yet goes through
+    the pipeline, fetched ahead, into new parts."""
+    options, bulk = plan.options, plan.bulk
+    decide = make_decide(
+        exclude=plan.own_output,
+        keep=make_filter(bulk),
+        shard=options.shard,
+        index=index,
+        version=run.version,
+        any_model_version=options.any_model_version,
+        retry_failed=options.retry_failed,
+        in_shard=run.in_shard,
+    )
+    feed = ListingFeed(pages, decide, ahead=bulk.list_ahead)
+    progress = Progress(feed, show_progress)
 
     def on_each(result: Result) -> None:
         progress.update(result)
@@ -472,103 +305,83 @@ def run_s3_caption_job(
 
     pipeline = CaptionPipeline(
         captioner,
-        sink,
-        settings.batch,
-        ImageLimits.from_settings(settings.images),
+        run.sink,
+        plan.settings.batch,
+        ImageLimits.from_settings(plan.settings.images),
         on_result=on_each,
         flush_interval_s=bulk.part_interval_s,
     )
-    reader = S3Reader(client, retry=retry, max_bytes=settings.images.max_bytes)
+    reader = S3Reader(plan.client, retry=plan.retry, max_bytes=plan.settings.images.max_bytes)
     previous = _stop_on_signals(pipeline)
     feed.start()
     try:
         with Prefetcher(reader, concurrency=bulk.fetch_concurrency, ahead_bytes=bulk.fetch_ahead_mb << 20) as fetcher:
-            stats = pipeline.run(fetcher.items(feed, on_item=sink.track))
+            stats = pipeline.run(fetcher.items(feed, on_item=run.sink.track))
     except (ClientError, BotoCoreError) as error:  # listing errors come as S3AccessError already
-        raise access_error(error, "write results to", store.uri(), endpoint) from error
+        raise access_error(error, "write results to", store.uri(), plan.endpoint) from error
     finally:
         feed.stop()
         progress.close()
         _restore_signals(previous)
+    return _summary(plan, store, run, feed, stats, interrupted=pipeline.stop_event.is_set())
 
-    summary.listed = feed.listed
-    summary.filtered_out = feed.counts["filtered"]
-    summary.total = len(in_shard)
-    summary.skipped = feed.counts["skip"]
-    summary.retried = feed.counts["retry"]
-    summary.done = stats.done
-    summary.failed_by_kind = stats.failed_by_kind
-    summary.seconds = stats.seconds
-    summary.parts_written = len(sink.parts_written)
-    summary.interrupted = pipeline.stop_event.is_set()
-    if summary.interrupted:
-        return summary
+
+def _summary(
+    plan: _Plan, store: PartStore, run: _Run, feed: ListingFeed, stats: RunStats, *, interrupted: bool
+) -> S3JobSummary:
+    return S3JobSummary(
+        total=len(run.in_shard),
+        skipped=feed.counts["skip"],
+        done=stats.done,
+        model_version=run.version,
+        failed_by_kind=stats.failed_by_kind,
+        seconds=stats.seconds,
+        interrupted=interrupted,
+        shard=str(plan.options.shard),
+        listed=feed.listed,
+        filtered_out=feed.counts["filtered"],
+        retried=feed.counts["retry"],
+        parts_written=len(run.sink.parts_written),
+        output=store.uri(),
+    )
+
+
+def _check_anything_listed(plan: _Plan, summary: S3JobSummary) -> None:
+    """A finished listing that gave the job nothing at all is a mistake in the source or the filters."""
+    bulk = plan.bulk
     if summary.listed == 0:
-        raise S3JobError(f"no objects under {src_uri} apart from this job's own output: check the prefix")
+        raise S3JobError(f"no objects under {plan.src_uri} apart from this job's own output: check the prefix")
     if summary.listed - summary.filtered_out == 0:
         raise S3JobError(
-            f"none of the {summary.listed} objects under {src_uri} pass the filters "
+            f"none of the {summary.listed} objects under {plan.src_uri} pass the filters "
             f"(suffixes={bulk.suffixes or 'any'}, size {bulk.min_size}..{bulk.max_size or 'any'} bytes): "
             "loosen --suffix / --min-size / --max-size; nothing was written"
         )
+
+
+def _finish_shard(
+    plan: _Plan, store: PartStore, index: ShardIndex, parts: dict[str, PartRef], summary: S3JobSummary, run: _Run
+) -> None:
+    """Compact the shard's parts, then write its completion marker."""
     try:
-        summary.superseded = _compact(store, index, {part.name: part for part in [*parts, *sink.parts_written]})
-        store.write_marker(_marker(summary, index, in_shard, version, options, bulk, src_uri, run_id))
+        summary.superseded = compact(store, index, parts)
+        store.write_marker(_marker(plan, summary, index, run))
     except (ClientError, BotoCoreError) as error:
-        raise access_error(error, "finish the shard in", store.uri(), endpoint) from error
-    summary.complete = True
-    return summary
+        raise access_error(error, "finish the shard in", store.uri(), plan.endpoint) from error
 
 
-def _compact(store: PartStore, index: ShardIndex, parts: dict[str, PartRef]) -> int:
-    """Remove superseded rows (retried failures, older content) so each key has one row per version.
-
-    The rows that replace them are already stored, so a crash half-way only leaves duplicates that the
-    next run's index resolves (latest part wins) and compacts again.
-    """
-    drop = index.superseded()
-    if not drop:
-        return 0
-    store.delete_marker()
-    for name, positions in sorted(drop.items()):
-        left = store.drop_rows(parts[name], positions)
-        logger.info("%s: removed %d superseded rows (%d left)", store.uri(name), len(positions), left)
-    index.remove(drop)
-    return sum(len(positions) for positions in drop.values())
-
-
-def _marker(
-    summary: S3JobSummary,
-    index: ShardIndex,
-    in_shard: set[str],
-    version: str,
-    options: S3JobOptions,
-    bulk: BulkS3Settings,
-    src_uri: str,
-    run_id: str,
-) -> dict[str, Any]:
+def _marker(plan: _Plan, summary: S3JobSummary, index: ShardIndex, run: _Run) -> dict[str, Any]:
     """The completion marker: what the shard's parts now answer for the keys listed in this run."""
-    kinds: Counter[str] = Counter()
-    answered = 0
-    for key in in_shard:
-        ref = index.answer(key, version, options.any_model_version)
-        if ref is not None:
-            answered += 1
-            kinds[ref.error_kind or "captioned"] += 1
-    captioned = kinds.pop("captioned", 0)
+    options, bulk = plan.options, plan.bulk
     return {
         "shard": {"index": options.shard.index, "total": options.shard.total},
-        "source": src_uri,
+        "source": plan.src_uri,
         "filters": {"suffixes": bulk.suffixes, "min_size": bulk.min_size, "max_size": bulk.max_size},
-        "model_version": version,
+        "model_version": run.version,
         "format": bulk.format,
-        "objects": len(in_shard),
-        "rows": answered,
-        "captioned": captioned,
-        "failed": sum(kinds.values()),
-        "failed_by_kind": dict(sorted(kinds.items())),
+        **shard_counts(index, run.in_shard, run.version, options.any_model_version),
         "last_run": {
-            "run_id": run_id,
+            "run_id": run.run_id,
             "skipped": summary.skipped,
             "captioned": summary.done,
             "failed": summary.failed,

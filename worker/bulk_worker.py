@@ -39,10 +39,10 @@ def record(metrics: WorkerMetrics, health: Health, result: Result) -> None:
 
 def run_bulk_worker(settings: WorkerSettings, source: str, out: str) -> int:
     from captionfleet.core.model_store import ModelRefError
+    from captionfleet.core.s3 import S3AccessError
     from captionfleet.core.settings import SettingsError
     from captionfleet.worker.bulk import load_captioner
     from captionfleet.worker.bulk_s3 import S3JobError, S3JobOptions, run_s3_caption_job
-    from captionfleet.worker.connectors.s3 import S3AccessError
     from captionfleet.worker.sharding import resolve_shard
 
     metrics, health = WorkerMetrics(), Health()

@@ -124,9 +124,9 @@ def run_caption(args: argparse.Namespace) -> int:
 
 def _caption_s3(args: argparse.Namespace, settings: WorkerSettings) -> int:
     """An s3:// source into s3:// result parts: one shard of its keys."""
+    from captionfleet.core.s3 import S3AccessError
     from captionfleet.core.settings import load_kubernetes_job_env
     from captionfleet.worker.bulk_s3 import S3JobError, S3JobOptions, run_s3_caption_job
-    from captionfleet.worker.connectors.s3 import S3AccessError
     from captionfleet.worker.sharding import resolve_shard
 
     try:

@@ -7,7 +7,7 @@ import sys
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from captionfleet.worker.connectors.s3 import S3AccessError
+    from captionfleet.core.s3 import S3AccessError
 
 EXIT_OK = 0
 EXIT_USAGE = 2  # bad arguments, settings or model reference: every retry would fail the same way

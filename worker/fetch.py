@@ -30,23 +30,30 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
-from botocore.exceptions import (
-    BotoCoreError,
-    ClientError,
-    ConnectionClosedError,
-    ConnectTimeoutError,
-    EndpointConnectionError,
-    ReadTimeoutError,
-    ResponseStreamingError,
-)
+from botocore.exceptions import BotoCoreError, ClientError
 
+from captionfleet.core.s3 import (
+    CONNECTION_ERRORS,
+    NO_SUCH_BUCKET,
+    REFUSED_CODES,
+    TIMEOUT_ERRORS,
+    ObjectTooLarge,
+    RetryPolicy,
+    as_object_store,
+    error_code,
+    http_status,
+    is_not_found,
+    is_retryable,
+    make_s3_client,
+    parse_s3_uri,
+    read_object,
+)
 from captionfleet.core.settings import FetchSettings, S3Settings
-from captionfleet.worker.connectors.s3 import RetryPolicy, make_s3_client, parse_s3_uri
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -62,29 +69,6 @@ UNAVAILABLE = "unavailable"  # throttled or 5xx on every attempt: worth replayin
 TOO_LARGE = "too_large"
 BAD_URI = "malformed"
 OTHER = "fetch"
-
-# S3 error codes worth another attempt: throttling and server-side trouble.
-_RETRY_CODES = frozenset(
-    {
-        "SlowDown",
-        "Throttling",
-        "ThrottlingException",
-        "RequestLimitExceeded",
-        "ServiceUnavailable",
-        "InternalError",
-        "RequestTimeout",
-        "503",
-        "500",
-        "502",
-        "504",
-    }
-)
-_NOT_FOUND_CODES = frozenset({"NoSuchKey", "NoSuchBucket", "404", "NotFound"})
-_FORBIDDEN_CODES = frozenset(
-    {"AccessDenied", "403", "AllAccessDisabled", "InvalidAccessKeyId", "SignatureDoesNotMatch"}
-)
-_TIMEOUTS = (ReadTimeoutError, ConnectTimeoutError, TimeoutError)
-_CONNECTION_ERRORS = (EndpointConnectionError, ConnectionClosedError, ResponseStreamingError, ConnectionError)
 
 
 class FetchError(Exception):
@@ -241,16 +225,19 @@ class Fetcher:
             return self._read_file(target.path, uri)
         with self._slots:  # bounded concurrency, whichever threads call us
             if isinstance(target, S3Target):
-                return self._with_retries(uri, lambda: self._get_s3(target, uri))
+                return self._get_s3(target, uri)
             return self._with_retries(uri, lambda: self._get_http(target.url, uri))
 
     def _with_retries(self, uri: str, attempt: Callable[[], bytes]) -> bytes:
         try:
             data, _attempts = self._retry.call(attempt, what=f"fetch {uri}")
         except _Retry as error:
-            attempts = self.settings.max_attempts
-            raise FetchError(error.kind, f"{error.message} (gave up after {attempts} attempts)") from error
+            raise self._gave_up(error) from error
         return data
+
+    def _gave_up(self, failure: _Retry) -> FetchError:
+        """The failure of the last attempt, when every attempt failed in a way another might have fixed."""
+        return FetchError(failure.kind, f"{failure.message} (gave up after {self.settings.max_attempts} attempts)")
 
     def _client(self) -> S3Client:
         with self._client_lock:
@@ -265,42 +252,31 @@ class Fetcher:
             return self._s3_client
 
     def _get_s3(self, target: S3Target, uri: str) -> bytes:
+        # core.s3.read_object raises botocore's own errors: the same backoff as for http, with what is
+        # worth another attempt decided by what those errors mean here.
+        retry = replace(
+            self._retry,
+            retryable=lambda error: isinstance(_s3_failure(error, uri), _Retry),
+            describe=lambda error: str(_s3_failure(error, uri)),
+        )
         try:
-            response = self._client().get_object(Bucket=target.bucket, Key=target.key)
-            body = response["Body"]
-            try:
-                size = int(response.get("ContentLength") or 0)
-                if size > self.max_bytes:
-                    raise FetchError(TOO_LARGE, f"{size} bytes exceeds the limit of {self.max_bytes} bytes")
-                data = body.read(self.max_bytes + 1)
-            finally:
-                body.close()
-        except ClientError as error:
-            raise self._classify_client_error(error, uri) from error
-        except _TIMEOUTS as error:
-            raise _Retry(TIMEOUT, f"timed out: {error}") from error
-        except _CONNECTION_ERRORS as error:
-            raise _Retry(UNAVAILABLE, f"connection failed: {error}") from error
-        except BotoCoreError as error:
-            raise FetchError(OTHER, f"{type(error).__name__}: {error}") from error
-        if len(data) > self.max_bytes:
-            raise FetchError(TOO_LARGE, f"more than {self.max_bytes} bytes")
-        return bytes(data)
-
-    def _classify_client_error(self, error: ClientError, uri: str) -> Exception:
-        info: dict[str, Any] = dict(error.response.get("Error", {}))
-        code = str(info.get("Code", ""))
-        status = int(error.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
-        text = f"{code or status}: {info.get('Message', '')}".strip()
-        if code in _NOT_FOUND_CODES or status == 404:
-            return FetchError(NOT_FOUND, f"{uri} does not exist ({text})")
-        if code in _FORBIDDEN_CODES or status == 403:
-            return FetchError(
-                FORBIDDEN, f"the store refused to read {uri} ({text}): grant the worker's credentials read access"
+            fetched = read_object(
+                as_object_store(self._client()),
+                target.bucket,
+                target.key,
+                retry=retry,
+                what=f"fetch {uri}",
+                max_bytes=self.max_bytes,
+                refuse_declared=True,
             )
-        if code in _RETRY_CODES or status >= 500 or status == 429:
-            return _Retry(UNAVAILABLE, f"store busy or failing ({text})")
-        return FetchError(OTHER, f"S3 error {text}")
+        except Exception as error:
+            failure = _s3_failure(error, uri)
+            if isinstance(failure, _Retry):
+                raise self._gave_up(failure) from error
+            if failure is error:
+                raise
+            raise failure from error
+        return fetched.data
 
     def _read_file(self, path: Path, uri: str) -> bytes:
         # O_NOFOLLOW: the checked path is already resolved, so a symlink here was swapped in since.
@@ -389,6 +365,34 @@ class Fetcher:
                     f"body not received within {self.settings.connect_timeout_s + self.settings.read_timeout_s:g}s",
                 )
         return b"".join(chunks)
+
+
+def _s3_failure(error: BaseException, uri: str) -> BaseException:
+    """An S3 read's error as ``fetch`` takes it: a ``_Retry`` when another attempt may fix it (throttling,
+    5xx, timeouts, broken connections), else a FetchError, or the error itself when it is not the
+    store's (a bug)."""
+    if isinstance(error, ObjectTooLarge):
+        what = "more than" if error.declared is None else f"{error.declared} bytes exceeds the limit of"
+        return FetchError(TOO_LARGE, f"{what} {error.limit} bytes")
+    if isinstance(error, ClientError):
+        code, status = error_code(error), http_status(error)
+        text = f"{code or status}: {error.response.get('Error', {}).get('Message', '')}".strip()
+        if is_not_found(error) or code == NO_SUCH_BUCKET or status == 404:
+            return FetchError(NOT_FOUND, f"{uri} does not exist ({text})")
+        if code in REFUSED_CODES or status == 403:
+            return FetchError(
+                FORBIDDEN, f"the store refused to read {uri} ({text}): grant the worker's credentials read access"
+            )
+        if is_retryable(error):
+            return _Retry(UNAVAILABLE, f"store busy or failing ({text})")
+        return FetchError(OTHER, f"S3 error {text}")
+    if isinstance(error, TIMEOUT_ERRORS):
+        return _Retry(TIMEOUT, f"timed out: {error}")
+    if isinstance(error, CONNECTION_ERRORS):
+        return _Retry(UNAVAILABLE, f"connection failed: {error}")
+    if isinstance(error, BotoCoreError):
+        return FetchError(OTHER, f"{type(error).__name__}: {error}")
+    return error
 
 
 class _RedirectRefused(Exception):

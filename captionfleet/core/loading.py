@@ -21,9 +21,9 @@ from botocore.exceptions import BotoCoreError, ClientError
 from captionfleet.core.captioner import Captioner, CaptionModel
 from captionfleet.core.model_store import ModelRefError, resolve_model_ref
 from captionfleet.core.registry_layout import LATEST, latest_root, read_latest, version_uri
+from captionfleet.core.s3 import make_s3_client
 from captionfleet.core.settings import DecodingSettings, S3Settings, WorkerSettings
 from captionfleet.core.threads import apply_threads
-from captionfleet.worker.connectors.s3 import make_s3_client
 
 
 def warm_up(captioner: CaptionModel) -> float:

@@ -24,8 +24,8 @@ from urllib.parse import urlparse
 
 from botocore.exceptions import BotoCoreError, ClientError
 
+from captionfleet.core.s3 import make_s3_client, parse_s3_uri
 from captionfleet.core.settings import S3Settings
-from captionfleet.worker.connectors.s3 import make_s3_client, parse_s3_uri
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 from botocore.exceptions import ClientError
 
 from captionfleet.core.model_store import ModelRefError
-from captionfleet.worker.connectors.s3 import parse_s3_uri
+from captionfleet.core.s3 import is_not_found, parse_s3_uri
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -37,10 +37,6 @@ METADATA_FILE = "captionfleet.json"
 
 # Versions become object keys and label values: keep them to one safe path segment.
 VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-
-# The codes S3 stores answer a GET of a missing key with. Kept here until captionfleet/core/s3.py
-# holds the one set of S3 error codes; then this reads from there.
-_NOT_FOUND = ("NoSuchKey", "404", "NotFound")
 
 
 def latest_root(ref: str) -> str | None:
@@ -62,11 +58,6 @@ def check_version(version: str) -> str:
 
 def version_uri(root: str, version: str) -> str:
     return f"{root.rstrip('/')}/{VERSIONS}/{check_version(version)}"
-
-
-def is_not_found(error: ClientError) -> bool:
-    """Whether a GET failed because the key does not exist (not for any other reason)."""
-    return error.response.get("Error", {}).get("Code") in _NOT_FOUND
 
 
 def read_latest(client: S3Client, root: str) -> str | None:

@@ -30,7 +30,7 @@ from pydantic import SecretStr
 from captionfleet.core.captioner import Captioner
 from captionfleet.core.settings import BulkS3Settings, DecodingSettings, S3Settings, WorkerSettings
 from captionfleet.worker.bulk_s3 import S3JobOptions, run_s3_caption_job
-from captionfleet.worker.connectors.s3 import MARKER_NAME, decode_part
+from captionfleet.worker.connectors.s3_parts import MARKER_NAME, decode_part
 from captionfleet.worker.sharding import ShardSpec, shard_of
 from tests.hostile_images import hostile_corpus
 from tests.services.seaweedfs import SeaweedS3

@@ -14,8 +14,8 @@ from pydantic import SecretStr
 
 import captionfleet.core.model_store as model_store
 from captionfleet.core.model_store import ModelRefError, resolve_model_ref
+from captionfleet.core.s3 import make_s3_client
 from captionfleet.core.settings import S3Settings
-from captionfleet.worker.connectors.s3 import make_s3_client
 from tests.services.seaweedfs import SeaweedS3
 
 pytestmark = pytest.mark.integration

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from captionfleet.core.model_store import BUILTIN_REF, ModelRefError, check_checkpoint_dir, resolve_model_ref
-from captionfleet.worker.connectors.s3 import parse_s3_uri
+from captionfleet.core.s3 import parse_s3_uri
 
 
 def make_checkpoint(path: Path, *files: str) -> Path:

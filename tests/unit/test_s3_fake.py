@@ -1,4 +1,4 @@
-"""An in-memory S3 implementing the calls the bulk job makes (``worker.connectors.s3.ObjectStore``).
+"""An in-memory S3 implementing the calls the bulk job makes (``core.s3.ObjectStore``).
 
 It raises the exceptions botocore raises (ClientError with S3's codes, ReadTimeoutError, ...), and
 faults can be scripted per key, so the job's own logic (retries, error mapping, resume, compaction)

@@ -17,16 +17,10 @@ from botocore.exceptions import ConnectTimeoutError, EndpointConnectionError
 from PIL import Image
 
 from captionfleet.core.images import ImageError, ImageLimits
+from captionfleet.core.s3 import RetryPolicy, access_error, is_retryable
 from captionfleet.core.settings import BatchSettings
-from captionfleet.worker.connectors.s3 import (
-    Prefetcher,
-    RetryPolicy,
-    S3Object,
-    S3Reader,
-    access_error,
-    is_retryable,
-    list_pages,
-)
+from captionfleet.worker.connectors.s3_listing import S3Object, list_pages
+from captionfleet.worker.connectors.s3_reader import Prefetcher, S3Reader
 from captionfleet.worker.messages import Result
 from captionfleet.worker.pipeline import CaptionPipeline
 from tests.unit.test_s3_fake import FakeS3, client_error, read_timeout, slow_down

@@ -1,0 +1,107 @@
+"""core.s3: the one GET-with-retry reader and the one set of S3 error codes, as the stream's fetcher
+and the bulk job's reader both use them (each maps the errors to its own failure kinds)."""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import pytest
+
+from captionfleet.core.s3 import ObjectTooLarge, RetryPolicy, is_not_found, read_object
+from captionfleet.core.settings import FetchSettings, S3Settings
+from captionfleet.worker.connectors.s3_listing import S3Object
+from captionfleet.worker.connectors.s3_reader import S3Reader
+from captionfleet.worker.fetch import Fetcher, FetchError
+from tests.unit.test_s3_fake import FakeS3, client_error, slow_down
+
+
+class Body(io.BytesIO):
+    """A response body that remembers how much was asked of it."""
+
+    def __init__(self, data: bytes) -> None:
+        super().__init__(data)
+        self.asked: list[int | None] = []
+
+    def read(self, amt: int | None = None) -> bytes:  # type: ignore[override]
+        self.asked.append(amt)
+        return super().read(amt)
+
+
+class OneObject:
+    def __init__(self, data: bytes, declared: int | None = None) -> None:
+        self.body = Body(data)
+        self.declared = len(data) if declared is None else declared
+
+    def get_object(self, **kwargs: Any) -> dict[str, Any]:
+        return {"Body": self.body, "ContentLength": self.declared, "ETag": '"e"'}
+
+
+def no_wait() -> RetryPolicy:
+    return RetryPolicy(attempts=3, sleep=lambda _: None)
+
+
+def test_reads_at_most_one_byte_over_the_limit_and_closes_the_body() -> None:
+    store = OneObject(b"x" * 100, declared=10)  # the object grew past what was announced
+    with pytest.raises(ObjectTooLarge) as info:
+        read_object(store, "b", "k", retry=no_wait(), what="s3://b/k", max_bytes=50)  # type: ignore[arg-type]
+    assert info.value.declared is None and info.value.limit == 50
+    assert store.body.asked == [51] and store.body.closed
+
+
+def test_an_announced_length_over_the_limit_is_refused_unread() -> None:
+    store = OneObject(b"x" * 100)
+    with pytest.raises(ObjectTooLarge) as info:
+        read_object(store, "b", "k", retry=no_wait(), what="s3://b/k", max_bytes=50, refuse_declared=True)  # type: ignore[arg-type]
+    assert info.value.declared == 100
+    assert store.body.asked == []
+    fetched = read_object(OneObject(b"abc"), "b", "k", retry=no_wait(), what="s3://b/k")  # type: ignore[arg-type]
+    assert (fetched.data, fetched.etag, fetched.attempts) == (b"abc", '"e"', 1)
+
+
+def test_retries_follow_the_policy_given() -> None:
+    s3 = FakeS3()
+    s3.put("b", "k", b"data")
+    s3.fail("GetObject", "k", slow_down())
+    assert read_object(s3, "b", "k", retry=no_wait(), what="s3://b/k").attempts == 2
+    s3.fail("GetObject", "k", slow_down())
+    never = RetryPolicy(attempts=3, sleep=lambda _: None, retryable=lambda _: False)
+    with pytest.raises(Exception, match="SlowDown"):
+        read_object(s3, "b", "k", retry=never, what="s3://b/k")
+
+
+@pytest.mark.parametrize(
+    ("code", "status", "kind", "exception"),
+    [
+        ("NoSuchKey", 404, "not_found", FileNotFoundError),
+        ("AccessDenied", 403, "forbidden", PermissionError),
+        ("ExpiredToken", 400, "forbidden", PermissionError),
+        ("InternalError", 500, "unavailable", OSError),
+    ],
+)
+def test_the_fetcher_and_the_bulk_reader_read_the_same_codes_alike(
+    code: str, status: int, kind: str, exception: type[Exception]
+) -> None:
+    s3 = FakeS3()
+    s3.put("images", "cat.jpg", b"jpeg")
+    s3.fail("GetObject", "cat.jpg", *[client_error(code, status)] * 3)
+    fetcher = Fetcher(
+        FetchSettings(allowed_buckets=["images"], max_attempts=3),
+        s3=S3Settings(),
+        max_bytes=1000,
+        s3_client=s3,  # type: ignore[arg-type]
+        sleep=lambda _: None,
+    )
+    with pytest.raises(FetchError) as fetched:
+        fetcher.fetch("s3://images/cat.jpg")
+    assert fetched.value.kind == kind
+    s3.faults.clear()
+    s3.fail("GetObject", "cat.jpg", *[client_error(code, status)] * 3)
+    with pytest.raises(exception):
+        S3Reader(s3, retry=no_wait()).get(S3Object("images", "cat.jpg", s3.etag("images", "cat.jpg"), 4))
+
+
+def test_not_found_is_the_key_not_the_bucket() -> None:
+    assert is_not_found(client_error("NoSuchKey", 404))
+    assert not is_not_found(client_error("NoSuchBucket", 404))
+    assert not is_not_found(ValueError("not an S3 error"))
