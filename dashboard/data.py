@@ -33,7 +33,8 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from captionfleet.core.captioner import Captioner
-from captionfleet.core.images import ImageError, ImageLimits, decode_image
+from captionfleet.core.failures import ImageError
+from captionfleet.core.images import ImageLimits, decode_image
 from captionfleet.core.model_store import ModelRefError
 from captionfleet.core.settings import DecodingSettings, WorkerSettings
 from captionfleet.dashboard.settings import DEFAULT_WORKER_SELECTOR, DashboardSettings

@@ -25,7 +25,8 @@ from typing import Any, Literal
 from PIL import Image
 
 from captionfleet.core.captioner import Captioner
-from captionfleet.core.images import ImageError, ImageLimits, decode_image
+from captionfleet.core.failures import ImageError
+from captionfleet.core.images import ImageLimits, decode_image
 from captionfleet.core.model_store import resolve_model_ref
 from captionfleet.core.settings import DecodingSettings, S3Settings
 from captionfleet.trainer.checkpoint import weights_version

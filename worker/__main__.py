@@ -28,13 +28,10 @@ from pydantic import ValidationError
 if TYPE_CHECKING:
     from captionfleet.core.captioner import Captioner
 
+from captionfleet.core.failures import EXIT_FAILED, EXIT_USAGE
 from captionfleet.core.settings import SettingsError, WorkerSettings, load_worker_settings, with_overrides
 
 log = logging.getLogger("worker")
-
-EXIT_OK = 0
-EXIT_FATAL = 1
-EXIT_USAGE = 2
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -155,7 +152,7 @@ def _serve(settings: WorkerSettings) -> int:
                 "and that the brokers are up",
                 file=sys.stderr,
             )
-            return EXIT_FATAL
+            return EXIT_FAILED
         except KafkaError as error:
             print(f"error: Kafka client setup failed: {error}; check the WORKER_KAFKA__* settings", file=sys.stderr)
             return EXIT_USAGE
@@ -168,7 +165,7 @@ def _serve(settings: WorkerSettings) -> int:
             report = worker.run()
         except (KafkaError, RuntimeError, OSError) as error:
             log.error("worker stopped: %s", error)
-            return EXIT_FATAL
+            return EXIT_FAILED
         finally:
             _restore(previous)
             if watcher is not None:

@@ -33,6 +33,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from tqdm import tqdm
 
 from captionfleet.core.captioner import Captioner
+from captionfleet.core.failures import FAILURE_KINDS
 from captionfleet.core.images import ImageLimits
 from captionfleet.core.settings import BulkS3Settings, WorkerSettings
 from captionfleet.worker.bulk import BulkSummary, _restore_signals, _stop_on_signals, load_captioner
@@ -52,7 +53,7 @@ from captionfleet.worker.connectors.s3 import (
     new_run_id,
     parse_s3_uri,
 )
-from captionfleet.worker.messages import FAILURE_KINDS, Result
+from captionfleet.worker.messages import Result
 from captionfleet.worker.pipeline import CaptionPipeline
 from captionfleet.worker.sharding import ShardSpec
 

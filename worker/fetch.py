@@ -45,6 +45,16 @@ from botocore.exceptions import (
     ResponseStreamingError,
 )
 
+from captionfleet.core.failures import (
+    FETCH_FAILURE,
+    FORBIDDEN,
+    MALFORMED,
+    NOT_FOUND,
+    TIMEOUT,
+    TOO_LARGE,
+    UNAVAILABLE,
+    FetchError,
+)
 from captionfleet.core.settings import FetchSettings, S3Settings
 from captionfleet.worker.connectors.s3 import RetryPolicy, make_s3_client, parse_s3_uri
 
@@ -54,14 +64,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _CHUNK_BYTES = 64 * 1024
-
-FORBIDDEN = "forbidden"
-NOT_FOUND = "not_found"
-TIMEOUT = "timeout"
-UNAVAILABLE = "unavailable"  # throttled or 5xx on every attempt: worth replaying later
-TOO_LARGE = "too_large"
-BAD_URI = "malformed"
-OTHER = "fetch"
 
 # S3 error codes worth another attempt: throttling and server-side trouble.
 _RETRY_CODES = frozenset(
@@ -85,15 +87,6 @@ _FORBIDDEN_CODES = frozenset(
 )
 _TIMEOUTS = (ReadTimeoutError, ConnectTimeoutError, TimeoutError)
 _CONNECTION_ERRORS = (EndpointConnectionError, ConnectionClosedError, ResponseStreamingError, ConnectionError)
-
-
-class FetchError(Exception):
-    """The uri could not be read; ``kind`` is stable (a failure kind), ``message`` names the fix."""
-
-    def __init__(self, kind: str, message: str) -> None:
-        super().__init__(message)
-        self.kind = kind
-        self.message = message
 
 
 @dataclass(frozen=True)
@@ -169,7 +162,7 @@ class Fetcher:
         try:
             return self._check(uri)
         except ValueError as error:  # urlsplit on a broken uri ("file://[/x", a bad port)
-            raise FetchError(BAD_URI, f"{uri[:200]!r} is not a valid uri ({error})") from error
+            raise FetchError(MALFORMED, f"{uri[:200]!r} is not a valid uri ({error})") from error
 
     def _check(self, uri: str) -> Target:
         scheme = uri.split("://", 1)[0].lower() if "://" in uri else ""
@@ -180,16 +173,16 @@ class Fetcher:
         if scheme in ("http", "https"):
             return self._check_http(uri)
         raise FetchError(
-            BAD_URI, f"unsupported uri {uri[:200]!r}: use s3://bucket/key (or file:// / https:// where enabled)"
+            MALFORMED, f"unsupported uri {uri[:200]!r}: use s3://bucket/key (or file:// / https:// where enabled)"
         )
 
     def _check_s3(self, uri: str) -> S3Target:
         try:
             bucket, key = parse_s3_uri(uri)
         except ValueError as error:
-            raise FetchError(BAD_URI, str(error)) from error
+            raise FetchError(MALFORMED, str(error)) from error
         if not key or key.endswith("/"):
-            raise FetchError(BAD_URI, f"{uri!r} names no object: expected s3://bucket/key")
+            raise FetchError(MALFORMED, f"{uri!r} names no object: expected s3://bucket/key")
         if any(segment in (".", "..") for segment in key.split("/")):
             # A store or proxy that normalises the request path would read ".."'s target, which can be
             # another bucket than the one the allow-list checked.
@@ -213,7 +206,7 @@ class Fetcher:
             raise FetchError(FORBIDDEN, f"file:// uri with a host ({parts.netloc!r}): only local files are read")
         raw = unquote(parts.path)
         if "\x00" in raw or not raw.startswith("/"):
-            raise FetchError(BAD_URI, f"{uri[:200]!r} is not an absolute file:///path")
+            raise FetchError(MALFORMED, f"{uri[:200]!r} is not an absolute file:///path")
         if ".." in PurePosixPath(raw).parts:
             raise FetchError(FORBIDDEN, f"{uri[:200]!r} contains '..': give the path inside the root as it is")
         # realpath follows every symlink on the way, so a link pointing out of the root is caught here.
@@ -282,7 +275,7 @@ class Fetcher:
         except _CONNECTION_ERRORS as error:
             raise _Retry(UNAVAILABLE, f"connection failed: {error}") from error
         except BotoCoreError as error:
-            raise FetchError(OTHER, f"{type(error).__name__}: {error}") from error
+            raise FetchError(FETCH_FAILURE, f"{type(error).__name__}: {error}") from error
         if len(data) > self.max_bytes:
             raise FetchError(TOO_LARGE, f"more than {self.max_bytes} bytes")
         return bytes(data)
@@ -300,7 +293,7 @@ class Fetcher:
             )
         if code in _RETRY_CODES or status >= 500 or status == 429:
             return _Retry(UNAVAILABLE, f"store busy or failing ({text})")
-        return FetchError(OTHER, f"S3 error {text}")
+        return FetchError(FETCH_FAILURE, f"S3 error {text}")
 
     def _read_file(self, path: Path, uri: str) -> bytes:
         # O_NOFOLLOW: the checked path is already resolved, so a symlink here was swapped in since.
@@ -313,7 +306,7 @@ class Fetcher:
         except (PermissionError, OSError) as error:
             if isinstance(error, PermissionError) or error.errno == errno.ELOOP:  # a symlink appeared
                 raise FetchError(FORBIDDEN, f"{uri}: not readable ({error.strerror})") from error
-            raise FetchError(OTHER, f"{uri}: {error}") from error
+            raise FetchError(FETCH_FAILURE, f"{uri}: {error}") from error
         try:
             self._check_opened_inside_root(fd, uri)
             info = os.fstat(fd)
@@ -353,11 +346,11 @@ class Fetcher:
                 raise FetchError(FORBIDDEN, f"{uri}: HTTP {error.code}") from error
             if error.code == 429 or error.code >= 500:
                 raise _Retry(UNAVAILABLE, f"HTTP {error.code}") from error
-            raise FetchError(OTHER, f"{uri}: HTTP {error.code}") from error
+            raise FetchError(FETCH_FAILURE, f"{uri}: HTTP {error.code}") from error
         except _RedirectRefused as error:
             raise FetchError(FORBIDDEN, str(error)) from error
         except http.client.InvalidURL as error:
-            raise FetchError(BAD_URI, f"{uri[:200]!r}: {error}") from error
+            raise FetchError(MALFORMED, f"{uri[:200]!r}: {error}") from error
         except TimeoutError as error:
             raise _Retry(TIMEOUT, f"timed out: {error}") from error
         except urllib.error.URLError as error:

@@ -44,20 +44,16 @@ import torch
 from kafka import TopicPartition
 
 from captionfleet.core.captioner import Captioner
+from captionfleet.core.failures import EXIT_GRACE_EXCEEDED, EXIT_OK, FETCH_FAILURE, MALFORMED, FetchError
 from captionfleet.core.images import ImageLimits
 from captionfleet.core.settings import DecodingSettings, WorkerSettings
-from captionfleet.worker.fetch import Fetcher, FetchError
-from captionfleet.worker.messages import FETCH_FAILURE, Result, fit_value
+from captionfleet.worker.fetch import Fetcher
+from captionfleet.worker.messages import Result, fit_value
 from captionfleet.worker.metrics import Health, WorkerMetrics
 from captionfleet.worker.pipeline import CaptionPipeline, Item
-from captionfleet.worker.requests import MALFORMED, MalformedMessage, Request, parse_message
+from captionfleet.worker.requests import MalformedMessage, Request, parse_message
 
 log = logging.getLogger(__name__)
-
-EXIT_OK = 0
-# SIGTERM's grace period ran out with requests still in flight: they were not committed, so their
-# partitions' next owner redoes them. Nothing is lost, but the operator should know.
-EXIT_GRACE_EXCEEDED = 75
 
 # How long one poll waits when nothing is in flight (it returns at once when records arrive);
 # with requests in flight the loop waits on finished work instead, so results leave promptly.

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
+from captionfleet.core.failures import EXIT_TEMPFAIL, EXIT_USAGE, exit_for_access_error
 from captionfleet.core.settings import BulkS3Settings, S3Settings, WorkerSettings
 from captionfleet.worker.bulk_s3 import S3JobError, S3JobOptions, ShardIndex, run_s3_caption_job
 from captionfleet.worker.connectors.s3 import (
@@ -26,7 +27,6 @@ from captionfleet.worker.connectors.s3 import (
     S3ResultSink,
     decode_part,
 )
-from captionfleet.worker.exit_codes import EXIT_TEMPFAIL, EXIT_USAGE, exit_for_access_error
 from captionfleet.worker.messages import Result
 from captionfleet.worker.sharding import ShardSpec, shard_of
 from tests.unit.test_s3_fake import FakeS3, client_error, read_timeout

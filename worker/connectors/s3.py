@@ -40,7 +40,7 @@ from botocore.exceptions import (
     ResponseStreamingError,
 )
 
-from captionfleet.core.images import ImageError
+from captionfleet.core.failures import ImageError
 from captionfleet.core.settings import S3Settings
 from captionfleet.worker.messages import Result
 
