@@ -20,7 +20,6 @@ import signal
 import socket
 import sys
 from collections.abc import Callable
-from types import FrameType
 from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
@@ -30,6 +29,7 @@ if TYPE_CHECKING:
 
 from captionfleet.core.failures import EXIT_FAILED, EXIT_USAGE
 from captionfleet.core.settings import SettingsError, WorkerSettings, load_worker_settings, with_overrides
+from captionfleet.core.signals import stop_on_signals
 
 log = logging.getLogger("worker")
 
@@ -101,6 +101,16 @@ def main(argv: list[str] | None = None) -> int:
     return _serve(settings)
 
 
+def _stopping(stop: Callable[[], None]) -> Callable[[int], None]:
+    """SIGTERM / Ctrl-C: stop fetching, finish the batch in flight, flush, commit and leave the group."""
+
+    def on_signal(signum: int) -> None:
+        log.info("signal %s: stopping", signal.Signals(signum).name)
+        stop()
+
+    return on_signal
+
+
 def _serve(settings: WorkerSettings) -> int:
     # Imported here: torch and transformers take seconds to import, and --help should not wait for them.
     from kafka.errors import KafkaError, KafkaTimeoutError
@@ -160,14 +170,13 @@ def _serve(settings: WorkerSettings) -> int:
         if isinstance(captioner, HotSwapCaptioner):
             captioner.on_swap(worker.model_swapped)
         watcher = start_watcher(settings, captioner, metrics)  # polls LATEST; None for a fixed model
-        previous = _stop_on_signals(worker.stop)
         try:
-            report = worker.run()
+            with stop_on_signals(_stopping(worker.stop)):
+                report = worker.run()
         except (KafkaError, RuntimeError, OSError) as error:
             log.error("worker stopped: %s", error)
             return EXIT_FAILED
         finally:
-            _restore(previous)
             if watcher is not None:
                 watcher.stop()
         if report.abandoned:
@@ -191,27 +200,6 @@ def _warm_up(captioner: Captioner) -> None:
     start = time.perf_counter()
     captioner.caption_pixels(torch.zeros(1, 3, height, width))
     log.info("model warmed up in %.2fs", time.perf_counter() - start)
-
-
-_Handler = signal.Handlers | int | None | object
-
-
-def _stop_on_signals(stop: Callable[[], None]) -> dict[int, _Handler]:
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        return {}  # embedded use (tests): the caller stops the worker itself
-
-    def handler(signum: int, frame: FrameType | None) -> None:
-        log.info("signal %s: stopping", signal.Signals(signum).name)
-        stop()
-
-    return {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
-
-
-def _restore(previous: dict[int, _Handler]) -> None:
-    for sig, handler in previous.items():
-        signal.signal(sig, handler)  # type: ignore[arg-type]
 
 
 if __name__ == "__main__":

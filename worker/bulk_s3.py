@@ -36,7 +36,8 @@ from captionfleet.core.captioner import Captioner
 from captionfleet.core.failures import FAILURE_KINDS
 from captionfleet.core.images import ImageLimits
 from captionfleet.core.settings import BulkS3Settings, WorkerSettings
-from captionfleet.worker.bulk import BulkSummary, _restore_signals, _stop_on_signals, load_captioner
+from captionfleet.core.signals import stop_on_signals
+from captionfleet.worker.bulk import BulkSummary, finish_on_signal, load_captioner
 from captionfleet.worker.connectors.s3 import (
     ObjectStore,
     PartRef,
@@ -480,17 +481,18 @@ def run_s3_caption_job(
         flush_interval_s=bulk.part_interval_s,
     )
     reader = S3Reader(client, retry=retry, max_bytes=settings.images.max_bytes)
-    previous = _stop_on_signals(pipeline)
-    feed.start()
-    try:
-        with Prefetcher(reader, concurrency=bulk.fetch_concurrency, ahead_bytes=bulk.fetch_ahead_mb << 20) as fetcher:
-            stats = pipeline.run(fetcher.items(feed, on_item=sink.track))
-    except (ClientError, BotoCoreError) as error:  # listing errors come as S3AccessError already
-        raise access_error(error, "write results to", store.uri(), endpoint) from error
-    finally:
-        feed.stop()
-        progress.close()
-        _restore_signals(previous)
+    with stop_on_signals(finish_on_signal(pipeline)):
+        feed.start()
+        try:
+            with Prefetcher(
+                reader, concurrency=bulk.fetch_concurrency, ahead_bytes=bulk.fetch_ahead_mb << 20
+            ) as fetcher:
+                stats = pipeline.run(fetcher.items(feed, on_item=sink.track))
+        except (ClientError, BotoCoreError) as error:  # listing errors come as S3AccessError already
+            raise access_error(error, "write results to", store.uri(), endpoint) from error
+        finally:
+            feed.stop()
+            progress.close()
 
     summary.listed = feed.listed
     summary.filtered_out = feed.counts["filtered"]
