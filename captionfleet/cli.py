@@ -11,8 +11,8 @@ import logging
 import sys
 from collections.abc import Callable
 
+from captionfleet.core.failures import EXIT_USAGE
 from captionfleet.core.settings import SettingsError
-from captionfleet.worker.exit_codes import EXIT_USAGE
 
 
 def _cmd_train(argv: list[str]) -> int:

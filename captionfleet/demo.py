@@ -14,6 +14,7 @@ import json
 import sys
 from pathlib import Path
 
+from captionfleet.core.failures import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from captionfleet.trainer.evaluate import normalize, score_captions
 from captionfleet.trainer.shapes import render, sample_scene
 
@@ -58,7 +59,7 @@ def run_demo(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.count < 1:
         print("error: --count must be at least 1", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
 
     # Imported here so --help is instant.
     from captionfleet.core.model_store import ModelRefError
@@ -77,7 +78,7 @@ def run_demo(argv: list[str] | None = None) -> int:
         settings = load_worker_settings()
     except SettingsError as error:
         print(f"error: bad setting:\n{error}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     settings.model.ref = args.model
     if args.num_beams is not None:
         settings.decoding.num_beams = args.num_beams
@@ -87,7 +88,7 @@ def run_demo(argv: list[str] | None = None) -> int:
         summary = run_caption_job(str(images), results, settings, overwrite=True, show_progress=not args.quiet)
     except ModelRefError as error:
         print(f"error: {error}", file=sys.stderr)
-        return 1
+        return EXIT_FAILED
 
     rows = {row["id"]: row for row in read_rows(results)}
     captioned = [name for name in truth if rows.get(name, {}).get("caption") is not None]
@@ -109,7 +110,7 @@ def run_demo(argv: list[str] | None = None) -> int:
         print(f"exact match: {exact:.1%} of {len(captioned)} captioned pictures{extra}")
     for line in summary.lines():
         print(line)
-    return 0 if summary.failed == 0 and len(captioned) == len(truth) else 1
+    return EXIT_OK if summary.failed == 0 and len(captioned) == len(truth) else EXIT_FAILED
 
 
 if __name__ == "__main__":

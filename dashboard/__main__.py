@@ -8,11 +8,11 @@ import os
 import sys
 from pathlib import Path
 
+from captionfleet.core.failures import EXIT_OK, EXIT_USAGE
 from captionfleet.core.settings import SettingsError
 from captionfleet.dashboard.settings import DashboardSettings, load_dashboard_settings, load_model_settings
 
 APP = Path(__file__).resolve().with_name("app.py")
-EXIT_USAGE = 2
 
 
 def streamlit_command(settings: DashboardSettings, max_image_bytes: int) -> list[str]:
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     command = streamlit_command(settings, model_settings.images.max_bytes)
     # exec, not a child: SIGTERM from Kubernetes then reaches Streamlit itself.
     os.execv(command[0], command)
-    return 0  # not reached
+    return EXIT_OK  # not reached
 
 
 if __name__ == "__main__":

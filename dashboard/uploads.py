@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from captionfleet.core.images import ImageError, ImageLimits, decode_image
+from captionfleet.core.failures import ImageError
+from captionfleet.core.images import ImageLimits, decode_image
 from captionfleet.core.settings import DecodingSettings
 from captionfleet.dashboard.model import LoadedModel
 

@@ -20,14 +20,13 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from captionfleet.core.failures import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
 from captionfleet.core.settings import SettingsError
 from captionfleet.trainer.data import DataError
 from captionfleet.trainer.presets import PRESETS
 from captionfleet.trainer.settings import TrainerSettings, load_trainer_settings
 
 log = logging.getLogger("captionfleet.trainer")  # the package: its modules log at INFO
-
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
 def _is_nested(annotation: Any) -> bool:
@@ -108,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{settings.resolved_run_dir}",
             file=sys.stderr,
         )
-        return 130
+        return EXIT_INTERRUPTED
     info = result.info
     scores = info.get("scores", {})
     print(f"published {info.get('version')} to {result.out_dir} after {result.step} steps")

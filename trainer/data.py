@@ -25,7 +25,8 @@ from typing import Any, Protocol
 
 from PIL import Image
 
-from captionfleet.core.images import ImageError, ImageLimits, decode_image
+from captionfleet.core.failures import ImageError
+from captionfleet.core.images import ImageLimits, decode_image
 from captionfleet.core.settings import S3Settings
 from captionfleet.trainer.shapes import ShapesDataset
 

@@ -13,12 +13,11 @@ from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 
+from captionfleet.core.failures import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from captionfleet.core.model_store import ModelRefError
 from captionfleet.core.settings import SettingsError
 from captionfleet.trainer.registry import Registry, RegistryError
 from captionfleet.trainer.settings import load_trainer_settings
-
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -24,7 +24,8 @@ from typing import Any, Literal
 
 from PIL import Image
 
-from captionfleet.core.images import ImageError, ImageLimits, decode_image
+from captionfleet.core.failures import ImageError
+from captionfleet.core.images import ImageLimits, decode_image
 from captionfleet.core.loading import load_checkpoint
 from captionfleet.core.model_store import resolve_model_ref
 from captionfleet.core.registry_layout import EVAL, METADATA_FILE

@@ -20,17 +20,14 @@ import signal
 import socket
 import sys
 from collections.abc import Callable
-from types import FrameType
 
 from pydantic import ValidationError
 
+from captionfleet.core.failures import EXIT_FAILED, EXIT_USAGE
 from captionfleet.core.settings import SettingsError, WorkerSettings, load_worker_settings, with_overrides
+from captionfleet.core.signals import stop_on_signals
 
 log = logging.getLogger("captionfleet.worker")
-
-EXIT_OK = 0
-EXIT_FATAL = 1
-EXIT_USAGE = 2
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -100,6 +97,16 @@ def main(argv: list[str] | None = None) -> int:
     return _serve(settings)
 
 
+def _stopping(stop: Callable[[], None]) -> Callable[[int], None]:
+    """SIGTERM / Ctrl-C: stop fetching, finish the batch in flight, flush, commit and leave the group."""
+
+    def on_signal(signum: int) -> None:
+        log.info("signal %s: stopping", signal.Signals(signum).name)
+        stop()
+
+    return on_signal
+
+
 def _serve(settings: WorkerSettings) -> int:
     # Imported here: torch and transformers take seconds to import, and --help should not wait for them.
     from kafka.errors import KafkaError, KafkaTimeoutError
@@ -154,7 +161,7 @@ def _serve(settings: WorkerSettings) -> int:
                 "and that the brokers are up",
                 file=sys.stderr,
             )
-            return EXIT_FATAL
+            return EXIT_FAILED
         except KafkaError as error:
             print(f"error: Kafka client setup failed: {error}; check the WORKER_KAFKA__* settings", file=sys.stderr)
             return EXIT_USAGE
@@ -162,14 +169,13 @@ def _serve(settings: WorkerSettings) -> int:
         if isinstance(captioner, HotSwapCaptioner):
             captioner.on_swap(worker.model_swapped)
         watcher = start_watcher(settings, captioner, metrics)  # polls LATEST; None for a fixed model
-        previous = _stop_on_signals(worker.stop)
         try:
-            report = worker.run()
+            with stop_on_signals(_stopping(worker.stop)):
+                report = worker.run()
         except (KafkaError, RuntimeError, OSError) as error:
             log.error("worker stopped: %s", error)
-            return EXIT_FATAL
+            return EXIT_FAILED
         finally:
-            _restore(previous)
             if watcher is not None:
                 watcher.stop()
         if report.abandoned:
@@ -180,27 +186,6 @@ def _serve(settings: WorkerSettings) -> int:
     finally:
         if server is not None:
             server.close()
-
-
-_Handler = signal.Handlers | int | None | object
-
-
-def _stop_on_signals(stop: Callable[[], None]) -> dict[int, _Handler]:
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        return {}  # embedded use (tests): the caller stops the worker itself
-
-    def handler(signum: int, frame: FrameType | None) -> None:
-        log.info("signal %s: stopping", signal.Signals(signum).name)
-        stop()
-
-    return {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
-
-
-def _restore(previous: dict[int, _Handler]) -> None:
-    for sig, handler in previous.items():
-        signal.signal(sig, handler)  # type: ignore[arg-type]
 
 
 if __name__ == "__main__":

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import logging
-import signal
-import sys
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 
 from tqdm import tqdm
 
@@ -16,6 +14,7 @@ from captionfleet.core.captioner import Captioner
 from captionfleet.core.images import ImageLimits
 from captionfleet.core.loading import load_model as load_captioner  # a .../LATEST ref: kept to the end of the run
 from captionfleet.core.settings import WorkerSettings
+from captionfleet.core.signals import stop_on_signals
 from captionfleet.worker.connectors.local import iter_folder
 from captionfleet.worker.messages import Result
 from captionfleet.worker.pipeline import CaptionPipeline
@@ -100,13 +99,12 @@ def run_caption_job(
         ImageLimits.from_settings(settings.images),
         on_result=on_result,
     )
-    previous = _stop_on_signals(pipeline)
-    try:
-        stats = pipeline.run(todo)
-    finally:
-        progress.close()
-        sink.close()
-        _restore_signals(previous)
+    with stop_on_signals(finish_on_signal(pipeline)):  # until the results are closed, as a signal may come then
+        try:
+            stats = pipeline.run(todo)
+        finally:
+            progress.close()
+            sink.close()
     summary.done = stats.done
     summary.failed_by_kind = stats.failed_by_kind
     summary.seconds = stats.seconds
@@ -119,30 +117,12 @@ def _inside(path: Path, roots: frozenset[Path]) -> bool:
     return any(resolved.is_relative_to(root) for root in roots)
 
 
-_Handler = signal.Handlers | int | None | object
+def finish_on_signal(pipeline: CaptionPipeline) -> Callable[[int], None]:
+    """Ctrl-C / SIGTERM: stop reading input, finish what is in flight, write it, then exit
+    (for :func:`captionfleet.core.signals.stop_on_signals`)."""
 
-
-def _stop_on_signals(pipeline: CaptionPipeline) -> dict[int, _Handler]:
-    """Ctrl-C / SIGTERM: stop reading input, finish what is in flight, write it, then exit."""
-    if sys.platform == "win32" or not _in_main_thread():
-        return {}
-
-    def stop(signum: int, frame: FrameType | None) -> None:
+    def stop(signum: int) -> None:
         logger.warning("signal %d: finishing the images in flight, then stopping (run again to resume)", signum)
         pipeline.stop_event.set()
 
-    previous: dict[int, _Handler] = {}
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        previous[sig] = signal.signal(sig, stop)
-    return previous
-
-
-def _restore_signals(previous: dict[int, _Handler]) -> None:
-    for sig, handler in previous.items():
-        signal.signal(sig, handler)  # type: ignore[arg-type]
-
-
-def _in_main_thread() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
+    return stop

@@ -28,16 +28,18 @@ from typing import Any
 from botocore.exceptions import BotoCoreError, ClientError
 
 from captionfleet.core.captioner import Captioner
+from captionfleet.core.failures import FAILURE_KINDS
 from captionfleet.core.images import ImageLimits
 from captionfleet.core.s3 import ObjectStore, RetryPolicy, access_error, as_object_store, make_s3_client, parse_s3_uri
 from captionfleet.core.settings import BulkS3Settings, WorkerSettings
-from captionfleet.worker.bulk import BulkSummary, _restore_signals, _stop_on_signals, load_captioner
+from captionfleet.core.signals import stop_on_signals
+from captionfleet.worker.bulk import BulkSummary, finish_on_signal, load_captioner
 from captionfleet.worker.bulk_s3_feed import ListingFeed, Progress, make_decide, make_filter
 from captionfleet.worker.bulk_s3_index import ShardIndex, compact, load_index, other_layouts, shard_counts
 from captionfleet.worker.connectors.s3_listing import S3Object, list_pages
 from captionfleet.worker.connectors.s3_parts import PartRef, PartStore, S3ResultSink, new_run_id
 from captionfleet.worker.connectors.s3_reader import Prefetcher, S3Reader
-from captionfleet.worker.messages import FAILURE_KINDS, Result
+from captionfleet.worker.messages import Result
 from captionfleet.worker.pipeline import CaptionPipeline, RunStats
 from captionfleet.worker.sharding import ShardSpec
 
@@ -312,17 +314,18 @@ def _caption(
         flush_interval_s=bulk.part_interval_s,
     )
     reader = S3Reader(plan.client, retry=plan.retry, max_bytes=plan.settings.images.max_bytes)
-    previous = _stop_on_signals(pipeline)
-    feed.start()
-    try:
-        with Prefetcher(reader, concurrency=bulk.fetch_concurrency, ahead_bytes=bulk.fetch_ahead_mb << 20) as fetcher:
-            stats = pipeline.run(fetcher.items(feed, on_item=run.sink.track))
-    except (ClientError, BotoCoreError) as error:  # listing errors come as S3AccessError already
-        raise access_error(error, "write results to", store.uri(), plan.endpoint) from error
-    finally:
-        feed.stop()
-        progress.close()
-        _restore_signals(previous)
+    with stop_on_signals(finish_on_signal(pipeline)):
+        feed.start()
+        try:
+            with Prefetcher(
+                reader, concurrency=bulk.fetch_concurrency, ahead_bytes=bulk.fetch_ahead_mb << 20
+            ) as fetcher:
+                stats = pipeline.run(fetcher.items(feed, on_item=run.sink.track))
+        except (ClientError, BotoCoreError) as error:  # listing errors come as S3AccessError already
+            raise access_error(error, "write results to", store.uri(), plan.endpoint) from error
+        finally:
+            feed.stop()
+            progress.close()
     return _summary(plan, store, run, feed, stats, interrupted=pipeline.stop_event.is_set())
 
 

@@ -12,15 +12,15 @@ from __future__ import annotations
 import logging
 import sys
 
-from captionfleet.core.settings import WorkerSettings, load_kubernetes_job_env
-from captionfleet.worker.accounting import count_image
-from captionfleet.worker.exit_codes import (
+from captionfleet.core.failures import (
     EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_SOME_FAILED,
     EXIT_USAGE,
     exit_for_access_error,
 )
+from captionfleet.core.settings import WorkerSettings, load_kubernetes_job_env
+from captionfleet.worker.accounting import count_image
 from captionfleet.worker.messages import Result
 from captionfleet.worker.metrics import Health, MetricsPortError, WorkerMetrics, serve_metrics
 

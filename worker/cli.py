@@ -9,9 +9,9 @@ import logging
 import sys
 from pathlib import Path
 
+from captionfleet.core.failures import EXIT_INTERRUPTED, EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, exit_for_access_error
 from captionfleet.core.model_store import ModelRefError
 from captionfleet.core.settings import SettingsError, WorkerSettings, load_worker_settings, with_overrides
-from captionfleet.worker.exit_codes import EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, exit_for_access_error
 
 
 def add_caption_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -150,7 +150,7 @@ def _caption_s3(args: argparse.Namespace, settings: WorkerSettings) -> int:
         print(line)
     if s3_summary.interrupted:
         print(f"interrupted: the parts written so far are in {s3_summary.output}; run the same command again to resume")
-        return 130
+        return EXIT_INTERRUPTED
     print(f"results: {s3_summary.output}")
     return EXIT_SOME_FAILED if s3_summary.failed else EXIT_OK
 
@@ -177,6 +177,6 @@ def _caption_local(args: argparse.Namespace, settings: WorkerSettings) -> int:
         print(line)
     if summary.interrupted:
         print(f"interrupted: the rows written so far are in {out}; run the same command again to resume")
-        return 130
+        return EXIT_INTERRUPTED
     print(f"results: {out}")
     return EXIT_SOME_FAILED if summary.failed else EXIT_OK

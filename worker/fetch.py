@@ -37,6 +37,16 @@ from urllib.parse import unquote, urlsplit
 
 from botocore.exceptions import BotoCoreError, ClientError
 
+from captionfleet.core.failures import (
+    FETCH_FAILURE,
+    FORBIDDEN,
+    MALFORMED,
+    NOT_FOUND,
+    TIMEOUT,
+    TOO_LARGE,
+    UNAVAILABLE,
+    FetchError,
+)
 from captionfleet.core.s3 import (
     CONNECTION_ERRORS,
     NO_SUCH_BUCKET,
@@ -61,23 +71,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _CHUNK_BYTES = 64 * 1024
-
-FORBIDDEN = "forbidden"
-NOT_FOUND = "not_found"
-TIMEOUT = "timeout"
-UNAVAILABLE = "unavailable"  # throttled or 5xx on every attempt: worth replaying later
-TOO_LARGE = "too_large"
-BAD_URI = "malformed"
-OTHER = "fetch"
-
-
-class FetchError(Exception):
-    """The uri could not be read; ``kind`` is stable (a failure kind), ``message`` names the fix."""
-
-    def __init__(self, kind: str, message: str) -> None:
-        super().__init__(message)
-        self.kind = kind
-        self.message = message
 
 
 @dataclass(frozen=True)
@@ -153,7 +146,7 @@ class Fetcher:
         try:
             return self._check(uri)
         except ValueError as error:  # urlsplit on a broken uri ("file://[/x", a bad port)
-            raise FetchError(BAD_URI, f"{uri[:200]!r} is not a valid uri ({error})") from error
+            raise FetchError(MALFORMED, f"{uri[:200]!r} is not a valid uri ({error})") from error
 
     def _check(self, uri: str) -> Target:
         scheme = uri.split("://", 1)[0].lower() if "://" in uri else ""
@@ -164,16 +157,16 @@ class Fetcher:
         if scheme in ("http", "https"):
             return self._check_http(uri)
         raise FetchError(
-            BAD_URI, f"unsupported uri {uri[:200]!r}: use s3://bucket/key (or file:// / https:// where enabled)"
+            MALFORMED, f"unsupported uri {uri[:200]!r}: use s3://bucket/key (or file:// / https:// where enabled)"
         )
 
     def _check_s3(self, uri: str) -> S3Target:
         try:
             bucket, key = parse_s3_uri(uri)
         except ValueError as error:
-            raise FetchError(BAD_URI, str(error)) from error
+            raise FetchError(MALFORMED, str(error)) from error
         if not key or key.endswith("/"):
-            raise FetchError(BAD_URI, f"{uri!r} names no object: expected s3://bucket/key")
+            raise FetchError(MALFORMED, f"{uri!r} names no object: expected s3://bucket/key")
         if any(segment in (".", "..") for segment in key.split("/")):
             # A store or proxy that normalises the request path would read ".."'s target, which can be
             # another bucket than the one the allow-list checked.
@@ -197,7 +190,7 @@ class Fetcher:
             raise FetchError(FORBIDDEN, f"file:// uri with a host ({parts.netloc!r}): only local files are read")
         raw = unquote(parts.path)
         if "\x00" in raw or not raw.startswith("/"):
-            raise FetchError(BAD_URI, f"{uri[:200]!r} is not an absolute file:///path")
+            raise FetchError(MALFORMED, f"{uri[:200]!r} is not an absolute file:///path")
         if ".." in PurePosixPath(raw).parts:
             raise FetchError(FORBIDDEN, f"{uri[:200]!r} contains '..': give the path inside the root as it is")
         # realpath follows every symlink on the way, so a link pointing out of the root is caught here.
@@ -289,7 +282,7 @@ class Fetcher:
         except (PermissionError, OSError) as error:
             if isinstance(error, PermissionError) or error.errno == errno.ELOOP:  # a symlink appeared
                 raise FetchError(FORBIDDEN, f"{uri}: not readable ({error.strerror})") from error
-            raise FetchError(OTHER, f"{uri}: {error}") from error
+            raise FetchError(FETCH_FAILURE, f"{uri}: {error}") from error
         try:
             self._check_opened_inside_root(fd, uri)
             info = os.fstat(fd)
@@ -329,11 +322,11 @@ class Fetcher:
                 raise FetchError(FORBIDDEN, f"{uri}: HTTP {error.code}") from error
             if error.code == 429 or error.code >= 500:
                 raise _Retry(UNAVAILABLE, f"HTTP {error.code}") from error
-            raise FetchError(OTHER, f"{uri}: HTTP {error.code}") from error
+            raise FetchError(FETCH_FAILURE, f"{uri}: HTTP {error.code}") from error
         except _RedirectRefused as error:
             raise FetchError(FORBIDDEN, str(error)) from error
         except http.client.InvalidURL as error:
-            raise FetchError(BAD_URI, f"{uri[:200]!r}: {error}") from error
+            raise FetchError(MALFORMED, f"{uri[:200]!r}: {error}") from error
         except TimeoutError as error:
             raise _Retry(TIMEOUT, f"timed out: {error}") from error
         except urllib.error.URLError as error:
@@ -385,13 +378,13 @@ def _s3_failure(error: BaseException, uri: str) -> BaseException:
             )
         if is_retryable(error):
             return _Retry(UNAVAILABLE, f"store busy or failing ({text})")
-        return FetchError(OTHER, f"S3 error {text}")
+        return FetchError(FETCH_FAILURE, f"S3 error {text}")
     if isinstance(error, TIMEOUT_ERRORS):
         return _Retry(TIMEOUT, f"timed out: {error}")
     if isinstance(error, CONNECTION_ERRORS):
         return _Retry(UNAVAILABLE, f"connection failed: {error}")
     if isinstance(error, BotoCoreError):
-        return FetchError(OTHER, f"{type(error).__name__}: {error}")
+        return FetchError(FETCH_FAILURE, f"{type(error).__name__}: {error}")
     return error
 
 

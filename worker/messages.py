@@ -1,31 +1,13 @@
-"""What flows between the parts: one result row per input image, a caption or a failure."""
+"""What flows between the parts: one result row per input image, a caption or a failure.
+
+A failure's ``error_kind`` is one of captionfleet.core.failures.FAILURE_KINDS."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Any, get_args
-
-from captionfleet.core.images import FailureKind
-from captionfleet.worker.requests import MALFORMED
-
-# Failure kinds beyond the image decoder's: the model itself failed on the item, or fetching it did.
-INFERENCE_FAILURE = "inference"
-FETCH_FAILURE = "fetch"
-
-# Every kind a failure row or dead letter can carry: the decoder's, the fetcher's, the model's, and an
-# unreadable message's. The fetcher's are spelled out (worker.fetch pulls in botocore; test_fetch checks
-# they match); "malformed" is also the fetcher's kind for a uri it cannot parse.
-FAILURE_KINDS = frozenset(get_args(FailureKind)) | {
-    FETCH_FAILURE,
-    INFERENCE_FAILURE,
-    MALFORMED,
-    "not_found",
-    "forbidden",
-    "timeout",
-    "unavailable",
-}
+from typing import Any
 
 
 @dataclass

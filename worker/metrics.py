@@ -15,8 +15,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
 
+from captionfleet.core.failures import FAILURE_KINDS
 from captionfleet.core.settings import MetricsSettings
-from captionfleet.worker.messages import FAILURE_KINDS
 
 log = logging.getLogger(__name__)
 

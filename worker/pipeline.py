@@ -23,10 +23,11 @@ import numpy as np
 import torch
 
 from captionfleet.core.captioner import CaptionModel
-from captionfleet.core.images import ImageError, ImageLimits, decode_image
+from captionfleet.core.failures import FETCH_FAILURE, FORBIDDEN, INFERENCE_FAILURE, NOT_FOUND, TIMEOUT, ImageError
+from captionfleet.core.images import ImageLimits, decode_image
 from captionfleet.core.settings import BatchSettings
 from captionfleet.worker.batcher import Batcher
-from captionfleet.worker.messages import FETCH_FAILURE, INFERENCE_FAILURE, Result
+from captionfleet.worker.messages import Result
 from captionfleet.worker.sinks import Sink
 
 logger = logging.getLogger(__name__)
@@ -75,11 +76,11 @@ def _fetch_failure_kind(error: Exception) -> str:
     if isinstance(error, ImageError):  # a source may refuse an item before reading it (e.g. too_large by size)
         return error.kind
     if isinstance(error, FileNotFoundError):
-        return "not_found"
+        return NOT_FOUND
     if isinstance(error, PermissionError):
-        return "forbidden"
+        return FORBIDDEN
     if isinstance(error, TimeoutError):
-        return "timeout"
+        return TIMEOUT
     return FETCH_FAILURE
 
 

@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote_plus
 
-MALFORMED = "malformed"
 # Longest id accepted: ids become Kafka keys and log fields.
 MAX_ID_CHARS = 1024
 

@@ -1,6 +1,7 @@
 """Bytes to an RGB PIL image, safely, one item at a time.
 
-Callers decode each item on its own and catch :class:`ImageError`, so one bad image never fails a batch.
+Callers decode each item on its own and catch :class:`ImageError` (captionfleet.core.failures), so one bad
+image never fails a batch.
 The format comes from magic bytes only (file names and content types lie), and Pillow is only ever
 allowed to open the plugin for the sniffed format: this keeps risky plugins such as EPS (which shells
 out to Ghostscript) out of reach of untrusted bytes.
@@ -13,29 +14,16 @@ import logging
 import threading
 import warnings
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError, features
+
+from captionfleet.core.failures import ImageError
 
 if TYPE_CHECKING:
     from captionfleet.core.settings import ImageSettings
 
 log = logging.getLogger(__name__)
-
-FailureKind = Literal["empty", "not_an_image", "unsupported", "truncated", "too_large", "decode"]
-
-
-class ImageError(Exception):
-    """One item could not be turned into an image; ``kind`` is stable, ``message`` is for humans."""
-
-    def __init__(self, kind: FailureKind, message: str) -> None:
-        super().__init__(message)
-        self.kind: FailureKind = kind
-        self.message = message
-
-    def __reduce__(self) -> tuple[type[ImageError], tuple[FailureKind, str]]:
-        # The default reduce replays self.args (message only), which breaks crossing a process pool.
-        return (ImageError, (self.kind, self.message))
 
 
 @dataclass(frozen=True)

@@ -8,8 +8,9 @@ from typing import Any
 
 import pytest
 
+from captionfleet.core.failures import FetchError
 from captionfleet.core.settings import FetchSettings, S3Settings
-from captionfleet.worker.fetch import Fetcher, FetchError
+from captionfleet.worker.fetch import Fetcher
 from tests.hostile_images import jpeg_bytes
 from tests.services.seaweedfs import SeaweedS3
 

@@ -19,11 +19,12 @@ import torch
 from kafka import TopicPartition
 
 from captionfleet.core.captioner import Captioner
+from captionfleet.core.failures import EXIT_OK
 from captionfleet.core.settings import DecodingSettings, WorkerSettings
 from captionfleet.worker.connectors.kafka import KafkaOutput, KafkaSource, make_producer
 from captionfleet.worker.fetch import Fetcher
 from captionfleet.worker.metrics import WorkerMetrics
-from captionfleet.worker.stream.loop import EXIT_OK, StreamReport, StreamWorker
+from captionfleet.worker.stream.loop import StreamReport, StreamWorker
 from tests.hostile_images import jpeg_bytes
 from tests.services.kafka import KafkaBroker, TopicReader
 from tests.unit.stream_fakes import wait_for

@@ -79,7 +79,7 @@ def test_a_file_over_the_size_limit_gets_a_row_without_being_read(
 
 
 def test_a_file_grown_since_it_was_listed_is_read_only_up_to_the_limit(tmp_path: Path) -> None:
-    from captionfleet.core.images import ImageError
+    from captionfleet.core.failures import ImageError
     from captionfleet.worker.connectors.local import SourceItem
 
     path = tmp_path / "grew.png"

@@ -8,11 +8,12 @@ from typing import Any
 
 import pytest
 
+from captionfleet.core.failures import FetchError
 from captionfleet.core.s3 import ObjectTooLarge, RetryPolicy, is_not_found, read_object
 from captionfleet.core.settings import FetchSettings, S3Settings
 from captionfleet.worker.connectors.s3_listing import S3Object
 from captionfleet.worker.connectors.s3_reader import S3Reader
-from captionfleet.worker.fetch import Fetcher, FetchError
+from captionfleet.worker.fetch import Fetcher
 from tests.unit.test_s3_fake import FakeS3, client_error, slow_down
 
 

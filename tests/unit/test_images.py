@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile, ImageStat
 
-from captionfleet.core.images import ImageError, ImageLimits, decode_image, sniff_format
+from captionfleet.core.failures import ImageError
+from captionfleet.core.images import ImageLimits, decode_image, sniff_format
 from tests.hostile_images import Case, hostile_corpus, jpeg_bytes, png_declaring
 
 CORPUS = hostile_corpus()

@@ -117,9 +117,7 @@ def test_a_busy_metrics_port_names_the_setting_and_disabled_serves_nothing() -> 
 
 def test_every_failure_kind_exists_at_zero_from_the_start() -> None:
     # rate()/increase() need a sample before the first event: a series born at its first failure hides it.
-    from captionfleet.worker.fetch import UNAVAILABLE
-    from captionfleet.worker.messages import FAILURE_KINDS
-    from captionfleet.worker.requests import MALFORMED
+    from captionfleet.core.failures import FAILURE_KINDS, MALFORMED, UNAVAILABLE
 
     registry = WorkerMetrics().registry
     for kind in sorted(FAILURE_KINDS | {MALFORMED, UNAVAILABLE}):

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
+from captionfleet.core.failures import EXIT_TEMPFAIL, EXIT_USAGE, exit_for_access_error
 from captionfleet.core.s3 import S3AccessError
 from captionfleet.core.settings import BulkS3Settings, S3Settings, WorkerSettings
 from captionfleet.worker.bulk_s3 import S3JobError, S3JobOptions, run_s3_caption_job
@@ -21,7 +22,6 @@ from captionfleet.worker.bulk_s3_index import ShardIndex
 from captionfleet.worker.connectors.s3_listing import S3Object
 from captionfleet.worker.connectors.s3_parts import MARKER_NAME, PartRef, PartStore, S3ResultSink, decode_part
 from captionfleet.worker.connectors.s3_reader import S3Item
-from captionfleet.worker.exit_codes import EXIT_TEMPFAIL, EXIT_USAGE, exit_for_access_error
 from captionfleet.worker.messages import Result
 from captionfleet.worker.sharding import ShardSpec, shard_of
 from tests.unit.test_s3_fake import FakeS3, client_error, read_timeout

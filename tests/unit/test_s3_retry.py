@@ -16,7 +16,8 @@ import torch
 from botocore.exceptions import ConnectTimeoutError, EndpointConnectionError
 from PIL import Image
 
-from captionfleet.core.images import ImageError, ImageLimits
+from captionfleet.core.failures import ImageError
+from captionfleet.core.images import ImageLimits
 from captionfleet.core.s3 import RetryPolicy, access_error, is_retryable
 from captionfleet.core.settings import BatchSettings
 from captionfleet.worker.connectors.s3_listing import S3Object, list_pages

@@ -19,11 +19,12 @@ import pytest
 from kafka import TopicPartition
 
 from captionfleet.core.captioner import Captioner, CaptionModel
+from captionfleet.core.failures import EXIT_GRACE_EXCEEDED, EXIT_OK
 from captionfleet.core.settings import DecodingSettings, WorkerSettings
 from captionfleet.worker.fetch import Fetcher
 from captionfleet.worker.metrics import WorkerMetrics
 from captionfleet.worker.pipeline import CaptionPipeline, Item, RunStats
-from captionfleet.worker.stream.loop import EXIT_GRACE_EXCEEDED, EXIT_OK, StreamReport, StreamWorker
+from captionfleet.worker.stream.loop import StreamReport, StreamWorker
 from tests.hostile_images import jpeg_bytes
 from tests.unit.stream_fakes import GatedCaptioner, MemoryOutput, MemorySource, OutputFailedError, wait_for
 

@@ -6,7 +6,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from captionfleet.core.images import ImageError, sniff_format
+from captionfleet.core.failures import ImageError
+from captionfleet.core.images import sniff_format
 
 # A file is an input when its name says image *or* its first bytes do: a photo saved without an
 # extension is captioned, and a ".jpg" that holds text gets a failure row instead of vanishing.

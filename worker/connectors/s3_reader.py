@@ -8,7 +8,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from captionfleet.core.images import ImageError
+from captionfleet.core.failures import ImageError
 from captionfleet.core.s3 import (
     DEFAULT_RETRY,
     REFUSED_CODES,

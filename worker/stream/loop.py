@@ -15,12 +15,12 @@ from dataclasses import dataclass
 from kafka import TopicPartition
 
 from captionfleet.core.captioner import CaptionModel
+from captionfleet.core.failures import EXIT_GRACE_EXCEEDED, EXIT_OK, FETCH_FAILURE, MALFORMED
 from captionfleet.core.settings import WorkerSettings
 from captionfleet.worker.accounting import count_image
 from captionfleet.worker.fetch import Fetcher
-from captionfleet.worker.messages import FETCH_FAILURE
 from captionfleet.worker.metrics import Health, WorkerMetrics
-from captionfleet.worker.requests import MALFORMED, MalformedMessage, parse_message
+from captionfleet.worker.requests import MalformedMessage, parse_message
 from captionfleet.worker.stream.answers import Answers
 from captionfleet.worker.stream.commits import Commits
 from captionfleet.worker.stream.items import Finished, Origin, StreamItem, names, where
@@ -32,10 +32,6 @@ from captionfleet.worker.stream.stages import Stages
 # The stream's one logger name, as before it became a package (log queries and alerts match on it).
 log = logging.getLogger(__package__)
 
-EXIT_OK = 0
-# SIGTERM's grace period ran out with requests still in flight: they were not committed, so their
-# partitions' next owner redoes them. Nothing is lost, but the operator should know.
-EXIT_GRACE_EXCEEDED = 75
 
 # How long one poll waits when nothing is in flight (it returns at once when records arrive);
 # with requests in flight the loop waits on finished work instead, so results leave promptly.

@@ -16,10 +16,11 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 from captionfleet.core.captioner import CaptionModel
+from captionfleet.core.failures import FETCH_FAILURE, FetchError
 from captionfleet.core.images import ImageLimits
 from captionfleet.core.settings import WorkerSettings
-from captionfleet.worker.fetch import Fetcher, FetchError
-from captionfleet.worker.messages import FETCH_FAILURE, Result
+from captionfleet.worker.fetch import Fetcher
+from captionfleet.worker.messages import Result
 from captionfleet.worker.metrics import WorkerMetrics
 from captionfleet.worker.pipeline import CaptionPipeline, Item
 from captionfleet.worker.stream.items import Finished, StreamItem

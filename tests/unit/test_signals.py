@@ -1,0 +1,43 @@
+"""The one signal helper: SIGINT/SIGTERM ask for a graceful stop inside the block, and only there."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+
+import pytest
+
+from captionfleet.core.signals import stop_on_signals
+
+
+def test_a_signal_in_the_block_calls_back_and_the_old_handlers_come_back() -> None:
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    seen: list[int] = []
+    with stop_on_signals(seen.append):
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGINT)  # no KeyboardInterrupt: a request to stop
+    assert seen == [signal.SIGTERM, signal.SIGINT]
+    assert {sig: signal.getsignal(sig) for sig in before} == before
+
+
+def test_the_old_handlers_come_back_when_the_block_fails() -> None:
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(RuntimeError), stop_on_signals(lambda signum: None):
+        raise RuntimeError("boom")
+    assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_outside_the_main_thread_nothing_is_installed() -> None:
+    # Embedded use (a worker run in a thread, as the tests do): the caller stops the work itself.
+    before = signal.getsignal(signal.SIGTERM)
+    during: list[object] = []
+
+    def run() -> None:
+        with stop_on_signals(lambda signum: None):
+            during.append(signal.getsignal(signal.SIGTERM))
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    assert during == [before]
