@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import numpy as np
 import torch
-from PIL import Image
 
-from captionfleet.core.captioner import Captioner, Preprocessing
+from captionfleet.core.captioner import Captioner, CaptionModel, ModelWrapper, Preprocessing
 from captionfleet.core.model_store import ModelRefError
 from captionfleet.core.settings import DecodingSettings
 
@@ -36,7 +35,7 @@ def input_difference(old: Preprocessing, new: Preprocessing) -> str | None:
     return None
 
 
-class HotSwapCaptioner:
+class HotSwapCaptioner(ModelWrapper):
     """A CaptionModel whose model can be replaced while serving.
 
     ``offer(new)`` may be called from any thread; the switch happens at the start of the next
@@ -54,26 +53,8 @@ class HotSwapCaptioner:
     # -- CaptionModel: the model serving now ---------------------------------------------------------
 
     @property
-    def version(self) -> str:
-        return self._active.version
-
-    @property
-    def source(self) -> str:
-        return self._active.source
-
-    @property
-    def preprocess(self) -> Preprocessing:
-        return self._active.preprocess
-
-    @property
-    def image_size(self) -> tuple[int, int]:
-        return self._active.image_size
-
-    def caption(self, images: Sequence[Image.Image], decoding: DecodingSettings | None = None) -> list[str]:
-        if not images:
-            return []
-        # Prepared with the serving model's preprocessing, which a swap cannot change (see offer()).
-        return self.caption_pixels(self.preprocess(images), decoding)
+    def wrapped(self) -> CaptionModel:
+        return self._active
 
     def caption_pixels(self, pixel_values: torch.Tensor, decoding: DecodingSettings | None = None) -> list[str]:
         self._swap_if_offered()

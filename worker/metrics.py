@@ -96,7 +96,7 @@ class WorkerMetrics:
             self.images.labels(outcome)
         for kind in sorted(FAILURE_KINDS):
             self.failures.labels(kind)
-        # Hot swaps (worker.models): a new version taking over, and versions that failed to load.
+        # Hot swaps (worker.hotswap): a new version taking over, and versions that failed to load.
         self.model_swaps = Counter(
             "captionfleet_model_swaps", "switches to a newly published model version", registry=r
         )

@@ -141,6 +141,41 @@ class CaptionModel(Protocol):
     def caption_pixels(self, pixel_values: torch.Tensor, decoding: DecodingSettings | None = None) -> list[str]: ...
 
 
+class ModelWrapper:
+    """Base of a CaptionModel that wraps another (the hot swap, the stream's metering): what it reports is
+    read from the wrapped model at each access, never copied, so it always describes the model serving now.
+    A subclass names that model (``wrapped``) and may add its own step around ``caption_pixels``."""
+
+    @property
+    def wrapped(self) -> CaptionModel:
+        raise NotImplementedError
+
+    @property
+    def version(self) -> str:
+        return self.wrapped.version
+
+    @property
+    def source(self) -> str:
+        return self.wrapped.source
+
+    @property
+    def preprocess(self) -> Preprocessing:
+        return self.wrapped.preprocess
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return self.wrapped.image_size
+
+    def caption(self, images: Sequence[Image.Image], decoding: DecodingSettings | None = None) -> list[str]:
+        if not images:
+            return []
+        # Through caption_pixels, so the wrapper's own step (a swap, a timer) runs for this batch too.
+        return self.caption_pixels(self.preprocess(images), decoding)
+
+    def caption_pixels(self, pixel_values: torch.Tensor, decoding: DecodingSettings | None = None) -> list[str]:
+        return self.wrapped.caption_pixels(pixel_values, decoding)
+
+
 class Captioner:
     """A loaded checkpoint. Thread-compatible: call ``caption`` from one thread at a time."""
 

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from kafka import TopicPartition
-from PIL import Image
 
-from captionfleet.core.captioner import Captioner, Preprocessing
+from captionfleet.core.captioner import Captioner, CaptionModel, ModelWrapper
 from captionfleet.core.settings import DecodingSettings
 from captionfleet.worker.messages import encode_json
 from captionfleet.worker.stream.ports import Rebalance
@@ -194,7 +193,7 @@ class MemorySource:
         self.closed = True
 
 
-class GatedCaptioner:
+class GatedCaptioner(ModelWrapper):
     """The real (tiny) model behind a gate: batches wait until the test opens it. A ``CaptionModel`` by
     delegation to the model it wraps, like the stream's own wrapper."""
 
@@ -205,23 +204,8 @@ class GatedCaptioner:
         self.batches: list[int] = []
 
     @property
-    def version(self) -> str:
-        return self._inner.version
-
-    @property
-    def source(self) -> str:
-        return self._inner.source
-
-    @property
-    def preprocess(self) -> Preprocessing:
-        return self._inner.preprocess
-
-    @property
-    def image_size(self) -> tuple[int, int]:
-        return self._inner.image_size
-
-    def caption(self, images: Sequence[Image.Image], decoding: DecodingSettings | None = None) -> list[str]:
-        return self.caption_pixels(self._inner.preprocess(images), decoding)
+    def wrapped(self) -> CaptionModel:
+        return self._inner
 
     def caption_pixels(self, pixel_values: Any, decoding: DecodingSettings | None = None) -> list[str]:
         self.entered.set()

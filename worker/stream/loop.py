@@ -88,7 +88,7 @@ class StreamWorker:
         self.metrics.model.info({"version": captioner.version, "source": captioner.source})
 
     def model_swapped(self, old: CaptionModel, new: CaptionModel) -> None:
-        """A hot swap (worker.models, in the model thread between batches): failures and the info metric
+        """A hot swap (worker.hotswap, in the model thread between batches): failures and the info metric
         name the new version from now on."""
         self.model_version = new.version
         self.metrics.model.info({"version": new.version, "source": new.source})

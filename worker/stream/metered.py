@@ -1,49 +1,29 @@
 """The stream's model: the loaded one as it is (no copy), timing each batch for the metrics.
 
 A ``CaptionModel`` by delegation: what it reports (version, preprocessing, ...) is read from the wrapped
-model at each call, never copied. A hot swap (``worker.models``) happens at the start of a batch, so
+model at each call, never copied. A hot swap (``worker.hotswap``) happens at the start of a batch, so
 right after a batch these name the model that ran it, and its results carry the right model_version.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
 
 import torch
-from PIL import Image
 
-from captionfleet.core.captioner import CaptionModel, Preprocessing
+from captionfleet.core.captioner import CaptionModel, ModelWrapper
 from captionfleet.core.settings import DecodingSettings
 from captionfleet.worker.metrics import WorkerMetrics
 
 
-class MeteredCaptioner:
+class MeteredCaptioner(ModelWrapper):
     def __init__(self, inner: CaptionModel, metrics: WorkerMetrics) -> None:
         self._inner = inner
         self._metrics = metrics
 
     @property
-    def version(self) -> str:
-        return self._inner.version
-
-    @property
-    def source(self) -> str:
-        return self._inner.source
-
-    @property
-    def preprocess(self) -> Preprocessing:
-        return self._inner.preprocess
-
-    @property
-    def image_size(self) -> tuple[int, int]:
-        return self._inner.image_size
-
-    def caption(self, images: Sequence[Image.Image], decoding: DecodingSettings | None = None) -> list[str]:
-        if not images:
-            return []
-        # Through caption_pixels, so this batch is timed like any other.
-        return self.caption_pixels(self.preprocess(images), decoding)
+    def wrapped(self) -> CaptionModel:
+        return self._inner
 
     def caption_pixels(self, pixel_values: torch.Tensor, decoding: DecodingSettings | None = None) -> list[str]:
         start = time.perf_counter()
