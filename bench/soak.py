@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.chart import line_chart
-from bench.compare import rss_mb
+from bench.machine import rss_mb
 from captionfleet.core.settings import BatchSettings, DecodingSettings, ModelSettings, WorkerSettings
 from captionfleet.trainer.shapes import ShapesDataset
 from captionfleet.worker.bulk import load_captioner, run_caption_job
