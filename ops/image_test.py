@@ -156,8 +156,9 @@ def rebuild_after_code_change(engine: Engine, workdir: Path, build: list[str]) -
     ctx.mkdir()
     for name in ("Dockerfile", ".dockerignore", "pyproject.toml", "README.md"):
         shutil.copy2(ROOT / name, ctx / name)
-    for name in ("worker", "trainer", "dashboard"):
-        shutil.copytree(ROOT / name, ctx / name, ignore=shutil.ignore_patterns("__pycache__"))
+    # As in the real context: captionfleet/ with its links to worker/, trainer/ and dashboard/ kept as links.
+    for name in ("captionfleet", "worker", "trainer", "dashboard"):
+        shutil.copytree(ROOT / name, ctx / name, symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
     (ctx / "ops").mkdir()
     shutil.copy2(ROOT / "ops" / "healthcheck.py", ctx / "ops" / "healthcheck.py")
     shutil.copytree(ROOT / ".whl", ctx / ".whl", ignore=lambda _, names: [n for n in names if "torch-" not in n])
