@@ -146,7 +146,7 @@ def job(captioner: Captioner, settings: WorkerSettings, out: str, expected: int)
 # -- main ------------------------------------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny model, 96 photos (about 1-2 minutes on a CPU)")
     parser.add_argument("--model", choices=["tiny", "full", "both"], default="tiny")
@@ -159,7 +159,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fetch-concurrency", type=int, default=BulkS3Settings().fetch_concurrency)
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved measurement rounds (default 3)")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     count = args.images or (96 if args.quick else 256)
     width, height = (int(v) for v in args.size.lower().split("x"))
     models = ["tiny", "full"] if args.model == "both" else [args.model]
@@ -184,65 +188,81 @@ def main(argv: list[str] | None = None) -> int:
     emit(stage="photos", seconds=round(time.perf_counter() - started, 1), mean_kb=round(np.mean(sizes) / 1024))
 
     with SeaweedS3() as server, tempfile.TemporaryDirectory() as tmp:
-        client = server.client()
-        client.create_bucket(Bucket=BUCKET)
-        with ThreadPoolExecutor(8) as pool:
-            list(pool.map(lambda kv: client.put_object(Bucket=BUCKET, Key=kv[0], Body=kv[1]), archive.items()))
-        settings = WorkerSettings(
-            s3=S3Settings(
-                endpoint_url=server.endpoint_url,
-                access_key_id=SecretStr(server.access_key),
-                secret_access_key=SecretStr(server.secret_key),
-            ),
-            batch=BatchSettings(
-                max_items=args.batch_size, prefetch=max(32, 4 * args.batch_size), decode_threads=args.decode_threads
-            ),
-            bulk=BulkS3Settings(fetch_concurrency=args.fetch_concurrency),
-        )
+        settings = upload_archive(server, archive, args)
         decoding = DecodingSettings(num_beams=args.num_beams, max_new_tokens=args.max_new_tokens)
         for kind in models:
             path = build_checkpoint(kind, Path(tmp) / kind)
             captioner = load_checkpoint(path, device=args.device, precision="auto", decoding=decoding)
-            rates: dict[str, list[float]] = {"model_only": [], "data_path_only": [], "end_to_end": []}
-            cpu_ms: dict[str, list[float]] = {name: [] for name in rates}
-            # Warm-up, untimed: the first pass over a batch shape or caption length is many times slower
-            # (kernel selection, allocations); both paths see every shape once before anything is timed.
-            model_only(captioner, archive, args.batch_size)
-            job(captioner, settings, f"s3://{BUCKET}/out/{kind}-warmup/", count)
-            for r in range(args.rounds):
-                measured = {
-                    "model_only": model_only(captioner, archive, args.batch_size),
-                    "data_path_only": job(
-                        InstantCaptioner(captioner), settings, f"s3://{BUCKET}/out/{kind}-data-{r}/", count
-                    ),
-                    "end_to_end": job(captioner, settings, f"s3://{BUCKET}/out/{kind}-e2e-{r}/", count),
-                }
-                for name, (rate, ms) in measured.items():
-                    rates[name].append(rate)
-                    cpu_ms[name].append(ms)
-                emit(
-                    model=kind,
-                    round=r,
-                    images_per_s={name: round(v[-1], 2) for name, v in rates.items()},
-                    cpu_ms_per_image={name: round(v[-1], 1) for name, v in cpu_ms.items()},
-                )
-            best = {name: max(values) for name, values in rates.items()}
-            median = {name: float(np.median(values)) for name, values in rates.items()}
-            cpu = {name: float(np.median(values)) for name, values in cpu_ms.items()}
-            emit(
-                model=kind,
-                device=str(captioner.device),
-                images_per_s_best={name: round(v, 2) for name, v in best.items()},
-                images_per_s_median={name: round(v, 2) for name, v in median.items()},
-                cpu_ms_per_image_median={name: round(v, 1) for name, v in cpu.items()},
-                ratio_end_to_end_to_model_only_best=round(best["end_to_end"] / best["model_only"], 3),
-                ratio_end_to_end_to_model_only_median=round(median["end_to_end"] / median["model_only"], 3),
-                # On a CPU-only machine: the throughput ratio if the model had every core to itself.
-                ratio_by_cpu_time=round(cpu["model_only"] / cpu["end_to_end"], 3),
-            )
+            measure_model(kind, captioner, archive, settings, count, args)
             del captioner
     emit(stage="done", seconds=round(time.perf_counter() - started, 1))
     return 0
+
+
+def upload_archive(server: SeaweedS3, archive: dict[str, bytes], args: argparse.Namespace) -> WorkerSettings:
+    """Puts the photos in the bucket; the worker settings that read them with the bench's batch flags."""
+    client = server.client()
+    client.create_bucket(Bucket=BUCKET)
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda kv: client.put_object(Bucket=BUCKET, Key=kv[0], Body=kv[1]), archive.items()))
+    return WorkerSettings(
+        s3=S3Settings(
+            endpoint_url=server.endpoint_url,
+            access_key_id=SecretStr(server.access_key),
+            secret_access_key=SecretStr(server.secret_key),
+        ),
+        batch=BatchSettings(
+            max_items=args.batch_size, prefetch=max(32, 4 * args.batch_size), decode_threads=args.decode_threads
+        ),
+        bulk=BulkS3Settings(fetch_concurrency=args.fetch_concurrency),
+    )
+
+
+def measure_model(
+    kind: str,
+    captioner: Captioner,
+    archive: dict[str, bytes],
+    settings: WorkerSettings,
+    count: int,
+    args: argparse.Namespace,
+) -> None:
+    """Interleaved rounds of model only, data path only and end to end for one model; emits each round and
+    the summary."""
+    rates: dict[str, list[float]] = {"model_only": [], "data_path_only": [], "end_to_end": []}
+    cpu_ms: dict[str, list[float]] = {name: [] for name in rates}
+    # Warm-up, untimed: the first pass over a batch shape or caption length is many times slower
+    # (kernel selection, allocations); both paths see every shape once before anything is timed.
+    model_only(captioner, archive, args.batch_size)
+    job(captioner, settings, f"s3://{BUCKET}/out/{kind}-warmup/", count)
+    for r in range(args.rounds):
+        measured = {
+            "model_only": model_only(captioner, archive, args.batch_size),
+            "data_path_only": job(InstantCaptioner(captioner), settings, f"s3://{BUCKET}/out/{kind}-data-{r}/", count),
+            "end_to_end": job(captioner, settings, f"s3://{BUCKET}/out/{kind}-e2e-{r}/", count),
+        }
+        for name, (rate, ms) in measured.items():
+            rates[name].append(rate)
+            cpu_ms[name].append(ms)
+        emit(
+            model=kind,
+            round=r,
+            images_per_s={name: round(v[-1], 2) for name, v in rates.items()},
+            cpu_ms_per_image={name: round(v[-1], 1) for name, v in cpu_ms.items()},
+        )
+    best = {name: max(values) for name, values in rates.items()}
+    median = {name: float(np.median(values)) for name, values in rates.items()}
+    cpu = {name: float(np.median(values)) for name, values in cpu_ms.items()}
+    emit(
+        model=kind,
+        device=str(captioner.device),
+        images_per_s_best={name: round(v, 2) for name, v in best.items()},
+        images_per_s_median={name: round(v, 2) for name, v in median.items()},
+        cpu_ms_per_image_median={name: round(v, 1) for name, v in cpu.items()},
+        ratio_end_to_end_to_model_only_best=round(best["end_to_end"] / best["model_only"], 3),
+        ratio_end_to_end_to_model_only_median=round(median["end_to_end"] / median["model_only"], 3),
+        # On a CPU-only machine: the throughput ratio if the model had every core to itself.
+        ratio_by_cpu_time=round(cpu["model_only"] / cpu["end_to_end"], 3),
+    )
 
 
 if __name__ == "__main__":

@@ -43,13 +43,14 @@ from transformers import GenerationConfig, ViTImageProcessor
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.chart import bar_chart
-from bench.compare import (
+from bench.limits import flops_per_image_by_beams
+from bench.workload import (
+    TOKENS,
     NullSink,
-    _open,
-    flops_per_image_by_beams,
     gen_config,
     load_captioner,
     load_plain,
+    open_rgb,
     prepare,
     realistic_jpegs,
 )
@@ -60,7 +61,6 @@ from captionfleet.core.settings import BatchSettings, DecodingSettings
 from captionfleet.worker.connectors.local import iter_folder
 from captionfleet.worker.pipeline import CaptionPipeline
 
-TOKENS = 16
 # k8s/overlays/gpu/kustomization.yaml: WORKER_BATCH__MAX_ITEMS=32, WORKER_BATCH__DECODE_THREADS=6.
 GPU_OVERLAY_BATCH = BatchSettings(max_items=32, decode_threads=6)
 LIMITS = ImageLimits(max_bytes=50 << 20, max_pixels=50_000_000)
@@ -143,7 +143,7 @@ def plain_generate(checkpoint: Path, device: Device, photos: list[Path], row: Ro
 
     def run(paths: list[Path]) -> None:
         for i in range(0, len(paths), row.batch):
-            pixels = processor(images=_open(paths[i : i + row.batch]), return_tensors="pt").pixel_values
+            pixels = processor(images=open_rgb(paths[i : i + row.batch]), return_tensors="pt").pixel_values
             model.generate(pixel_values=pixels.to(device.torch, model.dtype), generation_config=config)
 
     with torch.inference_mode():
@@ -211,7 +211,7 @@ def run_row(row: Row, checkpoint: Path, device: Device, photos: list[Path], fold
         row.images, seconds = n, pipeline(captioner, device, folder, n, batch)
     else:
         captioner = load_captioner(checkpoint, row.precision, 1, device.torch.type)
-        pixels = captioner.preprocess(_open(photos[:n]))
+        pixels = captioner.preprocess(open_rgb(photos[:n]))
         row.images, seconds = n, model_only(captioner, device, pixels, row.batch, "static" in row.name)
     row.seconds.append(seconds)
     row.peak_mb = max(row.peak_mb, device.peak_mb())

@@ -18,16 +18,22 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.chart import line_chart
-from bench.compare import rss_mb
+from bench.machine import rss_mb
 from captionfleet.core.settings import BatchSettings, DecodingSettings, ModelSettings, WorkerSettings
 from captionfleet.trainer.shapes import ShapesDataset
 from captionfleet.worker.bulk import load_captioner, run_caption_job
+
+if TYPE_CHECKING:
+    from captionfleet.worker.bulk import BulkSummary
+
+Sample = tuple[float, float, int]  # (seconds, RSS MB, images captioned)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,7 +52,27 @@ def main(argv: list[str] | None = None) -> int:
         data.image(i).save(folder / f"{i:06d}.png")
     out_file = work / "results.jsonl"
 
-    samples: list[tuple[float, float, int]] = []  # (seconds, RSS MB, images captioned)
+    summary, seconds, samples = run_sampled(folder, out_file, args.interval)
+    report = build_report(count, summary, seconds, samples)
+    args.out.mkdir(parents=True, exist_ok=True)
+    suffix = "-quick" if args.quick else ""
+    (args.out / f"soak{suffix}.json").write_text(json.dumps(report, indent=1) + "\n")
+    if len(samples) >= 2:
+        line_chart(
+            [t for t, _, _ in samples],
+            [r for _, r, _ in samples],
+            title=f"soak: RSS while captioning {count:,} images (built-in model, bulk pipeline)",
+            x_label="seconds",
+            y_label="RSS MB",
+            path=args.out / f"soak{suffix}_rss.png",
+        )
+    print(json.dumps({k: v for k, v in report.items() if k != "samples"}, indent=1))
+    return 0 if report["passed"] else 1
+
+
+def run_sampled(folder: Path, out_file: Path, interval: float) -> tuple[BulkSummary, float, list[Sample]]:
+    """The bulk job over ``folder`` with RSS and progress sampled every ``interval`` seconds."""
+    samples: list[Sample] = []
     settings = WorkerSettings(
         model=ModelSettings(ref="builtin", device="cpu"),
         decoding=DecodingSettings(num_beams=1, max_new_tokens=16),
@@ -67,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
 
     def sample() -> None:
-        while not stop.wait(args.interval):
+        while not stop.wait(interval):
             samples.append((time.perf_counter() - start, rss_mb(), captioned[0]))
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -75,14 +101,17 @@ def main(argv: list[str] | None = None) -> int:
     summary = run_caption_job(str(folder), out_file, settings, overwrite=True, show_progress=False, captioner=captioner)
     stop.set()
     sampler.join()
-    seconds = time.perf_counter() - start
+    return summary, time.perf_counter() - start, samples
 
+
+def build_report(count: int, summary: BulkSummary, seconds: float, samples: list[Sample]) -> dict[str, Any]:
+    """The figures and the verdict: flat RSS after warm-up, and no slow-down from the first third to the last."""
     warm = samples[max(1, len(samples) // 10) :] or samples
     rss_growth = (warm[-1][1] - warm[0][1]) / warm[0][1] if warm else 0.0
     third = max(1, len(samples) // 3)
     first_rate = _rate(samples[:third])
     last_rate = _rate(samples[-third:])
-    report = {
+    return {
         "images": count,
         "captioned": summary.done,
         "failed": summary.failed,
@@ -97,23 +126,9 @@ def main(argv: list[str] | None = None) -> int:
         "machine_shared": True,
         "samples": [[round(t, 1), round(r, 1), n] for t, r, n in samples],
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    suffix = "-quick" if args.quick else ""
-    (args.out / f"soak{suffix}.json").write_text(json.dumps(report, indent=1) + "\n")
-    if len(samples) >= 2:
-        line_chart(
-            [t for t, _, _ in samples],
-            [r for _, r, _ in samples],
-            title=f"soak: RSS while captioning {count:,} images (built-in model, bulk pipeline)",
-            x_label="seconds",
-            y_label="RSS MB",
-            path=args.out / f"soak{suffix}_rss.png",
-        )
-    print(json.dumps({k: v for k, v in report.items() if k != "samples"}, indent=1))
-    return 0 if report["passed"] else 1
 
 
-def _rate(window: list[tuple[float, float, int]]) -> float:
+def _rate(window: list[Sample]) -> float:
     if len(window) < 2 or window[-1][0] <= window[0][0]:
         return 0.0
     return (window[-1][2] - window[0][2]) / (window[-1][0] - window[0][0])

@@ -173,62 +173,21 @@ def run(args: argparse.Namespace, work: Path) -> int:
         broker.create_topic(topics["results"], 2)
         broker.create_topic(topics["dead"], 1)
         port = free_port()
-        env = {k: v for k, v in os.environ.items() if not k.startswith("WORKER_")}
-        env.update(
-            {
-                "WORKER_KAFKA__BOOTSTRAP": broker.bootstrap,
-                "WORKER_KAFKA__REQUEST_TOPIC": topics["requests"],
-                "WORKER_KAFKA__RESULT_TOPIC": topics["results"],
-                "WORKER_KAFKA__DEAD_LETTER_TOPIC": topics["dead"],
-                "WORKER_KAFKA__GROUP_ID": "bench",
-                "WORKER_KAFKA__SESSION_TIMEOUT_MS": "6000",
-                "WORKER_KAFKA__HEARTBEAT_INTERVAL_MS": "1000",
-                "WORKER_KAFKA__MAX_IN_FLIGHT": str(args.max_in_flight),
-                "WORKER_MODEL__REF": str(checkpoint),
-                "WORKER_MODEL__DEVICE": args.device,
-                "WORKER_BATCH__MAX_ITEMS": str(args.max_items),
-                "WORKER_BATCH__MAX_WAIT_MS": str(args.max_wait_ms),
-                "WORKER_DECODING__NUM_BEAMS": str(args.beams),
-                "WORKER_DECODING__MAX_NEW_TOKENS": str(args.max_new_tokens),
-                "WORKER_FETCH__FILE_ROOT": str(images[0].parent),
-                "WORKER_METRICS__HOST": "127.0.0.1",
-                "WORKER_METRICS__PORT": str(port),
-                "WORKER_LOG_LEVEL": "WARNING",
-            }
+        env = worker_env(args, broker.bootstrap, topics, checkpoint, images[0].parent, port)
+        log = (work / "worker.log").open("wb")
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "captionfleet.worker"], env=env, cwd=REPO, stdout=log, stderr=log
         )
-        log = (work / "captionfleet.worker.log").open("wb")
-        worker = subprocess.Popen([sys.executable, "-m", "worker"], env=env, cwd=REPO, stdout=log, stderr=log)
         try:
-            wait_ready(port, worker, work / "captionfleet.worker.log")
+            wait_ready(port, worker, work / "worker.log")
             results = Results(broker.bootstrap, [topics["results"], topics["dead"]])
             producer = broker.producer(linger_ms=0)
             uris = [f"file://{path}" for path in images]
 
             # 1. capacity: everything at once; the drain rate is what the worker sustains.
-            ids = [f"flood-{i}" for i in range(args.flood)]
-            sent: dict[str, float] = {}
-            started = time.time()
-            send(producer, topics["requests"], ids, [uris[i % len(uris)] for i in range(len(ids))], sent)
-            if not results.wait_for(ids, timeout_s=1800):
-                print("capacity phase timed out", file=sys.stderr)
+            capacity = measure_capacity(args.flood, producer, topics["requests"], uris, results)
+            if capacity is None:
                 return 1
-            # Count from the first result: the worker's poll cadence and warm batching are not capacity.
-            first = min(results.arrived[i] for i in ids)
-            last = max(results.arrived[i] for i in ids)
-            capacity = (len(ids) - 1) / max(last - first, 1e-9)
-            print(
-                "capacity",
-                json.dumps(
-                    {
-                        "requests": len(ids),
-                        "seconds_first_to_last_result": round(last - first, 2),
-                        "seconds_total": round(last - started, 2),
-                        "max_sustained_rate_per_s": round(capacity, 2),
-                        "failed": results.failed,
-                    }
-                ),
-                flush=True,
-            )
 
             # 2. latency at steady rates below capacity.
             for load in args.load:
@@ -246,6 +205,67 @@ def run(args: argparse.Namespace, work: Path) -> int:
                 worker.kill()
             log.close()
     return 0
+
+
+def worker_env(
+    args: argparse.Namespace, bootstrap: str, topics: dict[str, str], checkpoint: Path, file_root: Path, port: int
+) -> dict[str, str]:
+    """The worker's environment: this one's, less any WORKER_* it has, plus the bench's settings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WORKER_")}
+    env.update(
+        {
+            "WORKER_KAFKA__BOOTSTRAP": bootstrap,
+            "WORKER_KAFKA__REQUEST_TOPIC": topics["requests"],
+            "WORKER_KAFKA__RESULT_TOPIC": topics["results"],
+            "WORKER_KAFKA__DEAD_LETTER_TOPIC": topics["dead"],
+            "WORKER_KAFKA__GROUP_ID": "bench",
+            "WORKER_KAFKA__SESSION_TIMEOUT_MS": "6000",
+            "WORKER_KAFKA__HEARTBEAT_INTERVAL_MS": "1000",
+            "WORKER_KAFKA__MAX_IN_FLIGHT": str(args.max_in_flight),
+            "WORKER_MODEL__REF": str(checkpoint),
+            "WORKER_MODEL__DEVICE": args.device,
+            "WORKER_BATCH__MAX_ITEMS": str(args.max_items),
+            "WORKER_BATCH__MAX_WAIT_MS": str(args.max_wait_ms),
+            "WORKER_DECODING__NUM_BEAMS": str(args.beams),
+            "WORKER_DECODING__MAX_NEW_TOKENS": str(args.max_new_tokens),
+            "WORKER_FETCH__FILE_ROOT": str(file_root),
+            "WORKER_METRICS__HOST": "127.0.0.1",
+            "WORKER_METRICS__PORT": str(port),
+            "WORKER_LOG_LEVEL": "WARNING",
+        }
+    )
+    return env
+
+
+def measure_capacity(
+    flood: int, producer: KafkaProducer, topic: str, uris: list[str], results: Results
+) -> float | None:
+    """Send ``flood`` requests at once; the results' drain rate (per second), or None when they never came."""
+    ids = [f"flood-{i}" for i in range(flood)]
+    sent: dict[str, float] = {}
+    started = time.time()
+    send(producer, topic, ids, [uris[i % len(uris)] for i in range(len(ids))], sent)
+    if not results.wait_for(ids, timeout_s=1800):
+        print("capacity phase timed out", file=sys.stderr)
+        return None
+    # Count from the first result: the worker's poll cadence and warm batching are not capacity.
+    first = min(results.arrived[i] for i in ids)
+    last = max(results.arrived[i] for i in ids)
+    capacity = (len(ids) - 1) / max(last - first, 1e-9)
+    print(
+        "capacity",
+        json.dumps(
+            {
+                "requests": len(ids),
+                "seconds_first_to_last_result": round(last - first, 2),
+                "seconds_total": round(last - started, 2),
+                "max_sustained_rate_per_s": round(capacity, 2),
+                "failed": results.failed,
+            }
+        ),
+        flush=True,
+    )
+    return capacity
 
 
 def steady(

@@ -36,30 +36,19 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from ops.docker_engine import DOCKER, Engine, Failed, log, run  # noqa: E402
 from tests.services.kafka import FAST_GROUP, KafkaBroker, TopicReader, free_port  # noqa: E402
 
-DOCKER = "/usr/bin/docker"  # Debian's client, matching its dockerd (another `docker` may be first on PATH)
 CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 TAG = "captionfleet:image-test"
-
-
-class Failed(Exception):
-    pass
-
-
-def log(message: str) -> None:
-    print(f"[image-test {time.strftime('%H:%M:%S')}] {message}", flush=True)
-
-
-def run(cmd: list[str], *, timeout: float, env: dict[str, str] | None = None, **kwargs: object) -> str:
-    """Run to completion; output is returned and also shown on failure."""
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, check=False, **kwargs)  # type: ignore[call-overload]
-    except subprocess.TimeoutExpired as error:
-        raise Failed(f"timed out after {timeout:.0f}s: {' '.join(cmd)}") from error
-    if proc.returncode != 0:
-        raise Failed(f"exit {proc.returncode}: {' '.join(cmd)}\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}")
-    return proc.stdout
+# As the Kubernetes manifests run it: read-only root, writable /tmp and home only, no capabilities.
+LOCKED_DOWN = [
+    "--read-only",
+    "--tmpfs", "/tmp",
+    "--tmpfs", "/home/captionfleet:rw,uid=10001,gid=10001,mode=0700",
+    "--cap-drop", "ALL",
+    "--security-opt", "no-new-privileges",
+]  # fmt: skip
 
 
 @contextmanager
@@ -98,75 +87,6 @@ def check_tools() -> None:
     missing = [tool for tool in ("dockerd", "debootstrap", DOCKER) if shutil.which(tool) is None]
     if missing:
         raise Failed(f"{', '.join(missing)} not found: run ops/install-image-tools.sh (Debian docker.io, debootstrap)")
-
-
-class Engine:
-    """A private dockerd: its own data root, exec root and socket, so it never meets another engine."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.workdir = workdir
-        # Unix socket paths are limited to 108 bytes: keep the exec root short.
-        self.run_dir = Path(tempfile.mkdtemp(prefix="cf-dockerd-", dir="/run"))
-        self.socket = self.run_dir / "docker.sock"
-        self.env = {**os.environ, "DOCKER_HOST": f"unix://{self.socket}", "DOCKER_BUILDKIT": "1"}
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.log_path = workdir / "dockerd.log"
-
-    def start(self, timeout: float = 60) -> None:
-        with self.log_path.open("wb") as out:
-            self.proc = subprocess.Popen(
-                [
-                    "dockerd",
-                    "--data-root", str(self.workdir / "data"),
-                    "--exec-root", str(self.run_dir / "exec"),
-                    "--pidfile", str(self.run_dir / "dockerd.pid"),
-                    "--host", f"unix://{self.socket}",
-                    # No bridge and no iptables rules: containers use --network host or none,
-                    # and the host's network configuration is left alone.
-                    "--iptables=false", "--ip6tables=false", "--bridge=none",
-                ],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )  # fmt: skip
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise Failed(f"dockerd exited with {self.proc.returncode}:\n{self.log_tail()}")
-            if subprocess.run([DOCKER, "info"], env=self.env, capture_output=True, timeout=30).returncode == 0:
-                return
-            time.sleep(0.5)
-        raise Failed(f"dockerd did not answer within {timeout:.0f}s:\n{self.log_tail()}")
-
-    def docker(self, *args: str, timeout: float = 120, **kwargs: object) -> str:
-        return run([DOCKER, *args], timeout=timeout, env=self.env, **kwargs)
-
-    def logs(self, container: str, lines: int = 60) -> str:
-        proc = subprocess.run(
-            [DOCKER, "logs", "--tail", str(lines), container],
-            env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=30, check=False,
-        )  # fmt: skip
-        return proc.stdout
-
-    def log_tail(self, lines: int = 30) -> str:
-        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-        return "\n".join(text.splitlines()[-lines:])
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=30)
-        # Overlay mounts left by a killed engine would keep the data root from being removed.
-        for root in (self.workdir, self.run_dir):
-            mounts = [line.split()[1] for line in Path("/proc/mounts").read_text().splitlines()]
-            for mount in sorted((m for m in mounts if m.startswith(str(root))), reverse=True):
-                subprocess.run(["umount", "-l", mount], capture_output=True, timeout=30)
-        shutil.rmtree(self.run_dir, ignore_errors=True)
 
 
 def make_base_image(engine: Engine, workdir: Path, base: str) -> None:
@@ -236,8 +156,9 @@ def rebuild_after_code_change(engine: Engine, workdir: Path, build: list[str]) -
     ctx.mkdir()
     for name in ("Dockerfile", ".dockerignore", "pyproject.toml", "README.md"):
         shutil.copy2(ROOT / name, ctx / name)
-    for name in ("worker", "trainer", "dashboard"):
-        shutil.copytree(ROOT / name, ctx / name, ignore=shutil.ignore_patterns("__pycache__"))
+    # As in the real context: captionfleet/ with its links to worker/, trainer/ and dashboard/ kept as links.
+    for name in ("captionfleet", "worker", "trainer", "dashboard"):
+        shutil.copytree(ROOT / name, ctx / name, symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
     (ctx / "ops").mkdir()
     shutil.copy2(ROOT / "ops" / "healthcheck.py", ctx / "ops" / "healthcheck.py")
     shutil.copytree(ROOT / ".whl", ctx / ".whl", ignore=lambda _, names: [n for n in names if "torch-" not in n])
@@ -280,105 +201,12 @@ def main() -> int:
         base = dockerfile_arg("BASE_IMAGE")
         with step(f"make base image {base} (debootstrap)", timings):
             make_base_image(engine, workdir, base)
-        version = dockerfile_arg("TORCH_VERSION")
-        wheel = torch_cpu_wheel(version)
-        if wheel.parent != ROOT / ".whl":
-            (ROOT / ".whl").mkdir(exist_ok=True)
-            wheel_copy = ROOT / ".whl" / wheel.name
-            shutil.copy2(wheel, wheel_copy)
-        with step("build the CPU image", timings):
-            build = ["build", "--network", "host", "--build-arg", "TORCH_VARIANT=cpu"]
-            if Path(CA_BUNDLE).exists():  # a TLS-inspecting proxy's CA, as a secret: never in a layer
-                build += ["--secret", f"id=pip-ca,src={CA_BUNDLE}"]
-            engine.docker(*build, "-t", TAG, str(ROOT), timeout=1800)
-        size = int(engine.docker("image", "inspect", "-f", "{{.Size}}", TAG).strip())
-        log(f"image {TAG}: {size / 1e9:.2f} GB")
-        with step("rebuild after a code change", timings):
-            deps_cached, project_rebuilt = rebuild_after_code_change(engine, workdir, build)
-            if not (deps_cached and project_rebuilt):
-                raise Failed(
-                    f"after a code change: dependency layer cached={deps_cached}, project rebuilt={project_rebuilt}; "
-                    "keep the Dockerfile's dependency install before any COPY of code"
-                )
-            log("dependencies came from the cache; only the project layer was rebuilt")
-
-        locked_down = [
-            "--read-only",
-            "--tmpfs", "/tmp",
-            "--tmpfs", "/home/captionfleet:rw,uid=10001,gid=10001,mode=0700",
-            "--cap-drop", "ALL",
-            "--security-opt", "no-new-privileges",
-        ]  # fmt: skip
+        wheel_copy = stage_torch_wheel()
+        build_image(engine, workdir, timings)
         with step("captionfleet demo in the image (offline, read-only root)", timings):
-            out = engine.docker(
-                "run", "--rm", "--network", "none", *locked_down, TAG, "demo", "--count", "20", "--quiet",
-                timeout=600,
-            )  # fmt: skip
-            if "exact match:" not in out:
-                raise Failed(f"the demo printed no score:\n{out}")
-            log(next(line for line in out.splitlines() if line.startswith("exact match:")))
-
+            run_demo(engine)
         with step("worker in the image: /readyz, HEALTHCHECK, one caption, clean drain", timings):
-            data = workdir / "pictures"
-            data.mkdir()
-            truth = shapes_picture(data)
-            os.chmod(data, 0o755)
-            with KafkaBroker() as broker:
-                broker.create_topic("caption-requests", partitions=2)
-                broker.create_topic("caption-results", partitions=1)
-                broker.create_topic("caption-dead-letters", partitions=1)
-                port = free_port()
-                name = f"captionfleet-image-test-{os.getpid()}"
-                env = {
-                    "WORKER_KAFKA__BOOTSTRAP": broker.bootstrap,
-                    "WORKER_KAFKA__SESSION_TIMEOUT_MS": str(FAST_GROUP["session_timeout_ms"]),
-                    "WORKER_KAFKA__HEARTBEAT_INTERVAL_MS": str(FAST_GROUP["heartbeat_interval_ms"]),
-                    "WORKER_MODEL__REF": "builtin",
-                    "WORKER_METRICS__PORT": str(port),
-                    "WORKER_FETCH__FILE_ROOT": "/data",
-                    "WORKER_SHUTDOWN__GRACE_S": "20",
-                }
-                containers.append(name)
-                engine.docker(
-                    "run", "-d", "--name", name, "--network", "host", *locked_down,
-                    "-v", f"{data}:/data:ro",
-                    # The image's HEALTHCHECK, run often so the test need not wait 30 s per probe.
-                    "--health-interval", "2s", "--health-start-period", "0s", "--health-retries", "3",
-                    *[arg for key, value in env.items() for arg in ("-e", f"{key}={value}")],
-                    TAG, "worker",
-                )  # fmt: skip
-                wait_http(f"http://127.0.0.1:{port}/readyz", engine, name, timeout=180)
-                log("/readyz answered 200")
-                deadline = time.monotonic() + 60
-                while (health := engine.docker("inspect", "-f", "{{.State.Health.Status}}", name).strip()) != "healthy":
-                    if time.monotonic() > deadline:
-                        raise Failed(
-                            f"Docker's HEALTHCHECK says {health!r} after 60s, not healthy:\n{engine.logs(name)}"
-                        )
-                    time.sleep(1)
-                log("HEALTHCHECK: healthy")
-                request = {"id": "smoke-1", "uri": "file:///data/shape.png"}
-                broker.produce("caption-requests", [(0, b"smoke-1", json.dumps(request).encode())])
-                reader = TopicReader(broker, ["caption-results", "caption-dead-letters"])
-                try:
-                    done = reader.read_until(
-                        lambda view: bool(view.ids("caption-results") or view.ids("caption-dead-letters")), 90
-                    )
-                    messages = reader.messages
-                finally:
-                    reader.close()
-                if not done or not messages["caption-results"]:
-                    raise Failed(f"no result for the request within 90s: {messages}\n{engine.logs(name)}")
-                result = messages["caption-results"][0]
-                log(f"caption: {result.get('caption')!r} (truth: {truth!r})")
-                if not result.get("caption"):
-                    raise Failed(f"the result has no caption: {result}")
-                engine.docker("stop", "--time", "40", name, timeout=90)
-                code = engine.docker("inspect", "-f", "{{.State.ExitCode}}", name).strip()
-                if code != "0":
-                    logs = engine.logs(name)
-                    raise Failed(f"the worker exited {code} on SIGTERM, not 0 (a clean drain):\n{logs}")
-                log("SIGTERM: drained and exited 0")
+            run_worker(engine, workdir, containers)
         if args.keep_image:
             (ROOT / ".cache").mkdir(exist_ok=True)
             engine.docker("save", "-o", str(ROOT / ".cache" / "captionfleet-cpu.tar"), TAG, timeout=600)
@@ -400,6 +228,125 @@ def main() -> int:
         log(f"{seconds:7.1f}s  {name}")
     log("passed")
     return 0
+
+
+def stage_torch_wheel() -> Path | None:
+    """The Dockerfile's torch CPU wheel into .whl/ (the build context); the copy made, to remove at the end."""
+    wheel = torch_cpu_wheel(dockerfile_arg("TORCH_VERSION"))
+    if wheel.parent == ROOT / ".whl":
+        return None
+    (ROOT / ".whl").mkdir(exist_ok=True)
+    wheel_copy = ROOT / ".whl" / wheel.name
+    try:
+        shutil.copy2(wheel, wheel_copy)
+    except BaseException:
+        wheel_copy.unlink(missing_ok=True)  # a partial copy: main's clean-up never learns its name
+        raise
+    return wheel_copy
+
+
+def build_image(engine: Engine, workdir: Path, timings: dict[str, float]) -> None:
+    """Build the CPU image, then again after a code change: only the project layer may be rebuilt."""
+    with step("build the CPU image", timings):
+        build = ["build", "--network", "host", "--build-arg", "TORCH_VARIANT=cpu"]
+        if Path(CA_BUNDLE).exists():  # a TLS-inspecting proxy's CA, as a secret: never in a layer
+            build += ["--secret", f"id=pip-ca,src={CA_BUNDLE}"]
+        engine.docker(*build, "-t", TAG, str(ROOT), timeout=1800)
+    size = int(engine.docker("image", "inspect", "-f", "{{.Size}}", TAG).strip())
+    log(f"image {TAG}: {size / 1e9:.2f} GB")
+    with step("rebuild after a code change", timings):
+        deps_cached, project_rebuilt = rebuild_after_code_change(engine, workdir, build)
+        if not (deps_cached and project_rebuilt):
+            raise Failed(
+                f"after a code change: dependency layer cached={deps_cached}, project rebuilt={project_rebuilt}; "
+                "keep the Dockerfile's dependency install before any COPY of code"
+            )
+        log("dependencies came from the cache; only the project layer was rebuilt")
+
+
+def run_demo(engine: Engine) -> None:
+    """``captionfleet demo`` in the image, with no network and the locked-down container settings."""
+    out = engine.docker(
+        "run", "--rm", "--network", "none", *LOCKED_DOWN, TAG, "demo", "--count", "20", "--quiet",
+        timeout=600,
+    )  # fmt: skip
+    if "exact match:" not in out:
+        raise Failed(f"the demo printed no score:\n{out}")
+    log(next(line for line in out.splitlines() if line.startswith("exact match:")))
+
+
+def run_worker(engine: Engine, workdir: Path, containers: list[str]) -> None:
+    """``captionfleet worker`` in the image against a broker on the host: ready, healthy, one caption,
+    and a clean drain on SIGTERM. The container's name goes into ``containers`` for the clean-up."""
+    data = workdir / "pictures"
+    data.mkdir()
+    truth = shapes_picture(data)
+    os.chmod(data, 0o755)
+    with KafkaBroker() as broker:
+        broker.create_topic("caption-requests", partitions=2)
+        broker.create_topic("caption-results", partitions=1)
+        broker.create_topic("caption-dead-letters", partitions=1)
+        port = free_port()
+        name = f"captionfleet-image-test-{os.getpid()}"
+        containers.append(name)
+        start_worker(engine, name, broker.bootstrap, port, data)
+        wait_http(f"http://127.0.0.1:{port}/readyz", engine, name, timeout=180)
+        log("/readyz answered 200")
+        wait_healthy(engine, name)
+        log("HEALTHCHECK: healthy")
+        caption_one(engine, name, broker, truth)
+        engine.docker("stop", "--time", "40", name, timeout=90)
+        code = engine.docker("inspect", "-f", "{{.State.ExitCode}}", name).strip()
+        if code != "0":
+            logs = engine.logs(name)
+            raise Failed(f"the worker exited {code} on SIGTERM, not 0 (a clean drain):\n{logs}")
+        log("SIGTERM: drained and exited 0")
+
+
+def start_worker(engine: Engine, name: str, bootstrap: str, port: int, data: Path) -> None:
+    env = {
+        "WORKER_KAFKA__BOOTSTRAP": bootstrap,
+        "WORKER_KAFKA__SESSION_TIMEOUT_MS": str(FAST_GROUP["session_timeout_ms"]),
+        "WORKER_KAFKA__HEARTBEAT_INTERVAL_MS": str(FAST_GROUP["heartbeat_interval_ms"]),
+        "WORKER_MODEL__REF": "builtin",
+        "WORKER_METRICS__PORT": str(port),
+        "WORKER_FETCH__FILE_ROOT": "/data",
+        "WORKER_SHUTDOWN__GRACE_S": "20",
+    }
+    engine.docker(
+        "run", "-d", "--name", name, "--network", "host", *LOCKED_DOWN,
+        "-v", f"{data}:/data:ro",
+        # The image's HEALTHCHECK, run often so the test need not wait 30 s per probe.
+        "--health-interval", "2s", "--health-start-period", "0s", "--health-retries", "3",
+        *[arg for key, value in env.items() for arg in ("-e", f"{key}={value}")],
+        TAG, "worker",
+    )  # fmt: skip
+
+
+def wait_healthy(engine: Engine, name: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while (health := engine.docker("inspect", "-f", "{{.State.Health.Status}}", name).strip()) != "healthy":
+        if time.monotonic() > deadline:
+            raise Failed(f"Docker's HEALTHCHECK says {health!r} after 60s, not healthy:\n{engine.logs(name)}")
+        time.sleep(1)
+
+
+def caption_one(engine: Engine, name: str, broker: KafkaBroker, truth: str) -> None:
+    """One request for the shapes picture; its result must come within 90 s and carry a caption."""
+    request = {"id": "smoke-1", "uri": "file:///data/shape.png"}
+    broker.produce("caption-requests", [(0, b"smoke-1", json.dumps(request).encode())])
+    reader = TopicReader(broker, ["caption-results", "caption-dead-letters"])
+    try:
+        done = reader.read_until(lambda view: bool(view.ids("caption-results") or view.ids("caption-dead-letters")), 90)
+        messages = reader.messages
+    finally:
+        reader.close()
+    if not done or not messages["caption-results"]:
+        raise Failed(f"no result for the request within 90s: {messages}\n{engine.logs(name)}")
+    result = messages["caption-results"][0]
+    log(f"caption: {result.get('caption')!r} (truth: {truth!r})")
+    if not result.get("caption"):
+        raise Failed(f"the result has no caption: {result}")
 
 
 if __name__ == "__main__":

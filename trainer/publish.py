@@ -33,7 +33,7 @@ from captionfleet.core.settings import DecodingSettings, S3Settings
 from captionfleet.trainer.checkpoint import weights_version
 from captionfleet.trainer.data import CaptionDataset, DataError, ImageCaptionDataset
 from captionfleet.trainer.evaluate import evaluate_captioner
-from captionfleet.trainer.registry import LatestMovedError, Registry, RegistryError, now
+from captionfleet.trainer.registry import LatestMovedError, LatestState, Registry, RegistryError, now
 
 log = logging.getLogger(__name__)
 
@@ -223,45 +223,13 @@ def publish_version(
     """Upload ``checkpoint`` as a new version, then promote it only if it passes the gate."""
     gate = gate or Gate()
     decoding = decoding or DecodingSettings()
-    metadata_file = checkpoint / METADATA_FILE
-    metadata: dict[str, Any] = json.loads(metadata_file.read_text()) if metadata_file.is_file() else {}
-    # The version is the folder name and what the worker reports: the same string everywhere.
-    version = str(metadata.get("version") or weights_version(checkpoint, metadata.get("name", name)))
-    metadata["version"] = version
+    version, metadata = _version_metadata(checkpoint, name)
     existing = registry.record(version)
     if existing is not None and existing.get("status") in ("promoted", "rejected", "rolled_back"):
-        status = existing.get("status")
-        log.info("%s is already published (%s): nothing to do", version, status)
-        # Promoted means LATEST names it now, not that it once did: since then LATEST may have been
-        # rolled back or moved to a later version (whose promotion leaves this record "promoted").
-        latest = registry.latest()
-        served = latest == version
-        reason = f"already published ({status}): {existing.get('reason', '')}"
-        if status == "promoted" and not served:
-            reason += f"; LATEST now names {latest}, not this version (promote it by hand to serve it again)"
-        return PublishOutcome(
-            version,
-            served,
-            reason,
-            existing.get("scores", {}),
-            existing.get("baseline"),
-            existing.get("baseline_scores"),
-            existing,
-        )
+        return _already_published(registry, version, existing)
 
     # 1. every file up, then a record: from here on the version is complete and can become LATEST.
-    size = registry.upload(checkpoint, version, metadata)
-    record: dict[str, Any] = {
-        "version": version,
-        "status": "candidate",
-        "created": metadata.get("created") or now(),
-        "uploaded": now(),
-        "parent": metadata.get("parent"),
-        "size_bytes": size,
-        "training_scores": metadata.get("scores"),
-        "uri": registry.version_uri(version),
-    }
-    registry.write_record(version, record)
+    record = _upload(registry, checkpoint, version, metadata)
 
     # 2. the gate: candidate and LATEST on the same fixed set, with the same decoding.
     eval_set = ensure_eval_set(registry, eval_source, eval_size)
@@ -286,30 +254,88 @@ def publish_version(
         reason=reason,
     )
 
-    # 3. LATEST moves last, only for a version that passed, and only if LATEST is still the baseline
-    # it passed against: scoring takes minutes, and another publish, a promote or a rollback made
-    # meanwhile must not be overwritten by a decision about a LATEST that is gone.
+    # 3. LATEST moves last, only for a version that passed.
     if promote:
-        try:
-            registry.set_latest(version, action="publish", reason=reason, expect=latest_read)
-        except LatestMovedError as moved:
-            if moved.found == version:  # promoted by hand while it was being scored
-                reason = f"{reason}; LATEST already names it (promoted while it was being scored)"
-            else:
-                promote = False
-                reason = (
-                    f"passed the gate ({reason}), but {moved} while this version was being scored, so it "
-                    f"was not promoted; publish again to compare it with {moved.found}, or promote it by hand "
-                    f"(captionfleet models promote {version})"
-                )
-            record = _update_record(registry, version, record, reason=reason)
-            log.warning("%s: %s", version, reason)
-        else:
-            record = registry.record(version) or record
-            log.info("%s promoted: %s", version, reason)
+        promote, reason, record = _move_latest(registry, version, record, reason, latest_read)
     else:
         log.warning("%s rejected by the quality gate: %s", version, reason)
     return PublishOutcome(version, promote, reason, scores, baseline, baseline_scores, record)
+
+
+def _version_metadata(checkpoint: Path, name: str) -> tuple[str, dict[str, Any]]:
+    """The checkpoint's version and its metadata (with that version in it)."""
+    metadata_file = checkpoint / METADATA_FILE
+    metadata: dict[str, Any] = json.loads(metadata_file.read_text()) if metadata_file.is_file() else {}
+    # The version is the folder name and what the worker reports: the same string everywhere.
+    version = str(metadata.get("version") or weights_version(checkpoint, metadata.get("name", name)))
+    metadata["version"] = version
+    return version, metadata
+
+
+def _already_published(registry: Registry, version: str, existing: dict[str, Any]) -> PublishOutcome:
+    """A version decided before (promoted, rejected, rolled back): nothing to do but say where it stands."""
+    status = existing.get("status")
+    log.info("%s is already published (%s): nothing to do", version, status)
+    # Promoted means LATEST names it now, not that it once did: since then LATEST may have been
+    # rolled back or moved to a later version (whose promotion leaves this record "promoted").
+    latest = registry.latest()
+    served = latest == version
+    reason = f"already published ({status}): {existing.get('reason', '')}"
+    if status == "promoted" and not served:
+        reason += f"; LATEST now names {latest}, not this version (promote it by hand to serve it again)"
+    return PublishOutcome(
+        version,
+        served,
+        reason,
+        existing.get("scores", {}),
+        existing.get("baseline"),
+        existing.get("baseline_scores"),
+        existing,
+    )
+
+
+def _upload(registry: Registry, checkpoint: Path, version: str, metadata: dict[str, Any]) -> dict[str, Any]:
+    """Every file of the version, then its record ("candidate"), which is returned."""
+    size = registry.upload(checkpoint, version, metadata)
+    record: dict[str, Any] = {
+        "version": version,
+        "status": "candidate",
+        "created": metadata.get("created") or now(),
+        "uploaded": now(),
+        "parent": metadata.get("parent"),
+        "size_bytes": size,
+        "training_scores": metadata.get("scores"),
+        "uri": registry.version_uri(version),
+    }
+    registry.write_record(version, record)
+    return record
+
+
+def _move_latest(
+    registry: Registry, version: str, record: dict[str, Any], reason: str, latest_read: LatestState
+) -> tuple[bool, str, dict[str, Any]]:
+    """LATEST := ``version``, only if LATEST is still the baseline it passed against: scoring takes minutes,
+    and another publish, a promote or a rollback made meanwhile must not be overwritten by a decision about
+    a LATEST that is gone. (promoted?, reason, record) afterwards."""
+    promote = True
+    try:
+        registry.set_latest(version, action="publish", reason=reason, expect=latest_read)
+    except LatestMovedError as moved:
+        if moved.found == version:  # promoted by hand while it was being scored
+            reason = f"{reason}; LATEST already names it (promoted while it was being scored)"
+        else:
+            promote = False
+            reason = (
+                f"passed the gate ({reason}), but {moved} while this version was being scored, so it "
+                f"was not promoted; publish again to compare it with {moved.found}, or promote it by hand "
+                f"(captionfleet models promote {version})"
+            )
+        record = _update_record(registry, version, record, reason=reason)
+        log.warning("%s: %s", version, reason)
+    else:
+        record = registry.record(version) or record
+        log.info("%s promoted: %s", version, reason)
+    return promote, reason, record
 
 
 def _update_record(

@@ -28,7 +28,14 @@ _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 class WorkerMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
-        r = self.registry
+        # Defined by area, in this order (the order of /metrics' output).
+        self._request_metrics(self.registry)
+        self._stage_metrics(self.registry)
+        self._consumer_metrics(self.registry)
+        self._model_metrics(self.registry)
+
+    def _request_metrics(self, r: CollectorRegistry) -> None:
+        """Messages in, requests parsed, images out by outcome, dead letters by kind."""
         self.messages = Counter(
             "captionfleet_messages_consumed", "Kafka messages consumed from the request topic", ["topic"], registry=r
         )
@@ -47,6 +54,15 @@ class WorkerMetrics:
         self.ignored = Counter(
             "captionfleet_ignored_events", "S3 events with nothing to caption (test events, deletions)", registry=r
         )
+        # Every outcome and failure kind exists at 0 from the start: Prometheus's rate()/increase()
+        # need a sample before the first event, or a new worker's first burst is never counted.
+        for outcome in ("captioned", "failed"):
+            self.images.labels(outcome)
+        for kind in sorted(FAILURE_KINDS):
+            self.failures.labels(kind)
+
+    def _stage_metrics(self, r: CollectorRegistry) -> None:
+        """Batch sizes and the time each stage of a request takes."""
         self.batch_size = Histogram(
             "captionfleet_batch_size", "images per model call", buckets=_BATCH_BUCKETS, registry=r
         )
@@ -74,6 +90,9 @@ class WorkerMetrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+
+    def _consumer_metrics(self, r: CollectorRegistry) -> None:
+        """The Kafka consumer: lag, in-flight requests, back-pressure, partitions, rebalances, commits."""
         self.lag = Gauge(
             "captionfleet_consumer_lag",
             "messages on the partition not yet done and committed (high watermark minus commit point)",
@@ -89,13 +108,10 @@ class WorkerMetrics:
             "captionfleet_rebalances", "partition assignments received (1 per join; more means rebalances)", registry=r
         )
         self.commits = Counter("captionfleet_commits", "offset commits (each after a producer flush)", registry=r)
+
+    def _model_metrics(self, r: CollectorRegistry) -> None:
+        """The loaded model, and hot swaps to newly published versions."""
         self.model = Info("captionfleet_model", "the loaded model", registry=r)
-        # Every outcome and failure kind exists at 0 from the start: Prometheus's rate()/increase()
-        # need a sample before the first event, or a new worker's first burst is never counted.
-        for outcome in ("captioned", "failed"):
-            self.images.labels(outcome)
-        for kind in sorted(FAILURE_KINDS):
-            self.failures.labels(kind)
         # Hot swaps (worker.hotswap): a new version taking over, and versions that failed to load.
         self.model_swaps = Counter(
             "captionfleet_model_swaps", "switches to a newly published model version", registry=r

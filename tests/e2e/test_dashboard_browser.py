@@ -75,9 +75,7 @@ def fleet(tiny_checkpoint: Path, tmp_path: Path) -> Iterator[dict[str, object]]:
         broker.create_topic("dash-results", 1)
         broker.create_topic("dash-dead", 1)
         port = free_port()
-        worker = WorkerProcess(
-            _worker_env(broker, tiny_checkpoint, images, tmp_path, port), tmp_path / "captionfleet.worker.log"
-        )
+        worker = WorkerProcess(_worker_env(broker, tiny_checkpoint, images, tmp_path, port), tmp_path / "worker.log")
         try:
             worker.wait_ready(timeout_s=120)
             with PrometheusServer([f"127.0.0.1:{port}"], tmp_path / "prometheus") as prometheus:
@@ -106,7 +104,7 @@ def dashboard(fleet: dict[str, object], tmp_path: Path) -> Iterator[str]:
             "CUDA_VISIBLE_DEVICES": "",
         }
     )
-    log = (tmp_path / "captionfleet.dashboard.log").open("ab")
+    log = (tmp_path / "dashboard.log").open("ab")
     proc = subprocess.Popen(
         [sys.executable, "-m", "captionfleet.cli", "dashboard", "--host", "127.0.0.1", "--port", str(port)],
         env=env,
@@ -118,7 +116,7 @@ def dashboard(fleet: dict[str, object], tmp_path: Path) -> Iterator[str]:
     try:
         deadline = time.monotonic() + 90
         while True:
-            assert proc.poll() is None, (tmp_path / "captionfleet.dashboard.log").read_text()
+            assert proc.poll() is None, (tmp_path / "dashboard.log").read_text()
             try:
                 with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as response:
                     if response.read().strip() == b"ok":

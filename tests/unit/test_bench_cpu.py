@@ -1,6 +1,7 @@
 """The benchmark names the CPU's microarchitecture: the limits differ twofold between Zen 4 and Zen 5."""
 
-from bench.compare import _amd_microarchitecture, _cpu_identity
+from bench.machine import amd_microarchitecture as _amd_microarchitecture
+from bench.machine import cpu_identity as _cpu_identity
 
 
 def test_amd_family_and_model_name_the_microarchitecture() -> None:
