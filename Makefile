@@ -44,6 +44,7 @@ integration: $(STAMP) system-deps
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports  # the layers of docs/architecture.md
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
