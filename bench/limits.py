@@ -14,7 +14,7 @@ from torch import nn
 from transformers import GPT2Config, VisionEncoderDecoderModel, ViTConfig
 
 from bench.workload import TOKENS, gen_config, load_plain, open_rgb
-from captionfleet.core import fastpath
+from captionfleet.core import fastpath, onednn
 from captionfleet.core.captioner import Preprocessing
 
 
@@ -74,7 +74,7 @@ def matmul_rates(quick: bool) -> dict[str, dict[str, float]]:
     shapes = [(32 * 197, 768, 3072), (32 * 197, 3072, 768), (128, 768, 50257)]
     reps = 3 if quick else 8
     out: dict[str, dict[str, float]] = {}
-    ops = fastpath._onednn_ops()
+    ops = onednn._onednn_ops()
     for m, k, n in shapes:
         x = torch.randn(m, k)
         lin = nn.Linear(k, n)
@@ -90,7 +90,7 @@ def matmul_rates(quick: bool) -> dict[str, dict[str, float]]:
         kernels["int8 dynamic"] = lambda: q(x)  # noqa: B023
         with torch.inference_mode():
             for name, fn in kernels.items():
-                seconds = fastpath._median_seconds(fn, reps)
+                seconds = onednn._median_seconds(fn, reps)
                 out.setdefault(name, {})[f"{m}x{k}x{n}"] = round(flop / seconds / 1e9, 1)
     return out
 

@@ -1,4 +1,5 @@
-"""The fast path (captionfleet/core/fastpath.py): captions agree with fp32, and every private-op route falls back."""
+"""The fast path (captionfleet/core/fastpath.py and onednn.py): captions agree with fp32, and every
+private-op route falls back."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from PIL import Image
 from torch import nn
 from transformers import VisionEncoderDecoderModel
 
-from captionfleet.core import fastpath
+from captionfleet.core import fastpath, onednn
 from captionfleet.core.captioner import Captioner
 from captionfleet.core.model_store import builtin_model_dir
 from captionfleet.core.settings import DecodingSettings, ModelSettings
@@ -94,15 +95,15 @@ def _images(n: int) -> list[Image.Image]:
 
 
 def test_onednn_route_gives_the_same_captions(tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    if fastpath._onednn_ops() is None:
+    if onednn._onednn_ops() is None:
         pytest.skip("this torch build has no oneDNN linear ops")
     decoding = DecodingSettings(num_beams=3, max_new_tokens=8)
-    monkeypatch.setattr(fastpath, "onednn_is_faster", lambda *_: False)
+    monkeypatch.setattr(onednn, "onednn_is_faster", lambda *_: False)
     plain = Captioner.from_dir(tiny_checkpoint, device="cpu", decoding=decoding, precision="fp32")
-    assert not [m for m in plain.model.modules() if isinstance(m, fastpath.OneDNNLinear)]
-    monkeypatch.setattr(fastpath, "onednn_is_faster", lambda *_: True)  # route every layer, whatever is faster
+    assert not [m for m in plain.model.modules() if isinstance(m, onednn.OneDNNLinear)]
+    monkeypatch.setattr(onednn, "onednn_is_faster", lambda *_: True)  # route every layer, whatever is faster
     routed = Captioner.from_dir(tiny_checkpoint, device="cpu", decoding=decoding, precision="fp32")
-    assert [m for m in routed.model.modules() if isinstance(m, fastpath.OneDNNLinear)]
+    assert [m for m in routed.model.modules() if isinstance(m, onednn.OneDNNLinear)]
     images = _images(6)
     assert routed.caption(images) == plain.caption(images)
 
@@ -125,20 +126,20 @@ def test_decoder_attention_is_eager_on_cpu_and_captions_match_sdpa(tiny_checkpoi
 def test_gelu_fused_into_the_gemm_gives_the_same_captions(
     tiny_checkpoint: Path, precision: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    if fastpath._onednn_ops() is None:
+    if onednn._onednn_ops() is None:
         pytest.skip("this torch build has no oneDNN linear ops")
     if not _onednn_linear_runs(precision):
         # oneDNN's bf16 linear needs AVX-512 or AVX-NE-CONVERT (not on an AVX2-only CPU such as AMD Zen 3):
         # there every layer stays plain, as test_falls_back_when_the_private_op_fails covers.
         pytest.skip(f"oneDNN's {precision} linear does not run on this CPU: nothing to fuse")
-    monkeypatch.setattr(fastpath, "onednn_is_faster", lambda *_: True)  # route every layer, whatever is faster
+    monkeypatch.setattr(onednn, "onednn_is_faster", lambda *_: True)  # route every layer, whatever is faster
     decoding = DecodingSettings(num_beams=3, max_new_tokens=8)
     fused = Captioner.from_dir(tiny_checkpoint, device="cpu", decoding=decoding, precision=precision)
-    gemms = [m for m in fused.model.modules() if isinstance(m, fastpath.OneDNNLinear) and m.attr == "gelu"]
+    gemms = [m for m in fused.model.modules() if isinstance(m, onednn.OneDNNLinear) and m.attr == "gelu"]
     # The tiny model has 2 ViT and 2 GPT-2 layers: erf GELU in the encoder, tanh GELU in the decoder.
     assert sorted(m.algorithm for m in gemms) == ["none", "none", "tanh", "tanh"]
     assert not [m for m in fused.model.modules() if type(m).__name__ in ("GELUActivation", "NewGELUActivation")]
-    monkeypatch.setattr(fastpath, "fuse_gelu", lambda _model: 0)
+    monkeypatch.setattr(onednn, "fuse_gelu", lambda _model: 0)
     separate = Captioner.from_dir(tiny_checkpoint, device="cpu", decoding=decoding, precision=precision)
     images = _images(6)
     assert fused.caption(images) == separate.caption(images)
@@ -147,7 +148,7 @@ def test_gelu_fused_into_the_gemm_gives_the_same_captions(
 def _onednn_linear_runs(precision: str) -> bool:
     """Whether this CPU runs oneDNN's packed linear in ``precision`` (routing keeps plain layers where not)."""
     layer = nn.Sequential(nn.Linear(8, 16)).to({"fp32": torch.float32, "bf16": torch.bfloat16}[precision])
-    return fastpath.route_linears_to_onednn(layer, measure=False) == 1
+    return onednn.route_linears_to_onednn(layer, measure=False) == 1
 
 
 class ViTMLP(nn.Module):  # the name and layout of transformers' ViT MLP, which fuse_gelu looks for
@@ -160,7 +161,7 @@ class ViTMLP(nn.Module):  # the name and layout of transformers' ViT MLP, which 
 
 
 def test_gelu_fusion_is_undone_when_the_post_op_is_wrong(monkeypatch: pytest.MonkeyPatch) -> None:
-    ops = fastpath._onednn_ops()
+    ops = onednn._onednn_ops()
     if ops is None:
         pytest.skip("this torch build has no oneDNN linear ops")
     reorder, linear_op = ops
@@ -168,25 +169,25 @@ def test_gelu_fusion_is_undone_when_the_post_op_is_wrong(monkeypatch: pytest.Mon
     def ignores_post_ops(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, *_rest: object) -> torch.Tensor:
         return linear_op(x, w, b, "none", [], "")
 
-    monkeypatch.setattr(fastpath, "_onednn_ops", lambda: (reorder, ignores_post_ops))
+    monkeypatch.setattr(onednn, "_onednn_ops", lambda: (reorder, ignores_post_ops))
     mlp = ViTMLP(nn.GELU())
-    assert fastpath.route_linears_to_onednn(mlp, measure=False) == 2
-    assert fastpath.fuse_gelu(mlp) == 0
+    assert onednn.route_linears_to_onednn(mlp, measure=False) == 2
+    assert onednn.fuse_gelu(mlp) == 0
     assert isinstance(mlp.activation_fn, nn.GELU) and mlp.fc1.attr == "none"
 
 
 def test_only_gelu_is_fused() -> None:
     from transformers.activations import ACT2FN
 
-    assert fastpath._gelu_algorithm(ACT2FN["gelu"]) == "none"
-    assert fastpath._gelu_algorithm(ACT2FN["gelu_new"]) == "tanh"  # GPT-2
-    assert fastpath._gelu_algorithm(ACT2FN["gelu_pytorch_tanh"]) == "tanh"
-    assert fastpath._gelu_algorithm(nn.GELU(approximate="tanh")) == "tanh"
-    assert fastpath._gelu_algorithm(ACT2FN["relu"]) is None
-    assert fastpath._gelu_algorithm(ACT2FN["gelu_python"]) is None  # erf in Python: left as it is
+    assert onednn._gelu_algorithm(ACT2FN["gelu"]) == "none"
+    assert onednn._gelu_algorithm(ACT2FN["gelu_new"]) == "tanh"  # GPT-2
+    assert onednn._gelu_algorithm(ACT2FN["gelu_pytorch_tanh"]) == "tanh"
+    assert onednn._gelu_algorithm(nn.GELU(approximate="tanh")) == "tanh"
+    assert onednn._gelu_algorithm(ACT2FN["relu"]) is None
+    assert onednn._gelu_algorithm(ACT2FN["gelu_python"]) is None  # erf in Python: left as it is
     mlp = ViTMLP(nn.ReLU())
-    if fastpath.route_linears_to_onednn(mlp, measure=False):
-        assert fastpath.fuse_gelu(mlp) == 0
+    if onednn.route_linears_to_onednn(mlp, measure=False):
+        assert onednn.fuse_gelu(mlp) == 0
 
 
 def test_eager_attention_switch_tolerates_models_without_it() -> None:
@@ -216,21 +217,21 @@ def test_float32_paths_do_not_keep_the_checkpoint_file_mapped(
 
 
 def test_falls_back_when_the_private_op_is_missing(tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(fastpath, "_onednn_ops", lambda: None)
-    fastpath.onednn_is_faster.cache_clear()
+    monkeypatch.setattr(onednn, "_onednn_ops", lambda: None)
+    onednn.onednn_is_faster.cache_clear()
     captioner = Captioner.from_dir(tiny_checkpoint, device="cpu", precision="fp32")
-    assert not [m for m in captioner.model.modules() if isinstance(m, fastpath.OneDNNLinear)]
+    assert not [m for m in captioner.model.modules() if isinstance(m, onednn.OneDNNLinear)]
     assert len(captioner.caption(_images(3))) == 3
-    fastpath.onednn_is_faster.cache_clear()
+    onednn.onednn_is_faster.cache_clear()
 
 
 def test_falls_back_when_the_private_op_fails(monkeypatch: pytest.MonkeyPatch) -> None:
     def broken(*args: object) -> torch.Tensor:
         raise RuntimeError("mkldnn: unsupported")
 
-    monkeypatch.setattr(fastpath, "_onednn_ops", lambda: (lambda w, _hint: w, broken))
+    monkeypatch.setattr(onednn, "_onednn_ops", lambda: (lambda w, _hint: w, broken))
     model = nn.Sequential(nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 2))
-    assert fastpath.route_linears_to_onednn(model, measure=False) == 0
+    assert onednn.route_linears_to_onednn(model, measure=False) == 0
     assert [type(m) for m in model] == [nn.Linear, nn.ReLU, nn.Linear]
 
 
@@ -238,7 +239,7 @@ def test_falls_back_when_the_private_op_is_wrong(monkeypatch: pytest.MonkeyPatch
     def wrong(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, *rest: object) -> torch.Tensor:
         return torch.zeros(x.shape[0], w.shape[0])
 
-    monkeypatch.setattr(fastpath, "_onednn_ops", lambda: (lambda w, _hint: w, wrong))
+    monkeypatch.setattr(onednn, "_onednn_ops", lambda: (lambda w, _hint: w, wrong))
     model = nn.Sequential(nn.Linear(8, 4))
-    assert fastpath.route_linears_to_onednn(model, measure=False) == 0
+    assert onednn.route_linears_to_onednn(model, measure=False) == 0
     assert type(model[0]) is nn.Linear
