@@ -41,7 +41,7 @@ from pydantic import SecretStr
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from captionfleet.core.captioner import Captioner
+from captionfleet.core.captioner import Captioner, CaptionModel, ModelWrapper
 from captionfleet.core.images import decode_image
 from captionfleet.core.loading import load_checkpoint
 from captionfleet.core.settings import BatchSettings, BulkS3Settings, DecodingSettings, S3Settings, WorkerSettings
@@ -103,11 +103,15 @@ def build_checkpoint(kind: str, where: Path) -> Path:
     return save_full_checkpoint(where)
 
 
-class InstantCaptioner(Captioner):
+class InstantCaptioner(ModelWrapper):
     """The real captioner's version and preprocessing, with a model that answers at once."""
 
     def __init__(self, real: Captioner) -> None:
-        self.__dict__.update(real.__dict__)
+        self._real = real
+
+    @property
+    def wrapped(self) -> Captioner:
+        return self._real
 
     def caption_pixels(self, pixel_values: torch.Tensor, decoding: DecodingSettings | None = None) -> list[str]:
         return [""] * pixel_values.shape[0]
@@ -133,7 +137,7 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def job(captioner: Captioner, settings: WorkerSettings, out: str, expected: int) -> tuple[float, float]:
+def job(captioner: CaptionModel, settings: WorkerSettings, out: str, expected: int) -> tuple[float, float]:
     """(images/s from call to return, CPU ms per image) for one whole S3 job."""
     start, cpu = time.perf_counter(), time.process_time()
     summary = run_s3_caption_job(f"s3://{BUCKET}/photos/", out, settings, show_progress=False, captioner=captioner)

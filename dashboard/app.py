@@ -1,4 +1,4 @@
-"""The dashboard's layout: `captionfleet dashboard` (or `streamlit run dashboard/app.py`).
+"""The dashboard's layout: `captionfleet dashboard` (or `python -m captionfleet.dashboard`, installed).
 
 Two tabs: ad-hoc captioning of uploads, and the operators' live view of the fleet. Everything it
 shows comes from dashboard/model.py, uploads.py and fleet.py; this file only decides where it goes.

@@ -26,7 +26,7 @@ import torch
 
 from captionfleet.core.registry_layout import METADATA_FILE
 from captionfleet.trainer.data import DataError
-from captionfleet.trainer.model import ModelBundle, load_checkpoint
+from captionfleet.trainer.model import ModelBundle, load_training_parts
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +166,7 @@ def load_resume(run_dir: Path, *, fingerprint: dict[str, Any]) -> ResumeState | 
     state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
     extra = json.loads(state["extra"])
     check_fingerprint(path, extra.get("fingerprint"), fingerprint)  # before loading weights: refusing is quick
-    model, processor, tokenizer = load_checkpoint(path / MODEL_SUBDIR)
+    model, processor, tokenizer = load_training_parts(path / MODEL_SUBDIR)
     bundle = ModelBundle(model, processor, tokenizer, extra.pop("parent", None))
     return ResumeState(bundle, int(state["step"]), state["optimizer"], state["scaler"], extra, state["rng"], path)
 

@@ -26,7 +26,7 @@ class ModelBundle:
     parent: dict[str, Any] | None  # what it was fine-tuned from; None when built from scratch
 
 
-def load_checkpoint(path: Path) -> tuple[VisionEncoderDecoderModel, Any, Any]:
+def load_training_parts(path: Path) -> tuple[VisionEncoderDecoderModel, Any, Any]:
     """Model, image processor and tokenizer from a save_pretrained directory (safetensors only)."""
     model = VisionEncoderDecoderModel.from_pretrained(path, use_safetensors=True, dtype=torch.float32)
     processor = AutoImageProcessor.from_pretrained(path, use_fast=False)
@@ -86,7 +86,7 @@ def configure_model(settings: TrainerSettings, captions_for_tokenizer: list[str]
         from captionfleet.core.model_store import resolve_model_ref
 
         path = resolve_model_ref(settings.init_from, cache_dir=settings.cache_dir, s3=settings.s3)
-        model, processor, tokenizer = load_checkpoint(path)
+        model, processor, tokenizer = load_training_parts(path)
         fix_special_tokens(model, tokenizer)
         log.info("fine-tuning %s (%s)", settings.init_from, path)
         return ModelBundle(model, processor, tokenizer, parent_of(path, settings.init_from))

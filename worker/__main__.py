@@ -170,7 +170,7 @@ def _serve(settings: WorkerSettings) -> int:
             captioner.on_swap(worker.model_swapped)
         watcher = start_watcher(settings, captioner, metrics)  # polls LATEST; None for a fixed model
         try:
-            with stop_on_signals(_stopping(worker.stop)):
+            with stop_on_signals(_stopping(worker.stop), on_windows=True):
                 report = worker.run()
         except (KafkaError, RuntimeError, OSError) as error:
             log.error("worker stopped: %s", error)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from captionfleet.core.captioner import Captioner
+from captionfleet.core.captioner import CaptionModel
 from captionfleet.core.images import ImageLimits
 from captionfleet.core.loading import load_model as load_captioner  # a .../LATEST ref: kept to the end of the run
 from captionfleet.core.settings import WorkerSettings
@@ -57,7 +57,7 @@ def run_caption_job(
     *,
     overwrite: bool = False,
     show_progress: bool = True,
-    captioner: Captioner | None = None,
+    captioner: CaptionModel | None = None,
 ) -> BulkSummary:
     """Caption the images under ``source`` (a folder) into ``out`` (.parquet or .jsonl).
 

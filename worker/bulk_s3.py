@@ -27,7 +27,7 @@ from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from captionfleet.core.captioner import Captioner
+from captionfleet.core.captioner import CaptionModel
 from captionfleet.core.failures import FAILURE_KINDS
 from captionfleet.core.images import ImageLimits
 from captionfleet.core.s3 import ObjectStore, RetryPolicy, access_error, as_object_store, make_s3_client, parse_s3_uri
@@ -178,7 +178,7 @@ def run_s3_caption_job(
     *,
     options: S3JobOptions = S3JobOptions(),
     show_progress: bool = True,
-    captioner: Captioner | None = None,
+    captioner: CaptionModel | None = None,
     client: ObjectStore | None = None,
     on_result: Callable[[Result], None] | None = None,
 ) -> S3JobSummary:
@@ -278,7 +278,7 @@ def _caption(
     store: PartStore,
     index: ShardIndex,
     pages: Iterator[list[S3Object]],
-    captioner: Captioner,
+    captioner: CaptionModel,
     run: _Run,
     *,
     show_progress: bool,

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from botocore.exceptions import BotoCoreError, ClientError
 
 from captionfleet.core.captioner import Captioner, CaptionModel
-from captionfleet.core.loading import load_model, load_version
+from captionfleet.core.loading import check_named_version, load_model, load_version
 from captionfleet.core.model_store import ModelRefError
 from captionfleet.core.registry_layout import LATEST, latest_root, read_latest
 from captionfleet.core.s3 import make_s3_client
@@ -125,10 +125,7 @@ class ModelWatcher:
         log.info("%s names %s (serving %s): loading it in the background", self.where, version, self._wanted)
         try:
             captioner = self._load(version)
-            if captioner.version != version:
-                raise ModelRefError(
-                    f"its captionfleet.json says version {captioner.version!r}; republish it with the trainer"
-                )
+            check_named_version(captioner, version, f"the version {self.where} names")
             self.target.offer(captioner)
         except Exception as error:  # whatever breaks a load must leave the old model serving
             transient = is_storage_error(error)

@@ -1,13 +1,14 @@
 """From a model ref to a loaded captioner: the one way every part loads a model.
 
 - ``load_checkpoint``: a local checkpoint folder -> a Captioner, optionally with torch's threads set
-  first and one warm-up batch after. Callers that run at a fixed device and precision and manage
-  torch's threads themselves (trainer evaluation, benchmarks) pass ``threads=None``.
+  first and one warm-up batch after. The trainer and the benchmarks pass ``threads=None``: they leave
+  torch's threads as the process set them (``train`` and the benchmarks set them themselves; evaluation
+  and the gate's scoring run with torch's default).
 - ``load_model``: what ``WORKER_MODEL__*`` names (a folder, s3:// prefix, hub id, builtin, or a
   ``s3://.../models/<name>/LATEST`` ref, which loads the version LATEST names now) with the worker's
   device, precision, decoding and thread settings: what the worker, the bulk jobs and the dashboard serve.
 - ``load_version``: one published version of a registry root, with the same settings (the hot swap, the
-  dashboard following LATEST).
+  dashboard following LATEST); the version its captionfleet.json names must be the one asked for.
 """
 
 from __future__ import annotations
@@ -69,7 +70,21 @@ def _load_ref(ref: str, settings: WorkerSettings, *, warm: bool) -> Captioner:
 
 def load_version(root: str, version: str, settings: WorkerSettings, *, warm: bool = False) -> Captioner:
     """Version ``version`` of the registry at ``root`` (``s3://bucket/models/<name>``), with the worker's settings."""
-    return _load_ref(version_uri(root, version), settings, warm=warm)
+    captioner = _load_ref(version_uri(root, version), settings, warm=False)
+    check_named_version(captioner, version, version_uri(root, version))
+    if warm:
+        warm_up(captioner)
+    return captioner
+
+
+def check_named_version(captioner: CaptionModel, version: str, where: str) -> None:
+    """A published version must say it is that version (its captionfleet.json): results name it, and a
+    copy of another version under this name would be served as something it is not."""
+    if captioner.version != version:
+        raise ModelRefError(
+            f"{where} says it is version {captioner.version!r} (captionfleet.json): "
+            "republish it with the trainer (captionfleet train --publish-to ...)"
+        )
 
 
 def serving_version(root: str, s3: S3Settings) -> str:
@@ -88,21 +103,10 @@ def serving_version(root: str, s3: S3Settings) -> str:
     return version
 
 
-def load_model(settings: WorkerSettings, *, warm: bool = False) -> Captioner:
+def load_model(settings: WorkerSettings) -> Captioner:
     """The model ``settings.model.ref`` names, with the worker's device, precision, decoding and threads.
-
-    A ``.../LATEST`` ref loads the version LATEST names now, and that version's captionfleet.json must
-    say the same version (a watcher following LATEST compares the two)."""
+    A ``.../LATEST`` ref loads the version LATEST names now."""
     root = latest_root(settings.model.ref)
     if root is None:
-        return _load_ref(settings.model.ref, settings, warm=warm)
-    version = serving_version(root, settings.s3)
-    captioner = load_version(root, version, settings)
-    if captioner.version != version:
-        raise ModelRefError(
-            f"{version_uri(root, version)} says it is version {captioner.version!r} (captionfleet.json): "
-            "republish it with the trainer (captionfleet train --publish-to ...)"
-        )
-    if warm:
-        warm_up(captioner)
-    return captioner
+        return _load_ref(settings.model.ref, settings, warm=False)
+    return load_version(root, serving_version(root, settings.s3), settings)

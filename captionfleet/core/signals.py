@@ -21,13 +21,14 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 @contextmanager
-def stop_on_signals(on_signal: Callable[[int], None]) -> Iterator[None]:
+def stop_on_signals(on_signal: Callable[[int], None], *, on_windows: bool = False) -> Iterator[None]:
     """While the block runs, SIGINT and SIGTERM call ``on_signal(signum)`` (which logs and asks the work
     to stop) instead of raising KeyboardInterrupt or ending the process; the previous handlers come back
-    afterwards, however the block ends."""
-    # Windows keeps Python's default Ctrl-C, as the bulk jobs always had it there: the services run in
-    # Linux containers, and graceful stop is only exercised there.
-    if sys.platform == "win32" or threading.current_thread() is not threading.main_thread():
+    afterwards, however the block ends.
+
+    ``on_windows``: install them on Windows too. The stream worker does (Ctrl-C drains and commits there
+    as anywhere); the bulk jobs keep Python's default Ctrl-C on Windows, as they always had it."""
+    if (sys.platform == "win32" and not on_windows) or threading.current_thread() is not threading.main_thread():
         yield
         return
 

@@ -1,5 +1,5 @@
 """The dashboard end to end, in a real browser: `captionfleet dashboard` served by Streamlit, a
-streaming worker (`python -m worker`) on the real Kafka-compatible broker, and a real Prometheus
+streaming worker (`python -m captionfleet.worker`) on the real Kafka-compatible broker, and a real Prometheus
 scraping that worker every second. Chromium (via Playwright) uploads an image through the page and
 reads its caption, then watches the fleet tab chart the batches the worker captioned.
 

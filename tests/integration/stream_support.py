@@ -1,5 +1,5 @@
 """Helpers for the streaming worker's integration tests: the mixed 500-request workload, the worker as
-a real subprocess (`python -m worker`), and reading its answers back from the broker."""
+a real subprocess (`python -m captionfleet.worker`), and reading its answers back from the broker."""
 
 from __future__ import annotations
 
@@ -174,7 +174,7 @@ def worker_env(
 
 
 class WorkerProcess:
-    """`python -m worker` with its log in a file; stopped (SIGKILL) at cleanup if still running."""
+    """`python -m captionfleet.worker` with its log in a file; stopped (SIGKILL) at cleanup if still running."""
 
     def __init__(self, env: dict[str, str], log_path: Path) -> None:
         self.log_path = log_path

@@ -1,4 +1,4 @@
-"""A refresh run as the CronJob runs it: `python -m trainer --init-from latest --data s3://…manifest
+"""A refresh run as the CronJob runs it: `python -m captionfleet.trainer --init-from latest --data s3://…manifest
 --publish-to s3://…/models/tiny` fine-tunes the version LATEST names on new data from S3 and publishes
 the result through the gate, recording its parent; against the real S3 server."""
 

@@ -1,4 +1,4 @@
-"""Hot swap in a running streaming worker (`python -m worker`), against the real broker and S3 server.
+"""Hot swap in a running streaming worker (`python -m captionfleet.worker`), against the real broker and S3 server.
 
 The worker follows s3://…/models/tiny/LATEST. Under steady traffic: LATEST moves to a new version and
 results switch from the old version to the new one with nothing lost or failed; then LATEST names a

@@ -1,4 +1,4 @@
-"""The streaming worker as it runs in production (`python -m worker`), against the real broker and
+"""The streaming worker as it runs in production (`python -m captionfleet.worker`), against the real broker and
 the real S3 server: 500 requests over 4 partitions mixing captions, corrupt images, missing keys,
 forbidden uris, malformed messages and S3 event notifications.
 

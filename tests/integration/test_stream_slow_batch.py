@@ -18,7 +18,7 @@ import pytest
 import torch
 from kafka import TopicPartition
 
-from captionfleet.core.captioner import Captioner
+from captionfleet.core.captioner import Captioner, ModelWrapper
 from captionfleet.core.failures import EXIT_OK
 from captionfleet.core.settings import DecodingSettings, WorkerSettings
 from captionfleet.worker.connectors.kafka import KafkaOutput, KafkaSource, make_producer
@@ -35,11 +35,14 @@ POLL_INTERVAL_MS = 2000
 BATCH_S = 3.0  # every batch takes longer than the poll interval
 
 
-class SlowCaptioner(Captioner):
+class SlowCaptioner(ModelWrapper):
     def __init__(self, inner: Captioner, seconds: float) -> None:
-        self.__dict__.update(inner.__dict__)
         self._inner = inner
         self.seconds = seconds
+
+    @property
+    def wrapped(self) -> Captioner:
+        return self._inner
 
     def caption_pixels(self, pixel_values: torch.Tensor, decoding: DecodingSettings | None = None) -> list[str]:
         time.sleep(self.seconds)

@@ -27,7 +27,7 @@ def test_the_hash_is_pinned() -> None:
 
 
 def test_the_hash_does_not_depend_on_the_process() -> None:
-    code = "from worker.sharding import shard_of; print([shard_of(f'k{i}', 7) for i in range(50)])"
+    code = "from captionfleet.worker.sharding import shard_of; print([shard_of(f'k{i}', 7) for i in range(50)])"
     outputs = {
         subprocess.run(
             [sys.executable, "-c", code],

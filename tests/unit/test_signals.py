@@ -41,3 +41,22 @@ def test_outside_the_main_thread_nothing_is_installed() -> None:
     thread.start()
     thread.join()
     assert during == [before]
+
+
+def test_on_windows_only_the_stream_worker_installs_handlers(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The stream worker drains and commits on Ctrl-C everywhere; the bulk jobs keep Windows' default Ctrl-C.
+    monkeypatch.setattr("captionfleet.core.signals.sys.platform", "win32")
+    before = signal.getsignal(signal.SIGINT)
+    with stop_on_signals(lambda signum: None):
+        assert signal.getsignal(signal.SIGINT) == before
+    with stop_on_signals(lambda signum: None, on_windows=True):
+        assert signal.getsignal(signal.SIGINT) != before
+    assert signal.getsignal(signal.SIGINT) == before
+
+
+def test_the_stream_worker_asks_for_its_handlers_on_windows_too() -> None:
+    import inspect
+
+    from captionfleet.worker import __main__ as worker_main
+
+    assert "stop_on_signals(_stopping(worker.stop), on_windows=True)" in inspect.getsource(worker_main)

@@ -1,4 +1,4 @@
-"""`captionfleet worker` / `python -m worker`: settings errors name the fix, logs can be JSON."""
+"""`captionfleet worker` / `python -m captionfleet.worker`: settings errors name the fix, logs can be JSON."""
 
 from __future__ import annotations
 

@@ -8,7 +8,9 @@ One module per concern:
 - ``offsets``: per assigned partition, the messages still in flight and the offset that may be committed;
 - ``answers``: the result and dead-letter records, shaped to fit the topic's size limit;
 - ``metered``: the model, timed per batch for the metrics;
-- ``loop``: ``StreamWorker``, the threads below and the commit order.
+- ``stages``: the fetch threads and the model thread;
+- ``commits``: the commit order below, and the consumer lag it leaves;
+- ``loop``: ``StreamWorker``, the consumer thread that ties them together.
 
 Threads and who owns what:
 

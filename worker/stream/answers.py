@@ -16,7 +16,7 @@ from captionfleet.worker.metrics import WorkerMetrics
 from captionfleet.worker.stream.items import Origin, StreamItem, where
 from captionfleet.worker.stream.ports import Output
 
-# The stream's one logger name, as before it became a package (log queries and alerts match on it).
+# The stream's one logger name for all its modules (captionfleet.worker.stream): log queries match on it.
 log = logging.getLogger(__package__)
 
 _TIMINGS = ("fetch_ms", "decode_ms", "queue_ms", "inference_ms")

@@ -17,7 +17,7 @@ from captionfleet.worker.metrics import WorkerMetrics
 from captionfleet.worker.stream.offsets import Offsets
 from captionfleet.worker.stream.ports import CommitRejectedError, Output, Source
 
-# The stream's one logger name, as before it became a package (log queries and alerts match on it).
+# The stream's one logger name for all its modules (captionfleet.worker.stream): log queries match on it.
 log = logging.getLogger(__package__)
 
 _LAG_EVERY_S = 1.0

@@ -29,7 +29,7 @@ from captionfleet.worker.stream.offsets import Offsets
 from captionfleet.worker.stream.ports import Output, Record, Source
 from captionfleet.worker.stream.stages import Stages
 
-# The stream's one logger name, as before it became a package (log queries and alerts match on it).
+# The stream's one logger name for all its modules (captionfleet.worker.stream): log queries match on it.
 log = logging.getLogger(__package__)
 
 

@@ -25,7 +25,7 @@ from captionfleet.worker.metrics import WorkerMetrics
 from captionfleet.worker.pipeline import CaptionPipeline, Item
 from captionfleet.worker.stream.items import Finished, StreamItem
 
-# The stream's one logger name, as before it became a package (log queries and alerts match on it).
+# The stream's one logger name for all its modules (captionfleet.worker.stream): log queries match on it.
 log = logging.getLogger(__package__)
 
 _END = object()  # closes the pipeline's input

@@ -1,0 +1,1 @@
+"""Operations scripts: the image smoke test, the container healthcheck (not installed)."""
