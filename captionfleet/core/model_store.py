@@ -24,7 +24,7 @@ from urllib.parse import urlparse
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from captionfleet.core.s3 import make_s3_client, parse_s3_uri
+from captionfleet.core.s3 import describe_error, make_s3_client, parse_s3_uri
 from captionfleet.core.settings import S3Settings
 
 if TYPE_CHECKING:
@@ -132,7 +132,7 @@ def _resolve_s3(uri: str, *, cache_dir: Path, settings: S3Settings) -> Path:
     try:
         objects = _list_objects(client, bucket, prefix)
     except (ClientError, BotoCoreError) as error:
-        raise ModelRefError(f"could not list {uri}: {_describe(error)}; {S3_FIX_HINT}") from error
+        raise ModelRefError(f"could not list {uri}: {describe_error(error)}; {S3_FIX_HINT}") from error
 
     files: dict[str, tuple[str, str, int]] = {}  # relative path -> (key, etag, size)
     pickled: list[str] = []
@@ -216,7 +216,7 @@ def _download(client: S3Client, uri: str, files: dict[str, tuple[str, str, int]]
                     shutil.copyfileobj(response["Body"], out, length=1024 * 1024)
             except (ClientError, BotoCoreError) as error:
                 raise ModelRefError(
-                    f"could not download s3://{_bucket_of(uri)}/{key}: {_describe(error)} "
+                    f"could not download s3://{_bucket_of(uri)}/{key}: {describe_error(error)} "
                     f"(if it changed while downloading, retry); {S3_FIX_HINT}"
                 ) from error
             if dest.stat().st_size != size:
@@ -237,13 +237,6 @@ def _download(client: S3Client, uri: str, files: dict[str, tuple[str, str, int]]
 
 def _bucket_of(uri: str) -> str:
     return parse_s3_uri(uri)[0]
-
-
-def _describe(error: Exception) -> str:
-    if isinstance(error, ClientError):
-        info = error.response.get("Error", {})
-        return f"{info.get('Code', '?')} ({info.get('Message', '')})"
-    return str(error)
 
 
 # -- Hugging Face hub ----------------------------------------------------------------------------
