@@ -28,7 +28,7 @@ from captionfleet.core.failures import ImageError
 from captionfleet.core.images import ImageLimits, decode_image
 from captionfleet.core.loading import load_checkpoint
 from captionfleet.core.model_store import resolve_model_ref
-from captionfleet.core.registry_layout import EVAL, METADATA_FILE
+from captionfleet.core.registry_layout import EVAL, EVAL_IMAGES, EVAL_INFO, EVAL_MANIFEST, METADATA_FILE
 from captionfleet.core.settings import DecodingSettings, S3Settings
 from captionfleet.trainer.checkpoint import weights_version
 from captionfleet.trainer.data import CaptionDataset, DataError, ImageCaptionDataset
@@ -37,7 +37,6 @@ from captionfleet.trainer.registry import LatestMovedError, LatestState, Registr
 
 log = logging.getLogger(__name__)
 
-EVAL_MANIFEST = "manifest.jsonl"
 GateMetric = Literal["cider", "bleu4", "exact_match"]
 
 
@@ -85,7 +84,7 @@ class EvalSet:
 
 
 def eval_set_exists(registry: Registry) -> bool:
-    return registry.get_json(registry.key(EVAL, "info.json")) is not None
+    return registry.get_json(registry.key(EVAL, EVAL_INFO)) is not None
 
 
 def write_eval_set(registry: Registry, source: CaptionDataset, size: int) -> None:
@@ -119,19 +118,19 @@ def write_eval_set(registry: Registry, source: CaptionDataset, size: int) -> Non
     digest = hashlib.sha256(manifest).hexdigest()
     folder = digest[:16]
     for i, data in enumerate(images):
-        key = registry.key(EVAL, folder, "images", f"{i:05d}.png")
+        key = registry.key(EVAL, folder, EVAL_IMAGES, f"{i:05d}.png")
         registry.client.put_object(Bucket=registry.bucket, Key=key, Body=data, ContentType="image/png")
     registry.client.put_object(Bucket=registry.bucket, Key=registry.key(EVAL, folder, EVAL_MANIFEST), Body=manifest)
     # Last, and only if absent: its presence means a set is complete, and it is never replaced.
     info = {"images": count, "sha256": digest, "folder": folder, "source": source.describe(), "at": now()}
-    if registry.create_json(registry.key(EVAL, "info.json"), info):
+    if registry.create_json(registry.key(EVAL, EVAL_INFO), info):
         log.info("stored the evaluation set (%d images) at %s", count, registry.uri(EVAL, folder))
     else:
         log.warning("another publish stored the evaluation set first: scoring on that one")
 
 
 def read_eval_set(registry: Registry) -> EvalSet:
-    info = registry.get_json(registry.key(EVAL, "info.json"))
+    info = registry.get_json(registry.key(EVAL, EVAL_INFO))
     if info is None:
         raise RegistryError(
             f"{registry.uri(EVAL)} has no evaluation set: the first publish writes it from its validation images"
@@ -143,7 +142,7 @@ def read_eval_set(registry: Registry) -> EvalSet:
     digest = hashlib.sha256(manifest).hexdigest()
     if digest != info.get("sha256"):
         raise RegistryError(
-            f"{registry.uri(*base, EVAL_MANIFEST)} does not match the sha256 in {registry.uri(EVAL, 'info.json')}: "
+            f"{registry.uri(*base, EVAL_MANIFEST)} does not match the sha256 in {registry.uri(EVAL, EVAL_INFO)}: "
             "it changed after it was written; restore it from a backup or versioned bucket (scores against "
             "another set would not be comparable)"
         )

@@ -24,6 +24,7 @@ from captionfleet.core.registry_layout import (
     RECORDS,
     VERSIONS,
     check_version,
+    latest_root,
     parse_latest,
     read_latest,
 )
@@ -65,8 +66,7 @@ def now() -> str:
 class Registry:
     def __init__(self, root: str, s3: S3Settings | None = None, client: S3Client | None = None) -> None:
         root = root.strip().rstrip("/")
-        if root.endswith("/" + LATEST):
-            root = root[: -len(LATEST) - 1]
+        root = latest_root(root) or root  # a .../LATEST ref names its registry
         try:
             self.bucket, self.prefix = parse_s3_uri(root)
         except ValueError as error:

@@ -32,6 +32,10 @@ VERSIONS = "versions"
 RECORDS = "records"
 HISTORY = "history"
 EVAL = "eval"
+# The fixed evaluation set: eval/info.json names the folder eval/<digest>/ holding manifest.jsonl and images/.
+EVAL_INFO = "info.json"
+EVAL_MANIFEST = "manifest.jsonl"
+EVAL_IMAGES = "images"
 # What the trainer records in every checkpoint it writes (version, name, parent, ...); uploaded last.
 METADATA_FILE = "captionfleet.json"
 

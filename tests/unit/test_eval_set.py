@@ -11,8 +11,9 @@ import logging
 import pytest
 from PIL import Image
 
+from captionfleet.core.registry_layout import EVAL, EVAL_MANIFEST
 from captionfleet.trainer.data import ImageCaptionDataset
-from captionfleet.trainer.publish import EVAL, EVAL_MANIFEST, read_eval_set, write_eval_set
+from captionfleet.trainer.publish import read_eval_set, write_eval_set
 from captionfleet.trainer.registry import Registry, RegistryError
 from tests.unit.test_publish_race import RegistryS3
 
