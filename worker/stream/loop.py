@@ -63,7 +63,6 @@ class StreamWorker:
         self.kafka = settings.kafka
         self.source = source
         self.output = output
-        self.fetcher = fetcher
         self.metrics = metrics or WorkerMetrics()
         self.health = health or Health()
         self.name = name
