@@ -8,10 +8,14 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from captionfleet.core.failures import EXIT_INTERRUPTED, EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, exit_for_access_error
 from captionfleet.core.model_store import ModelRefError
 from captionfleet.core.settings import SettingsError, WorkerSettings, load_worker_settings, with_overrides
+
+if TYPE_CHECKING:
+    from captionfleet.worker.bulk import BulkSummary  # imported when a job runs: `--help` needs no torch
 
 
 def add_caption_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -146,13 +150,7 @@ def _caption_s3(args: argparse.Namespace, settings: WorkerSettings) -> int:
     except (SettingsError, S3JobError, ModelRefError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USAGE
-    for line in s3_summary.lines():
-        print(line)
-    if s3_summary.interrupted:
-        print(f"interrupted: the parts written so far are in {s3_summary.output}; run the same command again to resume")
-        return EXIT_INTERRUPTED
-    print(f"results: {s3_summary.output}")
-    return EXIT_SOME_FAILED if s3_summary.failed else EXIT_OK
+    return _report(s3_summary, "parts", s3_summary.output)
 
 
 def _caption_local(args: argparse.Namespace, settings: WorkerSettings) -> int:
@@ -173,10 +171,15 @@ def _caption_local(args: argparse.Namespace, settings: WorkerSettings) -> int:
     except (ModelRefError, NotADirectoryError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USAGE
+    return _report(summary, "rows", out)
+
+
+def _report(summary: BulkSummary, written: str, where: object) -> int:
+    """The run's summary lines and where its results are; the exit status says how it ended."""
     for line in summary.lines():
         print(line)
     if summary.interrupted:
-        print(f"interrupted: the rows written so far are in {out}; run the same command again to resume")
+        print(f"interrupted: the {written} written so far are in {where}; run the same command again to resume")
         return EXIT_INTERRUPTED
-    print(f"results: {out}")
+    print(f"results: {where}")
     return EXIT_SOME_FAILED if summary.failed else EXIT_OK
