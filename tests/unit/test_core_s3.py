@@ -7,6 +7,7 @@ import io
 from typing import Any
 
 import pytest
+from botocore.exceptions import IncompleteReadError
 
 from captionfleet.core.failures import FetchError
 from captionfleet.core.s3 import ObjectTooLarge, RetryPolicy, is_not_found, read_object
@@ -106,3 +107,48 @@ def test_not_found_is_the_key_not_the_bucket() -> None:
     assert is_not_found(client_error("NoSuchKey", 404))
     assert not is_not_found(client_error("NoSuchBucket", 404))
     assert not is_not_found(ValueError("not an S3 error"))
+
+
+class DroppedBody(Body):
+    def read(self, amt: int | None = None) -> bytes:
+        raise IncompleteReadError(actual_bytes=1, expected_bytes=4)
+
+
+class CutShort:
+    """A store whose first responses end early (the connection dropped mid-body), then answer whole."""
+
+    def __init__(self, data: bytes, failures: int) -> None:
+        self.data, self.failures, self.calls = data, failures, 0
+
+    def get_object(self, **kwargs: Any) -> dict[str, Any]:
+        self.calls += 1
+        body = DroppedBody(b"") if self.calls <= self.failures else Body(self.data)
+        return {"Body": body, "ContentLength": len(self.data)}
+
+
+def _fetcher(client: Any, attempts: int = 3) -> Fetcher:
+    return Fetcher(
+        FetchSettings(allowed_buckets=["images"], max_attempts=attempts),
+        s3=S3Settings(),
+        max_bytes=1000,
+        s3_client=client,
+        sleep=lambda _: None,
+    )
+
+
+def test_the_fetcher_retries_a_body_cut_short_as_the_bulk_reader_does() -> None:
+    # One S3 vocabulary for both readers (core/s3.py): a dropped connection is transient, not a bad object.
+    store = CutShort(b"jpeg", failures=2)
+    assert _fetcher(store).fetch("s3://images/cat.jpg") == b"jpeg"
+    assert store.calls == 3
+    with pytest.raises(FetchError) as fetched:
+        _fetcher(CutShort(b"jpeg", failures=3)).fetch("s3://images/cat.jpg")
+    assert fetched.value.kind == "unavailable" and "gave up after 3 attempts" in str(fetched.value)
+
+
+@pytest.mark.parametrize("code", ["RequestThrottled", "TooManyRequests", "RequestTimeoutException"])
+def test_the_fetcher_retries_throttling_codes_whatever_their_status(code: str) -> None:
+    s3 = FakeS3()
+    s3.put("images", "cat.jpg", b"jpeg")
+    s3.fail("GetObject", "cat.jpg", *[client_error(code, 400)] * 2)
+    assert _fetcher(s3).fetch("s3://images/cat.jpg") == b"jpeg"
