@@ -47,28 +47,60 @@ def encode_json(value: Any) -> bytes:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=str).encode("utf-8")
 
 
+# What encoding a request's passed-through fields can raise: nesting past the recursion limit (JSON
+# parses nesting that, one level deeper and further down the call stack, no longer encodes), or a
+# circular reference.
+UNENCODABLE = (RecursionError, ValueError, TypeError)
+
+
+def encoding_problem(value: Any) -> str | None:
+    """Why ``value`` cannot be encoded as a message; None when it can."""
+    try:
+        encode_json(value)
+    except UNENCODABLE as error:
+        return f"{type(error).__name__}: {error}"
+    return None
+
+
+def _size(value: Any) -> int | None:
+    """Its encoded size; None when it cannot be encoded."""
+    try:
+        return len(encode_json(value))
+    except UNENCODABLE:
+        return None
+
+
 def fit_value(value: dict[str, Any], limit: int) -> dict[str, Any]:
     """``value``, or a copy whose passed-through fields are summaries, so that its encoding fits in
-    ``limit`` bytes.
+    ``limit`` bytes (and exists at all: a field that cannot be encoded is summarised too).
 
     Why: a request near the broker's size limit comes back larger (its dead letter carries it whole,
     undecodable bytes escaped, and its metadata again); a send over the limit fails, and a worker that
     cannot answer a message fails on it again after every restart. The summary keeps what is needed to
     find the original (size, sha256, a preview; the message's topic/partition/offset are in ``source``).
     """
-    if len(encode_json(value)) <= limit:
+    size = _size(value)
+    if size is not None and size <= limit:
         return value
     fitted = dict(value)
     for name in PASSED_THROUGH:
         if fitted.get(name):
-            fitted[name] = _summary(encode_json(fitted[name]))
-            if len(encode_json(fitted)) <= limit:
+            fitted[name] = _summary_of(fitted[name])
+            size = _size(fitted)
+            if size is not None and size <= limit:
                 return fitted
     # Still too large: the remaining text fields (a huge uri or error message) are cut to a preview.
     for name, field_value in fitted.items():
         if isinstance(field_value, str) and len(field_value) > PREVIEW_CHARS:
             fitted[name] = field_value[:PREVIEW_CHARS] + "...[truncated]"
     return fitted
+
+
+def _summary_of(field_value: Any) -> dict[str, Any]:
+    try:
+        return _summary(encode_json(field_value))
+    except UNENCODABLE as error:
+        return {"truncated": True, "unencodable": f"{type(error).__name__}: {error}"}
 
 
 def _summary(raw: bytes) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from captionfleet.core.settings import KafkaSettings
-from captionfleet.worker.messages import Result, fit_value
+from captionfleet.worker.messages import Result, encoding_problem, fit_value
 from captionfleet.worker.metrics import WorkerMetrics
 from captionfleet.worker.stream.items import Origin, StreamItem, where
 from captionfleet.worker.stream.ports import Output
@@ -42,13 +42,21 @@ class Answers:
         # Room for the key (ids are at most 1024 characters, 4 bytes each in UTF-8) and the record's framing.
         self._max_value_bytes = kafka.max_message_bytes - 8 * 1024
 
-    def result(self, item: StreamItem, result: Result, end_to_end_ms: float | None) -> None:
-        """Send a captioned request's result, keyed by its id."""
+    def result(self, item: StreamItem, result: Result, end_to_end_ms: float | None) -> str | None:
+        """Send a captioned request's result, keyed by its id. Returns why it could not be shaped, or None.
+
+        A request whose passed-through fields cannot be encoded (nested past the recursion limit) gets
+        no result: the caller sends its dead letter, with a summary of those fields, instead of an error
+        that would stop the worker at this offset after every restart."""
         row = result.to_row()
         for absent in ("error_kind", "error_message"):
             row.pop(absent)
         row.update(metadata=item.request.metadata, end_to_end_ms=end_to_end_ms, worker=self.worker)
+        problem = encoding_problem(row)
+        if problem is not None:
+            return f"its answer could not be encoded as JSON ({problem}); its fields are summarised here"
         self.output.send(self._result_topic, item.id, fit_value(row, self._max_value_bytes))
+        return None
 
     def dead_letter(
         self,

@@ -229,7 +229,9 @@ class StreamWorker:
             result.fetch_ms = round(item.fetch_ms, 3)
         latency_ms = self._latency_ms(origin)
         if result.ok:
-            self._answers.result(item, result, latency_ms)
+            unanswerable = self._answers.result(item, result, latency_ms)
+            if unanswerable is not None:  # its dead letter below says why
+                result.caption, result.error_kind, result.error_message = None, MALFORMED, unanswerable
         count_image(self.metrics, result)
         if not result.ok:
             self._answers.dead_letter(
