@@ -9,6 +9,7 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -74,6 +75,10 @@ class StreamWorker:
             settings, fetcher, MeteredCaptioner(captioner, self.metrics), self.metrics, lambda: self.model_version
         )
         self._in_flight = 0
+        # Requests parsed but not yet handed to the fetch threads. One message may hold thousands (an S3
+        # event notification with many records): all in flight at once would break max_in_flight's bound on
+        # memory. They wait here in order, pending for their partition's commit point like the rest.
+        self._waiting: deque[StreamItem] = deque()
         self._paused = False
         self._messages = 0
         self._stop = threading.Event()
@@ -133,7 +138,7 @@ class StreamWorker:
         self.health.beat()
         self._raise_if_failed()
         self._backpressure()
-        room = max(1, min(self.kafka.max_in_flight - self._in_flight, self.kafka.max_poll_records))
+        room = max(1, min(self.kafka.max_in_flight - self._busy, self.kafka.max_poll_records))
         if self._in_flight:
             records = self.source.poll(0, room)
             self._dispatch_all(records)
@@ -147,11 +152,16 @@ class StreamWorker:
         if (failure := self._stages.failure) is not None:
             raise RuntimeError(f"the model thread failed: {failure}") from failure
 
+    @property
+    def _busy(self) -> int:
+        """Requests in flight or waiting for room."""
+        return self._in_flight + len(self._waiting)
+
     def _backpressure(self) -> None:
-        if not self._paused and self._in_flight >= self.kafka.max_in_flight:
+        if not self._paused and self._busy >= self.kafka.max_in_flight:
             self._set_paused(True)
         # Resume at half, not at one below the limit, so a busy worker does not flap every message.
-        elif self._paused and not self._stopping and self._in_flight <= self.kafka.max_in_flight // 2:
+        elif self._paused and not self._stopping and self._busy <= self.kafka.max_in_flight // 2:
             self._set_paused(False)
 
     def _set_paused(self, paused: bool) -> None:
@@ -196,14 +206,24 @@ class StreamWorker:
         for request in parsed.requests:
             source = "s3_event" if request.metadata.get("source") == "s3-event" else "request"
             self.metrics.requests.labels(source).inc()
+            self._waiting.append(StreamItem(request, origin, state.epoch))
+        self._submit_waiting()
+
+    def _submit_waiting(self) -> None:
+        """Hand waiting requests to the fetch threads while fewer than max_in_flight are in flight."""
+        while self._waiting and self._in_flight < self.kafka.max_in_flight and not self._closing:
+            item = self._waiting.popleft()
+            if self._offsets.current(item.origin.tp, item.epoch) is None:
+                continue  # its partition was revoked meanwhile: the new owner redoes the whole message
             self._in_flight += 1
-            self._stages.submit(StreamItem(request, origin, state.epoch))
+            self._stages.submit(item)
         self.metrics.in_flight.set(self._in_flight)
 
     # -- finished requests ---------------------------------------------------------------------------
 
     def _drain(self, timeout_s: float) -> None:
-        """Send the results of everything finished; wait up to timeout_s for the first one."""
+        """Send the results of everything finished, waiting up to timeout_s for the first one; then fill
+        the room they left with waiting requests."""
         try:
             finished = self._stages.done.get(timeout=timeout_s) if timeout_s > 0 else self._stages.done.get_nowait()
         except queue.Empty:
@@ -213,7 +233,8 @@ class StreamWorker:
             try:
                 finished = self._stages.done.get_nowait()
             except queue.Empty:
-                return
+                break
+        self._submit_waiting()
 
     def _finish(self, finished: Finished) -> None:
         item, result = finished.item, finished.result
@@ -316,7 +337,9 @@ class StreamWorker:
         self._forget(partitions)
 
     def _forget(self, partitions: Iterable[TopicPartition]) -> None:
-        for tp in self._offsets.forget(partitions):
+        gone = set(partitions)
+        self._waiting = deque(item for item in self._waiting if item.origin.tp not in gone)
+        for tp in self._offsets.forget(gone):
             with contextlib.suppress(KeyError):  # never set: no fetch answered before the revocation
                 self.metrics.lag.remove(tp.topic, str(tp.partition))
         self.metrics.assigned.set(len(self._offsets))
@@ -332,19 +355,19 @@ class StreamWorker:
         # Leave time for the flush, the commit and leaving the group.
         deadline = started + grace - min(5.0, grace * 0.2)
         left_s = deadline - time.monotonic()
-        log.info("stopping: finishing %d requests in flight (up to %.1fs)", self._in_flight, left_s)
+        log.info("stopping: finishing %d requests in flight (up to %.1fs)", self._busy, left_s)
         if not self._paused:
             self._set_paused(True)
         # A dead model thread finishes nothing more: stop waiting, and fail (run() aborts) rather than
         # wait out the grace period and report it as one.
-        while self._in_flight and self._stages.failure is None and time.monotonic() < deadline:
+        while self._busy and self._stages.failure is None and time.monotonic() < deadline:
             self.health.beat()
             self._drain(0.05)
             # Keep the membership alive while draining; partitions are paused, so nothing new arrives
             # (records that still do are not dispatched, so not committed: their next owner reads them).
             self.source.poll(0, 1)
         self._raise_if_failed()
-        abandoned = self._in_flight
+        abandoned = self._busy
         self._commits.commit(self._offsets.partitions())
         self._commits.update_lag()
         self._closing = True
