@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,7 +16,7 @@ from captionfleet.core.images import ImageLimits
 from captionfleet.core.loading import load_model as load_captioner  # a .../LATEST ref: kept to the end of the run
 from captionfleet.core.settings import WorkerSettings
 from captionfleet.core.signals import stop_on_signals
-from captionfleet.worker.connectors.local import iter_folder
+from captionfleet.worker.connectors.local import describe_skipped, iter_folder
 from captionfleet.worker.messages import Result
 from captionfleet.worker.pipeline import CaptionPipeline
 from captionfleet.worker.sinks import open_file_sink
@@ -32,6 +33,9 @@ class BulkSummary:
     seconds: float = 0.0
     model_version: str = ""
     interrupted: bool = False
+    # Odd entries of the folder that are not inputs (an unreadable sub-folder, a link to outside it):
+    # reason -> count, each also logged by path, so that nothing is dropped without a word.
+    passed_over: Counter[str] = field(default_factory=Counter)
 
     @property
     def failed(self) -> int:
@@ -43,11 +47,16 @@ class BulkSummary:
 
     def lines(self) -> list[str]:
         kinds = ", ".join(f"{kind}={n}" for kind, n in sorted(self.failed_by_kind.items())) or "none"
-        return [
+        lines = [
             f"inputs: {self.total}  already done: {self.skipped}  captioned: {self.done}  failed: {self.failed}",
             f"failures by kind: {kinds}",
-            f"speed: {self.images_per_second:.2f} images/s over {self.seconds:.1f}s (model {self.model_version})",
         ]
+        if self.passed_over:
+            lines.append(f"skipped: {describe_skipped(self.passed_over)}; each is logged with its path")
+        lines.append(
+            f"speed: {self.images_per_second:.2f} images/s over {self.seconds:.1f}s (model {self.model_version})"
+        )
+        return lines
 
 
 def run_caption_job(
@@ -68,14 +77,15 @@ def run_caption_job(
     own_files = frozenset({out.resolve(), out.with_name(out.name + ".parts").resolve()})
     # Listed (a bad source fails here) and, when starting over, the model loaded (a bad --model fails
     # here) before the sink opens: --overwrite must not empty the results of a run that cannot start.
-    listing = iter_folder(root, exclude=own_files, max_bytes=settings.images.max_bytes)
+    passed_over: Counter[str] = Counter()
+    listing = iter_folder(root, exclude=own_files, max_bytes=settings.images.max_bytes, skipped=passed_over)
     items = [item for item in listing if not _inside(item.path, own_files)]
     if overwrite and items:
         captioner = captioner or load_captioner(settings)
     sink = open_file_sink(out, overwrite=overwrite)
     done = sink.done_ids()
     todo = [item for item in items if item.id not in done]
-    summary = BulkSummary(total=len(items), skipped=len(items) - len(todo), done=0)
+    summary = BulkSummary(total=len(items), skipped=len(items) - len(todo), done=0, passed_over=passed_over)
     if not todo:
         sink.close()
         return summary
@@ -113,7 +123,9 @@ def run_caption_job(
 
 
 def _inside(path: Path, roots: frozenset[Path]) -> bool:
-    resolved = path.resolve()
+    # realpath, not Path.resolve(): an item may be a link loop named like an image (listed for its
+    # failure row), and resolve() raises RuntimeError on a loop where realpath just stops.
+    resolved = Path(os.path.realpath(path))
     return any(resolved.is_relative_to(root) for root in roots)
 
 

@@ -163,3 +163,42 @@ def test_default_model_unreachable_offline_names_model_flag(tmp_path: Path) -> N
     assert result.returncode == 2
     assert "nlpconnect/vit-gpt2-image-captioning" in result.stderr
     assert "--model" in result.stderr
+
+
+def test_odd_entries_in_the_folder_do_not_stop_the_run(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """A link loop, a FIFO and a socket named like images get failure rows (exit 3, not a traceback);
+    a link loop and a FIFO with other names are counted in the summary."""
+    import socket
+
+    root = tmp_path / "imgs"
+    root.mkdir()
+    for i in range(3):
+        Image.new("RGB", (30, 30), (i * 80, 0, 0)).save(root / f"{i}.png")
+    os.symlink("b.jpg", root / "a.jpg")
+    os.symlink("a.jpg", root / "b.jpg")
+    os.symlink("itself", root / "itself")
+    os.mkfifo(root / "x.jpg")
+    os.mkfifo(root / "pipe")
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(root / "s.png"))
+    out = tmp_path / "out.jsonl"
+    try:
+        first = run_cli("caption", root, "--out", out, "--model", tiny_checkpoint, "--no-progress")
+        again = run_cli("caption", root, "--out", out, "--model", tiny_checkpoint, "--no-progress")
+    finally:
+        server.close()
+    assert first.returncode == 3, first.stderr
+    assert "captioned: 3  failed: 4" in first.stdout
+    assert "skipped: 2 (1 FIFO, 1 link loop)" in first.stdout
+    kinds = {r["id"]: r["error_kind"] for r in read_rows(out)}
+    assert kinds == {
+        "0.png": None,
+        "1.png": None,
+        "2.png": None,
+        "a.jpg": "not_found",
+        "b.jpg": "not_found",
+        "s.png": "not_an_image",
+        "x.jpg": "not_an_image",
+    }
+    assert again.returncode == 0, again.stderr
+    assert "already done: 7  captioned: 0  failed: 0" in again.stdout

@@ -12,6 +12,7 @@ from PIL import Image
 from captionfleet.core.model_store import ModelRefError
 from captionfleet.core.settings import WorkerSettings
 from captionfleet.worker.bulk import run_caption_job
+from captionfleet.worker.connectors import local
 from captionfleet.worker.sinks import read_rows
 from tests.unit.test_s3_retry import FakeCaptioner
 
@@ -63,14 +64,14 @@ def test_a_file_over_the_size_limit_gets_a_row_without_being_read(
     huge = root / "movie.jpg"
     huge.write_bytes(b"\xff\xd8\xff" + b"\0" * 4096)  # a "JPEG" far over the limit below
     opened: list[Path] = []
-    real_open = Path.open
+    real_open = local._open_regular
 
-    def spy(self: Path, *args: Any, **kwargs: Any) -> Any:
-        if self == huge:
-            opened.append(self)
-        return real_open(self, *args, **kwargs)
+    def spy(path: Path) -> Any:
+        if path == huge:
+            opened.append(path)
+        return real_open(path)
 
-    monkeypatch.setattr(Path, "open", spy)
+    monkeypatch.setattr(local, "_open_regular", spy)
     summary = caption(root, out, FakeCaptioner(), images={"max_bytes": 1024})
     assert summary.done == 1 and summary.failed_by_kind == {"too_large": 1}
     rows = {r["id"]: r for r in read_rows(out)}
@@ -94,14 +95,14 @@ def test_a_file_that_cannot_be_sniffed_gets_a_row_and_does_not_stop_the_listing(
     root, out = folder(tmp_path, 2), tmp_path / "captions.jsonl"
     locked = root / "scan-0001"  # no image suffix: the listing opens it to sniff its first bytes
     locked.write_bytes(b"\x89PNG\r\n\x1a\n")
-    real_open = Path.open
+    real_open = local._open_regular
 
-    def deny(self: Path, *args: Any, **kwargs: Any) -> Any:
-        if self == locked:
-            raise PermissionError(13, "Permission denied", str(self))
-        return real_open(self, *args, **kwargs)
+    def deny(path: Path) -> Any:
+        if path == locked:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path)
 
-    monkeypatch.setattr(Path, "open", deny)  # as for a non-root user and a file mode 000
+    monkeypatch.setattr(local, "_open_regular", deny)  # as for a non-root user and a file mode 000
     summary = caption(root, out, FakeCaptioner())
     assert summary.done == 2 and summary.failed_by_kind == {"forbidden": 1}
     assert {r["id"]: r["error_kind"] for r in read_rows(out)}["scan-0001"] == "forbidden"
