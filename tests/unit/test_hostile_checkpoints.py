@@ -6,14 +6,12 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from captionfleet.core import checkpoint_load
 from captionfleet.core.captioner import Captioner
@@ -23,34 +21,15 @@ from captionfleet.trainer.settings import TrainerSettings
 from captionfleet.worker.hotswap import HotSwapCaptioner
 from captionfleet.worker.metrics import WorkerMetrics
 from captionfleet.worker.watcher import ModelWatcher
-
-# What the checkpoint's own module would do when imported: leave a file behind.
-EVIL_MODULE = """
-from pathlib import Path
-Path({marker!r}).write_text("checkpoint code ran")
-from transformers import PretrainedConfig
-class EvilConfig(PretrainedConfig):
-    model_type = "evil-captioner"
-"""
-
-
-def copy_checkpoint(tiny_checkpoint: Path, tmp_path: Path, name: str = "ckpt") -> Path:
-    return Path(shutil.copytree(tiny_checkpoint, tmp_path / name))
-
-
-def with_remote_code(ckpt: Path, marker: Path, config_name: str = "config.json") -> Path:
-    """auto_map naming a module in the folder, and (in config.json) a model type transformers lacks."""
-    config = json.loads((ckpt / config_name).read_text())
-    config["auto_map"] = {"AutoConfig": "evil.EvilConfig", "AutoModel": "evil.EvilModel"}
-    if config_name == "config.json":
-        config["model_type"] = "evil-captioner"
-    (ckpt / config_name).write_text(json.dumps(config))
-    (ckpt / "evil.py").write_text(EVIL_MODULE.format(marker=str(marker)))
-    return ckpt
-
-
-def tensors(ckpt: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(ckpt / "model.safetensors"))
+from tests.hostile_checkpoints import (
+    copy_checkpoint,
+    sharded,
+    tensors,
+    with_a_broken_header,
+    with_an_extra_tensor,
+    with_half_the_weights,
+    with_remote_code,
+)
 
 
 def loaders(ckpt: Path) -> dict[str, Callable[[], object]]:
@@ -111,10 +90,8 @@ def test_a_config_that_is_not_json_is_named(tiny_checkpoint: Path, tmp_path: Pat
 
 
 def test_a_checkpoint_holding_half_its_weights_is_refused(tiny_checkpoint: Path, tmp_path: Path) -> None:
-    ckpt = copy_checkpoint(tiny_checkpoint, tmp_path)
-    weights = tensors(ckpt)
-    kept = sorted(weights)[: len(weights) // 2]
-    save_file({name: weights[name] for name in kept}, str(ckpt / "model.safetensors"))
+    weights = tensors(tiny_checkpoint)
+    ckpt = with_half_the_weights(copy_checkpoint(tiny_checkpoint, tmp_path))
     for load in loaders(ckpt).values():
         with pytest.raises(ModelRefError, match=r"lacks \d+ of the model's weights") as info:
             load()
@@ -129,8 +106,7 @@ def test_a_checkpoint_with_no_weights_of_the_model_is_refused(tiny_checkpoint: P
 
 
 def test_a_checkpoint_with_an_extra_tensor_is_refused(tiny_checkpoint: Path, tmp_path: Path) -> None:
-    ckpt = copy_checkpoint(tiny_checkpoint, tmp_path)
-    save_file({**tensors(ckpt), "decoder.extra.weight": torch.zeros(3)}, str(ckpt / "model.safetensors"))
+    ckpt = with_an_extra_tensor(copy_checkpoint(tiny_checkpoint, tmp_path))
     for load in loaders(ckpt).values():
         with pytest.raises(ModelRefError, match=r"holds 1 weights the model does not have .*: decoder\.extra\.weight"):
             load()
@@ -147,8 +123,7 @@ def test_a_complete_checkpoint_still_loads(tiny_checkpoint: Path) -> None:
 
 
 def test_a_safetensors_file_with_a_broken_header_is_named(tiny_checkpoint: Path, tmp_path: Path) -> None:
-    ckpt = copy_checkpoint(tiny_checkpoint, tmp_path)
-    (ckpt / "model.safetensors").write_bytes(os.urandom(4096))
+    ckpt = with_a_broken_header(copy_checkpoint(tiny_checkpoint, tmp_path))
     for load in loaders(ckpt).values():
         with pytest.raises(ModelRefError, match=r"model\.safetensors' is not a readable safetensors file"):
             load()
@@ -162,23 +137,8 @@ def test_a_safetensors_file_cut_short_is_named(tiny_checkpoint: Path, tmp_path: 
         Captioner.from_dir(ckpt, device="cpu", precision="fp32")
 
 
-def shard(ckpt: Path, second: str) -> Path:
-    """The weights split in two shards named by an index; the second written as ``second``."""
-    weights = tensors(ckpt)
-    (ckpt / "model.safetensors").unlink()
-    names = sorted(weights)
-    first_half, second_half = names[: len(names) // 2], names[len(names) // 2 :]
-    save_file({name: weights[name] for name in first_half}, str(ckpt / "model-00001.safetensors"))
-    if second.endswith(".bin"):
-        torch.save({name: weights[name] for name in second_half}, ckpt / second)
-    weight_map = {name: "model-00001.safetensors" for name in first_half}
-    weight_map.update({name: second for name in second_half})
-    (ckpt / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    return ckpt
-
-
 def test_an_index_naming_a_pickled_shard_is_refused(tiny_checkpoint: Path, tmp_path: Path) -> None:
-    ckpt = shard(copy_checkpoint(tiny_checkpoint, tmp_path), "pytorch_model-00002.bin")
+    ckpt = sharded(copy_checkpoint(tiny_checkpoint, tmp_path), "pytorch_model-00002.bin")
     for load in loaders(ckpt).values():
         with pytest.raises(ModelRefError, match=r"names the pickled shard 'pytorch_model-00002\.bin'"):
             load()
@@ -186,32 +146,22 @@ def test_an_index_naming_a_pickled_shard_is_refused(tiny_checkpoint: Path, tmp_p
 
 @pytest.mark.parametrize(
     ("second", "problem"),
-    [("model-00002.safetensors", "lacks the shard"), ("../elsewhere.safetensors", "not a .safetensors file beside it")],
+    [("absent-00002.safetensors", "lacks the shard"), ("../elsewhere.safetensors", "not a .safetensors file")],
 )
 def test_an_index_naming_a_shard_that_is_not_there_is_refused(
     tiny_checkpoint: Path, tmp_path: Path, second: str, problem: str
 ) -> None:
-    ckpt = shard(copy_checkpoint(tiny_checkpoint, tmp_path), second)
+    ckpt = sharded(copy_checkpoint(tiny_checkpoint, tmp_path), second)
     with pytest.raises(ModelRefError, match=problem):
         check_checkpoint_dir(ckpt)
 
 
 def test_a_complete_sharded_checkpoint_loads(tiny_checkpoint: Path, tmp_path: Path) -> None:
-    ckpt = copy_checkpoint(tiny_checkpoint, tmp_path)
-    weights = tensors(ckpt)
-    shard(ckpt, "model-00002.safetensors")
-    second = {
-        name
-        for name, file in json.loads((ckpt / "model.safetensors.index.json").read_text())["weight_map"].items()
-        if file == "model-00002.safetensors"
-    }
-    save_file({name: weights[name] for name in second}, str(ckpt / "model-00002.safetensors"))
-    Captioner.from_dir(ckpt, device="cpu", precision="fp32")
+    Captioner.from_dir(sharded(copy_checkpoint(tiny_checkpoint, tmp_path), "model-00002.safetensors"), device="cpu")
 
 
 def test_the_trainers_init_from_refuses_a_broken_checkpoint(tiny_checkpoint: Path, tmp_path: Path) -> None:
-    ckpt = copy_checkpoint(tiny_checkpoint, tmp_path)
-    (ckpt / "model.safetensors").write_bytes(os.urandom(256))
+    ckpt = with_a_broken_header(copy_checkpoint(tiny_checkpoint, tmp_path))
     settings = TrainerSettings(init_from=str(ckpt), cache_dir=tmp_path / "cache")
     with pytest.raises(ModelRefError, match="not a readable safetensors file"):
         configure_model(settings, ["a caption"])
@@ -219,8 +169,7 @@ def test_the_trainers_init_from_refuses_a_broken_checkpoint(tiny_checkpoint: Pat
 
 def test_the_hot_swap_keeps_serving_when_a_version_is_broken(tiny_checkpoint: Path, tmp_path: Path) -> None:
     serving = Captioner.from_dir(tiny_checkpoint, device="cpu", precision="fp32")
-    broken = copy_checkpoint(tiny_checkpoint, tmp_path)
-    save_file({**tensors(broken), "decoder.extra.weight": torch.zeros(3)}, str(broken / "model.safetensors"))
+    broken = with_an_extra_tensor(copy_checkpoint(tiny_checkpoint, tmp_path))
     hot, metrics = HotSwapCaptioner(serving), WorkerMetrics()
 
     def load(version: str) -> Captioner:
