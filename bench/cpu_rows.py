@@ -177,7 +177,7 @@ def run_row(
 def run_model_card(path: Path, photos: list[Path], n: int) -> float:
     """What the model card shows: open, processor, generate, one image at a time."""
     model = load_plain(path)
-    processor = ViTImageProcessor.from_pretrained(path)
+    processor = ViTImageProcessor.from_pretrained(path, trust_remote_code=False)
     config = gen_config(4)
     with torch.inference_mode():
         first = processor(images=open_rgb(photos[:1]), return_tensors="pt").pixel_values
@@ -192,7 +192,7 @@ def run_model_card(path: Path, photos: list[Path], n: int) -> float:
 
 def run_plain_batched(path: Path, photos: list[Path], n: int, batch: int, beams: int) -> float:
     model = load_plain(path)
-    processor = ViTImageProcessor.from_pretrained(path)
+    processor = ViTImageProcessor.from_pretrained(path, trust_remote_code=False)
     config = gen_config(beams)
     with torch.inference_mode():
         first = processor(images=open_rgb(photos[:1]), return_tensors="pt").pixel_values

@@ -138,7 +138,7 @@ def plain_generate(checkpoint: Path, device: Device, photos: list[Path], row: Ro
     """Rows a, b, b16: transformers as its model card shows, on the device."""
     dtype = torch.float16 if row.precision == "fp16" else torch.float32
     model = load_plain(checkpoint).to(device.torch, dtype)  # type: ignore[arg-type]  # transformers' stub
-    processor = ViTImageProcessor.from_pretrained(checkpoint)
+    processor = ViTImageProcessor.from_pretrained(checkpoint, trust_remote_code=False)
     config = gen_config(row.beams, model.config.eos_token_id)  # the smoke test's model is not GPT-2
 
     def run(paths: list[Path]) -> None:

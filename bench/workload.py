@@ -73,7 +73,7 @@ def prepare(
 
 
 def load_plain(path: Path) -> VisionEncoderDecoderModel:
-    model = VisionEncoderDecoderModel.from_pretrained(path, use_safetensors=True)
+    model = VisionEncoderDecoderModel.from_pretrained(path, use_safetensors=True, trust_remote_code=False)
     return model.eval()
 
 

@@ -9,8 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoImageProcessor, AutoTokenizer, VisionEncoderDecoderModel
+from transformers import VisionEncoderDecoderModel
 
+from captionfleet.core import checkpoint_load
+from captionfleet.core.model_store import check_checkpoint_dir
 from captionfleet.core.registry_layout import METADATA_FILE
 from captionfleet.trainer.scratch import build_model
 from captionfleet.trainer.settings import TrainerSettings
@@ -27,10 +29,12 @@ class ModelBundle:
 
 
 def load_training_parts(path: Path) -> tuple[VisionEncoderDecoderModel, Any, Any]:
-    """Model, image processor and tokenizer from a save_pretrained directory (safetensors only)."""
-    model = VisionEncoderDecoderModel.from_pretrained(path, use_safetensors=True, dtype=torch.float32)
-    processor = AutoImageProcessor.from_pretrained(path, use_fast=False)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    """Model, image processor and tokenizer from a save_pretrained directory, with the checks every
+    load has (safetensors only, no checkpoint code, every weight present): ModelRefError otherwise."""
+    check_checkpoint_dir(path)
+    model = checkpoint_load.load_model(path, torch.float32)
+    processor = checkpoint_load.load_image_processor(path)
+    tokenizer = checkpoint_load.load_tokenizer(path)
     return model, processor, tokenizer
 
 

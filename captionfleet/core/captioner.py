@@ -19,10 +19,10 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 from PIL import Image
-from transformers import AutoTokenizer, GenerationConfig, VisionEncoderDecoderModel
+from transformers import GenerationConfig, VisionEncoderDecoderModel
 from transformers.utils import logging as hf_logging
 
-from captionfleet.core import fastpath
+from captionfleet.core import checkpoint_load, fastpath
 from captionfleet.core.beams import beam_group, share_cross_attention_projections
 from captionfleet.core.model_store import check_checkpoint_dir
 from captionfleet.core.registry_layout import METADATA_FILE
@@ -227,12 +227,12 @@ class Captioner:
         # Half-width precisions are loaded as such, so a float32 copy never sits in memory (peak RSS);
         # int8 quantizes from float32. fp16 on GPUs: captions are unchanged in practice, memory halves.
         load_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(resolved, torch.float32)
-        model = VisionEncoderDecoderModel.from_pretrained(path, use_safetensors=True, dtype=load_dtype)
+        model = checkpoint_load.load_model(path, load_dtype)  # every weight from the files, or refused
         model.eval()
         share_cross_attention_projections(model)  # before optimize(), which converts what it wraps
         model, input_dtype = fastpath.optimize(model, resolved, torch_device)
         fastpath.return_freed_heap()  # what loading and converting freed, out of the RSS
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = checkpoint_load.load_tokenizer(path)
         version = checkpoint_version(path)
         logger.info("loaded model %s from %s on %s (%s)", version, path, torch_device, resolved)
         return cls(

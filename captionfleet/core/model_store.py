@@ -3,7 +3,9 @@
 A reference is ``builtin``, a local directory, ``s3://bucket/prefix`` or a Hugging Face hub id
 (``org/name``). Only safetensors weights are ever loaded: pickled weights (``*.bin``, ``*.pt``, ...)
 can run code when unpickled, so they are refused, and from object storage never even downloaded.
-Remote code is never trusted either (nothing here or in the loader passes ``trust_remote_code``).
+Checkpoint code is never run either: a checkpoint whose configs name code of its own (``auto_map``)
+is refused here, before transformers reads it, and every load passes ``trust_remote_code=False``
+(see core/checkpoint_load.py).
 """
 
 from __future__ import annotations
@@ -52,6 +54,13 @@ S3_FIX_HINT = (
 )
 # "org/name" as the hub spells repo ids.
 HUB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+# The weights transformers loads from a directory: the one file, else the shards its index names.
+WEIGHTS_FILE = "model.safetensors"
+WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
+REMOTE_CODE_HINT = (
+    "captionfleet never runs checkpoint code: use a checkpoint of a model type transformers ships "
+    "(e.g. vision-encoder-decoder, as save_pretrained writes it)"
+)
 # How long to wait for a TCP connection to the hub before treating it as offline.
 HUB_PROBE_TIMEOUT_S = 3.0
 
@@ -98,6 +107,69 @@ def check_checkpoint_dir(path: Path) -> None:
         )
     if pickled:
         log.warning("%s: ignoring pickled files %s; only safetensors are loaded", path, ", ".join(pickled))
+    for config in sorted(path.glob("*config.json")):
+        _refuse_checkpoint_code(config)
+    weight_files(path)
+
+
+def _read_json(file: Path) -> object:
+    try:
+        return json.loads(file.read_bytes())
+    except (OSError, ValueError) as error:  # ValueError: bad JSON or bad UTF-8
+        raise ModelRefError(
+            f"{str(file)!r} is not readable JSON ({error}); write the checkpoint again with save_pretrained"
+        ) from error
+
+
+def _refuse_checkpoint_code(config: Path) -> None:
+    # transformers imports the modules auto_map names from the checkpoint folder (after a y/N prompt
+    # on a terminal, or a "y" waiting on stdin): refuse before it ever reads the file. Nested configs
+    # (a VisionEncoderDecoder's encoder and decoder) are searched too.
+    pending = [_read_json(config)]
+    while pending:
+        value = pending.pop()
+        if isinstance(value, dict):
+            if "auto_map" in value:
+                raise ModelRefError(
+                    f"{str(config.parent)!r} needs code of its own (auto_map in {config.name}); {REMOTE_CODE_HINT}"
+                )
+            pending.extend(value.values())
+        elif isinstance(value, list):
+            pending.extend(value)
+
+
+def weight_files(path: Path) -> list[Path]:
+    """The safetensors files transformers loads from ``path``: model.safetensors, else the shards its
+    index names, each a .safetensors file in ``path`` itself (ModelRefError otherwise)."""
+    if (path / WEIGHTS_FILE).is_file():
+        return [path / WEIGHTS_FILE]
+    index_file = path / WEIGHTS_INDEX_FILE
+    if not index_file.is_file():
+        raise ModelRefError(
+            f"{str(path)!r} has no {WEIGHTS_FILE} (nor {WEIGHTS_INDEX_FILE} naming its shards); "
+            "save the model with save_pretrained"
+        )
+    index = _read_json(index_file)
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ModelRefError(f"{str(index_file)!r} has no weight_map; write the checkpoint again with save_pretrained")
+    shards = sorted({str(name) for name in weight_map.values()})
+    for shard in shards:
+        if Path(shard).suffix in PICKLED_SUFFIXES:
+            raise ModelRefError(
+                f"{str(index_file)!r} names the pickled shard {shard!r}: only safetensors are loaded; "
+                + CONVERT_HINT.replace("DIR", str(path))
+            )
+        if not shard.endswith(".safetensors") or Path(shard).name != shard or shard in ("", ".", ".."):
+            raise ModelRefError(
+                f"{str(index_file)!r} names {shard!r}, which is not a .safetensors file beside it; "
+                "write the checkpoint again with save_pretrained"
+            )
+        if not (path / shard).is_file():
+            raise ModelRefError(
+                f"{str(path)!r} lacks the shard {shard!r} that {WEIGHTS_INDEX_FILE} names; copy it there"
+            )
+    return [path / shard for shard in shards]
 
 
 # -- resolution ----------------------------------------------------------------------------------

@@ -1,0 +1,102 @@
+"""A checked checkpoint directory -> the transformers objects in it, or one ModelRefError.
+
+Every model, tokenizer and image processor captionfleet loads comes through here, so that:
+
+- checkpoint code never runs: ``trust_remote_code=False`` on every call (model_store has already
+  refused a checkpoint whose configs name code of its own);
+- no half-loaded model is served: transformers fills weights missing from the files with random
+  values and only says so on stderr, so missing or unexpected weights refuse the checkpoint;
+- a broken file (a safetensors header that is not one, a config transformers cannot read) ends in
+  one line naming the directory and the problem (exit 2 from the commands), not a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from transformers import AutoImageProcessor, AutoTokenizer, VisionEncoderDecoderModel
+
+from captionfleet.core.model_store import ModelRefError, weight_files
+
+log = logging.getLogger(__name__)
+
+# How many weight names a refusal quotes: enough to recognise the pattern, short enough for one line.
+NAMES_SHOWN = 5
+SAVE_HINT = "write the checkpoint again with save_pretrained (or copy it again: a file may be cut short)"
+
+
+def check_weight_headers(path: Path) -> None:
+    """Each weights file must open as safetensors: its header is read, no tensor is."""
+    for file in weight_files(path):
+        try:
+            with safe_open(str(file), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as error:
+            raise ModelRefError(f"{str(file)!r} is not a readable safetensors file ({error}); {SAVE_HINT}") from error
+
+
+def load_model(path: Path, dtype: torch.dtype) -> VisionEncoderDecoderModel:
+    """The model in ``path`` with every one of its weights read from the files, on the CPU."""
+    check_weight_headers(path)
+    with _as_model_ref_error(path, "its model"):
+        # output_loading_info=True makes it a (model, info) pair, which the stubs do not know.
+        loaded: Any = VisionEncoderDecoderModel.from_pretrained(
+            path, use_safetensors=True, dtype=dtype, trust_remote_code=False, output_loading_info=True
+        )
+    model, info = loaded
+    check_loading_info(path, info)
+    return model
+
+
+def check_loading_info(path: Path, info: dict[str, Any]) -> None:
+    """Refuse a model that transformers completed with random weights or that left weights unused.
+    transformers already leaves out what is legitimately absent (tied weights such as GPT-2's
+    lm_head, keys its model classes list as ignorable)."""
+    for key, what in (
+        ("missing_keys", "lacks {n} of the model's weights (they would be random)"),
+        ("unexpected_keys", "holds {n} weights the model does not have (another architecture?)"),
+        ("mismatched_keys", "holds {n} weights of the wrong shape"),
+    ):
+        names = sorted(str(name if isinstance(name, str) else name[0]) for name in info.get(key) or ())
+        if names:
+            shown = ", ".join(names[:NAMES_SHOWN]) + (", ..." if len(names) > NAMES_SHOWN else "")
+            raise ModelRefError(f"{str(path)!r} {what.format(n=len(names))}: {shown}; {SAVE_HINT}")
+    errors = info.get("error_msgs") or []
+    if errors:
+        raise ModelRefError(f"{str(path)!r}: its weights did not load: {_one_line(errors[0])}; {SAVE_HINT}")
+
+
+def load_tokenizer(path: Path) -> Any:
+    with _as_model_ref_error(path, "its tokenizer"):
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+
+
+def load_image_processor(path: Path) -> Any:
+    with _as_model_ref_error(path, "its image processor"):
+        return AutoImageProcessor.from_pretrained(path, use_fast=False, trust_remote_code=False)
+
+
+@contextmanager
+def _as_model_ref_error(path: Path, what: str) -> Iterator[None]:
+    """Whatever a checkpoint's files make transformers raise -> ModelRefError naming it, in one line.
+    Running out of memory is not the checkpoint's fault and stays what it is."""
+    try:
+        yield
+    except (ModelRefError, MemoryError, torch.OutOfMemoryError):
+        raise
+    except Exception as error:
+        log.debug("loading %s from %s failed", what, path, exc_info=error)
+        raise ModelRefError(
+            f"{str(path)!r}: could not load {what}: {type(error).__name__}: {_one_line(error)}; {SAVE_HINT}"
+        ) from error
+
+
+def _one_line(error: object, limit: int = 300) -> str:
+    text = " ".join(str(error).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
