@@ -98,7 +98,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = refresh.prepare(settings)  # --init-from latest, s3:// data (refresh runs)
         result = train(settings, command=command.strip())
-    except (DataError, ModelRefError, RegistryError) as error:
+    except ModelRefError as error:  # --init-from names a checkpoint that cannot be used: nothing to retry
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except (DataError, RegistryError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:

@@ -167,6 +167,19 @@ def test_the_trainers_init_from_refuses_a_broken_checkpoint(tiny_checkpoint: Pat
         configure_model(settings, ["a caption"])
 
 
+def test_train_refuses_a_broken_init_from_in_one_line_with_exit_2(
+    tiny_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from captionfleet.trainer.__main__ import main
+
+    ckpt = with_a_broken_header(copy_checkpoint(tiny_checkpoint, tmp_path))
+    flags = ["--init-from", str(ckpt), "--max-steps", "1", "--no-progress", "--device", "cpu"]
+    assert main([*flags, "--out-dir", str(tmp_path / "model"), "--run-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "not a readable safetensors file" in err and "Traceback" not in err
+    assert not (tmp_path / "model").exists()
+
+
 def test_the_hot_swap_keeps_serving_when_a_version_is_broken(tiny_checkpoint: Path, tmp_path: Path) -> None:
     serving = Captioner.from_dir(tiny_checkpoint, device="cpu", precision="fp32")
     broken = with_an_extra_tensor(copy_checkpoint(tiny_checkpoint, tmp_path))
