@@ -6,8 +6,9 @@ Where images may come from is configured, not open (``WORKER_FETCH__*``):
 - ``file:///path``: only inside ``file_root``; ``..`` is refused outright and symlinks are resolved
   before the check, so neither can escape it; the final open does not follow a symlink swapped in
   after the check, and what it opened is checked again (a folder on the way may have been swapped);
-- ``http(s)://``: refused unless the host is in ``allowed_hosts`` (redirects are held to it too), and
-  each attempt has an overall deadline (connect + read timeout), not only a per-receive one;
+- ``http(s)://``: refused unless the host and port are in ``allowed_hosts`` (a bare host: its scheme's
+  default port only; every redirect is held to the same rule), and each attempt has an overall deadline
+  (connect + read timeout), not only a per-receive one;
 - S3 keys with ``.``/``..`` segments are refused: a path-normalising store could read another bucket.
 
 A refused uri fails with kind ``forbidden`` and is never fetched: requests come from other teams'
@@ -63,7 +64,8 @@ from captionfleet.core.s3 import (
     parse_s3_uri,
     read_object,
 )
-from captionfleet.core.settings import FetchSettings, S3Settings
+from captionfleet.core.settings import FetchSettings, S3Settings, split_host_port
+from captionfleet.worker.http_hosts import HostPinnedRedirects, RedirectRefused, address, host_allowed
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -117,7 +119,7 @@ class Fetcher:
         self.settings = settings
         self.max_bytes = max_bytes
         self.allowed_buckets = frozenset(settings.allowed_buckets)
-        self.allowed_hosts = frozenset(host.lower() for host in settings.allowed_hosts)
+        self.allowed_hosts = frozenset(split_host_port(host) for host in settings.allowed_hosts)
         self.file_root = Path(os.path.realpath(settings.file_root)) if settings.file_root else None
         self._s3_settings = s3
         self._s3_client = s3_client
@@ -200,12 +202,13 @@ class Fetcher:
         return FileTarget(resolved)
 
     def _check_http(self, uri: str) -> HttpTarget:
-        host = (urlsplit(uri).hostname or "").lower()
         if not self.allowed_hosts:
             raise FetchError(FORBIDDEN, "http(s) uris are refused: set WORKER_FETCH__ALLOWED_HOSTS to allow hosts")
-        if host not in self.allowed_hosts:
+        if not host_allowed(uri, self.allowed_hosts):
             raise FetchError(
-                FORBIDDEN, f"host {host!r} is not allowed; add it to WORKER_FETCH__ALLOWED_HOSTS if it should be read"
+                FORBIDDEN,
+                f"{address(uri)!r} is not allowed; add it to WORKER_FETCH__ALLOWED_HOSTS (host:port, or the bare "
+                "host for its scheme's default port) if it should be read",
             )
         return HttpTarget(uri)
 
@@ -307,7 +310,7 @@ class Fetcher:
             raise FetchError(FORBIDDEN, f"{uri[:200]!r} led outside WORKER_FETCH__FILE_ROOT ({self.file_root})")
 
     def _get_http(self, url: str, uri: str) -> bytes:
-        opener = urllib.request.build_opener(_HostPinnedRedirects(self.allowed_hosts))
+        opener = urllib.request.build_opener(HostPinnedRedirects(self.allowed_hosts))
         timeout = self.settings.connect_timeout_s + self.settings.read_timeout_s
         try:
             with opener.open(url, timeout=timeout) as response:
@@ -323,7 +326,7 @@ class Fetcher:
             if error.code == 429 or error.code >= 500:
                 raise _Retry(UNAVAILABLE, f"HTTP {error.code}") from error
             raise FetchError(FETCH_FAILURE, f"{uri}: HTTP {error.code}") from error
-        except _RedirectRefused as error:
+        except RedirectRefused as error:
             raise FetchError(FORBIDDEN, str(error)) from error
         except http.client.InvalidURL as error:
             raise FetchError(MALFORMED, f"{uri[:200]!r}: {error}") from error
@@ -386,22 +389,3 @@ def _s3_failure(error: BaseException, uri: str) -> BaseException:
     if isinstance(error, BotoCoreError):
         return FetchError(FETCH_FAILURE, f"{type(error).__name__}: {error}")
     return error
-
-
-class _RedirectRefused(Exception):
-    pass
-
-
-class _HostPinnedRedirects(urllib.request.HTTPRedirectHandler):
-    """Follow redirects only to allowed hosts: an allowed host must not bounce us anywhere else."""
-
-    def __init__(self, allowed_hosts: frozenset[str]) -> None:
-        self.allowed_hosts = allowed_hosts
-
-    def redirect_request(
-        self, req: urllib.request.Request, fp: Any, code: int, msg: str, headers: Any, newurl: str
-    ) -> urllib.request.Request | None:
-        host = (urlsplit(newurl).hostname or "").lower()
-        if urlsplit(newurl).scheme not in ("http", "https") or host not in self.allowed_hosts:
-            raise _RedirectRefused(f"redirect to {newurl[:200]!r} refused: host not in WORKER_FETCH__ALLOWED_HOSTS")
-        return super().redirect_request(req, fp, code, msg, headers, newurl)

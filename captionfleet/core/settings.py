@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -187,13 +188,26 @@ class KafkaSettings(BaseModel):
     ssl_keyfile: Path | None = None
 
 
+def split_host_port(entry: str) -> tuple[str, int | None]:
+    """An allowed host, ``host`` or ``host:port`` (``[v6]:port``), as (lowercase host, port or None).
+    Raises ValueError for anything else (a scheme, a path, credentials, a bad port)."""
+    text = entry.strip().lower()
+    parts = urlsplit("//" + text)
+    port = parts.port  # ValueError when not a number in 0-65535
+    if not parts.hostname or parts.netloc != text or "@" in text or text.endswith(":") or port == 0:
+        raise ValueError(f"{entry!r} is not a host")
+    return parts.hostname, port
+
+
 class FetchSettings(BaseModel):
     # Buckets that s3:// uris may name; anything else is refused as "forbidden" without a request.
     allowed_buckets: Annotated[list[str], NoDecode] = []
     # The one folder file:// uris may point into (no escape by "..", symlinks or hard-coded paths);
     # unset = file:// refused.
     file_root: Path | None = None
-    # Hosts http(s):// uris may name; empty = http(s) refused.
+    # Hosts http(s):// uris (and every redirect they lead to) may name; empty = http(s) refused. A bare
+    # "host" allows its scheme's default port only (80, 443), "host:port" that port: another service on an
+    # allowed host (an admin or metrics port) is another target.
     allowed_hosts: Annotated[list[str], NoDecode] = []
     # Concurrent fetches (threads, and S3 connections).
     concurrency: int = Field(default=8, ge=1, le=256)
@@ -205,6 +219,19 @@ class FetchSettings(BaseModel):
     read_timeout_s: float = Field(default=20.0, gt=0)
 
     _split = field_validator("allowed_buckets", "allowed_hosts", mode="before")(_split_list)
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _hosts(cls, hosts: list[str]) -> list[str]:
+        for host in hosts:
+            try:
+                split_host_port(host)
+            except ValueError:
+                raise ValueError(
+                    f"{host!r} is not host or host:port: list hosts without scheme or path, comma-separated "
+                    "(cdn.example.com for its default port, cdn.example.com:8443 for another)"
+                ) from None
+        return [host.strip().lower() for host in hosts]
 
 
 class MetricsSettings(BaseModel):

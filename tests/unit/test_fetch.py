@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import boto3
 import pytest
@@ -83,6 +84,42 @@ def test_http_needs_the_host_on_the_list() -> None:
     with pytest.raises(FetchError) as info:
         f.check("https://cdn.example.com.evil.net/a.jpg")
     assert info.value.kind == "forbidden"
+
+
+def test_a_bare_host_allows_its_default_port_and_host_port_that_port() -> None:
+    f, _ = fetcher(client=NoCallsClient(), allowed_hosts="CDN.example.com, img.example.com:8443, [::1]:8080")
+    for uri in (
+        "https://cdn.example.com/a.jpg",
+        "http://cdn.example.com/a.jpg",
+        "https://cdn.example.com:443/a.jpg",
+        "http://cdn.example.com:80/a.jpg",
+        "https://img.example.com:8443/a.jpg",
+        "http://img.example.com:8443/a.jpg",
+        "http://[::1]:8080/a.jpg",
+    ):
+        assert f.check(uri), uri
+    for uri in (
+        "https://cdn.example.com:8443/a.jpg",  # another service on an allowed host is another target
+        "http://cdn.example.com:443/a.jpg",  # 443 is https's default, not http's
+        "http://cdn.example.com:6379/",
+        "https://img.example.com/a.jpg",  # listed with a port: that port only
+        "http://[::1]/a.jpg",
+    ):
+        with pytest.raises(FetchError, match="WORKER_FETCH__ALLOWED_HOSTS") as info:
+            f.fetch(uri)
+        assert info.value.kind == "forbidden", uri
+
+
+def test_allowed_hosts_must_be_host_or_host_port(monkeypatch: pytest.MonkeyPatch) -> None:
+    from captionfleet.core.settings import SettingsError, load_worker_settings
+
+    monkeypatch.setenv("WORKER_FETCH__ALLOWED_HOSTS", "CDN.example.com, img.example.com:8443")
+    assert load_worker_settings().fetch.allowed_hosts == ["cdn.example.com", "img.example.com:8443"]
+    for bad in ("https://cdn.example.com", "cdn.example.com:notaport", "cdn.example.com/images", "me@cdn.example.com"):
+        monkeypatch.setenv("WORKER_FETCH__ALLOWED_HOSTS", f"ok.example.com,{bad}")
+        with pytest.raises(SettingsError, match="WORKER_FETCH__ALLOWED_HOSTS") as info:
+            load_worker_settings()
+        assert "host:port" in str(info.value) and bad in str(info.value)
 
 
 def test_file_root_reads_inside_and_refuses_escapes(tmp_path: Path) -> None:
@@ -247,18 +284,28 @@ class DrippingHandler(http.server.BaseHTTPRequestHandler):
         pass
 
 
-@pytest.fixture
-def dripping_host() -> Iterator[str]:
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), DrippingHandler)
+@contextlib.contextmanager
+def serving(handler: type[http.server.BaseHTTPRequestHandler]) -> Iterator[int]:
+    """A local http server in a thread; yields its port."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    yield f"http://localhost:{server.server_address[1]}/slow.jpg"
-    server.shutdown()
-    server.server_close()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture
+def dripping_host() -> Iterator[str]:
+    with serving(DrippingHandler) as port:
+        yield f"http://localhost:{port}/slow.jpg"
 
 
 def test_a_host_dripping_its_body_times_out_within_the_limit(dripping_host: str) -> None:
-    f, sleeps = fetcher(allowed_hosts=["localhost"], connect_timeout_s=0.2, read_timeout_s=0.3, max_attempts=2)
+    host = urlsplit(dripping_host).netloc
+    f, sleeps = fetcher(allowed_hosts=[host], connect_timeout_s=0.2, read_timeout_s=0.3, max_attempts=2)
     start = time.monotonic()
     with pytest.raises(FetchError) as info:
         f.fetch(dripping_host)
@@ -268,7 +315,7 @@ def test_a_host_dripping_its_body_times_out_within_the_limit(dripping_host: str)
 
 
 def test_a_declared_body_over_the_limit_is_not_read(dripping_host: str) -> None:
-    f = Fetcher(FetchSettings(allowed_hosts=["localhost"]), s3=S3Settings(), max_bytes=10)
+    f = Fetcher(FetchSettings(allowed_hosts=[urlsplit(dripping_host).netloc]), s3=S3Settings(), max_bytes=10)
     with pytest.raises(FetchError) as info:
         f.fetch(dripping_host)
     assert info.value.kind == "too_large" and "40 bytes" in info.value.message
@@ -324,3 +371,54 @@ def test_dot_segments_and_broken_uris_are_refused_before_any_io(uri: str, kind: 
     with pytest.raises(FetchError) as info:
         f.fetch(uri)
     assert info.value.kind == kind
+
+
+def serving_images(requests: list[str]) -> type[http.server.BaseHTTPRequestHandler]:
+    """Serves every path with the same body, and notes the paths asked for in ``requests``."""
+
+    class Images(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            requests.append(self.path)
+            self.send_response(200)
+            self.send_header("Content-Length", "5")
+            self.end_headers()
+            self.wfile.write(b"image")
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    return Images
+
+
+def redirecting_to(location: str) -> type[http.server.BaseHTTPRequestHandler]:
+    class Redirecting(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(302)
+            self.send_header("Location", location)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    return Redirecting
+
+
+def test_a_redirect_is_held_to_the_same_host_and_port_rule() -> None:
+    requests: list[str] = []
+    with serving(serving_images(requests)) as target:
+        other_port = f"http://127.0.0.1:{target}/elsewhere.jpg"
+        with serving(redirecting_to(other_port)) as first:
+            f, _ = fetcher(allowed_hosts=[f"127.0.0.1:{first}"], max_attempts=1)
+            with pytest.raises(FetchError, match="WORKER_FETCH__ALLOWED_HOSTS") as info:
+                f.fetch(f"http://127.0.0.1:{first}/cat.jpg")  # the same host, another port
+            assert info.value.kind == "forbidden" and requests == []
+            # Listed too, the same redirect is followed.
+            f, _ = fetcher(allowed_hosts=[f"127.0.0.1:{first}", f"127.0.0.1:{target}"], max_attempts=1)
+            assert f.fetch(f"http://127.0.0.1:{first}/cat.jpg") == b"image"
+            assert requests == ["/elsewhere.jpg"]
+        with serving(redirecting_to(f"http://127.0.0.1:{target}:bad/x.jpg")) as broken:
+            f, _ = fetcher(allowed_hosts=[f"127.0.0.1:{broken}", f"127.0.0.1:{target}"], max_attempts=1)
+            with pytest.raises(FetchError) as refused:
+                f.fetch(f"http://127.0.0.1:{broken}/cat.jpg")
+            assert refused.value.kind == "forbidden"
