@@ -13,6 +13,7 @@ Every model, tokenizer and image processor captionfleet loads comes through here
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,6 +29,10 @@ log = logging.getLogger(__name__)
 
 # How many weight names a refusal quotes: enough to recognise the pattern, short enough for one line.
 NAMES_SHOWN = 5
+# Buffers that GPT-2 checkpoints saved by transformers 4 still carry (the causal mask and its fill value,
+# persistent buffers then; the reference model nlpconnect/vit-gpt2-image-captioning has them): not weights,
+# and rebuilt by the model itself, so they are no sign of another architecture.
+LEGACY_BUFFERS = re.compile(r"\.(attn|crossattention)\.(masked_bias|bias)$")
 SAVE_HINT = "write the checkpoint again with save_pretrained (or copy it again: a file may be cut short)"
 
 
@@ -64,6 +69,8 @@ def check_loading_info(path: Path, info: dict[str, Any]) -> None:
         ("mismatched_keys", "holds {n} weights of the wrong shape"),
     ):
         names = sorted(str(name if isinstance(name, str) else name[0]) for name in info.get(key) or ())
+        if key == "unexpected_keys":
+            names = [name for name in names if not LEGACY_BUFFERS.search(name)]
         if names:
             shown = ", ".join(names[:NAMES_SHOWN]) + (", ..." if len(names) > NAMES_SHOWN else "")
             raise ModelRefError(f"{str(path)!r} {what.format(n=len(names))}: {shown}; {SAVE_HINT}")

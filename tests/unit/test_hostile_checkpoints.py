@@ -119,6 +119,19 @@ def test_a_complete_checkpoint_still_loads(tiny_checkpoint: Path) -> None:
     load_training_parts(tiny_checkpoint)
 
 
+def test_a_checkpoint_saved_by_transformers_4_still_loads(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    # Such GPT-2 checkpoints (the reference model among them) carry the attention's mask buffers, which
+    # transformers 5 no longer has: not weights, so not "unexpected".
+    ckpt = copy_checkpoint(tiny_checkpoint, tmp_path)
+    legacy = dict(tensors(ckpt))
+    for block in ("attn", "crossattention"):
+        legacy[f"decoder.transformer.h.0.{block}.masked_bias"] = torch.tensor(-1e4)
+        legacy[f"decoder.transformer.h.0.{block}.bias"] = torch.tril(torch.ones(4, 4)).view(1, 1, 4, 4)
+    save_file(legacy, str(ckpt / "model.safetensors"))
+    for load in loaders(ckpt).values():
+        load()
+
+
 # -- broken files -----------------------------------------------------------------------------------
 
 
