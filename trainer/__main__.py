@@ -90,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # Imported here: torch and transformers take seconds to import, --help should not wait for them.
     from captionfleet.core.model_store import ModelRefError
+    from captionfleet.core.s3 import is_storage_error
     from captionfleet.trainer import refresh
     from captionfleet.trainer.registry import RegistryError
     from captionfleet.trainer.train import train
@@ -98,9 +99,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = refresh.prepare(settings)  # --init-from latest, s3:// data (refresh runs)
         result = train(settings, command=command.strip())
-    except ModelRefError as error:  # --init-from names a checkpoint that cannot be used: nothing to retry
+    except ModelRefError as error:
         print(f"error: {error}", file=sys.stderr)
-        return EXIT_USAGE
+        # A checkpoint that cannot be used (--init-from, the run's own resume state): nothing to retry. The
+        # store failing while fetching it is another matter: running again may well work.
+        return EXIT_FAILED if is_storage_error(error) else EXIT_USAGE
     except (DataError, RegistryError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_FAILED

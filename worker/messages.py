@@ -44,7 +44,15 @@ PREVIEW_CHARS = 1000
 def encode_json(value: Any) -> bytes:
     """A result or dead letter as the bytes of its Kafka message."""
     # default=str: metadata passed through may hold anything JSON had; nothing else reaches here.
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=str).encode("utf-8")
+    # backslashreplace: a lone surrogate ("\ud800" is valid JSON, so an id or key may hold one) has no UTF-8
+    # form; written as its escape, \ud800 inside a JSON string, it reads back as the same character.
+    text = json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=str)
+    return text.encode("utf-8", errors="backslashreplace")
+
+
+def encode_key(key: str) -> bytes:
+    """A message key's bytes: an id with a lone surrogate gets its escape instead of failing the send."""
+    return key.encode("utf-8", errors="backslashreplace")
 
 
 # What encoding a request's passed-through fields can raise: nesting past the recursion limit (JSON

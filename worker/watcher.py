@@ -23,7 +23,7 @@ from captionfleet.core.captioner import Captioner, CaptionModel
 from captionfleet.core.loading import check_named_version, load_model, load_version
 from captionfleet.core.model_store import ModelRefError
 from captionfleet.core.registry_layout import LATEST, latest_root, read_latest
-from captionfleet.core.s3 import make_s3_client
+from captionfleet.core.s3 import is_storage_error, make_s3_client
 from captionfleet.core.settings import WorkerSettings
 from captionfleet.worker.hotswap import HotSwapCaptioner
 
@@ -31,27 +31,6 @@ if TYPE_CHECKING:
     from captionfleet.worker.metrics import WorkerMetrics
 
 log = logging.getLogger(__name__)
-
-
-def is_storage_error(error: BaseException) -> bool:
-    """Whether a load failed on object storage or the network rather than on the checkpoint.
-
-    The rule: a botocore error (ClientError: throttling, 5xx, a missing or changed object;
-    BotoCoreError: timeouts, refused or dropped connections) raised by the load or anywhere in its
-    chain of causes. ``resolve_model_ref`` wraps those in ModelRefError ``from`` the botocore error,
-    while what it finds wrong with a checkpoint (pickled weights, missing files) and a refused hot swap
-    (another input size) are ModelRefErrors with no botocore cause. Storage errors are usually gone by
-    the next poll, so they must not block the version for retry_failed_s; a broken checkpoint stays
-    broken until a new version is published, so it is not re-downloaded at every poll.
-    """
-    seen: set[int] = set()
-    current: BaseException | None = error
-    while current is not None and id(current) not in seen:
-        if isinstance(current, (ClientError, BotoCoreError)):
-            return True
-        seen.add(id(current))
-        current = current.__cause__ or (None if current.__suppress_context__ else current.__context__)
-    return False
 
 
 class ModelWatcher:

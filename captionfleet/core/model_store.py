@@ -113,9 +113,12 @@ def check_checkpoint_dir(path: Path) -> None:
 
 
 def _read_json(file: Path) -> object:
+    if not file.is_file():  # a FIFO would block the read forever
+        raise ModelRefError(f"{str(file)!r} is not a regular file; write the checkpoint again with save_pretrained")
     try:
         return json.loads(file.read_bytes())
-    except (OSError, ValueError) as error:  # ValueError: bad JSON or bad UTF-8
+    # ValueError: bad JSON or bad UTF-8; RecursionError: nesting deeper than the parser goes
+    except (OSError, ValueError, RecursionError) as error:
         raise ModelRefError(
             f"{str(file)!r} is not readable JSON ({error}); write the checkpoint again with save_pretrained"
         ) from error

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 import boto3
 from botocore.config import Config
 from botocore.exceptions import (
+    BotoCoreError,
     ClientError,
     ConnectionClosedError,
     ConnectTimeoutError,
@@ -363,3 +364,25 @@ def read_object(
     start = time.perf_counter()
     (data, etag), attempts = retry.call(once, what=what)
     return Fetched(data, etag, time.perf_counter() - start, attempts)
+
+
+def is_storage_error(error: BaseException) -> bool:
+    """Whether a load failed on object storage or the network rather than on the checkpoint.
+
+    The rule: a botocore error (ClientError: throttling, 5xx, a missing or changed object;
+    BotoCoreError: timeouts, refused or dropped connections) raised by the load or anywhere in its
+    chain of causes. ``resolve_model_ref`` wraps those in ModelRefError ``from`` the botocore error,
+    while what it finds wrong with a checkpoint (pickled weights, missing files) and a refused hot swap
+    (another input size) are ModelRefErrors with no botocore cause. Storage errors are usually gone by
+    the next poll (or the next run), so they must not block a version (the hot swap) nor be reported as
+    nothing to retry (the trainer's exit status); a broken checkpoint stays broken until a new version is
+    published.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        if isinstance(current, (ClientError, BotoCoreError)):
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or (None if current.__suppress_context__ else current.__context__)
+    return False

@@ -6,6 +6,8 @@ Every field can be set as ``WORKER_<FIELD>`` (nested groups with ``__``, e.g.
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 import json
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -192,6 +194,9 @@ def split_host_port(entry: str) -> tuple[str, int | None]:
     """An allowed host, ``host`` or ``host:port`` (``[v6]:port``), as (lowercase host, port or None).
     Raises ValueError for anything else (a scheme, a path, credentials, a bad port)."""
     text = entry.strip().lower()
+    with contextlib.suppress(ValueError):
+        ipaddress.IPv6Address(text)  # a bare IPv6 address (urls write it inside [...]): its default port
+        return text, None
     parts = urlsplit("//" + text)
     port = parts.port  # ValueError when not a number in 0-65535
     if not parts.hostname or parts.netloc != text or "@" in text or text.endswith(":") or port == 0:

@@ -13,7 +13,7 @@ from kafka import TopicPartition
 
 from captionfleet.core.captioner import Captioner, CaptionModel, ModelWrapper
 from captionfleet.core.settings import DecodingSettings
-from captionfleet.worker.messages import encode_json
+from captionfleet.worker.messages import encode_json, encode_key
 from captionfleet.worker.stream.ports import Rebalance
 
 
@@ -46,7 +46,7 @@ class MemoryOutput:
     ack_delay_s: float = 0.0
 
     def send(self, topic: str, key: str, value: dict[str, Any]) -> None:
-        size = len(key.encode()) + len(encode_json(value))
+        size = len(encode_key(key)) + len(encode_json(value))
         if self.max_bytes is not None and size > self.max_bytes:
             raise OutputFailedError(f"message of {size} bytes is larger than max_request_size {self.max_bytes}")
         self.sent.append((topic, key, value))

@@ -110,6 +110,14 @@ def test_a_bare_host_allows_its_default_port_and_host_port_that_port() -> None:
         assert info.value.kind == "forbidden", uri
 
 
+def test_a_bare_ipv6_address_allows_its_default_port() -> None:
+    # As before host:port entries existed: urls write it in brackets, the list may not.
+    f, _ = fetcher(client=NoCallsClient(), allowed_hosts="fd00::10")
+    assert f.check("http://[fd00::10]/a.jpg")
+    with pytest.raises(FetchError, match="WORKER_FETCH__ALLOWED_HOSTS"):
+        f.fetch("http://[fd00::10]:8080/a.jpg")
+
+
 def test_allowed_hosts_must_be_host_or_host_port(monkeypatch: pytest.MonkeyPatch) -> None:
     from captionfleet.core.settings import SettingsError, load_worker_settings
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -84,6 +85,40 @@ def test_a_config_that_is_not_json_is_named(tiny_checkpoint: Path, tmp_path: Pat
     (ckpt / "tokenizer_config.json").write_bytes(b"\xff{not json")
     with pytest.raises(ModelRefError, match=r"tokenizer_config\.json.* is not readable JSON"):
         check_checkpoint_dir(ckpt)
+
+
+def test_a_config_nested_past_the_parser_is_named(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    ckpt = copy_checkpoint(tiny_checkpoint, tmp_path)
+    (ckpt / "extra_config.json").write_text('{"x": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    with pytest.raises(ModelRefError, match=r"extra_config\.json.* is not readable JSON"):
+        check_checkpoint_dir(ckpt)
+
+
+def test_a_fifo_named_like_a_config_is_refused_unread(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    ckpt = copy_checkpoint(tiny_checkpoint, tmp_path)
+    os.mkfifo(ckpt / "extra_config.json")  # reading it would wait for a writer forever
+    with pytest.raises(ModelRefError, match=r"extra_config\.json.* is not a regular file"):
+        check_checkpoint_dir(ckpt)
+
+
+def test_the_store_failing_during_init_from_is_worth_a_retry(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Exit 2 says nothing will change by running again; a store that failed says the opposite (exit 1).
+    from botocore.exceptions import EndpointConnectionError
+
+    from captionfleet.trainer.__main__ import main
+
+    def unreachable(ref: str, **kwargs: object) -> Path:
+        try:
+            raise EndpointConnectionError(endpoint_url="http://s3.invalid")
+        except EndpointConnectionError as error:
+            raise ModelRefError(f"could not list {ref}: {error}") from error
+
+    monkeypatch.setattr("captionfleet.core.model_store.resolve_model_ref", unreachable)
+    flags = ["--init-from", "s3://models/x", "--max-steps", "1", "--no-progress", "--device", "cpu"]
+    assert main([*flags, "--out-dir", str(tmp_path / "model"), "--run-dir", str(tmp_path / "run")]) == 1
+    assert "could not list s3://models/x" in capsys.readouterr().err
 
 
 # -- weights that are not there --------------------------------------------------------------------

@@ -13,8 +13,9 @@ import pytest
 from captionfleet.core.captioner import Captioner
 from captionfleet.core.model_store import ModelRefError, resolve_model_ref
 from captionfleet.core.registry_layout import version_uri
+from captionfleet.core.s3 import is_storage_error
 from captionfleet.worker.hotswap import HotSwapCaptioner
-from captionfleet.worker.watcher import ModelWatcher, is_storage_error
+from captionfleet.worker.watcher import ModelWatcher
 from tests.unit.test_models_swap import FakeCaptioner, batch
 from tests.unit.test_s3_fake import FakeS3, read_timeout, slow_down
 

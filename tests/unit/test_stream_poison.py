@@ -58,3 +58,26 @@ def test_a_poison_answer_becomes_its_dead_letter_and_the_worker_goes_on(make: An
         assert letter["request"]["unencodable"].startswith("RecursionError")
         assert letter["metadata"]["unencodable"].startswith("RecursionError")
     assert metrics.sample("captionfleet_failures_total", {"kind": "malformed"}) == len(dead)
+
+
+def test_ids_uris_and_keys_with_lone_surrogates_are_answered(make: Any, root: Path) -> None:
+    # "\ud800" is valid JSON but has no UTF-8 form: its answers carry it escaped instead of failing the send.
+    source, output = new_pair(partitions=1)
+    good = f"file://{root}/good.jpg"
+    created = {"eventName": "ObjectCreated:Put", "s3": {"bucket": {"name": "photos"}, "object": {"key": "k\\ud800"}}}
+    messages = {
+        "a\ud800": f'{{"id": "a\\ud800", "uri": "{good}"}}',
+        "b": f'{{"id": "b", "uri": "{good}\\ud800"}}',
+        "s3://photos/k\ud800": json.dumps({"Records": [created]}).replace("\\\\ud800", "\\ud800"),
+    }
+    for answer, value in messages.items():
+        source.append(0, value.encode(), answers=[answer])
+    source.append(0, request("after", good), answers=["after"])
+    running, _ = make(source, output)
+
+    wait_for(lambda: len(output.sent) == 4 and all_committed(source), 60, what="every answer")
+    report = running.stop()
+
+    assert report.exit_code == EXIT_OK and source.violations == []
+    assert sorted(output.keys()) == sorted([*messages, "after"])
+    assert {json.loads(encode_json(value))["id"] for _, _, value in output.sent} == {*messages, "after"}

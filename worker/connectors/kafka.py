@@ -20,7 +20,7 @@ from kafka import AsyncConsumerRebalanceListener, KafkaConsumer, KafkaProducer, 
 from kafka import errors as kafka_errors
 
 from captionfleet.core.settings import KafkaSettings
-from captionfleet.worker.messages import encode_json
+from captionfleet.worker.messages import encode_json, encode_key
 from captionfleet.worker.stream.ports import CommitRejectedError, Rebalance
 
 log = logging.getLogger(__name__)
@@ -151,7 +151,7 @@ class KafkaOutput:
         self._errors: list[str] = []
 
     def send(self, topic: str, key: str, value: dict[str, Any]) -> None:
-        future = self._producer.send(topic, key=key.encode("utf-8"), value=encode_json(value))
+        future = self._producer.send(topic, key=encode_key(key), value=encode_json(value))
         future.add_errback(self._failed, topic, key)
 
     def _failed(self, topic: str, key: str, error: Exception) -> None:
