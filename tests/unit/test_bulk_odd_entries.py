@@ -175,3 +175,15 @@ def test_a_looping_source_is_a_usage_error_not_a_crash(tmp_path: Path) -> None:
 def test_the_summary_line_appears_only_when_something_was_skipped() -> None:
     assert not any(line.startswith("skipped") for line in BulkSummary(total=1, skipped=0, done=1).lines())
     assert describe_skipped(Counter({"socket": 2, "device": 1})) == "3 (1 device, 2 sockets)"
+
+
+def test_a_folder_a_thousand_levels_deep_is_listed(tmp_path: Path) -> None:
+    # A legal path (under 4096 bytes), deeper than Python's recursion goes: the listing walks on a stack.
+    root = tmp_path / "deep"
+    folder = root
+    folder.mkdir()
+    for _ in range(1200):
+        folder = folder / "d"
+        folder.mkdir()  # one level at a time: mkdir(parents=True) recurses too
+    (folder / "x.png").write_bytes(b"\x89PNG")
+    assert [item.id for item in iter_folder(root)] == ["d/" * 1200 + "x.png"]

@@ -131,19 +131,25 @@ class _Listing:
     max_bytes: int
     skipped: Counter[str]
 
-    def folder(self, folder: Path) -> Iterator[SourceItem]:
+    def walk(self) -> Iterator[SourceItem]:
+        """Depth first with names sorted (the order sorting every path by its parts gave), on a stack
+        of entries still to visit rather than by recursion: a folder thousands of levels deep is a legal
+        path, and Python's recursion stops near a thousand."""
+        stack = self.children(self.root)
+        while stack:
+            yield from self.entry(stack.pop(), stack)
+
+    def children(self, folder: Path) -> list[Path]:
+        """The folder's entries in reverse order of their names (popped from a stack, they come sorted)."""
         try:
             with os.scandir(folder) as entries:
-                names = sorted(entry.name for entry in entries)
+                names = sorted((entry.name for entry in entries), reverse=True)
         except OSError as error:
             self._skip(folder, "unreadable_folder", error.strerror or str(error))
-            return
-        # Depth first with names sorted: the order sorting every path by its parts gave.
-        for name in names:
-            if not name.startswith("."):  # hidden files and folders are not inputs
-                yield from self.entry(folder / name)
+            return []
+        return [folder / name for name in names if not name.startswith(".")]  # hidden: not inputs
 
-    def entry(self, path: Path) -> Iterator[SourceItem]:
+    def entry(self, path: Path, stack: list[Path]) -> Iterator[SourceItem]:
         try:
             mode = os.lstat(path).st_mode
         except FileNotFoundError:
@@ -156,7 +162,7 @@ class _Listing:
         elif path in self.exclude:
             return
         elif stat.S_ISDIR(mode):
-            yield from self.folder(path)
+            stack.extend(self.children(path))
         elif stat.S_ISREG(mode):
             yield from self.file(path)
         else:
@@ -226,4 +232,4 @@ def iter_folder(
         raise NotADirectoryError(f"{root} cannot be resolved ({error}): pass a folder of images") from error
     if not root.is_dir():
         raise NotADirectoryError(f"{root} is not a directory: pass a folder of images")
-    yield from _Listing(root, exclude, max_bytes, Counter() if skipped is None else skipped).folder(root)
+    yield from _Listing(root, exclude, max_bytes, Counter() if skipped is None else skipped).walk()
