@@ -179,11 +179,17 @@ def test_the_summary_line_appears_only_when_something_was_skipped() -> None:
 
 def test_a_folder_a_thousand_levels_deep_is_listed(tmp_path: Path) -> None:
     # A legal path (under 4096 bytes), deeper than Python's recursion goes: the listing walks on a stack.
-    root = tmp_path / "deep"
-    folder = root
-    folder.mkdir()
+    levels = [tmp_path / "deep"]
     for _ in range(1200):
-        folder = folder / "d"
-        folder.mkdir()  # one level at a time: mkdir(parents=True) recurses too
-    (folder / "x.png").write_bytes(b"\x89PNG")
-    assert [item.id for item in iter_folder(root)] == ["d/" * 1200 + "x.png"]
+        levels.append(levels[-1] / "d")
+    try:
+        for folder in levels:
+            folder.mkdir()  # one level at a time: mkdir(parents=True) recurses
+        (levels[-1] / "x.png").write_bytes(b"\x89PNG")
+        assert [item.id for item in iter_folder(levels[0])] == ["d/" * 1200 + "x.png"]
+    finally:  # removed bottom up here: pytest's recursive clean-up of tmp_path would stop at such depth
+        with contextlib.suppress(FileNotFoundError):
+            (levels[-1] / "x.png").unlink()
+        for folder in reversed(levels):
+            with contextlib.suppress(FileNotFoundError):
+                folder.rmdir()
