@@ -1,14 +1,15 @@
 """From a model ref to a loaded captioner: the one way every part loads a model.
 
 - ``load_checkpoint``: a local checkpoint folder -> a Captioner, optionally with torch's threads set
-  first and one warm-up batch after. The trainer and the benchmarks pass ``threads=None``: they leave
+  first. The trainer and the benchmarks pass ``threads=None``: they leave
   torch's threads as the process set them (``train`` and the benchmarks set them themselves; evaluation
   and the gate's scoring run with torch's default).
 - ``load_model``: what ``WORKER_MODEL__*`` names (a folder, s3:// prefix, hub id, builtin, or a
   ``s3://.../models/<name>/LATEST`` ref, which loads the version LATEST names now) with the worker's
   device, precision, decoding and thread settings: what the worker, the bulk jobs and the dashboard serve.
 - ``load_version``: one published version of a registry root, with the same settings (the hot swap, the
-  dashboard following LATEST); the version its captionfleet.json names must be the one asked for.
+  dashboard following LATEST), warmed when asked (the hot swap, off the serving path); the version its
+  captionfleet.json names must be the one asked for.
 """
 
 from __future__ import annotations
@@ -43,19 +44,15 @@ def load_checkpoint(
     precision: str,
     decoding: DecodingSettings | None = None,
     threads: int | None = None,
-    warm: bool = False,
 ) -> Captioner:
     """A local checkpoint folder, loaded. ``threads``: torch's intra-op threads to set first (0 = the
     container's CPU limit, see core/threads.py); None leaves them as the caller set them."""
     if threads is not None:
         apply_threads(threads)
-    captioner = Captioner.from_dir(path, device=device, decoding=decoding, precision=precision)
-    if warm:
-        warm_up(captioner)
-    return captioner
+    return Captioner.from_dir(path, device=device, decoding=decoding, precision=precision)
 
 
-def _load_ref(ref: str, settings: WorkerSettings, *, warm: bool) -> Captioner:
+def _load_ref(ref: str, settings: WorkerSettings) -> Captioner:
     model = settings.model
     path = resolve_model_ref(ref, cache_dir=model.cache_dir, s3=settings.s3)
     return load_checkpoint(
@@ -64,13 +61,12 @@ def _load_ref(ref: str, settings: WorkerSettings, *, warm: bool) -> Captioner:
         precision=model.precision,
         decoding=settings.decoding,
         threads=model.threads,
-        warm=warm,
     )
 
 
 def load_version(root: str, version: str, settings: WorkerSettings, *, warm: bool = False) -> Captioner:
     """Version ``version`` of the registry at ``root`` (``s3://bucket/models/<name>``), with the worker's settings."""
-    captioner = _load_ref(version_uri(root, version), settings, warm=False)
+    captioner = _load_ref(version_uri(root, version), settings)
     check_named_version(captioner, version, version_uri(root, version))
     if warm:
         warm_up(captioner)
@@ -108,5 +104,5 @@ def load_model(settings: WorkerSettings) -> Captioner:
     A ``.../LATEST`` ref loads the version LATEST names now."""
     root = latest_root(settings.model.ref)
     if root is None:
-        return _load_ref(settings.model.ref, settings, warm=False)
+        return _load_ref(settings.model.ref, settings)
     return load_version(root, serving_version(root, settings.s3), settings)

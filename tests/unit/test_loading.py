@@ -24,7 +24,7 @@ def test_a_version_that_says_it_is_another_is_refused_wherever_it_is_loaded(monk
     # start-up had (the dashboard served such a copy before).
     loaded: list[str] = []
 
-    def load_ref(ref: str, settings: WorkerSettings, *, warm: bool) -> Any:
+    def load_ref(ref: str, settings: WorkerSettings) -> Any:
         loaded.append(ref)
         return Named("v1")
 
@@ -38,9 +38,9 @@ def test_a_version_that_says_it_is_another_is_refused_wherever_it_is_loaded(monk
 
 def test_a_latest_ref_loads_the_version_latest_names(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setattr(loading, "serving_version", lambda root, s3: "v7")
-    monkeypatch.setattr(loading, "_load_ref", lambda ref, settings, *, warm: Named(ref.rsplit("/", 1)[-1]))
+    monkeypatch.setattr(loading, "_load_ref", lambda ref, settings: Named(ref.rsplit("/", 1)[-1]))
     settings = WorkerSettings.model_validate({"model": {"ref": "s3://b/models/m/LATEST", "cache_dir": str(tmp_path)}})
     assert loading.load_model(settings).version == "v7"
-    monkeypatch.setattr(loading, "_load_ref", lambda ref, settings, *, warm: Named("v6"))
+    monkeypatch.setattr(loading, "_load_ref", lambda ref, settings: Named("v6"))
     with pytest.raises(ModelRefError, match="says it is version 'v6'"):
         loading.load_model(settings)
