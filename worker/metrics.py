@@ -108,6 +108,19 @@ class WorkerMetrics:
             "captionfleet_rebalances", "partition assignments received (1 per join; more means rebalances)", registry=r
         )
         self.commits = Counter("captionfleet_commits", "offset commits (each after a producer flush)", registry=r)
+        # Outages (worker.stream.outages): while a dependency is down fetching is paused and /readyz says why.
+        self.dependency_up = Gauge(
+            "captionfleet_dependency_up",
+            "1 while the dependency answers, 0 during an outage (object_store, broker)",
+            ["dependency"],
+            registry=r,
+        )
+        self.outage_retries = Counter(
+            "captionfleet_outage_retries",
+            "reads retried because the dependency was unreachable (after the fetcher's own quick attempts)",
+            ["dependency"],
+            registry=r,
+        )
 
     def _model_metrics(self, r: CollectorRegistry) -> None:
         """The loaded model, and hot swaps to newly published versions."""
@@ -145,6 +158,8 @@ class Health:
         self.partitions = 0
         self.stopping = False
         self.failed: str | None = None
+        # Dependencies down now (name -> why): not ready while any is, so a rollout waits for them.
+        self.outages: dict[str, str] = {}
         # None until the loop starts: loading a big model can take minutes and is not a stall.
         self._beat: float | None = None
 
@@ -173,6 +188,14 @@ class Health:
             if failed is not None:
                 self.failed = failed
 
+    def outage(self, dependency: str, why: str | None) -> None:
+        """``dependency`` is down (why) or up again (None)."""
+        with self._lock:
+            if why is None:
+                self.outages.pop(dependency, None)
+            else:
+                self.outages[dependency] = why
+
     def live(self) -> tuple[bool, str]:
         with self._lock:
             if self.failed:
@@ -191,6 +214,8 @@ class Health:
                 return False, "model not loaded yet"
             if self.stopping:
                 return False, "shutting down"
+            if self.outages:
+                return False, "; ".join(self.outages[name] for name in sorted(self.outages))
             if not self.joined:
                 return False, "joining the consumer group"
             # Ready with no partitions: with more workers than partitions (a rollout's surge pod, say)

@@ -170,6 +170,11 @@ class KafkaSettings(BaseModel):
     commit_interval_ms: int = Field(default=1_000, ge=0)
     # A result the broker has not acknowledged by then fails the worker (nothing is committed past it).
     produce_timeout_s: float = Field(default=30.0, gt=0)
+    # A broker that stops answering (no reply to the group's heartbeats for half the session timeout) is an
+    # outage: fetching pauses, /readyz says so, no commit is tried, and the answers already sent wait in the
+    # producer this long (its delivery timeout) for the broker to return; past it the worker stops (exit 1)
+    # and the uncommitted work is redone after its restart.
+    outage_budget_s: float = Field(default=300.0, gt=0)
     # Results are small; a few ms of linger batches them without adding visible latency.
     linger_ms: int = Field(default=5, ge=0)
     # The largest message the producer sends (its max_request_size); keep it at or below the topics'
@@ -222,6 +227,12 @@ class FetchSettings(BaseModel):
     backoff_max_ms: int = Field(default=5_000, ge=0)
     connect_timeout_s: float = Field(default=5.0, gt=0)
     read_timeout_s: float = Field(default=20.0, gt=0)
+    # An S3 read that still fails as unreachable (refused, timed out, throttled or 5xx) after max_attempts is
+    # an outage, not the image's failure: the stream pauses its partitions, reports not ready and retries the
+    # read (waits of 1 s doubling up to outage_retry_max_s) for this long before dead-lettering it. 0: no
+    # outage retries (every such read fails after max_attempts).
+    outage_budget_s: float = Field(default=300.0, ge=0)
+    outage_retry_max_s: float = Field(default=15.0, gt=0)
 
     _split = field_validator("allowed_buckets", "allowed_hosts", mode="before")(_split_list)
 

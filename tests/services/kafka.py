@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -107,6 +108,16 @@ class KafkaBroker:
         if self._workdir is not None:
             shutil.rmtree(self._workdir, ignore_errors=True)
             self._workdir = None
+
+    def freeze(self) -> None:
+        """SIGSTOP: the broker stops answering but keeps its connections and its (in-memory) data, as a hung
+        or partitioned broker does. A restart would lose every topic with this storage."""
+        assert self._proc is not None
+        self._proc.send_signal(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        assert self._proc is not None
+        self._proc.send_signal(signal.SIGCONT)
 
     def _kill(self) -> None:
         proc, self._proc = self._proc, None

@@ -108,10 +108,20 @@ class SeaweedS3:
         self.stop()
         raise RuntimeError(last_error)
 
-    def _start_once(self, config_path: Path) -> None:
+    def halt(self) -> None:
+        """Stop the server, as an outage does; its data and ports are kept for ``resume()``."""
+        self._kill()
+
+    def resume(self) -> None:
+        """Start a halted server again, on the same ports with the same data."""
+        assert self._workdir is not None, "resume() after halt(), not after stop()"
+        self._start_once(self._workdir / "s3.json", same_ports=True)
+
+    def _start_once(self, config_path: Path, same_ports: bool = False) -> None:
         assert self._workdir is not None
-        ports = _free_ports(len(_PORT_FLAGS))
-        self._ports = dict(zip(_PORT_FLAGS, ports, strict=True))
+        if not same_ports:
+            ports = _free_ports(len(_PORT_FLAGS))
+            self._ports = dict(zip(_PORT_FLAGS, ports, strict=True))
         data_dir = self._workdir / "data"
         data_dir.mkdir(exist_ok=True)
         log_path = self._workdir / "weed.log"

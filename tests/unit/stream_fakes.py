@@ -103,6 +103,8 @@ class MemorySource:
         self.violations: list[str] = []
         self.revoking_started = threading.Event()
         self.revoking_s: list[float] = []
+        # What silent_for_s() answers: set it to make the broker look down (seconds without an answer).
+        self.silence_s: float | None = 0.0
         self._queued: list[str] = []
         self._lock = threading.Lock()
 
@@ -186,6 +188,9 @@ class MemorySource:
 
     def highwater(self, partition: TopicPartition) -> int | None:
         return len(self.logs[partition.partition])
+
+    def silent_for_s(self) -> float | None:
+        return self.silence_s
 
     def close(self) -> None:
         if self.owned:

@@ -70,6 +70,12 @@ def test_ready_with_a_model_once_in_the_group(served: tuple[MetricsServer, Worke
     assert status == 200 and "no partitions" in why
     health.set(partitions=2)
     assert get(server, "/readyz") == (200, "ok\n")
+    # An outage: not ready, saying which dependency and why; alive all the same (a restart would not help).
+    health.outage("broker", "broker unreachable for 4s (no answer)")
+    assert get(server, "/readyz") == (503, "broker unreachable for 4s (no answer)\n")
+    assert get(server, "/healthz")[0] == 200
+    health.outage("broker", None)
+    assert get(server, "/readyz") == (200, "ok\n")
     health.set(stopping=True)
     assert get(server, "/readyz")[0] == 503
     assert get(server, "/healthz")[0] == 200

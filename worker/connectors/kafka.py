@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -120,7 +121,10 @@ def consumer_config(settings: KafkaSettings, client_id: str) -> dict[str, Any]:
 
 
 def make_producer(settings: KafkaSettings, client_id: str) -> KafkaProducer:
-    delivery_ms = int(settings.produce_timeout_s * 1000)
+    # Answers sent during a broker outage wait in the producer (retried by it) for the outage budget; a
+    # flush still gives up after produce_timeout_s (KafkaOutput), and the stream loop does not flush while
+    # the broker is known to be down.
+    delivery_ms = int(max(settings.produce_timeout_s, settings.outage_budget_s) * 1000)
     return KafkaProducer(
         bootstrap_servers=bootstrap_servers(settings),
         client_id=client_id,
@@ -159,7 +163,8 @@ class KafkaOutput:
             self._errors.append(f"{topic} key={key}: {error}")
 
     def flush(self, timeout_s: float | None = None) -> bool:
-        # timeout_s: a caller's own deadline (a revocation); running out of it is not a broker failure.
+        # timeout_s: a caller's own deadline (a revocation, a periodic commit); running out of it is not a
+        # broker failure.
         try:
             self._producer.flush(timeout=self._timeout_s if timeout_s is None else timeout_s)
         except kafka_errors.KafkaTimeoutError as error:
@@ -216,6 +221,21 @@ class KafkaSource:
         except kafka_errors.IllegalStateError:  # no longer assigned
             return None
         return int(value) if value is not None else None
+
+    def silent_for_s(self) -> float | None:
+        # kafka-python has no public view of this: its group coordinator's heartbeat record. Its timestamps
+        # are the last heartbeat answer and the last reset, which it does when it finds the coordinator or
+        # completes a join (both answers from the broker too). Anything unexpected there reads as unknown.
+        coordinator = getattr(self.consumer, "_coordinator", None)
+        heartbeat = getattr(coordinator, "heartbeat", None)
+        try:
+            if coordinator is None or heartbeat is None:
+                return None
+            if coordinator.coordinator_id is not None and not coordinator.stable():
+                return None  # joining: heartbeats pause until the join completes
+            return max(0.0, time.monotonic() - max(heartbeat.last_receive, heartbeat.last_reset))
+        except (AttributeError, TypeError):
+            return None
 
     def close(self) -> None:
         # autocommit=False: everything worth committing was committed by the stream loop.

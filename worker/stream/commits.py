@@ -21,6 +21,8 @@ from captionfleet.worker.stream.ports import CommitRejectedError, Output, Source
 log = logging.getLogger(__package__)
 
 _LAG_EVERY_S = 1.0
+# A periodic commit waits this long for the broker's acknowledgements, then tries again at the next interval.
+_FLUSH_WAIT_S = 5.0
 
 
 class Commits:
@@ -35,21 +37,28 @@ class Commits:
         self._last_commit = time.monotonic()
         self._last_lag = 0.0
 
-    def when_due(self) -> None:
-        """Commit every commit interval, and update the lag every second (the consumer thread's turns)."""
-        if time.monotonic() - self._last_commit >= self._interval_s:
-            self.commit(self.offsets.partitions())
+    def when_due(self, *, commit: bool = True) -> None:
+        """Commit every commit interval (unless ``commit`` is False: the broker is down), and update the lag
+        every second (the consumer thread's turns)."""
+        if commit and time.monotonic() - self._last_commit >= self._interval_s:
+            self.commit(self.offsets.partitions(), wait_s=_FLUSH_WAIT_S)
         if time.monotonic() - self._last_lag >= _LAG_EVERY_S:
             self.update_lag()
 
-    def commit(self, partitions: list[TopicPartition]) -> None:
+    def commit(self, partitions: list[TopicPartition], *, wait_s: float | None = None) -> None:
+        """Commit what is answered and acknowledged. ``wait_s``: how long to wait for the acknowledgements
+        before putting the commit off to the next interval (the periodic commits: a broker that stops
+        answering must not hold the consumer thread, which notices the outage); None waits the producer's
+        full timeout and raises if they do not come (shutdown)."""
         self._last_commit = time.monotonic()
         offsets = self.offsets.committable(partitions)
         if not offsets:
             return
         # The order that makes this at-least-once: the commit points were taken before the flush, so
         # every answer they cover was sent before it, and flush() returns only once all are acknowledged.
-        self.output.flush()
+        if not self.output.flush(wait_s):
+            log.info("results not acknowledged within %.1fs: commit put off to the next interval", wait_s)
+            return
         try:
             self.source.commit(offsets)
         except CommitRejectedError as error:

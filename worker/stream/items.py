@@ -54,8 +54,11 @@ class StreamItem:
 
 @dataclass(frozen=True)
 class Finished:
+    """A request done with: its answer, or None when it was given up unanswered (the worker stopping during an
+    outage), which leaves its offset uncommitted so that it is redone."""
+
     item: StreamItem
-    result: Result
+    result: Result | None
 
 
 def where(origin: Origin) -> str:

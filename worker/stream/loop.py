@@ -27,6 +27,7 @@ from captionfleet.worker.stream.commits import Commits
 from captionfleet.worker.stream.items import Finished, Origin, StreamItem, names, where
 from captionfleet.worker.stream.metered import MeteredCaptioner
 from captionfleet.worker.stream.offsets import Offsets
+from captionfleet.worker.stream.outages import BROKER, Dependency
 from captionfleet.worker.stream.ports import Output, Record, Source
 from captionfleet.worker.stream.stages import Stages
 
@@ -44,7 +45,7 @@ _BUSY_WAIT_S = 0.02
 class StreamReport:
     exit_code: int
     messages: int
-    abandoned: int  # requests still in flight when the grace period ran out
+    abandoned: int  # requests unfinished at the end: grace period over, or given up during an outage
 
 
 class StreamWorker:
@@ -80,6 +81,13 @@ class StreamWorker:
         # memory. They wait here in order, pending for their partition's commit point like the rest.
         self._waiting: deque[StreamItem] = deque()
         self._paused = False
+        # Outages (worker.stream.outages): the store's record is kept by the fetch threads, the broker's here.
+        self._broker = Dependency(BROKER)
+        # Half the session: heartbeats go every heartbeat interval, and a member silent for the whole session
+        # is evicted anyway.
+        self._broker_silence_limit_s = self.kafka.session_timeout_ms / 2000
+        self._outage: str | None = None
+        self._given_up = 0  # requests left unanswered by a stop during an outage (redone by the next owner)
         self._messages = 0
         self._stop = threading.Event()
         self._stop_at: float | None = None
@@ -90,6 +98,8 @@ class StreamWorker:
         # heartbeats: stay well inside the session.
         self._revoke_drain_s = min(self.kafka.session_timeout_ms / 3, self.kafka.max_poll_interval_ms / 2) / 1000
         self.metrics.model.info({"version": captioner.version, "source": captioner.source})
+        for dependency in (self._stages.store, self._broker):
+            self.metrics.dependency_up.labels(dependency.name).set(1)
 
     def model_swapped(self, old: CaptionModel, new: CaptionModel) -> None:
         """A hot swap (worker.hotswap, in the model thread between batches): failures and the info metric
@@ -137,6 +147,7 @@ class StreamWorker:
     def _turn(self) -> None:
         self.health.beat()
         self._raise_if_failed()
+        self._watch_outages()
         self._backpressure()
         room = max(1, min(self.kafka.max_in_flight - self._busy, self.kafka.max_poll_records))
         if self._in_flight:
@@ -146,7 +157,8 @@ class StreamWorker:
         else:
             self._dispatch_all(self.source.poll(_IDLE_POLL_S, room))
             self._drain(0)
-        self._commits.when_due()
+        # No commit while the broker is down: its flush would wait out produce_timeout_s and fail the worker.
+        self._commits.when_due(commit=self._broker.down() is None)
 
     def _raise_if_failed(self) -> None:
         if (failure := self._stages.failure) is not None:
@@ -157,11 +169,39 @@ class StreamWorker:
         """Requests in flight or waiting for room."""
         return self._in_flight + len(self._waiting)
 
+    def _watch_outages(self) -> None:
+        """Update the broker's and the store's state, /readyz and the metrics; log when an outage starts or ends."""
+        silent = self.source.silent_for_s() if self.health.joined else None
+        if silent is not None and silent > self._broker_silence_limit_s:
+            self._broker.failed(f"no answer to the group's heartbeats for {silent:.0f}s")
+        else:
+            self._broker.succeeded()
+        store = self._stages.store
+        if self._busy == 0:
+            # No read in flight can tell that the store is still down: the next requests find out (a store
+            # still down pauses the worker again after a few reads).
+            store.succeeded()
+        outages = []
+        for dependency in (store, self._broker):
+            why = dependency.down()
+            self.health.outage(dependency.name, why)
+            self.metrics.dependency_up.labels(dependency.name).set(0 if why else 1)
+            if why is not None:
+                outages.append(why)
+        outage = "; ".join(outages) or None
+        if outage is not None and self._outage is None:
+            log.warning("outage: %s; fetching paused, reads retried, no commits until it answers", outage)
+        elif outage is None and self._outage is not None:
+            log.info("outage over (%s): resuming", self._outage)
+        self._outage = outage
+
     def _backpressure(self) -> None:
-        if not self._paused and self._busy >= self.kafka.max_in_flight:
+        if not self._paused and (self._outage is not None or self._busy >= self.kafka.max_in_flight):
             self._set_paused(True)
         # Resume at half, not at one below the limit, so a busy worker does not flap every message.
-        elif self._paused and not self._stopping and self._busy <= self.kafka.max_in_flight // 2:
+        elif (
+            self._paused and not self._stopping and self._outage is None and self._busy <= self.kafka.max_in_flight // 2
+        ):
             self._set_paused(False)
 
     def _set_paused(self, paused: bool) -> None:
@@ -241,6 +281,10 @@ class StreamWorker:
         self._in_flight -= 1
         self.metrics.in_flight.set(self._in_flight)
         origin = item.origin
+        if result is None:  # given up by a stop during an outage: left uncommitted, so it is redone
+            self._given_up += 1
+            log.info("leaving %s unanswered: stopping during an outage", item.id, extra=origin.fields())
+            return
         state = self._offsets.current(origin.tp, item.epoch)
         if state is None:
             # Revoked before it finished and not committed: the partition's owner now redoes it.
@@ -356,6 +400,7 @@ class StreamWorker:
         deadline = started + grace - min(5.0, grace * 0.2)
         left_s = deadline - time.monotonic()
         log.info("stopping: finishing %d requests in flight (up to %.1fs)", self._busy, left_s)
+        self._stages.give_up_outage_retries()
         if not self._paused:
             self._set_paused(True)
         # A dead model thread finishes nothing more: stop waiting, and fail (run() aborts) rather than
@@ -367,7 +412,7 @@ class StreamWorker:
             # (records that still do are not dispatched, so not committed: their next owner reads them).
             self.source.poll(0, 1)
         self._raise_if_failed()
-        abandoned = self._busy
+        abandoned = self._busy + self._given_up
         self._commits.commit(self._offsets.partitions())
         self._commits.update_lag()
         self._closing = True
@@ -378,9 +423,11 @@ class StreamWorker:
         self._stages.stop_fetching()
         if abandoned:
             log.warning(
-                "grace period (%.1fs) over with %d requests unfinished: not committed, so they are redone",
-                grace,
+                "stopped with %d requests unfinished (%d given up during an outage, the rest at the end of the "
+                "%.1fs grace period): not committed, so they are redone",
                 abandoned,
+                self._given_up,
+                grace,
             )
             return StreamReport(EXIT_GRACE_EXCEEDED, self._messages, abandoned)
         log.info("stopped cleanly after %d messages", self._messages)

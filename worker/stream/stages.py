@@ -1,7 +1,9 @@
 """The stream's fetch threads and model thread: requests in, finished answers out.
 
 Fetch threads read each image (policy first, see ``worker.fetch``) and pass the bytes on to the model
-thread, or a failure straight back. The model thread runs the same ``CaptionPipeline`` as the bulk path
+thread, or a failure straight back. A read that fails because the object store is unreachable is retried
+through the outage (``worker.stream.outages``) within its budget, and reported to the store's record that the
+consumer thread watches. The model thread runs the same ``CaptionPipeline`` as the bulk path
 (decode pool, batcher, captioner), so batches span partitions and one bad image fails alone. Both talk
 to the consumer thread through queues only: it drains ``done``.
 """
@@ -24,11 +26,19 @@ from captionfleet.worker.messages import Result
 from captionfleet.worker.metrics import WorkerMetrics
 from captionfleet.worker.pipeline import CaptionPipeline, Item
 from captionfleet.worker.stream.items import Finished, StreamItem
+from captionfleet.worker.stream.outages import STORE, STORE_DOWN_AFTER, Dependency, is_store_outage, outage_wait_s
 
 # The stream's one logger name for all its modules (captionfleet.worker.stream): log queries match on it.
 log = logging.getLogger(__package__)
 
 _END = object()  # closes the pipeline's input
+
+
+class _GaveUp:
+    """A read abandoned because the worker is stopping during an outage: neither answered nor committed."""
+
+
+_GAVE_UP = _GaveUp()
 
 
 class _NullSink:
@@ -60,6 +70,10 @@ class Stages:
     ) -> None:
         self.fetcher = fetcher
         self.metrics = metrics
+        self.store = Dependency(STORE)
+        self._outage_budget_s = settings.fetch.outage_budget_s
+        self._outage_retry_max_s = settings.fetch.outage_retry_max_s
+        self._giving_up = threading.Event()
         self._model_version = model_version
         self.done: queue.SimpleQueue[Finished] = queue.SimpleQueue()
         # Set by the model thread if it dies; the consumer thread then stops the worker.
@@ -90,19 +104,29 @@ class Stages:
         self._model_thread.join(timeout_s)
         return not self._model_thread.is_alive()
 
+    def give_up_outage_retries(self) -> None:
+        """Stopping: reads waiting out an outage end now, unanswered and uncommitted (their next owner redoes
+        them), instead of holding the shutdown for the rest of their budget."""
+        self._giving_up.set()
+
     def stop_fetching(self) -> None:
         """Drop the fetches not started yet (they were not committed, so they are redone) and do not wait."""
+        self.give_up_outage_retries()
         self._fetch_pool.shutdown(wait=False, cancel_futures=True)
 
     def _fetch(self, item: StreamItem) -> None:
         start = time.perf_counter()
-        failed = self._read(item)
+        failed = self._read_through_outages(item)
         item.fetch_ms = (time.perf_counter() - start) * 1000
+        if failed is _GAVE_UP:
+            self.done.put(Finished(item, None))
+            return
         # Failed reads too: a store that times out after every retry is what this histogram must show.
         self.metrics.fetch.observe(item.fetch_ms / 1000)
         if failed is None:
             self._inbox.put(item)
             return
+        assert isinstance(failed, tuple)
         kind, message = failed
         failure = Result(
             id=item.id,
@@ -113,6 +137,34 @@ class Stages:
             fetch_ms=round(item.fetch_ms, 3),
         )
         self.done.put(Finished(item, failure))
+
+    def _read_through_outages(self, item: StreamItem) -> tuple[str, str] | _GaveUp | None:
+        """``_read``, retried while the store is unreachable, for up to the outage budget from the first such
+        failure; then that failure (its message says how long the store was tried)."""
+        first_failure: float | None = None
+        attempt = 0
+        while True:
+            failed = self._read(item)
+            if failed is None or not is_store_outage(item.uri, failed[0]):
+                if failed is None and item.uri[:5].lower() == "s3://":
+                    self.store.succeeded()
+                return failed
+            kind, message = failed
+            self.store.failed(message, down_after=STORE_DOWN_AFTER)
+            now = time.monotonic()
+            first_failure = now if first_failure is None else first_failure
+            if now - first_failure >= self._outage_budget_s:
+                if self._outage_budget_s > 0:
+                    message += (
+                        f"; still failing after {now - first_failure:.0f}s of retries "
+                        "(WORKER_FETCH__OUTAGE_BUDGET_S): the store looks down, replay it once it is back"
+                    )
+                return kind, message
+            attempt += 1
+            self.metrics.outage_retries.labels(STORE).inc()
+            wait_s = min(outage_wait_s(attempt, self._outage_retry_max_s), first_failure + self._outage_budget_s - now)
+            if self._giving_up.wait(wait_s):
+                return _GAVE_UP
 
     def _read(self, item: StreamItem) -> tuple[str, str] | None:
         """Read the image into item.data; the failure's kind and message if it could not be read."""
