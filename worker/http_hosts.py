@@ -22,7 +22,10 @@ def host_allowed(url: str, allowed: frozenset[tuple[str, int | None]]) -> bool:
     port is the scheme's default. Raises ValueError for a port that is not one."""
     parts = urlsplit(url)
     default = _DEFAULT_PORTS.get(parts.scheme.lower())
-    if default is None:
+    if default is None or "@" in parts.netloc:
+        # Credentials in the url ("user@host", or "allowed.host@other.host" dressed up as the allowed one):
+        # the fetcher never sends them, and a parser that reads such a netloc otherwise than urlsplit
+        # would connect elsewhere.
         return False
     host, port = (parts.hostname or "").lower(), parts.port
     return (host, default if port is None else port) in allowed or (port in (None, default) and (host, None) in allowed)

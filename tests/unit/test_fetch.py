@@ -86,6 +86,18 @@ def test_http_needs_the_host_on_the_list() -> None:
     assert info.value.kind == "forbidden"
 
 
+def test_a_url_with_credentials_is_refused_whatever_its_host() -> None:
+    f, _ = fetcher(client=NoCallsClient(), allowed_hosts="cdn.example.com")
+    for uri in (
+        "https://user:secret@cdn.example.com/a.jpg",
+        "https://cdn.example.com@evil.example.net/a.jpg",
+        "https://evil.example.net@cdn.example.com/a.jpg",
+    ):
+        with pytest.raises(FetchError, match="WORKER_FETCH__ALLOWED_HOSTS") as info:
+            f.fetch(uri)
+        assert info.value.kind == "forbidden", uri
+
+
 def test_a_bare_host_allows_its_default_port_and_host_port_that_port() -> None:
     f, _ = fetcher(client=NoCallsClient(), allowed_hosts="CDN.example.com, img.example.com:8443, [::1]:8080")
     for uri in (
