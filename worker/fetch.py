@@ -36,8 +36,6 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
-from botocore.exceptions import BotoCoreError, ClientError
-
 from captionfleet.core.failures import (
     FETCH_FAILURE,
     FORBIDDEN,
@@ -49,18 +47,12 @@ from captionfleet.core.failures import (
     FetchError,
 )
 from captionfleet.core.s3 import (
-    CONNECTION_ERRORS,
-    NO_SUCH_BUCKET,
-    REFUSED_CODES,
-    TIMEOUT_ERRORS,
     ObjectTooLarge,
     RetryPolicy,
     as_object_store,
-    error_code,
-    http_status,
-    is_not_found,
     is_retryable,
     make_s3_client,
+    object_failure,
     parse_s3_uri,
     read_object,
 )
@@ -365,27 +357,11 @@ class Fetcher:
 
 def _s3_failure(error: BaseException, uri: str) -> BaseException:
     """An S3 read's error as ``fetch`` takes it: a ``_Retry`` when another attempt may fix it (throttling,
-    5xx, timeouts, broken connections), else a FetchError, or the error itself when it is not the
-    store's (a bug)."""
-    if isinstance(error, ObjectTooLarge):
-        what = "more than" if error.declared is None else f"{error.declared} bytes exceeds the limit of"
-        return FetchError(TOO_LARGE, f"{what} {error.limit} bytes")
-    if isinstance(error, ClientError):
-        code, status = error_code(error), http_status(error)
-        text = f"{code or status}: {error.response.get('Error', {}).get('Message', '')}".strip()
-        if is_not_found(error) or code == NO_SUCH_BUCKET or status == 404:
-            return FetchError(NOT_FOUND, f"{uri} does not exist ({text})")
-        if code in REFUSED_CODES or status == 403:
-            return FetchError(
-                FORBIDDEN, f"the store refused to read {uri} ({text}): grant the worker's credentials read access"
-            )
-        if is_retryable(error):
-            return _Retry(UNAVAILABLE, f"store busy or failing ({text})")
-        return FetchError(FETCH_FAILURE, f"S3 error {text}")
-    if isinstance(error, TIMEOUT_ERRORS):
-        return _Retry(TIMEOUT, f"timed out: {error}")
-    if isinstance(error, CONNECTION_ERRORS):
-        return _Retry(UNAVAILABLE, f"connection failed: {error}")
-    if isinstance(error, BotoCoreError):
-        return FetchError(FETCH_FAILURE, f"{type(error).__name__}: {error}")
-    return error
+    5xx, timeouts, broken connections), else a FetchError (``core.s3.object_failure``: the kinds the bulk
+    jobs name too), or the error itself when it is not the store's (a bug)."""
+    failure = object_failure(error, uri)
+    if failure is None:
+        return error
+    if not isinstance(error, ObjectTooLarge) and is_retryable(error):
+        return _Retry(failure.kind, failure.message)
+    return failure

@@ -34,6 +34,15 @@ from botocore.exceptions import (
     ResponseStreamingError,
 )
 
+from captionfleet.core.failures import (
+    FETCH_FAILURE,
+    FORBIDDEN,
+    NOT_FOUND,
+    TIMEOUT,
+    TOO_LARGE,
+    UNAVAILABLE,
+    FetchError,
+)
 from captionfleet.core.settings import S3Settings
 
 if TYPE_CHECKING:
@@ -209,6 +218,35 @@ def describe_error(error: BaseException) -> str:
         message = info.get("Message") or ""
         return f"{info.get('Code', '?')}{f' ({message})' if message else ''}"
     return f"{type(error).__name__}: {error}"
+
+
+def object_failure(error: BaseException, uri: str) -> FetchError | None:
+    """One object's read that failed for good (after its retries) as the failure the stream and the bulk jobs
+    both report: the same kind for the same store answer. None when the error is not the store's (a bug:
+    the caller lets it surface)."""
+    if isinstance(error, ObjectTooLarge):
+        what = "more than" if error.declared is None else f"{error.declared} bytes exceeds the limit of"
+        return FetchError(TOO_LARGE, f"{what} {error.limit} bytes")
+    if isinstance(error, ClientError):
+        code, status, text = error_code(error), http_status(error), describe_error(error)
+        if is_not_found(error) or code == NO_SUCH_BUCKET or status == 404:
+            return FetchError(NOT_FOUND, f"{uri} does not exist ({text})")
+        if code in REFUSED_CODES or status == 403:
+            return FetchError(
+                FORBIDDEN, f"the store refused to read {uri} ({text}): grant the worker's credentials read access"
+            )
+        if code in TIMEOUT_CODES:
+            return FetchError(TIMEOUT, f"timed out reading {uri} ({text})")
+        if is_retryable(error):
+            return FetchError(UNAVAILABLE, f"store busy or failing ({text})")
+        return FetchError(FETCH_FAILURE, f"S3 error {text}")
+    if isinstance(error, TIMEOUT_ERRORS):
+        return FetchError(TIMEOUT, f"timed out: {error}")
+    if isinstance(error, CONNECTION_ERRORS):
+        return FetchError(UNAVAILABLE, f"connection failed: {error}")
+    if isinstance(error, BotoCoreError):
+        return FetchError(FETCH_FAILURE, f"{type(error).__name__}: {error}")
+    return None
 
 
 class S3AccessError(Exception):

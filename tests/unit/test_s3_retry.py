@@ -16,12 +16,13 @@ import torch
 from botocore.exceptions import ConnectTimeoutError, EndpointConnectionError
 from PIL import Image
 
-from captionfleet.core.failures import ImageError
+from captionfleet.core.failures import FetchError, ImageError
 from captionfleet.core.images import ImageLimits
 from captionfleet.core.s3 import RetryPolicy, access_error, is_retryable
 from captionfleet.core.settings import BatchSettings
 from captionfleet.worker.connectors.s3_listing import S3Object, list_pages
 from captionfleet.worker.connectors.s3_reader import Prefetcher, S3Reader
+from captionfleet.worker.fetch import _s3_failure
 from captionfleet.worker.messages import Result
 from captionfleet.worker.pipeline import CaptionPipeline
 from tests.unit.test_s3_fake import FakeS3, client_error, read_timeout, slow_down
@@ -79,26 +80,32 @@ def test_a_timeout_while_reading_the_body_is_retried(s3: FakeS3) -> None:
 
 
 @pytest.mark.parametrize(
-    ("errors", "expected", "calls"),
+    ("errors", "kind", "calls"),
     [
-        ([read_timeout()] * 3, TimeoutError, 3),  # still timing out after every attempt
-        ([ConnectTimeoutError(endpoint_url="x")] * 3, TimeoutError, 3),
-        ([slow_down()] * 3, OSError, 3),  # still throttled: a plain fetch failure, worth a later retry
-        ([client_error("InternalError", 500)] * 3, OSError, 3),
-        ([client_error("NoSuchKey", 404)], FileNotFoundError, 1),  # deleted since listing: no retry
-        ([client_error("AccessDenied", 403)], PermissionError, 1),  # no retry either
+        ([read_timeout()] * 3, "timeout", 3),  # still timing out after every attempt
+        ([ConnectTimeoutError(endpoint_url="x")] * 3, "timeout", 3),
+        # Still throttled or failing: the kind the streaming fetcher names too, worth --retry-failed later.
+        ([slow_down()] * 3, "unavailable", 3),
+        ([client_error("InternalError", 500)] * 3, "unavailable", 3),
+        ([client_error("NoSuchKey", 404)], "not_found", 1),  # deleted since listing: no retry
+        ([client_error("NoSuchBucket", 404)], "not_found", 1),  # as the streaming fetcher names it
+        ([client_error("AccessDenied", 403)], "forbidden", 1),  # no retry either
     ],
 )
-def test_final_errors_map_to_the_pipeline_kinds(
-    s3: FakeS3, errors: list[Exception], expected: type[Exception], calls: int
+def test_final_errors_map_to_the_failure_kinds_the_stream_names(
+    s3: FakeS3, errors: list[Exception], kind: str, calls: int
 ) -> None:
     rec = Recorder()
     s3.fail("GetObject", "ok.png", *errors)
-    with pytest.raises(expected) as raised:
+    with pytest.raises(FetchError) as raised:
         S3Reader(s3, retry=rec.policy(attempts=3)).get(obj(s3, "ok.png"))
+    assert raised.value.kind == kind
     assert "s3://b/ok.png" in str(raised.value)  # the message names the object
     assert s3.calls["GetObject:ok.png"] == calls
     assert len(rec.sleeps) == calls - 1
+    # The same store answer read by the streaming fetcher is the same kind.
+    streamed = _s3_failure(errors[-1], "s3://b/ok.png")
+    assert getattr(streamed, "kind", None) == kind
 
 
 def test_too_large_objects_and_empty_ones_are_not_downloaded(s3: FakeS3) -> None:
@@ -216,7 +223,7 @@ def test_pipeline_gives_each_bad_object_its_failure_kind() -> None:
         "gone": "not_found",
         "denied": "forbidden",
         "slow": "timeout",
-        "throttled": "fetch",
+        "throttled": "unavailable",
         "flaky": None,
         "huge": "too_large",
         "good2": None,

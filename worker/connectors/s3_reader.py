@@ -8,39 +8,36 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from captionfleet.core.failures import ImageError
+from captionfleet.core.failures import NOT_FOUND, TIMEOUT, UNAVAILABLE, FetchError, ImageError
 from captionfleet.core.s3 import (
     DEFAULT_RETRY,
-    REFUSED_CODES,
-    TIMEOUT_CODES,
-    TIMEOUT_ERRORS,
     Fetched,
     ObjectStore,
     ObjectTooLarge,
     RetryPolicy,
-    describe_error,
-    error_code,
-    is_not_found,
     is_throttling,
+    object_failure,
     read_object,
 )
 from captionfleet.worker.connectors.s3_listing import S3Object
 
 
 def item_error(error: BaseException, uri: str) -> Exception:
-    """Turn the final error of one object's GET into the exception kind the pipeline maps to a failure
-    row: FileNotFoundError -> not_found, PermissionError -> forbidden, TimeoutError -> timeout."""
-    code = error_code(error)
-    detail = describe_error(error)
-    if is_not_found(error):
-        return FileNotFoundError(f"{uri}: {detail} (deleted since it was listed?)")
-    if code in REFUSED_CODES:
-        return PermissionError(f"{uri}: {detail}")
-    if code in TIMEOUT_CODES or isinstance(error, TIMEOUT_ERRORS):
-        return TimeoutError(f"{uri}: {detail} (still timing out after retries)")
+    """The final error of one object's GET as the failure the pipeline reports: the kind the streaming
+    fetcher names for the same store answer (``core.s3.object_failure``), with the bulk job's hints."""
+    failure = object_failure(error, uri)
+    if failure is None:
+        return error if isinstance(error, Exception) else RuntimeError(str(error))
+    if failure.kind == NOT_FOUND:
+        return FetchError(NOT_FOUND, f"{failure.message} (deleted since it was listed?)")
     if is_throttling(error):
-        return OSError(f"{uri}: {detail} (still throttled after retries; lower WORKER_BULK__FETCH_CONCURRENCY)")
-    return OSError(f"{uri}: {detail}")
+        return FetchError(
+            failure.kind,
+            f"{uri}: {failure.message} (still throttled after retries; lower WORKER_BULK__FETCH_CONCURRENCY)",
+        )
+    if failure.kind in (TIMEOUT, UNAVAILABLE):
+        return FetchError(failure.kind, f"{uri}: {failure.message} (still failing after retries)")
+    return failure
 
 
 class S3Reader:
