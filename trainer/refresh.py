@@ -28,6 +28,26 @@ from captionfleet.trainer.settings import TrainerSettings
 
 log = logging.getLogger(__name__)
 
+# How much of why LATEST failed to load the error line quotes: the loaders' messages run long.
+CAUSE_CHARS = 200
+
+
+def init_from_latest(settings: TrainerSettings) -> str | None:
+    """The registry root whose LATEST ``init_from`` names (``latest`` or ``s3://.../LATEST``), else None."""
+    ref = settings.init_from.strip()
+    if ref == "latest":
+        return Registry(settings.publish_to, settings.s3).root if settings.publish_to else None
+    return latest_root(ref)
+
+
+def latest_unusable(root: str, version: str, cause: str, consequence: str) -> str:
+    """The one line that says LATEST cannot be loaded, what that meant for this run, and the fix."""
+    cause = cause if len(cause) <= CAUSE_CHARS else cause[: CAUSE_CHARS - 3] + "..."  # the record keeps more
+    return (
+        f"LATEST of {root} names {version}, which cannot be loaded ({cause}); {consequence}; make LATEST "
+        f"loadable again: captionfleet models --root {root} rollback (or promote a version that loads)"
+    )
+
 
 def resolve_init_from(settings: TrainerSettings) -> TrainerSettings:
     """``latest`` / ``.../LATEST`` -> the s3:// uri of the version LATEST names now (recorded as parent)."""
@@ -131,4 +151,5 @@ def publish_trained(settings: TrainerSettings, out_dir: Path) -> PublishOutcome:
         eval_source=source,
         eval_size=settings.eval_set_size,
         name=settings.name,
+        promote_unjudged=settings.promote_unjudged,
     )
