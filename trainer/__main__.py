@@ -1,7 +1,7 @@
 """``captionfleet train`` / ``python -m captionfleet.trainer``: train or fine-tune a captioning model.
 
 Examples:
-    captionfleet train --preset shapes                      # rebuild the built-in demo model
+    captionfleet train --preset shapes                      # the built-in demo model, into ./out/shapes
     captionfleet train --data captions.jsonl --init-from builtin --out-dir out/ft --max-steps 500
     captionfleet train --data annotations/captions_train2017.json --image-root train2017 \\
         --init-from nlpconnect/vit-gpt2-image-captioning --learning-rate 5e-5
