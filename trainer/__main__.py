@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     from captionfleet.trainer import refresh
     from captionfleet.trainer.model import InitFromError
     from captionfleet.trainer.publish import one_line
-    from captionfleet.trainer.registry import RegistryError
+    from captionfleet.trainer.registry import RegistryError, VersionNameError
     from captionfleet.trainer.train import train
 
     command = "captionfleet train " + shlex.join(argv)
@@ -119,6 +119,9 @@ def main(argv: list[str] | None = None) -> int:
         # A checkpoint that cannot be used (--init-from, the run's own resume state): nothing to retry. The
         # store failing while fetching it is another matter: running again may well work.
         return EXIT_FAILED if is_storage_error(error) else EXIT_USAGE
+    except VersionNameError as error:  # --init-from names no stored version, or several
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USAGE
     except (DataError, RegistryError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_FAILED

@@ -16,8 +16,10 @@ from botocore.exceptions import BotoCoreError, ClientError
 from captionfleet.core.failures import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from captionfleet.core.model_store import ModelRefError
 from captionfleet.core.settings import SettingsError
-from captionfleet.trainer.registry import Registry, RegistryError
+from captionfleet.trainer.registry import Registry, RegistryError, VersionNameError
 from captionfleet.trainer.settings import load_trainer_settings
+
+VERSION_HELP = "a version's full name or an unambiguous start of it (e.g. captioner-3f2a)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,12 +28,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="action", required=True)
     sub.add_parser("list", help="every version: status, scores, parent, date, which is LATEST")
     show = sub.add_parser("show", help="one version's record and captionfleet.json (default: LATEST)")
-    show.add_argument("version", nargs="?")
+    show.add_argument("version", nargs="?", help=VERSION_HELP)
     promote = sub.add_parser("promote", help="make a stored version LATEST, whatever its gate said")
-    promote.add_argument("version")
+    promote.add_argument("version", help=VERSION_HELP)
     promote.add_argument("--reason", default="", help="recorded in the history")
     rollback = sub.add_parser("rollback", help="LATEST back to the version before it (or --to VERSION)")
-    rollback.add_argument("--to", help="a stored version")
+    rollback.add_argument("--to", help=f"a stored version; {VERSION_HELP}")
     rollback.add_argument("--reason", default="", help="recorded in the history")
     return parser
 
@@ -85,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(format_table(rows))
                 print(f"(* = LATEST, {registry.root}/LATEST)")
         elif args.action == "show":
-            version = args.version or registry.latest()
+            version = registry.resolve_version(args.version) if args.version else registry.latest()
             if version is None:
                 print(
                     f"error: {registry.root} has no LATEST: name a version (captionfleet models list)", file=sys.stderr
@@ -104,11 +106,16 @@ def main(argv: list[str] | None = None) -> int:
             }
             print(json.dumps(shown, indent=2, default=str))
         elif args.action == "promote":
-            previous = registry.promote(args.version, args.reason)
-            print(f"LATEST: {previous} -> {args.version}")
+            version = registry.resolve_version(args.version)
+            previous = registry.promote(version, args.reason)
+            print(f"LATEST: {previous} -> {version}")
         elif args.action == "rollback":
-            old, new = registry.rollback(args.to, args.reason)
+            to = registry.resolve_version(args.to) if args.to else None
+            old, new = registry.rollback(to, args.reason)
             print(f"LATEST: {old} -> {new} (rolled back)")
+    except VersionNameError as error:  # a name that matches none or several: the command line's to fix
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USAGE
     except (RegistryError, ModelRefError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_FAILED
