@@ -117,7 +117,10 @@ def model_of(registry: Registry, version: str, record: dict[str, Any] | None) ->
     written before they said it get the family from the version's config.json."""
     if record and isinstance(record.get("model"), dict):
         return dict(record["model"])
-    config = registry.get_json(registry.key(VERSIONS, version, "config.json")) or {}
+    try:
+        config = registry.get_json(registry.key(VERSIONS, version, "config.json")) or {}
+    except ValueError:  # not JSON: the version is broken, which the record shows; the family is unknown
+        config = {}
     return {"family": str(config.get("model_type") or "unknown")}
 
 

@@ -194,7 +194,7 @@ def score_checkpoint(path: Path, eval_set: EvalSet, decoding: DecodingSettings, 
 def is_checkpoint_fault(error: BaseException) -> bool:
     """Whether loading or scoring a checkpoint failed because of its files (missing, broken, another
     family), rather than the store, the network or the machine (worth a retry, never the checkpoint's fault)."""
-    if isinstance(error, MemoryError | torch.OutOfMemoryError | KeyboardInterrupt | SystemExit):
+    if isinstance(error, MemoryError | torch.OutOfMemoryError):  # the machine's limit, not the files'
         return False
     return not is_storage_error(error)
 

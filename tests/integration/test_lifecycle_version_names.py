@@ -4,6 +4,7 @@ an unknown one says how to list versions; both are usage errors (exit 2)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -70,8 +71,12 @@ def test_the_models_commands_take_a_prefix(
         captured = capsys.readouterr()
         return code, captured.out, captured.err
 
+    # A record written before records named the model: show reads the family from the version's config.json.
+    registry.put_json(registry.key("versions", "tiny-3f2a9c01b7de", "config.json"), {"model_type": "git"})
     code, out, _ = models("show", "tiny-3f2a")
-    assert code == EXIT_OK and '"version": "tiny-3f2a9c01b7de"' in out
+    assert code == EXIT_OK
+    shown = json.loads(out)
+    assert shown["version"] == "tiny-3f2a9c01b7de" and shown["family"] == "git"
 
     code, out, _ = models("promote", "tiny-9e")
     assert code == EXIT_OK and out.strip() == "LATEST: tiny-1 -> tiny-9e1d44445555"
