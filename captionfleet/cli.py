@@ -63,12 +63,12 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in OWN_PARSERS:
         return OWN_PARSERS[argv[0]](argv[1:])
     parser = argparse.ArgumentParser(prog="captionfleet", description=__doc__.splitlines()[0] if __doc__ else None)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{caption,worker,train,demo,dashboard}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{caption,worker,train,models,demo,dashboard}")
     add_caption_parser(sub)
     sub.add_parser("worker", help="run a streaming worker (captionfleet worker --help)")
     sub.add_parser("train", help="train or fine-tune a model (captionfleet train --help)")
     sub.add_parser("demo", help="caption a generated shapes archive with the built-in model")
-    sub.add_parser("models", help="published model versions: list, show, promote, rollback")
+    sub.add_parser("models", help="published model versions: list, show, promote, rollback, import")
     sub.add_parser("dashboard", help="serve the Streamlit dashboard (captionfleet dashboard --help)")
     args = parser.parse_args(argv)
     try:

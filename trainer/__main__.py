@@ -1,7 +1,7 @@
 """``captionfleet train`` / ``python -m captionfleet.trainer``: train or fine-tune a captioning model.
 
 Examples:
-    captionfleet train --preset shapes                      # rebuild the built-in demo model
+    captionfleet train --preset shapes                      # the built-in demo model, into ./out/shapes
     captionfleet train --data captions.jsonl --init-from builtin --out-dir out/ft --max-steps 500
     captionfleet train --data annotations/captions_train2017.json --image-root train2017 \\
         --init-from nlpconnect/vit-gpt2-image-captioning --learning-rate 5e-5
@@ -20,13 +20,15 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from captionfleet.core.failures import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
+from captionfleet.core.failures import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_LATEST_UNUSABLE, EXIT_OK, EXIT_USAGE
 from captionfleet.core.settings import SettingsError
 from captionfleet.trainer.data import DataError
 from captionfleet.trainer.presets import PRESETS
 from captionfleet.trainer.settings import TrainerSettings, load_trainer_settings
 
 log = logging.getLogger("captionfleet.trainer")  # the package: its modules log at INFO
+
+_NOTHING_TRAINED = "--init-from latest trains nothing until it does (or start from one that loads: --init-from VERSION)"
 
 
 def _is_nested(annotation: Any) -> bool:
@@ -89,23 +91,42 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
 
     # Imported here: torch and transformers take seconds to import, --help should not wait for them.
+    from botocore.exceptions import BotoCoreError, ClientError
+
     from captionfleet.core.model_store import ModelRefError
     from captionfleet.core.s3 import is_storage_error
     from captionfleet.trainer import refresh
-    from captionfleet.trainer.registry import RegistryError
+    from captionfleet.trainer.model import InitFromError
+    from captionfleet.trainer.publish import one_line
+    from captionfleet.trainer.registry import RegistryError, VersionNameError
     from captionfleet.trainer.train import train
 
     command = "captionfleet train " + shlex.join(argv)
+    latest_registry: str | None = None
     try:
+        latest_registry = refresh.init_from_latest(settings)
         settings = refresh.prepare(settings)  # --init-from latest, s3:// data (refresh runs)
         result = train(settings, command=command.strip())
     except ModelRefError as error:
+        if latest_registry is not None and isinstance(error, InitFromError) and not is_storage_error(error):
+            # What LATEST names cannot be loaded: say so, not which cache folder failed.
+            version = error.ref.rstrip("/").rsplit("/", 1)[-1]
+            cause = one_line(error, error.path, error.ref)
+            line = refresh.latest_unusable(latest_registry, version, cause, _NOTHING_TRAINED)
+            print(f"error: {line}", file=sys.stderr)
+            return EXIT_LATEST_UNUSABLE
         print(f"error: {error}", file=sys.stderr)
         # A checkpoint that cannot be used (--init-from, the run's own resume state): nothing to retry. The
         # store failing while fetching it is another matter: running again may well work.
         return EXIT_FAILED if is_storage_error(error) else EXIT_USAGE
+    except VersionNameError as error:  # --init-from names no stored version, or several
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USAGE
     except (DataError, RegistryError) as error:
         print(f"error: {error}", file=sys.stderr)
+        return EXIT_FAILED
+    except (ClientError, BotoCoreError) as error:  # reading LATEST or the s3:// data: worth a retry
+        print(f"error: object storage: {error}; check TRAINER_S3__ENDPOINT_URL and the credentials", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
         print(
@@ -130,6 +151,16 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: publishing to {settings.publish_to}: {error}", file=sys.stderr)
             return EXIT_FAILED
         print(outcome.line())
+        if outcome.latest_error is not None and not outcome.promoted and outcome.baseline is not None:
+            kept = (
+                f"{outcome.version} is stored with its own scores but not promoted (promote it by hand: "
+                f"captionfleet models --root {settings.publish_to} promote {outcome.version}, or publish with "
+                "--promote-unjudged)"
+            )
+            line = refresh.latest_unusable(settings.publish_to, outcome.baseline, outcome.latest_error, kept)
+            print(f"error: {line}", file=sys.stderr)
+        # 4: stored but not promoted (automation must not take it for a new LATEST); 5: LATEST is unusable.
+        return outcome.exit_status()
     return EXIT_OK
 
 

@@ -12,12 +12,22 @@ import torch
 from transformers import VisionEncoderDecoderModel
 
 from captionfleet.core import checkpoint_load
-from captionfleet.core.model_store import check_checkpoint_dir
+from captionfleet.core.model_store import ModelRefError, check_checkpoint_dir
 from captionfleet.core.registry_layout import METADATA_FILE
 from captionfleet.trainer.scratch import build_model
 from captionfleet.trainer.settings import TrainerSettings
 
 log = logging.getLogger(__name__)
+
+
+class InitFromError(ModelRefError):
+    """The ``init_from`` checkpoint cannot be used. The message is the load's own; ``ref`` is what
+    init_from named and ``path`` where it was resolved to (None when resolving it failed)."""
+
+    def __init__(self, error: ModelRefError, ref: str, path: Path | None) -> None:
+        super().__init__(str(error))
+        self.ref = ref
+        self.path = path
 
 
 @dataclass
@@ -89,8 +99,13 @@ def configure_model(settings: TrainerSettings, captions_for_tokenizer: list[str]
     if settings.init_from:
         from captionfleet.core.model_store import resolve_model_ref
 
-        path = resolve_model_ref(settings.init_from, cache_dir=settings.cache_dir, s3=settings.s3)
-        model, processor, tokenizer = load_training_parts(path)
+        path: Path | None = None
+        try:
+            path = resolve_model_ref(settings.init_from, cache_dir=settings.cache_dir, s3=settings.s3)
+            model, processor, tokenizer = load_training_parts(path)
+        except ModelRefError as error:
+            # Named as init_from's, so the command can say which ref (LATEST, for a refresh) is unusable.
+            raise InitFromError(error, settings.init_from, path) from error
         fix_special_tokens(model, tokenizer)
         log.info("fine-tuning %s (%s)", settings.init_from, path)
         return ModelBundle(model, processor, tokenizer, parent_of(path, settings.init_from))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.resources
 from typing import Any
 
 # The built-in demo model: trained from scratch on synthetic shapes, small enough to ship inside
@@ -12,8 +11,11 @@ from typing import Any
 SHAPES: dict[str, Any] = {
     "name": "builtin-shapes",
     "data": "shapes",
-    # Inside the installed package (the repo, for an editable install), wherever the command runs.
-    "out_dir": str(importlib.resources.files("captionfleet.core") / "builtin_model"),
+    # Beside the trainer's default out/model, in the folder the command runs in: never into the installed
+    # package (site-packages may be read-only or shared, and a retrained model would silently replace the
+    # one every `builtin` ref loads). Rebuilding the shipped model is a choice made in a checkout:
+    # --out-dir captionfleet/core/builtin_model.
+    "out_dir": "out/shapes",
     "run_dir": ".cache/runs/builtin-shapes",  # resume state; .cache/ is git-ignored
     "seed": 1337,
     "image_size": 64,

@@ -22,17 +22,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 from PIL import Image
 
-from captionfleet.core.failures import ImageError
+from captionfleet.core.failures import EXIT_LATEST_UNUSABLE, EXIT_OK, EXIT_REJECTED, ImageError
 from captionfleet.core.images import ImageLimits, decode_image
 from captionfleet.core.loading import load_checkpoint
 from captionfleet.core.model_store import resolve_model_ref
 from captionfleet.core.registry_layout import EVAL, EVAL_IMAGES, EVAL_INFO, EVAL_MANIFEST, METADATA_FILE
+from captionfleet.core.s3 import is_storage_error
 from captionfleet.core.settings import DecodingSettings, S3Settings
 from captionfleet.trainer.checkpoint import weights_version
 from captionfleet.trainer.data import CaptionDataset, DataError, ImageCaptionDataset
 from captionfleet.trainer.evaluate import evaluate_captioner
+from captionfleet.trainer.families import loaded_here
+from captionfleet.trainer.model_info import describe_checkpoint
 from captionfleet.trainer.registry import LatestMovedError, LatestState, Registry, RegistryError, now
 
 log = logging.getLogger(__name__)
@@ -166,13 +170,12 @@ def read_eval_set(registry: Registry) -> EvalSet:
     return EvalSet(ImageCaptionDataset(images, captions, registry.uri(*base)), digest)
 
 
-def ensure_eval_set(registry: Registry, source: CaptionDataset | None, size: int) -> EvalSet:
+def ensure_eval_set(registry: Registry, source: CaptionDataset | None, size: int) -> EvalSet | None:
+    """The registry's evaluation set, written from ``source`` first if there is none yet; None when there
+    is none and no source to write it from (an imported checkpoint brings no validation images)."""
     if not eval_set_exists(registry):
         if source is None:
-            raise RegistryError(
-                f"{registry.uri(EVAL)} has no evaluation set and this publish brings no validation data: "
-                "publish from a training run first (captionfleet train --publish-to ...)"
-            )
+            return None
         write_eval_set(registry, source, size)
     return read_eval_set(registry)
 
@@ -188,6 +191,22 @@ def score_checkpoint(path: Path, eval_set: EvalSet, decoding: DecodingSettings, 
     }
 
 
+def is_checkpoint_fault(error: BaseException) -> bool:
+    """Whether loading or scoring a checkpoint failed because of its files (missing, broken, another
+    family), rather than the store, the network or the machine (worth a retry, never the checkpoint's fault)."""
+    if isinstance(error, MemoryError | torch.OutOfMemoryError):  # the machine's limit, not the files'
+        return False
+    return not is_storage_error(error)
+
+
+def one_line(error: BaseException, path: Path | None = None, where: str = "") -> str:
+    """``error`` as one line, the local cache folder it names replaced by the version's uri."""
+    text = " ".join(str(error).split())
+    if path is not None and where:
+        text = text.replace(repr(str(path)), where).replace(str(path), where)
+    return text if len(text) <= 400 else text[:397] + "..."
+
+
 # -- publishing ----------------------------------------------------------------------------------
 
 
@@ -196,14 +215,64 @@ class PublishOutcome:
     version: str
     promoted: bool
     reason: str
-    scores: dict[str, Any]
+    scores: dict[str, Any] | None
     baseline: str | None = None
     baseline_scores: dict[str, Any] | None = None
     record: dict[str, Any] = field(default_factory=dict)
+    # False when the gate could not compare this version with LATEST (LATEST cannot be loaded, no
+    # evaluation set, a family this captionfleet cannot score): promoted only when that was asked for.
+    judged: bool = True
+    # Why LATEST could not be loaded, when it could not (the gate then had nothing to compare with).
+    latest_error: str | None = None
 
     def line(self) -> str:
-        verdict = "promoted to LATEST" if self.promoted else "REJECTED (LATEST unchanged)"
+        if self.promoted:
+            verdict = "promoted to LATEST"
+        elif not self.judged:
+            verdict = "NOT JUDGED (LATEST unchanged)"
+        else:
+            verdict = "REJECTED (LATEST unchanged)"
         return f"{self.version}: {verdict}: {self.reason}"
+
+    def exit_status(self) -> int:
+        """0 promoted; EXIT_LATEST_UNUSABLE when an unusable LATEST kept it out; else EXIT_REJECTED."""
+        if self.promoted:
+            return EXIT_OK
+        return EXIT_LATEST_UNUSABLE if self.latest_error is not None else EXIT_REJECTED
+
+
+@dataclass
+class _Judgement:
+    """What the gate found: scores (None when the version could not be scored) and the decision."""
+
+    promote: bool
+    reason: str
+    scores: dict[str, Any] | None
+    status: str  # the record's status before LATEST moves: candidate (passed), rejected or unjudged
+    # LATEST as the gate read it, with its ETag: LATEST moves only if it is still this one.
+    latest_read: LatestState
+    baseline: str | None = None
+    baseline_scores: dict[str, Any] | None = None
+    latest_error: str | None = None
+
+    @property
+    def judged(self) -> bool:
+        return self.status != UNJUDGED
+
+
+@dataclass(frozen=True)
+class _Scoring:
+    """How both models are scored: the same decoding on the same device; LATEST's files cached here."""
+
+    decoding: DecodingSettings
+    device: str
+    cache_dir: Path
+    s3: S3Settings | None
+
+
+# A version the gate could not compare with LATEST: stored with what could be measured, not promoted
+# unless asked (publish again once LATEST loads, or promote it by hand).
+UNJUDGED = "unjudged"
 
 
 def publish_version(
@@ -218,11 +287,19 @@ def publish_version(
     eval_source: CaptionDataset | None = None,
     eval_size: int = 200,
     name: str = "captioner",
+    promote_unjudged: bool = False,
+    imported_from: str | None = None,
 ) -> PublishOutcome:
-    """Upload ``checkpoint`` as a new version, then promote it only if it passes the gate."""
+    """Upload ``checkpoint`` as a new version, then promote it only if it passes the gate.
+
+    ``promote_unjudged``: promote it also when the gate cannot compare it with LATEST (LATEST cannot be
+    loaded, there is no evaluation set, or its family cannot be scored here): an operator's explicit
+    choice, never the default. ``imported_from``: the ref an imported checkpoint came from (recorded)."""
     gate = gate or Gate()
     decoding = decoding or DecodingSettings()
     version, metadata = _version_metadata(checkpoint, name)
+    if imported_from is not None:
+        metadata["imported"] = {"from": imported_from, "at": now()}
     existing = registry.record(version)
     if existing is not None and existing.get("status") in ("promoted", "rejected", "rolled_back"):
         return _already_published(registry, version, existing)
@@ -232,33 +309,95 @@ def publish_version(
 
     # 2. the gate: candidate and LATEST on the same fixed set, with the same decoding.
     eval_set = ensure_eval_set(registry, eval_source, eval_size)
-    scores = score_checkpoint(checkpoint, eval_set, decoding, device)
-    # What LATEST is now, with its ETag: LATEST moves below only if it is still this one.
-    latest_read = registry.latest_state()
-    baseline = latest_read.version
-    baseline_scores = None
-    if baseline is not None and baseline != version:
-        baseline_path = resolve_model_ref(registry.version_uri(baseline), cache_dir=cache_dir, s3=s3)
-        baseline_scores = score_checkpoint(baseline_path, eval_set, decoding, device)
-    promote, reason = gate_decision(scores, baseline_scores, gate)
+    scoring = _Scoring(decoding, device, cache_dir, s3)
+    judgement = _judge(checkpoint, registry, version, record, gate, eval_set, scoring)
+    promote, reason = judgement.promote, judgement.reason
+    if not judgement.judged and promote_unjudged:
+        promote, reason = True, f"{reason}; promoted without the gate's comparison, as asked"
     record = _update_record(
         registry,
         version,
         record,
-        status="rejected" if not promote else "candidate",
-        scores=scores,
-        baseline=baseline,
-        baseline_scores=baseline_scores,
-        gate={"metric": gate.metric, "tolerance": gate.tolerance},
+        status=judgement.status,
+        scores=judgement.scores,
+        baseline=judgement.baseline,
+        baseline_scores=judgement.baseline_scores,
+        gate={"metric": gate.metric, "tolerance": gate.tolerance, "judged": judgement.judged},
+        latest_error=judgement.latest_error,
         reason=reason,
     )
 
-    # 3. LATEST moves last, only for a version that passed.
+    # 3. LATEST moves last, only for a version that passed (or that an operator asked to promote).
     if promote:
-        promote, reason, record = _move_latest(registry, version, record, reason, latest_read)
+        action = "import" if imported_from is not None else "publish"
+        promote, reason, record = _move_latest(registry, version, record, reason, judgement.latest_read, action)
     else:
-        log.warning("%s rejected by the quality gate: %s", version, reason)
-    return PublishOutcome(version, promote, reason, scores, baseline, baseline_scores, record)
+        log.debug("%s not promoted by the quality gate: %s", version, reason)  # the outcome's line says it
+    return PublishOutcome(
+        version,
+        promote,
+        reason,
+        judgement.scores,
+        judgement.baseline,
+        judgement.baseline_scores,
+        record,
+        judged=judgement.judged,
+        latest_error=judgement.latest_error,
+    )
+
+
+def _judge(
+    checkpoint: Path,
+    registry: Registry,
+    version: str,
+    record: dict[str, Any],
+    gate: Gate,
+    eval_set: EvalSet | None,
+    scoring: _Scoring,
+) -> _Judgement:
+    """Score the candidate, then LATEST, on the fixed evaluation set and decide; what cannot be measured
+    (no set, a checkpoint that does not load, a LATEST that does not load) is said in the reason."""
+    if eval_set is None:
+        reason = (
+            f"{registry.uri(EVAL)} has no evaluation set to score it on (a training run's first publish stores "
+            f"one: captionfleet train --publish-to {registry.root})"
+        )
+        return _Judgement(False, reason, None, UNJUDGED, registry.latest_state())
+    family = str((record.get("model") or {}).get("family", "unknown"))
+    try:
+        scores = score_checkpoint(checkpoint, eval_set, scoring.decoding, scoring.device)
+    except Exception as error:
+        if not is_checkpoint_fault(error):
+            raise
+        log.debug("scoring %s failed", checkpoint, exc_info=error)
+        if loaded_here(family):  # a family this captionfleet loads: the checkpoint itself is broken
+            reason = f"it cannot be loaded ({one_line(error)}): fix the checkpoint, then publish it again"
+            return _Judgement(False, reason, None, "rejected", registry.latest_state())
+        reason = f"this captionfleet cannot load family {family!r} to score it ({one_line(error)})"
+        return _Judgement(False, reason, None, UNJUDGED, registry.latest_state())
+    # Kept at once: whatever happens while LATEST is scored, this version keeps its own scores.
+    _update_record(registry, version, record, scores=scores)
+
+    latest_read = registry.latest_state()
+    baseline = latest_read.version
+    if baseline is None or baseline == version:
+        promote, reason = gate_decision(scores, None, gate)
+        return _Judgement(promote, reason, scores, "candidate" if promote else "rejected", latest_read)
+    uri = registry.version_uri(baseline)
+    path: Path | None = None
+    try:
+        path = resolve_model_ref(uri, cache_dir=scoring.cache_dir, s3=scoring.s3)
+        baseline_scores = score_checkpoint(path, eval_set, scoring.decoding, scoring.device)
+    except Exception as error:
+        if not is_checkpoint_fault(error):
+            raise  # the store failed: a retry may well work, and LATEST may be fine
+        log.debug("scoring LATEST (%s) failed", uri, exc_info=error)
+        latest_error = one_line(error, path, uri)
+        reason = f"LATEST ({baseline}) cannot be loaded ({latest_error}): the gate had nothing to compare it with"
+        return _Judgement(False, reason, scores, UNJUDGED, latest_read, baseline, None, latest_error)
+    promote, reason = gate_decision(scores, baseline_scores, gate)
+    status = "candidate" if promote else "rejected"
+    return _Judgement(promote, reason, scores, status, latest_read, baseline, baseline_scores)
 
 
 def _version_metadata(checkpoint: Path, name: str) -> tuple[str, dict[str, Any]]:
@@ -305,20 +444,24 @@ def _upload(registry: Registry, checkpoint: Path, version: str, metadata: dict[s
         "size_bytes": size,
         "training_scores": metadata.get("scores"),
         "uri": registry.version_uri(version),
+        # What it is, read from its files: family, processor, default prompt, precision.
+        "model": describe_checkpoint(checkpoint),
     }
+    if metadata.get("imported"):
+        record["imported_from"] = metadata["imported"]["from"]
     registry.write_record(version, record)
     return record
 
 
 def _move_latest(
-    registry: Registry, version: str, record: dict[str, Any], reason: str, latest_read: LatestState
+    registry: Registry, version: str, record: dict[str, Any], reason: str, latest_read: LatestState, action: str
 ) -> tuple[bool, str, dict[str, Any]]:
     """LATEST := ``version``, only if LATEST is still the baseline it passed against: scoring takes minutes,
     and another publish, a promote or a rollback made meanwhile must not be overwritten by a decision about
     a LATEST that is gone. (promoted?, reason, record) afterwards."""
     promote = True
     try:
-        registry.set_latest(version, action="publish", reason=reason, expect=latest_read)
+        registry.set_latest(version, action=action, reason=reason, expect=latest_read)
     except LatestMovedError as moved:
         if moved.found == version:  # promoted by hand while it was being scored
             reason = f"{reason}; LATEST already names it (promoted while it was being scored)"

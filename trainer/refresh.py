@@ -19,19 +19,45 @@ import logging
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from captionfleet.core.registry_layout import latest_root, read_latest, version_uri
+from captionfleet.core.model_store import BUILTIN_REF
+from captionfleet.core.registry_layout import VERSION_RE, VERSIONS, latest_root, read_latest, version_uri
 from captionfleet.core.s3 import make_s3_client, parse_s3_uri
 from captionfleet.trainer.data import DataError
 from captionfleet.trainer.publish import Gate, PublishOutcome, eval_set_exists, publish_version
-from captionfleet.trainer.registry import Registry, RegistryError
+from captionfleet.trainer.registry import Registry, RegistryError, VersionNameError
 from captionfleet.trainer.settings import TrainerSettings
 
 log = logging.getLogger(__name__)
 
+# How much of why LATEST failed to load the error line quotes: the loaders' messages run long.
+CAUSE_CHARS = 200
+
+
+def init_from_latest(settings: TrainerSettings) -> str | None:
+    """The registry root whose LATEST ``init_from`` names (``latest`` or ``s3://.../LATEST``), else None."""
+    ref = settings.init_from.strip()
+    if ref == "latest":
+        return Registry(settings.publish_to, settings.s3).root if settings.publish_to else None
+    return latest_root(ref)
+
+
+def latest_unusable(root: str, version: str, cause: str, consequence: str) -> str:
+    """The one line that says LATEST cannot be loaded, what that meant for this run, and the fix."""
+    cause = cause if len(cause) <= CAUSE_CHARS else cause[: CAUSE_CHARS - 3] + "..."  # the record keeps more
+    return (
+        f"LATEST of {root} names {version}, which cannot be loaded ({cause}); {consequence}; make LATEST "
+        f"loadable again: captionfleet models --root {root} rollback (or promote a version that loads)"
+    )
+
 
 def resolve_init_from(settings: TrainerSettings) -> TrainerSettings:
-    """``latest`` / ``.../LATEST`` -> the s3:// uri of the version LATEST names now (recorded as parent)."""
+    """``latest`` / ``.../LATEST`` -> the s3:// uri of the version LATEST names now (recorded as parent); a
+    version by name or by the start of its name (alone: of the --publish-to registry; or in
+    ``s3://.../models/<name>/versions/<v>``) -> that version's uri."""
     ref = settings.init_from.strip()
+    named = _named_version(ref, settings)
+    if named is not None:
+        return settings.model_copy(update={"init_from": named})
     if ref == "latest":
         if not settings.publish_to:
             raise RegistryError("--init-from latest needs --publish-to s3://bucket/models/<name> (TRAINER_PUBLISH_TO)")
@@ -49,6 +75,24 @@ def resolve_init_from(settings: TrainerSettings) -> TrainerSettings:
         )
     log.info("refreshing from %s (LATEST of %s)", version, root)
     return settings.model_copy(update={"init_from": version_uri(root, version)})
+
+
+def _named_version(ref: str, settings: TrainerSettings) -> str | None:
+    """The uri of the registry version ``ref`` names (full name or prefix); None when it names none."""
+    if ref.startswith("s3://") and f"/{VERSIONS}/" in ref.rstrip("/"):
+        root, _, name = ref.rstrip("/").rpartition(f"/{VERSIONS}/")
+        if "/" in name:
+            return None  # a folder inside a version: an s3:// checkpoint ref like any other
+        return version_uri(root, Registry(root, settings.s3).resolve_version(name))
+    # A bare name: no path, hub id (org/name), builtin or latest; an existing folder of that name wins.
+    bare = "/" not in ref and ref not in ("latest", BUILTIN_REF) and not Path(ref).expanduser().exists()
+    if not bare or not settings.publish_to or not VERSION_RE.match(ref):
+        return None
+    registry = Registry(settings.publish_to, settings.s3)
+    try:
+        return version_uri(registry.root, registry.resolve_version(ref))
+    except VersionNameError as error:
+        raise VersionNameError(f"--init-from {ref!r} is no local folder, and {error}") from error
 
 
 def _s3_join(folder: str, path: str) -> str:
@@ -131,4 +175,5 @@ def publish_trained(settings: TrainerSettings, out_dir: Path) -> PublishOutcome:
         eval_source=source,
         eval_size=settings.eval_set_size,
         name=settings.name,
+        promote_unjudged=settings.promote_unjudged,
     )

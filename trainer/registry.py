@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from botocore.exceptions import ClientError
 
-from captionfleet.core.model_store import ALLOWED_SUFFIXES, PICKLED_SUFFIXES
+from captionfleet.core.model_store import ALLOWED_SUFFIXES, PICKLED_SUFFIXES, ModelRefError
 from captionfleet.core.registry_layout import (
     HISTORY,
     LATEST,
@@ -49,6 +49,14 @@ class LatestMovedError(RegistryError):
         self.found = found
         change = f"from {expected} to {found}" if expected != found else f"(it names {found}, but was rewritten)"
         super().__init__(f"LATEST changed {change}")
+
+
+class VersionNameError(RegistryError):
+    """A version named by an operator matches no stored version, or (a prefix) more than one."""
+
+
+# How many candidates an ambiguous prefix's error lists before it only counts them.
+CANDIDATES_SHOWN = 10
 
 
 @dataclass(frozen=True)
@@ -177,6 +185,32 @@ class Registry:
             for common in page.get("CommonPrefixes", []):
                 names.add(common["Prefix"][len(prefix) :].rstrip("/"))
         return sorted(names)
+
+    def resolve_version(self, name: str) -> str:
+        """The stored version ``name`` names: itself, else the one version it is the start of (as git takes
+        an abbreviated hash). A full name wins over longer names it begins (``tiny-1`` next to ``tiny-12``)."""
+        name = name.strip()
+        try:
+            check_version(name)
+        except ModelRefError as error:
+            raise VersionNameError(str(error)) from error
+        names = self.version_names()
+        if name in names:
+            return name
+        matches = [version for version in names if version.startswith(name)]
+        if len(matches) == 1:
+            return matches[0]
+        if not matches:
+            raise VersionNameError(
+                f"no version of {self.root} is named or starts with {name!r}: list them with "
+                f"captionfleet models --root {self.root} list"
+            )
+        shown = ", ".join(matches[:CANDIDATES_SHOWN])
+        if len(matches) > CANDIDATES_SHOWN:
+            shown += f", ... ({len(matches)} in all)"
+        raise VersionNameError(
+            f"{name!r} is the start of {len(matches)} versions of {self.root}: {shown}; give more of the name"
+        )
 
     def versions(self) -> list[dict[str, Any]]:
         """Every version with its record (status ``incomplete`` without one), oldest first."""

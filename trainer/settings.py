@@ -42,6 +42,7 @@ RESUME_MAY_CHANGE = frozenset(
         "gate_metric",  # the quality gate judges the finished model, after training
         "gate_tolerance",  # the quality gate judges the finished model, after training
         "eval_set_size",  # the registry's fixed evaluation set, drawn after training
+        "promote_unjudged",  # the quality gate judges the finished model, after training
     }
 )
 
@@ -159,6 +160,9 @@ class TrainerSettings(BaseSettings):
     # version may be and still be promoted; judged on the model's fixed evaluation set.
     gate_metric: Literal["cider", "bleu4", "exact_match"] = "cider"
     gate_tolerance: float = Field(default=0.05, ge=0)
+    # When the gate cannot compare the new version with LATEST (LATEST cannot be loaded), promote it on its
+    # own scores anyway. Off: it is stored with its scores, LATEST stays, and the run exits 5 for an operator.
+    promote_unjudged: bool = False
     # Validation images the first publish stores as that fixed evaluation set (never re-drawn).
     eval_set_size: int = Field(default=200, ge=2)  # CIDEr is 0 for every model on one image
 

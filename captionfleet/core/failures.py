@@ -82,6 +82,15 @@ EXIT_FAILED: Final = 1
 # podFailurePolicy fails the Job on it).
 EXIT_USAGE: Final = 2
 EXIT_SOME_FAILED: Final = 3  # a bulk run completed, but some images have failure rows
+# A publish (``captionfleet train --publish-to``, ``captionfleet models import``) stored its version, but
+# the quality gate did not make it LATEST: it scored worse than LATEST, or the gate could not judge it and
+# no promotion was asked for. Not worth a retry: the same run ends the same way; read the version's
+# reason (captionfleet models show), then promote it by hand or change the model.
+EXIT_REJECTED: Final = 4
+# LATEST names a version that cannot be loaded (files missing or broken): ``--init-from latest`` trains
+# nothing, and a publish stores its version with its own scores but cannot compare it, so LATEST stays.
+# Not worth a retry either: an operator fixes LATEST first (captionfleet models rollback / promote).
+EXIT_LATEST_UNUSABLE: Final = 5
 # sysexits' EX_TEMPFAIL, for the bulk runs: the object store was unreachable or failing; running again
 # resumes from the parts written (the bulk Job retries the index).
 EXIT_TEMPFAIL: Final = 75

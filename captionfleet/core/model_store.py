@@ -77,9 +77,9 @@ def builtin_model_dir() -> Path:
     path = Path(str(importlib.resources.files("captionfleet.core") / "builtin_model"))
     if not (path / "config.json").is_file():
         raise ModelRefError(
-            "built-in demo model not found: run `captionfleet train --preset shapes` to build it into "
-            f"{path} (or reinstall captionfleet), or pass --model with a local checkpoint directory "
-            "or s3://bucket/prefix"
+            "built-in demo model not found: reinstall captionfleet, or in a checkout build it with "
+            f"`captionfleet train --preset shapes --out-dir {path}`, or pass --model with a local checkpoint "
+            "directory or s3://bucket/prefix"
         )
     return path
 

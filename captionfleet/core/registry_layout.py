@@ -3,7 +3,8 @@
 Under one root, ``s3://bucket/models/<name>``::
 
     versions/<version>/...      the checkpoint files (captionfleet.json uploaded last)
-    records/<version>.json      status (candidate, promoted, rejected, rolled_back), gate scores, reason,
+    records/<version>.json      status (candidate, promoted, rejected, unjudged, rolled_back), gate scores,
+                                reason, what the model is (family, processor, default prompt, precision),
                                 parent, dates; written once the files are all up, so a version without
                                 a record is an incomplete upload and can never become LATEST
     LATEST                      one line: the version workers serve

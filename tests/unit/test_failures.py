@@ -135,4 +135,22 @@ def test_the_exit_statuses_keep_their_numbers() -> None:
     # documents 0/2/3/75/130 for `captionfleet caption` and 0/1/2/75 for the stream worker.
     assert (failures.EXIT_OK, failures.EXIT_FAILED, failures.EXIT_USAGE, failures.EXIT_SOME_FAILED) == (0, 1, 2, 3)
     assert failures.EXIT_TEMPFAIL == failures.EXIT_GRACE_EXCEEDED == 75
+    # `captionfleet train --publish-to` and `models import`: stored but not made LATEST, and LATEST
+    # unusable; k8s/base/trainer-cronjob.yaml fails the Job on both instead of training again.
+    assert (failures.EXIT_REJECTED, failures.EXIT_LATEST_UNUSABLE) == (4, 5)
     assert failures.EXIT_INTERRUPTED == 130
+
+
+def test_the_trainer_cronjob_fails_its_job_on_the_statuses_a_retry_would_repeat() -> None:
+    import yaml
+
+    manifest = Path(__file__).resolve().parents[2] / "k8s" / "base" / "trainer-cronjob.yaml"
+    job = yaml.safe_load(manifest.read_text())["spec"]["jobTemplate"]["spec"]
+    fail_job = {
+        code
+        for rule in job["podFailurePolicy"]["rules"]
+        if rule["action"] == "FailJob"
+        for code in rule["onExitCodes"]["values"]
+    }
+    # Training again would end the same way; 1 (the store failed) is still retried.
+    assert fail_job == {failures.EXIT_USAGE, failures.EXIT_REJECTED, failures.EXIT_LATEST_UNUSABLE}

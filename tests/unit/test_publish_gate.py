@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from captionfleet.core.failures import EXIT_LATEST_UNUSABLE, EXIT_OK, EXIT_REJECTED
 from captionfleet.trainer.models_cli import format_table
-from captionfleet.trainer.publish import Gate, gate_decision
+from captionfleet.trainer.publish import Gate, PublishOutcome, gate_decision
 from captionfleet.trainer.registry import Registry, RegistryError
 
 
@@ -84,3 +86,32 @@ def test_cider_on_a_one_image_set_is_not_a_pass() -> None:
     assert not promote and "cannot tell this version from LATEST" in why
     assert gate_decision({"cider": 0.0, "images": 2}, {"cider": 0.0, "images": 2}, Gate("cider", 0.05))[0]  # a tie
     assert gate_decision({"bleu4": 0.0, "images": 1}, {"bleu4": 0.0, "images": 1}, Gate("bleu4", 0.05))[0]
+
+
+def outcome(promoted: bool, *, judged: bool = True, latest_error: str | None = None) -> PublishOutcome:
+    return PublishOutcome("v2", promoted, "why", scores(1.0), "v1", judged=judged, latest_error=latest_error)
+
+
+def test_each_publish_outcome_has_its_exit_status() -> None:
+    assert outcome(True).exit_status() == EXIT_OK
+    assert outcome(False).exit_status() == EXIT_REJECTED == 4  # the gate judged it worse
+    assert outcome(False, judged=False).exit_status() == EXIT_REJECTED  # could not judge, nobody asked
+    assert outcome(False, judged=False, latest_error="no tokenizer").exit_status() == EXIT_LATEST_UNUSABLE == 5
+    assert outcome(True, judged=False, latest_error="no tokenizer").exit_status() == EXIT_OK  # promoted as asked
+    assert "REJECTED" in outcome(False).line() and "NOT JUDGED" in outcome(False, judged=False).line()
+
+
+@pytest.mark.parametrize(("promoted", "status"), [(True, EXIT_OK), (False, EXIT_REJECTED)])
+def test_train_exits_with_the_publish_outcome_so_automation_sees_a_rejection(
+    promoted: bool, status: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from captionfleet.trainer import refresh
+    from captionfleet.trainer.__main__ import main as train_main
+    from captionfleet.trainer.train import TrainResult
+
+    monkeypatch.chdir(tmp_path)  # no stray .env
+    trained = TrainResult(tmp_path / "model", step=2, resumed_from=None, info={"version": "v2", "scores": {}})
+    monkeypatch.setattr("captionfleet.trainer.train.train", lambda settings, **kw: trained)
+    monkeypatch.setattr(refresh, "publish_trained", lambda settings, out_dir: outcome(promoted))
+    assert train_main(["--publish-to", "s3://bucket/models/x", "--out-dir", str(tmp_path / "model")]) == status
+    assert ("promoted to LATEST" if promoted else "REJECTED (LATEST unchanged)") in capsys.readouterr().out
