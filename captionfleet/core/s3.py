@@ -27,12 +27,15 @@ from botocore.exceptions import (
     ClientError,
     ConnectionClosedError,
     ConnectTimeoutError,
+    CredentialRetrievalError,
     EndpointConnectionError,
+    HTTPClientError,
     IncompleteReadError,
     NoCredentialsError,
     ReadTimeoutError,
     ResponseStreamingError,
 )
+from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from captionfleet.core.failures import (
     FETCH_FAILURE,
@@ -175,7 +178,14 @@ CONNECTION_ERRORS = (
     ResponseStreamingError,
     IncompleteReadError,  # the body was cut short
     ConnectionError,  # the builtin: resets and broken pipes from the socket layer
+    # botocore's two bases of the above, which also cover what a restarting TLS load balancer or a proxy
+    # gives (SSLError, ProxyConnectionError): the way to the store failed, not the object.
+    HTTPClientError,
+    BotoConnectionError,
 )
+# The credentials could not be fetched (STS or the instance metadata service hiccuping): not the object's
+# fault either, and a later read usually has them.
+CREDENTIAL_ERRORS = (CredentialRetrievalError, NoCredentialsError)
 NETWORK_ERRORS = TIMEOUT_ERRORS + CONNECTION_ERRORS
 
 CREDENTIALS_HINT = (
@@ -244,6 +254,8 @@ def object_failure(error: BaseException, uri: str) -> FetchError | None:
         return FetchError(TIMEOUT, f"timed out: {error}")
     if isinstance(error, CONNECTION_ERRORS):
         return FetchError(UNAVAILABLE, f"connection failed: {error}")
+    if isinstance(error, CREDENTIAL_ERRORS):
+        return FetchError(UNAVAILABLE, f"no credentials to read {uri} ({error}); {CREDENTIALS_HINT}")
     if isinstance(error, BotoCoreError):
         return FetchError(FETCH_FAILURE, f"{type(error).__name__}: {error}")
     return None

@@ -81,6 +81,9 @@ def test_store_and_broker_outages_pause_the_worker_and_dead_letter_nothing(
             "WORKER_FETCH__OUTAGE_BUDGET_S": "120",
             "WORKER_FETCH__OUTAGE_RETRY_MAX_S": "2",
             "WORKER_KAFKA__MAX_IN_FLIGHT": "16",
+            # Answers acknowledged but not yet committed when the broker freezes: the commit must not hold
+            # the consumer thread for the request timeout and then fail the worker.
+            "WORKER_KAFKA__COMMIT_INTERVAL_MS": "3000",
         }
     )
     worker = WorkerProcess(env, tmp_path / "worker.log")

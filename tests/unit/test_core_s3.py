@@ -7,10 +7,16 @@ import io
 from typing import Any
 
 import pytest
-from botocore.exceptions import IncompleteReadError
+from botocore.exceptions import (
+    CredentialRetrievalError,
+    EndpointConnectionError,
+    IncompleteReadError,
+    ProxyConnectionError,
+    SSLError,
+)
 
 from captionfleet.core.failures import FetchError
-from captionfleet.core.s3 import ObjectTooLarge, RetryPolicy, is_not_found, read_object
+from captionfleet.core.s3 import ObjectTooLarge, RetryPolicy, is_not_found, object_failure, read_object
 from captionfleet.core.settings import FetchSettings, S3Settings
 from captionfleet.worker.connectors.s3_listing import S3Object
 from captionfleet.worker.connectors.s3_reader import S3Reader
@@ -154,3 +160,19 @@ def test_the_fetcher_retries_throttling_codes_whatever_their_status(code: str) -
     s3.put("images", "cat.jpg", b"jpeg")
     s3.fail("GetObject", "cat.jpg", *[client_error(code, 400)] * 2)
     assert _fetcher(s3).fetch("s3://images/cat.jpg") == b"jpeg"
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        SSLError(endpoint_url="https://s3.example", error="EOF occurred in violation of protocol"),
+        ProxyConnectionError(proxy_url="http://proxy:3128", error="refused"),
+        EndpointConnectionError(endpoint_url="https://s3.example"),
+        CredentialRetrievalError(provider="assume-role-with-web-identity", error_msg="STS unavailable"),
+    ],
+)
+def test_a_broken_way_to_the_store_is_unavailable_not_the_objects_fault(error: Exception) -> None:
+    # A restarting TLS load balancer, a proxy, STS hiccuping: waited out as an outage by the stream (and
+    # named alike by the bulk reader), never dead-lettered at once as a plain fetch failure.
+    failure = object_failure(error, "s3://images/cat.jpg")
+    assert failure is not None and failure.kind == "unavailable"

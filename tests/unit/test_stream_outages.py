@@ -17,6 +17,7 @@ from captionfleet.core.failures import EXIT_GRACE_EXCEEDED, EXIT_OK, UNAVAILABLE
 from captionfleet.core.settings import WorkerSettings
 from captionfleet.worker.fetch import Fetcher
 from captionfleet.worker.metrics import Health, WorkerMetrics
+from captionfleet.worker.stream.items import StreamItem
 from captionfleet.worker.stream.loop import StreamWorker
 from captionfleet.worker.stream.outages import Dependency, is_store_outage, outage_wait_s
 from tests.hostile_images import jpeg_bytes
@@ -27,11 +28,13 @@ __all__ = ["captioner", "root"]  # fixtures shared with test_stream_loop
 
 
 class SwitchableStore(Fetcher):
-    """s3:// reads answer with a picture, or fail as an unreachable store does while ``down`` is set."""
+    """s3:// reads answer with a picture, or fail as an unreachable store does while ``down`` is set (or
+    always, for the uris in ``broken``)."""
 
     def __init__(self, settings: WorkerSettings) -> None:
         super().__init__(settings.fetch, s3=settings.s3, max_bytes=settings.images.max_bytes)
         self.down = threading.Event()
+        self.broken: set[str] = set()
         self.reads = 0
 
     def fetch(self, uri: str) -> bytes:
@@ -39,7 +42,7 @@ class SwitchableStore(Fetcher):
             return super().fetch(uri)
         self.check(uri)  # the policy, as the real one
         self.reads += 1
-        if self.down.is_set():
+        if self.down.is_set() or uri in self.broken:
             raise FetchError(UNAVAILABLE, "connection failed: Connection refused (gave up after 4 attempts)")
         return jpeg_bytes()
 
@@ -141,13 +144,14 @@ def test_a_stop_during_an_outage_leaves_the_unread_requests_uncommitted(root: Pa
     started.store.down.set()
     source.append(0, request("first", f"file://{root}/good.jpg"), answers=["first"])
     wait_for(lambda: output.keys(RESULTS) == ["first"] and all_committed(source), 30, what="the first answer")
-    source.append(0, request("stuck", "s3://photos/stuck.jpg"), answers=["stuck"])
+    for i in range(3):
+        source.append(0, request(f"stuck{i}", f"s3://photos/stuck{i}.jpg"), answers=[f"stuck{i}"])
     wait_for(lambda: not_ready_because(started.health, "object_store"), 30, what="the outage")
     report = started.running.stop(timeout_s=10)  # not the 60 s budget, nor the 20 s grace period
     assert started.worker.join(30)
-    assert report.exit_code == EXIT_GRACE_EXCEEDED and report.abandoned == 1
+    assert report.exit_code == EXIT_GRACE_EXCEEDED and report.abandoned == 3
     assert output.keys() == ["first"] and source.violations == []
-    assert source.committed[next(iter(source.owned or source.committed))] == 1  # "stuck" is read again
+    assert source.committed[TopicPartition("requests", 0)] == 1  # the stuck ones are read again
 
 
 def test_a_silent_broker_pauses_the_worker_and_holds_the_commits(root: Path, captioner: Captioner) -> None:
@@ -155,7 +159,7 @@ def test_a_silent_broker_pauses_the_worker_and_holds_the_commits(root: Path, cap
     started = Started(root, captioner, source, output)
     try:
         source.append(0, request("before", f"file://{root}/good.jpg"), answers=["before"])
-        wait_for(lambda: all_committed(source) and started.health.ready()[0], 30, what="the first commit")
+        wait_for(lambda: source.committed.get(TopicPartition("requests", 0)) == 1, 30, what="the first commit")
         source.silence_s = 60.0  # no heartbeat answered for a minute
         wait_for(lambda: not_ready_because(started.health, "broker unreachable"), 10, what="not ready")
         assert started.up("broker") == 0
@@ -174,6 +178,89 @@ def test_a_silent_broker_pauses_the_worker_and_holds_the_commits(root: Path, cap
     assert report.exit_code == EXIT_OK and source.violations == []
 
 
+def test_one_object_that_keeps_failing_does_not_pause_the_worker(root: Path, captioner: Captioner) -> None:
+    source, output = new_pair(partitions=1)
+    started = Started(root, captioner, source, output, outage_budget_s=3)
+    started.store.broken.add("s3://photos/hot.jpg")
+    try:
+        source.append(0, request("hot", "s3://photos/hot.jpg"), answers=["hot"])
+        wait_for(lambda: started.store.reads >= 4, 30, what="its retries")
+        # Its own retries are one object failing, not the store: still ready, nothing paused.
+        assert started.health.ready()[0] and not source.paused
+        source.append(0, request("fine", "s3://photos/fine.jpg"), answers=["fine"])
+        wait_for(lambda: output.keys(RESULTS) == ["fine"], 30, what="the other request answered meanwhile")
+        wait_for(lambda: output.keys(DEAD) == ["hot"] and all_committed(source), 30, what="its dead letter")
+    finally:
+        report = started.running.stop()
+        assert started.worker.join(30)
+    assert report.exit_code == EXIT_OK
+
+
+def test_a_revoked_partition_stops_its_retries_and_its_next_owner_answers_once(
+    root: Path, captioner: Captioner
+) -> None:
+    source, output = new_pair(partitions=1)
+    started = Started(root, captioner, source, output)
+    started.store.down.set()
+    submitted: list[StreamItem] = []
+    submit = started.worker._stages.submit
+
+    def recording_submit(item: StreamItem) -> None:
+        submitted.append(item)
+        submit(item)
+
+    started.worker._stages.submit = recording_submit  # type: ignore[method-assign]
+    try:
+        for i in range(3):
+            source.append(0, request(f"x{i}", f"s3://photos/x{i}.jpg"), answers=[f"x{i}"])
+        wait_for(lambda: not_ready_because(started.health, "object_store"), 30, what="the outage")
+        first_reads = list(submitted)
+        source.rebalance()  # revoked and assigned again: the in-flight retries end, the messages are read again
+        wait_for(lambda: source.revoking_s != [], 30, what="the revocation")
+        # The revoked reads are told to stop retrying (their answers would be dropped).
+        wait_for(lambda: all(item.cancelled for item in first_reads), 10, what="the revoked retries cancelled")
+        started.store.down.clear()
+        wait_for(lambda: len(output.sent) >= 3 and all_committed(source), 30, what="the answers")
+    finally:
+        report = started.running.stop()
+        assert started.worker.join(30)
+    assert report.exit_code == EXIT_OK and source.violations == []
+    assert sorted(output.keys(RESULTS)) == ["x0", "x1", "x2"], output.keys()
+
+
+def test_a_stop_during_a_broker_outage_commits_nothing_and_says_so(root: Path, captioner: Captioner) -> None:
+    source, output = new_pair(partitions=1)
+    started = Started(root, captioner, source, output)
+    source.append(0, request("first", f"file://{root}/good.jpg"), answers=["first"])
+    wait_for(lambda: source.committed.get(TopicPartition("requests", 0)) == 1, 30, what="the first commit")
+    source.silence_s = 60.0
+    wait_for(lambda: not_ready_because(started.health, "broker"), 10, what="the broker outage")
+    source.append(0, request("second", f"file://{root}/good.jpg"), answers=["second"])
+    flushes = output.flushes
+    report = started.running.stop()
+    assert started.worker.join(30)
+    # The shutdown's flush (which waits out the producer's timeout on a real broker) and commit are not tried.
+    assert output.flushes == flushes and source.committed[TopicPartition("requests", 0)] == 1
+    assert report.exit_code == EXIT_GRACE_EXCEEDED
+
+
+def test_heartbeats_at_their_normal_pace_are_no_outage(root: Path, captioner: Captioner) -> None:
+    source, output = new_pair(partitions=1)
+    s = outage_settings(root)
+    s.kafka.session_timeout_ms, s.kafka.heartbeat_interval_ms = 6000, 3500
+    health = Health()
+    health.set(model_loaded=True)
+    worker = StreamWorker(s, captioner, source, output, SwitchableStore(s), health=health, name="test")
+    running = Running(worker)
+    try:
+        source.silence_s = 4.0  # more than half the session, but within 1.5 heartbeat intervals
+        wait_for(lambda: source.polls > 50, 10, what="the loop turning")
+        assert health.ready()[0] and not source.paused
+    finally:
+        running.stop()
+        assert worker.join(30)
+
+
 def test_only_store_failures_of_s3_uris_are_outages() -> None:
     assert is_store_outage("s3://photos/a.jpg", UNAVAILABLE) and is_store_outage("S3://photos/a.jpg", "timeout")
     assert not is_store_outage("s3://photos/a.jpg", "not_found")
@@ -184,10 +271,11 @@ def test_only_store_failures_of_s3_uris_are_outages() -> None:
 def test_a_dependency_is_down_after_failures_in_a_row_and_up_at_the_first_success() -> None:
     now = [100.0]
     store = Dependency("object_store", clock=lambda: now[0])
-    store.failed("refused", down_after=3)
-    store.failed("refused", down_after=3)
+    for _ in range(5):  # one object's retries: that object's problem
+        store.failed("refused", what="s3://b/a", down_after=3)
+    store.failed("refused", what="s3://b/b", down_after=3)
     assert store.down() is None
-    store.failed("refused", down_after=3)
+    store.failed("refused", what="s3://b/c", down_after=3)
     now[0] += 12
     assert store.down() == "object_store unreachable for 12s (refused)"
     store.succeeded()

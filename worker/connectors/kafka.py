@@ -208,10 +208,15 @@ class KafkaSource:
         self.consumer.resume(*partitions)
 
     def commit(self, offsets: dict[TopicPartition, int]) -> None:
+        # Bounded: a broker that stopped answering since the last look must not hold the consumer thread
+        # (and /readyz with it) for the consumer's request timeout, nor fail the worker; the commit is put off.
+        timeout_ms = min(5_000, self.settings.session_timeout_ms // 2)
         try:
-            self.consumer.commit(offsets=_offsets(offsets))
+            self.consumer.commit(offsets=_offsets(offsets), timeout_ms=timeout_ms)
         except _MEMBERSHIP_ERRORS as error:
             raise CommitRejectedError(str(error)) from error
+        except kafka_errors.KafkaTimeoutError as error:
+            raise CommitRejectedError(f"the broker did not answer the commit within {timeout_ms} ms") from error
 
     def highwater(self, partition: TopicPartition) -> int | None:
         # Not end_offsets(): some brokers (the test broker among them) answer it with the last batch's
@@ -233,6 +238,8 @@ class KafkaSource:
                 return None
             if coordinator.coordinator_id is not None and not coordinator.stable():
                 return None  # joining: heartbeats pause until the join completes
+            if not getattr(coordinator, "_heartbeat_enabled", True):
+                return None  # turned off (a fenced static member): silence is not the broker's
             return max(0.0, time.monotonic() - max(heartbeat.last_receive, heartbeat.last_reset))
         except (AttributeError, TypeError):
             return None

@@ -62,7 +62,7 @@ class Commits:
         try:
             self.source.commit(offsets)
         except CommitRejectedError as error:
-            log.warning("commit refused, the group is rebalancing (%s): the next owner may redo some work", error)
+            log.warning("commit not done (%s): tried again at the next interval, or the next owner redoes it", error)
             return
         self.committed(offsets)
 

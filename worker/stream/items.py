@@ -39,6 +39,9 @@ class StreamItem:
     epoch: int  # the partition assignment it belongs to; a stale one's result is dropped
     data: bytes = b""
     fetch_ms: float | None = None
+    # Set by the consumer thread when its partition is revoked or lost: a read retrying through an outage
+    # stops there (its answer would be dropped anyway).
+    cancelled: bool = False
 
     @property
     def id(self) -> str:

@@ -76,6 +76,7 @@ class StreamWorker:
             settings, fetcher, MeteredCaptioner(captioner, self.metrics), self.metrics, lambda: self.model_version
         )
         self._in_flight = 0
+        self._flying: set[StreamItem] = set()  # handed to the fetch threads, not finished yet
         # Requests parsed but not yet handed to the fetch threads. One message may hold thousands (an S3
         # event notification with many records): all in flight at once would break max_in_flight's bound on
         # memory. They wait here in order, pending for their partition's commit point like the rest.
@@ -83,9 +84,11 @@ class StreamWorker:
         self._paused = False
         # Outages (worker.stream.outages): the store's record is kept by the fetch threads, the broker's here.
         self._broker = Dependency(BROKER)
-        # Half the session: heartbeats go every heartbeat interval, and a member silent for the whole session
-        # is evicted anyway.
-        self._broker_silence_limit_s = self.kafka.session_timeout_ms / 2000
+        # Half the session (a member silent for the whole session is evicted anyway), and never less than
+        # one and a half heartbeat intervals (the gap between two answers when all is well).
+        self._broker_silence_limit_s = (
+            max(self.kafka.session_timeout_ms / 2, 1.5 * self.kafka.heartbeat_interval_ms) / 1000
+        )
         self._outage: str | None = None
         self._given_up = 0  # requests left unanswered by a stop during an outage (redone by the next owner)
         self._messages = 0
@@ -173,7 +176,7 @@ class StreamWorker:
         """Update the broker's and the store's state, /readyz and the metrics; log when an outage starts or ends."""
         silent = self.source.silent_for_s() if self.health.joined else None
         if silent is not None and silent > self._broker_silence_limit_s:
-            self._broker.failed(f"no answer to the group's heartbeats for {silent:.0f}s")
+            self._broker.failed(f"no answer to the group's heartbeats for {silent:.0f}s", what="heartbeat")
         else:
             self._broker.succeeded()
         store = self._stages.store
@@ -256,6 +259,7 @@ class StreamWorker:
             if self._offsets.current(item.origin.tp, item.epoch) is None:
                 continue  # its partition was revoked meanwhile: the new owner redoes the whole message
             self._in_flight += 1
+            self._flying.add(item)
             self._stages.submit(item)
         self.metrics.in_flight.set(self._in_flight)
 
@@ -279,13 +283,15 @@ class StreamWorker:
     def _finish(self, finished: Finished) -> None:
         item, result = finished.item, finished.result
         self._in_flight -= 1
+        self._flying.discard(item)
         self.metrics.in_flight.set(self._in_flight)
         origin = item.origin
-        if result is None:  # given up by a stop during an outage: left uncommitted, so it is redone
-            self._given_up += 1
-            log.info("leaving %s unanswered: stopping during an outage", item.id, extra=origin.fields())
-            return
         state = self._offsets.current(origin.tp, item.epoch)
+        if result is None:  # given up during an outage: left uncommitted, so it is redone
+            if state is not None:  # not revoked meanwhile: a stop gave it up
+                self._given_up += 1
+                log.info("leaving %s unanswered: stopping during an outage", item.id, extra=origin.fields())
+            return
         if state is None:
             # Revoked before it finished and not committed: the partition's owner now redoes it.
             log.info("dropping the answer for %s: %s was reassigned", item.id, where(origin), extra=origin.fields())
@@ -383,6 +389,9 @@ class StreamWorker:
     def _forget(self, partitions: Iterable[TopicPartition]) -> None:
         gone = set(partitions)
         self._waiting = deque(item for item in self._waiting if item.origin.tp not in gone)
+        for item in self._flying:
+            if item.origin.tp in gone:
+                item.cancelled = True
         for tp in self._offsets.forget(gone):
             with contextlib.suppress(KeyError):  # never set: no fetch answered before the revocation
                 self.metrics.lag.remove(tp.topic, str(tp.partition))
@@ -413,7 +422,12 @@ class StreamWorker:
             self.source.poll(0, 1)
         self._raise_if_failed()
         abandoned = self._busy + self._given_up
-        self._commits.commit(self._offsets.partitions())
+        broker_down = self._broker.down()
+        if broker_down is None:
+            self._commits.commit(self._offsets.partitions())
+        else:
+            # Its flush would wait out produce_timeout_s and fail: leave it all uncommitted (redone).
+            log.warning("stopping during an outage (%s): nothing more is committed, it is redone", broker_down)
         self._commits.update_lag()
         self._closing = True
         self._stages.end_input()
@@ -421,13 +435,14 @@ class StreamWorker:
         self.source.close()  # leaves the group (a static member keeps its place until its session ends)
         self.output.close()
         self._stages.stop_fetching()
-        if abandoned:
+        if abandoned or broker_down is not None:
             log.warning(
                 "stopped with %d requests unfinished (%d given up during an outage, the rest at the end of the "
-                "%.1fs grace period): not committed, so they are redone",
+                "%.1fs grace period)%s: not committed, so they are redone",
                 abandoned,
                 self._given_up,
                 grace,
+                ", the answered ones uncommitted (the broker was down)" if broker_down is not None else "",
             )
             return StreamReport(EXIT_GRACE_EXCEEDED, self._messages, abandoned)
         log.info("stopped cleanly after %d messages", self._messages)

@@ -27,8 +27,9 @@ BROKER = "broker"
 # few quick attempts): refused connections, timeouts, throttling and 5xx on every attempt.
 OUTAGE_KINDS = frozenset({UNAVAILABLE, TIMEOUT})
 
-# Reads failed in a row, with no read succeeding in between, before the store counts as down: one slow or
-# throttled object is that object's problem, several in a row across the fetch threads is the store's.
+# Objects whose reads failed as unreachable, with no read succeeding in between, before the store counts as
+# down: one slow or throttled object is that object's problem (its retries do not count again), several
+# different ones across the fetch threads are the store's.
 STORE_DOWN_AFTER = 3
 
 
@@ -45,21 +46,23 @@ class Dependency:
         self.name = name
         self._clock = clock
         self._lock = threading.Lock()
-        self._failures = 0
+        self._failing: set[str] = set()  # what failed since the last success (up to down_after of them)
         self._down_since: float | None = None
         self._why = ""
 
-    def failed(self, why: str, *, down_after: int = 1) -> None:
-        """An attempt failed; down once ``down_after`` have failed with no success in between."""
+    def failed(self, why: str, *, what: str = "", down_after: int = 1) -> None:
+        """An attempt at ``what`` (an object, a heartbeat) failed; down once ``down_after`` different ones
+        have failed with no success in between."""
         with self._lock:
-            self._failures += 1
+            if len(self._failing) < down_after:
+                self._failing.add(what)
             self._why = why
-            if self._down_since is None and self._failures >= down_after:
+            if self._down_since is None and len(self._failing) >= down_after:
                 self._down_since = self._clock()
 
     def succeeded(self) -> None:
         with self._lock:
-            self._failures = 0
+            self._failing.clear()
             self._down_since = None
 
     def down(self) -> str | None:

@@ -65,5 +65,6 @@ class Output(Protocol):
 
 
 class CommitRejectedError(Exception):
-    """Raised by Source.commit when the group has moved on: the partitions' next owners redo the
-    uncommitted work (duplicates are possible, loss is not). Connectors map their own errors to it."""
+    """Raised by Source.commit when the commit did not happen: the group has moved on (the partitions' next
+    owners redo the uncommitted work: duplicates are possible, loss is not), or the broker did not answer in
+    time (it is tried again at the next interval). Connectors map their own errors to it."""

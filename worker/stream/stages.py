@@ -150,7 +150,8 @@ class Stages:
                     self.store.succeeded()
                 return failed
             kind, message = failed
-            self.store.failed(message, down_after=STORE_DOWN_AFTER)
+            if self._outage_budget_s > 0:  # 0: no outage handling at all, so no pause either
+                self.store.failed(message, what=item.uri, down_after=STORE_DOWN_AFTER)
             now = time.monotonic()
             first_failure = now if first_failure is None else first_failure
             if now - first_failure >= self._outage_budget_s:
@@ -163,7 +164,8 @@ class Stages:
             attempt += 1
             self.metrics.outage_retries.labels(STORE).inc()
             wait_s = min(outage_wait_s(attempt, self._outage_retry_max_s), first_failure + self._outage_budget_s - now)
-            if self._giving_up.wait(wait_s):
+            # Stopping, or its partition was revoked (its next owner reads it again): no answer from here.
+            if self._giving_up.wait(wait_s) or item.cancelled:
                 return _GAVE_UP
 
     def _read(self, item: StreamItem) -> tuple[str, str] | None:
