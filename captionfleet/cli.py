@@ -1,4 +1,4 @@
-"""`captionfleet` — one console script for every part: caption, worker, train, models, demo, dashboard.
+"""`captionfleet` — one console script for every part: caption, worker, serve, train, models, demo, dashboard.
 
 The front door: it dispatches to the applications below it (``worker``, ``trainer``, ``dashboard``) and is
 the only place that imports all of them, so no arrow runs from one application up to another.
@@ -13,6 +13,12 @@ from collections.abc import Callable
 
 from captionfleet.core.failures import EXIT_USAGE
 from captionfleet.core.settings import SettingsError
+
+
+def _cmd_serve(argv: list[str]) -> int:
+    from captionfleet.worker.serve import main as serve_main
+
+    return serve_main(argv)
 
 
 def _cmd_train(argv: list[str]) -> int:
@@ -48,6 +54,7 @@ def _cmd_dashboard(argv: list[str]) -> int:
 # Subcommands that parse their own options.
 OWN_PARSERS: dict[str, Callable[[list[str]], int]] = {
     "worker": _cmd_worker,
+    "serve": _cmd_serve,
     "train": _cmd_train,
     "demo": _cmd_demo,
     "dashboard": _cmd_dashboard,
@@ -63,9 +70,12 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in OWN_PARSERS:
         return OWN_PARSERS[argv[0]](argv[1:])
     parser = argparse.ArgumentParser(prog="captionfleet", description=__doc__.splitlines()[0] if __doc__ else None)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{caption,worker,train,models,demo,dashboard}")
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="{caption,worker,serve,train,models,demo,dashboard}"
+    )
     add_caption_parser(sub)
     sub.add_parser("worker", help="run a streaming worker (captionfleet worker --help)")
+    sub.add_parser("serve", help="serve the caption API alone, no Kafka (captionfleet serve --help)")
     sub.add_parser("train", help="train or fine-tune a model (captionfleet train --help)")
     sub.add_parser("demo", help="caption a generated shapes archive with the built-in model")
     sub.add_parser("models", help="published model versions: list, show, promote, rollback, import")

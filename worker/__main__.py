@@ -43,6 +43,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--result-topic", help="WORKER_KAFKA__RESULT_TOPIC")
     p.add_argument("--dead-letter-topic", help="WORKER_KAFKA__DEAD_LETTER_TOPIC")
     p.add_argument("--metrics-port", type=int, help="port for /metrics, /healthz, /readyz (WORKER_METRICS__PORT)")
+    p.add_argument(
+        "--http",
+        action="store_true",
+        default=None,
+        help="also serve the caption API on WORKER_HTTP__PORT, sharing the model with Kafka (WORKER_HTTP__ENABLED)",
+    )
     p.add_argument("--log-format", choices=["text", "json"], help="WORKER_LOG_FORMAT")
     p.add_argument(
         "--source",
@@ -64,6 +70,7 @@ def _apply_overrides(settings: WorkerSettings, args: argparse.Namespace) -> Work
             "kafka.result_topic": args.result_topic,
             "kafka.dead_letter_topic": args.dead_letter_topic,
             "metrics.port": args.metrics_port,
+            "http.enabled": args.http,
             "log_format": args.log_format or None,
         },
     )
@@ -123,6 +130,7 @@ def _serve(settings: WorkerSettings) -> int:
     )
     from captionfleet.worker.fetch import Fetcher
     from captionfleet.worker.hotswap import HotSwapCaptioner
+    from captionfleet.worker.http.server import HttpPortError, start_api
     from captionfleet.worker.metrics import Health, MetricsPortError, WorkerMetrics, serve_metrics
     from captionfleet.worker.stream.loop import StreamWorker
     from captionfleet.worker.watcher import load_serving_model, start_watcher
@@ -168,9 +176,24 @@ def _serve(settings: WorkerSettings) -> int:
         worker = StreamWorker(settings, captioner, source, output, fetcher, metrics=metrics, health=health, name=name)
         if isinstance(captioner, HotSwapCaptioner):
             captioner.on_swap(worker.model_swapped)
+        api = None
+        if settings.http.enabled:  # the caption API, on the same model thread as the stream
+            try:
+                api = start_api(settings, worker.offer, lambda: worker.model_version, fetcher, metrics, name)
+            except (HttpPortError, SettingsError) as error:
+                print(f"error: {error}", file=sys.stderr)
+                source.close()
+                output.close()
+                return EXIT_USAGE
         watcher = start_watcher(settings, captioner, metrics)  # polls LATEST; None for a fixed model
+
+        def stop() -> None:
+            if api is not None:
+                api.ctx.state.drain()  # new API requests get 503 at once; those admitted finish with the stream
+            worker.stop()
+
         try:
-            with stop_on_signals(_stopping(worker.stop), on_windows=True):
+            with stop_on_signals(_stopping(stop), on_windows=True):
                 report = worker.run()
         except (KafkaError, RuntimeError, OSError) as error:
             log.error("worker stopped: %s", error)
@@ -178,6 +201,9 @@ def _serve(settings: WorkerSettings) -> int:
         finally:
             if watcher is not None:
                 watcher.stop()
+            if api is not None:
+                api.drain(timeout_s=2.0)  # their images were answered by the stream's drain: let the responses go
+                api.close()
         if report.abandoned:
             # Threads may still be inside a batch or a fetch; do not wait for them past the grace period.
             logging.shutdown()

@@ -33,6 +33,7 @@ class WorkerMetrics:
         self._stage_metrics(self.registry)
         self._consumer_metrics(self.registry)
         self._model_metrics(self.registry)
+        self._http_metrics(self.registry)
 
     def _request_metrics(self, r: CollectorRegistry) -> None:
         """Messages in, requests parsed, images out by outcome, dead letters by kind."""
@@ -138,6 +139,35 @@ class WorkerMetrics:
             "captionfleet_model_load_failure", "the last model version that failed to load, and why", registry=r
         )
 
+    def _http_metrics(self, r: CollectorRegistry) -> None:
+        """The caption API (worker/http/): requests by route and status, refusals, queued and dropped images."""
+        self.http_requests = Counter(
+            "captionfleet_http_requests", "API requests answered, by route and status", ["route", "code"], registry=r
+        )
+        self.http_seconds = Histogram(
+            "captionfleet_http_request_seconds",
+            "API request received to answered, by route",
+            ["route"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.http_refused = Counter(
+            "captionfleet_http_refused",
+            "API requests refused before being read (unauthorized, draining, busy, too_large)",
+            ["reason"],
+            registry=r,
+        )
+        self.http_in_flight = Gauge("captionfleet_http_in_flight_requests", "API requests being answered", registry=r)
+        self.http_queued = Gauge(
+            "captionfleet_http_queued_images", "API images given to the model and not answered yet", registry=r
+        )
+        self.http_dropped = Counter(
+            "captionfleet_http_dropped_images",
+            "API images dropped before their batch because their request timed out or its client went away",
+            ["reason"],
+            registry=r,
+        )
+
     def sample(self, name: str, labels: dict[str, str] | None = None) -> float:
         """A sample's current value (0 when absent): for tests and the bench."""
         value = self.registry.get_sample_value(name, labels or {})
@@ -147,8 +177,12 @@ class WorkerMetrics:
 class Health:
     """What /healthz and /readyz answer. Written by the worker loop, read by the HTTP threads."""
 
-    def __init__(self, stall_after_s: float = 120.0, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, stall_after_s: float = 120.0, clock: Callable[[], float] = time.monotonic, *, consumer: bool = True
+    ) -> None:
         self._lock = threading.Lock()
+        # False for `captionfleet serve` (the API alone): no consumer group to join before being ready.
+        self.consumer = consumer
         # The consumer loop turns several times a second; a minute of silence means it is stuck.
         self.stall_after_s = stall_after_s
         self._clock = clock
@@ -216,6 +250,8 @@ class Health:
                 return False, "shutting down"
             if self.outages:
                 return False, "; ".join(self.outages[name] for name in sorted(self.outages))
+            if not self.consumer:
+                return True, "ok"
             if not self.joined:
                 return False, "joining the consumer group"
             # Ready with no partitions: with more workers than partitions (a rollout's surge pod, say)

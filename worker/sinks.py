@@ -50,6 +50,22 @@ class Sink(Protocol):
     def close(self) -> None: ...
 
 
+class NullSink:
+    """A pipeline's sink when answers leave another way, item by item (the stream's output, the API's futures)."""
+
+    def done_ids(self) -> set[str]:
+        return set()
+
+    def write(self, results: list[Result]) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:

@@ -258,6 +258,70 @@ class MetricsSettings(BaseModel):
     port: int = Field(default=9400, ge=0, le=65535)
 
 
+def is_loopback(host: str) -> bool:
+    """Whether binding ``host`` serves this machine only (127.0.0.0/8, ::1, localhost)."""
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip().strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to any interface
+
+
+class HttpSettings(BaseModel):
+    """The caption API (worker/http/): ``captionfleet serve``, and ``captionfleet worker`` when enabled."""
+
+    # `captionfleet worker` serves the API next to Kafka only when asked; `captionfleet serve` always does.
+    enabled: bool = False
+    # Loopback by default: an API reachable from elsewhere must have tokens (below), so a laptop run
+    # needs none and a pod (0.0.0.0, set in k8s/base/worker.env) cannot start without them.
+    host: str = "127.0.0.1"
+    # Its own port, not the metrics port: the NetworkPolicy opens them to different clients, and the
+    # probes and Prometheus keep answering while the API is saturated or draining. 0 = any free port.
+    port: int = Field(default=8080, ge=0, le=65535)
+    # Bearer tokens (comma-separated or a JSON list; from a Secret, never a ConfigMap). Required unless
+    # the host is loopback; when set they are required on loopback too.
+    tokens: Annotated[list[SecretStr], NoDecode] = []
+    # A request body larger than this is refused with 413 before it is read whole.
+    max_body_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+    # Images in one request; more is a 413.
+    max_images: int = Field(default=16, ge=1, le=1024)
+    # Requests being answered at once; one more is a 429 with Retry-After.
+    max_concurrent: int = Field(default=64, ge=1)
+    # Interactive images queued for the model (not yet in a batch); a request that would exceed it is a 429.
+    max_queued: int = Field(default=256, ge=1)
+    # A request not answered by then is a 504, and its images still queued are dropped.
+    timeout_s: float = Field(default=30.0, gt=0)
+    # The interactive lane's own batching wait: a batch holding an interactive image runs this long after
+    # it arrived at the latest, however long the stream/bulk lane's WORKER_BATCH__MAX_WAIT_MS is.
+    max_wait_ms: int = Field(default=5, ge=0)
+    # While both lanes wait, at least this share of a batch's rows goes to stream/bulk images, so a flood of
+    # interactive requests slows them down but never stops them.
+    stream_share: float = Field(default=0.25, ge=0, lt=1)
+    # Decoding overrides a request may ask for (num_beams, max_new_tokens) are capped at these.
+    max_num_beams: int = Field(default=8, ge=1, le=16)
+    max_new_tokens: int = Field(default=64, ge=1, le=256)
+    # Seconds a 429 or 503 tells the client to wait (Retry-After).
+    retry_after_s: int = Field(default=1, ge=1)
+
+    @field_validator("tokens", mode="before")
+    @classmethod
+    def _token_list(cls, value: Any) -> Any:
+        return _split_list(value)
+
+    def auth_required(self) -> bool:
+        return bool(self.tokens) or not is_loopback(self.host)
+
+    def check_auth(self) -> None:
+        """Raise SettingsError when the API would be reachable from elsewhere without tokens."""
+        if not self.tokens and not is_loopback(self.host):
+            raise SettingsError(
+                f"WORKER_HTTP__HOST={self.host} serves the caption API beyond this machine, but "
+                "WORKER_HTTP__TOKENS is empty: set it (from a Secret) to the bearer tokens clients send, "
+                "or bind WORKER_HTTP__HOST=127.0.0.1"
+            )
+
+
 class ShutdownSettings(BaseModel):
     # SIGTERM to exit: finish the batch in flight, flush, commit, leave the group. Keep it below the
     # pod's terminationGracePeriodSeconds (30 by default), or the kubelet's SIGKILL comes first.
@@ -281,6 +345,7 @@ class WorkerSettings(BaseSettings):
     kafka: KafkaSettings = KafkaSettings()
     fetch: FetchSettings = FetchSettings()
     metrics: MetricsSettings = MetricsSettings()
+    http: HttpSettings = HttpSettings()
     shutdown: ShutdownSettings = ShutdownSettings()
 
     @model_validator(mode="after")

@@ -20,6 +20,7 @@ from captionfleet.core.failures import EXIT_GRACE_EXCEEDED, EXIT_OK, FETCH_FAILU
 from captionfleet.core.settings import WorkerSettings
 from captionfleet.worker.accounting import count_image
 from captionfleet.worker.fetch import Fetcher
+from captionfleet.worker.lanes import InteractiveItem
 from captionfleet.worker.metrics import Health, WorkerMetrics
 from captionfleet.worker.requests import MalformedMessage, parse_message
 from captionfleet.worker.stream.answers import Answers
@@ -122,6 +123,11 @@ class StreamWorker:
     @property
     def in_flight(self) -> int:
         return self._in_flight
+
+    def offer(self, item: InteractiveItem) -> None:
+        """An API image for the same model thread as the stream's (thread-safe; answered through its own
+        ``answer``). A stop waits for the offered images too."""
+        self._stages.offer(item)
 
     def join(self, timeout_s: float) -> bool:
         """After run() returned: wait for the model thread to finish its last batch; False if it is still busy."""
@@ -414,7 +420,8 @@ class StreamWorker:
             self._set_paused(True)
         # A dead model thread finishes nothing more: stop waiting, and fail (run() aborts) rather than
         # wait out the grace period and report it as one.
-        while self._busy and self._stages.failure is None and time.monotonic() < deadline:
+        # API images (worker/http/) are waited for too: their requests were admitted before the drain began.
+        while (self._busy or self._stages.interactive) and self._stages.failure is None and time.monotonic() < deadline:
             self.health.beat()
             self._drain(0.05)
             # Keep the membership alive while draining; partitions are paused, so nothing new arrives

@@ -21,10 +21,13 @@ from captionfleet.core.captioner import CaptionModel
 from captionfleet.core.failures import FETCH_FAILURE, FetchError
 from captionfleet.core.images import ImageLimits
 from captionfleet.core.settings import WorkerSettings
+from captionfleet.worker.accounting import count_image
 from captionfleet.worker.fetch import Fetcher
+from captionfleet.worker.lanes import InteractiveItem
 from captionfleet.worker.messages import Result
 from captionfleet.worker.metrics import WorkerMetrics
 from captionfleet.worker.pipeline import CaptionPipeline, Item
+from captionfleet.worker.sinks import NullSink
 from captionfleet.worker.stream.items import Finished, StreamItem
 from captionfleet.worker.stream.outages import STORE, STORE_DOWN_AFTER, Dependency, is_store_outage, outage_wait_s
 
@@ -39,22 +42,6 @@ class _GaveUp:
 
 
 _GAVE_UP = _GaveUp()
-
-
-class _NullSink:
-    """The pipeline's sink: results leave through the consumer thread instead (see on_item_result)."""
-
-    def done_ids(self) -> set[str]:
-        return set()
-
-    def write(self, results: list[Result]) -> None:
-        pass
-
-    def flush(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
 
 class Stages:
@@ -82,18 +69,32 @@ class Stages:
         self._fetch_pool = ThreadPoolExecutor(settings.fetch.concurrency, thread_name_prefix="fetch")
         self._pipeline = CaptionPipeline(
             captioner,
-            _NullSink(),
+            NullSink(),  # results leave through the consumer thread instead (see on_item_result)
             settings.batch,
             ImageLimits.from_settings(settings.images),
             on_item_result=self._on_item_result,
         )
         self._model_thread = threading.Thread(target=self._run_model, name="model", daemon=True)
+        # API images given to the model thread and not answered or dropped yet (a drain waits for them).
+        self._interactive_lock = threading.Lock()
+        self.interactive = 0
 
     def start(self) -> None:
         self._model_thread.start()
 
     def submit(self, item: StreamItem) -> None:
         self._fetch_pool.submit(self._fetch, item)
+
+    def offer(self, item: InteractiveItem) -> None:
+        """An API image (worker/http/), already read: straight to the model thread, answered through its own
+        ``answer``, never through ``done`` (it has no message, offset or commit)."""
+        with self._interactive_lock:
+            self.interactive += 1
+        self._inbox.put(item)
+
+    def _interactive_left(self) -> None:
+        with self._interactive_lock:
+            self.interactive -= 1
 
     def end_input(self) -> None:
         """No more requests: the model thread finishes what it holds, then ends."""
@@ -181,8 +182,13 @@ class Stages:
 
     def _inputs(self) -> Iterator[Item]:
         while (entry := self._inbox.get()) is not _END:
-            assert isinstance(entry, StreamItem)
-            yield entry
+            if not isinstance(entry, StreamItem):
+                interactive: InteractiveItem = entry  # type: ignore[assignment]
+                if interactive.cancelled:  # its request timed out or its client left: nobody to answer
+                    interactive.dropped()
+                    self._interactive_left()
+                    continue
+            yield entry  # type: ignore[misc]
 
     def _run_model(self) -> None:
         try:
@@ -192,5 +198,12 @@ class Stages:
             self.failure = error
 
     def _on_item_result(self, item: Item, result: Result) -> None:
-        assert isinstance(item, StreamItem)
-        self.done.put(Finished(item, result))
+        if isinstance(item, StreamItem):
+            self.done.put(Finished(item, result))
+            return
+        interactive: InteractiveItem = item  # type: ignore[assignment]
+        count_image(self.metrics, result)
+        if not result.ok:
+            self.metrics.failures.labels(result.error_kind or FETCH_FAILURE).inc()
+        interactive.answer(result)
+        self._interactive_left()
