@@ -21,6 +21,7 @@ import anyio
 from fastapi import Depends, FastAPI, Request, Response
 from fastapi.security import HTTPBearer
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
 
 from captionfleet.core.failures import INFERENCE_FAILURE, MALFORMED, TIMEOUT, TOO_LARGE, FetchError
@@ -182,14 +183,16 @@ async def _read_captions(request: Request, ctx: ApiContext) -> Asked:
     if content_type.startswith("multipart/form-data"):
         try:
             form = await request.form(max_files=ctx.settings.max_images, max_fields=100)
-        except MultiPartException as error:
-            if "files" in str(error).lower():
+        except (MultiPartException, HTTPException) as error:
+            # Starlette turns its parser's MultiPartException into a 400 HTTPException inside an app.
+            text = error.detail if isinstance(error, HTTPException) else error.message
+            if "too many files" in str(text).lower():
                 raise BadRequest(
                     f"more than {ctx.settings.max_images} files (WORKER_HTTP__MAX_IMAGES): split the request",
                     kind=TOO_LARGE,
                     status=413,
                 ) from None
-            raise BadRequest(f"the multipart body could not be read: {error}") from None
+            raise BadRequest(f"the multipart body could not be read: {text}") from None
         files: list[tuple[str, bytes]] = []
         fields: dict[str, list[str]] = {}
         for name, value in form.multi_items():
@@ -226,18 +229,18 @@ async def _read(ctx: ApiContext, item: ApiItem) -> Result | None:
 async def _caption(ctx: ApiContext, request: Request, asked: Asked, started: float) -> list[Result]:
     """Every image's answer, in order: refused by the allow-list, failed to read, or the model's."""
     answers: list[Result | ApiItem] = []
+    to_read: list[ApiItem] = []
     for wanted in asked.images:
+        item = ApiItem(wanted.id, wanted.uri, data=wanted.data or b"", prompt=wanted.prompt, decoding=asked.decoding)
         if wanted.data is None:
             try:
                 ctx.fetcher.check(wanted.uri)  # the allow-list, before any I/O
             except FetchError as error:
                 answers.append(_failure(ctx, wanted.id, wanted.uri, error.kind, error.message))
                 continue
-        answers.append(
-            ApiItem(wanted.id, wanted.uri, data=wanted.data or b"", prompt=wanted.prompt, decoding=asked.decoding)
-        )
+            to_read.append(item)
+        answers.append(item)
     deadline = started + ctx.settings.timeout_s
-    to_read = [a for a in answers if isinstance(a, ApiItem) and not a.data]
     if to_read:
         read = await _until(deadline, request, asyncio.gather(*(_read(ctx, item) for item in to_read)), [])
         for item, failure in zip(to_read, read, strict=True):
@@ -253,8 +256,7 @@ async def _caption(ctx: ApiContext, request: Request, asked: Asked, started: flo
             deadline, request, asyncio.gather(*(asyncio.wrap_future(item.future) for item in items)), items
         )
         for item, result in zip(items, results, strict=True):
-            if item.fetch_ms is not None:
-                result.fetch_ms = item.fetch_ms
+            result.fetch_ms = item.fetch_ms  # None for images sent with the request: nothing was fetched
             answers[answers.index(item)] = result
     return [a for a in answers if isinstance(a, Result)]
 
@@ -282,6 +284,7 @@ async def _until(deadline: float, request: Request, work: Awaitable[list[Any]], 
     for item in items:
         item.cancel(reason)
     task.cancel()
+    task.add_done_callback(_retrieved)
     if reason == DISCONNECT:
         log.info("client went away: %d queued images dropped", len(items))
         raise ClientGone
@@ -291,6 +294,12 @@ async def _until(deadline: float, request: Request, work: Awaitable[list[Any]], 
         "not answered by the request's deadline (WORKER_HTTP__TIMEOUT_S): its queued images were dropped; "
         "retry later, or ask an operator to raise the deadline",
     )
+
+
+def _retrieved(task: asyncio.Future[Any]) -> None:
+    """An abandoned task's outcome, taken so that asyncio does not log it as never retrieved."""
+    if not task.cancelled():
+        task.exception()
 
 
 async def _disconnected(request: Request) -> None:
