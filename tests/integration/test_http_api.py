@@ -114,9 +114,8 @@ def test_json_takes_base64_data_uris_and_allowed_uris_and_ids(api: RunningApi, i
     rows = response.json()["results"]
     assert [r["id"] for r in rows] == ["b64", "data-uri", "file", "missing", "4"]
     assert [r["error_kind"] for r in rows] == [None, None, None, "not_found", None]
-    assert [r["prompt"] for r in rows] == ["request prompt", "own prompt", "request prompt", "request prompt"] + [
-        "request prompt"
-    ]
+    prompts = ["request prompt", "own prompt", "request prompt", "request prompt", "request prompt"]
+    assert [r["prompt"] for r in rows] == prompts
     assert rows[0]["uri"] == "upload:b64" and rows[2]["uri"] == f"file://{images}/cat.jpg"
     assert rows[2]["fetch_ms"] is not None and rows[0]["fetch_ms"] is None  # read by the API, not uploaded
 
