@@ -176,12 +176,13 @@ def worker_env(
 class WorkerProcess:
     """`python -m captionfleet.worker` with its log in a file; stopped (SIGKILL) at cleanup if still running."""
 
-    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+    def __init__(self, env: dict[str, str], log_path: Path, command: list[str] | None = None) -> None:
         self.log_path = log_path
         self.port = int(env["WORKER_METRICS__PORT"])
         self._log = log_path.open("ab")
+        args = command or ["-m", "captionfleet.worker"]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "captionfleet.worker"], env=env, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT
+            [sys.executable, *args], env=env, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT
         )
 
     def get(self, path: str) -> tuple[int, str]:

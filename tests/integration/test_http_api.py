@@ -153,9 +153,7 @@ def test_uris_outside_the_allow_list_are_refused_before_any_io(tiny_checkpoint: 
                 f"file://{root}/../outside.jpg",
                 "ftp://example.com/cat.jpg",
             ]
-            response = httpx.post(
-                f"{api.url}/v1/captions", json={"images": [{"uri": uri} for uri in uris]}, timeout=60
-            )
+            response = httpx.post(f"{api.url}/v1/captions", json={"images": [{"uri": uri} for uri in uris]}, timeout=60)
             rows = response.json()["results"]
             assert [r["error_kind"] for r in rows] == ["forbidden"] * 4 + ["malformed"]
             assert "WORKER_FETCH__ALLOWED_HOSTS" in rows[0]["error_message"]
