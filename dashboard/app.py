@@ -12,17 +12,21 @@ import streamlit as st
 from captionfleet.core.images import ImageLimits
 from captionfleet.core.settings import DecodingSettings, SettingsError, WorkerSettings
 from captionfleet.dashboard.fleet import FleetView, fleet_view
+from captionfleet.dashboard.fleet_api import FleetUnavailable, caption_with_fleet
 from captionfleet.dashboard.model import LoadedModel, load_model
 from captionfleet.dashboard.settings import DashboardSettings, load_dashboard_settings, load_model_settings
-from captionfleet.dashboard.uploads import caption_uploads
+from captionfleet.dashboard.uploads import UploadResult, caption_uploads
 
 
-def sidebar(model_settings: WorkerSettings) -> DecodingSettings:
+def sidebar(model_settings: WorkerSettings, settings: DashboardSettings) -> DecodingSettings:
     st.sidebar.header("Decoding")
     defaults = model_settings.decoding
     beams = st.sidebar.slider("Beams", 1, 8, min(defaults.num_beams, 8), help="beam search width; 1 is greedy")
     length = st.sidebar.slider("Max length (tokens)", 4, 64, min(max(defaults.max_new_tokens, 4), 64))
-    st.sidebar.caption(f"Model: `{model_settings.model.ref}` (WORKER_MODEL__REF)")
+    if settings.fleet.api_url:
+        st.sidebar.caption(f"Captions: the fleet at `{settings.fleet.api_url}` (DASHBOARD_FLEET__API_URL)")
+    else:
+        st.sidebar.caption(f"Model: `{model_settings.model.ref}` (WORKER_MODEL__REF), in this dashboard")
     return defaults.model_copy(update={"num_beams": beams, "max_new_tokens": length})
 
 
@@ -35,7 +39,7 @@ def model_or_error(model_settings: WorkerSettings) -> LoadedModel | None:
         model = model_settings.model
         st.error(
             f"The model could not be loaded (WORKER_MODEL__REF={model.ref}, WORKER_MODEL__DEVICE={model.device}): "
-            f"{type(error).__name__}: {error}\n\nFix the dashboard's WORKER_MODEL__* settings (in Kubernetes it "
+            f"{error or 'no reason given'}\n\nFix the dashboard's WORKER_MODEL__* settings (in Kubernetes it "
             "reads the workers' ConfigMap, but its pod has no GPU: WORKER_MODEL__DEVICE must be cpu or auto "
             "there), then press Generate caption again.",
             icon="🚫",
@@ -43,19 +47,59 @@ def model_or_error(model_settings: WorkerSettings) -> LoadedModel | None:
         return None
 
 
+def upload_source(model_settings: WorkerSettings, settings: DashboardSettings) -> str:
+    """What captions the uploads, as the page says it."""
+    if settings.fleet.api_url:
+        url = settings.fleet.api_url
+        return f"Captions come from the fleet: the workers' caption API at {url} (DASHBOARD_FLEET__API_URL)."
+    return (
+        f"Captions come from this dashboard's own model, `{model_settings.model.ref}` (WORKER_MODEL__REF); set "
+        "DASHBOARD_FLEET__API_URL to caption with the fleet's workers instead."
+    )
+
+
+def caption_files(
+    files: list[tuple[str, bytes]],
+    model_settings: WorkerSettings,
+    settings: DashboardSettings,
+    decoding: DecodingSettings,
+    limits: ImageLimits,
+) -> list[UploadResult] | None:
+    """Each file's result, from the fleet or the in-process model; None after showing why there are none."""
+    if settings.fleet.api_url:
+        try:
+            return caption_with_fleet(files, decoding, limits, settings.fleet, settings.upload.batch_size)
+        except FleetUnavailable as error:
+            st.error(f"No captions: {error}", icon="🚫")
+            return None
+    model = model_or_error(model_settings)
+    if model is None:
+        return None
+    return caption_uploads(model, files, decoding, limits, settings.upload.batch_size)
+
+
+def answered_by(result: UploadResult) -> str:
+    if result.worker:  # the fleet answered: which worker, with which version
+        return f"model {result.model_version} · {result.seconds * 1000:.0f} ms · worker {result.worker}"
+    return (
+        f"model {result.model_version} · {result.seconds * 1000:.0f} ms "
+        f"(one model call for {result.batch} image{'s' if result.batch > 1 else ''})"
+    )
+
+
 def upload_tab(model_settings: WorkerSettings, settings: DashboardSettings, decoding: DecodingSettings) -> None:
     limits = ImageLimits.from_settings(model_settings.images)
+    st.caption(upload_source(model_settings, settings))
     files = st.file_uploader(
         f"Images (up to {limits.max_bytes / 2**20:.0f} MB each)", accept_multiple_files=True, key="uploads"
     )
     uploaded = tuple(f.file_id for f in files or [])
     if st.button("Generate caption", type="primary", disabled=not files):
-        model = model_or_error(model_settings)
-        if model is not None:
-            with st.spinner("Captioning..."):
-                results = caption_uploads(
-                    model, [(f.name, f.getvalue()) for f in files or []], decoding, limits, settings.upload.batch_size
-                )
+        with st.spinner("Captioning..."):
+            results = caption_files(
+                [(f.name, f.getvalue()) for f in files or []], model_settings, settings, decoding, limits
+            )
+        if results is not None:
             st.session_state["results"] = (uploaded, results)
     shown_for, results = st.session_state.get("results", ((), []))
     if shown_for != uploaded:  # files removed or added since: their old captions would mislead
@@ -68,10 +112,7 @@ def upload_tab(model_settings: WorkerSettings, settings: DashboardSettings, deco
         if result.image is not None:
             picture.image(result.image, caption=result.name, width=200)
         text.markdown(f"### {result.caption}")
-        text.caption(
-            f"model {result.model_version} · {result.seconds * 1000:.0f} ms "
-            f"(one model call for {result.batch} image{'s' if result.batch > 1 else ''})"
-        )
+        text.caption(answered_by(result))
 
 
 def chart(title: str, frame: pd.DataFrame, unit: str, note: str = "") -> None:
@@ -153,7 +194,7 @@ def main() -> None:
     except SettingsError as error:
         st.error(f"Bad setting:\n\n{error}")
         st.stop()
-    decoding = sidebar(model_settings)
+    decoding = sidebar(model_settings, settings)
     captions, fleet = st.tabs(["Caption images", "Fleet"])
     with captions:
         upload_tab(model_settings, settings, decoding)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from captionfleet.core.settings import SettingsError, WorkerSettings, _split_list, describe_validation_error
@@ -63,6 +63,14 @@ class FleetSettings(BaseModel):
     # How often the fleet view refreshes itself, and how much history its charts show.
     refresh_s: float = Field(default=5.0, ge=0.5)
     window_s: int = Field(default=900, ge=10)
+    # The workers' caption API (e.g. http://captionfleet-worker-api:8080, the overlays' Service). Set: "Generate
+    # caption" sends the uploads to the fleet and shows which worker and version answered. Empty: the
+    # dashboard's own in-process model captions them (the local default, which needs no fleet).
+    api_url: str = ""
+    # One of the workers' WORKER_HTTP__TOKENS (from the same Secret, never a ConfigMap).
+    api_token: SecretStr | None = None
+    # How long one request to the fleet may take (the workers' own deadline is WORKER_HTTP__TIMEOUT_S).
+    api_timeout_s: float = Field(default=60.0, gt=0)
 
 
 class UploadSettings(BaseModel):

@@ -26,6 +26,8 @@ _HEADLINES = {
     "truncated": "is cut short (a corrupt or incomplete file)",
     "too_large": "is too large",
     "decode": "could not be decoded (a corrupt image)",
+    "forbidden": "was refused",
+    "fleet": "was not captioned by the fleet",
 }
 
 
@@ -35,8 +37,9 @@ class UploadResult:
     image: Image.Image | None = None
     caption: str | None = None
     model_version: str = ""
-    seconds: float = 0.0  # the model call that captioned it
+    seconds: float = 0.0  # the model call that captioned it (with the fleet: its request)
     batch: int = 0  # images in that call
+    worker: str = ""  # the fleet's worker that answered; empty when the dashboard's own model did
     kind: str | None = None
     message: str = ""
 
@@ -86,7 +89,7 @@ def _caption_batch(
         try:
             captions = model.captioner.caption([image for _, image in batch], decoding)
         except Exception as error:  # a model failure is shown per file, like any other
-            failure = f"the model failed: {type(error).__name__}: {error}"
+            failure = f"the model failed: {error or 'no reason given'}"
         seconds = time.perf_counter() - began
     for index, (result, image) in enumerate(batch):
         result.image = thumbnail(image, side)
