@@ -257,3 +257,63 @@ def test_the_dashboards_direct_scrape_reaches_every_worker_pod(built: tuple[str,
         service = urllib.parse.urlsplit(url).hostname.split(".")[0]  # type: ignore[union-attr]
         # A ClusterIP name sends each scrape to one worker in turn: their counters would be mixed.
         assert one(docs, "Service", service)["spec"].get("clusterIP") == "None", url
+
+
+def test_the_caption_api_is_served_reached_and_guarded(built: tuple[str, list[dict[str, Any]]]) -> None:
+    """The workers serve the API on the port their Service and the policies name, with tokens from a Secret;
+    the dashboard's DASHBOARD_FLEET__API_URL is that Service, and its policy lets it through."""
+    overlay, docs = built
+    deployment = one(docs, "Deployment", "captionfleet-worker")
+    (worker,) = pod_spec(deployment)["containers"]  # type: ignore[index]
+    env = container_env(docs, worker)
+    settings = settings_for(["WORKER_"], env)["WORKER_"]
+    assert isinstance(settings, WorkerSettings)
+    http = settings.http
+    assert http.enabled and http.host == "0.0.0.0"
+    tokens = next(item for item in worker["env"] if item["name"] == "WORKER_HTTP__TOKENS")
+    assert tokens["valueFrom"]["secretKeyRef"].get("optional") is not True, f"{overlay}: the API's tokens are required"
+    port_names = {p["name"]: p["containerPort"] for p in worker["ports"]}
+    assert port_names["http"] == http.port
+
+    service = one(docs, "Service", "captionfleet-worker-api")
+    assert service["spec"]["selector"].items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
+    (port,) = service["spec"]["ports"]
+    assert port["targetPort"] == "http"
+
+    (dashboard,) = pod_spec(one(docs, "Deployment", "captionfleet-dashboard"))["containers"]  # type: ignore[index]
+    dashboard_env = container_env(docs, dashboard)
+    url = urllib.parse.urlsplit(dashboard_env.get("DASHBOARD_FLEET__API_URL") or "")
+    assert url.hostname and url.hostname.split(".")[0] == "captionfleet-worker-api", f"{overlay}: {url.geturl()}"
+    assert url.port == port["port"]
+    assert "DASHBOARD_FLEET__API_TOKEN" in dashboard_env and dashboard_env["DASHBOARD_FLEET__API_TOKEN"] is None
+
+    policies = objects(docs, "NetworkPolicy")
+    dashboard_labels = one(docs, "Deployment", "captionfleet-dashboard")["spec"]["template"]["metadata"]["labels"]
+
+    def admits(rules: list[dict[str, Any]], peer_labels: dict[str, str], tcp: int) -> bool:
+        for rule in rules:
+            ports = {p["port"] for p in rule.get("ports", [])}
+            peers = rule.get("from", rule.get("to", []))
+            if tcp in ports and any(
+                p.get("podSelector", {}).get("matchLabels", {}).items() <= peer_labels.items()
+                and "namespaceSelector" not in p
+                for p in peers
+            ):
+                return True
+        return False
+
+    worker_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    ingress = [p for p in policies if p["spec"]["podSelector"].get("matchLabels", {}).items() <= worker_labels.items()]
+    assert any(admits(p["spec"].get("ingress", []), dashboard_labels, http.port) for p in ingress), overlay
+    monitoring_api = [
+        rule
+        for p in ingress
+        for rule in p["spec"].get("ingress", [])
+        if http.port in {q["port"] for q in rule.get("ports", [])}
+        and any("monitoring" in str(peer) for peer in rule.get("from", []))
+    ]
+    assert not monitoring_api, f"{overlay}: the API port is open to the monitoring namespace"
+    egress = [
+        p for p in policies if p["spec"]["podSelector"].get("matchLabels", {}).items() <= dashboard_labels.items()
+    ]
+    assert any(admits(p["spec"].get("egress", []), worker_labels, http.port) for p in egress), overlay
