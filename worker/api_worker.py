@@ -1,10 +1,10 @@
-"""The caption API alone (``captionfleet serve``): the API's images on one pipeline on its own model thread,
-no Kafka. ``ApiWorker.start()``, then ``run()`` until ``stop()`` or the model thread's death; run() drains."""
+"""The caption API alone (``captionfleet serve``): the API's images through one pipeline's latency lane on its
+own model thread, no Kafka. ``ApiWorker.start()``, then ``run()`` until ``stop()`` or the model thread's death;
+run() drains."""
 
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 from collections.abc import Iterator
 
@@ -16,7 +16,6 @@ from captionfleet.worker.accounting import count_image
 from captionfleet.worker.fetch import Fetcher
 from captionfleet.worker.http.items import ApiItem
 from captionfleet.worker.http.server import ApiServer, start_api
-from captionfleet.worker.lanes import InteractiveItem
 from captionfleet.worker.messages import Result
 from captionfleet.worker.metrics import Health, WorkerMetrics
 from captionfleet.worker.pipeline import CaptionPipeline, Item
@@ -24,29 +23,6 @@ from captionfleet.worker.sinks import NullSink
 from captionfleet.worker.stream.metered import MeteredCaptioner
 
 log = logging.getLogger("captionfleet.serve")
-
-
-class _Inbox:
-    """serve's pipeline input: the API's images, in the order offered; cancelled ones are dropped here."""
-
-    _END = object()
-
-    def __init__(self) -> None:
-        self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
-
-    def offer(self, item: InteractiveItem) -> None:
-        self._queue.put(item)
-
-    def end(self) -> None:
-        self._queue.put(self._END)
-
-    def items(self) -> Iterator[Item]:
-        while (entry := self._queue.get()) is not self._END:
-            assert isinstance(entry, ApiItem)
-            if entry.cancelled:
-                entry.dropped()
-                continue
-            yield entry
 
 
 class ApiWorker:
@@ -62,14 +38,15 @@ class ApiWorker:
         self.health = health
         self.name = name
         self.fetcher = Fetcher(settings.fetch, s3=settings.s3, max_bytes=settings.images.max_bytes)  # ValueError
-        self._inbox = _Inbox()
         self._pipeline = CaptionPipeline(
             MeteredCaptioner(model, metrics),
             NullSink(),
             settings.batch,
             ImageLimits.from_settings(settings.images),
             on_item_result=self._answered,
+            interactive_wait_ms=settings.http.max_wait_ms,  # every image is interactive here
         )
+        self._ended = threading.Event()
         self._failure: BaseException | None = None
         self._stop = threading.Event()
         self._model_thread = threading.Thread(target=self._run_model, name="model", daemon=True)
@@ -82,9 +59,14 @@ class ApiWorker:
             self.metrics.failures.labels(result.error_kind or FETCH_FAILURE).inc()
         item.answer(result)
 
+    def _no_stream(self) -> Iterator[Item]:
+        """The pipeline's stream/bulk input: none here (the API's images come through ``offer``); ends at stop."""
+        self._ended.wait()
+        yield from ()
+
     def _run_model(self) -> None:
         try:
-            self._pipeline.run(self._inbox.items())
+            self._pipeline.run(self._no_stream())
         except BaseException as error:  # reported by run(), which stops the server
             log.exception("the model thread failed")
             self._failure = error
@@ -94,7 +76,7 @@ class ApiWorker:
         """Raises HttpPortError or SettingsError (reachable beyond loopback without tokens)."""
         model = self.model
         self.api = start_api(
-            self.settings, self._inbox.offer, lambda: model.version, self.fetcher, self.metrics, self.name
+            self.settings, self._pipeline.offer, lambda: model.version, self.fetcher, self.metrics, self.name
         )
         self.metrics.model.info({"version": model.version, "source": model.source})
         self._model_thread.start()
@@ -116,7 +98,7 @@ class ApiWorker:
             if self._failure is not None:
                 return EXIT_FAILED
             drained = self.api.drain(self.settings.shutdown.grace_s)
-            self._inbox.end()
+            self._ended.set()
             self._model_thread.join(timeout=5)
             log.info("stopped %s", "cleanly" if drained else "with API requests unanswered")
             return EXIT_OK if drained else EXIT_GRACE_EXCEEDED

@@ -3,6 +3,11 @@
 A batch is flushed when it reaches ``max_items``, when adding an item would exceed the cost
 limit (e.g. total pixels), or when ``max_wait`` has passed since its *first* item arrived, so
 a lone request waits at most ``max_wait`` however quiet the stream is.
+
+Urgent items (the interactive lane, ``add(..., urgent=True)``) have their own, shorter wait: a batch holding
+one is due ``urgent_wait`` after the first of them arrived, whatever the other items' wait says; the rows
+it leaves free are filled by whatever else is ready when it is due. ``urgent_rows`` and ``rows`` let the
+caller (the pipeline's model loop) keep a share of the rows for the stream/bulk lane.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ class Batcher(Generic[T]):
         max_wait_s: float,
         max_cost: float = 0,
         clock: Callable[[], float] = time.monotonic,
+        urgent_wait_s: float | None = None,
     ) -> None:
         if max_items < 1:
             raise ValueError(f"max_items must be >= 1, got {max_items}")
@@ -33,11 +39,19 @@ class Batcher(Generic[T]):
         self._items: list[T] = []
         self._cost = 0.0
         self._first_at: float | None = None
+        # The interactive lane's own wait (None: urgent items wait like the others).
+        self.urgent_wait_s = max_wait_s if urgent_wait_s is None else min(urgent_wait_s, max_wait_s)
+        self._urgent_at: float | None = None
+        self.urgent_rows = 0
+
+    @property
+    def rows(self) -> int:
+        return len(self._items)
 
     def __len__(self) -> int:
         return len(self._items)
 
-    def add(self, item: T, cost: float = 0) -> list[list[T]]:
+    def add(self, item: T, cost: float = 0, *, urgent: bool = False) -> list[list[T]]:
         """Add one item; return the batches that became ready (zero, one, or two).
 
         Two batches come back when the item does not fit in the open batch's cost budget and
@@ -48,6 +62,10 @@ class Batcher(Generic[T]):
             ready.append(self.flush())
         if not self._items:
             self._first_at = self._clock()
+        if urgent:
+            if self._urgent_at is None:
+                self._urgent_at = self._clock()
+            self.urgent_rows += 1
         self._items.append(item)
         self._cost += cost
         if len(self._items) >= self.max_items or (self.max_cost and self._cost >= self.max_cost):
@@ -58,7 +76,10 @@ class Batcher(Generic[T]):
         """Seconds until the open batch is due, None when there is no open batch."""
         if self._first_at is None:
             return None
-        return max(0.0, self._first_at + self.max_wait_s - self._clock())
+        due = self._first_at + self.max_wait_s
+        if self._urgent_at is not None:
+            due = min(due, self._urgent_at + self.urgent_wait_s)
+        return max(0.0, due - self._clock())
 
     def due(self) -> bool:
         left = self.time_left()
@@ -68,4 +89,6 @@ class Batcher(Generic[T]):
         batch, self._items = self._items, []
         self._cost = 0.0
         self._first_at = None
+        self._urgent_at = None
+        self.urgent_rows = 0
         return batch

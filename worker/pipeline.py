@@ -4,12 +4,19 @@ Each item is fetched, decoded and preprocessed on its own in a bounded thread po
 numpy release the GIL), so one bad image yields one failure row and never fails a batch, and
 the next batch is being prepared while the model runs on the current one. Items flow to the
 batcher in input order; the batcher decides when a batch goes to the model.
+
+The latency lane: ``offer()`` hands in interactive items (the caption API's, ``worker.lanes``) from any
+thread. They are prepared on their own threads, go to the front of the model's input, and a batch holding
+one runs after the interactive lane's short wait, its free rows filled by the stream/bulk items ready by
+then. While both lanes wait, ``bulk_share`` of each batch's rows stays the stream's/bulk's, so a flood of
+interactive requests slows them down and never stops them. An interactive item cancelled before its batch
+runs is dropped.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
+import math
 import queue
 import threading
 import time
@@ -33,8 +40,9 @@ from captionfleet.core.failures import (
     ImageError,
 )
 from captionfleet.core.images import ImageLimits, decode_image
-from captionfleet.core.settings import BatchSettings
+from captionfleet.core.settings import BatchSettings, DecodingSettings
 from captionfleet.worker.batcher import Batcher
+from captionfleet.worker.lanes import InteractiveItem, LaneQueue
 from captionfleet.worker.messages import Result
 from captionfleet.worker.sinks import Sink
 
@@ -62,6 +70,7 @@ class Prepared:
     fetch_ms: float = 0.0
     decode_ms: float = 0.0
     ready_at: float = 0.0
+    urgent: bool = False  # offered through the interactive lane (an InteractiveItem)
 
 
 @dataclass
@@ -96,6 +105,16 @@ def _fetch_failure_kind(error: Exception) -> str:
 
 _DONE = object()  # end-of-input marker on the prefetch queue
 
+# Threads preparing interactive items: their own, so an offered image never waits behind the stream's
+# prefetched decodes.
+_INTERACTIVE_THREADS = 2
+
+
+def _decoding_of(item: Item) -> DecodingSettings | None:
+    """An interactive item's own decoding (None: the model's)."""
+    decoding = getattr(item, "decoding", None)
+    return decoding if isinstance(decoding, DecodingSettings) else None
+
 
 class CaptionPipeline:
     def __init__(
@@ -108,6 +127,9 @@ class CaptionPipeline:
         on_result: Callable[[Result], None] | None = None,
         flush_interval_s: float = 10.0,
         on_item_result: Callable[[Item, Result], None] | None = None,
+        interactive_wait_ms: int | None = None,
+        bulk_share: float = 0.0,
+        on_item_dropped: Callable[[Item], None] | None = None,
     ) -> None:
         self.captioner = captioner
         self.sink = sink
@@ -119,6 +141,24 @@ class CaptionPipeline:
         self.flush_interval_s = flush_interval_s
         self.stop_event = threading.Event()  # set it to stop reading input; in-flight work finishes
         self.stats = RunStats()
+        # The latency lane (see the module note): its wait, and the rows kept for stream/bulk items.
+        self.interactive_wait_ms = interactive_wait_ms
+        self.bulk_rows = math.ceil(bulk_share * batch.max_items) if bulk_share > 0 else 0
+        self.on_item_dropped = on_item_dropped
+        # Bounded: at most `prefetch` stream/bulk images are decoded ahead of the model.
+        self._lanes: LaneQueue[object] = LaneQueue(batch.prefetch)
+        self._interactive_pool = ThreadPoolExecutor(_INTERACTIVE_THREADS, thread_name_prefix="decode-interactive")
+
+    def offer(self, item: InteractiveItem) -> None:
+        """An interactive item, from any thread: prepared at once, then at the front of the model's input.
+        Answered through ``on_item_result`` like any other; dropped (``item.dropped()``) if cancelled first."""
+        self._lanes.put_urgent((item, self._interactive_pool.submit(self._prepare, item)))
+
+    def _drop(self, item: Item) -> None:
+        interactive: InteractiveItem = item  # type: ignore[assignment]
+        interactive.dropped()
+        if self.on_item_dropped is not None:
+            self.on_item_dropped(item)
 
     def _failure(self, item: Item, kind: str, message: str, **timings: float) -> Result:
         return Result(
@@ -168,8 +208,9 @@ class CaptionPipeline:
             ready_at=decoded,
         )
 
-    def _emit(self, results: list[Result], items: list[Item]) -> None:
-        self.sink.write(results)
+    def _emit(self, results: list[Result], items: list[Item], urgent: bool = False) -> None:
+        if not urgent:  # an interactive item's answer goes to its client, not into the run's results
+            self.sink.write(results)
         for item, result in zip(items, results, strict=True):
             if result.ok:
                 self.stats.done += 1
@@ -181,61 +222,96 @@ class CaptionPipeline:
                 self.on_item_result(item, result)
 
     def _caption_batch(self, batch: list[Prepared]) -> None:
+        """One batch: interactive items cancelled meanwhile are dropped; items asking for their own decoding run
+        as their own model call (a model call has one decoding)."""
+        groups: dict[str, list[Prepared]] = {}
+        decodings: dict[str, DecodingSettings | None] = {}
+        for prepared in batch:
+            if prepared.urgent and getattr(prepared.item, "cancelled", False):
+                self._drop(prepared.item)
+                continue
+            decoding = _decoding_of(prepared.item)
+            key = "" if decoding is None else decoding.model_dump_json()
+            groups.setdefault(key, []).append(prepared)
+            decodings[key] = decoding
+        for key, group in groups.items():
+            self._caption_group(group, decodings[key])
+
+    def _caption_group(self, batch: list[Prepared], decoding: DecodingSettings | None = None) -> None:
         start = time.perf_counter()
         pixels = torch.from_numpy(np.stack([p.pixels for p in batch if p.pixels is not None]))
         try:
-            captions = self.captioner.caption_pixels(pixels)
+            captions = (
+                self.captioner.caption_pixels(pixels, decoding) if decoding else self.captioner.caption_pixels(pixels)
+            )
         except Exception as error:
             if len(batch) > 1:
                 # Find the item that breaks the model instead of failing its neighbours.
                 logger.warning("batch of %d failed (%s); retrying its items one by one", len(batch), error)
                 for prepared in batch:
-                    self._caption_batch([prepared])
+                    self._caption_group([prepared], decoding)
                 return
             logger.error("inference failed for %s: %s", batch[0].item.id, error)
             failure = self._failure(batch[0].item, INFERENCE_FAILURE, f"{type(error).__name__}: {error}")
-            self._emit([failure], [batch[0].item])
+            self._emit([failure], [batch[0].item], batch[0].urgent)
             return
         inference_ms = (time.perf_counter() - start) * 1000
         self.stats.batches += 1
-        self._emit(
-            [
-                Result(
-                    id=p.item.id,
-                    uri=p.item.uri,
-                    model_version=self.captioner.version,
-                    caption=caption,
-                    width=p.width,
-                    height=p.height,
-                    bytes=p.size,
-                    fetch_ms=round(p.fetch_ms, 3),
-                    decode_ms=round(p.decode_ms, 3),
-                    queue_ms=round((start - p.ready_at) * 1000, 3),
-                    inference_ms=round(inference_ms, 3),
-                )
-                for p, caption in zip(batch, captions, strict=True)
-            ],
-            [p.item for p in batch],
-        )
+        results = [
+            Result(
+                id=p.item.id,
+                uri=p.item.uri,
+                model_version=self.captioner.version,
+                caption=caption,
+                width=p.width,
+                height=p.height,
+                bytes=p.size,
+                fetch_ms=round(p.fetch_ms, 3),
+                decode_ms=round(p.decode_ms, 3),
+                queue_ms=round((start - p.ready_at) * 1000, 3),
+                inference_ms=round(inference_ms, 3),
+            )
+            for p, caption in zip(batch, captions, strict=True)
+        ]
+        for urgent in (True, False):  # interactive answers first: someone waits for them
+            chosen = [(r, p.item) for r, p in zip(results, batch, strict=True) if p.urgent == urgent]
+            if chosen:
+                self._emit([r for r, _ in chosen], [i for _, i in chosen], urgent)
 
-    def _consume(self, pending: queue.Queue[object], batcher: Batcher[Prepared]) -> None:
-        """The model side of run(): batch what the decode threads prepared, caption, write."""
+    def _consume(self, batcher: Batcher[Prepared]) -> None:
+        """The model side of run(): batch what the decode threads prepared, caption, write. Interactive items
+        come first, except that stream/bulk items are taken while they hold fewer than their rows."""
         last_flush = time.monotonic()
+        ending = False  # the input ended: interactive items offered before are still answered
         while True:
+            prefer_bulk = batcher.rows - batcher.urgent_rows < self.bulk_rows
             try:
-                entry = pending.get(timeout=batcher.time_left())
-            except queue.Empty:  # the open batch waited max_wait: run it as it is
+                entry, urgent = self._lanes.get(0 if ending else batcher.time_left(), prefer_bulk=prefer_bulk)
+            except queue.Empty:  # the open batch waited its max wait (or an interactive item its own): run it
+                if ending:
+                    break
                 self._caption_batch(batcher.flush())
                 continue
             if entry is _DONE:
-                break
-            assert isinstance(entry, Future)
-            prepared: Prepared = entry.result()
+                ending = True
+                continue
+            future = entry
+            if urgent:
+                assert isinstance(entry, tuple)
+                offered: InteractiveItem = entry[0]
+                future = entry[1]
+                if offered.cancelled:  # its request timed out or its client left: not batched for nobody
+                    future.cancel()
+                    self._drop(offered)
+                    continue
+            assert isinstance(future, Future)
+            prepared: Prepared = future.result()
+            prepared.urgent = urgent
             if prepared.failure is not None:
-                self._emit([prepared.failure], [prepared.item])
+                self._emit([prepared.failure], [prepared.item], urgent)
             else:
                 cost = prepared.width * prepared.height
-                for ready in batcher.add(prepared, cost=cost):
+                for ready in batcher.add(prepared, cost=cost, urgent=urgent):
                     self._caption_batch(ready)
             if time.monotonic() - last_flush >= self.flush_interval_s:
                 self.sink.flush()
@@ -245,11 +321,14 @@ class CaptionPipeline:
 
     def run(self, items: Iterable[Item]) -> RunStats:
         started = time.perf_counter()
+        urgent_wait = None if self.interactive_wait_ms is None else self.interactive_wait_ms / 1000
         batcher: Batcher[Prepared] = Batcher(
-            self.batch.max_items, self.batch.max_wait_ms / 1000, max_cost=self.batch.max_pixels
+            self.batch.max_items,
+            self.batch.max_wait_ms / 1000,
+            max_cost=self.batch.max_pixels,
+            urgent_wait_s=urgent_wait,
         )
-        # Bounded: at most `prefetch` images are decoded ahead of the model.
-        pending: queue.Queue[object] = queue.Queue(maxsize=self.batch.prefetch)
+        lanes = self._lanes
         producer_error: list[BaseException] = []
 
         with ThreadPoolExecutor(self.batch.decode_threads, thread_name_prefix="decode") as pool:
@@ -259,25 +338,26 @@ class CaptionPipeline:
                     for item in items:
                         if self.stop_event.is_set():
                             break
-                        pending.put(pool.submit(self._prepare, item))
+                        if not lanes.put_bulk(pool.submit(self._prepare, item)):
+                            break  # the model loop is gone
                 except BaseException as error:  # reported by the consumer, never swallowed
                     producer_error.append(error)
                 finally:
-                    pending.put(_DONE)
+                    lanes.put_bulk(_DONE)
 
             producer = threading.Thread(target=produce, name="source", daemon=True)
             producer.start()
             try:
-                self._consume(pending, batcher)
+                self._consume(batcher)
             except BaseException:
                 # The sink (or the model loop) failed: stop the producer, which may be blocked on the
                 # full queue, instead of leaving it and its decode work behind.
                 self.stop_event.set()
-                deadline = time.monotonic() + 10  # a source blocked in I/O is a daemon thread: not forever
-                while producer.is_alive() and time.monotonic() < deadline:
-                    with contextlib.suppress(queue.Empty):
-                        pending.get(timeout=0.05)
+                lanes.close()
+                producer.join(10)  # a source blocked in I/O is a daemon thread: not forever
                 raise
+            finally:
+                self._interactive_pool.shutdown(wait=False, cancel_futures=True)
             producer.join()
         self.sink.flush()
         self.stats.seconds = time.perf_counter() - started

@@ -65,3 +65,26 @@ def test_bad_limits_are_refused() -> None:
         Batcher(max_items=0, max_wait_s=1)
     with pytest.raises(ValueError, match="max_wait_s"):
         Batcher(max_items=1, max_wait_s=-1)
+
+
+def test_an_urgent_item_makes_the_batch_due_after_its_own_shorter_wait() -> None:
+    clock = FakeClock()
+    batcher: Batcher[str] = Batcher(max_items=8, max_wait_s=1.0, clock=clock, urgent_wait_s=0.01)
+    batcher.add("bulk")
+    clock.now += 0.5
+    batcher.add("urgent", urgent=True)
+    assert batcher.time_left() == pytest.approx(0.01)  # its own wait, not the bulk item's 0.5 s left
+    assert batcher.urgent_rows == 1 and batcher.rows == 2
+    clock.now += 0.01
+    assert batcher.due()
+    assert batcher.flush() == ["bulk", "urgent"]
+    assert batcher.urgent_rows == 0
+    batcher.add("bulk again")
+    assert batcher.time_left() == pytest.approx(1.0)  # the urgent wait ended with its batch
+
+
+def test_an_urgent_wait_never_exceeds_the_batch_wait() -> None:
+    clock = FakeClock()
+    batcher: Batcher[str] = Batcher(max_items=8, max_wait_s=0.02, clock=clock, urgent_wait_s=5)
+    batcher.add("urgent", urgent=True)
+    assert batcher.time_left() == pytest.approx(0.02)

@@ -73,6 +73,10 @@ class Stages:
             settings.batch,
             ImageLimits.from_settings(settings.images),
             on_item_result=self._on_item_result,
+            # The caption API's images (worker/http/), when the worker serves it: the latency lane.
+            interactive_wait_ms=settings.http.max_wait_ms,
+            bulk_share=settings.http.stream_share,
+            on_item_dropped=lambda _item: self._interactive_left(),
         )
         self._model_thread = threading.Thread(target=self._run_model, name="model", daemon=True)
         # API images given to the model thread and not answered or dropped yet (a drain waits for them).
@@ -86,11 +90,12 @@ class Stages:
         self._fetch_pool.submit(self._fetch, item)
 
     def offer(self, item: InteractiveItem) -> None:
-        """An API image (worker/http/), already read: straight to the model thread, answered through its own
-        ``answer``, never through ``done`` (it has no message, offset or commit)."""
+        """An API image (worker/http/), already read: to the front of the model thread's input (the pipeline's
+        latency lane), answered through its own ``answer``, never through ``done`` (it has no message, offset
+        or commit)."""
         with self._interactive_lock:
             self.interactive += 1
-        self._inbox.put(item)
+        self._pipeline.offer(item)
 
     def _interactive_left(self) -> None:
         with self._interactive_lock:
@@ -182,13 +187,8 @@ class Stages:
 
     def _inputs(self) -> Iterator[Item]:
         while (entry := self._inbox.get()) is not _END:
-            if not isinstance(entry, StreamItem):
-                interactive: InteractiveItem = entry  # type: ignore[assignment]
-                if interactive.cancelled:  # its request timed out or its client left: nobody to answer
-                    interactive.dropped()
-                    self._interactive_left()
-                    continue
-            yield entry  # type: ignore[misc]
+            assert isinstance(entry, StreamItem)
+            yield entry
 
     def _run_model(self) -> None:
         try:

@@ -1,0 +1,176 @@
+"""The latency lane in the pipeline's one batcher: interactive items (``offer``) overtake a queued backlog,
+stream/bulk items keep their share of every batch while both lanes wait, a cancelled interactive item is
+dropped, and an item's own decoding gets its own model call. A fake model whose batches wait at a gate
+records what each batch held, so the order is asserted, never a time."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import torch
+
+from captionfleet.core.images import ImageLimits
+from captionfleet.core.settings import BatchSettings, DecodingSettings
+from captionfleet.worker.messages import Result
+from captionfleet.worker.pipeline import CaptionPipeline
+from tests.unit.stream_fakes import wait_for
+from tests.unit.test_pipeline import MemoryItem, MemorySink, RedPreprocess, png
+
+INTERACTIVE = 100  # red values from here on are interactive items
+
+
+class GatedFake:
+    """Captions each image with its red value; each batch waits at the gate (``step`` lets one through)."""
+
+    version = "fake-1"
+    image_size = (2, 2)
+
+    def __init__(self) -> None:
+        self.preprocess = RedPreprocess()
+        self.batches: list[list[int]] = []
+        self.decodings: list[DecodingSettings | None] = []
+        self._permits = threading.Semaphore(0)
+        self.opened = threading.Event()
+
+    def caption_pixels(self, pixels: torch.Tensor, decoding: DecodingSettings | None = None) -> list[str]:
+        reds = [int(p[0, 0, 0]) for p in pixels]
+        self.batches.append(reds)
+        self.decodings.append(decoding)
+        while not self.opened.is_set() and not self._permits.acquire(timeout=0.01):
+            pass
+        return [str(red) for red in reds]
+
+    def step(self, batches: int = 1) -> None:
+        for _ in range(batches):
+            self._permits.release()
+
+
+@dataclass(eq=False)
+class Offered:
+    """An interactive item (worker.lanes.InteractiveItem)."""
+
+    id: str
+    red: int
+    decoding: DecodingSettings | None = None
+    uri: str = ""
+    future: Future[Result] = field(default_factory=Future)
+    drops: int = 0
+
+    def read(self) -> bytes:
+        return png((self.red, 0, 0))
+
+    @property
+    def cancelled(self) -> bool:
+        return self.future.cancelled()
+
+    def answer(self, result: Result) -> None:
+        self.future.set_result(result)
+
+    def dropped(self) -> None:
+        self.drops += 1
+
+
+class Run:
+    """A pipeline over a bulk source, run in a thread, with its interactive answers routed to their futures."""
+
+    def __init__(self, model: GatedFake, bulk: int, *, share: float, max_items: int = 4, wait_ms: int = 5) -> None:
+        self.sink = MemorySink()
+        self.done = threading.Event()
+        self.pipeline = CaptionPipeline(
+            model,  # type: ignore[arg-type]
+            self.sink,
+            BatchSettings(max_items=max_items, max_wait_ms=60_000, prefetch=64),
+            ImageLimits(),
+            on_item_result=self._answered,
+            interactive_wait_ms=wait_ms,
+            bulk_share=share,
+        )
+        self.items = [MemoryItem(f"bulk-{i}", png((i, 0, 0))) for i in range(1, bulk + 1)]
+        self.thread = threading.Thread(target=lambda: self.pipeline.run(self._source()), daemon=True)
+
+    def _source(self) -> Iterator[MemoryItem]:
+        yield from self.items
+        self.done.wait()  # the source stays open, as the stream's does, until the test ends it
+
+    def _answered(self, item: object, result: Result) -> None:
+        if isinstance(item, Offered):
+            item.answer(result)
+
+    def finish(self, model: GatedFake) -> None:
+        model.opened.set()
+        self.done.set()
+        self.thread.join(30)
+
+
+def test_an_interactive_item_overtakes_the_queued_backlog() -> None:
+    model = GatedFake()
+    run = Run(model, bulk=40, share=0.25)
+    run.thread.start()
+    wait_for(lambda: len(model.batches) == 1, 30, "the first batch at the gate")
+    wait_for(lambda: run.pipeline._lanes._bulk.__len__() >= 30, 30, "the backlog queued")
+    urgent = Offered("now", INTERACTIVE)
+    run.pipeline.offer(urgent)
+    model.step()  # the first batch ends; the next one is formed with the interactive item in it
+    wait_for(lambda: len(model.batches) == 2, 30, "the second batch")
+    assert INTERACTIVE in model.batches[1]
+    model.step()
+    assert urgent.future.result(timeout=30).caption == str(INTERACTIVE)
+    run.finish(model)
+    # Nothing of the backlog lost or captioned twice, and only it went to the sink.
+    assert sorted(r.id for r in run.sink.rows) == sorted(item.id for item in run.items)
+    assert sorted(red for batch in model.batches for red in batch) == [*range(1, 41), INTERACTIVE]
+
+
+def test_stream_items_keep_their_share_of_every_batch_while_both_lanes_wait() -> None:
+    model = GatedFake()
+    run = Run(model, bulk=20, share=0.5)
+    run.thread.start()
+    wait_for(lambda: len(model.batches) == 1, 30, "the first batch at the gate")
+    flood = [Offered(f"i{i}", INTERACTIVE + i) for i in range(40)]
+    for item in flood:
+        run.pipeline.offer(item)
+    model.step(6)
+    wait_for(lambda: len(model.batches) >= 6, 30, "five more batches")
+    for batch in model.batches[1:6]:  # both lanes were waiting: half the rows each
+        assert len([red for red in batch if red < INTERACTIVE]) == 2, model.batches
+        assert len([red for red in batch if red >= INTERACTIVE]) == 2, model.batches
+    run.finish(model)
+    assert all(item.future.result(timeout=30).caption == str(item.red) for item in flood)
+    assert len(run.sink.rows) == 20
+
+
+def test_a_batch_with_an_interactive_item_runs_after_its_own_wait_not_the_streams() -> None:
+    model = GatedFake()
+    model.opened.set()
+    run = Run(model, bulk=1, share=0.25, max_items=8, wait_ms=0)  # the stream's wait is a minute
+    run.thread.start()
+    try:
+        urgent = Offered("alone", INTERACTIVE)
+        run.pipeline.offer(urgent)
+        assert urgent.future.result(timeout=30).ok  # well before the minute: the interactive wait is 0
+        assert INTERACTIVE in model.batches[0]  # the first batch, whatever the stream's wait
+    finally:
+        run.finish(model)
+
+
+def test_a_cancelled_interactive_item_is_dropped_and_its_own_decoding_gets_its_own_call() -> None:
+    model = GatedFake()
+    run = Run(model, bulk=1, share=0.25, max_items=8, wait_ms=50)
+    run.thread.start()
+    wait_for(lambda: len(model.batches) == 0, 1, "nothing yet")
+    gone = Offered("gone", INTERACTIVE)
+    gone.future.cancel()
+    beams = DecodingSettings(num_beams=2, max_new_tokens=5)
+    own = Offered("own", INTERACTIVE + 1, decoding=beams)
+    plain = Offered("plain", INTERACTIVE + 2)
+    for item in (gone, own, plain):
+        run.pipeline.offer(item)
+    model.opened.set()
+    assert own.future.result(timeout=30).ok and plain.future.result(timeout=30).ok
+    assert gone.drops == 1
+    assert sorted(map(sorted, model.batches)) == [[1, INTERACTIVE + 2], [INTERACTIVE + 1]]
+    assert beams in model.decodings
+    run.finish(model)
