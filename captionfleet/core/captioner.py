@@ -13,7 +13,8 @@ An input prepared for another model (the hot swap replaced it between decode and
 again from its ``origin`` before captioning, never captioned with the wrong preprocessing
 (``own_inputs``). ``Captioner`` below is the ViT-GPT2 family: its preprocessing is PIL + numpy from the
 checkpoint's ``preprocessor_config.json`` (it matches ViTImageProcessor's output and avoids its per-call
-overhead).
+overhead). Every other family is ``captionfleet.core.families.captioner.FamilyCaptioner``;
+``captionfleet.core.loading`` picks one from the checkpoint's ``model_type``.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from transformers.utils import logging as hf_logging
 from captionfleet.core import checkpoint_load, fastpath
 from captionfleet.core.beams import beam_group, share_cross_attention_projections
 from captionfleet.core.generation import Caption, captions_from_output, recorder_for
-from captionfleet.core.model_store import check_checkpoint_dir
+from captionfleet.core.model_store import ModelRefError, check_checkpoint_dir, model_type_of
 from captionfleet.core.registry_layout import METADATA_FILE
 from captionfleet.core.settings import DecodingSettings, runs_on_cuda
 
@@ -339,6 +340,12 @@ class Captioner:
         of fp32 (lossless), bf16, int8, int8-bf16, fp16; see captionfleet/core/fastpath.py."""
         path = Path(path)
         check_checkpoint_dir(path)
+        model_type = model_type_of(path)
+        if model_type != VED_FAMILY:
+            raise ModelRefError(
+                f"{str(path)!r} is a {model_type!r} checkpoint, not {VED_FAMILY}: load it with "
+                "captionfleet.core.loading.load_checkpoint, which picks its family's captioner"
+            )
         torch_device = pick_device(device)
         resolved = fastpath.resolve_precision(precision, torch_device)
         hf_logging.disable_progress_bar()  # no "Loading weights" bars in worker logs

@@ -52,10 +52,12 @@ class ChoiceRecorder(LogitsProcessor):
         self.indices: list[torch.Tensor] = []
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        logprobs = torch.log_softmax(scores.float(), dim=-1)
-        values, indices = logprobs.topk(min(self.keep, logprobs.shape[-1]), dim=-1)
-        self.values.append(values)
-        self.indices.append(indices)
+        # The best tokens' log-probabilities without a log-softmax of the whole vocabulary: their scores
+        # minus the log of the normaliser (one reduction instead of a second vocabulary-sized tensor).
+        with torch.no_grad():
+            values, indices = scores.topk(min(self.keep, scores.shape[-1]), dim=-1)
+            self.values.append(values.float() - scores.float().logsumexp(dim=-1, keepdim=True))
+            self.indices.append(indices)
         return scores
 
     @property

@@ -1,9 +1,10 @@
 """From a model ref to a loaded captioner: the one way every part loads a model.
 
-- ``load_checkpoint``: a local checkpoint folder -> a Captioner, optionally with torch's threads set
-  first. The trainer and the benchmarks pass ``threads=None``: they leave torch's threads as the process
-  set them (``train`` and the benchmarks set them themselves; evaluation and the gate's scoring run with
-  torch's default).
+- ``load_checkpoint``: a local checkpoint folder -> its family's captioner (config.json's ``model_type``:
+  ``vision-encoder-decoder`` -> ``Captioner`` and its fast path, any other image-text-to-text type ->
+  ``FamilyCaptioner``), optionally with torch's threads set first. The trainer and the benchmarks pass
+  ``threads=None``: they leave torch's threads as the process set them (``train`` and the benchmarks set
+  them themselves; evaluation and the gate's scoring run with torch's default).
 - ``load_model``: what ``WORKER_MODEL__*`` names (a folder, s3:// prefix, hub id, builtin, or a
   ``s3://.../models/<name>/LATEST`` ref, which loads the version LATEST names now) with the worker's
   device, precision, decoding and thread settings: what the worker, the bulk jobs and the dashboard serve.
@@ -20,8 +21,9 @@ from pathlib import Path
 from botocore.exceptions import BotoCoreError, ClientError
 from PIL import Image
 
-from captionfleet.core.captioner import Captioner, CaptionModel
-from captionfleet.core.model_store import ModelRefError, resolve_model_ref
+from captionfleet.core.captioner import VED_FAMILY, Captioner, CaptionModel
+from captionfleet.core.families.captioner import FamilyCaptioner
+from captionfleet.core.model_store import ModelRefError, model_type_of, resolve_model_ref
 from captionfleet.core.registry_layout import LATEST, latest_root, read_latest, version_uri
 from captionfleet.core.s3 import make_s3_client
 from captionfleet.core.settings import DecodingSettings, S3Settings, WorkerSettings
@@ -45,11 +47,13 @@ def load_checkpoint(
     decoding: DecodingSettings | None = None,
     threads: int | None = None,
 ) -> CaptionModel:
-    """A local checkpoint folder, loaded. ``threads``: torch's intra-op threads to set first (0 = the
-    container's CPU limit, see core/threads.py); None leaves them as the caller set them."""
+    """A local checkpoint folder, loaded by its family's captioner. ``threads``: torch's intra-op threads
+    to set first (0 = the container's CPU limit, see core/threads.py); None leaves them as the caller set them."""
     if threads is not None:
         apply_threads(threads)
-    return Captioner.from_dir(path, device=device, decoding=decoding, precision=precision)
+    if model_type_of(path) == VED_FAMILY:
+        return Captioner.from_dir(path, device=device, decoding=decoding, precision=precision)
+    return FamilyCaptioner.from_dir(path, device=device, decoding=decoding, precision=precision)
 
 
 def _load_ref(ref: str, settings: WorkerSettings) -> CaptionModel:
