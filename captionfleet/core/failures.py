@@ -32,6 +32,9 @@ FETCH_FAILURE: Final = "fetch"  # any other fetch error
 
 # The model itself failed on the item.
 INFERENCE_FAILURE: Final = "inference"
+# The model ran but generated nothing to read (only whitespace or special tokens): not a caption. Its own
+# kind, so that `--retry-failed empty_caption` can redo those items after a model change.
+EMPTY_CAPTION: Final = "empty_caption"
 
 # Every kind a failure row or dead letter can carry; the metrics create each one's series at 0.
 FAILURE_KINDS: Final = frozenset(get_args(ImageFailureKind)) | {
@@ -43,6 +46,7 @@ FAILURE_KINDS: Final = frozenset(get_args(ImageFailureKind)) | {
     MALFORMED,
     FETCH_FAILURE,
     INFERENCE_FAILURE,
+    EMPTY_CAPTION,
 }
 
 

@@ -66,7 +66,9 @@ class BatchSettings(BaseModel):
     max_items: int = Field(default=CPU_BATCH, ge=1, le=1024)
     # The wait is counted from the first item of a batch, so a lone image waits at most this.
     max_wait_ms: int = Field(default=50, ge=0)
-    # Cost limit: total source pixels in one batch (0 = no limit); bounds memory of decoded images.
+    # Cost limit (0 = no limit): the pixels the model's vision encoder processes in one batch, each image
+    # counted after resizing (ModelInput.cost: fixed for most families, a Qwen-VL image's visual tokens
+    # times the pixels each covers, a SmolVLM image's splits); bounds a batch's work and memory.
     max_pixels: int = Field(default=0, ge=0)
     # Images decoded ahead of the model; bounds memory while keeping the model fed.
     prefetch: int = Field(default=32, ge=1)

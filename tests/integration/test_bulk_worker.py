@@ -8,16 +8,17 @@ import subprocess
 import sys
 import threading
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 from PIL import Image
 
 import captionfleet.worker.bulk as bulk
-from captionfleet.core.captioner import Captioner
-from captionfleet.core.settings import WorkerSettings
+from captionfleet.core.captioner import Captioner, ModelInput, ModelWrapper
+from captionfleet.core.generation import Caption
+from captionfleet.core.settings import DecodingSettings, WorkerSettings
 from captionfleet.worker.bulk_worker import run_bulk_worker
 from tests.integration.test_bulk_s3 import cli_env, list_keys, read_rows
 from tests.services.seaweedfs import SeaweedS3
@@ -95,17 +96,21 @@ def test_metrics_and_readiness_while_the_shard_runs(
     real = Captioner.from_dir(tiny_checkpoint, device="cpu")
     calls = 0
 
-    class HeldCaptioner:
+    class HeldCaptioner(ModelWrapper):
         """The real captioner, held before its second batch until the test has looked at /metrics."""
 
-        version, source, image_size, preprocess = real.version, real.source, real.image_size, real.preprocess
+        @property
+        def wrapped(self) -> Captioner:
+            return real
 
-        def caption_pixels(self, pixels: torch.Tensor) -> list[str]:
+        def caption_inputs(
+            self, inputs: Sequence[ModelInput], decoding: DecodingSettings | None = None
+        ) -> list[Caption]:
             nonlocal calls
             calls += 1
             if calls == 2:
                 assert release.wait(60)
-            return real.caption_pixels(pixels)
+            return real.caption_inputs(inputs, decoding)
 
     monkeypatch.setattr(bulk, "load_captioner", lambda settings: HeldCaptioner())
     port = free_port()
