@@ -23,7 +23,15 @@ import numpy as np
 import torch
 
 from captionfleet.core.captioner import CaptionModel
-from captionfleet.core.failures import FETCH_FAILURE, FORBIDDEN, INFERENCE_FAILURE, NOT_FOUND, TIMEOUT, ImageError
+from captionfleet.core.failures import (
+    FETCH_FAILURE,
+    FORBIDDEN,
+    INFERENCE_FAILURE,
+    NOT_FOUND,
+    TIMEOUT,
+    FetchError,
+    ImageError,
+)
 from captionfleet.core.images import ImageLimits, decode_image
 from captionfleet.core.settings import BatchSettings
 from captionfleet.worker.batcher import Batcher
@@ -73,7 +81,9 @@ class RunStats:
 
 
 def _fetch_failure_kind(error: Exception) -> str:
-    if isinstance(error, ImageError):  # a source may refuse an item before reading it (e.g. too_large by size)
+    # A source may refuse an item before reading it (too_large by size, a tar member's forbidden name), or
+    # fetch it with a failure kind of its own (a manifest's uri): the kind it carries is the row's.
+    if isinstance(error, ImageError | FetchError):
         return error.kind
     if isinstance(error, FileNotFoundError):
         return NOT_FOUND
