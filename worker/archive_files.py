@@ -17,6 +17,7 @@ import threading
 from collections import Counter
 from collections.abc import Callable
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from captionfleet.worker.archive_rows import caption_fields, decode_checkpoint, encode_checkpoint
@@ -49,7 +50,7 @@ class ArchiveItem:
     """A pipeline ``Item``: one sample or row of an input file, its bytes in memory, being fetched
     (``source`` is then a callable that waits for them), or refused (an exception, raised on read)."""
 
-    __slots__ = ("_source", "extra", "file", "id", "position", "uri")
+    __slots__ = ("_cancel", "_source", "extra", "file", "id", "position", "uri")
 
     def __init__(
         self,
@@ -59,6 +60,8 @@ class ArchiveItem:
         position: int,
         source: bytes | BaseException | Callable[[], bytes],
         extra: dict[str, Any] | None = None,
+        *,
+        cancel: Callable[[], bool] | None = None,
     ) -> None:
         self.file = file
         self.id = id
@@ -66,6 +69,12 @@ class ArchiveItem:
         self.position = position
         self.extra = extra or {}
         self._source: bytes | BaseException | Callable[[], bytes] | None = source
+        self._cancel = cancel
+
+    def cancel(self) -> None:
+        """The run stopped before this item was taken: its fetch, if any, is not needed."""
+        if self._cancel is not None:
+            self._cancel()
 
     def read(self) -> bytes:
         source, self._source = self._source, None  # the bytes go once decoded
@@ -102,6 +111,8 @@ class FileRun:
         self.old_checkpoints: list[str] = []  # parts of earlier runs (listed at planning)
         self.checkpoints_written: list[str] = []
         self.broken: str | None = None  # why the input ended early, if it did
+        self.local_path: Path | None = None  # a copy on local disk, for formats that need one
+        self.format_name: str | None = None  # what the file turned out to be, when its format decides per file
         self._pending: list[dict[str, Any]] = []
         self._yielded: int | None = None  # items handed to the pipeline, once the source is done
         self._received = 0

@@ -17,7 +17,7 @@ import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -40,6 +40,7 @@ from captionfleet.worker.archive_files import (
     write_marker,
 )
 from captionfleet.worker.archive_progress import ArchiveProgress, ProgressBar
+from captionfleet.worker.archive_tables import TableRows
 from captionfleet.worker.archive_tar import TarShards
 from captionfleet.worker.bulk import BulkSummary, finish_on_signal, load_captioner
 from captionfleet.worker.connectors.archive_inputs import (
@@ -51,6 +52,7 @@ from captionfleet.worker.connectors.archive_inputs import (
     resolve_s3,
 )
 from captionfleet.worker.connectors.archive_outputs import LocalOutputs, Outputs, S3Outputs
+from captionfleet.worker.fetch import Fetcher
 from captionfleet.worker.messages import Result
 from captionfleet.worker.pipeline import CaptionPipeline, Item
 from captionfleet.worker.sharding import ShardSpec
@@ -68,13 +70,33 @@ _SUFFIXES = {
 }
 
 
+_NAMES = {
+    ".tar": "tar",
+    ".tgz": "tar",
+    ".tar.gz": "tar",
+    ".csv": "manifest",
+    ".jsonl": "manifest",
+    ".ndjson": "manifest",
+    ".parquet": "parquet",  # images inside, or a manifest of uris: the file's columns say which
+}
+
+
+def input_format_from_name(source: str) -> str | None:
+    """The archive kind a source's name says (a brace range's pattern counts), else None."""
+    lower = source.lower().rstrip("/")
+    for suffix, kind in _NAMES.items():
+        if lower.endswith(suffix):
+            return kind
+    return None
+
+
 class ArchiveJobError(Exception):
     """The job cannot start (no inputs, a bad option); the message names the fix."""
 
 
 @dataclass(frozen=True)
 class ArchiveOptions:
-    input_format: str = "tar"  # one of ARCHIVE_FORMATS
+    input_format: str = "auto"  # one of ARCHIVE_FORMATS, or "auto": from the source's name
     out_format: str = "parquet"  # "webdataset": tar inputs also get new shards with the captions inside
     shard: ShardSpec = field(default_factory=ShardSpec)
     retry_failed: frozenset[str] | None = None  # as for the S3 job: None = failure rows count as done
@@ -163,6 +185,11 @@ def plan_archive_job(
     source: str, out: str, settings: WorkerSettings, options: ArchiveOptions, client: ObjectStore | None = None
 ) -> _Plan:
     """Resolve the input files (one listing), keep this shard's, and list the output once."""
+    if options.input_format == "auto":
+        named = input_format_from_name(source)
+        if named is None:
+            raise ArchiveJobError(f"{source}: say what it holds with --input-format ({', '.join(ARCHIVE_FORMATS)})")
+        options = replace(options, input_format=named)
     if options.input_format not in ARCHIVE_FORMATS:
         raise ArchiveJobError(f"--input-format {options.input_format}: use one of {', '.join(ARCHIVE_FORMATS)}")
     if options.out_format not in OUT_FORMATS:
@@ -347,7 +374,10 @@ class _ArchiveRun:
     def _finish(self, run: FileRun) -> None:
         fmt = self.formats(run.inp)
         written = fmt.write_outputs(run, self.workdir)
-        write_marker(run, fmt=fmt.name, outputs_written=written, model_version=self.captioner.version)
+        name = run.format_name or fmt.name
+        write_marker(run, fmt=name, outputs_written=written, model_version=self.captioner.version)
+        if run.local_path is not None and run.inp.is_s3:
+            run.local_path.unlink(missing_ok=True)  # the copy of an S3 input, done with
         for name in [*run.old_checkpoints, *run.checkpoints_written]:
             run.outputs.delete(name)
         if run.broken:
@@ -446,6 +476,8 @@ def run_archive_job(
                     job.wait_for_finishing()
         except (ClientError, BotoCoreError) as error:
             raise access_error(error, "write results to", plan.outputs.uri(), settings.s3.endpoint_url) from error
+        except InputError as error:  # a file that is not what the options say (no uri column, ...)
+            raise ArchiveJobError(f"{error}; the files finished before it keep their outputs") from error
         finally:
             bar.close()
     summary.done = stats.done
@@ -469,13 +501,24 @@ def _remove_outputs(plan: _Plan) -> None:
 
 
 def _formats(plan: _Plan, workdir: Path) -> Callable[[InputFile], InputFormat]:
+    settings, options = plan.settings, plan.options
     reader = InputReader(plan.client, plan.retry)
-    options, images = plan.options, plan.settings.images
-    tar = TarShards(reader, max_bytes=images.max_bytes, webdataset=options.out_format == "webdataset")
-
-    def for_file(inp: InputFile) -> InputFormat:
-        if options.input_format == "tar":
-            return tar
-        raise ArchiveJobError(f"{inp.uri}: --input-format {options.input_format} is not supported yet")
-
-    return for_file
+    if options.input_format == "tar":
+        tar = TarShards(reader, max_bytes=settings.images.max_bytes, webdataset=options.out_format == "webdataset")
+        return lambda inp: tar
+    fetcher = None
+    if options.input_format != "parquet-images":  # manifests name uris, read under the stream's allow-list
+        try:
+            fetcher = Fetcher(settings.fetch, s3=settings.s3, max_bytes=settings.images.max_bytes)
+        except ValueError as error:
+            raise ArchiveJobError(str(error)) from error
+    table = TableRows(
+        options.input_format,
+        reader,
+        fetcher,
+        workdir,
+        uri_column=options.uri_column,
+        image_column=options.image_column,
+        fetch_concurrency=settings.fetch.concurrency,
+    )
+    return lambda inp: table

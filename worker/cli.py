@@ -146,7 +146,9 @@ def run_caption(args: argparse.Namespace) -> int:
         print(f"error: bad option: {error.errors()[0]['loc']}: {error.errors()[0]['msg']}", file=sys.stderr)
         return EXIT_USAGE
     logging.getLogger().setLevel(settings.log_level)
-    input_format = args.input_format or archive_format_from_name(args.src)
+    from captionfleet.worker.bulk_archive import input_format_from_name
+
+    input_format = args.input_format or input_format_from_name(args.src)
     if input_format in ARCHIVE_INPUTS:
         return _caption_archive(args, settings, input_format)
     archive_only = [flag for flag in ("out_format", "uri_column", "image_column") if getattr(args, flag, None)]
@@ -168,24 +170,6 @@ def run_caption(args: argparse.Namespace) -> int:
 
 
 ARCHIVE_INPUTS = ("tar", "manifest", "parquet-images", "parquet")
-_ARCHIVE_NAMES = {
-    ".tar": "tar",
-    ".tgz": "tar",
-    ".tar.gz": "tar",
-    ".csv": "manifest",
-    ".jsonl": "manifest",
-    ".ndjson": "manifest",
-    ".parquet": "parquet",  # images inside, or a manifest of uris: the file's columns say which
-}
-
-
-def archive_format_from_name(src: str) -> str | None:
-    """The archive kind a source's name says (a brace range's pattern counts), else None."""
-    lower = src.lower().rstrip("/")
-    for suffix, kind in _ARCHIVE_NAMES.items():
-        if lower.endswith(suffix):
-            return kind
-    return None
 
 
 def _caption_archive(args: argparse.Namespace, settings: WorkerSettings, input_format: str) -> int:
