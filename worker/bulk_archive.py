@@ -26,7 +26,14 @@ from botocore.exceptions import BotoCoreError, ClientError
 from captionfleet.core.captioner import CaptionModel
 from captionfleet.core.failures import FAILURE_KINDS
 from captionfleet.core.images import ImageLimits
-from captionfleet.core.s3 import ObjectStore, RetryPolicy, access_error, as_object_store, make_s3_client
+from captionfleet.core.s3 import (
+    ObjectStore,
+    RetryPolicy,
+    access_error,
+    as_object_store,
+    make_s3_client,
+    parse_s3_uri,
+)
 from captionfleet.core.settings import WorkerSettings
 from captionfleet.core.signals import stop_on_signals
 from captionfleet.worker.archive_files import (
@@ -212,7 +219,10 @@ def plan_archive_job(
     try:
         if source.startswith("s3://"):
             assert client is not None
-            exclude = out_folder.partition("/")[2].partition("/")[2] if out.startswith("s3://") else None
+            exclude = None
+            if out.startswith("s3://"):  # our own outputs under the source prefix are not inputs
+                out_bucket, out_key = parse_s3_uri(out_folder)
+                exclude = out_key if out_bucket == parse_s3_uri(source)[0] else None
             inputs = resolve_s3(source, suffixes, client, retry, exclude=exclude)
         else:
             inputs = resolve_local(source, suffixes)
