@@ -355,6 +355,7 @@ class _ArchiveRun:
             )
             if usable and marker is not None:
                 if not _retries(options.retry_failed, dict(marker.get("failed_by_kind") or {})):
+                    self.summary.skipped += int(marker.get("rows") or 0)  # its rows count as already done
                     return True
                 run.outputs.delete(marker_name(run.stem))  # its outputs are about to change
                 rows = fmt.final_rows(run)

@@ -158,7 +158,7 @@ def test_a_killed_run_resumes_per_key_from_its_checkpoints(tmp_path: Path) -> No
 
     again = CountingCaptioner()
     second = run(tmp_path / "in" / "a.tar", out, again)
-    assert again.images == 0 and second.files_done_before == 1
+    assert again.images == 0 and second.files_done_before == 1 and (second.total, second.skipped) == (12, 12)
 
 
 def test_retry_failed_reruns_only_those_rows(tmp_path: Path) -> None:
