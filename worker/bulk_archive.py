@@ -338,9 +338,9 @@ class _ArchiveRun:
             try:
                 yield from fmt.items(run)
             except InputReadError as error:
+                # The rows of what was read still come and stay open for checkpoints: a rerun resumes there.
                 logger.error("%s", error)
                 self.summary.unfinished.append(inp.uri)
-                self.sink.open.discard(run)
 
     def _already_done(self, run: FileRun, fmt: InputFormat) -> bool:
         """Whether the file is complete for this run; otherwise ``run`` is given the rows it keeps."""

@@ -67,3 +67,51 @@ def test_a_body_that_keeps_breaking_is_an_input_read_error_not_an_oserror() -> N
     with pytest.raises(InputReadError, match="reading stopped at byte") as info:
         read_all(FlakyStore(breaks=99, break_after=0), attempts=2)
     assert not isinstance(info.value, OSError)  # never taken for a damaged tar
+
+
+class ShardStore:
+    """One tar shard at s3://bucket/shards/0.tar whose body breaks for good after ``good_bytes``."""
+
+    def __init__(self, data: bytes, good_bytes: int) -> None:
+        self.data = data
+        self.good_bytes = good_bytes
+
+    def list_objects_v2(self, **kwargs: Any) -> Any:
+        key = "shards/0.tar"
+        found = [{"Key": key, "ETag": '"e1"', "Size": len(self.data)}] if key.startswith(kwargs["Prefix"]) else []
+        return {"Contents": found, "IsTruncated": False}
+
+    def get_object(self, **kwargs: Any) -> Any:
+        start = int(kwargs["Range"].split("=")[1].rstrip("-")) if "Range" in kwargs else 0
+        return {"Body": BreakingBody(self.data[start:], max(self.good_bytes - start, 0))}
+
+
+def test_a_shard_that_cannot_be_read_to_its_end_is_unfinished_and_keeps_its_rows(tmp_path: Any) -> None:
+    from captionfleet.core.settings import WorkerSettings
+    from captionfleet.worker.archive_rows import decode_checkpoint
+    from captionfleet.worker.bulk_archive import ArchiveOptions, run_archive_job
+    from tests.unit.test_s3_retry import FakeCaptioner
+    from tests.webdataset_shards import good_samples, shard
+
+    members, _ = good_samples("k", 12)
+    data = shard(members)
+    store = ShardStore(data, good_bytes=data.index(b"k0004.jpg"))  # four whole samples, then nothing
+    model: Any = FakeCaptioner()
+    settings = WorkerSettings(
+        batch={"max_items": 2, "max_wait_ms": 5},  # type: ignore[arg-type]
+        bulk={"retry_attempts": 2, "retry_base_s": 0},  # type: ignore[arg-type]
+    )
+    summary = run_archive_job(
+        "s3://bucket/shards/0.tar",
+        str(tmp_path / "out"),
+        settings,
+        options=ArchiveOptions(),
+        show_progress=False,
+        captioner=model,
+        client=store,  # type: ignore[arg-type]
+    )
+    assert summary.unfinished == ["s3://bucket/shards/0.tar"] and not summary.complete
+    assert not (tmp_path / "out" / "0.complete.json").exists()
+    parts = sorted((tmp_path / "out" / "0.partial").glob("*.parquet"))
+    keys = {row["id"] for part in parts for row in decode_checkpoint(part.read_bytes())}
+    assert {"k0000", "k0001", "k0002"} <= keys  # what was read is kept for the rerun
