@@ -92,9 +92,9 @@ class RunStats:
 
 
 def _fetch_failure_kind(error: Exception) -> str:
-    if isinstance(error, ImageError):  # a source may refuse an item before reading it (e.g. too_large by size)
-        return error.kind
-    if isinstance(error, FetchError):  # a source that names the kind itself (S3 reads: core.s3.object_failure)
+    # A source may refuse an item before reading it (too_large by size, a tar member's forbidden name), or
+    # fetch it with a failure kind of its own (a manifest's uri): the kind it carries is the row's.
+    if isinstance(error, ImageError | FetchError):
         return error.kind
     if isinstance(error, FileNotFoundError):
         return NOT_FOUND

@@ -29,6 +29,8 @@ UNAVAILABLE: Final = "unavailable"  # throttled or 5xx on every attempt: worth r
 TOO_LARGE: Final = "too_large"
 MALFORMED: Final = "malformed"
 FETCH_FAILURE: Final = "fetch"  # any other fetch error
+# The host asked dataset tools not to use the image (X-Robots-Tag: noai / noimageai): honoured, never read.
+OPTED_OUT: Final = "opted_out"
 
 # The model itself failed on the item.
 INFERENCE_FAILURE: Final = "inference"
@@ -45,6 +47,7 @@ FAILURE_KINDS: Final = frozenset(get_args(ImageFailureKind)) | {
     TOO_LARGE,
     MALFORMED,
     FETCH_FAILURE,
+    OPTED_OUT,
     INFERENCE_FAILURE,
     EMPTY_CAPTION,
 }
@@ -73,6 +76,11 @@ class FetchError(Exception):
         super().__init__(message)
         self.kind = kind
         self.message = message
+
+
+class TransientFetchError(FetchError):
+    """An attempt failed in a way another attempt may fix (a timeout, a 5xx, a dropped connection): the
+    fetcher retries it, and reports its kind when the attempts run out."""
 
 
 # -- exit statuses ----------------------------------------------------------------------------------

@@ -235,6 +235,13 @@ class FetchSettings(BaseModel):
     # outage retries (every such read fails after max_attempts).
     outage_budget_s: float = Field(default=300.0, ge=0)
     outage_retry_max_s: float = Field(default=15.0, gt=0)
+    # http(s): requests in flight to one host at once (a manifest of one site's urls must not flood it).
+    per_host_concurrency: int = Field(default=4, ge=1, le=256)
+    # Sent with every http(s) request, so a site can tell who fetches its images and reach the operator.
+    user_agent: str = "captionfleet/0.1 (image captioning; +set WORKER_FETCH__USER_AGENT to name your contact)"
+    # Honour X-Robots-Tag: noai / noimageai (failure kind opted_out); false only with the sites' consent.
+    honour_opt_out: bool = True
+    max_redirects: int = Field(default=5, ge=0, le=20)
 
     _split = field_validator("allowed_buckets", "allowed_hosts", mode="before")(_split_list)
 
