@@ -20,8 +20,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.workload import load_ved
 from captionfleet.core.captioner import Captioner
-from captionfleet.core.loading import load_checkpoint
 from captionfleet.core.model_store import builtin_model_dir
 from captionfleet.core.settings import DecodingSettings
 from captionfleet.trainer.shapes import ShapesDataset
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         decoding = DecodingSettings(num_beams=beams)
         reference: list[str] | None = None
         for precision in PRECISIONS:
-            captioner = load_checkpoint(builtin_model_dir(), device="cpu", decoding=decoding, precision=precision)
+            captioner = load_ved(builtin_model_dir(), device="cpu", decoding=decoding, precision=precision)
             batched = caption_all(captioner, images)
             reference = reference or batched  # fp32 comes first
             singles = [captioner.caption([image])[0] for image in images[:40]]

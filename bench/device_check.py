@@ -23,7 +23,7 @@ from transformers import GenerationConfig, GPT2Config, VisionEncoderDecoderConfi
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from captionfleet.core.loading import load_checkpoint
+from bench.workload import load_ved
 from captionfleet.core.settings import DecodingSettings
 from tests.conftest import save_tiny_checkpoint
 
@@ -34,7 +34,7 @@ def emit(**fields: object) -> None:
 
 def check_tiny() -> None:
     path = save_tiny_checkpoint(Path(tempfile.mkdtemp()))
-    captioner = load_checkpoint(path, device="auto", precision="auto")
+    captioner = load_ved(path, device="auto", precision="auto")
     emit(check="auto_device", device=str(captioner.device), dtype=str(captioner.dtype))
     rng = np.random.default_rng(0)
     images = [Image.fromarray(rng.integers(0, 255, (30, 40, 3), dtype=np.uint8)) for _ in range(16)]

@@ -17,15 +17,16 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.chart import line_chart
 from bench.machine import rss_mb
+from captionfleet.core.captioner import ModelInput
+from captionfleet.core.generation import Caption
 from captionfleet.core.settings import BatchSettings, DecodingSettings, ModelSettings, WorkerSettings
 from captionfleet.trainer.shapes import ShapesDataset
 from captionfleet.worker.bulk import load_captioner, run_caption_job
@@ -81,14 +82,14 @@ def run_sampled(folder: Path, out_file: Path, interval: float) -> tuple[BulkSumm
     # Progress is counted at the model (the sink buffers rows, so its file grows in steps).
     captioner = load_captioner(settings)
     captioned = [0]
-    inner = captioner.caption_pixels
+    inner = captioner.caption_inputs
 
-    def counting(pixel_values: torch.Tensor, decoding: DecodingSettings | None = None) -> list[str]:
-        out = inner(pixel_values, decoding)
+    def counting(inputs: Sequence[ModelInput], decoding: DecodingSettings | None = None) -> list[Caption]:
+        out = inner(inputs, decoding)
         captioned[0] += len(out)
         return out
 
-    captioner.caption_pixels = counting  # type: ignore[method-assign]
+    captioner.caption_inputs = counting  # type: ignore[method-assign]
     stop = threading.Event()
     start = time.perf_counter()
 

@@ -81,8 +81,16 @@ def open_rgb(paths: list[Path]) -> list[Image.Image]:
     return [Image.open(p).convert("RGB") for p in paths]
 
 
+def load_ved(path: Path, *, device: str, precision: str, decoding: DecodingSettings | None = None) -> Captioner:
+    """A ViT-GPT2 checkpoint through the worker's loader; these benchmarks measure that family's fast path."""
+    captioner = load_checkpoint(path, device=device, precision=precision, decoding=decoding)
+    if not isinstance(captioner, Captioner):
+        raise SystemExit(f"{path} is a {captioner.family} checkpoint: this benchmark measures vision-encoder-decoder")
+    return captioner
+
+
 def load_captioner(path: Path, precision: str, beams: int, device: str = "cpu") -> Captioner:
-    captioner = load_checkpoint(path, device=device, decoding=decoding(beams), precision=precision)
+    captioner = load_ved(path, device=device, decoding=decoding(beams), precision=precision)
     # Same work per image in every row (see this module's docstring).
     base = captioner.generation_config
 

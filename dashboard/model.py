@@ -16,7 +16,7 @@ from typing import Any
 import streamlit as st
 from botocore.exceptions import BotoCoreError, ClientError
 
-from captionfleet.core.captioner import Captioner
+from captionfleet.core.captioner import CaptionModel
 from captionfleet.core.loading import load_model as load_ref
 from captionfleet.core.loading import load_version
 from captionfleet.core.model_store import ModelRefError
@@ -27,7 +27,7 @@ from captionfleet.core.settings import WorkerSettings
 
 @dataclass
 class LoadedModel:
-    captioner: Captioner
+    captioner: CaptionModel
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property

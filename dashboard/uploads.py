@@ -67,7 +67,9 @@ def thumbnail(image: Image.Image, side: int = THUMBNAIL_SIDE) -> Image.Image:
     return image.resize(size, Image.Resampling.LANCZOS, reducing_gap=2.0)
 
 
-def _decode(result: UploadResult, data: bytes, limits: ImageLimits, draft_size: tuple[int, int]) -> Image.Image | None:
+def _decode(
+    result: UploadResult, data: bytes, limits: ImageLimits, draft_size: tuple[int, int] | None
+) -> Image.Image | None:
     """The upload decoded at full size, or None with the reason recorded in ``result``."""
     try:
         return decode_image(data, limits=limits, draft_size=draft_size)
@@ -116,7 +118,7 @@ def caption_uploads(
     results = [UploadResult(name) for name, _ in files]
     batch: list[tuple[UploadResult, Image.Image]] = []
     for result, (_, data) in zip(results, files, strict=True):
-        image = _decode(result, data, limits, model.captioner.image_size)
+        image = _decode(result, data, limits, model.captioner.draft_size)
         if image is None:
             continue
         batch.append((result, image))

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from captionfleet.core.captioner import Captioner
+from captionfleet.core.captioner import Captioner, CaptionModel
 from captionfleet.core.loading import load_checkpoint
 from captionfleet.core.settings import DecodingSettings
 from captionfleet.trainer.data import CaptionDataset
@@ -121,7 +121,7 @@ class Evaluation:
 
 
 def evaluate_captioner(
-    captioner: Captioner,
+    captioner: CaptionModel,
     dataset: CaptionDataset,
     *,
     limit: int | None = None,
@@ -175,6 +175,10 @@ def main(argv: list[str] | None = None) -> int:
     path = resolve_model_ref(args.model, cache_dir=ModelSettings().cache_dir)
     decoding = DecodingSettings() if args.num_beams is None else DecodingSettings(num_beams=args.num_beams)
     captioner = load_checkpoint(path, device=args.device, precision="auto", decoding=decoding)
+    if not isinstance(captioner, Captioner):  # the shapes pictures and data files are drawn at its input size
+        parser.error(
+            f"{args.model} is a {captioner.family} checkpoint: this evaluation reads vision-encoder-decoder ones"
+        )
     width, height = captioner.image_size
     dataset: CaptionDataset
     if args.data == "shapes":

@@ -55,6 +55,11 @@ def _parser() -> argparse.ArgumentParser:
         help="bulk mode: caption the objects under s3://bucket/prefix/ (this pod's shard) instead of a Kafka topic",
     )
     p.add_argument("--out", help="bulk mode: s3://bucket/prefix/ for the result parts (with --source)")
+    p.add_argument(
+        "--input-format",
+        choices=["tar", "manifest", "parquet-images", "parquet"],
+        help="bulk mode: --source is an archive (tar shards, a manifest, a Parquet dataset; default: from its name)",
+    )
     return p
 
 
@@ -100,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_USAGE
         from captionfleet.worker.bulk_worker import run_bulk_worker
 
-        return run_bulk_worker(settings, args.source, args.out)
+        return run_bulk_worker(settings, args.source, args.out, args.input_format)
     return _serve(settings)
 
 

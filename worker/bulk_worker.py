@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import TYPE_CHECKING
 
 from captionfleet.core.failures import (
     EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_SOME_FAILED,
+    EXIT_TEMPFAIL,
     EXIT_USAGE,
     exit_for_access_error,
 )
@@ -23,6 +25,9 @@ from captionfleet.core.settings import WorkerSettings, load_kubernetes_job_env
 from captionfleet.worker.accounting import count_image
 from captionfleet.worker.messages import Result
 from captionfleet.worker.metrics import Health, MetricsPortError, WorkerMetrics, serve_metrics
+
+if TYPE_CHECKING:
+    from captionfleet.worker.archive_progress import ArchiveProgress
 
 log = logging.getLogger(__name__)
 
@@ -37,13 +42,30 @@ def record(metrics: WorkerMetrics, health: Health, result: Result) -> None:
         metrics.fetch.observe(result.fetch_ms / 1000)
 
 
-def run_bulk_worker(settings: WorkerSettings, source: str, out: str) -> int:
+def show_progress(metrics: WorkerMetrics, progress: ArchiveProgress) -> None:
+    """An archive job's progress as gauges (the terminal shows the same on its bar)."""
+    metrics.bulk_files_total.set(progress.files_total)
+    metrics.bulk_files_done.set(progress.files_done)
+    metrics.bulk_images_per_second.set(progress.images_per_second)
+    eta = progress.eta_s
+    metrics.bulk_eta.set(-1 if eta is None else eta)
+
+
+def run_bulk_worker(settings: WorkerSettings, source: str, out: str, input_format: str | None = None) -> int:
     from captionfleet.core.model_store import ModelRefError
     from captionfleet.core.s3 import S3AccessError
     from captionfleet.core.settings import SettingsError
-    from captionfleet.worker.bulk import load_captioner
+    from captionfleet.worker.bulk import BulkSummary, load_captioner
+    from captionfleet.worker.bulk_archive import (
+        ArchiveJobError,
+        ArchiveOptions,
+        input_format_from_name,
+        run_archive_job,
+    )
     from captionfleet.worker.bulk_s3 import S3JobError, S3JobOptions, run_s3_caption_job
     from captionfleet.worker.sharding import resolve_shard
+
+    archive = input_format or input_format_from_name(source)
 
     metrics, health = WorkerMetrics(), Health()
     try:
@@ -62,28 +84,45 @@ def run_bulk_worker(settings: WorkerSettings, source: str, out: str) -> int:
         # A bulk worker's unit of work is its shard, held from start to finish: ready once the model is in.
         health.set(model_loaded=True, joined=True, partitions=1)
         health.beat()
+        summary: BulkSummary
         try:
-            summary = run_s3_caption_job(
-                source,
-                out,
-                settings,
-                options=S3JobOptions(shard=shard),
-                show_progress=False,
-                captioner=captioner,
-                on_result=lambda result: record(metrics, health, result),
-            )
+            if archive:  # tar shards, manifests, Parquet datasets: this pod's shard of the input files
+                summary = run_archive_job(
+                    source,
+                    out,
+                    settings,
+                    options=ArchiveOptions(input_format=archive, shard=shard),
+                    show_progress=False,
+                    captioner=captioner,
+                    on_result=lambda result: record(metrics, health, result),
+                    on_progress=lambda progress: show_progress(metrics, progress),
+                )
+            else:
+                summary = run_s3_caption_job(
+                    source,
+                    out,
+                    settings,
+                    options=S3JobOptions(shard=shard),
+                    show_progress=False,
+                    captioner=captioner,
+                    on_result=lambda result: record(metrics, health, result),
+                )
         except S3AccessError as error:
             print(f"error: {error}", file=sys.stderr)
             return exit_for_access_error(error)
-        except (S3JobError, ValueError) as error:
+        except (S3JobError, ArchiveJobError, ValueError) as error:
             print(f"error: {error}", file=sys.stderr)
             return EXIT_USAGE
         for line in summary.lines():
             log.info("%s", line)
+        output = getattr(summary, "output", out)
         if summary.interrupted:
-            log.warning("interrupted: parts written so far are in %s; run again to resume", summary.output)
+            log.warning("interrupted: outputs written so far are in %s; run again to resume", output)
             return EXIT_INTERRUPTED
-        return EXIT_SOME_FAILED if summary.failed else EXIT_OK
+        if getattr(summary, "unfinished", None):
+            log.error("some input files could not be read to their end: run again to resume")
+            return EXIT_TEMPFAIL
+        return EXIT_SOME_FAILED if summary.failed or getattr(summary, "broken", None) else EXIT_OK
     finally:
         if server is not None:
             server.close()

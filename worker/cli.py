@@ -10,7 +10,14 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from captionfleet.core.failures import EXIT_INTERRUPTED, EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, exit_for_access_error
+from captionfleet.core.failures import (
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_SOME_FAILED,
+    EXIT_TEMPFAIL,
+    EXIT_USAGE,
+    exit_for_access_error,
+)
 from captionfleet.core.model_store import ModelRefError
 from captionfleet.core.settings import SettingsError, WorkerSettings, load_worker_settings, with_overrides
 
@@ -28,11 +35,23 @@ def add_caption_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser])
             "over N workers)."
         ),
     )
-    p.add_argument("src", help="folder of images (searched recursively), or s3://bucket/prefix/")
+    p.add_argument(
+        "src",
+        help="folder of images (searched recursively), s3://bucket/prefix/, or an archive: tar shards "
+        "(shards/{00000..00099}.tar, local or s3://), a manifest of uris (.parquet/.csv/.jsonl), or a Parquet "
+        "dataset with images inside",
+    )
     p.add_argument(
         "--out",
         required=True,
-        help="results file FILE.parquet or FILE.jsonl for a folder; s3://bucket/prefix/ for an s3:// source",
+        help="results file FILE.parquet or FILE.jsonl for a folder; s3://bucket/prefix/ for an s3:// source; "
+        "a folder or s3:// prefix for an archive (one output per input file)",
+    )
+    p.add_argument(
+        "--input-format",
+        choices=["tar", "manifest", "parquet-images", "folder", "s3-prefix"],
+        help="what SRC is (default: from its name: .tar/.tgz tar shards, .csv/.jsonl manifests, .parquet a "
+        "dataset with an image column or a manifest, s3:// a prefix of images, else a folder)",
     )
     p.add_argument("--model", help="checkpoint dir, s3://bucket/prefix, hub id, or 'builtin' (WORKER_MODEL__REF)")
     p.add_argument("--batch-size", type=int, help="images per model call (WORKER_BATCH__MAX_ITEMS)")
@@ -82,6 +101,20 @@ def add_caption_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     s3.add_argument("--format", choices=["parquet", "jsonl"], help="result part format (default parquet)")
     s3.add_argument("--rows-per-part", type=int, metavar="N", help="rows per result part (WORKER_BULK__ROWS_PER_PART)")
 
+    archives = p.add_argument_group("archives (tar shards, manifests, Parquet datasets)")
+    archives.add_argument(
+        "--out-format",
+        choices=["parquet", "webdataset"],
+        help="parquet: the input's rows with the caption fields (default); webdataset: for tar shards, new "
+        "shards with the caption as key.txt and in key.json, beside the Parquet",
+    )
+    archives.add_argument(
+        "--uri-column", metavar="NAME", help="a manifest's column of image uris (default: url, then uri)"
+    )
+    archives.add_argument(
+        "--image-column", metavar="NAME", help="a Parquet dataset's image column (bytes/path struct; default: image)"
+    )
+
 
 def _apply_overrides(settings: WorkerSettings, args: argparse.Namespace) -> WorkerSettings:
     """Command-line flags win over the environment."""
@@ -113,6 +146,16 @@ def run_caption(args: argparse.Namespace) -> int:
         print(f"error: bad option: {error.errors()[0]['loc']}: {error.errors()[0]['msg']}", file=sys.stderr)
         return EXIT_USAGE
     logging.getLogger().setLevel(settings.log_level)
+    from captionfleet.worker.bulk_archive import input_format_from_name
+
+    input_format = args.input_format or input_format_from_name(args.src)
+    if input_format in ARCHIVE_INPUTS:
+        return _caption_archive(args, settings, input_format)
+    archive_only = [flag for flag in ("out_format", "uri_column", "image_column") if getattr(args, flag, None)]
+    if archive_only:
+        flags = ", ".join(f"--{flag.replace('_', '-')}" for flag in archive_only)
+        print(f"error: {flags} apply to archives only (tar shards, manifests, Parquet datasets)", file=sys.stderr)
+        return EXIT_USAGE
     src_s3, out_s3 = args.src.startswith("s3://"), args.out.startswith("s3://")
     if src_s3 or out_s3:
         if not (src_s3 and out_s3):
@@ -124,6 +167,52 @@ def run_caption(args: argparse.Namespace) -> int:
             return EXIT_USAGE
         return _caption_s3(args, settings)
     return _caption_local(args, settings)
+
+
+ARCHIVE_INPUTS = ("tar", "manifest", "parquet-images", "parquet")
+
+
+def _caption_archive(args: argparse.Namespace, settings: WorkerSettings, input_format: str) -> int:
+    """Tar shards, manifests or Parquet datasets into outputs beside them, one per input file."""
+    from captionfleet.core.s3 import S3AccessError
+    from captionfleet.core.settings import load_kubernetes_job_env
+    from captionfleet.worker.bulk_archive import ArchiveJobError, ArchiveOptions, run_archive_job
+    from captionfleet.worker.sharding import resolve_shard
+
+    ignored = [
+        f"--{flag.replace('_', '-')}"
+        for flag in ("suffix", "min_size", "max_size", "format")
+        if getattr(args, flag, None)
+    ]
+    if ignored:
+        print(f"error: {', '.join(ignored)} apply to folders and S3 prefixes of images, not archives", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        shard = resolve_shard(args.shard, settings.shard, load_kubernetes_job_env().job_completion_index)
+        options = ArchiveOptions(
+            input_format=input_format,
+            out_format=args.out_format or "parquet",
+            shard=shard,
+            retry_failed=None if args.retry_failed is None else frozenset(args.retry_failed),
+            any_model_version=args.any_model_version,
+            overwrite=args.overwrite,
+            uri_column=args.uri_column,
+            image_column=args.image_column or "image",
+        )
+        summary = run_archive_job(args.src, args.out, settings, options=options, show_progress=not args.no_progress)
+    except S3AccessError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return exit_for_access_error(error)
+    except (SettingsError, ArchiveJobError, ModelRefError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    code = _report(summary, "outputs", summary.output)
+    if code in (EXIT_OK, EXIT_SOME_FAILED) and summary.unfinished:
+        print("some input files could not be read to their end: run the same command again to resume", file=sys.stderr)
+        return EXIT_TEMPFAIL
+    if code == EXIT_OK and summary.broken:
+        return EXIT_SOME_FAILED
+    return code
 
 
 def _caption_s3(args: argparse.Namespace, settings: WorkerSettings) -> int:

@@ -8,7 +8,7 @@ Where images may come from is configured, not open (``WORKER_FETCH__*``):
   after the check, and what it opened is checked again (a folder on the way may have been swapped);
 - ``http(s)://``: refused unless the host and port are in ``allowed_hosts`` (a bare host: its scheme's
   default port only; every redirect is held to the same rule), and each attempt has an overall deadline
-  (connect + read timeout), not only a per-receive one;
+  (connect + read timeout), not only a per-receive one: worker/http_client.py, shared with the archive job;
 - S3 keys with ``.``/``..`` segments are refused: a path-normalising store could read another bucket.
 
 A refused uri fails with kind ``forbidden`` and is never fetched: requests come from other teams'
@@ -21,19 +21,16 @@ botocore's own retries are off so the attempts and waits are the ones configured
 from __future__ import annotations
 
 import errno
-import http.client
 import logging
 import os
 import random
 import stat
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlsplit
 
 from captionfleet.core.failures import (
@@ -41,10 +38,9 @@ from captionfleet.core.failures import (
     FORBIDDEN,
     MALFORMED,
     NOT_FOUND,
-    TIMEOUT,
     TOO_LARGE,
-    UNAVAILABLE,
     FetchError,
+    TransientFetchError,
 )
 from captionfleet.core.s3 import (
     ObjectTooLarge,
@@ -57,14 +53,13 @@ from captionfleet.core.s3 import (
     read_object,
 )
 from captionfleet.core.settings import FetchSettings, S3Settings, split_host_port
-from captionfleet.worker.http_hosts import HostPinnedRedirects, RedirectRefused, address, host_allowed
+from captionfleet.worker.http_client import HttpFetcher
+from captionfleet.worker.http_hosts import address, host_allowed
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
 
 log = logging.getLogger(__name__)
-
-_CHUNK_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -84,15 +79,6 @@ class HttpTarget:
 
 
 Target = S3Target | FileTarget | HttpTarget
-
-
-class _Retry(Exception):
-    """An attempt failed in a way another attempt may fix."""
-
-    def __init__(self, kind: str, message: str) -> None:
-        super().__init__(message)
-        self.kind = kind
-        self.message = message
 
 
 class Fetcher:
@@ -124,9 +110,11 @@ class Fetcher:
             max_s=settings.backoff_max_ms / 1000,
             sleep=sleep,
             random=jitter,
-            retryable=lambda error: isinstance(error, _Retry),
+            retryable=lambda error: isinstance(error, TransientFetchError),
             describe=str,
         )
+        # http(s) goes through the shared httpx client (worker/http_client.py), with the same backoff.
+        self._http = HttpFetcher(settings, max_bytes=max_bytes, retry=self._retry)
         if self.file_root is not None and not self.file_root.is_dir():
             raise ValueError(
                 f"WORKER_FETCH__FILE_ROOT={settings.file_root} is not a folder: point it at the folder "
@@ -214,16 +202,9 @@ class Fetcher:
         with self._slots:  # bounded concurrency, whichever threads call us
             if isinstance(target, S3Target):
                 return self._get_s3(target, uri)
-            return self._with_retries(uri, lambda: self._get_http(target.url, uri))
+            return self._http.fetch(target.url)
 
-    def _with_retries(self, uri: str, attempt: Callable[[], bytes]) -> bytes:
-        try:
-            data, _attempts = self._retry.call(attempt, what=f"fetch {uri}")
-        except _Retry as error:
-            raise self._gave_up(error) from error
-        return data
-
-    def _gave_up(self, failure: _Retry) -> FetchError:
+    def _gave_up(self, failure: TransientFetchError) -> FetchError:
         """The failure of the last attempt, when every attempt failed in a way another might have fixed."""
         return FetchError(failure.kind, f"{failure.message} (gave up after {self.settings.max_attempts} attempts)")
 
@@ -244,7 +225,7 @@ class Fetcher:
         # worth another attempt decided by what those errors mean here.
         retry = replace(
             self._retry,
-            retryable=lambda error: isinstance(_s3_failure(error, uri), _Retry),
+            retryable=lambda error: isinstance(_s3_failure(error, uri), TransientFetchError),
             describe=lambda error: str(_s3_failure(error, uri)),
         )
         try:
@@ -259,7 +240,7 @@ class Fetcher:
             )
         except Exception as error:
             failure = _s3_failure(error, uri)
-            if isinstance(failure, _Retry):
+            if isinstance(failure, TransientFetchError):
                 raise self._gave_up(failure) from error
             if failure is error:
                 raise
@@ -301,67 +282,14 @@ class Fetcher:
         if not opened.is_relative_to(self.file_root):
             raise FetchError(FORBIDDEN, f"{uri[:200]!r} led outside WORKER_FETCH__FILE_ROOT ({self.file_root})")
 
-    def _get_http(self, url: str, uri: str) -> bytes:
-        opener = urllib.request.build_opener(HostPinnedRedirects(self.allowed_hosts))
-        timeout = self.settings.connect_timeout_s + self.settings.read_timeout_s
-        try:
-            with opener.open(url, timeout=timeout) as response:
-                declared = int(response.headers.get("Content-Length") or 0)
-                if declared > self.max_bytes:
-                    raise FetchError(TOO_LARGE, f"{declared} bytes exceeds the limit of {self.max_bytes} bytes")
-                data = self._read_by_deadline(response, timeout)
-        except urllib.error.HTTPError as error:
-            if error.code in (404, 410):
-                raise FetchError(NOT_FOUND, f"{uri}: HTTP {error.code}") from error
-            if error.code in (401, 403):
-                raise FetchError(FORBIDDEN, f"{uri}: HTTP {error.code}") from error
-            if error.code == 429 or error.code >= 500:
-                raise _Retry(UNAVAILABLE, f"HTTP {error.code}") from error
-            raise FetchError(FETCH_FAILURE, f"{uri}: HTTP {error.code}") from error
-        except RedirectRefused as error:
-            raise FetchError(FORBIDDEN, str(error)) from error
-        except http.client.InvalidURL as error:
-            raise FetchError(MALFORMED, f"{uri[:200]!r}: {error}") from error
-        except TimeoutError as error:
-            raise _Retry(TIMEOUT, f"timed out: {error}") from error
-        except urllib.error.URLError as error:
-            if isinstance(error.reason, TimeoutError):
-                raise _Retry(TIMEOUT, f"timed out: {error.reason}") from error
-            raise _Retry(UNAVAILABLE, f"connection failed: {error.reason}") from error
-        if len(data) > self.max_bytes:
-            raise FetchError(TOO_LARGE, f"more than {self.max_bytes} bytes")
-        return data
-
-    def _read_by_deadline(self, response: Any, limit_s: float) -> bytes:
-        """At most max_bytes + 1 bytes, in chunks, within the deadline. The socket timeout alone bounds
-        each read, not the whole body: a host dripping a byte every few seconds would hold a fetch slot
-        (shared by every fetch) for as long as it liked."""
-        deadline = time.monotonic() + limit_s
-        chunks: list[bytes] = []
-        size = 0
-        while size <= self.max_bytes:
-            # read1: what one receive brings; read(n) would wait for all n bytes (each wait within the
-            # socket timeout, so a dripping host would still hold it).
-            chunk = response.read1(min(_CHUNK_BYTES, self.max_bytes + 1 - size))
-            if not chunk:
-                break
-            chunks.append(chunk)
-            size += len(chunk)
-            if time.monotonic() > deadline:
-                raise _Retry(
-                    TIMEOUT,
-                    f"body not received within {self.settings.connect_timeout_s + self.settings.read_timeout_s:g}s",
-                )
-        return b"".join(chunks)
-
 
 def _s3_failure(error: BaseException, uri: str) -> BaseException:
-    """An S3 read's error as ``fetch`` takes it: a ``_Retry`` when another attempt may fix it (throttling,
+    """An S3 read's error as ``fetch`` takes it: a ``TransientFetchError`` when another attempt may fix it (throttling,
     5xx, timeouts, broken connections), else a FetchError (``core.s3.object_failure``: the kinds the bulk
     jobs name too), or the error itself when it is not the store's (a bug)."""
     failure = object_failure(error, uri)
     if failure is None:
         return error
     if not isinstance(error, ObjectTooLarge) and is_retryable(error):
-        return _Retry(failure.kind, failure.message)
+        return TransientFetchError(failure.kind, failure.message)
     return failure

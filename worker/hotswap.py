@@ -4,51 +4,39 @@ A worker following ``s3://bucket/models/<name>/LATEST`` (see worker/watcher.py) 
 version loaded in the background; ``HotSwapCaptioner`` switches to it at the start of the next batch,
 so the batch in flight finishes on the model it started on and every result names the version that
 produced it. It implements ``CaptionModel`` by delegating to the model it serves.
+
+The new version may be of another family or input size: inputs the decode threads prepared for the old
+model are prepared again by the new one before it captions them (``core.captioner.own_inputs``, from
+each item's bytes), so none is lost and none is captioned with the wrong preprocessing.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
-import numpy as np
-import torch
-
-from captionfleet.core.captioner import Captioner, CaptionModel, ModelWrapper, Preprocessing
-from captionfleet.core.model_store import ModelRefError
+from captionfleet.core.captioner import CaptionModel, ModelInput, ModelWrapper
+from captionfleet.core.generation import Caption
 from captionfleet.core.settings import DecodingSettings
 
 log = logging.getLogger(__name__)
-
-
-def input_difference(old: Preprocessing, new: Preprocessing) -> str | None:
-    """Why images prepared for ``old`` would be wrong for ``new``; None when they are the same."""
-    if (old.width, old.height) != (new.width, new.height):
-        return f"input size {new.width}x{new.height} differs from the serving model's {old.width}x{old.height}"
-    if old.resample != new.resample or old.rescale_factor != new.rescale_factor:
-        return "image resampling or rescaling differs from the serving model's"
-    for name in ("mean", "std"):
-        a, b = getattr(old, name), getattr(new, name)
-        if (a is None) != (b is None) or (a is not None and not np.allclose(a, b)):
-            return f"image normalisation ({name}) differs from the serving model's"
-    return None
 
 
 class HotSwapCaptioner(ModelWrapper):
     """A CaptionModel whose model can be replaced while serving.
 
     ``offer(new)`` may be called from any thread; the switch happens at the start of the next
-    ``caption_pixels`` call (the model thread, between batches). What it reports (version, source,
-    preprocess, ...) is the model that ran the last batch, so a result built right after a batch
-    names the version that produced it.
+    ``caption_inputs`` call (the model thread, between batches). What it reports (version, source,
+    family, ...) is the model that ran the last batch, so a result built right after a batch names the
+    version that produced it.
     """
 
-    def __init__(self, initial: Captioner) -> None:
+    def __init__(self, initial: CaptionModel) -> None:
         self._active = initial
-        self._pending: Captioner | None = None
+        self._pending: CaptionModel | None = None
         self._lock = threading.Lock()
-        self._on_swap: list[Callable[[Captioner, Captioner], None]] = []
+        self._on_swap: list[Callable[[CaptionModel, CaptionModel], None]] = []
 
     # -- CaptionModel: the model serving now ---------------------------------------------------------
 
@@ -56,18 +44,19 @@ class HotSwapCaptioner(ModelWrapper):
     def wrapped(self) -> CaptionModel:
         return self._active
 
-    def caption_pixels(self, pixel_values: torch.Tensor, decoding: DecodingSettings | None = None) -> list[str]:
+    def caption_inputs(self, inputs: Sequence[ModelInput], decoding: DecodingSettings | None = None) -> list[Caption]:
         self._swap_if_offered()
-        return self._active.caption_pixels(pixel_values, decoding)
+        # Inputs prepared for the model swapped out are prepared again by the one serving now.
+        return self._active.caption_inputs(inputs, decoding)
 
     # -- swapping -------------------------------------------------------------------------------------
 
-    def on_swap(self, callback: Callable[[Captioner, Captioner], None]) -> None:
+    def on_swap(self, callback: Callable[[CaptionModel, CaptionModel], None]) -> None:
         """``callback(old, new)`` runs in the model thread right after a swap, before the new model's first batch."""
         self._on_swap.append(callback)
 
     @property
-    def active(self) -> Captioner:
+    def active(self) -> CaptionModel:
         return self._active
 
     @property
@@ -75,12 +64,8 @@ class HotSwapCaptioner(ModelWrapper):
         with self._lock:
             return self._pending.version if self._pending is not None else None
 
-    def offer(self, new: Captioner) -> None:
+    def offer(self, new: CaptionModel) -> None:
         """Serve ``new`` from the next batch on (an earlier offer not yet taken is dropped)."""
-        difference = input_difference(self._active.preprocess, new.preprocess)
-        if difference is not None:
-            # Decode threads prepare images ahead of the model with the serving model's preprocessing.
-            raise ModelRefError(f"{difference}; such a version needs a worker restart, not a hot swap")
         with self._lock:
             self._pending = new
 
@@ -99,7 +84,7 @@ class HotSwapCaptioner(ModelWrapper):
                 return
             old = self._active
             self._active = new
-        log.info("model swapped: %s -> %s (from %s)", old.version, new.version, new.source)
+        log.info("model swapped: %s -> %s (%s, from %s)", old.version, new.version, new.family, new.source)
         for callback in self._on_swap:
             try:
                 callback(old, new)

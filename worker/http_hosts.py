@@ -3,8 +3,6 @@ and for every redirect (core/settings.py ``split_host_port`` reads the entries).
 
 from __future__ import annotations
 
-import urllib.request
-from typing import Any
 from urllib.parse import urlsplit
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
@@ -29,26 +27,3 @@ def host_allowed(url: str, allowed: frozenset[tuple[str, int | None]]) -> bool:
         return False
     host, port = (parts.hostname or "").lower(), parts.port
     return (host, default if port is None else port) in allowed or (port in (None, default) and (host, None) in allowed)
-
-
-class RedirectRefused(Exception):
-    pass
-
-
-class HostPinnedRedirects(urllib.request.HTTPRedirectHandler):
-    """Follow redirects only where the first url could have gone: an allowed host must not bounce us
-    anywhere else, another port of itself included."""
-
-    def __init__(self, allowed_hosts: frozenset[tuple[str, int | None]]) -> None:
-        self.allowed_hosts = allowed_hosts
-
-    def redirect_request(
-        self, req: urllib.request.Request, fp: Any, code: int, msg: str, headers: Any, newurl: str
-    ) -> urllib.request.Request | None:
-        try:
-            allowed = host_allowed(newurl, self.allowed_hosts)
-        except ValueError:  # a Location with a broken port
-            allowed = False
-        if not allowed:
-            raise RedirectRefused(f"redirect to {newurl[:200]!r} refused: not in WORKER_FETCH__ALLOWED_HOSTS")
-        return super().redirect_request(req, fp, code, msg, headers, newurl)

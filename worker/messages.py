@@ -16,6 +16,10 @@ class Result:
     uri: str
     model_version: str
     caption: str | None = None
+    # The caption's confidence (captionfleet.core.generation): the mean log-probability of its generated
+    # tokens, the end token included, and how many tokens it has (the end token not counted).
+    mean_logprob: float | None = None
+    tokens: int | None = None
     error_kind: str | None = None
     error_message: str | None = None
     width: int | None = None

@@ -33,6 +33,7 @@ class WorkerMetrics:
         self._stage_metrics(self.registry)
         self._consumer_metrics(self.registry)
         self._model_metrics(self.registry)
+        self._bulk_metrics(self.registry)
         self._http_metrics(self.registry)
 
     def _request_metrics(self, r: CollectorRegistry) -> None:
@@ -137,6 +138,23 @@ class WorkerMetrics:
         )
         self.model_load_failure = Info(
             "captionfleet_model_load_failure", "the last model version that failed to load, and why", registry=r
+        )
+
+    def _bulk_metrics(self, r: CollectorRegistry) -> None:
+        """An archive job's progress (worker/archive_progress.py): input files, pace, time left."""
+        self.bulk_files_total = Gauge(
+            "captionfleet_bulk_files_total", "input files (tar shards, manifests) in this worker's shard", registry=r
+        )
+        self.bulk_files_done = Gauge(
+            "captionfleet_bulk_files_done", "input files of this worker's shard with their outputs written", registry=r
+        )
+        self.bulk_images_per_second = Gauge(
+            "captionfleet_bulk_images_per_second", "images finished per second since this run started", registry=r
+        )
+        self.bulk_eta = Gauge(
+            "captionfleet_bulk_eta_seconds",
+            "seconds left for this worker's shard at this run's pace (-1 until a file is done)",
+            registry=r,
         )
 
     def _http_metrics(self, r: CollectorRegistry) -> None:

@@ -1,9 +1,13 @@
 """fetch -> decode -> batch -> caption -> write, with decoding overlapping inference.
 
-Each item is fetched, decoded and preprocessed on its own in a bounded thread pool (PIL and
-numpy release the GIL), so one bad image yields one failure row and never fails a batch, and
-the next batch is being prepared while the model runs on the current one. Items flow to the
-batcher in input order; the batcher decides when a batch goes to the model.
+Each item is fetched, decoded and prepared for the model (``CaptionModel.prepare``: resizing,
+normalising, its prompt's tokens) on its own in a bounded thread pool (PIL and numpy release the GIL),
+so one bad image yields one failure row and never fails a batch, and the next batch is being prepared
+while the model runs on the current one. Items flow to the batcher in input order; the batcher decides
+when a batch goes to the model, counting each input's cost (the pixels its model processes). The model
+thread calls ``caption_inputs``; an input prepared for a model that was swapped out meanwhile is
+prepared again by the new one from the item's bytes (``core.images.EncodedImage``). A caption with no
+text is a failure row of its own kind (``empty_caption``).
 
 The latency lane: ``offer()`` hands in interactive items (the caption API's, ``worker.lanes``) from any
 thread. They are prepared on their own threads, go to the front of the model's input, and a batch holding
@@ -26,20 +30,19 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
 
-import numpy as np
-import torch
-
-from captionfleet.core.captioner import CaptionModel
+from captionfleet.core.captioner import CaptionModel, ModelInput, PromptError
 from captionfleet.core.failures import (
+    EMPTY_CAPTION,
     FETCH_FAILURE,
     FORBIDDEN,
     INFERENCE_FAILURE,
+    MALFORMED,
     NOT_FOUND,
     TIMEOUT,
     FetchError,
     ImageError,
 )
-from captionfleet.core.images import ImageLimits, decode_image
+from captionfleet.core.images import EncodedImage, ImageLimits, decode_image
 from captionfleet.core.settings import BatchSettings, DecodingSettings
 from captionfleet.worker.batcher import Batcher
 from captionfleet.worker.lanes import InteractiveItem, LaneQueue
@@ -50,7 +53,8 @@ logger = logging.getLogger(__name__)
 
 
 class Item(Protocol):
-    """What a source yields: something with an id and uri whose bytes can be read."""
+    """What a source yields: something with an id and uri whose bytes can be read. An item may also
+    carry a ``prompt`` (``str | None``; absent or None: the model family's default, see ``prompt_of``)."""
 
     @property
     def id(self) -> str: ...
@@ -59,10 +63,17 @@ class Item(Protocol):
     def read(self) -> bytes: ...
 
 
+def prompt_of(item: Item) -> str | None:
+    """The item's prompt. Optional in the protocol (getattr): sources whose requests have no prompt
+    need not declare one."""
+    prompt = getattr(item, "prompt", None)
+    return prompt if isinstance(prompt, str) else None
+
+
 @dataclass
 class Prepared:
     item: Item
-    pixels: np.ndarray | None = None
+    input: ModelInput | None = None
     failure: Result | None = None
     width: int = 0
     height: int = 0
@@ -90,9 +101,9 @@ class RunStats:
 
 
 def _fetch_failure_kind(error: Exception) -> str:
-    if isinstance(error, ImageError):  # a source may refuse an item before reading it (e.g. too_large by size)
-        return error.kind
-    if isinstance(error, FetchError):  # a source that names the kind itself (S3 reads: core.s3.object_failure)
+    # A source may refuse an item before reading it (too_large by size, a tar member's forbidden name), or
+    # fetch it with a failure kind of its own (a manifest's uri): the kind it carries is the row's.
+    if isinstance(error, ImageError | FetchError):
         return error.kind
     if isinstance(error, FileNotFoundError):
         return NOT_FOUND
@@ -182,8 +193,13 @@ class CaptionPipeline:
         fetched = time.perf_counter()
         fetch_ms = (fetched - start) * 1000
         try:
-            image = decode_image(data, limits=self.limits, draft_size=self.captioner.image_size)
-            pixels = self.captioner.preprocess.array(image)
+            image = decode_image(data, limits=self.limits, draft_size=self.captioner.draft_size)
+            prepared = self.captioner.prepare(image, prompt_of(item), origin=EncodedImage(data, self.limits))
+        except PromptError as error:  # the request, not the image: the model cannot take its prompt
+            logger.info("prompt of %s refused: %s", item.id, error)
+            failure = self._failure(item, MALFORMED, str(error), fetch_ms=fetch_ms)
+            failure.bytes = len(data)
+            return Prepared(item, failure=failure)
         except ImageError as error:
             logger.info("image %s rejected (%s): %s", item.id, error.kind, error.message)
             failure = self._failure(item, error.kind, error.message, fetch_ms=fetch_ms)
@@ -199,7 +215,7 @@ class CaptionPipeline:
         decoded = time.perf_counter()
         return Prepared(
             item,
-            pixels=pixels,
+            input=prepared,
             width=image.width,
             height=image.height,
             size=len(data),
@@ -239,11 +255,8 @@ class CaptionPipeline:
 
     def _caption_group(self, batch: list[Prepared], decoding: DecodingSettings | None = None) -> None:
         start = time.perf_counter()
-        pixels = torch.from_numpy(np.stack([p.pixels for p in batch if p.pixels is not None]))
         try:
-            captions = (
-                self.captioner.caption_pixels(pixels, decoding) if decoding else self.captioner.caption_pixels(pixels)
-            )
+            captions = self.captioner.caption_inputs([p.input for p in batch if p.input is not None], decoding)
         except Exception as error:
             if len(batch) > 1:
                 # Find the item that breaks the model instead of failing its neighbours.
@@ -257,12 +270,15 @@ class CaptionPipeline:
             return
         inference_ms = (time.perf_counter() - start) * 1000
         self.stats.batches += 1
-        results = [
-            Result(
+        results = []
+        for p, caption in zip(batch, captions, strict=True):
+            result = Result(
                 id=p.item.id,
                 uri=p.item.uri,
                 model_version=self.captioner.version,
-                caption=caption,
+                caption=caption.text,
+                mean_logprob=caption.mean_logprob,
+                tokens=caption.tokens,
                 width=p.width,
                 height=p.height,
                 bytes=p.size,
@@ -271,8 +287,14 @@ class CaptionPipeline:
                 queue_ms=round((start - p.ready_at) * 1000, 3),
                 inference_ms=round(inference_ms, 3),
             )
-            for p, caption in zip(batch, captions, strict=True)
-        ]
+            if not caption.text:  # nothing but special tokens or whitespace: no caption to give
+                result.caption = None
+                result.error_kind = EMPTY_CAPTION
+                result.error_message = (
+                    f"the model generated no text ({caption.tokens} tokens, all special or blank); "
+                    "retry with another model or prompt (--retry-failed empty_caption)"
+                )
+            results.append(result)
         for urgent in (True, False):  # interactive answers first: someone waits for them
             chosen = [(r, p.item) for r, p in zip(results, batch, strict=True) if p.urgent == urgent]
             if chosen:
@@ -310,7 +332,7 @@ class CaptionPipeline:
             if prepared.failure is not None:
                 self._emit([prepared.failure], [prepared.item], urgent)
             else:
-                cost = prepared.width * prepared.height
+                cost = prepared.input.cost if prepared.input is not None else 0
                 for ready in batcher.add(prepared, cost=cost, urgent=urgent):
                     self._caption_batch(ready)
             if time.monotonic() - last_flush >= self.flush_interval_s:

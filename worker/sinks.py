@@ -29,6 +29,8 @@ SCHEMA = pa.schema(
         ("uri", pa.string()),
         ("model_version", pa.string()),
         ("caption", pa.string()),
+        ("mean_logprob", pa.float64()),
+        ("tokens", pa.int64()),
         ("error_kind", pa.string()),
         ("error_message", pa.string()),
         ("width", pa.int64()),
@@ -164,7 +166,7 @@ class ParquetSink:
         self.flush()
         files = self._existing_files()
         if files:
-            table = _last_row_per_id(pa.concat_tables([pq.read_table(f) for f in files]))
+            table = _last_row_per_id(pa.concat_tables([_with_schema(pq.read_table(f)) for f in files]))
             tmp = self.path.with_name(self.path.name + ".tmp")
             pq.write_table(table, tmp)
             # On disk before the parts (which are) go: a power cut must not leave neither.
@@ -173,6 +175,15 @@ class ParquetSink:
             tmp.rename(self.path)
             _fsync_dir(self.path.parent)
         shutil.rmtree(self.parts_dir, ignore_errors=True)
+
+
+def _with_schema(table: pa.Table) -> pa.Table:
+    """A file written before a column existed (mean_logprob, tokens) gets nulls there, so that it merges
+    with the parts of a resumed run."""
+    for field in SCHEMA:
+        if field.name not in table.column_names:
+            table = table.append_column(field, pa.nulls(table.num_rows, field.type))
+    return table.select(SCHEMA.names)
 
 
 def _last_row_per_id(table: pa.Table) -> pa.Table:

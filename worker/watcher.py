@@ -5,7 +5,7 @@ names (captionfleet/core/loading.py; layout in captionfleet/core/registry_layout
 ``ModelWatcher`` re-reads LATEST every ``poll_interval_s``. A new version is downloaded and loaded in a
 background thread while the old one keeps serving, and offered to the ``HotSwapCaptioner``
 (worker/hotswap.py), which switches at the start of the next batch. A version that fails to load
-(missing files, pickled weights, another architecture or input size) is logged and counted, and the
+(missing files, pickled weights, a model type that is not image-to-text) is logged and counted, and the
 old model keeps serving.
 """
 
@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from captionfleet.core.captioner import Captioner, CaptionModel
+from captionfleet.core.captioner import CaptionModel
 from captionfleet.core.loading import check_named_version, load_model, load_version
 from captionfleet.core.model_store import ModelRefError
 from captionfleet.core.registry_layout import LATEST, latest_root, read_latest
@@ -37,14 +37,14 @@ class ModelWatcher:
     """Polls LATEST and loads new versions in the background; see the module note.
 
     ``read`` returns the version LATEST names (None: no LATEST); ``load`` turns a version into a
-    loaded Captioner. Both are injected so the logic is testable without S3.
+    loaded model. Both are injected so the logic is testable without S3.
     """
 
     def __init__(
         self,
         target: HotSwapCaptioner,
         read: Callable[[], str | None],
-        load: Callable[[str], Captioner],
+        load: Callable[[str], CaptionModel],
         *,
         interval_s: float,
         retry_failed_s: float = 600.0,
@@ -167,7 +167,7 @@ def start_watcher(
         return None
     client = make_s3_client(settings.s3, connect_timeout=5, read_timeout=10)
 
-    def load(version: str) -> Captioner:
+    def load(version: str) -> CaptionModel:
         # Warmed here, in the background, not on the first batch after the swap.
         return load_version(root, version, settings, warm=True)
 

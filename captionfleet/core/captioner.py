@@ -1,9 +1,20 @@
-"""The model boundary: load a VisionEncoderDecoder checkpoint once, caption batches of images.
+"""The model boundary: what every model family offers the pipeline (``CaptionModel``), and the
+VisionEncoderDecoder (ViT-GPT2) captioner with its fast path.
 
-Everything the rest of the system knows about the model goes through ``Captioner``: its
-version, its input size, and ``caption(images) -> captions``. Preprocessing is done here with
-PIL + numpy from the checkpoint's ``preprocessor_config.json`` (it matches ViTImageProcessor's
-output and avoids its per-call overhead, and torchvision is not needed).
+The pipeline works in two steps, so that per-image work overlaps inference:
+
+- ``prepare(image, prompt) -> ModelInput`` runs in decode threads: resizing, normalising, for
+  dynamic-resolution families their patches, the prompt's tokens; the input records its ``cost`` (what
+  the model pays for it) and the preparation it was made with (``key``);
+- ``caption_inputs(inputs) -> list[Caption]`` runs in the model thread: collates, generates, decodes only
+  the generated tokens, with each caption's confidence.
+
+An input prepared for another model (the hot swap replaced it between decode and batch) is prepared
+again from its ``origin`` before captioning, never captioned with the wrong preprocessing
+(``own_inputs``). ``Captioner`` below is the ViT-GPT2 family: its preprocessing is PIL + numpy from the
+checkpoint's ``preprocessor_config.json`` (it matches ViTImageProcessor's output and avoids its per-call
+overhead). Every other family is ``captionfleet.core.families.captioner.FamilyCaptioner``;
+``captionfleet.core.loading`` picks one from the checkpoint's ``model_type``.
 """
 
 from __future__ import annotations
@@ -11,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -19,12 +30,13 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 from PIL import Image
-from transformers import GenerationConfig, VisionEncoderDecoderModel
+from transformers import GenerationConfig, LogitsProcessorList, VisionEncoderDecoderModel
 from transformers.utils import logging as hf_logging
 
 from captionfleet.core import checkpoint_load, fastpath
 from captionfleet.core.beams import beam_group, share_cross_attention_projections
-from captionfleet.core.model_store import check_checkpoint_dir
+from captionfleet.core.generation import Caption, captions_from_output, recorder_for
+from captionfleet.core.model_store import ModelRefError, check_checkpoint_dir, model_type_of
 from captionfleet.core.registry_layout import METADATA_FILE
 from captionfleet.core.settings import DecodingSettings, runs_on_cuda
 
@@ -41,6 +53,46 @@ class _DropImageMaskWarning(logging.Filter):
 
 
 hf_logging.get_logger("transformers.generation.utils").addFilter(_DropImageMaskWarning())
+
+
+VED_FAMILY = "vision-encoder-decoder"
+
+
+class PromptError(ValueError):
+    """A prompt the model cannot take (the item fails alone, as malformed)."""
+
+
+class ImageOrigin(Protocol):
+    """Where an input's image comes from, so that another model can prepare it again (the hot swap)."""
+
+    def image(self, draft_size: tuple[int, int] | None) -> Image.Image: ...
+
+
+@dataclass(frozen=True)
+class KeptImage:
+    """An image already in memory (``caption(images)``, the dashboard): it is its own origin."""
+
+    decoded: Image.Image
+
+    def image(self, draft_size: tuple[int, int] | None) -> Image.Image:
+        return self.decoded
+
+
+@dataclass(frozen=True)
+class ModelInput:
+    """One image prepared for one model. ``features``: that model's inputs for this image alone
+    (the fixed-size path: ``pixel_values`` as a CHW numpy array; other families: the processor's tensors
+    with a batch dimension of 1). ``cost``: the pixels the model's vision encoder processes for it, after
+    resizing (a dynamic-resolution family's visual tokens times the pixels each covers), which the
+    batcher's ``max_pixels`` limit counts. ``key``: the preparation it was made with; a model whose
+    ``preparation_key`` differs prepares it again from ``origin``. ``prompt``: as asked (None: the family's
+    default)."""
+
+    features: Mapping[str, Any]
+    cost: int
+    key: str
+    prompt: str | None
+    origin: ImageOrigin
 
 
 @dataclass(frozen=True)
@@ -131,20 +183,48 @@ class CaptionModel(Protocol):
     def source(self) -> str: ...
 
     @property
-    def preprocess(self) -> Preprocessing: ...
+    def family(self) -> str:
+        """The checkpoint's ``model_type`` (``vision-encoder-decoder``, ``blip``, ``qwen2_vl``, ...)."""
+        ...
 
     @property
-    def image_size(self) -> tuple[int, int]: ...
+    def preparation_key(self) -> str:
+        """Equal for two models exactly when an input prepared by one is right for the other."""
+        ...
+
+    @property
+    def draft_size(self) -> tuple[int, int] | None:
+        """The smallest size a JPEG may be decoded at without losing what the model sees (None: full size)."""
+        ...
+
+    def prepare(
+        self, image: Image.Image, prompt: str | None = None, *, origin: ImageOrigin | None = None
+    ) -> ModelInput:
+        """Per-image work, safe to call from several decode threads at once. ``origin``: how to get the
+        image again (default: keep ``image`` itself)."""
+        ...
+
+    def caption_inputs(self, inputs: Sequence[ModelInput], decoding: DecodingSettings | None = None) -> list[Caption]:
+        """Caption a batch (from one thread at a time); inputs prepared for another model are prepared again."""
+        ...
 
     def caption(self, images: Sequence[Image.Image], decoding: DecodingSettings | None = None) -> list[str]: ...
 
-    def caption_pixels(self, pixel_values: torch.Tensor, decoding: DecodingSettings | None = None) -> list[str]: ...
+
+def own_inputs(model: CaptionModel, inputs: Sequence[ModelInput]) -> list[ModelInput]:
+    """``inputs``, each prepared for ``model``: one prepared for another model (a hot swap happened
+    between its decoding and its batch) is prepared again from its origin, with its prompt."""
+    key = model.preparation_key
+    return [
+        item if item.key == key else model.prepare(item.origin.image(model.draft_size), item.prompt, origin=item.origin)
+        for item in inputs
+    ]
 
 
 class ModelWrapper:
     """Base of a CaptionModel that wraps another (the hot swap, the stream's metering): what it reports is
     read from the wrapped model at each access, never copied, so it always describes the model serving now.
-    A subclass names that model (``wrapped``) and may add its own step around ``caption_pixels``."""
+    A subclass names that model (``wrapped``) and may add its own step around ``caption_inputs``."""
 
     @property
     def wrapped(self) -> CaptionModel:
@@ -159,25 +239,36 @@ class ModelWrapper:
         return self.wrapped.source
 
     @property
-    def preprocess(self) -> Preprocessing:
-        return self.wrapped.preprocess
+    def family(self) -> str:
+        return self.wrapped.family
 
     @property
-    def image_size(self) -> tuple[int, int]:
-        return self.wrapped.image_size
+    def preparation_key(self) -> str:
+        return self.wrapped.preparation_key
+
+    @property
+    def draft_size(self) -> tuple[int, int] | None:
+        return self.wrapped.draft_size
+
+    def prepare(
+        self, image: Image.Image, prompt: str | None = None, *, origin: ImageOrigin | None = None
+    ) -> ModelInput:
+        return self.wrapped.prepare(image, prompt, origin=origin)
 
     def caption(self, images: Sequence[Image.Image], decoding: DecodingSettings | None = None) -> list[str]:
-        if not images:
-            return []
-        # Through caption_pixels, so the wrapper's own step (a swap, a timer) runs for this batch too.
-        return self.caption_pixels(self.preprocess(images), decoding)
+        # Through caption_inputs, so the wrapper's own step (a swap, a timer) runs for this batch too.
+        inputs = [self.prepare(image) for image in images]
+        return [caption.text for caption in self.caption_inputs(inputs, decoding)] if inputs else []
 
-    def caption_pixels(self, pixel_values: torch.Tensor, decoding: DecodingSettings | None = None) -> list[str]:
-        return self.wrapped.caption_pixels(pixel_values, decoding)
+    def caption_inputs(self, inputs: Sequence[ModelInput], decoding: DecodingSettings | None = None) -> list[Caption]:
+        return self.wrapped.caption_inputs(inputs, decoding)
 
 
 class Captioner:
-    """A loaded checkpoint. Thread-compatible: call ``caption`` from one thread at a time."""
+    """A loaded VisionEncoderDecoder checkpoint. Thread-compatible: call ``caption`` from one thread at a
+    time (``prepare`` from any)."""
+
+    family = VED_FAMILY
 
     def __init__(
         self,
@@ -207,6 +298,34 @@ class Captioner:
     def image_size(self) -> tuple[int, int]:
         return (self.preprocess.width, self.preprocess.height)
 
+    @property
+    def draft_size(self) -> tuple[int, int]:
+        return self.image_size
+
+    @property
+    def preparation_key(self) -> str:
+        # Two checkpoints with the same preprocessing (versions of one model) share prepared inputs.
+        prep = self.preprocess
+        listed = [None if values is None else [float(v) for v in values] for values in (prep.mean, prep.std)]
+        return f"{VED_FAMILY}:{prep.width}x{prep.height}:{int(prep.resample)}:{prep.rescale_factor}:{listed}"
+
+    def prepare(
+        self, image: Image.Image, prompt: str | None = None, *, origin: ImageOrigin | None = None
+    ) -> ModelInput:
+        """The fixed-size path: one CHW float32 array (numpy, no torch call), as the decode threads always made."""
+        if prompt is not None:
+            raise PromptError(
+                f"a {VED_FAMILY} model takes no prompt (got {prompt!r}); send the request without one, or serve "
+                "a family that takes prompts (blip, git, florence2, the VLMs)"
+            )
+        return ModelInput(
+            features={"pixel_values": self.preprocess.array(image)},
+            cost=self.preprocess.width * self.preprocess.height,
+            key=self.preparation_key,
+            prompt=None,
+            origin=origin or KeptImage(image),
+        )
+
     @classmethod
     def from_dir(
         cls,
@@ -221,6 +340,12 @@ class Captioner:
         of fp32 (lossless), bf16, int8, int8-bf16, fp16; see captionfleet/core/fastpath.py."""
         path = Path(path)
         check_checkpoint_dir(path)
+        model_type = model_type_of(path)
+        if model_type != VED_FAMILY:
+            raise ModelRefError(
+                f"{str(path)!r} is a {model_type!r} checkpoint, not {VED_FAMILY}: load it with "
+                "captionfleet.core.loading.load_checkpoint, which picks its family's captioner"
+            )
         torch_device = pick_device(device)
         resolved = fastpath.resolve_precision(precision, torch_device)
         hf_logging.disable_progress_bar()  # no "Loading weights" bars in worker logs
@@ -277,6 +402,27 @@ class Captioner:
         if not images:
             return []
         return self.caption_pixels(self.preprocess(images), decoding)
+
+    @torch.inference_mode()
+    def caption_inputs(self, inputs: Sequence[ModelInput], decoding: DecodingSettings | None = None) -> list[Caption]:
+        """The pipeline's path: the same generate() call as ``caption_pixels`` (the same captions), with
+        each caption's confidence recorded on the way (see core/generation.py)."""
+        if not inputs:
+            return []
+        inputs = own_inputs(self, inputs)
+        pixel_values = torch.from_numpy(np.stack([item.features["pixel_values"] for item in inputs]))
+        config = self.generation_config(decoding or self.decoding)
+        config.return_dict_in_generate = True  # in the config: beside it, transformers warns on every call
+        eos = [int(config.eos_token_id)]  # one id, set by generation_config()
+        recorder = recorder_for(config.num_beams or 1, eos)
+        with beam_group(self.model, config.num_beams) as beam_kwargs:
+            output = self.model.generate(
+                pixel_values=pixel_values.to(self.device, self.dtype),
+                generation_config=config,
+                logits_processor=LogitsProcessorList([recorder]),
+                **beam_kwargs,
+            )
+        return captions_from_output(output, recorder, self.tokenizer, eos, rows=len(inputs))
 
     @torch.inference_mode()
     def caption_pixels(self, pixel_values: torch.Tensor, decoding: DecodingSettings | None = None) -> list[str]:

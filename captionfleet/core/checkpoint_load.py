@@ -1,6 +1,6 @@
 """A checked checkpoint directory -> the transformers objects in it, or one ModelRefError.
 
-Every model, tokenizer and image processor captionfleet loads comes through here, so that:
+Every model, config, processor, tokenizer and image processor captionfleet loads comes through here, so that:
 
 - checkpoint code never runs: ``trust_remote_code=False`` on every call (model_store has already
   refused a checkpoint whose configs name code of its own);
@@ -21,8 +21,17 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from transformers import AutoImageProcessor, AutoTokenizer, VisionEncoderDecoderModel
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModelForImageTextToText,
+    AutoTokenizer,
+    PretrainedConfig,
+    VisionEncoderDecoderModel,
+)
+from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
+from captionfleet.core import processors
 from captionfleet.core.model_store import ModelRefError, weight_files
 
 log = logging.getLogger(__name__)
@@ -59,6 +68,51 @@ def load_model(path: Path, dtype: torch.dtype) -> VisionEncoderDecoderModel:
     return model
 
 
+def load_config(path: Path) -> PretrainedConfig:
+    with _as_model_ref_error(path, "its config"):
+        return AutoConfig.from_pretrained(path, trust_remote_code=False)
+
+
+def check_image_to_text(path: Path, config: PretrainedConfig) -> str:
+    """The config's model_type, if transformers maps it to AutoModelForImageTextToText; else ModelRefError."""
+    model_type = str(getattr(config, "model_type", ""))
+    if model_type not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
+        raise ModelRefError(
+            f"{str(path)!r} is a {model_type or 'model of no model_type'} checkpoint, not an image-to-text model: "
+            "captionfleet serves the model types transformers maps to AutoModelForImageTextToText "
+            "(vision-encoder-decoder, blip, git, florence2, paligemma, smolvlm, qwen2_vl, llava, ...)"
+        )
+    return model_type
+
+
+def load_image_text_model(path: Path, dtype: torch.dtype) -> Any:
+    """Any family's model (AutoModelForImageTextToText), every weight from the files, on the CPU."""
+    check_weight_headers(path)
+    with _as_model_ref_error(path, "its model"):
+        loaded: Any = AutoModelForImageTextToText.from_pretrained(
+            path, use_safetensors=True, dtype=dtype, trust_remote_code=False, output_loading_info=True
+        )
+    model, info = loaded
+    check_loading_info(path, info)
+    return model
+
+
+def load_processor(path: Path, model_type: str) -> Any:
+    """The family's processor (see core/processors.py): image processor, tokenizer and the
+    processor's own settings, never its video part."""
+    tokenizer = load_tokenizer(path)
+    image_processor = load_image_processor(path)
+    cls = processors.processor_class(model_type)
+    if cls is None:
+        raise ModelRefError(
+            f"{str(path)!r}: transformers has no processor for model type {model_type!r}, which captionfleet "
+            "needs to turn an image and a prompt into its inputs; serve a family listed in the README"
+        )
+    with _as_model_ref_error(path, "its processor"):
+        settings, _ = cls.get_processor_dict(path, trust_remote_code=False, local_files_only=True)
+        return processors.assemble(cls, image_processor, tokenizer, settings)
+
+
 def check_loading_info(path: Path, info: dict[str, Any]) -> None:
     """Refuse a model that transformers completed with random weights or that left weights unused.
     transformers already leaves out what is legitimately absent (tied weights such as GPT-2's
@@ -86,7 +140,8 @@ def load_tokenizer(path: Path) -> Any:
 
 def load_image_processor(path: Path) -> Any:
     with _as_model_ref_error(path, "its image processor"):
-        return AutoImageProcessor.from_pretrained(path, use_fast=False, trust_remote_code=False)
+        # The PIL/numpy implementation: the other needs torchvision, which cannot be loaded here.
+        return AutoImageProcessor.from_pretrained(path, backend="pil", trust_remote_code=False)
 
 
 @contextmanager

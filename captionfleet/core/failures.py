@@ -29,9 +29,14 @@ UNAVAILABLE: Final = "unavailable"  # throttled or 5xx on every attempt: worth r
 TOO_LARGE: Final = "too_large"
 MALFORMED: Final = "malformed"
 FETCH_FAILURE: Final = "fetch"  # any other fetch error
+# The host asked dataset tools not to use the image (X-Robots-Tag: noai / noimageai): honoured, never read.
+OPTED_OUT: Final = "opted_out"
 
 # The model itself failed on the item.
 INFERENCE_FAILURE: Final = "inference"
+# The model ran but generated nothing to read (only whitespace or special tokens): not a caption. Its own
+# kind, so that `--retry-failed empty_caption` can redo those items after a model change.
+EMPTY_CAPTION: Final = "empty_caption"
 
 # Every kind a failure row or dead letter can carry; the metrics create each one's series at 0.
 FAILURE_KINDS: Final = frozenset(get_args(ImageFailureKind)) | {
@@ -42,7 +47,9 @@ FAILURE_KINDS: Final = frozenset(get_args(ImageFailureKind)) | {
     TOO_LARGE,
     MALFORMED,
     FETCH_FAILURE,
+    OPTED_OUT,
     INFERENCE_FAILURE,
+    EMPTY_CAPTION,
 }
 
 
@@ -69,6 +76,11 @@ class FetchError(Exception):
         super().__init__(message)
         self.kind = kind
         self.message = message
+
+
+class TransientFetchError(FetchError):
+    """An attempt failed in a way another attempt may fix (a timeout, a 5xx, a dropped connection): the
+    fetcher retries it, and reports its kind when the attempts run out."""
 
 
 # -- exit statuses ----------------------------------------------------------------------------------

@@ -279,3 +279,18 @@ def _extrema(img: Image.Image) -> tuple[float, float]:
 def _stretch(img: Image.Image, low: float, high: float) -> Image.Image:
     scale = 255 / ((high - low) or 1)
     return img.point(lambda v: (v - low) * scale)
+
+
+@dataclass(frozen=True, eq=False)
+class EncodedImage:
+    """An item's bytes and the limits they were decoded under: the origin of an input prepared for a
+    model (``core.captioner.ImageOrigin``), decoded again when another model must prepare it anew (the
+    hot swap). The bytes are kept rather than the decoded image: they are smaller (a JPEG is a tenth of
+    its pixels or less, and up to ``prefetch`` items wait for the model), and decoding again lets the
+    draft size be the new model's (a JPEG drafted for a 64 px model would starve a 384 px one)."""
+
+    data: bytes
+    limits: ImageLimits
+
+    def image(self, draft_size: tuple[int, int] | None) -> Image.Image:
+        return decode_image(self.data, limits=self.limits, draft_size=draft_size)

@@ -1,9 +1,10 @@
 """From a model ref to a loaded captioner: the one way every part loads a model.
 
-- ``load_checkpoint``: a local checkpoint folder -> a Captioner, optionally with torch's threads set
-  first. The trainer and the benchmarks pass ``threads=None``: they leave
-  torch's threads as the process set them (``train`` and the benchmarks set them themselves; evaluation
-  and the gate's scoring run with torch's default).
+- ``load_checkpoint``: a local checkpoint folder -> its family's captioner (config.json's ``model_type``:
+  ``vision-encoder-decoder`` -> ``Captioner`` and its fast path, any other image-text-to-text type ->
+  ``FamilyCaptioner``), optionally with torch's threads set first. The trainer and the benchmarks pass
+  ``threads=None``: they leave torch's threads as the process set them (``train`` and the benchmarks set
+  them themselves; evaluation and the gate's scoring run with torch's default).
 - ``load_model``: what ``WORKER_MODEL__*`` names (a folder, s3:// prefix, hub id, builtin, or a
   ``s3://.../models/<name>/LATEST`` ref, which loads the version LATEST names now) with the worker's
   device, precision, decoding and thread settings: what the worker, the bulk jobs and the dashboard serve.
@@ -17,11 +18,12 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import torch
 from botocore.exceptions import BotoCoreError, ClientError
+from PIL import Image
 
-from captionfleet.core.captioner import Captioner, CaptionModel
-from captionfleet.core.model_store import ModelRefError, resolve_model_ref
+from captionfleet.core.captioner import VED_FAMILY, Captioner, CaptionModel
+from captionfleet.core.families.captioner import FamilyCaptioner
+from captionfleet.core.model_store import ModelRefError, model_type_of, resolve_model_ref
 from captionfleet.core.registry_layout import LATEST, latest_root, read_latest, version_uri
 from captionfleet.core.s3 import make_s3_client
 from captionfleet.core.settings import DecodingSettings, S3Settings, WorkerSettings
@@ -29,11 +31,11 @@ from captionfleet.core.threads import apply_threads
 
 
 def warm_up(captioner: CaptionModel) -> float:
-    """One tiny batch; returns the seconds it took. The first model call pays for lazy initialisation
-    (seconds on CPU), which should not land on a real request's latency."""
-    width, height = captioner.image_size
+    """One tiny batch through the serving path; returns the seconds it took. The first model call pays
+    for lazy initialisation (seconds on CPU), which should not land on a real request's latency."""
+    width, height = captioner.draft_size or (64, 64)
     start = time.perf_counter()
-    captioner.caption_pixels(torch.zeros(1, 3, height, width))
+    captioner.caption_inputs([captioner.prepare(Image.new("RGB", (width, height)))])
     return time.perf_counter() - start
 
 
@@ -44,15 +46,17 @@ def load_checkpoint(
     precision: str,
     decoding: DecodingSettings | None = None,
     threads: int | None = None,
-) -> Captioner:
-    """A local checkpoint folder, loaded. ``threads``: torch's intra-op threads to set first (0 = the
-    container's CPU limit, see core/threads.py); None leaves them as the caller set them."""
+) -> CaptionModel:
+    """A local checkpoint folder, loaded by its family's captioner. ``threads``: torch's intra-op threads
+    to set first (0 = the container's CPU limit, see core/threads.py); None leaves them as the caller set them."""
     if threads is not None:
         apply_threads(threads)
-    return Captioner.from_dir(path, device=device, decoding=decoding, precision=precision)
+    if model_type_of(path) == VED_FAMILY:
+        return Captioner.from_dir(path, device=device, decoding=decoding, precision=precision)
+    return FamilyCaptioner.from_dir(path, device=device, decoding=decoding, precision=precision)
 
 
-def _load_ref(ref: str, settings: WorkerSettings) -> Captioner:
+def _load_ref(ref: str, settings: WorkerSettings) -> CaptionModel:
     model = settings.model
     path = resolve_model_ref(ref, cache_dir=model.cache_dir, s3=settings.s3)
     return load_checkpoint(
@@ -64,7 +68,7 @@ def _load_ref(ref: str, settings: WorkerSettings) -> Captioner:
     )
 
 
-def load_version(root: str, version: str, settings: WorkerSettings, *, warm: bool = False) -> Captioner:
+def load_version(root: str, version: str, settings: WorkerSettings, *, warm: bool = False) -> CaptionModel:
     """Version ``version`` of the registry at ``root`` (``s3://bucket/models/<name>``), with the worker's settings."""
     captioner = _load_ref(version_uri(root, version), settings)
     check_named_version(captioner, version, version_uri(root, version))
@@ -99,7 +103,7 @@ def serving_version(root: str, s3: S3Settings) -> str:
     return version
 
 
-def load_model(settings: WorkerSettings) -> Captioner:
+def load_model(settings: WorkerSettings) -> CaptionModel:
     """The model ``settings.model.ref`` names, with the worker's device, precision, decoding and threads.
     A ``.../LATEST`` ref loads the version LATEST names now."""
     root = latest_root(settings.model.ref)

@@ -26,6 +26,7 @@ from urllib.parse import urlparse
 
 from botocore.exceptions import BotoCoreError, ClientError
 
+from captionfleet.core.family import NATIVE_CONVERSIONS
 from captionfleet.core.s3 import describe_error, make_s3_client, parse_s3_uri
 from captionfleet.core.settings import S3Settings
 
@@ -59,7 +60,8 @@ WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
 REMOTE_CODE_HINT = (
     "captionfleet never runs checkpoint code: use a checkpoint of a model type transformers ships "
-    "(e.g. vision-encoder-decoder, as save_pretrained writes it)"
+    "(vision-encoder-decoder, blip, git, florence2, paligemma, smolvlm, qwen2_vl, llava, ..., as save_pretrained "
+    "writes it)"
 )
 # How long to wait for a TCP connection to the hub before treating it as offline.
 HUB_PROBE_TIMEOUT_S = 3.0
@@ -124,21 +126,40 @@ def _read_json(file: Path) -> object:
         ) from error
 
 
+def model_type_of(path: Path) -> str:
+    """config.json's model_type ("" when it has none), read without transformers."""
+    config = _read_json(path / "config.json")
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    return model_type if isinstance(model_type, str) else ""
+
+
 def _refuse_checkpoint_code(config: Path) -> None:
     # transformers imports the modules auto_map names from the checkpoint folder (after a y/N prompt
     # on a terminal, or a "y" waiting on stdin): refuse before it ever reads the file. Nested configs
     # (a VisionEncoderDecoder's encoder and decoder) are searched too.
-    pending = [_read_json(config)]
+    top = _read_json(config)
+    pending = [top]
     while pending:
         value = pending.pop()
         if isinstance(value, dict):
             if "auto_map" in value:
-                raise ModelRefError(
-                    f"{str(config.parent)!r} needs code of its own (auto_map in {config.name}); {REMOTE_CODE_HINT}"
-                )
+                raise ModelRefError(_remote_code_message(config, top))
             pending.extend(value.values())
         elif isinstance(value, list):
             pending.extend(value)
+
+
+def _remote_code_message(config: Path, top: object) -> str:
+    """Names the checkpoint's family and, where transformers ships one, its native conversion."""
+    model_type = top.get("model_type") if isinstance(top, dict) else None
+    family = f", model type {model_type!r}" if isinstance(model_type, str) and model_type else ""
+    native = NATIVE_CONVERSIONS.get(model_type) if isinstance(model_type, str) else None
+    fix = (
+        f"captionfleet never runs checkpoint code: use the native conversion instead, {native}"
+        if native
+        else REMOTE_CODE_HINT
+    )
+    return f"{str(config.parent)!r} needs code of its own (auto_map in {config.name}{family}); {fix}"
 
 
 def weight_files(path: Path) -> list[Path]:

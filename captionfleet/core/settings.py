@@ -66,7 +66,9 @@ class BatchSettings(BaseModel):
     max_items: int = Field(default=CPU_BATCH, ge=1, le=1024)
     # The wait is counted from the first item of a batch, so a lone image waits at most this.
     max_wait_ms: int = Field(default=50, ge=0)
-    # Cost limit: total source pixels in one batch (0 = no limit); bounds memory of decoded images.
+    # Cost limit (0 = no limit): the pixels the model's vision encoder processes in one batch, each image
+    # counted after resizing (ModelInput.cost: fixed for most families, a Qwen-VL image's visual tokens
+    # times the pixels each covers, a SmolVLM image's splits); bounds a batch's work and memory.
     max_pixels: int = Field(default=0, ge=0)
     # Images decoded ahead of the model; bounds memory while keeping the model fed.
     prefetch: int = Field(default=32, ge=1)
@@ -233,6 +235,13 @@ class FetchSettings(BaseModel):
     # outage retries (every such read fails after max_attempts).
     outage_budget_s: float = Field(default=300.0, ge=0)
     outage_retry_max_s: float = Field(default=15.0, gt=0)
+    # http(s): requests in flight to one host at once (a manifest of one site's urls must not flood it).
+    per_host_concurrency: int = Field(default=4, ge=1, le=256)
+    # Sent with every http(s) request, so a site can tell who fetches its images and reach the operator.
+    user_agent: str = "captionfleet/0.1 (image captioning; +set WORKER_FETCH__USER_AGENT to name your contact)"
+    # Honour X-Robots-Tag: noai / noimageai (failure kind opted_out); false only with the sites' consent.
+    honour_opt_out: bool = True
+    max_redirects: int = Field(default=5, ge=0, le=20)
 
     _split = field_validator("allowed_buckets", "allowed_hosts", mode="before")(_split_list)
 

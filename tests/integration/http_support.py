@@ -7,14 +7,13 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from captionfleet.core.captioner import Captioner, CaptionModel, ModelWrapper
+from captionfleet.core.captioner import Captioner, CaptionModel, ModelInput, ModelWrapper
+from captionfleet.core.generation import Caption
 from captionfleet.core.settings import DecodingSettings, WorkerSettings
 from captionfleet.worker.api_worker import ApiWorker
 from captionfleet.worker.metrics import Health, WorkerMetrics
@@ -40,13 +39,13 @@ class GatedModel(ModelWrapper):
     def wrapped(self) -> CaptionModel:
         return self._inner
 
-    def caption_pixels(self, pixel_values: torch.Tensor, decoding: DecodingSettings | None = None) -> list[str]:
+    def caption_inputs(self, inputs: Sequence[ModelInput], decoding: DecodingSettings | None = None) -> list[Caption]:
         with self._lock:
             self.entered += 1
-            self.sizes.append(int(pixel_values.shape[0]))
+            self.sizes.append(len(inputs))
         while not self._open.is_set() and not self._permits.acquire(timeout=0.01):
             pass
-        return self._inner.caption_pixels(pixel_values, decoding)
+        return self._inner.caption_inputs(inputs, decoding)
 
     def step(self) -> None:
         self._permits.release()

@@ -8,16 +8,17 @@ import subprocess
 import sys
 import threading
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 from PIL import Image
 
 import captionfleet.worker.bulk as bulk
-from captionfleet.core.captioner import Captioner
-from captionfleet.core.settings import WorkerSettings
+from captionfleet.core.captioner import Captioner, ModelInput, ModelWrapper
+from captionfleet.core.generation import Caption
+from captionfleet.core.settings import DecodingSettings, WorkerSettings
 from captionfleet.worker.bulk_worker import run_bulk_worker
 from tests.integration.test_bulk_s3 import cli_env, list_keys, read_rows
 from tests.services.seaweedfs import SeaweedS3
@@ -95,17 +96,21 @@ def test_metrics_and_readiness_while_the_shard_runs(
     real = Captioner.from_dir(tiny_checkpoint, device="cpu")
     calls = 0
 
-    class HeldCaptioner:
+    class HeldCaptioner(ModelWrapper):
         """The real captioner, held before its second batch until the test has looked at /metrics."""
 
-        version, source, image_size, preprocess = real.version, real.source, real.image_size, real.preprocess
+        @property
+        def wrapped(self) -> Captioner:
+            return real
 
-        def caption_pixels(self, pixels: torch.Tensor) -> list[str]:
+        def caption_inputs(
+            self, inputs: Sequence[ModelInput], decoding: DecodingSettings | None = None
+        ) -> list[Caption]:
             nonlocal calls
             calls += 1
             if calls == 2:
                 assert release.wait(60)
-            return real.caption_pixels(pixels)
+            return real.caption_inputs(inputs, decoding)
 
     monkeypatch.setattr(bulk, "load_captioner", lambda settings: HeldCaptioner())
     port = free_port()
@@ -138,3 +143,67 @@ def test_metrics_and_readiness_while_the_shard_runs(
         release.set()
         runner.join(120)
     assert exit_code == [3]  # the broken image has a failure row
+
+
+def test_an_archive_pod_exports_its_progress(
+    s3_server: SeaweedS3, s3_bucket: str, tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.webdataset_shards import good_samples, shard
+
+    client = s3_server.client()
+    for n in range(3):
+        members, _ = good_samples(f"s{n}-", 4)
+        client.put_object(Bucket=s3_bucket, Key=f"shards/{n:05d}.tar", Body=shard(members))
+    release = threading.Event()
+    real = Captioner.from_dir(tiny_checkpoint, device="cpu")
+    captioned = 0
+
+    class HeldCaptioner(ModelWrapper):
+        """The real captioner, held once the first shard's 4 images are captioned (and so before the second
+        shard's last one: batches hold at most 4) until the test has looked at /metrics."""
+
+        @property
+        def wrapped(self) -> Captioner:
+            return real
+
+        def caption_inputs(
+            self, inputs: Sequence[ModelInput], decoding: DecodingSettings | None = None
+        ) -> list[Caption]:
+            nonlocal captioned
+            if captioned >= 4:
+                assert release.wait(60)
+            captioned += len(inputs)
+            return real.caption_inputs(inputs, decoding)
+
+    monkeypatch.setattr(bulk, "load_captioner", lambda settings: HeldCaptioner())
+    port = free_port()
+    data: dict[str, Any] = WorkerSettings().model_dump()
+    data["metrics"].update(host="127.0.0.1", port=port)
+    data["s3"].update(endpoint_url=s3_server.endpoint_url, access_key_id=s3_server.access_key)
+    data["s3"]["secret_access_key"] = s3_server.secret_key
+    data["batch"].update(max_items=4, max_wait_ms=10)
+    settings = WorkerSettings.model_validate(data)
+    source, out = f"s3://{s3_bucket}/shards/{{00000..00002}}.tar", f"s3://{s3_bucket}/captions/"
+    exit_code: list[int] = []
+    runner = threading.Thread(target=lambda: exit_code.append(run_bulk_worker(settings, source, out)))
+    runner.start()
+    try:
+        text = ""
+        for _ in range(600):  # bounded: 60 s
+            try:
+                text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
+            except OSError:
+                text = ""
+            if "captionfleet_bulk_files_done 1.0" in text:
+                break
+            threading.Event().wait(0.1)
+        assert "captionfleet_bulk_files_total 3.0" in text and "captionfleet_bulk_files_done 1.0" in text, text
+        assert "captionfleet_bulk_images_per_second" in text and "captionfleet_bulk_eta_seconds" in text
+        eta = float(text.split("\ncaptionfleet_bulk_eta_seconds ")[1].split()[0])
+        assert eta > 0  # one file of three done: time is left, and it is known
+    finally:
+        release.set()
+        runner.join(120)
+    assert exit_code == [0]
+    written = list_keys(client, s3_bucket, "captions/")
+    assert {f"captions/{n:05d}.complete.json" for n in range(3)} <= set(written)

@@ -13,14 +13,15 @@ import os
 import signal
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from captionfleet.core.settings import SettingsError
+from captionfleet.core.loading import load_checkpoint
+from captionfleet.core.settings import DecodingSettings, SettingsError
 from captionfleet.core.signals import stop_on_signals
 from captionfleet.worker.api_worker import ApiWorker
 from captionfleet.worker.metrics import Health, WorkerMetrics
@@ -82,7 +83,7 @@ def test_multipart_files_are_answered_in_request_order_with_failure_kinds(api: R
         ("files", ("half.jpg", corpus["half.jpg"].data, "image/jpeg")),
         ("files", ("last.png", corpus["rgba.png"].data, "image/png")),
     ]
-    response = httpx.post(f"{api.url}/v1/captions", files=files, data={"prompt": "a photo of"}, timeout=60)
+    response = httpx.post(f"{api.url}/v1/captions", files=files, data={"max_new_tokens": "3"}, timeout=60)
     assert response.status_code == 200, response.text
     body = response.json()
     rows = body["results"]
@@ -90,7 +91,7 @@ def test_multipart_files_are_answered_in_request_order_with_failure_kinds(api: R
     assert [r["error_kind"] for r in rows] == [None, "not_an_image", "empty", corpus["half.jpg"].expect_kind, None]
     for row in (rows[0], rows[4]):
         assert row["ok"] and row["caption"] and row["width"] and row["inference_ms"] is not None
-        assert row["prompt"] == "a photo of"  # echoed: passed through until the model layer takes prompts
+        assert row["tokens"] is not None and row["mean_logprob"] is not None  # the caption's confidence
     assert {r["model_version"] for r in rows} == {body["model_version"]}
     assert body["worker"] == response.headers["x-captionfleet-worker"] == "test-worker"
     assert api.sample("captionfleet_images_total", outcome="captioned") == 2
@@ -101,12 +102,11 @@ def test_json_takes_base64_data_uris_and_allowed_uris_and_ids(api: RunningApi, i
     body = {
         "images": [
             {"id": "b64", "data": b64(JPEG)},
-            {"id": "data-uri", "uri": f"data:image/jpeg;base64,{b64(JPEG)}", "prompt": "own prompt"},
+            {"id": "data-uri", "uri": f"data:image/jpeg;base64,{b64(JPEG)}"},
             {"id": "file", "uri": f"file://{images}/cat.jpg"},
             {"id": "missing", "uri": f"file://{images}/nope.jpg"},
             {"uri": f"file://{images}/cat.jpg"},
         ],
-        "prompt": "request prompt",
         "max_new_tokens": 3,
     }
     response = httpx.post(f"{api.url}/v1/captions", json=body, timeout=60)
@@ -114,13 +114,27 @@ def test_json_takes_base64_data_uris_and_allowed_uris_and_ids(api: RunningApi, i
     rows = response.json()["results"]
     assert [r["id"] for r in rows] == ["b64", "data-uri", "file", "missing", "4"]
     assert [r["error_kind"] for r in rows] == [None, None, None, "not_found", None]
-    prompts = ["request prompt", "own prompt", "request prompt", "request prompt", "request prompt"]
-    assert [r["prompt"] for r in rows] == prompts
     assert rows[0]["uri"] == "upload:b64" and rows[2]["uri"] == f"file://{images}/cat.jpg"
     assert rows[2]["fetch_ms"] is not None and rows[0]["fetch_ms"] is None  # read by the API, not uploaded
 
     single = httpx.post(f"{api.url}/v1/captions", json={"id": "one", "data": b64(JPEG)}, timeout=60)
     assert [r["id"] for r in single.json()["results"]] == ["one"]
+
+
+def test_prompts_go_to_the_model_family_and_one_without_prompts_says_so(
+    api: RunningApi, tiny_family: Callable[[str], Path]
+) -> None:
+    refused = httpx.post(f"{api.url}/v1/captions", json={"data": b64(JPEG), "prompt": "a photo of"}, timeout=60)
+    (row,) = refused.json()["results"]  # the tiny checkpoint is a vision-encoder-decoder: it takes no prompt
+    assert row["error_kind"] == "malformed" and "takes no prompt" in row["error_message"]
+    assert row["prompt"] == "a photo of"
+    decoding = DecodingSettings(num_beams=1, max_new_tokens=4)
+    blip = load_checkpoint(tiny_family("blip"), device="cpu", precision="fp32", decoding=decoding)
+    with running_api(api_settings(), blip) as prompted:
+        body = {"images": [{"id": "own", "data": b64(JPEG), "prompt": "a picture of"}, {"data": b64(JPEG)}]}
+        rows = httpx.post(f"{prompted.url}/v1/captions", json={**body, "prompt": "a photo of"}, timeout=60).json()
+        assert [r["prompt"] for r in rows["results"]] == ["a picture of", "a photo of"]
+        assert all(r["ok"] for r in rows["results"]), rows
 
 
 class _CountingHandler(http.server.BaseHTTPRequestHandler):

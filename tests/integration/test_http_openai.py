@@ -35,8 +35,7 @@ def test_chat_completions_caption_image_url_parts(api: RunningApi) -> None:
         messages=[
             {
                 "role": "user",
-                "content": [
-                    {"type": "text", "text": "Describe the picture."},
+                "content": [  # no text part: the tiny checkpoint's family takes no prompt (tested below)
                     {"type": "image_url", "image_url": {"url": data_uri(jpeg_bytes())}},
                     {"type": "image_url", "image_url": {"url": data_uri(jpeg_bytes((320, 240)))}},
                 ],
@@ -48,6 +47,7 @@ def test_chat_completions_caption_image_url_parts(api: RunningApi) -> None:
     assert choice.message.role == "assistant" and choice.finish_reason == "stop"
     lines = (choice.message.content or "").split("\n")
     assert len(lines) == 2 and all(lines)  # one caption per image, in order
+    assert answer.usage is not None and answer.usage.completion_tokens > 0
     assert api.sample("captionfleet_http_requests_total", route="chat", code="200") == 1
 
 
@@ -63,6 +63,19 @@ def test_chat_failures_are_openai_errors(api: RunningApi) -> None:
         ask("s3://not-allowed/cat.jpg")  # the allow-list holds for the chat API too
     with pytest.raises(openai.UnprocessableEntityError, match=r"not_an_image|not a recognised image"):
         ask("data:image/jpeg;base64," + base64.b64encode(b"plain text, not a picture").decode())
+    with pytest.raises(openai.BadRequestError, match="takes no prompt"):  # its text part is the prompt
+        client.chat.completions.create(
+            model="any",
+            messages=[
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "text", "text": "Describe the picture."},
+                        {"type": "image_url", "image_url": {"url": data_uri(jpeg_bytes())}},
+                    ],
+                }
+            ],
+        )
     with pytest.raises(openai.BadRequestError, match="stream is not supported"):
         client.chat.completions.create(
             model="any",

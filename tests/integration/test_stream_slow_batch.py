@@ -11,15 +11,16 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 from kafka import TopicPartition
 
-from captionfleet.core.captioner import Captioner, ModelWrapper
+from captionfleet.core.captioner import Captioner, ModelInput, ModelWrapper
 from captionfleet.core.failures import EXIT_OK
+from captionfleet.core.generation import Caption
 from captionfleet.core.settings import DecodingSettings, WorkerSettings
 from captionfleet.worker.connectors.kafka import KafkaOutput, KafkaSource, make_producer
 from captionfleet.worker.fetch import Fetcher
@@ -44,9 +45,9 @@ class SlowCaptioner(ModelWrapper):
     def wrapped(self) -> Captioner:
         return self._inner
 
-    def caption_pixels(self, pixel_values: torch.Tensor, decoding: DecodingSettings | None = None) -> list[str]:
+    def caption_inputs(self, inputs: Sequence[ModelInput], decoding: DecodingSettings | None = None) -> list[Caption]:
         time.sleep(self.seconds)
-        return self._inner.caption_pixels(pixel_values, decoding)
+        return self._inner.caption_inputs(inputs, decoding)
 
 
 class CountingSource(KafkaSource):

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from kafka import TopicPartition
 
-from captionfleet.core.captioner import Captioner, CaptionModel, ModelWrapper
+from captionfleet.core.captioner import Captioner, CaptionModel, ModelInput, ModelWrapper
+from captionfleet.core.generation import Caption
 from captionfleet.core.settings import DecodingSettings
 from captionfleet.worker.messages import encode_json, encode_key
 from captionfleet.worker.stream.ports import Rebalance
@@ -212,11 +213,11 @@ class GatedCaptioner(ModelWrapper):
     def wrapped(self) -> CaptionModel:
         return self._inner
 
-    def caption_pixels(self, pixel_values: Any, decoding: DecodingSettings | None = None) -> list[str]:
+    def caption_inputs(self, inputs: Sequence[ModelInput], decoding: DecodingSettings | None = None) -> list[Caption]:
         self.entered.set()
         self.gate.wait(timeout=60)
-        self.batches.append(int(pixel_values.shape[0]))
-        return self._inner.caption_pixels(pixel_values, decoding)
+        self.batches.append(len(inputs))
+        return self._inner.caption_inputs(inputs, decoding)
 
 
 def wait_for(condition: Callable[[], bool], timeout_s: float = 30.0, what: str = "condition") -> None:

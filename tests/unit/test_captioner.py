@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from transformers import ViTImageProcessorPil
 
-from captionfleet.core.captioner import Captioner, checkpoint_version
+from captionfleet.core.captioner import Captioner, PromptError, checkpoint_version
 from captionfleet.core.model_store import ModelRefError
 from captionfleet.core.settings import DecodingSettings
 
@@ -89,3 +89,44 @@ def test_cuda_requested_without_gpu_names_the_fix(tiny_checkpoint: Path) -> None
         pytest.skip("a GPU is present")
     with pytest.raises(RuntimeError, match="auto or cpu"):
         Captioner.from_dir(tiny_checkpoint, device="cuda")
+
+
+# -- the pipeline's two steps: prepare in decode threads, caption_inputs in the model thread ----------
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_caption_inputs_gives_the_same_captions_as_caption(captioner: Captioner, num_beams: int) -> None:
+    # The serving path (prepare + caption_inputs) and caption()/caption_pixels() (bench, trainer, dashboard)
+    # run the same generate() call: the same captions, bit for bit.
+    images = _images(6)
+    decoding = DecodingSettings(num_beams=num_beams, max_new_tokens=8)
+    inputs = [captioner.prepare(image) for image in images]
+    assert all(item.cost == 32 * 32 and item.key == captioner.preparation_key for item in inputs)
+    assert [c.text for c in captioner.caption_inputs(inputs, decoding)] == captioner.caption(images, decoding)
+    assert captioner.family == "vision-encoder-decoder"
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_each_caption_carries_the_confidence_transformers_computes(captioner: Captioner, num_beams: int) -> None:
+    images = _images(4)
+    decoding = DecodingSettings(num_beams=num_beams, max_new_tokens=8)
+    config = captioner.generation_config(decoding)
+    config.output_scores, config.return_dict_in_generate = True, True
+    with torch.inference_mode():
+        output = captioner.model.generate(pixel_values=captioner.preprocess(images), generation_config=config)
+    beams = output.beam_indices if num_beams > 1 else None
+    scores = captioner.model.compute_transition_scores(output.sequences, output.scores, beams, normalize_logits=True)
+    captions = captioner.caption_inputs([captioner.prepare(image) for image in images], decoding)
+    for row, caption in enumerate(captions):
+        if num_beams == 1:
+            generated = output.sequences[row, 1:].tolist()  # after the decoder's start token
+            end = generated.index(config.eos_token_id) + 1 if config.eos_token_id in generated else len(generated)
+            assert caption.mean_logprob == pytest.approx(float(scores[row, :end].mean()), abs=1e-5)
+            assert caption.tokens == end - (config.eos_token_id in generated)
+        else:  # length_penalty 1: the sequence score is the mean log-probability per token
+            assert caption.mean_logprob == pytest.approx(float(output.sequences_scores[row]), abs=1e-5)
+
+
+def test_a_prompt_is_refused_by_a_model_that_takes_none(captioner: Captioner) -> None:
+    with pytest.raises(PromptError, match="takes no prompt"):
+        captioner.prepare(_images(1)[0], "a picture of")

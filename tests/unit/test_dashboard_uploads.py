@@ -136,7 +136,7 @@ def test_a_model_that_cannot_load_is_explained_and_the_fleet_tab_still_drawn(
 class SizeCaptioner:
     """Captions each image with the size it was given; checks that earlier batches were let go."""
 
-    image_size = (32, 32)
+    draft_size = (32, 32)
     version = "sizes-v1"
 
     def __init__(self) -> None:

@@ -18,7 +18,7 @@ from captionfleet.core import failures
 PACKAGE = Path(captionfleet.__file__).resolve().parent
 HOME = "captionfleet.core.failures"
 # Calls whose argument is a failure kind: (callable name, index of the kind argument).
-KIND_ARGUMENT = {"ImageError": 0, "FetchError": 0, "_Retry": 0, "_failure": 1}
+KIND_ARGUMENT = {"ImageError": 0, "FetchError": 0, "TransientFetchError": 0, "_failure": 1}
 
 
 def modules() -> Iterator[tuple[Path, ast.Module]]:

@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 
 from captionfleet.core import checkpoint_load
 from captionfleet.core.captioner import Captioner
+from captionfleet.core.loading import load_checkpoint
 from captionfleet.core.model_store import ModelRefError, check_checkpoint_dir
 from captionfleet.trainer.model import configure_model, load_training_parts
 from captionfleet.trainer.settings import TrainerSettings
@@ -240,3 +241,82 @@ def test_the_hot_swap_keeps_serving_when_a_version_is_broken(tiny_checkpoint: Pa
     assert watcher.check() == "failed"
     assert hot.version == serving.version
     assert metrics.sample("captionfleet_model_load_failures_total") == 1
+
+
+# -- the other families (core/families): the same rules --------------------------------------------
+
+# A Florence-2 checkpoint as microsoft/Florence-2-base ships it: transformers' own model type, with code
+# of its own named in auto_map.
+FLORENCE_AUTO_MAP = {
+    "AutoConfig": "configuration_florence2.Florence2Config",
+    "AutoModelForCausalLM": "modeling_florence2.Florence2ForConditionalGeneration",
+}
+
+
+def florence_with_remote_code(tiny_family: Callable[[str], Path], tmp_path: Path, marker: Path) -> Path:
+    ckpt = copy_checkpoint(tiny_family("florence2"), tmp_path)
+    config = json.loads((ckpt / "config.json").read_text())
+    config["auto_map"] = FLORENCE_AUTO_MAP
+    (ckpt / "config.json").write_text(json.dumps(config))
+    for module in ("configuration_florence2", "modeling_florence2"):
+        (ckpt / f"{module}.py").write_text(f"from pathlib import Path\nPath({str(marker)!r}).write_text('ran')\n")
+    return ckpt
+
+
+def test_a_family_checkpoint_with_code_of_its_own_is_refused_naming_the_native_conversion(
+    tiny_family: Callable[[str], Path], tmp_path: Path
+) -> None:
+    marker = tmp_path / "marker"
+    ckpt = florence_with_remote_code(tiny_family, tmp_path, marker)
+    with pytest.raises(ModelRefError) as info:
+        load_checkpoint(ckpt, device="cpu", precision="fp32")
+    message = str(info.value)
+    assert "auto_map in config.json, model type 'florence2'" in message
+    assert "florence-community/Florence-2-base" in message and "captionfleet never runs checkpoint code" in message
+    assert not marker.exists()
+
+
+def test_the_family_loaders_never_trust_checkpoint_code_even_past_the_check(
+    tiny_family: Callable[[str], Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("builtins.input", lambda *args: "y")
+    marker = tmp_path / "marker"
+    ckpt = florence_with_remote_code(tiny_family, tmp_path, marker)
+    for load in (
+        checkpoint_load.load_config,
+        lambda path: checkpoint_load.load_processor(path, "florence2"),
+        lambda path: checkpoint_load.load_image_text_model(path, torch.float32),
+    ):
+        with contextlib.suppress(ModelRefError):
+            load(ckpt)
+        assert not marker.exists()
+
+
+@pytest.mark.parametrize("family", ["blip", "qwen2_vl"])
+def test_a_family_checkpoint_holding_half_its_weights_is_refused(
+    family: str, tiny_family: Callable[[str], Path], tmp_path: Path
+) -> None:
+    ckpt = with_half_the_weights(copy_checkpoint(tiny_family(family), tmp_path))
+    with pytest.raises(ModelRefError, match=r"lacks \d+ of the model's weights"):
+        load_checkpoint(ckpt, device="cpu", precision="fp32")
+
+
+def test_a_family_checkpoint_with_an_extra_tensor_or_only_pickles_is_refused(
+    tiny_family: Callable[[str], Path], tmp_path: Path
+) -> None:
+    extra = copy_checkpoint(tiny_family("git"), tmp_path, "extra")
+    save_file({**tensors(extra), "git.extra.weight": torch.zeros(3)}, str(extra / "model.safetensors"))
+    with pytest.raises(ModelRefError, match=r"holds 1 weights the model does not have"):
+        load_checkpoint(extra, device="cpu", precision="fp32")
+    pickled = copy_checkpoint(tiny_family("git"), tmp_path, "pickled")
+    (pickled / "model.safetensors").unlink()
+    (pickled / "pytorch_model.bin").write_bytes(b"never unpickled")
+    with pytest.raises(ModelRefError, match="only safetensors are loaded"):
+        load_checkpoint(pickled, device="cpu", precision="fp32")
+
+
+def test_the_vision_encoder_decoder_captioner_names_the_loader_for_another_family(
+    tiny_family: Callable[[str], Path],
+) -> None:
+    with pytest.raises(ModelRefError, match="'blip' checkpoint, not vision-encoder-decoder: load it with"):
+        Captioner.from_dir(tiny_family("blip"), device="cpu")

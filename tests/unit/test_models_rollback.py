@@ -10,13 +10,13 @@ from typing import Any
 
 import pytest
 
-from captionfleet.core.captioner import Captioner
+from captionfleet.core.captioner import CaptionModel
 from captionfleet.core.model_store import ModelRefError, resolve_model_ref
 from captionfleet.core.registry_layout import version_uri
 from captionfleet.core.s3 import is_storage_error
 from captionfleet.worker.hotswap import HotSwapCaptioner
 from captionfleet.worker.watcher import ModelWatcher
-from tests.unit.test_models_swap import FakeCaptioner, batch
+from tests.unit.test_models_swap import FakeCaptioner, texts
 from tests.unit.test_s3_fake import FakeS3, read_timeout, slow_down
 
 ROOT = "s3://bucket/models/x"
@@ -33,7 +33,7 @@ class Latest:
     def read(self) -> str | None:
         return self.version
 
-    def load(self, version: str) -> Captioner:
+    def load(self, version: str) -> CaptionModel:
         self.loads.append(version)
         if version in self.fail:
             raise self.fail[version]
@@ -58,12 +58,12 @@ def test_rollback_while_a_swap_is_pending_keeps_the_active_model_without_a_reloa
     assert watcher.check() == "unchanged"
     assert latest.loads == ["v2"]  # v1 is serving: not loaded again
     assert hot.pending_version is None  # the offer of the rolled-back v2 is withdrawn
-    assert hot.caption_pixels(batch()) == ["v1", "v1"]
+    assert texts(hot) == ["v1", "v1"]
     assert swaps == []
     assert watcher.check() == "unchanged" and latest.loads == ["v2"]
     latest.version = "v2"  # promoted again later: loaded again, and swapped to
     assert watcher.check() == "loaded"
-    assert hot.caption_pixels(batch(1)) == ["v2"] and swaps == [("v1", "v2")]
+    assert texts(hot, 1) == ["v2"] and swaps == [("v1", "v2")]
 
 
 def test_a_pending_offer_is_withdrawn_when_latest_moves_to_a_version_that_fails() -> None:
@@ -75,11 +75,11 @@ def test_a_pending_offer_is_withdrawn_when_latest_moves_to_a_version_that_fails(
     latest.version = "v3"
     assert watcher.check() == "failed"
     assert hot.pending_version is None
-    assert hot.caption_pixels(batch(1)) == ["v1"]  # not the v2 LATEST no longer names
+    assert texts(hot, 1) == ["v1"]  # not the v2 LATEST no longer names
     assert watcher.check() == "known_bad"
     latest.version = "v2"  # v2 was withdrawn, so it is loaded again
     assert watcher.check() == "loaded" and latest.loads == ["v2", "v3", "v2"]
-    assert hot.caption_pixels(batch(1)) == ["v2"]
+    assert texts(hot, 1) == ["v2"]
 
 
 def wrapped_storage_error() -> ModelRefError:
@@ -105,7 +105,7 @@ def test_a_storage_error_is_retried_at_the_next_poll_a_broken_checkpoint_is_not(
     now[0] = 2.0
     del latest.fail["v2"]
     assert watcher.check() == "loaded" and latest.loads == ["v2", "v2", "v2"]
-    assert hot.caption_pixels(batch(1)) == ["v2"]
+    assert texts(hot, 1) == ["v2"]
 
     latest.version = "broken"
     latest.fail["broken"] = ModelRefError("s3://b/models/x/versions/broken holds only pickled weights")
@@ -168,7 +168,7 @@ def test_download_errors_from_the_model_store_are_retried_at_the_next_poll(s3: P
     latest = ["v1"]
     loads: list[str] = []
 
-    def load(version: str) -> Captioner:
+    def load(version: str) -> CaptionModel:
         loads.append(version)
         resolve_model_ref(version_uri(ROOT, version), cache_dir=tmp_path / "cache")
         return FakeCaptioner(version)
@@ -180,7 +180,7 @@ def test_download_errors_from_the_model_store_are_retried_at_the_next_poll(s3: P
     assert watcher.check() == "failed"
     now[0] = 1.0
     assert watcher.check() == "loaded" and loads == ["v2", "v2"]
-    assert hot.caption_pixels(batch(1)) == ["v2"]
+    assert texts(hot, 1) == ["v2"]
 
     latest[0] = "pickled"
     assert watcher.check() == "failed"

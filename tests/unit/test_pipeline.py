@@ -1,7 +1,7 @@
 """The pipeline's own logic, with an in-memory source and sink and a fake model.
 
 The fake captioner implements the same surface the pipeline uses from the real one
-(version, image_size, preprocess.array, caption_pixels); the real model is covered elsewhere.
+(version, draft_size, prepare, caption_inputs); the real model is covered elsewhere.
 """
 
 from __future__ import annotations
@@ -12,9 +12,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
+from captionfleet.core.captioner import ImageOrigin, KeptImage, ModelInput, PromptError
+from captionfleet.core.generation import Caption
 from captionfleet.core.images import ImageLimits
 from captionfleet.core.settings import BatchSettings
 from captionfleet.worker.messages import Result
@@ -32,6 +33,7 @@ class MemoryItem:
     id: str
     data: bytes | Exception
     uri: str = ""
+    prompt: str | None = None
 
     def read(self) -> bytes:
         if isinstance(self.data, Exception):
@@ -66,24 +68,39 @@ class RedPreprocess:
 
 class FakeCaptioner:
     version = "fake-1"
-    image_size = (2, 2)
+    family = "fake"
+    preparation_key = "fake"
+    draft_size = (2, 2)
 
-    def __init__(self, fail_on_red: int | None = None) -> None:
+    def __init__(self, fail_on_red: int | None = None, empty_on_red: int | None = None) -> None:
         self.preprocess = RedPreprocess()
         self.batches: list[int] = []
+        self.costs: list[int] = []
+        self.prompts: list[str | None] = []
         self.fail_on_red = fail_on_red
+        self.empty_on_red = empty_on_red
         self.in_inference = threading.Event()
         self.release = threading.Event()
         self.release.set()
 
-    def caption_pixels(self, pixels: torch.Tensor) -> list[str]:
+    def prepare(
+        self, image: Image.Image, prompt: str | None = None, *, origin: ImageOrigin | None = None
+    ) -> ModelInput:
+        if prompt == "refused":
+            raise PromptError("this model takes no prompt")
+        self.prompts.append(prompt)
+        red = int(self.preprocess.array(image)[0, 0, 0])
+        return ModelInput({"red": red}, cost=100 + red, key="fake", prompt=prompt, origin=origin or KeptImage(image))
+
+    def caption_inputs(self, inputs: list[ModelInput], decoding: object = None) -> list[Caption]:
         self.in_inference.set()
         assert self.release.wait(10)
-        reds = [int(v) for v in pixels[:, 0, 0, 0]]
+        reds = [int(item.features["red"]) for item in inputs]
         if self.fail_on_red is not None and self.fail_on_red in reds:
             raise RuntimeError("the model broke on this image")
         self.batches.append(len(reds))
-        return [f"red={r}" for r in reds]
+        self.costs.append(sum(item.cost for item in inputs))
+        return [Caption("" if r == self.empty_on_red else f"red={r}", -0.25 * r, r % 5 + 1) for r in reds]
 
 
 def run(items: list[MemoryItem], captioner: FakeCaptioner, **batch: int) -> tuple[MemorySink, CaptionPipeline]:
@@ -233,3 +250,48 @@ def test_a_failing_sink_stops_the_source_thread_and_raises() -> None:
         pipeline.run(items)
     # The producer was blocked on the full queue; left there it would hold its thread forever.
     assert not any(t.name == "source" and t.is_alive() for t in threading.enumerate())
+
+
+# -- model inputs, confidence, empty captions, prompts ---------------------------------------------
+
+
+def test_rows_carry_the_caption_confidence() -> None:
+    sink, _ = run([MemoryItem(str(i), png((i, 0, 0))) for i in range(4)], FakeCaptioner())
+    by_id = {r.id: r for r in sink.rows}
+    for i in range(4):
+        assert by_id[str(i)].mean_logprob == -0.25 * i
+        assert by_id[str(i)].tokens == i % 5 + 1
+        assert by_id[str(i)].to_row()["mean_logprob"] == -0.25 * i
+
+
+def test_an_empty_caption_is_a_failure_row_of_its_own_kind() -> None:
+    sink, pipeline = run([MemoryItem(str(i), png((i, 0, 0))) for i in range(4)], FakeCaptioner(empty_on_red=2))
+    by_id = {r.id: r for r in sink.rows}
+    assert by_id["2"].error_kind == "empty_caption" and by_id["2"].caption is None
+    assert "--retry-failed empty_caption" in (by_id["2"].error_message or "")
+    assert by_id["2"].tokens == 3  # what the model did is still there to look at
+    assert all(by_id[str(i)].ok for i in (0, 1, 3))
+    assert pipeline.stats.failed_by_kind == {"empty_caption": 1} and pipeline.stats.done == 3
+
+
+def test_the_batcher_counts_what_each_input_costs_the_model() -> None:
+    captioner = FakeCaptioner()
+    # Costs 100 + red: 100, 101, ..., 105; a limit of 210 lets two inputs into a batch, never three.
+    items = [MemoryItem(str(i), png((i, 0, 0))) for i in range(6)]
+    run(items, captioner, max_items=8, max_pixels=210, max_wait_ms=10_000)
+    assert captioner.batches == [2, 2, 2]
+    assert captioner.costs == [201, 205, 209]
+
+
+def test_an_item_prompt_reaches_the_model_and_a_refused_one_fails_alone() -> None:
+    captioner = FakeCaptioner()
+    items = [
+        MemoryItem("default", png((1, 0, 0))),
+        MemoryItem("asked", png((2, 0, 0)), prompt="a picture of"),
+        MemoryItem("refused", png((3, 0, 0)), prompt="refused"),
+    ]
+    sink, _ = run(items, captioner)
+    by_id = {r.id: r for r in sink.rows}
+    assert sorted(captioner.prompts, key=str) == [None, "a picture of"]
+    assert by_id["refused"].error_kind == "malformed" and "takes no prompt" in (by_id["refused"].error_message or "")
+    assert by_id["default"].ok and by_id["asked"].ok

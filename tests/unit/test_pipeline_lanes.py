@@ -10,38 +10,35 @@ from collections.abc import Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
-import torch
-
+from captionfleet.core.captioner import ModelInput
+from captionfleet.core.generation import Caption
 from captionfleet.core.images import ImageLimits
 from captionfleet.core.settings import BatchSettings, DecodingSettings
 from captionfleet.worker.messages import Result
 from captionfleet.worker.pipeline import CaptionPipeline
 from tests.unit.stream_fakes import wait_for
-from tests.unit.test_pipeline import MemoryItem, MemorySink, RedPreprocess, png
+from tests.unit.test_pipeline import FakeCaptioner, MemoryItem, MemorySink, png
 
 INTERACTIVE = 100  # red values from here on are interactive items
 
 
-class GatedFake:
+class GatedFake(FakeCaptioner):
     """Captions each image with its red value; each batch waits at the gate (``step`` lets one through)."""
 
-    version = "fake-1"
-    image_size = (2, 2)
-
     def __init__(self) -> None:
-        self.preprocess = RedPreprocess()
-        self.batches: list[list[int]] = []
-        self.decodings: list[DecodingSettings | None] = []
+        super().__init__()
+        self.reds: list[list[int]] = []  # each batch's images, by their red value
+        self.decodings: list[object] = []
         self._permits = threading.Semaphore(0)
         self.opened = threading.Event()
 
-    def caption_pixels(self, pixels: torch.Tensor, decoding: DecodingSettings | None = None) -> list[str]:
-        reds = [int(p[0, 0, 0]) for p in pixels]
-        self.batches.append(reds)
+    def caption_inputs(self, inputs: list[ModelInput], decoding: object = None) -> list[Caption]:
+        reds = [int(item.features["red"]) for item in inputs]
+        self.reds.append(reds)
         self.decodings.append(decoding)
         while not self.opened.is_set() and not self._permits.acquire(timeout=0.01):
             pass
-        return [str(red) for red in reds]
+        return [Caption(str(red), -0.5, 1) for red in reds]
 
     def step(self, batches: int = 1) -> None:
         for _ in range(batches):
@@ -109,34 +106,34 @@ def test_an_interactive_item_overtakes_the_queued_backlog() -> None:
     model = GatedFake()
     run = Run(model, bulk=40, share=0.25)
     run.thread.start()
-    wait_for(lambda: len(model.batches) == 1, 30, "the first batch at the gate")
+    wait_for(lambda: len(model.reds) == 1, 30, "the first batch at the gate")
     wait_for(lambda: run.pipeline._lanes._bulk.__len__() >= 30, 30, "the backlog queued")
     urgent = Offered("now", INTERACTIVE)
     run.pipeline.offer(urgent)
     model.step()  # the first batch ends; the next one is formed with the interactive item in it
-    wait_for(lambda: len(model.batches) == 2, 30, "the second batch")
-    assert INTERACTIVE in model.batches[1]
+    wait_for(lambda: len(model.reds) == 2, 30, "the second batch")
+    assert INTERACTIVE in model.reds[1]
     model.step()
     assert urgent.future.result(timeout=30).caption == str(INTERACTIVE)
     run.finish(model)
     # Nothing of the backlog lost or captioned twice, and only it went to the sink.
     assert sorted(r.id for r in run.sink.rows) == sorted(item.id for item in run.items)
-    assert sorted(red for batch in model.batches for red in batch) == [*range(1, 41), INTERACTIVE]
+    assert sorted(red for batch in model.reds for red in batch) == [*range(1, 41), INTERACTIVE]
 
 
 def test_stream_items_keep_their_share_of_every_batch_while_both_lanes_wait() -> None:
     model = GatedFake()
     run = Run(model, bulk=20, share=0.5)
     run.thread.start()
-    wait_for(lambda: len(model.batches) == 1, 30, "the first batch at the gate")
+    wait_for(lambda: len(model.reds) == 1, 30, "the first batch at the gate")
     flood = [Offered(f"i{i}", INTERACTIVE + i) for i in range(40)]
     for item in flood:
         run.pipeline.offer(item)
     model.step(6)
-    wait_for(lambda: len(model.batches) >= 6, 30, "five more batches")
-    for batch in model.batches[1:6]:  # both lanes were waiting: half the rows each
-        assert len([red for red in batch if red < INTERACTIVE]) == 2, model.batches
-        assert len([red for red in batch if red >= INTERACTIVE]) == 2, model.batches
+    wait_for(lambda: len(model.reds) >= 6, 30, "five more batches")
+    for batch in model.reds[1:6]:  # both lanes were waiting: half the rows each
+        assert len([red for red in batch if red < INTERACTIVE]) == 2, model.reds
+        assert len([red for red in batch if red >= INTERACTIVE]) == 2, model.reds
     run.finish(model)
     assert all(item.future.result(timeout=30).caption == str(item.red) for item in flood)
     assert len(run.sink.rows) == 20
@@ -151,7 +148,7 @@ def test_a_batch_with_an_interactive_item_runs_after_its_own_wait_not_the_stream
         urgent = Offered("alone", INTERACTIVE)
         run.pipeline.offer(urgent)
         assert urgent.future.result(timeout=30).ok  # well before the minute: the interactive wait is 0
-        assert INTERACTIVE in model.batches[0]  # the first batch, whatever the stream's wait
+        assert INTERACTIVE in model.reds[0]  # the first batch, whatever the stream's wait
     finally:
         run.finish(model)
 
@@ -160,7 +157,7 @@ def test_a_cancelled_interactive_item_is_dropped_and_its_own_decoding_gets_its_o
     model = GatedFake()
     run = Run(model, bulk=1, share=0.25, max_items=8, wait_ms=50)
     run.thread.start()
-    wait_for(lambda: len(model.batches) == 0, 1, "nothing yet")
+    wait_for(lambda: len(model.reds) == 0, 1, "nothing yet")
     gone = Offered("gone", INTERACTIVE)
     gone.future.cancel()
     beams = DecodingSettings(num_beams=2, max_new_tokens=5)
@@ -171,6 +168,6 @@ def test_a_cancelled_interactive_item_is_dropped_and_its_own_decoding_gets_its_o
     model.opened.set()
     assert own.future.result(timeout=30).ok and plain.future.result(timeout=30).ok
     assert gone.drops == 1
-    assert sorted(map(sorted, model.batches)) == [[1, INTERACTIVE + 2], [INTERACTIVE + 1]]
+    assert sorted(map(sorted, model.reds)) == [[1, INTERACTIVE + 2], [INTERACTIVE + 1]]
     assert beams in model.decodings
     run.finish(model)

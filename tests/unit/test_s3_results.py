@@ -111,7 +111,12 @@ def test_sink_uploads_whole_parts_with_the_listing_facts_and_clears_the_marker_f
     for i in range(7):
         obj = S3Object("src", f"k{i}", f'"etag{i}"', 100 + i)
         sink.track(S3Item(obj, future=None))  # type: ignore[arg-type]
-    sink.write([Result(id=f"k{i}", uri=f"s3://src/k{i}", model_version="v", caption="c") for i in range(7)])
+    sink.write(
+        [
+            Result(id=f"k{i}", uri=f"s3://src/k{i}", model_version="v", caption="c", mean_logprob=-0.5, tokens=i)
+            for i in range(7)
+        ]
+    )
     assert [n for _, n in written] == [3, 3]  # full parts go as soon as they are full
     assert ("out", f"res/{MARKER_NAME}") not in s3.objects
     sink.close()
@@ -120,6 +125,7 @@ def test_sink_uploads_whole_parts_with_the_listing_facts_and_clears_the_marker_f
     assert [(r["key"], r["etag"], r["size"], r["run_id"]) for r in rows] == [
         (f"k{i}", f'"etag{i}"', 100 + i, "abc") for i in range(7)
     ]
+    assert [(r["mean_logprob"], r["tokens"]) for r in rows] == [(-0.5, i) for i in range(7)]
 
 
 # -- resume decisions and superseding ------------------------------------------------------------------

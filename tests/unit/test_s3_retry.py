@@ -12,11 +12,12 @@ from typing import Any
 
 import numpy as np
 import pytest
-import torch
 from botocore.exceptions import ConnectTimeoutError, EndpointConnectionError
 from PIL import Image
 
+from captionfleet.core.captioner import KeptImage, ModelInput
 from captionfleet.core.failures import FetchError, ImageError
+from captionfleet.core.generation import Caption
 from captionfleet.core.images import ImageLimits
 from captionfleet.core.s3 import RetryPolicy, access_error, is_retryable
 from captionfleet.core.settings import BatchSettings
@@ -169,16 +170,20 @@ class RedPreprocess:
 
 
 class FakeCaptioner:
-    """The surface the pipeline uses (version, image_size, preprocess.array, caption_pixels)."""
+    """The surface the pipeline uses (version, draft_size, prepare, caption_inputs)."""
 
     version = "fake-1"
-    image_size = (2, 2)
+    draft_size = (2, 2)
 
     def __init__(self) -> None:
         self.preprocess = RedPreprocess()
 
-    def caption_pixels(self, pixels: torch.Tensor) -> list[str]:
-        return [f"red {int(row[0, 0, 0])}" for row in pixels]
+    def prepare(self, image: Image.Image, prompt: str | None = None, *, origin: object = None) -> ModelInput:
+        pixels = self.preprocess.array(image)
+        return ModelInput({"red": int(pixels[0, 0, 0])}, cost=4, key="fake", prompt=prompt, origin=KeptImage(image))
+
+    def caption_inputs(self, inputs: list[ModelInput], decoding: object = None) -> list[Caption]:
+        return [Caption(f"red {item.features['red']}", -1.0, 2) for item in inputs]
 
 
 class ListSink:

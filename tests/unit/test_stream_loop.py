@@ -150,6 +150,7 @@ def test_every_request_answered_once_and_committed_only_after_ack(make: Any, roo
     results = {v["id"]: v for v in output.values(RESULTS)}
     assert results["g0"]["metadata"] == {"album": 7} and results["g0"]["caption"] is not None
     assert results["g0"]["model_version"] and results["g0"]["worker"] == "test"
+    assert results["g0"]["mean_logprob"] <= 0 and results["g0"]["tokens"] >= 1  # the caption's confidence
     dead = {key: value for topic, key, value in output.sent if topic == DEAD}
     assert {k: v["kind"] for k, v in dead.items()} == {
         "b0": "not_an_image",

@@ -143,7 +143,8 @@ def create_app(ctx: ApiContext) -> Guard:
                 if not result.ok:
                     kind = result.error_kind or MALFORMED
                     raise Refused(status_of(kind), kind, f"{result.id}: {result.error_message}")
-            return chat_answer([r.caption or "" for r in results], ctx.lane.version, ctx.worker)
+            tokens = sum(r.tokens or 0 for r in results)
+            return chat_answer([r.caption or "" for r in results], tokens, ctx.lane.version, ctx.worker)
 
         return await handle("chat", request, work)
 

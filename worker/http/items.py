@@ -21,8 +21,8 @@ class ApiItem:
     id: str
     uri: str
     data: bytes = b""
-    # Passed through to the answer. The model layer honours it once items carry prompts; until then it is
-    # only echoed (README, "Caption API").
+    # The model family's prompt for it (None: the family's default); a family that takes no prompt answers
+    # the image as malformed. Echoed in its answer.
     prompt: str | None = None
     # Per-request decoding (None: the worker's WORKER_DECODING__*), already capped by the API's limits.
     decoding: DecodingSettings | None = None

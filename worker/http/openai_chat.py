@@ -76,9 +76,9 @@ def parse_chat(body: Any, base: DecodingSettings, limits: HttpSettings) -> Asked
     return Asked(wanted, decoding_for(base, limits, None, _tokens(body)))
 
 
-def chat_answer(captions: list[str], model_version: str, worker: str) -> dict[str, Any]:
-    """A ``chat.completion`` holding the captions, one line each. No ``usage``: token counts come with the
-    model layer's results (mean_logprob, tokens), not yet here."""
+def chat_answer(captions: list[str], tokens: int, model_version: str, worker: str) -> dict[str, Any]:
+    """A ``chat.completion`` holding the captions, one line each; ``usage`` counts the captions' generated
+    tokens (the prompt's are not counted: images have no token price here)."""
     return {
         "id": f"chatcmpl-{uuid.uuid4().hex}",
         "object": "chat.completion",
@@ -92,5 +92,6 @@ def chat_answer(captions: list[str], model_version: str, worker: str) -> dict[st
                 "logprobs": None,
             }
         ],
+        "usage": {"prompt_tokens": 0, "completion_tokens": tokens, "total_tokens": tokens},
         "worker": worker,
     }

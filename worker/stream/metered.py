@@ -1,6 +1,6 @@
 """The stream's model: the loaded one as it is (no copy), timing each batch for the metrics.
 
-A ``CaptionModel`` by delegation: what it reports (version, preprocessing, ...) is read from the wrapped
+A ``CaptionModel`` by delegation: what it reports (version, family, ...) is read from the wrapped
 model at each call, never copied. A hot swap (``worker.hotswap``) happens at the start of a batch, so
 right after a batch these name the model that ran it, and its results carry the right model_version.
 """
@@ -8,10 +8,10 @@ right after a batch these name the model that ran it, and its results carry the 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 
-import torch
-
-from captionfleet.core.captioner import CaptionModel, ModelWrapper
+from captionfleet.core.captioner import CaptionModel, ModelInput, ModelWrapper
+from captionfleet.core.generation import Caption
 from captionfleet.core.settings import DecodingSettings
 from captionfleet.worker.metrics import WorkerMetrics
 
@@ -25,10 +25,10 @@ class MeteredCaptioner(ModelWrapper):
     def wrapped(self) -> CaptionModel:
         return self._inner
 
-    def caption_pixels(self, pixel_values: torch.Tensor, decoding: DecodingSettings | None = None) -> list[str]:
+    def caption_inputs(self, inputs: Sequence[ModelInput], decoding: DecodingSettings | None = None) -> list[Caption]:
         start = time.perf_counter()
         try:
-            return self._inner.caption_pixels(pixel_values, decoding)
+            return self._inner.caption_inputs(inputs, decoding)
         finally:
-            self._metrics.batch_size.observe(int(pixel_values.shape[0]))
+            self._metrics.batch_size.observe(len(inputs))
             self._metrics.inference.observe(time.perf_counter() - start)

@@ -1,0 +1,243 @@
+"""``FamilyCaptioner``: the ``CaptionModel`` of every family but ViT-GPT2 (which keeps its fast path,
+core/captioner.py): BLIP, GIT, Florence-2, PaliGemma, SmolVLM/Idefics3, LLaVA, Qwen2/2.5/3-VL, and any
+other model type transformers maps to ``AutoModelForImageTextToText``.
+
+Precision (``precision="auto"``): on CUDA the checkpoint's own half type when it was saved in bfloat16
+(models trained in bf16 can overflow in fp16) and the GPU has bf16, else fp16; on CPU fp32, the honest
+default: no agreement with fp32 has been measured for these families yet, so none is assumed. ``bf16``
+can be asked for on either device; the int8 paths are ViT-GPT2's only.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from transformers import GenerationConfig, LogitsProcessorList
+from transformers.utils import logging as hf_logging
+
+from captionfleet.core import checkpoint_load, fastpath
+from captionfleet.core.captioner import (
+    ImageOrigin,
+    KeptImage,
+    ModelInput,
+    PromptError,
+    checkpoint_version,
+    own_inputs,
+    pick_device,
+)
+from captionfleet.core.families import prompts
+from captionfleet.core.families.collate import collate
+from captionfleet.core.family import Family, family_for
+from captionfleet.core.generation import Caption, captions_from_output, recorder_for
+from captionfleet.core.model_store import check_checkpoint_dir
+from captionfleet.core.settings import DecodingSettings
+
+logger = logging.getLogger(__name__)
+
+# The files that decide how an image and a prompt become inputs (not the weights, not the model's
+# config): two checkpoints with the same ones prepare the same inputs (see preparation_key).
+WEIGHT_AND_MODEL_FILES = frozenset({"config.json", "generation_config.json", "captionfleet.json"})
+
+
+def resolve_precision(requested: str, device: torch.device, checkpoint_dtype: torch.dtype | None) -> str:
+    if requested not in ("auto", "fp32", "bf16", "fp16"):
+        raise ValueError(
+            f"precision {requested!r} is for vision-encoder-decoder models only; use auto, fp32, bf16 or fp16"
+        )
+    if device.type == "cuda":
+        if requested != "auto":
+            return requested
+        bf16 = checkpoint_dtype == torch.bfloat16 and torch.cuda.is_bf16_supported()
+        return "bf16" if bf16 else "fp16"
+    if requested == "fp16":
+        raise ValueError("precision 'fp16' is for CUDA; on CPU use fp32 (the default) or bf16")
+    return "fp32" if requested == "auto" else requested
+
+
+def saved_dtype(config: Any) -> torch.dtype | None:
+    """The dtype the checkpoint's weights were saved in, as its config records it (a name or a dtype)."""
+    value = getattr(config, "dtype", None)
+    if isinstance(value, str):
+        value = getattr(torch, value.removeprefix("torch."), None)
+    return value if isinstance(value, torch.dtype) else None
+
+
+def preparation_digest(path: Path) -> str:
+    """A digest of the checkpoint's processor files (tokenizer, image processor, chat template)."""
+    digest = hashlib.sha256()
+    for file in sorted(path.iterdir()):
+        if file.is_file() and file.name not in WEIGHT_AND_MODEL_FILES and not file.name.startswith("model."):
+            digest.update(file.name.encode() + b"\0" + file.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
+
+class FamilyCaptioner:
+    """A loaded checkpoint of any image-text-to-text family. ``prepare`` from any thread,
+    ``caption_inputs`` from one at a time."""
+
+    def __init__(
+        self,
+        model: Any,
+        processor: Any,
+        family: Family,
+        *,
+        version: str,
+        source: str,
+        decoding: DecodingSettings,
+        precision: str,
+        preparation_key: str,
+    ) -> None:
+        self.model = model
+        self.processor = processor
+        self.spec = family
+        self.version = version
+        self.source = source
+        self.decoding = decoding
+        self.precision = precision
+        self._preparation_key = preparation_key
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self._draft_size = prompts.draft_size(processor.image_processor)
+        tokenizer = processor.tokenizer
+        self.pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
+
+    @property
+    def family(self) -> str:
+        return self.spec.model_type
+
+    @property
+    def preparation_key(self) -> str:
+        return self._preparation_key
+
+    @property
+    def draft_size(self) -> tuple[int, int] | None:
+        return self._draft_size
+
+    @property
+    def default_prompt(self) -> str | None:
+        return self.spec.default_prompt
+
+    @classmethod
+    def from_dir(
+        cls, path: Path, *, device: str = "auto", decoding: DecodingSettings | None = None, precision: str = "auto"
+    ) -> FamilyCaptioner:
+        path = Path(path)
+        check_checkpoint_dir(path)
+        config = checkpoint_load.load_config(path)
+        model_type = checkpoint_load.check_image_to_text(path, config)
+        torch_device = pick_device(device)
+        resolved = resolve_precision(precision, torch_device, saved_dtype(config))
+        hf_logging.disable_progress_bar()
+        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(resolved, torch.float32)
+        model = checkpoint_load.load_image_text_model(path, dtype)
+        model.eval()
+        model.to(torch_device)
+        fastpath.return_freed_heap()
+        processor = checkpoint_load.load_processor(path, model_type)
+        family = family_for(
+            model_type,
+            has_chat_template=bool(getattr(processor, "chat_template", None)),
+            is_encoder_decoder=bool(getattr(config, "is_encoder_decoder", False)),
+        )
+        if not family.tested:
+            logger.warning(
+                "model type %s is not among the tested families; serving it with the generic rule", model_type
+            )
+        version = checkpoint_version(path)
+        logger.info("loaded %s model %s from %s on %s (%s)", model_type, version, path, torch_device, resolved)
+        captioner = cls(
+            model,
+            processor,
+            family,
+            version=version,
+            source=str(path),
+            decoding=decoding or DecodingSettings(),
+            precision=resolved,
+            preparation_key=f"{model_type}:{preparation_digest(path)}",
+        )
+        # One preparation here, in one thread: the fast tokenizer settles its padding and truncation state
+        # (a call that changes it while another thread encodes fails with "Already borrowed"), so the
+        # decode threads that share it later never change it.
+        captioner.prepare(Image.new("RGB", (32, 32)))
+        return captioner
+
+    # -- the two steps -------------------------------------------------------------------------------
+
+    def prepare(
+        self, image: Image.Image, prompt: str | None = None, *, origin: ImageOrigin | None = None
+    ) -> ModelInput:
+        if prompt is not None and self.spec.prompt_style == "none":
+            raise PromptError(f"a {self.family} model takes no prompt (got {prompt!r}); send the request without one")
+        rgb = image if image.mode == "RGB" else image.convert("RGB")
+        features = prompts.encode(self.spec, self.processor, self.model.config, rgb, prompt)
+        return ModelInput(
+            features=features,
+            cost=prompts.visual_cost(features, self.processor.image_processor),
+            key=self.preparation_key,
+            prompt=prompt,
+            origin=origin or KeptImage(image),
+        )
+
+    @torch.inference_mode()
+    def caption_inputs(self, inputs: Sequence[ModelInput], decoding: DecodingSettings | None = None) -> list[Caption]:
+        if not inputs:
+            return []
+        inputs = own_inputs(self, inputs)
+        batch = collate([item.features for item in inputs], padding_side=self.spec.padding_side, pad_id=self.pad_id)
+        on_device = {
+            name: value.to(self.device, self.dtype if value.is_floating_point() else None)
+            for name, value in batch.items()
+        }
+        config = self.generation_config(decoding or self.decoding)
+        eos = _ids(config.eos_token_id)
+        recorder = recorder_for(config.num_beams or 1, eos)
+        output = self.model.generate(
+            **on_device, generation_config=config, logits_processor=LogitsProcessorList([recorder])
+        )
+        return captions_from_output(output, recorder, self.processor.tokenizer, eos, rows=len(inputs))
+
+    def caption(self, images: Sequence[Image.Image], decoding: DecodingSettings | None = None) -> list[str]:
+        inputs = [self.prepare(image) for image in images]
+        return [caption.text for caption in self.caption_inputs(inputs, decoding)]
+
+    def generation_config(self, decoding: DecodingSettings) -> GenerationConfig:
+        """The checkpoint's generation config (its token ids, forced tokens) with our search settings: the
+        worker's decoding, never the checkpoint's sampling or beam flags."""
+        config = copy.deepcopy(self.model.generation_config)
+        config.update(
+            do_sample=False,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+            num_return_sequences=1,
+            num_beams=decoding.num_beams,
+            max_new_tokens=decoding.max_new_tokens,
+            min_new_tokens=None,
+            min_length=0,
+            no_repeat_ngram_size=decoding.no_repeat_ngram_size,
+            repetition_penalty=decoding.repetition_penalty,
+            length_penalty=decoding.length_penalty,
+            early_stopping=False,  # as ViT-GPT2's (core/captioner.py says why)
+            return_dict_in_generate=True,
+            output_scores=False,
+            output_logits=False,
+        )
+        if self.family == "blip":
+            # BLIP's generate() ends its text decoder at [SEP] whatever the config says: name it the end here too.
+            config.eos_token_id = self.model.config.text_config.sep_token_id
+        if config.pad_token_id is None:
+            config.pad_token_id = self.pad_id
+        return config
+
+
+def _ids(value: int | list[int] | None) -> list[int]:
+    if value is None:
+        return []
+    return [int(value)] if isinstance(value, int) else [int(v) for v in value]

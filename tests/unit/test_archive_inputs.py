@@ -1,0 +1,117 @@
+"""Input files of the archive job: an S3 body that breaks half-way is read on from where it stopped."""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import pytest
+from botocore.exceptions import ResponseStreamingError
+
+from captionfleet.core.s3 import RetryPolicy
+from captionfleet.worker.connectors.archive_inputs import InputFile, InputReader, InputReadError
+
+DATA = bytes(range(256)) * 40
+
+
+class BreakingBody:
+    def __init__(self, data: bytes, break_after: int | None) -> None:
+        self._data = io.BytesIO(data)
+        self._left = break_after
+
+    def read(self, size: int = -1) -> bytes:
+        if self._left is not None and self._left <= 0:
+            raise ResponseStreamingError(error="connection reset")
+        chunk = self._data.read(size if self._left is None else min(size if size >= 0 else self._left, self._left))
+        if self._left is not None:
+            self._left -= len(chunk)
+        return chunk
+
+    def close(self) -> None:
+        pass
+
+
+class FlakyStore:
+    """Every body breaks after ``break_after`` bytes, ``breaks`` times."""
+
+    def __init__(self, breaks: int, break_after: int = 1000) -> None:
+        self.breaks = breaks
+        self.break_after = break_after
+        self.calls: list[dict[str, Any]] = []
+
+    def get_object(self, **kwargs: Any) -> Any:
+        self.calls.append(kwargs)
+        start = int(kwargs["Range"].split("=")[1].rstrip("-")) if "Range" in kwargs else 0
+        breaking = len(self.calls) <= self.breaks
+        return {"Body": BreakingBody(DATA[start:], self.break_after if breaking else None)}
+
+
+def read_all(store: FlakyStore, attempts: int = 3) -> bytes:
+    reader = InputReader(store, RetryPolicy(attempts=attempts, base_s=0, sleep=lambda _: None))  # type: ignore[arg-type]
+    inp = InputFile("s3://bucket/shards/0.tar", "0.tar", len(DATA), '"etag-1"')
+    chunks = []
+    with reader.open(inp) as body:
+        while chunk := body.read(700):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_a_body_cut_half_way_is_read_on_with_a_ranged_get_of_the_same_version() -> None:
+    store = FlakyStore(breaks=2)
+    assert read_all(store) == DATA
+    assert [call.get("Range") for call in store.calls] == [None, "bytes=1000-", "bytes=2000-"]
+    assert all(call["IfMatch"] == '"etag-1"' for call in store.calls)
+
+
+def test_a_body_that_keeps_breaking_is_an_input_read_error_not_an_oserror() -> None:
+    with pytest.raises(InputReadError, match="reading stopped at byte") as info:
+        read_all(FlakyStore(breaks=99, break_after=0), attempts=2)
+    assert not isinstance(info.value, OSError)  # never taken for a damaged tar
+
+
+class ShardStore:
+    """One tar shard at s3://bucket/shards/0.tar whose body breaks for good after ``good_bytes``."""
+
+    def __init__(self, data: bytes, good_bytes: int) -> None:
+        self.data = data
+        self.good_bytes = good_bytes
+
+    def list_objects_v2(self, **kwargs: Any) -> Any:
+        key = "shards/0.tar"
+        found = [{"Key": key, "ETag": '"e1"', "Size": len(self.data)}] if key.startswith(kwargs["Prefix"]) else []
+        return {"Contents": found, "IsTruncated": False}
+
+    def get_object(self, **kwargs: Any) -> Any:
+        start = int(kwargs["Range"].split("=")[1].rstrip("-")) if "Range" in kwargs else 0
+        return {"Body": BreakingBody(self.data[start:], max(self.good_bytes - start, 0))}
+
+
+def test_a_shard_that_cannot_be_read_to_its_end_is_unfinished_and_keeps_its_rows(tmp_path: Any) -> None:
+    from captionfleet.core.settings import WorkerSettings
+    from captionfleet.worker.archive_rows import decode_checkpoint
+    from captionfleet.worker.bulk_archive import ArchiveOptions, run_archive_job
+    from tests.unit.test_s3_retry import FakeCaptioner
+    from tests.webdataset_shards import good_samples, shard
+
+    members, _ = good_samples("k", 12)
+    data = shard(members)
+    store = ShardStore(data, good_bytes=data.index(b"k0004.jpg"))  # four whole samples, then nothing
+    model: Any = FakeCaptioner()
+    settings = WorkerSettings(
+        batch={"max_items": 2, "max_wait_ms": 5},  # type: ignore[arg-type]
+        bulk={"retry_attempts": 2, "retry_base_s": 0},  # type: ignore[arg-type]
+    )
+    summary = run_archive_job(
+        "s3://bucket/shards/0.tar",
+        str(tmp_path / "out"),
+        settings,
+        options=ArchiveOptions(),
+        show_progress=False,
+        captioner=model,
+        client=store,  # type: ignore[arg-type]
+    )
+    assert summary.unfinished == ["s3://bucket/shards/0.tar"] and not summary.complete
+    assert not (tmp_path / "out" / "0.complete.json").exists()
+    parts = sorted((tmp_path / "out" / "0.partial").glob("*.parquet"))
+    keys = {row["id"] for part in parts for row in decode_checkpoint(part.read_bytes())}
+    assert {"k0000", "k0001", "k0002"} <= keys  # what was read is kept for the rerun

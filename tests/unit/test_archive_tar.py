@@ -1,0 +1,217 @@
+"""Tar shards on local disk through the archive job, with a model that answers at once: hostile members,
+truncated shards, WebDataset outputs, resume from checkpoints, --retry-failed, and the split over files."""
+
+from __future__ import annotations
+
+import json
+import tarfile
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+import pytest
+
+from captionfleet.core.settings import WorkerSettings
+from captionfleet.worker.archive_rows import encode_checkpoint
+from captionfleet.worker.bulk_archive import ArchiveJobError, ArchiveOptions, run_archive_job
+from captionfleet.worker.connectors.archive_inputs import InputError, expand_braces
+from captionfleet.worker.sharding import ShardSpec, shard_of
+from tests.unit.test_s3_retry import FakeCaptioner
+from tests.webdataset_shards import Member, good_samples, hostile_shard, shard
+
+MAX_BYTES = 1 << 20
+
+
+class CountingCaptioner(FakeCaptioner):
+    def __init__(self) -> None:
+        super().__init__()
+        self.images = 0
+
+    def caption_pixels(self, pixels: Any) -> list[str]:
+        self.images += len(pixels)
+        return super().caption_pixels(pixels)
+
+
+def settings(**bulk: Any) -> WorkerSettings:
+    return WorkerSettings(
+        batch={"max_items": 4, "max_wait_ms": 5},  # type: ignore[arg-type]
+        images={"max_bytes": MAX_BYTES},  # type: ignore[arg-type]
+        bulk={"rows_per_part": 5, **bulk},  # type: ignore[arg-type]
+    )
+
+
+def run(src: str | Path, out: Path, captioner: Any = None, **options: Any) -> Any:
+    model: Any = captioner or FakeCaptioner()
+    return run_archive_job(
+        str(src),
+        str(out),
+        settings(),
+        options=ArchiveOptions(**options),
+        show_progress=False,
+        captioner=model,
+    )
+
+
+def rows_of(path: Path) -> dict[str, dict[str, Any]]:
+    rows = pq.read_table(path).to_pylist()
+    by_key = {row["key"]: row for row in rows}
+    assert len(by_key) == len(rows), "a key has two rows"
+    return by_key
+
+
+def test_expand_braces() -> None:
+    assert expand_braces("s/{008..011}.tar") == ["s/008.tar", "s/009.tar", "s/010.tar", "s/011.tar"]
+    assert expand_braces("{a,b}/{0..1}.tar") == ["a/0.tar", "a/1.tar", "b/0.tar", "b/1.tar"]
+    with pytest.raises(InputError, match="not a range or a list"):
+        expand_braces("s/{x}.tar")
+
+
+def test_hostile_members_get_their_rows_and_the_run_goes_on(tmp_path: Path) -> None:
+    data, expected = hostile_shard(MAX_BYTES)
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "00000.tar").write_bytes(data)
+    summary = run(tmp_path / "in" / "00000.tar", tmp_path / "out")
+    rows = rows_of(tmp_path / "out" / "00000.parquet")
+    assert {key: row["error_kind"] for key, row in rows.items()} == expected
+    assert summary.failed_by_kind == Counter(kind for kind in expected.values() if kind)
+    assert rows["good-0001"]["caption"].startswith("red ") and rows["good-0001"]["model_version"] == "fake-1"
+    assert rows["good-0001"]["txt"] == "old caption 1" and json.loads(rows["good-0001"]["json"]) == {"n": 1}
+    assert "climbs out" in rows["../escape"]["error_message"]
+    assert "links are never followed" in rows["link"]["error_message"]
+    assert not summary.broken and summary.files_finished == 1
+    marker = json.loads((tmp_path / "out" / "00000.complete.json").read_text())
+    assert marker["rows"] == len(expected) and marker["broken"] is None
+    assert not list((tmp_path / "out").glob("*.partial/*"))  # checkpoints removed once complete
+    # Nothing was ever extracted: the only files written are the outputs.
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == [
+        "00000.complete.json",
+        "00000.parquet",
+        "00000.tar",
+    ]
+
+
+def test_a_truncated_shard_gives_rows_for_what_is_there_and_is_reported(tmp_path: Path) -> None:
+    members, _expected = good_samples("k", 6)
+    data = shard(members)
+    cut = data[: data.index(b"k0003.jpg") + 1200]  # inside the 4th sample's picture
+    (tmp_path / "cut.tar").write_bytes(cut)
+    summary = run(tmp_path / "cut.tar", tmp_path / "out")
+    rows = rows_of(tmp_path / "out" / "cut.parquet")
+    assert [rows[k]["error_kind"] for k in ("k0000", "k0001", "k0002")] == [None, None, None]
+    assert rows["k0003"]["error_kind"] == "truncated"
+    assert "k0004" not in rows  # after the cut nothing can be known
+    assert len(summary.broken) == 1 and "cut.tar" in summary.broken[0] and "ends early" in summary.broken[0]
+    assert any("broken input" in line for line in summary.lines())
+    assert json.loads((tmp_path / "out" / "cut.complete.json").read_text())["broken"]
+
+    # Cut exactly between two members: no end block, noticed all the same.
+    (tmp_path / "between.tar").write_bytes(data[: data.index(b"k0004.jpg")])  # the header of k0004.jpg starts there
+    between = run(tmp_path / "between.tar", tmp_path / "out2")
+    assert len(between.broken) == 1 and "end-of-archive" in between.broken[0]
+
+    (tmp_path / "junk.tar").write_bytes(b"this is not a tar at all" * 40)
+    junk = run(tmp_path / "junk.tar", tmp_path / "out3")
+    assert len(junk.broken) == 1 and "not a readable tar" in junk.broken[0]
+
+
+def test_webdataset_output_adds_the_caption_beside_each_picture(tmp_path: Path) -> None:
+    data, _expected = hostile_shard(MAX_BYTES)
+    (tmp_path / "s.tar").write_bytes(data)
+    run(tmp_path / "s.tar", tmp_path / "out", out_format="webdataset")
+    with tarfile.open(tmp_path / "out" / "s.tar") as tar:
+        names = tar.getnames()
+        members = {name: tar.extractfile(name).read() for name in names}  # type: ignore[union-attr]
+    caption = members["good-0002.txt"].decode()
+    assert caption.startswith("red ")
+    meta = json.loads(members["good-0002.json"])
+    assert meta["n"] == 2 and meta["caption"] == caption and meta["original_txt"] == "old caption 2"
+    assert "good-0002.jpg" in members
+    assert json.loads(members["corpus/half_jpg.json"])["error_kind"] == "truncated"
+    assert "corpus/half_jpg.txt" not in members
+    # Hostile members are never copied (a safe key still gets its json with the failure) and no name climbs.
+    assert not {"link.jpg", "hard.jpg", "pipe.jpg", "null.jpg", "huge.jpg"} & set(names)
+    assert json.loads(members["link.json"])["error_kind"] == "not_an_image"
+    assert not [n for n in names if n.startswith(("/", "..")) or "/../" in n]
+
+
+def test_a_killed_run_resumes_per_key_from_its_checkpoints(tmp_path: Path) -> None:
+    members, _expected = good_samples("k", 12)
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.tar").write_bytes(shard(members))
+    stat = (tmp_path / "in" / "a.tar").stat()
+    etag = f"{stat.st_size}-{stat.st_mtime_ns}"
+    done = [
+        {"id": f"k{i:04d}", "position": i, "source_etag": etag, "caption": "from before", "model_version": "fake-1"}
+        for i in range(5)
+    ]
+    out = tmp_path / "out"
+    (out / "a.partial").mkdir(parents=True)
+    (out / "a.partial" / "part-000001-old.parquet").write_bytes(encode_checkpoint(done))
+    captioner = CountingCaptioner()
+    summary = run(tmp_path / "in" / "a.tar", out, captioner)
+    assert captioner.images == 7 and (summary.skipped, summary.done) == (5, 7)
+    rows = rows_of(out / "a.parquet")
+    assert list(rows) == [f"k{i:04d}" for i in range(12)]  # every key once, in the shard's order
+    assert [rows[f"k{i:04d}"]["caption"] for i in range(5)] == ["from before"] * 5
+    assert not (out / "a.partial").exists() or not list((out / "a.partial").iterdir())
+
+    again = CountingCaptioner()
+    second = run(tmp_path / "in" / "a.tar", out, again)
+    assert again.images == 0 and second.files_done_before == 1 and (second.total, second.skipped) == (12, 12)
+
+
+def test_retry_failed_reruns_only_those_rows(tmp_path: Path) -> None:
+    data, expected = hostile_shard(MAX_BYTES)
+    (tmp_path / "s.tar").write_bytes(data)
+    run(tmp_path / "s.tar", tmp_path / "out")
+    captioner = CountingCaptioner()
+    summary = run(tmp_path / "s.tar", tmp_path / "out", captioner, retry_failed=frozenset({"truncated"}))
+    assert summary.retried == 4 and summary.failed_by_kind == Counter({"truncated": 4})
+    assert captioner.images == 0 and summary.skipped == len(expected) - 4
+    assert {key: row["error_kind"] for key, row in rows_of(tmp_path / "out" / "s.parquet").items()} == expected
+    with pytest.raises(ArchiveJobError, match="unknown failure kind"):
+        run(tmp_path / "s.tar", tmp_path / "out", retry_failed=frozenset({"nope"}))
+
+
+def test_shards_split_the_files_and_cover_each_once(tmp_path: Path) -> None:
+    (tmp_path / "in").mkdir()
+    expected_keys = {}
+    for n in range(6):
+        members, expected = good_samples(f"s{n}-", 2)
+        (tmp_path / "in" / f"{n:05d}.tar").write_bytes(shard(members))
+        expected_keys[f"{n:05d}"] = set(expected)
+    src = str(tmp_path / "in" / "{00000..00005}.tar")
+    summaries = [run(src, tmp_path / "out", shard=ShardSpec(i, 3)) for i in range(3)]
+    for i, summary in enumerate(summaries):
+        mine = [n for n in expected_keys if shard_of(f"{n}.tar", 3) == i]
+        assert summary.files_in_shard == summary.files_finished == len(mine) and summary.files_listed == 6
+    for stem, keys in expected_keys.items():
+        assert set(rows_of(tmp_path / "out" / f"{stem}.parquet")) == keys
+
+
+def test_bad_sources_are_clear_errors_that_write_nothing(tmp_path: Path) -> None:
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "00000.tar").write_bytes(shard([Member("a.jpg", b"x")]))
+    with pytest.raises(ArchiveJobError, match=r"1 of the 2 files named .* do not exist"):
+        run(str(tmp_path / "in" / "{00000..00001}.tar"), tmp_path / "out")
+    with pytest.raises(ArchiveJobError, match="does not exist"):
+        run(tmp_path / "in" / "nope.tar", tmp_path / "out")
+    with pytest.raises(ArchiveJobError, match="would replace them"):
+        run(tmp_path / "in" / "00000.tar", tmp_path / "in", out_format="webdataset")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_member_larger_than_the_limit_is_never_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    big = b"\xff\xd8\xff" + b"\0" * (MAX_BYTES * 3)
+    (tmp_path / "s.tar").write_bytes(shard([Member("big.jpg", big)]))
+    reads: list[int] = []
+    real = tarfile.TarFile.extractfile
+
+    def spy(self: tarfile.TarFile, member: Any) -> Any:
+        reads.append(1)
+        return real(self, member)
+
+    monkeypatch.setattr(tarfile.TarFile, "extractfile", spy)
+    summary = run(tmp_path / "s.tar", tmp_path / "out")
+    assert summary.failed_by_kind == Counter({"too_large": 1}) and reads == []

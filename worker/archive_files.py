@@ -1,0 +1,235 @@
+"""One input file of an archive job while it is captioned: the rows it already had (resume), the rows
+arriving, its checkpoint parts, and the moment it is finished (every item it yielded has a row).
+
+Output names, for an input file named ``shards/00001.tar`` (relative to the source's folder)::
+
+    <out>/shards/00001.parquet                 the rows, written whole once the file is done
+    <out>/shards/00001.tar                     with --out-format webdataset: the shard with captions added
+    <out>/shards/00001.complete.json           the completion marker, written last
+    <out>/shards/00001.partial/part-*.parquet  checkpoints while it runs, deleted after the marker
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections import Counter
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from captionfleet.worker.archive_rows import caption_fields, decode_checkpoint, encode_checkpoint
+from captionfleet.worker.connectors.archive_inputs import InputFile
+from captionfleet.worker.connectors.archive_outputs import Outputs
+from captionfleet.worker.messages import Result
+
+logger = logging.getLogger(__name__)
+
+INPUT_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".parquet", ".csv", ".jsonl", ".ndjson")
+
+
+def stem_of(name: str) -> str:
+    lower = name.lower()
+    for suffix in INPUT_SUFFIXES:
+        if lower.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def marker_name(stem: str) -> str:
+    return f"{stem}.complete.json"
+
+
+def checkpoint_folder(stem: str) -> str:
+    return f"{stem}.partial/"
+
+
+class ArchiveItem:
+    """A pipeline ``Item``: one sample or row of an input file, its bytes in memory, being fetched
+    (``source`` is then a callable that waits for them), or refused (an exception, raised on read)."""
+
+    __slots__ = ("_cancel", "_source", "extra", "file", "id", "position", "uri")
+
+    def __init__(
+        self,
+        file: FileRun,
+        id: str,
+        uri: str,
+        position: int,
+        source: bytes | BaseException | Callable[[], bytes],
+        extra: dict[str, Any] | None = None,
+        *,
+        cancel: Callable[[], bool] | None = None,
+    ) -> None:
+        self.file = file
+        self.id = id
+        self.uri = uri
+        self.position = position
+        self.extra = extra or {}
+        self._source: bytes | BaseException | Callable[[], bytes] | None = source
+        self._cancel = cancel
+
+    def cancel(self) -> None:
+        """The run stopped before this item was taken: its fetch, if any, is not needed."""
+        if self._cancel is not None:
+            self._cancel()
+
+    def read(self) -> bytes:
+        source, self._source = self._source, None  # the bytes go once decoded
+        if source is None:
+            raise RuntimeError(f"{self.uri} was already read")
+        if isinstance(source, BaseException):
+            raise source
+        if callable(source):
+            return source()
+        return source
+
+
+class FileRun:
+    """Thread-safe: the source thread adds what it skips and says when the file ends; the model thread
+    adds rows; the sink's flush writes checkpoints."""
+
+    def __init__(
+        self,
+        inp: InputFile,
+        outputs: Outputs,
+        *,
+        run_id: str,
+        rows_per_part: int,
+        on_finished: Callable[[FileRun], None],
+    ) -> None:
+        self.inp = inp
+        self.stem = stem_of(inp.name)
+        self.outputs = outputs
+        self.run_id = run_id
+        self.rows_per_part = rows_per_part
+        self.on_finished = on_finished
+        self.rows: dict[str, dict[str, Any]] = {}  # id -> its row (checkpoint shape)
+        self.resumed = 0
+        self.old_checkpoints: list[str] = []  # parts of earlier runs (listed at planning)
+        self.checkpoints_written: list[str] = []
+        self.broken: str | None = None  # why the input ended early, if it did
+        self.local_path: Path | None = None  # a copy on local disk, for formats that need one
+        self.format_name: str | None = None  # what the file turned out to be, when its format decides per file
+        self._pending: list[dict[str, Any]] = []
+        self._yielded: int | None = None  # items handed to the pipeline, once the source is done
+        self._received = 0
+        self._parts = 0
+        self._lock = threading.Lock()
+        self.new_failures: Counter[str] = Counter()
+
+    # -- resume --------------------------------------------------------------------------------------
+
+    def resume(self, rows: list[dict[str, Any]]) -> None:
+        for row in rows:
+            self.rows[str(row["id"])] = row
+        self.resumed = len(self.rows)
+
+    def has_row(self, item_id: str) -> bool:
+        with self._lock:
+            return item_id in self.rows
+
+    # -- rows ----------------------------------------------------------------------------------------
+
+    def add(self, item: ArchiveItem, result: Result) -> None:
+        row = {
+            "id": item.id,
+            "position": item.position,
+            "source_etag": self.inp.etag,
+            "image_member": item.extra.get("image_member"),
+            "txt": item.extra.get("txt"),
+            "json": item.extra.get("json"),
+            **caption_fields(result),
+        }
+        with self._lock:
+            self.rows[item.id] = row
+            self._pending.append(row)
+            self._received += 1
+            if result.error_kind:
+                self.new_failures[result.error_kind] += 1
+            flush = len(self._pending) >= self.rows_per_part
+            finished = self._finished()
+        if flush:
+            self.flush()
+        if finished:
+            self.on_finished(self)
+
+    def source_done(self, yielded: int, broken: str | None = None) -> None:
+        """The source yielded every item it will (``yielded`` of them); ``broken``: why it ended early."""
+        with self._lock:
+            self._yielded = yielded
+            self.broken = broken
+            finished = self._finished()
+        if finished:
+            self.on_finished(self)
+
+    def _finished(self) -> bool:
+        return self._yielded is not None and self._received >= self._yielded
+
+    def flush(self) -> None:
+        """Write the rows not yet in a checkpoint as one whole part."""
+        with self._lock:
+            rows, self._pending = self._pending, []
+            if not rows:
+                return
+            self._parts += 1
+            name = f"{checkpoint_folder(self.stem)}part-{self._parts:06d}-{self.run_id}.parquet"
+        self.outputs.put_bytes(name, encode_checkpoint(rows))
+        with self._lock:
+            self.checkpoints_written.append(name)
+
+    def ordered_rows(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return sorted(self.rows.values(), key=lambda row: int(row["position"]))
+
+    def counts(self) -> dict[str, Any]:
+        kinds = Counter(str(row["error_kind"]) for row in self.rows.values() if row["error_kind"])
+        return {
+            "rows": len(self.rows),
+            "captioned": len(self.rows) - sum(kinds.values()),
+            "failed": sum(kinds.values()),
+            "failed_by_kind": dict(sorted(kinds.items())),
+        }
+
+
+def read_checkpoints(outputs: Outputs, names: list[str]) -> list[dict[str, Any]]:
+    """Rows of the checkpoint parts, oldest part first (a later row of an id wins)."""
+    rows: list[dict[str, Any]] = []
+    for name in sorted(names):
+        data = outputs.get_bytes(name)
+        if data is None:
+            continue  # removed since the listing (another run finished the file)
+        try:
+            rows.extend(decode_checkpoint(data))
+        except Exception as error:  # a foreign or damaged file in our folder: its rows are redone
+            logger.warning("ignoring checkpoint %s: %s", outputs.uri(name), error)
+    return rows
+
+
+def write_marker(run: FileRun, *, fmt: str, outputs_written: list[str], model_version: str) -> None:
+    marker = {
+        "source": run.inp.uri,
+        "source_etag": run.inp.etag,
+        "source_size": run.inp.size,
+        "format": fmt,
+        "model_version": model_version,
+        **run.counts(),
+        "broken": run.broken,
+        "outputs": outputs_written,
+        "run_id": run.run_id,
+        "completed_at": datetime.now(UTC).isoformat(),
+    }
+    run.outputs.put_bytes(marker_name(run.stem), json.dumps(marker, indent=2, sort_keys=True).encode())
+
+
+def read_marker(outputs: Outputs, stem: str) -> dict[str, Any] | None:
+    data = outputs.get_bytes(marker_name(stem))
+    if data is None:
+        return None
+    try:
+        marker = json.loads(data)
+    except ValueError:
+        return None  # damaged: the file is done again
+    return marker if isinstance(marker, dict) else None

@@ -1,0 +1,263 @@
+"""Tabular inputs of an archive job: manifests of image uris (Parquet, CSV, JSONL, as img2dataset writes
+them) and Parquet datasets with the images inside (Hugging Face's image column: a struct of ``bytes`` and
+``path``). Each row is one item, its id the row's number in the file; the output is the file's own rows,
+every column kept, with the caption fields added: one output row per input row, in order.
+
+Manifest uris are fetched ahead of the model in a pool of their own, under the stream's allow-list
+(``WORKER_FETCH__*``: buckets, the file root, http hosts) through worker/fetch.py and its httpx client.
+In the output, an image column keeps its ``path`` only (the bytes are the dataset's, not repeated), and an
+input column named like a caption field is kept as ``original_<name>``.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import tempfile
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.json as pajson
+import pyarrow.parquet as pq
+
+from captionfleet.core.failures import MALFORMED, FetchError, ImageError
+from captionfleet.worker.archive_files import ArchiveItem, FileRun
+from captionfleet.worker.archive_rows import CAPTION_FIELDS, rename_clashes
+from captionfleet.worker.connectors.archive_inputs import InputError, InputReader
+from captionfleet.worker.fetch import Fetcher
+
+logger = logging.getLogger(__name__)
+
+BATCH_ROWS = 1024
+DEFAULT_URI_COLUMNS = ("url", "uri")
+# What a damaged or unreadable table raises while it is read: the file is reported, the run goes on.
+_TABLE_ERRORS = (pa.ArrowException, OSError, ValueError)
+
+
+def open_batches(path: Path) -> Iterator[pa.RecordBatch]:
+    """The file's rows in record batches, by its suffix; CSV columns are read as text (types guessed from
+    a first block would refuse a later row)."""
+    lower = path.name.lower()
+    if lower.endswith(".parquet"):
+        yield from pq.ParquetFile(path).iter_batches(batch_size=BATCH_ROWS)
+    elif lower.endswith(".csv"):
+        names = pacsv.open_csv(path).schema.names
+        types = {name: pa.string() for name in names}
+        yield from pacsv.open_csv(path, convert_options=pacsv.ConvertOptions(column_types=types))
+    else:
+        yield from pajson.open_json(path)
+
+
+def schema_of(path: Path) -> pa.Schema:
+    if path.name.lower().endswith(".parquet"):
+        return pq.read_schema(path)
+    for batch in open_batches(path):
+        return batch.schema
+    return pa.schema([])
+
+
+def image_column_kind(schema: pa.Schema, column: str) -> str | None:
+    """ "struct" (Hugging Face: bytes and path), "binary" (raw bytes), or None when not an image column."""
+    if column not in schema.names:
+        return None
+    kind = schema.field(column).type
+    if pa.types.is_struct(kind) and kind.get_field_index("bytes") >= 0:
+        return "struct"
+    if pa.types.is_binary(kind) or pa.types.is_large_binary(kind):
+        return "binary"
+    return None
+
+
+class TableRows:
+    """One kind of tabular input, ``manifest`` or ``parquet-images`` (``parquet`` decides per file by its
+    columns: an image column makes it a dataset of images, else it is a manifest)."""
+
+    def __init__(
+        self,
+        kind: str,
+        reader: InputReader,
+        fetcher: Fetcher | None,
+        workdir: Path,
+        *,
+        uri_column: str | None,
+        image_column: str,
+        fetch_concurrency: int,
+    ) -> None:
+        self.kind = kind
+        self.reader = reader
+        self.fetcher = fetcher
+        self.workdir = workdir
+        self.uri_column = uri_column
+        self.image_column = image_column
+        self.fetch_concurrency = fetch_concurrency
+        self.name = kind
+
+    # -- which columns -------------------------------------------------------------------------------
+
+    def _local(self, run: FileRun) -> Path:
+        if run.local_path is None:
+            folder = Path(tempfile.mkdtemp(dir=self.workdir))
+            run.local_path = self.reader.to_local(run.inp, folder)
+        return run.local_path
+
+    def _columns(self, run: FileRun, schema: pa.Schema) -> tuple[str, str]:
+        """("images", column) or ("uris", column) for this file; InputError naming the flag otherwise."""
+        images = image_column_kind(schema, self.image_column)
+        if self.kind in ("parquet-images", "parquet") and images is not None:
+            return "images", self.image_column
+        if self.kind == "parquet-images":
+            what = f"is {schema.field(self.image_column).type}" if self.image_column in schema.names else "is missing"
+            raise InputError(
+                f"{run.inp.uri}: the image column {self.image_column!r} {what}: images inside Parquet are a column of "
+                "bytes or a struct of bytes/path; name it with --image-column"
+            )
+        wanted = [self.uri_column] if self.uri_column else list(DEFAULT_URI_COLUMNS)
+        for name in wanted:
+            if name in schema.names:
+                return "uris", name
+        raise InputError(
+            f"{run.inp.uri}: no {' or '.join(repr(n) for n in wanted)} column of image uris (columns: "
+            f"{', '.join(schema.names[:20])}): name it with --uri-column"
+            + ("" if self.kind == "manifest" else ", or the image column with --image-column")
+        )
+
+    # -- items ---------------------------------------------------------------------------------------
+
+    def items(self, run: FileRun) -> Iterator[ArchiveItem]:
+        path = self._local(run)
+        try:
+            schema = schema_of(path)
+        except _TABLE_ERRORS as error:
+            run.source_done(0, f"not a readable table: {error}")
+            return
+        how, column = self._columns(run, schema)
+        run.format_name = "parquet-images" if how == "images" else "manifest"
+        rows = self._image_rows(run, path, column) if how == "images" else self._uri_rows(run, path, column)
+        yield from rows
+
+    def _positions(self, run: FileRun, path: Path, column: str) -> Iterator[tuple[int, Any]]:
+        """(row number, the column's value) of every row, reporting a table that breaks off."""
+        position = 0
+        try:
+            for batch in open_batches(path):
+                for value in batch.column(batch.schema.get_field_index(column)).to_pylist():
+                    yield position, value
+                    position += 1
+        except _TABLE_ERRORS as error:
+            run.broken = f"unreadable after row {position}: {error}"
+
+    def _image_rows(self, run: FileRun, path: Path, column: str) -> Iterator[ArchiveItem]:
+        yielded = 0
+        for position, value in self._positions(run, path, column):
+            item_id = str(position)
+            if run.has_row(item_id):
+                continue
+            data, name = (value.get("bytes"), value.get("path")) if isinstance(value, dict) else (value, None)
+            source: bytes | BaseException
+            if data:
+                source = bytes(data)
+            elif data is None and name:
+                source = ImageError("empty", f"row {position} has no image bytes, only the path {name!r}")
+            else:
+                source = ImageError("empty", f"row {position}: the image column {column!r} is empty")
+            uri = f"{run.inp.uri}#row={position}"
+            yielded += 1
+            yield ArchiveItem(run, item_id, uri, position, source, {"image_member": name})
+        run.source_done(yielded, run.broken)
+
+    def _uri_rows(self, run: FileRun, path: Path, column: str) -> Iterator[ArchiveItem]:
+        """Rows with their uris fetched ahead in a pool (latency, not CPU), at most twice the pool's size."""
+        ahead: deque[ArchiveItem] = deque()
+        yielded = 0
+        with ThreadPoolExecutor(self.fetch_concurrency, thread_name_prefix="manifest-fetch") as pool:
+            try:
+                for position, value in self._positions(run, path, column):
+                    item_id = str(position)
+                    if run.has_row(item_id):
+                        continue
+                    ahead.append(self._uri_item(run, pool, position, value, column))
+                    yielded += 1
+                    while len(ahead) >= 2 * self.fetch_concurrency:
+                        yield ahead.popleft()
+                while ahead:
+                    yield ahead.popleft()
+            finally:
+                for item in ahead:  # the run stopped early: fetches nobody will read
+                    item.cancel()
+        run.source_done(yielded, run.broken)
+
+    def _uri_item(self, run: FileRun, pool: ThreadPoolExecutor, position: int, value: Any, column: str) -> ArchiveItem:
+        uri = str(value).strip() if value is not None else ""
+        if not uri:
+            refusal = FetchError(MALFORMED, f"row {position} has no uri in column {column!r}")
+            return ArchiveItem(run, str(position), f"{run.inp.uri}#row={position}", position, refusal)
+        if self.fetcher is None:
+            raise InputError("no fetcher for manifest uris")  # wiring error: the job always makes one
+        fetcher = self.fetcher
+        try:
+            fetcher.check(uri)  # refused before any I/O, and without a slot in the pool
+        except FetchError as error:
+            return ArchiveItem(run, str(position), uri, position, error)
+        future: Future[bytes] = pool.submit(fetcher.fetch, uri)
+        return ArchiveItem(run, str(position), uri, position, future.result, cancel=future.cancel)
+
+    # -- outputs -------------------------------------------------------------------------------------
+
+    def write_outputs(self, run: FileRun, workdir: Path) -> list[str]:
+        """The input's rows, in order, with the caption fields; nothing when the table could not be read
+        to its end (the marker reports it, and a row-for-row output cannot be made)."""
+        if run.broken:
+            return []
+        path = self._local(run)
+        results = {int(row["position"]): row for row in run.ordered_rows()}
+        name = f"{run.stem}.parquet"
+        with tempfile.NamedTemporaryFile(dir=workdir, suffix=".parquet") as tmp:
+            writer: pq.ParquetWriter | None = None
+            position = 0
+            for batch in open_batches(path):
+                images = run.format_name == "parquet-images"
+                table = self._with_captions(pa.Table.from_batches([batch]), results, position, images=images)
+                position += batch.num_rows
+                if writer is None:
+                    writer = pq.ParquetWriter(tmp.name, table.schema, compression="zstd")
+                writer.write_table(table.cast(writer.schema))
+            if writer is None:  # an empty file: an empty output with the caption columns
+                pq.write_table(pa.Table.from_pylist([], schema=CAPTION_FIELDS), tmp.name)
+            else:
+                writer.close()
+            run.outputs.put_file(name, Path(tmp.name))
+        return [name]
+
+    def _with_captions(
+        self, table: pa.Table, results: dict[int, dict[str, Any]], start: int, *, images: bool
+    ) -> pa.Table:
+        if images:  # the picture's bytes stay in the dataset; its path (when it has one) comes along
+            column = self.image_column
+            kind = table.schema.field(column).type
+            index = table.schema.get_field_index(column)
+            if pa.types.is_struct(kind) and kind.get_field_index("path") >= 0:
+                table = table.set_column(index, f"{column}_path", pc.struct_field(table.column(column), "path"))
+            else:
+                table = table.remove_column(index)
+        renames = rename_clashes(table.column_names)
+        if renames:
+            table = table.rename_columns([renames.get(name, name) for name in table.column_names])
+        rows = [results.get(start + i, {}) for i in range(table.num_rows)]
+        for field in CAPTION_FIELDS:
+            table = table.append_column(field, pa.array([row.get(field.name) for row in rows], type=field.type))
+        return table
+
+    def final_rows(self, run: FileRun) -> list[dict[str, Any]]:
+        data = run.outputs.get_bytes(f"{run.stem}.parquet")
+        if data is None:
+            return []
+        table = pq.read_table(io.BytesIO(data), columns=CAPTION_FIELDS.names)
+        return [
+            {"id": str(i), "position": i, "source_etag": run.inp.etag, **row} for i, row in enumerate(table.to_pylist())
+        ]

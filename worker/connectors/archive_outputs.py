@@ -1,0 +1,127 @@
+"""Where an archive job writes beside the data: a local folder or an S3 prefix, behind one small interface.
+
+Every file is written whole: locally to a temporary name then renamed (with fsync), on S3 as one PUT, so a
+reader or a restarted run sees a file complete or not at all. ``names()`` is one listing of everything
+under the output, which is all a run needs to plan (markers, checkpoint parts).
+"""
+
+from __future__ import annotations
+
+import os
+from functools import partial
+from pathlib import Path
+from typing import Protocol
+
+from botocore.exceptions import ClientError
+
+from captionfleet.core.s3 import ObjectStore, RetryPolicy, is_not_found, parse_s3_uri
+from captionfleet.worker.connectors.s3_listing import list_pages
+
+
+class Outputs(Protocol):
+    def uri(self, name: str = "") -> str: ...
+    def names(self) -> set[str]: ...
+    def put_file(self, name: str, path: Path) -> None: ...
+    def put_bytes(self, name: str, data: bytes) -> None: ...
+    def get_bytes(self, name: str) -> bytes | None: ...
+    def delete(self, name: str) -> None: ...
+
+
+class LocalOutputs:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def uri(self, name: str = "") -> str:
+        return str(self.root / name) if name else str(self.root) + os.sep
+
+    def names(self) -> set[str]:
+        if not self.root.is_dir():
+            return set()
+        return {p.relative_to(self.root).as_posix() for p in self.root.rglob("*") if p.is_file()}
+
+    def _target(self, name: str) -> Path:
+        target = self.root / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        return target
+
+    def put_file(self, name: str, path: Path) -> None:
+        target = self._target(name)
+        tmp = target.with_name(target.name + ".tmp")
+        with path.open("rb") as src, tmp.open("wb") as dst:
+            while chunk := src.read(1 << 20):
+                dst.write(chunk)
+            dst.flush()
+            os.fsync(dst.fileno())
+        os.replace(tmp, target)  # readers only ever see the whole file
+        _fsync_dir(target.parent)
+
+    def put_bytes(self, name: str, data: bytes) -> None:
+        target = self._target(name)
+        tmp = target.with_name(target.name + ".tmp")
+        with tmp.open("wb") as dst:
+            dst.write(data)
+            dst.flush()
+            os.fsync(dst.fileno())
+        os.replace(tmp, target)
+        _fsync_dir(target.parent)
+
+    def get_bytes(self, name: str) -> bytes | None:
+        try:
+            return (self.root / name).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def delete(self, name: str) -> None:
+        (self.root / name).unlink(missing_ok=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class S3Outputs:
+    def __init__(self, client: ObjectStore, uri: str, retry: RetryPolicy) -> None:
+        self.client = client
+        self.bucket, prefix = parse_s3_uri(uri)
+        self.prefix = prefix if not prefix or prefix.endswith("/") else prefix + "/"
+        self.retry = retry
+
+    def uri(self, name: str = "") -> str:
+        return f"s3://{self.bucket}/{self.prefix}{name}"
+
+    def names(self) -> set[str]:
+        found: set[str] = set()
+        for page in list_pages(self.client, self.bucket, self.prefix, retry=self.retry):
+            found.update(obj.key[len(self.prefix) :] for obj in page)
+        return found
+
+    def put_file(self, name: str, path: Path) -> None:
+        def put() -> None:
+            with path.open("rb") as body:  # one PUT: the object appears whole or not at all
+                self.client.put_object(Bucket=self.bucket, Key=self.prefix + name, Body=body)
+
+        self.retry.call(put, f"write {self.uri(name)}")
+
+    def put_bytes(self, name: str, data: bytes) -> None:
+        put = partial(self.client.put_object, Bucket=self.bucket, Key=self.prefix + name, Body=data)
+        self.retry.call(put, f"write {self.uri(name)}")
+
+    def get_bytes(self, name: str) -> bytes | None:
+        def get() -> bytes:
+            return bytes(self.client.get_object(Bucket=self.bucket, Key=self.prefix + name)["Body"].read())
+
+        try:
+            return self.retry.call(get, f"read {self.uri(name)}")[0]
+        except ClientError as error:
+            if is_not_found(error):
+                return None
+            raise
+
+    def delete(self, name: str) -> None:
+        self.retry.call(
+            partial(self.client.delete_object, Bucket=self.bucket, Key=self.prefix + name), f"delete {self.uri(name)}"
+        )

@@ -1,0 +1,211 @@
+"""WebDataset tar shards -> samples, member by member, from a stream (a file or an S3 body), never extracted.
+
+A sample is the run of consecutive members sharing a key, as WebDataset has it: ``dir/0001.jpg`` beside
+``dir/0001.json`` and ``dir/0001.txt`` is the sample ``dir/0001`` (the key is the path up to the first dot
+of the file name). Memory stays bounded: one sample's members at a time, each at most ``max_bytes``.
+
+Hostile members never stop the shard and are never written anywhere: a name that climbs out (``../x.jpg``)
+or is absolute is ``forbidden``; a link, device or FIFO is ``not_an_image``; a member over ``max_bytes`` is
+``too_large`` unread. A tar that ends early gives the sample it cut a ``truncated`` row, and the shard is
+reported as cut (``TarReport``); a tar cut exactly between members is noticed by its missing end block.
+"""
+
+from __future__ import annotations
+
+import logging
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import PurePosixPath
+from typing import IO, Any
+
+from captionfleet.core.failures import FORBIDDEN, FetchError, ImageError
+from captionfleet.core.images import sniff_format
+from captionfleet.worker.connectors.local import IMAGE_SUFFIXES
+
+logger = logging.getLogger(__name__)
+
+# Members that describe a sample rather than being its picture (WebDataset's usual text fields).
+SIDECAR_EXTENSIONS = frozenset({"txt", "json", "cls", "cls2", "caption", "text", "meta", "id", "index", "url"})
+# Sidecars are carried into the output rows; a larger one is left out there (the image is still captioned).
+SIDECAR_MAX_BYTES = 64 * 1024
+# GNU long names and PAX headers are read whole by tarfile: a hostile one of gigabytes must not be.
+EXTENDED_HEADER_MAX_BYTES = 1 << 20
+
+
+class _BoundedTarInfo(tarfile.TarInfo):
+    """Refuses extended headers (long names, PAX records) larger than any honest one, before tarfile
+    reads them into memory."""
+
+    def _proc_member(self, tarfile_: tarfile.TarFile) -> Any:
+        extended = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE, tarfile.XGLTYPE)
+        if self.type in extended and self.size > EXTENDED_HEADER_MAX_BYTES:
+            raise tarfile.ReadError(f"an extended header of {self.size} bytes (over {EXTENDED_HEADER_MAX_BYTES})")
+        return super()._proc_member(tarfile_)  # type: ignore[misc]
+
+
+def split_key(name: str) -> tuple[str, str]:
+    """``dir/0001.seg.jpg`` -> (``dir/0001``, ``seg.jpg``): WebDataset's key and extension."""
+    folder, _, base = name.rpartition("/")
+    stem, dot, ext = base.partition(".")
+    key = f"{folder}/{stem}" if "/" in name else stem  # "/abs.jpg" keeps its slash: refused, never merged
+    return key, ext.lower() if dot else ""
+
+
+def safe_name(name: str) -> bool:
+    """A relative name that stays inside the archive (and so inside any folder it were unpacked into)."""
+    parts = PurePosixPath(name).parts
+    return not (name.startswith(("/", "\\")) or ".." in parts or ".." in name.split("\\") or "\x00" in name)
+
+
+def refusal_for(info: tarfile.TarInfo, max_bytes: int) -> Exception | None:
+    """Why a member is never read as a picture, or None."""
+    name = info.name
+    if not safe_name(name):
+        return FetchError(FORBIDDEN, f"member name {name[:200]!r} climbs out of the archive or is absolute: refused")
+    if info.issym() or info.islnk():
+        target = info.linkname[:200]
+        return ImageError("not_an_image", f"{name[:200]} is a link to {target!r}: links are never followed")
+    if not info.isreg():
+        return ImageError("not_an_image", f"{name[:200]} is a device, FIFO or other special member, not a file")
+    if max_bytes and info.size > max_bytes:
+        return ImageError(
+            "too_large", f"{info.size} bytes exceeds the limit of {max_bytes} bytes (WORKER_IMAGES__MAX_BYTES)"
+        )
+    return None
+
+
+@dataclass
+class Member:
+    name: str
+    ext: str
+    data: bytes | None  # None when refused or not read
+    refusal: Exception | None = None
+
+
+@dataclass
+class Sample:
+    """One key's members, in tar order; ``image()`` says which one is the picture."""
+
+    key: str
+    position: int  # 0-based, in the shard
+    members: list[Member] = field(default_factory=list)
+
+    def image(self) -> Member | None:
+        """The picture: the first member named like an image, else the first whose bytes look like one,
+        else the first that is not a text sidecar (decoding then says what it is). A refused member counts."""
+        candidates = [m for m in self.members if m.ext not in SIDECAR_EXTENSIONS]
+        for test in (
+            lambda m: "." + m.ext.rsplit(".", 1)[-1] in IMAGE_SUFFIXES,
+            lambda m: m.data is not None and sniff_format(m.data[:64]) is not None,
+            lambda m: True,
+        ):
+            for member in candidates:
+                if test(member):
+                    return member
+        return None
+
+    def sidecar_text(self, ext: str) -> str | None:
+        for member in self.members:
+            if member.ext == ext and member.data is not None and len(member.data) <= SIDECAR_MAX_BYTES:
+                return member.data.decode("utf-8", errors="replace")
+        return None
+
+
+@dataclass
+class TarReport:
+    """What the whole shard looked like: ``broken`` says why it ended early (None when read to its end)."""
+
+    samples: int = 0
+    broken: str | None = None
+
+
+class _Counting:
+    """The stream as tarfile reads it; keeps the position so a cut can be reported where it happened."""
+
+    def __init__(self, raw: IO[bytes]) -> None:
+        self._raw = raw
+        self.position = 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._raw.read(size)
+        self.position += len(data)
+        return bytes(data)
+
+
+def iter_samples(
+    stream: IO[bytes], *, max_bytes: int, report: TarReport, sidecar_max_bytes: int = SIDECAR_MAX_BYTES
+) -> Iterator[Sample]:
+    """The shard's samples in order. A broken tar ends the iteration (``report.broken`` says why) after
+    the sample it cut, whose unreadable member carries its ``truncated`` refusal. Sidecars over
+    ``sidecar_max_bytes`` are passed over unread (``data`` None).
+
+    Errors of the stream itself that are not the tar's (the store or network failing half-way) are not
+    caught here: the file is then unfinished, not broken."""
+    counting = _Counting(stream)
+    try:
+        # Closed by the `with` below; opening is apart so that a non-tar is told from a cut tar.
+        tar = tarfile.open(fileobj=counting, mode="r|*", tarinfo=_BoundedTarInfo)  # type: ignore[call-overload]  # noqa: SIM115
+    except (tarfile.TarError, EOFError, OSError) as error:
+        report.broken = f"not a readable tar: {error}"
+        return
+    with tar:
+        yield from _samples(tar, counting, max_bytes, sidecar_max_bytes, report)
+
+
+def _samples(
+    tar: tarfile.TarFile, counting: _Counting, max_bytes: int, sidecar_max_bytes: int, report: TarReport
+) -> Iterator[Sample]:
+    current: Sample | None = None
+    members = iter(tar)
+    while True:
+        try:
+            info = next(members)
+        except StopIteration:
+            break
+        except (tarfile.TarError, EOFError, OSError) as error:
+            report.broken = f"cut or corrupt after byte {counting.position}: {error}"
+            break
+        if info.isdir():
+            continue
+        key, ext = split_key(info.name)
+        member = _read_member(tar, info, ext, max_bytes, sidecar_max_bytes)
+        if current is not None and current.key != key:
+            report.samples += 1
+            yield current
+            current = None
+        if current is None:
+            current = Sample(key, report.samples)
+        current.members.append(member)
+        if isinstance(member.refusal, ImageError) and member.refusal.kind == "truncated":
+            report.broken = f"cut inside member {info.name[:200]!r}: the shard ends early"
+            break
+    if report.broken is None and not _ended_with_end_block(tar):
+        report.broken = "no end-of-archive block after the last whole member: the shard ends early"
+    if current is not None:
+        report.samples += 1
+        yield current
+
+
+def _read_member(tar: tarfile.TarFile, info: tarfile.TarInfo, ext: str, max_bytes: int, sidecar_max: int) -> Member:
+    refusal = refusal_for(info, max_bytes)
+    if refusal is not None:
+        return Member(info.name, ext, None, refusal)
+    if ext in SIDECAR_EXTENSIONS and info.size > sidecar_max:
+        return Member(info.name, ext, None)  # skipped unread: too big to carry into a row
+    try:
+        extracted = tar.extractfile(info)
+        data = extracted.read() if extracted is not None else b""
+    except (tarfile.TarError, EOFError, OSError) as error:
+        return Member(info.name, ext, None, ImageError("truncated", f"{info.name[:200]}: the tar ends early ({error})"))
+    return Member(info.name, ext, data)
+
+
+def _ended_with_end_block(tar: tarfile.TarFile) -> bool:
+    """tarfile stops at the first all-zero block; a stream that simply ran out reads none of it. The
+    positions are tarfile's own (``offset`` is where the next header would start, ``fileobj.pos`` how far
+    it read), so this holds for compressed shards too."""
+    read_to = getattr(tar.fileobj, "pos", None)
+    if not isinstance(read_to, int):
+        return True  # a tarfile without the stream's position: nothing to tell
+    return read_to - tar.offset >= tarfile.BLOCKSIZE
