@@ -7,8 +7,9 @@ One worker process (`captionfleet worker --http`, as in production) on the Kafka
 640x480 JPEGs (Kafka: file:// uris; HTTP: multipart uploads), then:
 
 1. bulk: ``--flood`` Kafka requests at once; images/s from the first result to the last (the worker's bulk path);
-2. alone: single-image HTTP requests from 1, 4 and 16 concurrent clients (``--requests`` per level, each client
-   sending its next request when the last is answered): p50/p99 latency and images/s;
+2. alone: single-image HTTP requests from 1, 4 and 16 concurrent clients (``--requests`` per level, at least
+   three per client so that the load is sustained; each client sends its next request when the last is
+   answered): p50/p99 latency and images/s;
 3. under a backlog: a Kafka backlog big enough to keep the worker saturated throughout (checked: the lag is
    still above zero at the end), then the same three levels, with the Kafka images answered meanwhile.
 
@@ -195,12 +196,12 @@ def run(args: argparse.Namespace, work: Path) -> int:
             # 2. HTTP alone.
             report["alone"] = []
             for level in LEVELS:
-                figures = clients(url, level, args.requests, uploads)
+                figures = clients(url, level, max(args.requests, 3 * level), uploads)
                 report["alone"].append(figures)
                 print("alone", json.dumps(figures), flush=True)
 
             # 3. HTTP under a Kafka backlog that outlasts the phase (the worker never idles meanwhile).
-            slowest = sum(args.requests / max(f["images_per_s"], 1e-3) for f in report["alone"])
+            slowest = sum(f["requests"] / max(f["images_per_s"], 1e-3) for f in report["alone"])
             backlog = int(bulk_rate * slowest * 2) + 4 * args.max_items
             backlog_ids = [f"backlog-{i}" for i in range(backlog)]
             answered_before = len(results.arrived)
@@ -210,7 +211,7 @@ def run(args: argparse.Namespace, work: Path) -> int:
             phase_started = time.time()
             report["backlog"] = {"requests": backlog, "levels": []}
             for level in LEVELS:
-                figures = clients(url, level, args.requests, uploads)
+                figures = clients(url, level, max(args.requests, 3 * level), uploads)
                 report["backlog"]["levels"].append(figures)
                 print("under_backlog", json.dumps(figures), flush=True)
             results.read(0.5)

@@ -11,7 +11,7 @@ import streamlit as st
 
 from captionfleet.core.images import ImageLimits
 from captionfleet.core.settings import DecodingSettings, SettingsError, WorkerSettings
-from captionfleet.dashboard.fleet import FleetView, fleet_view
+from captionfleet.dashboard.fleet import FleetView, down_notices, fleet_view
 from captionfleet.dashboard.fleet_api import FleetUnavailable, caption_with_fleet
 from captionfleet.dashboard.model import LoadedModel, load_model
 from captionfleet.dashboard.settings import DashboardSettings, load_dashboard_settings, load_model_settings
@@ -133,15 +133,12 @@ def fleet_panels(view: FleetView, window_s: int) -> None:
     st.caption(f"Source: {view.source}")
     for problem in view.problems:
         st.warning(problem)
+    for notice in down_notices(view):
+        st.warning(notice)
     if not view.answered and view.problems:
         st.error(
             "No metrics source answered, so there is nothing to chart: check that the workers are up and that "
             "DASHBOARD_PROMETHEUS__URL (or DASHBOARD_SCRAPE__URLS) points at them."
-        )
-    elif not view.answered:
-        st.warning(
-            "The source answered, but no captionfleet worker is up in it: check Prometheus's scrape config "
-            "(the workers' /metrics targets) and that the workers are running."
         )
     throughput = view.throughput.fillna(0)
     peak = float(throughput.sum(axis=1).max()) if len(throughput) else 0.0
@@ -155,6 +152,8 @@ def fleet_panels(view: FleetView, window_s: int) -> None:
             st.caption(f"No failures in the last {window_text(window_s)}")
         else:
             st.bar_chart(view.failures, x_label="kind", y_label=f"failures in the last {window_text(window_s)}")
+            counts = ", ".join(f"{kind} {int(n)}" for kind, n in view.failures["failures"].items())
+            st.caption(f"Failures in the last {window_text(window_s)}: {counts}")
     with right:
         chart("Batch size", view.batch_size, "images per model call")
         chart("Consumer lag", view.lag, "messages", "requests on the topic not yet answered and committed")

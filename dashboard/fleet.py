@@ -113,9 +113,11 @@ def prometheus_view(
     now: float | None = None,
     worker_selector: str = DEFAULT_WORKER_SELECTOR,
 ) -> FleetView:
-    end = time.time() if now is None else now
+    step = float(max(1, round(window_s / 240)))  # ~240 points per chart whatever the window, whole seconds
+    # Aligned to the step: each refresh then evaluates the same instants, so the same traffic draws the same
+    # peak (unaligned, each refresh samples the rates at other instants and the peak wobbles).
+    end = math.floor((time.time() if now is None else now) / step) * step
     start = end - window_s
-    step = max(1.0, window_s / 240)  # ~240 points per chart whatever the window
     w = f"{rate_window_s}s"
 
     def matrix(expr: str, label: str | None, name: str = "") -> pd.DataFrame:
@@ -139,8 +141,9 @@ def prometheus_view(
     # restarts (increase() handles counter resets). Workers export every kind at 0 from the start;
     # chart only the kinds that happened.
     failures_rows = client.query(f"sum by (kind) (increase(captionfleet_failures_total[{window_s}s])) > 0")
+    # increase() extrapolates to the window's edges (3.07 failures): the page counts whole failures.
     failures = pd.DataFrame(
-        {"failures": [float(r["value"][1]) for r in failures_rows]},
+        {"failures": [round(float(r["value"][1])) for r in failures_rows]},
         index=pd.Index([r["metric"].get("kind", "?") for r in failures_rows], name="kind"),
     )
     rows = [
@@ -153,19 +156,27 @@ def prometheus_view(
         }
         for r in client.query("captionfleet_model_info")
     ]
-    # Targets Prometheus could not scrape: listed so a dead worker does not just vanish from the page.
-    # Only the workers' targets (DASHBOARD_PROMETHEUS__WORKER_SELECTOR): a shared Prometheus has others.
+    # Targets Prometheus could not scrape: listed so a dead worker does not just vanish from the page. Two
+    # ways to know a target is a worker: DASHBOARD_PROMETHEUS__WORKER_SELECTOR (its labels, as the Kubernetes
+    # scrape job gives them), or having served captionfleet metrics within the window (a plain static scrape
+    # config, whose targets carry no such labels: a stopped worker is still listed, as down).
     down = f"up{{{worker_selector}}} == 0" if worker_selector.strip() else "up == 0"
-    rows += [
-        {
-            "worker": r["metric"].get("instance", "?"),
-            "up": False,
-            "model version": "",
-            "model source": "",
-            "problem": f"Prometheus cannot scrape it (job {r['metric'].get('job', '?')})",
-        }
-        for r in client.query(down)
-    ]
+    seen = f"(up == 0) and on (instance, job) max_over_time(captionfleet_model_info[{window_s}s])"
+    listed = {row["worker"] for row in rows}
+    for r in client.query(down) + client.query(seen):
+        instance = r["metric"].get("instance", "?")
+        if instance in listed:
+            continue
+        listed.add(instance)
+        rows.append(
+            {
+                "worker": instance,
+                "up": False,
+                "model version": "",
+                "model source": "",
+                "problem": f"Prometheus cannot scrape it (job {r['metric'].get('job', '?')})",
+            }
+        )
     workers = pd.DataFrame(rows) if rows else _empty_workers()
     return FleetView(f"Prometheus at {client.url}", throughput, batch, latency, lag, failures, workers)
 
@@ -355,6 +366,28 @@ def _frame(columns: dict[str, dict[pd.Timestamp, float]]) -> pd.DataFrame:
     frame = pd.DataFrame({name: pd.Series(points, dtype=float) for name, points in columns.items()}).sort_index()
     frame.index.name = "time"
     return frame
+
+
+def down_notices(view: FleetView) -> list[str]:
+    """What the page says when workers are missing, naming the likely cause: a worker Prometheus (or the
+    dashboard) still has a target for but gets no answer from has most likely stopped; no worker at all in an
+    answering source points at the scrape configuration."""
+    down = view.workers[~view.workers["up"]] if len(view.workers) else view.workers
+    notices = []
+    if len(down):
+        names = ", ".join(str(name) for name in down["worker"][:5])
+        notices.append(
+            f"{len(down)} worker(s) down ({names}): their targets are known but do not answer, so the workers "
+            "are most likely stopped or crashed (check their pods or processes); a worker removed on purpose "
+            "leaves this list once it is out of the window."
+        )
+    if view.workers.empty and not view.problems:
+        notices.append(
+            "The source answered, but it knows no captionfleet worker: its scrape configuration has no target "
+            "for the workers' /metrics (WORKER_METRICS__PORT), or DASHBOARD_PROMETHEUS__WORKER_SELECTOR does not "
+            "match the labels it gives them."
+        )
+    return notices
 
 
 @st.cache_resource

@@ -1,7 +1,8 @@
 """The dashboard end to end, in a real browser: `captionfleet dashboard` served by Streamlit, a
-streaming worker (`python -m captionfleet.worker`) on the real Kafka-compatible broker, and a real Prometheus
-scraping that worker every second. Chromium (via Playwright) uploads an image through the page and
-reads its caption, then watches the fleet tab chart the batches the worker captioned.
+streaming worker (`python -m captionfleet.worker`) on the real Kafka-compatible broker serving the caption API
+too, and a real Prometheus scraping that worker every second. Chromium (via Playwright) uploads an image
+through the page, which sends it to the worker's caption API (DASHBOARD_FLEET__API_URL), and reads its caption
+and the worker that answered, then watches the fleet tab chart the batches the worker captioned.
 
 Screenshots of both views are saved under tests/artifacts/ (ignored by git) for people to look at.
 """
@@ -34,7 +35,9 @@ ARTIFACTS = REPO / "tests" / "artifacts"
 BATCHES, PER_BATCH = 4, 6
 
 
-def _worker_env(broker: KafkaBroker, checkpoint: Path, images: Path, tmp: Path, port: int) -> dict[str, str]:
+def _worker_env(
+    broker: KafkaBroker, checkpoint: Path, images: Path, tmp: Path, port: int, http_port: int
+) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("WORKER_", "DASHBOARD_"))}
     env.update(
         {
@@ -46,11 +49,15 @@ def _worker_env(broker: KafkaBroker, checkpoint: Path, images: Path, tmp: Path, 
             "WORKER_KAFKA__CLIENT_ID": "dash-worker",
             "WORKER_KAFKA__SESSION_TIMEOUT_MS": str(FAST_GROUP["session_timeout_ms"]),
             "WORKER_KAFKA__HEARTBEAT_INTERVAL_MS": str(FAST_GROUP["heartbeat_interval_ms"]),
-            "WORKER_MODEL__REF": str(checkpoint),
+            # The built-in model, whose captions are words: the page's caption is the worker's.
+            "WORKER_MODEL__REF": "builtin",
             "WORKER_MODEL__DEVICE": "cpu",
             "WORKER_MODEL__CACHE_DIR": str(tmp / "cache"),
             "WORKER_DECODING__NUM_BEAMS": "1",
             "WORKER_DECODING__MAX_NEW_TOKENS": "6",
+            "WORKER_HTTP__ENABLED": "true",
+            "WORKER_HTTP__PORT": str(http_port),
+            "PYTHONPATH": str(REPO),  # this checkout's code, not another one installed in the venv
             "WORKER_FETCH__FILE_ROOT": str(images),
             "WORKER_METRICS__HOST": "127.0.0.1",
             "WORKER_METRICS__PORT": str(port),
@@ -74,12 +81,19 @@ def fleet(tiny_checkpoint: Path, tmp_path: Path) -> Iterator[dict[str, object]]:
         broker.create_topic("dash-requests", 1)
         broker.create_topic("dash-results", 1)
         broker.create_topic("dash-dead", 1)
-        port = free_port()
-        worker = WorkerProcess(_worker_env(broker, tiny_checkpoint, images, tmp_path, port), tmp_path / "worker.log")
+        port, http_port = free_port(), free_port()
+        env = _worker_env(broker, tiny_checkpoint, images, tmp_path, port, http_port)
+        worker = WorkerProcess(env, tmp_path / "worker.log")
         try:
             worker.wait_ready(timeout_s=120)
             with PrometheusServer([f"127.0.0.1:{port}"], tmp_path / "prometheus") as prometheus:
-                yield {"broker": broker, "worker": worker, "prometheus": prometheus, "images": images}
+                yield {
+                    "broker": broker,
+                    "worker": worker,
+                    "prometheus": prometheus,
+                    "images": images,
+                    "api": f"http://127.0.0.1:{http_port}",
+                }
         finally:
             worker.close()
 
@@ -97,7 +111,9 @@ def dashboard(fleet: dict[str, object], tmp_path: Path) -> Iterator[str]:
             "DASHBOARD_PROMETHEUS__RATE_WINDOW_S": "5",  # five 1 s scrapes per rate() window
             "DASHBOARD_FLEET__REFRESH_S": "2",
             "DASHBOARD_FLEET__WINDOW_S": "180",
-            # WORKER_MODEL__REF unset: the dashboard's default, the built-in model, whose captions are words.
+            # "Generate caption" through the worker's caption API (loopback: no token).
+            "DASHBOARD_FLEET__API_URL": str(fleet["api"]),
+            "PYTHONPATH": str(REPO),
             "WORKER_MODEL__DEVICE": "cpu",
             "WORKER_DECODING__NUM_BEAMS": "1",
             "OMP_NUM_THREADS": "1",
@@ -191,7 +207,8 @@ def test_upload_caption_and_fleet_charts_in_a_real_browser(
         page.goto(dashboard, wait_until="domcontentloaded")
         page.locator('[data-testid="stFileUploader"] input[type="file"]').set_input_files(str(upload))
         page.get_by_role("button", name="Generate caption").click()
-        line = page.get_by_text(re.compile(r"^model \S+ · \d+ ms")).first
+        expect(page.get_by_text("Captions come from the fleet")).to_be_visible(timeout=30_000)
+        line = page.get_by_text(re.compile(r"^model \S+ · \d+ ms · worker dash-worker$")).first
         expect(line).to_be_visible(timeout=90_000)
         caption = page.locator('[data-testid="stMarkdownContainer"] h3').first.inner_text()
         # The built-in model names the shapes it sees: the test picture is coloured squares.
@@ -224,8 +241,10 @@ def test_upload_caption_and_fleet_charts_in_a_real_browser(
         browser_text = page.inner_text("body")
         assert "No metrics source answered" not in browser_text
 
-    # What the chart showed is what Prometheus holds: every image the worker answered.
+    # What the chart showed is what Prometheus holds: every image the worker answered, the upload included.
     total = sum(float(r["value"][1]) for r in prometheus.query("sum(captionfleet_images_total)"))
-    assert total == sent
+    assert total == sent + 1
+    uploads = prometheus.query('sum(captionfleet_http_requests_total{route="captions",code="200"})')
+    assert [float(r["value"][1]) for r in uploads] == [1.0]
     failed = prometheus.query("sum by (kind) (captionfleet_failures_total) > 0")  # every kind is exported at 0
     assert {r["metric"]["kind"]: float(r["value"][1]) for r in failed} == {"not_an_image": BATCHES}

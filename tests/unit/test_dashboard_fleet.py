@@ -211,3 +211,47 @@ def test_a_name_that_resolves_to_several_workers_is_scraped_per_worker(monkeypat
         "http://10.0.0.1:9400/metrics": 1.0,
         "http://10.0.0.2:9400/metrics": 0.5,
     }
+
+
+# -- operator items (issue 18): down workers without pod labels, whole failures, aligned steps, causes ----
+
+
+def test_a_stopped_worker_of_a_plain_scrape_config_stays_listed_as_down() -> None:
+    """A static Prometheus job gives its targets no pod labels: the default selector finds nothing, but a
+    target that served captionfleet metrics within the window and is down now is a stopped worker."""
+    stopped = [{"metric": {"instance": "127.0.0.1:9400", "job": "captionfleet-worker"}, "value": [1000, "0"]}]
+    client = FakePrometheus({"(up == 0) and on (instance, job) max_over_time(captionfleet_model_info[900s])": stopped})
+    view = prometheus_view(client, window_s=900, rate_window_s=60, now=1000.0)  # type: ignore[arg-type]
+    assert view.workers["worker"].tolist() == ["127.0.0.1:9400"] and not view.workers["up"].any()
+
+
+def test_failures_are_whole_numbers_and_range_queries_are_aligned_to_their_step() -> None:
+    rows = [{"metric": {"kind": "decode"}, "value": [1000, "3.07"]}]
+    client = FakePrometheus({"sum by (kind) (increase(captionfleet_failures_total[900s]))": rows})
+    ranges: list[tuple[float, float, float]] = []
+    client.query_range = lambda expr, start, end, step: ranges.append((start, end, step)) or []  # type: ignore[method-assign]
+    view = prometheus_view(client, window_s=900, rate_window_s=60, now=1000.7)  # type: ignore[arg-type]
+    assert view.failures["failures"].to_dict() == {"decode": 3}
+    again: list[tuple[float, float, float]] = []
+    client.query_range = lambda expr, start, end, step: again.append((start, end, step)) or []  # type: ignore[method-assign]
+    prometheus_view(client, window_s=900, rate_window_s=60, now=1001.9)  # type: ignore[arg-type]
+    start, end, step = ranges[0]
+    assert end % step == 0 and start % step == 0
+    assert again[0] == ranges[0]  # a refresh within the same step evaluates the same instants
+
+
+def test_the_down_notice_names_the_likely_cause() -> None:
+    from captionfleet.dashboard.fleet import FleetView, down_notices, empty_frame
+
+    def view(workers: list[dict[str, Any]]) -> FleetView:
+        import pandas as pd
+
+        frame = pd.DataFrame(workers, columns=["worker", "up", "model version", "model source", "problem"])
+        empty = empty_frame()
+        return FleetView("test", empty, empty, empty, empty, pd.DataFrame({"failures": []}), frame)
+
+    (stopped,) = down_notices(view([{"worker": "w1:9400", "up": False, "problem": "x"}]))
+    assert "w1:9400" in stopped and "stopped or crashed" in stopped
+    (unknown,) = down_notices(view([]))
+    assert "scrape configuration" in unknown and "DASHBOARD_PROMETHEUS__WORKER_SELECTOR" in unknown
+    assert down_notices(view([{"worker": "w1:9400", "up": True, "problem": ""}])) == []
