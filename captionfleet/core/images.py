@@ -182,6 +182,21 @@ def _cut_short(data: bytes, fmt: str) -> bool:
 _warnings_lock = threading.Lock()
 
 
+def _what_it_looks_like(data: bytes) -> str:
+    """A hint at what a non-image is, without quoting it: failure messages reach logs and answers, and an
+    upload's bytes may be anything (a pasted credential among them)."""
+    head = data[:512].lstrip()
+    if head[:1] == b"<":
+        return "it looks like HTML or XML text: a page or error answer instead of the image?"
+    if head[:1] in (b"{", b"["):
+        return "it looks like JSON text"
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError:
+        return "binary data that no image format starts with"
+    return "it looks like plain text"
+
+
 def decode_image(
     data: bytes, *, limits: ImageLimits = ImageLimits(), draft_size: tuple[int, int] | None = None
 ) -> Image.Image:
@@ -196,7 +211,7 @@ def decode_image(
         raise ImageError("too_large", f"{len(data)} bytes exceeds the limit of {limits.max_bytes} bytes")
     fmt = sniff_format(data)
     if fmt is None:
-        raise ImageError("not_an_image", f"not a recognised image format (starts with {data[:8]!r})")
+        raise ImageError("not_an_image", f"not a recognised image format ({_what_it_looks_like(data)})")
     if fmt in _REFUSED:
         raise ImageError("unsupported", f"{fmt}: {_REFUSED[fmt]}")
     _ensure_plugin(fmt)

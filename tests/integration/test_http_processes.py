@@ -51,6 +51,8 @@ def test_serve_answers_with_a_token_and_stops_cleanly_on_sigterm(tiny_checkpoint
         inline = {"images": [{"id": "inline", "data": base64.b64encode(image).decode()}]}
         assert httpx.post(f"{url}/v1/captions", json=inline, headers=AUTH, timeout=60).status_code == 200
         assert httpx.post(f"{url}/v1/captions", json=inline, timeout=60).status_code == 401
+        pasted = httpx.post(f"{url}/v1/captions", files={"file": ("key.txt", b"hunter2-pasted")}, headers=AUTH)
+        assert pasted.json()["results"][0]["error_kind"] == "not_an_image"
         metrics = server.metrics()
         assert metrics[("captionfleet_images_total", (("outcome", "captioned"),))] == 2
         assert server.terminate() == 0
@@ -61,6 +63,7 @@ def test_serve_answers_with_a_token_and_stops_cleanly_on_sigterm(tiny_checkpoint
     # Neither the credential nor any image bytes reach the log, even at DEBUG.
     assert TOKEN not in log
     assert base64.b64encode(image).decode()[:24] not in log
+    assert "hunter2" not in log  # a non-image upload is described, never quoted
 
 
 def test_serve_refuses_to_listen_beyond_loopback_without_tokens(tiny_checkpoint: Path, tmp_path: Path) -> None:
