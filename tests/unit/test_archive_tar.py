@@ -12,6 +12,8 @@ from typing import Any
 import pyarrow.parquet as pq
 import pytest
 
+from captionfleet.core.captioner import ModelInput
+from captionfleet.core.generation import Caption
 from captionfleet.core.settings import WorkerSettings
 from captionfleet.worker.archive_rows import encode_checkpoint
 from captionfleet.worker.bulk_archive import ArchiveJobError, ArchiveOptions, run_archive_job
@@ -28,9 +30,9 @@ class CountingCaptioner(FakeCaptioner):
         super().__init__()
         self.images = 0
 
-    def caption_pixels(self, pixels: Any) -> list[str]:
-        self.images += len(pixels)
-        return super().caption_pixels(pixels)
+    def caption_inputs(self, inputs: list[ModelInput], decoding: object = None) -> list[Caption]:
+        self.images += len(inputs)
+        return super().caption_inputs(inputs, decoding)
 
 
 def settings(**bulk: Any) -> WorkerSettings:

@@ -34,7 +34,9 @@ def test_another_family_is_described_without_loading_it(tmp_path: Path) -> None:
         "default_prompt": default_prompt("blip"),
         "precision": "bfloat16",
     }
-    assert info["default_prompt"] and not loaded_here("blip") and loaded_here("vision-encoder-decoder")
+    # The model layer's table (core/family.py) answers both: BLIP captions from the image alone by default.
+    assert info["default_prompt"] is None and default_prompt("florence2") == "<CAPTION>"
+    assert loaded_here("blip") and loaded_here("vision-encoder-decoder") and not loaded_here("kosmos-2")
 
 
 def test_unreadable_files_are_unknown_not_an_error(tmp_path: Path) -> None:
