@@ -59,4 +59,5 @@ def test_the_stream_worker_asks_for_its_handlers_on_windows_too() -> None:
 
     from captionfleet.worker import __main__ as worker_main
 
-    assert "stop_on_signals(_stopping(worker.stop), on_windows=True)" in inspect.getsource(worker_main)
+    # ``stop`` stops the stream (and drains the caption API when it is served too).
+    assert "stop_on_signals(_stopping(stop), on_windows=True)" in inspect.getsource(worker_main)
