@@ -53,6 +53,31 @@ def metric(port: int, name: str) -> float:
     return 0.0
 
 
+class Batches:
+    """The worker's model calls since the last ``take()``: how many, their mean size and duration."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self._last = self._now()
+
+    def _now(self) -> tuple[float, float, float]:
+        return (
+            metric(self.port, "captionfleet_inference_seconds_count"),
+            metric(self.port, "captionfleet_inference_seconds_sum"),
+            metric(self.port, "captionfleet_batch_size_sum"),
+        )
+
+    def take(self) -> dict[str, float]:
+        now = self._now()
+        calls, seconds, rows = (a - b for a, b in zip(now, self._last, strict=True))
+        self._last = now
+        return {
+            "model_calls": int(calls),
+            "mean_batch_size": round(rows / max(calls, 1), 2),
+            "mean_batch_s": round(seconds / max(calls, 1), 3),
+        }
+
+
 def clients(url: str, concurrency: int, requests: int, images: list[bytes]) -> dict[str, Any]:
     """``requests`` single-image requests from ``concurrency`` clients, each waiting for its answer."""
     latencies: list[float] = []
@@ -172,10 +197,7 @@ def run(args: argparse.Namespace, work: Path) -> int:
             clients(url, 2, 4, uploads)  # warm-up: the API's first requests and the model's first batches
 
             # 1. bulk: everything at once through Kafka.
-            calls0, seconds0 = (
-                metric(port, "captionfleet_inference_seconds_count"),
-                metric(port, "captionfleet_inference_seconds_sum"),
-            )
+            batches = Batches(port)
             ids = [f"flood-{i}" for i in range(args.flood)]
             send(producer, topics["requests"], ids, [uris[i % len(uris)] for i in range(len(ids))], {})
             if not results.wait_for(ids, timeout_s=3600):
@@ -183,20 +205,15 @@ def run(args: argparse.Namespace, work: Path) -> int:
                 return 1
             first, last = min(results.arrived[i] for i in ids), max(results.arrived[i] for i in ids)
             bulk_rate = (len(ids) - 1) / max(last - first, 1e-9)
-            calls = metric(port, "captionfleet_inference_seconds_count") - calls0
-            batch_s = (metric(port, "captionfleet_inference_seconds_sum") - seconds0) / max(calls, 1)
-            report["bulk"] = {
-                "requests": len(ids),
-                "images_per_s": round(bulk_rate, 3),
-                "model_calls": int(calls),
-                "mean_batch_s": round(batch_s, 3),
-            }
+            report["bulk"] = {"requests": len(ids), "images_per_s": round(bulk_rate, 3), **batches.take()}
+            batch_s = report["bulk"]["mean_batch_s"]
             print("bulk", json.dumps(report["bulk"]), flush=True)
 
             # 2. HTTP alone.
             report["alone"] = []
             for level in LEVELS:
-                figures = clients(url, level, max(args.requests, 3 * level), uploads)
+                batches.take()
+                figures = {**clients(url, level, max(args.requests, 3 * level), uploads), **batches.take()}
                 report["alone"].append(figures)
                 print("alone", json.dumps(figures), flush=True)
 
@@ -211,7 +228,8 @@ def run(args: argparse.Namespace, work: Path) -> int:
             phase_started = time.time()
             report["backlog"] = {"requests": backlog, "levels": []}
             for level in LEVELS:
-                figures = clients(url, level, max(args.requests, 3 * level), uploads)
+                batches.take()
+                figures = {**clients(url, level, max(args.requests, 3 * level), uploads), **batches.take()}
                 report["backlog"]["levels"].append(figures)
                 print("under_backlog", json.dumps(figures), flush=True)
             results.read(0.5)
