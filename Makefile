@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_PIN ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: setup system-deps demo test lint typecheck unit integration clean bench bench-quick bench-gpu soak
+.PHONY: setup system-deps demo test lint typecheck unit integration clean bench bench-quick bench-gpu bench-http soak
 .PHONY: image image-test k8s-validate
 
 setup: $(STAMP) system-deps
@@ -60,6 +60,10 @@ bench-quick: $(STAMP)
 # machine, whose image has its own torch, run bench/gpu_session.sh instead (docs/benchmarks.md).
 bench-gpu: $(STAMP)
 	$(BIN)/python -m bench.gpu --out docs
+
+# The caption API's latency next to the same worker's bulk images/s (docs/benchmarks.md, issue 18).
+bench-http: $(STAMP)
+	$(BIN)/python -m bench.http_latency --out docs/benchmarks-http.json
 
 soak: $(STAMP)
 	$(BIN)/python -m bench.soak --out docs
