@@ -85,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
     try:
         settings = _apply_overrides(load_worker_settings(), args)
+        if settings.http.enabled:
+            settings.http.check_auth()  # before the model loads: an API open beyond loopback needs tokens
     except SettingsError as error:
         print(f"error: bad setting:\n{error}", file=sys.stderr)
         return EXIT_USAGE

@@ -90,3 +90,13 @@ def test_python_dash_m_worker_help() -> None:
     )
     assert done.returncode == 0
     assert "WORKER_KAFKA__BOOTSTRAP" in done.stdout
+
+
+def test_the_caption_api_beyond_loopback_without_tokens_stops_start_up(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("WORKER_HTTP__HOST", "0.0.0.0")
+    monkeypatch.delenv("WORKER_HTTP__TOKENS", raising=False)
+    assert main(["--http", "--bootstrap", "localhost:9092"]) == 2  # before any model or broker
+    err = capsys.readouterr().err
+    assert "WORKER_HTTP__TOKENS is empty" in err and "WORKER_HTTP__HOST=127.0.0.1" in err
