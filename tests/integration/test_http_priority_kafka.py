@@ -31,14 +31,11 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(300
 BACKLOG = 40
 
 
-def test_an_api_request_overtakes_the_queued_kafka_backlog(
-    kafka_broker: KafkaBroker, kafka_names: dict[str, str], tiny_checkpoint: Path, tmp_path: Path
-) -> None:
+def _settings(kafka_broker: KafkaBroker, kafka_names: dict[str, str], tmp_path: Path) -> WorkerSettings:
     for topic in ("requests", "results", "dead"):
         kafka_broker.create_topic(kafka_names[topic], 1)
     (tmp_path / "cat.jpg").write_bytes(jpeg_bytes())
-    ids = [f"backlog-{i}" for i in range(BACKLOG)]
-    settings = WorkerSettings.model_validate(
+    return WorkerSettings.model_validate(
         {
             "kafka": {
                 "bootstrap": kafka_broker.bootstrap,
@@ -54,6 +51,13 @@ def test_an_api_request_overtakes_the_queued_kafka_backlog(
             "http": {"enabled": True, "port": 0, "max_wait_ms": 5, "stream_share": 0.25},
         }
     )
+
+
+def test_an_api_request_overtakes_the_queued_kafka_backlog(
+    kafka_broker: KafkaBroker, kafka_names: dict[str, str], tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    settings = _settings(kafka_broker, kafka_names, tmp_path)
+    ids = [f"backlog-{i}" for i in range(BACKLOG)]
     gated = GatedModel(tiny_model(tiny_checkpoint))
     metrics = WorkerMetrics()
     source = KafkaSource(settings.kafka, "priority-worker")
@@ -101,3 +105,46 @@ def test_an_api_request_overtakes_the_queued_kafka_backlog(
     results = [m["id"] for m in reader.messages[kafka_names["results"]]]
     assert sorted(results) == sorted(ids)  # the backlog: every request answered, once
     assert reader.messages[kafka_names["dead"]] == []
+
+
+def test_a_stopping_worker_answers_the_api_requests_admitted_and_refuses_new_ones(
+    kafka_broker: KafkaBroker, kafka_names: dict[str, str], tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    """What `captionfleet worker --http` does on SIGTERM (its stop(): the API drains, the stream stops)."""
+    settings = _settings(kafka_broker, kafka_names, tmp_path)
+    gated = GatedModel(tiny_model(tiny_checkpoint))
+    metrics = WorkerMetrics()
+    source = KafkaSource(settings.kafka, "stopping-worker")
+    output = KafkaOutput(make_producer(settings.kafka, "stopping-worker"), timeout_s=30)
+    fetcher = Fetcher(settings.fetch, s3=settings.s3, max_bytes=settings.images.max_bytes)
+    worker = StreamWorker(settings, gated, source, output, fetcher, metrics=metrics, name="stopping-worker")
+    api = start_api(settings, worker.offer, lambda: worker.model_version, fetcher, metrics, "stopping-worker")
+    reports: list[StreamReport] = []
+    thread = threading.Thread(target=lambda: reports.append(worker.run()), daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{api.port}/v1/captions"
+    body = {"id": "in-flight", "data": base64.b64encode(jpeg_bytes()).decode()}
+    answers: list[httpx.Response] = []
+    try:
+        client = threading.Thread(target=lambda: answers.append(httpx.post(url, json=body, timeout=120)))
+        client.start()
+        gated.wait_entered(1, timeout_s=60)  # its batch is in the model
+        queued = {**body, "id": "queued"}
+        behind = threading.Thread(target=lambda: answers.append(httpx.post(url, json=queued, timeout=120)))
+        behind.start()
+        eventually(lambda: metrics.sample("captionfleet_http_queued_images") == 2, "one more image queued behind it")
+        api.ctx.state.drain()  # the stop of worker/__main__.py: the API first, then the stream
+        worker.stop()
+        refused = httpx.post(url, json=body, timeout=30)
+        assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+        gated.open()
+        client.join(60)
+        behind.join(60)
+        thread.join(60)
+    finally:
+        gated.open()
+        worker.stop()
+        thread.join(60)
+        api.close()
+    assert sorted(a.json()["results"][0]["id"] for a in answers if a.status_code == 200) == ["in-flight", "queued"]
+    assert reports and reports[0].exit_code == EXIT_OK
