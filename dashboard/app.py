@@ -10,6 +10,7 @@ import pandas as pd
 import streamlit as st
 
 from captionfleet.core.images import ImageLimits
+from captionfleet.core.prompt_input import MAX_PROMPT_CHARS, PromptRefused, check_prompt
 from captionfleet.core.settings import DecodingSettings, SettingsError, WorkerSettings
 from captionfleet.dashboard.fleet import FleetView, fleet_view
 from captionfleet.dashboard.model import LoadedModel, load_model
@@ -43,20 +44,63 @@ def model_or_error(model_settings: WorkerSettings) -> LoadedModel | None:
         return None
 
 
+def model_line(model: LoadedModel) -> None:
+    """Which model captions the uploads: its version and family (after a hot swap to another family too)."""
+    default = f"`{model.default_prompt}`" if model.default_prompt is not None else "none"
+    st.caption(f"Model {model.version} · family {model.family} · default prompt: {default}")
+
+
+def prompt_box(model: LoadedModel | None) -> str | None:
+    """The prompt every upload is captioned with; None: the model family's default (an empty box). A model
+    that takes no prompt gets a disabled box and a note; an unusable prompt shows why and raises
+    PromptRefused."""
+    if model is not None and not model.takes_prompt:
+        st.text_input("Prompt", key="prompt", disabled=True, placeholder="this model takes no prompt")
+        st.caption(
+            f"A {model.family} model (ViT-GPT2) captions without a prompt. Serve a family that takes one "
+            "(BLIP, GIT, Florence-2, the VLMs) to ask for a kind of caption."
+        )
+        return None
+    default = model.default_prompt if model is not None else None
+    text = st.text_input(
+        "Prompt",
+        key="prompt",
+        max_chars=MAX_PROMPT_CHARS,
+        placeholder=default or "none: the model captions on its own (e.g. type 'a photo of')",
+        help="sent with every image; leave it empty for the model family's default prompt (shown greyed)",
+    )
+    try:
+        return check_prompt(text, field="The prompt")
+    except PromptRefused as refused:
+        st.error(str(refused), icon="✏️")
+        raise
+
+
 def upload_tab(model_settings: WorkerSettings, settings: DashboardSettings, decoding: DecodingSettings) -> None:
     limits = ImageLimits.from_settings(model_settings.images)
+    # Loaded (once per process, cached) before the prompt box, which shows its family and default prompt.
+    model = model_or_error(model_settings)
+    if model is not None:
+        model_line(model)
+    try:
+        prompt, usable = prompt_box(model), True
+    except PromptRefused:
+        prompt, usable = None, False
     files = st.file_uploader(
         f"Images (up to {limits.max_bytes / 2**20:.0f} MB each)", accept_multiple_files=True, key="uploads"
     )
     uploaded = tuple(f.file_id for f in files or [])
-    if st.button("Generate caption", type="primary", disabled=not files):
-        model = model_or_error(model_settings)
-        if model is not None:
-            with st.spinner("Captioning..."):
-                results = caption_uploads(
-                    model, [(f.name, f.getvalue()) for f in files or []], decoding, limits, settings.upload.batch_size
-                )
-            st.session_state["results"] = (uploaded, results)
+    if st.button("Generate caption", type="primary", disabled=not files or not usable) and model is not None:
+        with st.spinner("Captioning..."):
+            results = caption_uploads(
+                model,
+                [(f.name, f.getvalue()) for f in files or []],
+                decoding,
+                limits,
+                settings.upload.batch_size,
+                prompt=prompt,
+            )
+        st.session_state["results"] = (uploaded, results)
     shown_for, results = st.session_state.get("results", ((), []))
     if shown_for != uploaded:  # files removed or added since: their old captions would mislead
         results = []
@@ -72,6 +116,8 @@ def upload_tab(model_settings: WorkerSettings, settings: DashboardSettings, deco
             f"model {result.model_version} · {result.seconds * 1000:.0f} ms "
             f"(one model call for {result.batch} image{'s' if result.batch > 1 else ''})"
         )
+        if result.prompt is not None:
+            text.caption(f"prompt: {result.prompt}")
 
 
 def chart(title: str, frame: pd.DataFrame, unit: str, note: str = "") -> None:
