@@ -10,6 +10,7 @@ import pandas as pd
 import streamlit as st
 
 from captionfleet.core.images import ImageLimits
+from captionfleet.core.prompt_input import MAX_PROMPT_CHARS, PromptRefused, check_prompt
 from captionfleet.core.settings import DecodingSettings, SettingsError, WorkerSettings
 from captionfleet.dashboard.fleet import FleetView, down_notices, fleet_view
 from captionfleet.dashboard.fleet_api import FleetUnavailable, caption_with_fleet
@@ -60,22 +61,22 @@ def upload_source(model_settings: WorkerSettings, settings: DashboardSettings) -
 
 def caption_files(
     files: list[tuple[str, bytes]],
-    model_settings: WorkerSettings,
+    model: LoadedModel | None,
     settings: DashboardSettings,
     decoding: DecodingSettings,
     limits: ImageLimits,
+    prompt: str | None,
 ) -> list[UploadResult] | None:
     """Each file's result, from the fleet or the in-process model; None after showing why there are none."""
     if settings.fleet.api_url:
         try:
-            return caption_with_fleet(files, decoding, limits, settings.fleet, settings.upload.batch_size)
+            return caption_with_fleet(files, decoding, limits, settings.fleet, settings.upload.batch_size, prompt)
         except FleetUnavailable as error:
             st.error(f"No captions: {error}", icon="🚫")
             return None
-    model = model_or_error(model_settings)
     if model is None:
         return None
-    return caption_uploads(model, files, decoding, limits, settings.upload.batch_size)
+    return caption_uploads(model, files, decoding, limits, settings.upload.batch_size, prompt=prompt)
 
 
 def answered_by(result: UploadResult) -> str:
@@ -87,17 +88,60 @@ def answered_by(result: UploadResult) -> str:
     )
 
 
+def model_line(model: LoadedModel) -> None:
+    """Which model captions the uploads: its version and family (after a hot swap to another family too)."""
+    default = f"`{model.default_prompt}`" if model.default_prompt is not None else "none"
+    st.caption(f"Model {model.version} · family {model.family} · default prompt: {default}")
+
+
+def prompt_box(model: LoadedModel | None) -> str | None:
+    """The prompt every upload is captioned with; None: the model family's default (an empty box). A model
+    that takes no prompt gets a disabled box and a note; an unusable prompt shows why and raises
+    PromptRefused."""
+    if model is not None and not model.takes_prompt:
+        st.text_input("Prompt", key="prompt", disabled=True, placeholder="this model takes no prompt")
+        st.caption(
+            f"A {model.family} model (ViT-GPT2) captions without a prompt. Serve a family that takes one "
+            "(BLIP, GIT, Florence-2, the VLMs) to ask for a kind of caption."
+        )
+        return None
+    default = model.default_prompt if model is not None else None
+    text = st.text_input(
+        "Prompt",
+        key="prompt",
+        max_chars=MAX_PROMPT_CHARS,
+        placeholder=default or "none: the model captions on its own (e.g. type 'a photo of')",
+        help="sent with every image; leave it empty for the model family's default prompt (shown greyed)",
+    )
+    try:
+        return check_prompt(text, field="The prompt")
+    except PromptRefused as refused:
+        st.error(str(refused), icon="✏️")
+        raise
+
+
 def upload_tab(model_settings: WorkerSettings, settings: DashboardSettings, decoding: DecodingSettings) -> None:
     limits = ImageLimits.from_settings(model_settings.images)
     st.caption(upload_source(model_settings, settings))
+    fleet = bool(settings.fleet.api_url)
+    model = None
+    if not fleet:  # with the fleet, the dashboard loads no model of its own
+        # Loaded (once per process, cached) before the prompt box, which shows its family and default prompt.
+        model = model_or_error(model_settings)
+        if model is not None:
+            model_line(model)
+    try:
+        prompt, usable = prompt_box(model), True
+    except PromptRefused:
+        prompt, usable = None, False
     files = st.file_uploader(
         f"Images (up to {limits.max_bytes / 2**20:.0f} MB each)", accept_multiple_files=True, key="uploads"
     )
     uploaded = tuple(f.file_id for f in files or [])
-    if st.button("Generate caption", type="primary", disabled=not files):
+    if st.button("Generate caption", type="primary", disabled=not files or not usable) and (fleet or model):
         with st.spinner("Captioning..."):
             results = caption_files(
-                [(f.name, f.getvalue()) for f in files or []], model_settings, settings, decoding, limits
+                [(f.name, f.getvalue()) for f in files or []], model, settings, decoding, limits, prompt
             )
         if results is not None:
             st.session_state["results"] = (uploaded, results)
@@ -113,6 +157,8 @@ def upload_tab(model_settings: WorkerSettings, settings: DashboardSettings, deco
             picture.image(result.image, caption=result.name, width=200)
         text.markdown(f"### {result.caption}")
         text.caption(answered_by(result))
+        if result.prompt is not None:
+            text.caption(f"prompt: {result.prompt}")
 
 
 def chart(title: str, frame: pd.DataFrame, unit: str, note: str = "") -> None:

@@ -32,7 +32,11 @@ def _thumbnail(result: UploadResult, data: bytes, limits: ImageLimits) -> None:
 
 
 def _post(
-    client: httpx.Client, settings: FleetSettings, files: Sequence[tuple[str, bytes]], decoding: DecodingSettings
+    client: httpx.Client,
+    settings: FleetSettings,
+    files: Sequence[tuple[str, bytes]],
+    decoding: DecodingSettings,
+    prompt: str | None,
 ) -> httpx.Response:
     headers = {}
     if settings.api_token is not None:  # never logged, never shown
@@ -41,7 +45,11 @@ def _post(
         return client.post(
             f"{settings.api_url.rstrip('/')}/v1/captions",
             files=[("files", (name, data)) for name, data in files],
-            data={"num_beams": str(decoding.num_beams), "max_new_tokens": str(decoding.max_new_tokens)},
+            data={
+                "num_beams": str(decoding.num_beams),
+                "max_new_tokens": str(decoding.max_new_tokens),
+                **({"prompt": prompt} if prompt is not None else {}),
+            },
             headers=headers,
             timeout=settings.api_timeout_s,
         )
@@ -76,15 +84,17 @@ def caption_with_fleet(
     limits: ImageLimits,
     settings: FleetSettings,
     batch_size: int,
+    prompt: str | None = None,
 ) -> list[UploadResult]:
     """One result per (name, bytes) upload, in order: the fleet's caption with the worker and version that
-    answered, or the failure it named. Raises FleetUnavailable when the fleet does not answer at all."""
+    answered, or the failure it named (``prompt``: sent with every file; None: the family's default). Raises
+    FleetUnavailable when the fleet does not answer at all."""
     results = [UploadResult(name) for name, _ in files]
     with httpx.Client() as client:
         for start in range(0, len(files), batch_size):
             batch = files[start : start + batch_size]
             began = time.perf_counter()
-            response = _post(client, settings, batch, decoding)
+            response = _post(client, settings, batch, decoding, prompt)
             seconds = time.perf_counter() - began
             if response.status_code != 200:
                 problem = _refusal(response, settings)
@@ -95,6 +105,7 @@ def caption_with_fleet(
             for result, (_, data), row in zip(results[start:], batch, rows, strict=False):
                 _thumbnail(result, data, limits)
                 result.worker = str(row.get("worker") or "")
+                result.prompt = row.get("prompt")
                 if row.get("ok"):
                     result.caption, result.model_version = row["caption"], row["model_version"]
                     result.seconds, result.batch = seconds, len(batch)

@@ -17,6 +17,7 @@ import streamlit as st
 from botocore.exceptions import BotoCoreError, ClientError
 
 from captionfleet.core.captioner import CaptionModel
+from captionfleet.core.family import takes_prompt
 from captionfleet.core.loading import load_model as load_ref
 from captionfleet.core.loading import load_version
 from captionfleet.core.model_store import ModelRefError
@@ -33,6 +34,18 @@ class LoadedModel:
     @property
     def version(self) -> str:
         return self.captioner.version
+
+    @property
+    def family(self) -> str:
+        return self.captioner.family
+
+    @property
+    def default_prompt(self) -> str | None:
+        return self.captioner.default_prompt
+
+    @property
+    def takes_prompt(self) -> bool:
+        return takes_prompt(self.family)
 
 
 # One entry: when LATEST moves, the new version's model replaces the old one instead of joining it.

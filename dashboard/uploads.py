@@ -2,7 +2,9 @@
 
 A corrupt or oversized file gets its own message and never costs the others their captions; only one
 batch of full-size images is alive at a time, and results keep thumbnails. The model comes from
-dashboard/model.py.
+dashboard/model.py. A prompt (the page's box; None: the model family's default) goes with every image,
+through the model's two steps as in the worker (``prepare``, ``caption_inputs``): a model that takes no
+prompt (ViT-GPT2) refuses it, and each file says so (``malformed``), as the stream's dead letters do.
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from captionfleet.core.failures import ImageError
+from captionfleet.core.captioner import PromptError
+from captionfleet.core.failures import EMPTY_CAPTION, MALFORMED, ImageError
+from captionfleet.core.generation import Caption
 from captionfleet.core.images import ImageLimits, decode_image
 from captionfleet.core.settings import DecodingSettings
 from captionfleet.dashboard.model import LoadedModel
@@ -26,6 +30,8 @@ _HEADLINES = {
     "truncated": "is cut short (a corrupt or incomplete file)",
     "too_large": "is too large",
     "decode": "could not be decoded (a corrupt image)",
+    MALFORMED: "was not captioned: the model refused the prompt",
+    EMPTY_CAPTION: "got no caption (the model generated no text)",
     "forbidden": "was refused",
     "fleet": "was not captioned by the fleet",
 }
@@ -36,6 +42,7 @@ class UploadResult:
     name: str
     image: Image.Image | None = None
     caption: str | None = None
+    prompt: str | None = None  # the one the model used: the box's, else its family's default
     model_version: str = ""
     seconds: float = 0.0  # the model call that captioned it (with the fleet: its request)
     batch: int = 0  # images in that call
@@ -81,25 +88,39 @@ def _decode(
 
 
 def _caption_batch(
-    model: LoadedModel, batch: list[tuple[UploadResult, Image.Image]], decoding: DecodingSettings, side: int
+    model: LoadedModel,
+    batch: list[tuple[UploadResult, Image.Image]],
+    decoding: DecodingSettings,
+    side: int,
+    prompt: str | None,
 ) -> None:
     """One model call for the batch; its results get their captions (or the failure) and thumbnails."""
     with model.lock:
         began = time.perf_counter()
-        captions: list[str] | None = None
-        failure = ""
+        captions: list[Caption] | None = None
+        kind, failure = "model", ""
         try:
-            captions = model.captioner.caption([image for _, image in batch], decoding)
+            inputs = [model.captioner.prepare(image, prompt) for _, image in batch]
+            captions = model.captioner.caption_inputs(inputs, decoding)
+            del inputs  # they hold the full-size images
+        except PromptError as error:  # the same prompt for every file: each says why
+            kind, failure = MALFORMED, f"{error}; empty the Prompt box to use the model's default"
         except Exception as error:  # a model failure is shown per file, like any other
             failure = f"the model failed: {error or 'no reason given'}"
         seconds = time.perf_counter() - began
     for index, (result, image) in enumerate(batch):
         result.image = thumbnail(image, side)
         if captions is None:
-            result.kind, result.message = "model", failure
+            result.kind, result.message = kind, failure
+            continue
+        caption = captions[index]
+        result.model_version, result.prompt = model.version, caption.prompt
+        result.seconds, result.batch = seconds, len(batch)
+        if caption.text:
+            result.caption = caption.text
         else:
-            result.caption, result.model_version = captions[index], model.version
-            result.seconds, result.batch = seconds, len(batch)
+            result.kind = EMPTY_CAPTION
+            result.message = f"{caption.tokens} tokens, all special or blank; try another prompt or model"
 
 
 def caption_uploads(
@@ -109,8 +130,10 @@ def caption_uploads(
     limits: ImageLimits,
     batch_size: int,
     thumbnail_side: int = THUMBNAIL_SIDE,
+    prompt: str | None = None,
 ) -> list[UploadResult]:
-    """Caption (name, bytes) uploads; one result per file, in order, failures included.
+    """Caption (name, bytes) uploads with ``prompt`` (None: the family's default); one result per file, in
+    order, failures included.
 
     Files are decoded as their batch fills and dropped to thumbnails once it is captioned, so at most
     one batch of full-size images is in memory (ten 50-Mpx PNGs decoded up front would be ~1.5 GB).
@@ -124,8 +147,8 @@ def caption_uploads(
         batch.append((result, image))
         del image  # the batch holds the only reference: captioning it frees the full-size image
         if len(batch) == batch_size:
-            _caption_batch(model, batch, decoding, thumbnail_side)
+            _caption_batch(model, batch, decoding, thumbnail_side, prompt)
             batch = []
     if batch:
-        _caption_batch(model, batch, decoding, thumbnail_side)
+        _caption_batch(model, batch, decoding, thumbnail_side, prompt)
     return results

@@ -48,9 +48,10 @@ def checkpoint_folder(stem: str) -> str:
 
 class ArchiveItem:
     """A pipeline ``Item``: one sample or row of an input file, its bytes in memory, being fetched
-    (``source`` is then a callable that waits for them), or refused (an exception, raised on read)."""
+    (``source`` is then a callable that waits for them), or refused (an exception, raised on read).
+    ``prompt``: the row's own (a manifest's prompt column); None: the job's, else the family's default."""
 
-    __slots__ = ("_cancel", "_source", "extra", "file", "id", "position", "uri")
+    __slots__ = ("_cancel", "_source", "extra", "file", "id", "position", "prompt", "uri")
 
     def __init__(
         self,
@@ -62,11 +63,13 @@ class ArchiveItem:
         extra: dict[str, Any] | None = None,
         *,
         cancel: Callable[[], bool] | None = None,
+        prompt: str | None = None,
     ) -> None:
         self.file = file
         self.id = id
         self.uri = uri
         self.position = position
+        self.prompt = prompt
         self.extra = extra or {}
         self._source: bytes | BaseException | Callable[[], bytes] | None = source
         self._cancel = cancel

@@ -20,6 +20,7 @@ from captionfleet.worker.messages import Result
 CAPTION_FIELDS = pa.schema(
     [
         ("caption", pa.string()),
+        ("prompt", pa.string()),  # the prompt the caption answers (see worker/messages.py Result.prompt)
         ("error_kind", pa.string()),
         ("error_message", pa.string()),
         ("model_version", pa.string()),
@@ -44,9 +45,23 @@ CHECKPOINT_SCHEMA = pa.schema(
 )
 
 
+# Caption fields added after archive outputs were first written: an output or checkpoint written before
+# reads them as nulls (a run resumes it, --retry-failed reads it), instead of being refused.
+ADDED_LATER = frozenset({"prompt"})
+
+
+def with_added_fields(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """``table`` with null columns for the ADDED_LATER fields of ``schema`` it was written without."""
+    for field in schema:
+        if field.name in ADDED_LATER and field.name not in table.column_names:
+            table = table.append_column(field, pa.nulls(table.num_rows, field.type))
+    return table
+
+
 def caption_fields(result: Result) -> dict[str, Any]:
     return {
         "caption": result.caption,
+        "prompt": result.prompt,
         "error_kind": result.error_kind,
         "error_message": result.error_message,
         "model_version": result.model_version,
@@ -63,7 +78,7 @@ def encode_checkpoint(rows: list[dict[str, Any]]) -> bytes:
 
 
 def decode_checkpoint(data: bytes) -> list[dict[str, Any]]:
-    table = pq.read_table(io.BytesIO(data))
+    table = with_added_fields(pq.read_table(io.BytesIO(data)), CHECKPOINT_SCHEMA)
     missing = [name for name in CHECKPOINT_SCHEMA.names if name not in table.column_names]
     if missing:
         raise ValueError(f"not a checkpoint part (no {', '.join(missing)} columns)")

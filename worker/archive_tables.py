@@ -7,6 +7,10 @@ Manifest uris are fetched ahead of the model in a pool of their own, under the s
 (``WORKER_FETCH__*``: buckets, the file root, http hosts) through worker/fetch.py and its httpx client.
 In the output, an image column keeps its ``path`` only (the bytes are the dataset's, not repeated), and an
 input column named like a caption field is kept as ``original_<name>``.
+
+A row may carry its prompt (``--prompt-column``, default ``prompt`` when the file has one and the model
+takes prompts): a cell that is empty or null is the job's prompt, else the family's default; a cell that is
+not a prompt (``core/prompt_input.py``) makes that row a ``malformed`` failure, the others go on.
 """
 
 from __future__ import annotations
@@ -27,8 +31,9 @@ import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
 from captionfleet.core.failures import MALFORMED, FetchError, ImageError
+from captionfleet.core.prompt_input import PromptRefused, check_prompt
 from captionfleet.worker.archive_files import ArchiveItem, FileRun
-from captionfleet.worker.archive_rows import CAPTION_FIELDS, rename_clashes
+from captionfleet.worker.archive_rows import CAPTION_FIELDS, rename_clashes, with_added_fields
 from captionfleet.worker.connectors.archive_inputs import InputError, InputReader
 from captionfleet.worker.fetch import Fetcher
 
@@ -36,6 +41,7 @@ logger = logging.getLogger(__name__)
 
 BATCH_ROWS = 1024
 DEFAULT_URI_COLUMNS = ("url", "uri")
+DEFAULT_PROMPT_COLUMN = "prompt"
 # What a damaged or unreadable table raises while it is read: the file is reported, the run goes on.
 _TABLE_ERRORS = (pa.ArrowException, OSError, ValueError)
 
@@ -88,13 +94,19 @@ class TableRows:
         uri_column: str | None,
         image_column: str,
         fetch_concurrency: int,
+        prompt_column: str | None = None,
+        default_prompt_column: bool = True,
     ) -> None:
+        """``prompt_column``: the column of per-row prompts (named by the user: a file without it is refused);
+        None: ``prompt`` when the file has one and ``default_prompt_column`` (the model takes prompts)."""
         self.kind = kind
         self.reader = reader
         self.fetcher = fetcher
         self.workdir = workdir
         self.uri_column = uri_column
         self.image_column = image_column
+        self.prompt_column = prompt_column
+        self.default_prompt_column = default_prompt_column
         self.fetch_concurrency = fetch_concurrency
         self.name = kind
 
@@ -127,6 +139,26 @@ class TableRows:
             + ("" if self.kind == "manifest" else ", or the image column with --image-column")
         )
 
+    def _prompt_column(self, run: FileRun, schema: pa.Schema) -> str | None:
+        """The column of per-row prompts, if any; InputError naming the flag when a named one is missing."""
+        if self.prompt_column is not None:
+            if self.prompt_column not in schema.names:
+                raise InputError(
+                    f"{run.inp.uri}: no prompt column {self.prompt_column!r} (columns: "
+                    f"{', '.join(schema.names[:20])}): fix --prompt-column, or leave it out to use a 'prompt' column "
+                    "when there is one"
+                )
+            return self.prompt_column
+        if DEFAULT_PROMPT_COLUMN in schema.names:
+            if self.default_prompt_column:
+                return DEFAULT_PROMPT_COLUMN
+            logger.warning(
+                "%s has a %r column, but the model takes no prompt: the column is kept in the output, not used",
+                run.inp.uri,
+                DEFAULT_PROMPT_COLUMN,
+            )
+        return None
+
     # -- items ---------------------------------------------------------------------------------------
 
     def items(self, run: FileRun) -> Iterator[ArchiveItem]:
@@ -137,30 +169,50 @@ class TableRows:
             run.source_done(0, f"not a readable table: {error}")
             return
         how, column = self._columns(run, schema)
+        prompts = self._prompt_column(run, schema)
         run.format_name = "parquet-images" if how == "images" else "manifest"
-        rows = self._image_rows(run, path, column) if how == "images" else self._uri_rows(run, path, column)
-        yield from rows
+        if how == "images":
+            yield from self._image_rows(run, path, column, prompts)
+        else:
+            yield from self._uri_rows(run, path, column, prompts)
 
-    def _positions(self, run: FileRun, path: Path, column: str) -> Iterator[tuple[int, Any]]:
-        """(row number, the column's value) of every row, reporting a table that breaks off."""
+    def _positions(self, run: FileRun, path: Path, column: str, prompts: str | None) -> Iterator[tuple[int, Any, Any]]:
+        """(row number, the column's value, the prompt column's value or None) of every row, reporting a
+        table that breaks off."""
         position = 0
         try:
             for batch in open_batches(path):
-                for value in batch.column(batch.schema.get_field_index(column)).to_pylist():
-                    yield position, value
+                values = batch.column(batch.schema.get_field_index(column)).to_pylist()
+                if prompts is None:
+                    cells: list[Any] = [None] * len(values)
+                else:
+                    cells = batch.column(batch.schema.get_field_index(prompts)).to_pylist()
+                for value, cell in zip(values, cells, strict=True):
+                    yield position, value, cell
                     position += 1
         except _TABLE_ERRORS as error:
             run.broken = f"unreadable after row {position}: {error}"
 
-    def _image_rows(self, run: FileRun, path: Path, column: str) -> Iterator[ArchiveItem]:
+    @staticmethod
+    def _row_prompt(position: int, cell: Any, column: str | None) -> str | FetchError | None:
+        """The row's prompt (None: the job's or the family's), or the refusal that fails this row alone."""
+        try:
+            return check_prompt(cell, field=f"the prompt column {column!r}")
+        except PromptRefused as refused:
+            return FetchError(MALFORMED, f"row {position}: {refused}")
+
+    def _image_rows(self, run: FileRun, path: Path, column: str, prompts: str | None) -> Iterator[ArchiveItem]:
         yielded = 0
-        for position, value in self._positions(run, path, column):
+        for position, value, cell in self._positions(run, path, column, prompts):
             item_id = str(position)
             if run.has_row(item_id):
                 continue
             data, name = (value.get("bytes"), value.get("path")) if isinstance(value, dict) else (value, None)
+            prompt = self._row_prompt(position, cell, prompts)
             source: bytes | BaseException
-            if data:
+            if isinstance(prompt, FetchError):
+                source, prompt = prompt, None
+            elif data:
                 source = bytes(data)
             elif data is None and name:
                 source = ImageError("empty", f"row {position} has no image bytes, only the path {name!r}")
@@ -168,20 +220,24 @@ class TableRows:
                 source = ImageError("empty", f"row {position}: the image column {column!r} is empty")
             uri = f"{run.inp.uri}#row={position}"
             yielded += 1
-            yield ArchiveItem(run, item_id, uri, position, source, {"image_member": name})
+            yield ArchiveItem(run, item_id, uri, position, source, {"image_member": name}, prompt=prompt)
         run.source_done(yielded, run.broken)
 
-    def _uri_rows(self, run: FileRun, path: Path, column: str) -> Iterator[ArchiveItem]:
+    def _uri_rows(self, run: FileRun, path: Path, column: str, prompts: str | None) -> Iterator[ArchiveItem]:
         """Rows with their uris fetched ahead in a pool (latency, not CPU), at most twice the pool's size."""
         ahead: deque[ArchiveItem] = deque()
         yielded = 0
         with ThreadPoolExecutor(self.fetch_concurrency, thread_name_prefix="manifest-fetch") as pool:
             try:
-                for position, value in self._positions(run, path, column):
+                for position, value, cell in self._positions(run, path, column, prompts):
                     item_id = str(position)
                     if run.has_row(item_id):
                         continue
-                    ahead.append(self._uri_item(run, pool, position, value, column))
+                    prompt = self._row_prompt(position, cell, prompts)
+                    if isinstance(prompt, FetchError):  # refused before any fetch
+                        ahead.append(ArchiveItem(run, item_id, self._row_uri(run, position, value), position, prompt))
+                    else:
+                        ahead.append(self._uri_item(run, pool, position, value, column, prompt))
                     yielded += 1
                     while len(ahead) >= 2 * self.fetch_concurrency:
                         yield ahead.popleft()
@@ -192,20 +248,28 @@ class TableRows:
                     item.cancel()
         run.source_done(yielded, run.broken)
 
-    def _uri_item(self, run: FileRun, pool: ThreadPoolExecutor, position: int, value: Any, column: str) -> ArchiveItem:
+    @staticmethod
+    def _row_uri(run: FileRun, position: int, value: Any) -> str:
+        """The row's uri as its result names it (the row's place in the file when it has none)."""
+        uri = str(value).strip() if value is not None else ""
+        return uri or f"{run.inp.uri}#row={position}"
+
+    def _uri_item(
+        self, run: FileRun, pool: ThreadPoolExecutor, position: int, value: Any, column: str, prompt: str | None
+    ) -> ArchiveItem:
         uri = str(value).strip() if value is not None else ""
         if not uri:
             refusal = FetchError(MALFORMED, f"row {position} has no uri in column {column!r}")
-            return ArchiveItem(run, str(position), f"{run.inp.uri}#row={position}", position, refusal)
+            return ArchiveItem(run, str(position), f"{run.inp.uri}#row={position}", position, refusal, prompt=prompt)
         if self.fetcher is None:
             raise InputError("no fetcher for manifest uris")  # wiring error: the job always makes one
         fetcher = self.fetcher
         try:
             fetcher.check(uri)  # refused before any I/O, and without a slot in the pool
         except FetchError as error:
-            return ArchiveItem(run, str(position), uri, position, error)
+            return ArchiveItem(run, str(position), uri, position, error, prompt=prompt)
         future: Future[bytes] = pool.submit(fetcher.fetch, uri)
-        return ArchiveItem(run, str(position), uri, position, future.result, cancel=future.cancel)
+        return ArchiveItem(run, str(position), uri, position, future.result, cancel=future.cancel, prompt=prompt)
 
     # -- outputs -------------------------------------------------------------------------------------
 
@@ -257,7 +321,8 @@ class TableRows:
         data = run.outputs.get_bytes(f"{run.stem}.parquet")
         if data is None:
             return []
-        table = pq.read_table(io.BytesIO(data), columns=CAPTION_FIELDS.names)
+        table = pq.read_table(io.BytesIO(data))
+        table = with_added_fields(table, CAPTION_FIELDS).select(CAPTION_FIELDS.names)
         return [
             {"id": str(i), "position": i, "source_etag": run.inp.etag, **row} for i, row in enumerate(table.to_pylist())
         ]

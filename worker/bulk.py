@@ -13,15 +13,24 @@ from tqdm import tqdm
 
 from captionfleet.core.captioner import CaptionModel
 from captionfleet.core.images import ImageLimits
-from captionfleet.core.loading import load_model as load_captioner  # a .../LATEST ref: kept to the end of the run
+from captionfleet.core.loading import load_model
 from captionfleet.core.settings import WorkerSettings
 from captionfleet.core.signals import stop_on_signals
 from captionfleet.worker.connectors.local import describe_skipped, iter_folder
 from captionfleet.worker.messages import Result
-from captionfleet.worker.pipeline import CaptionPipeline
+from captionfleet.worker.pipeline import CaptionPipeline, refuse_prompt_it_cannot_take
 from captionfleet.worker.sinks import open_file_sink
 
 logger = logging.getLogger(__name__)
+
+
+def load_captioner(settings: WorkerSettings) -> CaptionModel:
+    """The job's model (a .../LATEST ref: the version it names now, kept to the end of the run), refused
+    at once when the job's prompt (WORKER_BULK__PROMPT, --prompt) is one it cannot take: before any
+    result is written or, with --overwrite, removed."""
+    captioner = load_model(settings)
+    refuse_prompt_it_cannot_take(captioner, settings.bulk.prompt)
+    return captioner
 
 
 @dataclass
@@ -73,6 +82,8 @@ def run_caption_job(
     Inputs that already have a row in ``out`` are skipped, so an interrupted run is resumed by
     running it again; ``overwrite`` starts over.
     """
+    if captioner is not None:
+        refuse_prompt_it_cannot_take(captioner, settings.bulk.prompt)  # before --overwrite empties anything
     root = Path(source)
     own_files = frozenset({out.resolve(), out.with_name(out.name + ".parts").resolve()})
     # Listed (a bad source fails here) and, when starting over, the model loaded (a bad --model fails
@@ -108,6 +119,7 @@ def run_caption_job(
         settings.batch,
         ImageLimits.from_settings(settings.images),
         on_result=on_result,
+        prompt=settings.bulk.prompt,
     )
     with stop_on_signals(finish_on_signal(pipeline)):  # until the results are closed, as a signal may come then
         try:

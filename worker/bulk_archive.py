@@ -25,6 +25,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from captionfleet.core.captioner import CaptionModel
 from captionfleet.core.failures import FAILURE_KINDS
+from captionfleet.core.family import takes_prompt
 from captionfleet.core.images import ImageLimits
 from captionfleet.core.s3 import (
     ObjectStore,
@@ -111,6 +112,7 @@ class ArchiveOptions:
     overwrite: bool = False
     uri_column: str | None = None  # manifests: default "url", then "uri"
     image_column: str = "image"  # images inside Parquet
+    prompt_column: str | None = None  # tables: per-row prompts; default "prompt" when there is one
 
 
 @dataclass
@@ -432,6 +434,11 @@ def run_archive_job(
 
     plan = plan_archive_job(source, out, settings, options, client)
     captioner = captioner or load_captioner(settings)
+    if options.prompt_column is not None and not takes_prompt(captioner.family):
+        raise ArchiveJobError(
+            f"--prompt-column {options.prompt_column}: the model {captioner.version} ({captioner.family}) takes no "
+            "prompt: drop the flag, or caption with a model of a family that takes one (blip, git, florence2, the VLMs)"
+        )
     if options.overwrite:
         _remove_outputs(plan)
     summary = ArchiveSummary(
@@ -455,7 +462,7 @@ def run_archive_job(
     progress._on_change = changed
     changed(progress)
     with tempfile.TemporaryDirectory(prefix="captionfleet-archive-") as tmp:
-        formats = _formats(plan, Path(tmp))
+        formats = _formats(plan, Path(tmp), takes_prompts=takes_prompt(captioner.family))
         job = _ArchiveRun(plan, captioner, formats, Path(tmp), progress, summary, new_run_id())
 
         def on_item_result(item: Item, result: Result) -> None:
@@ -472,6 +479,7 @@ def run_archive_job(
             ImageLimits.from_settings(settings.images),
             on_item_result=on_item_result,
             flush_interval_s=settings.bulk.part_interval_s,
+            prompt=settings.bulk.prompt,
         )
         stop = finish_on_signal(pipeline)
 
@@ -511,7 +519,7 @@ def _remove_outputs(plan: _Plan) -> None:
     logger.warning("--overwrite: removed %d files under %s", removed, plan.outputs.uri())
 
 
-def _formats(plan: _Plan, workdir: Path) -> Callable[[InputFile], InputFormat]:
+def _formats(plan: _Plan, workdir: Path, *, takes_prompts: bool) -> Callable[[InputFile], InputFormat]:
     settings, options = plan.settings, plan.options
     reader = InputReader(plan.client, plan.retry)
     if options.input_format == "tar":
@@ -531,5 +539,7 @@ def _formats(plan: _Plan, workdir: Path) -> Callable[[InputFile], InputFormat]:
         uri_column=options.uri_column,
         image_column=options.image_column,
         fetch_concurrency=settings.fetch.concurrency,
+        prompt_column=options.prompt_column,
+        default_prompt_column=takes_prompts,  # a "prompt" column a model without prompts cannot use is left be
     )
     return lambda inp: table

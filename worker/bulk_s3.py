@@ -312,6 +312,7 @@ def _caption(
         ImageLimits.from_settings(plan.settings.images),
         on_result=on_each,
         flush_interval_s=bulk.part_interval_s,
+        prompt=bulk.prompt,
     )
     reader = S3Reader(plan.client, retry=plan.retry, max_bytes=plan.settings.images.max_bytes)
     with stop_on_signals(finish_on_signal(pipeline)):

@@ -19,6 +19,7 @@ from captionfleet.core.failures import (
     exit_for_access_error,
 )
 from captionfleet.core.model_store import ModelRefError
+from captionfleet.core.prompt_input import PromptRefused, check_prompt
 from captionfleet.core.settings import SettingsError, WorkerSettings, load_worker_settings, with_overrides
 
 if TYPE_CHECKING:
@@ -59,6 +60,21 @@ def add_caption_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     p.add_argument("--num-beams", type=int, help="beam search width (WORKER_DECODING__NUM_BEAMS)")
     p.add_argument("--max-new-tokens", type=int, help="caption length limit (WORKER_DECODING__MAX_NEW_TOKENS)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="WORKER_MODEL__DEVICE")
+
+    def prompt(text: str) -> str | None:
+        try:
+            return check_prompt(text, field="--prompt")
+        except PromptRefused as refused:
+            raise argparse.ArgumentTypeError(str(refused)) from None
+
+    p.add_argument(
+        "--prompt",
+        type=prompt,
+        metavar="TEXT",
+        help="the prompt for every image without one of its own (a manifest's prompt column), e.g. 'a photo of' "
+        "for BLIP/GIT or '<DETAILED_CAPTION>' for Florence-2; default: the model family's (WORKER_BULK__PROMPT). "
+        "A ViT-GPT2 model takes none",
+    )
     p.add_argument("--overwrite", action="store_true", help="start over instead of resuming")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -114,6 +130,12 @@ def add_caption_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     archives.add_argument(
         "--image-column", metavar="NAME", help="a Parquet dataset's image column (bytes/path struct; default: image)"
     )
+    archives.add_argument(
+        "--prompt-column",
+        metavar="NAME",
+        help="a manifest's or Parquet dataset's column of per-row prompts (default: prompt, when the file has one "
+        "and the model takes prompts); an empty cell is --prompt's, else the family's default",
+    )
 
 
 def _apply_overrides(settings: WorkerSettings, args: argparse.Namespace) -> WorkerSettings:
@@ -127,6 +149,7 @@ def _apply_overrides(settings: WorkerSettings, args: argparse.Namespace) -> Work
             "batch.max_wait_ms": args.max_wait_ms,
             "decoding.num_beams": args.num_beams,
             "decoding.max_new_tokens": args.max_new_tokens,
+            "bulk.prompt": getattr(args, "prompt", None),
             "bulk.format": getattr(args, "format", None),
             "bulk.rows_per_part": getattr(args, "rows_per_part", None),
             "bulk.suffixes": getattr(args, "suffix", None),
@@ -151,7 +174,8 @@ def run_caption(args: argparse.Namespace) -> int:
     input_format = args.input_format or input_format_from_name(args.src)
     if input_format in ARCHIVE_INPUTS:
         return _caption_archive(args, settings, input_format)
-    archive_only = [flag for flag in ("out_format", "uri_column", "image_column") if getattr(args, flag, None)]
+    archive_flags = ("out_format", "uri_column", "image_column", "prompt_column")
+    archive_only = [flag for flag in archive_flags if getattr(args, flag, None)]
     if archive_only:
         flags = ", ".join(f"--{flag.replace('_', '-')}" for flag in archive_only)
         print(f"error: {flags} apply to archives only (tar shards, manifests, Parquet datasets)", file=sys.stderr)
@@ -198,6 +222,7 @@ def _caption_archive(args: argparse.Namespace, settings: WorkerSettings, input_f
             overwrite=args.overwrite,
             uri_column=args.uri_column,
             image_column=args.image_column or "image",
+            prompt_column=args.prompt_column,
         )
         summary = run_archive_job(args.src, args.out, settings, options=options, show_progress=not args.no_progress)
     except S3AccessError as error:

@@ -20,6 +20,9 @@ class Result:
     # tokens, the end token included, and how many tokens it has (the end token not counted).
     mean_logprob: float | None = None
     tokens: int | None = None
+    # The prompt of the caption: the request's (or the job's), else the model family's default; None when
+    # the model took none (ViT-GPT2, and BLIP/GIT without one). On a failure row, the prompt as asked.
+    prompt: str | None = None
     error_kind: str | None = None
     error_message: str | None = None
     width: int | None = None

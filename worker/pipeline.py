@@ -42,6 +42,7 @@ from captionfleet.core.failures import (
     FetchError,
     ImageError,
 )
+from captionfleet.core.family import takes_prompt
 from captionfleet.core.images import EncodedImage, ImageLimits, decode_image
 from captionfleet.core.settings import BatchSettings, DecodingSettings
 from captionfleet.worker.batcher import Batcher
@@ -54,7 +55,8 @@ logger = logging.getLogger(__name__)
 
 class Item(Protocol):
     """What a source yields: something with an id and uri whose bytes can be read. An item may also
-    carry a ``prompt`` (``str | None``; absent or None: the model family's default, see ``prompt_of``)."""
+    carry a ``prompt`` (``str | None``; absent or None: the job's prompt, else the model family's default,
+    see ``prompt_of``)."""
 
     @property
     def id(self) -> str: ...
@@ -68,6 +70,17 @@ def prompt_of(item: Item) -> str | None:
     need not declare one."""
     prompt = getattr(item, "prompt", None)
     return prompt if isinstance(prompt, str) else None
+
+
+def refuse_prompt_it_cannot_take(captioner: CaptionModel, prompt: str | None) -> None:
+    """A job's prompt (``--prompt``, WORKER_BULK__PROMPT) for a model that takes none would fail every
+    item one by one: refused once, before any work, naming the fix."""
+    if prompt is not None and not takes_prompt(captioner.family):
+        raise PromptError(
+            f"the model {captioner.version} ({captioner.family}) takes no prompt, but the job has one ({prompt!r}): "
+            "drop --prompt (WORKER_BULK__PROMPT), or caption with a model of a family that takes one (blip, git, "
+            "florence2, the VLMs)"
+        )
 
 
 @dataclass
@@ -138,11 +151,15 @@ class CaptionPipeline:
         on_result: Callable[[Result], None] | None = None,
         flush_interval_s: float = 10.0,
         on_item_result: Callable[[Item, Result], None] | None = None,
+        prompt: str | None = None,
         interactive_wait_ms: int | None = None,
         bulk_share: float = 0.0,
         on_item_dropped: Callable[[Item], None] | None = None,
     ) -> None:
+        """``prompt``: the job's prompt, for items that carry none (None: the model family's default)."""
+        refuse_prompt_it_cannot_take(captioner, prompt)
         self.captioner = captioner
+        self.prompt = prompt
         self.sink = sink
         self.batch = batch
         self.limits = limits
@@ -171,11 +188,18 @@ class CaptionPipeline:
         if self.on_item_dropped is not None:
             self.on_item_dropped(item)
 
+    def _prompt(self, item: Item) -> str | None:
+        """The prompt asked for the item: its own, else the job's (None: the family's default)."""
+        prompt = prompt_of(item)
+        return prompt if prompt is not None else self.prompt
+
     def _failure(self, item: Item, kind: str, message: str, **timings: float) -> Result:
+        # No caption was made: the row echoes the prompt as asked, so a consumer can tell which request it was.
         return Result(
             id=item.id,
             uri=item.uri,
             model_version=self.captioner.version,
+            prompt=self._prompt(item),
             error_kind=kind,
             error_message=message,
             **timings,  # type: ignore[arg-type]
@@ -194,7 +218,7 @@ class CaptionPipeline:
         fetch_ms = (fetched - start) * 1000
         try:
             image = decode_image(data, limits=self.limits, draft_size=self.captioner.draft_size)
-            prepared = self.captioner.prepare(image, prompt_of(item), origin=EncodedImage(data, self.limits))
+            prepared = self.captioner.prepare(image, self._prompt(item), origin=EncodedImage(data, self.limits))
         except PromptError as error:  # the request, not the image: the model cannot take its prompt
             logger.info("prompt of %s refused: %s", item.id, error)
             failure = self._failure(item, MALFORMED, str(error), fetch_ms=fetch_ms)
@@ -264,6 +288,12 @@ class CaptionPipeline:
                 for prepared in batch:
                     self._caption_group([prepared], decoding)
                 return
+            if isinstance(error, PromptError):
+                # Prepared with its prompt, then a model that takes none was swapped in before its batch: the
+                # request, not the model, is what fails (as if that model had been serving when it arrived).
+                logger.info("prompt of %s refused by the model swapped in: %s", batch[0].item.id, error)
+                self._emit([self._failure(batch[0].item, MALFORMED, str(error))], [batch[0].item], batch[0].urgent)
+                return
             logger.error("inference failed for %s: %s", batch[0].item.id, error)
             failure = self._failure(batch[0].item, INFERENCE_FAILURE, f"{type(error).__name__}: {error}")
             self._emit([failure], [batch[0].item], batch[0].urgent)
@@ -279,6 +309,7 @@ class CaptionPipeline:
                 caption=caption.text,
                 mean_logprob=caption.mean_logprob,
                 tokens=caption.tokens,
+                prompt=caption.prompt,  # the one the model used: asked, or its family's default
                 width=p.width,
                 height=p.height,
                 bytes=p.size,

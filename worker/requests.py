@@ -2,11 +2,14 @@
 
 Two shapes are accepted as they are:
 
-- our own request: ``{"id": "...", "uri": "s3://bucket/key", ...}``; every other field is request
-  metadata, passed through to the result untouched (a ``"metadata"`` object is passed as it is);
+- our own request: ``{"id": "...", "uri": "s3://bucket/key", "prompt": "...", ...}``; ``prompt`` is
+  optional (absent, null or blank: the model family's default; else text, see core/prompt_input.py);
+  every other field is request metadata, passed through to the result untouched (a ``"metadata"``
+  object is passed as it is);
 - an S3 event notification, as S3 and S3-compatible stores publish it: ``{"Records": [{"eventName":
   "ObjectCreated:Put", "s3": {"bucket": {"name": ...}, "object": {"key": ...}}}, ...]}``, one
   request per created object. Its id is the object's uri, so a result says which upload it captions.
+  An event carries no prompt: the family's default applies.
 
 Anything else raises :class:`MalformedMessage`, which the worker sends to the dead-letter topic.
 """
@@ -17,6 +20,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote_plus
+
+from captionfleet.core.prompt_input import PromptRefused, check_prompt
 
 # Longest id accepted: ids become Kafka keys and log fields.
 MAX_ID_CHARS = 1024
@@ -39,6 +44,7 @@ class Request:
     metadata: dict[str, Any] = field(default_factory=dict)
     # What the request came from, for the dead-letter topic: the JSON object or the S3 event record.
     original: Any = None
+    prompt: str | None = None  # None: the model family's default
 
 
 @dataclass(frozen=True)
@@ -101,12 +107,16 @@ def _parse_request(body: dict[str, Any], key_id: str | None) -> Request:
         raise MalformedMessage(
             "no uri: the request needs a uri string, e.g. s3://bucket/key", id=request_id, original=body
         )
-    metadata = {name: value for name, value in body.items() if name not in ("id", "uri")}
+    try:
+        prompt = check_prompt(body.get("prompt"), field="the request's prompt")
+    except PromptRefused as refused:
+        raise MalformedMessage(str(refused), id=request_id, original=body) from None
+    metadata = {name: value for name, value in body.items() if name not in ("id", "uri", "prompt")}
     nested = metadata.pop("metadata", None)
     if nested is not None and not isinstance(nested, dict):
         raise MalformedMessage("metadata must be a JSON object", id=request_id, original=body)
     # The nested object's fields are the request's metadata; other top-level fields join them.
-    return Request(request_id, uri.strip(), {**metadata, **(nested or {})}, original=body)
+    return Request(request_id, uri.strip(), {**metadata, **(nested or {})}, original=body, prompt=prompt)
 
 
 def _parse_s3_event(body: dict[str, Any], key_id: str | None) -> Parsed:

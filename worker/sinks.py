@@ -31,6 +31,7 @@ SCHEMA = pa.schema(
         ("caption", pa.string()),
         ("mean_logprob", pa.float64()),
         ("tokens", pa.int64()),
+        ("prompt", pa.string()),
         ("error_kind", pa.string()),
         ("error_message", pa.string()),
         ("width", pa.int64()),
@@ -178,7 +179,7 @@ class ParquetSink:
 
 
 def _with_schema(table: pa.Table) -> pa.Table:
-    """A file written before a column existed (mean_logprob, tokens) gets nulls there, so that it merges
+    """A file written before a column existed (mean_logprob, tokens, prompt) gets nulls there, so that it merges
     with the parts of a resumed run."""
     for field in SCHEMA:
         if field.name not in table.column_names:

@@ -188,6 +188,11 @@ class CaptionModel(Protocol):
         ...
 
     @property
+    def default_prompt(self) -> str | None:
+        """The prompt an input without one is captioned with (None: none, e.g. ViT-GPT2, BLIP, GIT)."""
+        ...
+
+    @property
     def preparation_key(self) -> str:
         """Equal for two models exactly when an input prepared by one is right for the other."""
         ...
@@ -243,6 +248,10 @@ class ModelWrapper:
         return self.wrapped.family
 
     @property
+    def default_prompt(self) -> str | None:
+        return self.wrapped.default_prompt
+
+    @property
     def preparation_key(self) -> str:
         return self.wrapped.preparation_key
 
@@ -269,6 +278,7 @@ class Captioner:
     time (``prepare`` from any)."""
 
     family = VED_FAMILY
+    default_prompt: str | None = None  # it takes no prompt (prepare refuses one)
 
     def __init__(
         self,

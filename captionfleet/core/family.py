@@ -67,6 +67,13 @@ NATIVE_CONVERSIONS: dict[str, str] = {
 }
 
 
+def takes_prompt(model_type: str) -> bool:
+    """Whether a model of this type takes a prompt: every family but those whose style is "none" (ViT-GPT2).
+    A type not listed is served with the generic rule, which always takes one."""
+    known = FAMILIES.get(model_type)
+    return known is None or known.prompt_style != "none"
+
+
 def family_for(model_type: str, *, has_chat_template: bool, is_encoder_decoder: bool) -> Family:
     """The registered family, or the generic rule for another image-text-to-text model type."""
     known = FAMILIES.get(model_type)

@@ -35,11 +35,14 @@ class Caption:
     """One image's caption. ``text`` is empty when the model generated nothing but special tokens or
     whitespace (the pipeline makes that a failure row, not a result). ``tokens``: the caption's generated
     tokens, the end token not counted; ``mean_logprob``: see the module's docstring (None when no token
-    was scored, e.g. ``max_new_tokens=0``)."""
+    was scored, e.g. ``max_new_tokens=0``). ``prompt``: the prompt the model was given for it, the
+    request's or its family's default (None: none, as for ViT-GPT2), set by the model that captioned it,
+    so that a result names the prompt that produced its caption even across a hot swap."""
 
     text: str
     mean_logprob: float | None
     tokens: int
+    prompt: str | None = None
 
 
 class ChoiceRecorder(LogitsProcessor):

@@ -16,6 +16,8 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from captionfleet.core.prompt_input import check_prompt
+
 DEFAULT_MODEL = "nlpconnect/vit-gpt2-image-captioning"
 
 
@@ -100,7 +102,11 @@ class ShardSettings(BaseModel):
 
 
 class BulkS3Settings(BaseModel):
-    """The S3 bulk job (``captionfleet caption s3://... --out s3://...``)."""
+    """The S3 bulk job (``captionfleet caption s3://... --out s3://...``); ``prompt`` is every bulk job's."""
+
+    # The prompt of every image of a bulk job (folder, S3 prefix, archive) that has none of its own (a
+    # manifest's prompt column); None: the model family's default. Not the stream's: its requests carry theirs.
+    prompt: str | None = None
 
     # Result part files; parquet for analytics, jsonl for line tools.
     format: Literal["parquet", "jsonl"] = "parquet"
@@ -128,6 +134,11 @@ class BulkS3Settings(BaseModel):
     list_page_size: int = Field(default=1000, ge=1, le=1000)
     # Keys listed ahead of the pipeline (bounds memory; the progress total is known this far ahead).
     list_ahead: int = Field(default=100_000, ge=1)
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _a_prompt(cls, value: Any) -> str | None:
+        return check_prompt(value)  # the rule of every prompt (a PromptRefused is a ValueError: named by pydantic)
 
 
 def _split_list(value: Any) -> Any:

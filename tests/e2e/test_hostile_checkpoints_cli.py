@@ -60,7 +60,7 @@ def test_checkpoint_code_never_runs(tiny_checkpoint: Path, tmp_path: Path, termi
             os.close(controller)
     else:
         result = caption(model, tmp_path, stdin=None)
-    assert_refused(result, "needs code of its own (auto_map in config.json)")
+    assert_refused(result, "needs code of its own (auto_map in config.json")
     assert not marker.exists()
 
 

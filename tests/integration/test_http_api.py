@@ -185,6 +185,7 @@ def test_requests_that_cannot_be_answered_say_why_without_quoting_them(api: Runn
         ({"json": {"images": [{"data": "!!" + secret}]}}, 400, "not valid base64"),
         ({"json": {"images": [{"data": secret}], "colour": secret}}, 400, "colour"),
         ({"json": {"images": []}}, 400, "no image"),
+        ({"json": {"data": secret, "prompt": "a\x1b[31m photo"}}, 400, "control character"),
         ({"json": {"data": secret, "num_beams": 99}}, 400, "limit of 8"),
         ({"content": secret.encode(), "headers": {"content-type": "text/plain"}}, 415, "multipart/form-data"),
     ]

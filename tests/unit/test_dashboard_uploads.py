@@ -15,6 +15,8 @@ import pytest
 from PIL import Image
 from streamlit.testing.v1 import AppTest
 
+from captionfleet.core.captioner import KeptImage, ModelInput
+from captionfleet.core.generation import Caption
 from captionfleet.core.images import ImageLimits
 from captionfleet.core.settings import DecodingSettings
 from captionfleet.dashboard.model import LoadedModel
@@ -143,14 +145,18 @@ class SizeCaptioner:
         self.seen: list[weakref.ref[Image.Image]] = []
         self.alive_from_earlier_batches: list[int] = []
 
-    def caption(self, images: Sequence[Image.Image], decoding: DecodingSettings | None = None) -> list[str]:
+    def prepare(self, image: Image.Image, prompt: str | None = None, *, origin: object = None) -> ModelInput:
+        return ModelInput({}, cost=1, key="sizes", prompt=prompt, origin=KeptImage(image))
+
+    def caption_inputs(self, inputs: Sequence[ModelInput], decoding: DecodingSettings | None = None) -> list[Caption]:
+        images = [item.origin.image(None) for item in inputs]
         gc.collect()
         # Images small enough to be their own thumbnail rightly stay: count the full-size ones.
         alive = [image for ref in self.seen if (image := ref()) is not None and max(image.size) > THUMBNAIL_SIDE]
         self.alive_from_earlier_batches.append(len(alive))
         del alive
         self.seen += [weakref.ref(image) for image in images]
-        return [f"{image.width}x{image.height}" for image in images]
+        return [Caption(f"{image.width}x{image.height}", -1.0, 1) for image in images]
 
 
 def png(width: int, height: int) -> bytes:

@@ -160,6 +160,17 @@ def test_default_prompts_and_how_they_reach_the_model(loaded: Callable[[str], Fa
     assert qwen.prepare(pictures(1)[0]).prompt is None  # the default is the family's, decided at preparation
 
 
+def test_each_caption_names_the_prompt_it_answers(loaded: Callable[[str], FamilyCaptioner]) -> None:
+    """The request's prompt, else the family's default (what a result reports as its ``prompt``)."""
+    image = pictures(1)[0]
+    florence, blip = loaded("florence2"), loaded("blip")
+    asked, default = florence.caption_inputs([florence.prepare(image, "<DETAILED_CAPTION>"), florence.prepare(image)])
+    assert (asked.prompt, default.prompt) == ("<DETAILED_CAPTION>", "<CAPTION>")
+    asked, default = blip.caption_inputs([blip.prepare(image, "a photo of"), blip.prepare(image)], GREEDY)
+    assert (asked.prompt, default.prompt) == ("a photo of", None)  # BLIP's default: no prompt at all
+    assert blip.default_prompt is None and florence.default_prompt == "<CAPTION>"
+
+
 def test_blip_and_git_continue_their_prompt(loaded: Callable[[str], FamilyCaptioner]) -> None:
     blip, git = loaded("blip"), loaded("git")
     image = pictures(1)[0]

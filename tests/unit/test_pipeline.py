@@ -100,7 +100,15 @@ class FakeCaptioner:
             raise RuntimeError("the model broke on this image")
         self.batches.append(len(reds))
         self.costs.append(sum(item.cost for item in inputs))
-        return [Caption("" if r == self.empty_on_red else f"red={r}", -0.25 * r, r % 5 + 1) for r in reds]
+        return [
+            Caption("" if r == self.empty_on_red else f"red={r}", -0.25 * r, r % 5 + 1, prompt=self.used(item))
+            for r, item in zip(reds, inputs, strict=True)
+        ]
+
+    @staticmethod
+    def used(item: ModelInput) -> str | None:
+        """As a family's model says which prompt it used: the input's, else its default."""
+        return item.prompt if item.prompt is not None else "fake default"
 
 
 def run(items: list[MemoryItem], captioner: FakeCaptioner, **batch: int) -> tuple[MemorySink, CaptionPipeline]:
@@ -295,3 +303,56 @@ def test_an_item_prompt_reaches_the_model_and_a_refused_one_fails_alone() -> Non
     assert sorted(captioner.prompts, key=str) == [None, "a picture of"]
     assert by_id["refused"].error_kind == "malformed" and "takes no prompt" in (by_id["refused"].error_message or "")
     assert by_id["default"].ok and by_id["asked"].ok
+
+
+def test_results_name_the_prompt_used_and_the_job_prompt_fills_in_for_items_without_one() -> None:
+    items = [
+        MemoryItem("own", png((1, 0, 0)), prompt="a picture of"),
+        MemoryItem("none", png((2, 0, 0))),
+        MemoryItem("refused", png((3, 0, 0)), prompt="refused"),
+        MemoryItem("gone", FileNotFoundError("no such file"), prompt="asked for the gone one"),
+    ]
+    sink, _ = run(items, FakeCaptioner())
+    by_id = {r.id: r for r in sink.rows}
+    assert (by_id["own"].prompt, by_id["none"].prompt) == ("a picture of", "fake default")
+    # Failure rows echo the prompt as asked: no caption names it.
+    assert (by_id["refused"].prompt, by_id["gone"].prompt) == ("refused", "asked for the gone one")
+    assert by_id["own"].to_row()["prompt"] == "a picture of"
+
+    captioner = FakeCaptioner()
+    sink = MemorySink()
+    settings = BatchSettings(max_items=4, max_wait_ms=20)
+    CaptionPipeline(captioner, sink, settings, ImageLimits(), prompt="the job's").run(items[:2])  # type: ignore[arg-type]
+    by_id = {r.id: r for r in sink.rows}
+    assert sorted(captioner.prompts, key=str) == ["a picture of", "the job's"]  # an item's own prompt wins
+    assert (by_id["own"].prompt, by_id["none"].prompt) == ("a picture of", "the job's")
+
+
+def test_a_job_prompt_for_a_model_that_takes_none_is_refused_before_any_work() -> None:
+    captioner = FakeCaptioner()
+    captioner.family = "vision-encoder-decoder"  # type: ignore[misc]
+    with pytest.raises(PromptError, match=r"takes no prompt, but the job has one \('a photo of'\): drop --prompt"):
+        CaptionPipeline(captioner, MemorySink(), BatchSettings(), ImageLimits(), prompt="a photo of")  # type: ignore[arg-type]
+    assert captioner.prompts == []
+    CaptionPipeline(captioner, MemorySink(), BatchSettings(), ImageLimits())  # type: ignore[arg-type]
+
+
+class SwappedToNoPrompts(FakeCaptioner):
+    """What a hot swap to ViT-GPT2 does to inputs prepared with a prompt before it: preparing them again
+    (own_inputs, inside caption_inputs) refuses the prompt, failing the batch they are in."""
+
+    def caption_inputs(self, inputs: list[ModelInput], decoding: object = None) -> list[Caption]:
+        if any(item.prompt is not None for item in inputs):
+            raise PromptError("a vision-encoder-decoder model takes no prompt")
+        return super().caption_inputs(inputs, decoding)
+
+
+def test_a_prompt_the_model_swapped_in_cannot_take_fails_that_item_alone_as_malformed() -> None:
+    items = [MemoryItem(f"plain{i}", png((i, 0, 0))) for i in range(3)]
+    items.insert(1, MemoryItem("asked", png((9, 0, 0)), prompt="a picture of"))
+    sink, pipeline = run(items, SwappedToNoPrompts(), max_items=4, max_wait_ms=10_000)
+    by_id = {r.id: r for r in sink.rows}
+    assert len(sink.rows) == 4 and all(by_id[f"plain{i}"].caption == f"red={i}" for i in range(3))
+    assert by_id["asked"].error_kind == "malformed" and "takes no prompt" in (by_id["asked"].error_message or "")
+    assert by_id["asked"].prompt == "a picture of"
+    assert pipeline.stats.failed_by_kind == {"malformed": 1}

@@ -86,3 +86,34 @@ def test_malformed_message_keeps_what_was_sent() -> None:
     assert info.value.original == {"id": "x"}
     assert readable(b"\xffnot text") == "\\xffnot text"
     assert readable(b'{"a": 1}') == {"a": 1}
+
+
+def test_a_request_prompt_is_its_own_field_not_metadata() -> None:
+    value = {"id": "p-1", "uri": "s3://b/k", "prompt": "a photo of", "tenant": "acme"}
+    [request] = parse_message(json.dumps(value).encode()).requests
+    assert request.prompt == "a photo of" and request.metadata == {"tenant": "acme"}
+    for absent in ({}, {"prompt": None}, {"prompt": ""}, {"prompt": "  "}):  # the model family's default
+        [request] = parse_message(json.dumps({"id": "p", "uri": "s3://b/k", **absent}).encode()).requests
+        assert request.prompt is None and "prompt" not in request.metadata
+    [request] = parse_message(json.dumps({"id": "p", "uri": "s3://b/k", "prompt": "two\nlines\t"}).encode()).requests
+    assert request.prompt == "two\nlines\t"
+    # An S3 event carries none.
+    [from_event] = parse_message(event(created("photos", "a.jpg"))).requests
+    assert from_event.prompt is None
+
+
+@pytest.mark.parametrize(
+    ("prompt", "words"),
+    [
+        (["a", "list"], "the request's prompt must be a string, not list"),
+        (7, "the request's prompt must be a string, not int"),
+        ("x" * 1001, "the request's prompt is 1001 characters long, over the limit of 1000"),
+        ("bell\u0007", "the request's prompt holds a control character (U+0007) at position 4"),
+    ],
+)
+def test_a_bad_prompt_makes_the_request_malformed_naming_the_field(prompt: Any, words: str) -> None:
+    value = {"id": "p-2", "uri": "s3://b/k", "prompt": prompt}
+    with pytest.raises(MalformedMessage) as caught:
+        parse_message(json.dumps(value).encode())
+    assert caught.value.id == "p-2" and caught.value.original == value
+    assert words in caught.value.message

@@ -113,7 +113,15 @@ def test_sink_uploads_whole_parts_with_the_listing_facts_and_clears_the_marker_f
         sink.track(S3Item(obj, future=None))  # type: ignore[arg-type]
     sink.write(
         [
-            Result(id=f"k{i}", uri=f"s3://src/k{i}", model_version="v", caption="c", mean_logprob=-0.5, tokens=i)
+            Result(
+                id=f"k{i}",
+                uri=f"s3://src/k{i}",
+                model_version="v",
+                caption="c",
+                mean_logprob=-0.5,
+                tokens=i,
+                prompt=f"prompt {i}" if i % 2 else None,
+            )
             for i in range(7)
         ]
     )
@@ -125,7 +133,9 @@ def test_sink_uploads_whole_parts_with_the_listing_facts_and_clears_the_marker_f
     assert [(r["key"], r["etag"], r["size"], r["run_id"]) for r in rows] == [
         (f"k{i}", f'"etag{i}"', 100 + i, "abc") for i in range(7)
     ]
-    assert [(r["mean_logprob"], r["tokens"]) for r in rows] == [(-0.5, i) for i in range(7)]
+    assert [(r["mean_logprob"], r["tokens"], r["prompt"]) for r in rows] == [
+        (-0.5, i, f"prompt {i}" if i % 2 else None) for i in range(7)
+    ]
 
 
 # -- resume decisions and superseding ------------------------------------------------------------------

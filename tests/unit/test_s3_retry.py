@@ -173,6 +173,7 @@ class FakeCaptioner:
     """The surface the pipeline uses (version, draft_size, prepare, caption_inputs)."""
 
     version = "fake-1"
+    family = "fake"  # not a listed family: takes prompts, as the generic rule does
     draft_size = (2, 2)
 
     def __init__(self) -> None:

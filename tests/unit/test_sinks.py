@@ -79,23 +79,27 @@ def test_unknown_suffix_is_refused(tmp_path: Path) -> None:
         open_file_sink(tmp_path / "o.csv")
 
 
-def test_rows_carry_the_confidence_and_a_file_written_before_those_columns_still_merges(tmp_path: Path) -> None:
+def test_rows_carry_confidence_and_prompt_and_a_file_written_before_those_columns_still_merges(
+    tmp_path: Path,
+) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     out = tmp_path / "out.parquet"
-    # A finished file from before mean_logprob and tokens existed, then a resumed run that writes them.
+    # A finished file from before mean_logprob, tokens and prompt existed, then a resumed run that writes them.
     old_rows = [{"id": "old0", "uri": "file:///x/old0", "model_version": "v0", "caption": "c", "metadata": "{}"}]
     pq.write_table(pa.Table.from_pylist(old_rows), out)
     sink = ParquetSink(out)
     assert sink.done_ids() == {"old0"}
-    sink.write([Result(id="new0", uri="file:///x/new0", model_version="v1", caption="c", mean_logprob=-0.5, tokens=3)])
+    new = Result(id="new0", uri="file:///x/new0", model_version="v1", caption="c", mean_logprob=-0.5, tokens=3)
+    new.prompt = "a photo of"
+    sink.write([new])
     sink.close()
     rows = {row["id"]: row for row in read_rows(out)}
-    assert (rows["old0"]["mean_logprob"], rows["old0"]["tokens"]) == (None, None)
-    assert (rows["new0"]["mean_logprob"], rows["new0"]["tokens"]) == (-0.5, 3)
+    assert (rows["old0"]["mean_logprob"], rows["old0"]["tokens"], rows["old0"]["prompt"]) == (None, None, None)
+    assert (rows["new0"]["mean_logprob"], rows["new0"]["tokens"], rows["new0"]["prompt"]) == (-0.5, 3, "a photo of")
     jsonl = JsonlSink(tmp_path / "out.jsonl")
-    jsonl.write([Result(id="j", uri="u", model_version="v1", caption="c", mean_logprob=-1.25, tokens=2)])
+    jsonl.write([Result(id="j", uri="u", model_version="v1", caption="c", mean_logprob=-1.25, tokens=2, prompt="p")])
     jsonl.close()
     row = read_rows(tmp_path / "out.jsonl")[0]
-    assert (row["mean_logprob"], row["tokens"]) == (-1.25, 2)
+    assert (row["mean_logprob"], row["tokens"], row["prompt"]) == (-1.25, 2, "p")

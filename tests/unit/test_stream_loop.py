@@ -407,3 +407,26 @@ def test_a_dead_model_during_a_revocation_fails_the_worker_at_once(
     assert isinstance(running.error, RuntimeError) and "model thread failed" in str(running.error)
     assert all(offset == 0 for offset in source.committed.values())
     assert source.closed
+
+
+def test_prompts_are_echoed_in_results_and_dead_letters(make: Any, root: Path) -> None:
+    """The tiny model is a ViT-GPT2: it takes no prompt, so a request with one is malformed (its dead letter
+    names the prompt); one without is captioned, its result saying no prompt was used; a prompt that is not
+    text is refused when the message is read."""
+    source, output = new_pair(partitions=1)
+    good = f"file://{root}/good.jpg"
+    source.append(0, request("plain", good), answers=["plain"])
+    source.append(0, request("asked", good, prompt="a photo of"), answers=["asked"])
+    source.append(0, request("bad", good, prompt="nul\u0000"), answers=["bad"])
+    running, _ = make(source, output)
+    wait_for(lambda: len(output.sent) == 3 and all_committed(source), what="all answered and committed")
+    running.stop()
+    results = {value["id"]: value for value in output.values(RESULTS)}
+    assert list(results) == ["plain"] and results["plain"]["caption"] and results["plain"]["prompt"] is None
+    dead = {key: value for topic, key, value in output.sent if topic == DEAD}
+    assert dead["asked"]["kind"] == "malformed" and "takes no prompt" in dead["asked"]["message"]
+    assert dead["asked"]["prompt"] == "a photo of" and dead["asked"]["request"]["prompt"] == "a photo of"
+    assert (
+        dead["bad"]["kind"] == "malformed"
+        and "the request's prompt holds a control character" in dead["bad"]["message"]
+    )

@@ -20,10 +20,9 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from captionfleet.core.failures import MALFORMED, TOO_LARGE
+from captionfleet.core.prompt_input import MAX_PROMPT_CHARS, PromptRefused, check_prompt
 from captionfleet.core.settings import DecodingSettings, HttpSettings
 from captionfleet.worker.requests import MAX_ID_CHARS
-
-MAX_PROMPT_CHARS = 2000
 
 
 class BadRequest(Exception):
@@ -94,6 +93,14 @@ def _b64(text: str, what: str) -> bytes:
         raise BadRequest(f"{what} is not valid base64 (standard alphabet, padded)") from None
 
 
+def prompt_for(value: str | None, field: str) -> str | None:
+    """The prompt as core.prompt_input's one rule takes it (blank: the family's default); BadRequest if refused."""
+    try:
+        return check_prompt(value, field=field)
+    except PromptRefused as refused:
+        raise BadRequest(str(refused)) from None
+
+
 def decoding_for(
     base: DecodingSettings, limits: HttpSettings, num_beams: int | None, max_new_tokens: int | None
 ) -> DecodingSettings | None:
@@ -151,7 +158,8 @@ def parse_json(body: Any, base: DecodingSettings, limits: HttpSettings) -> Asked
         name = image.id if image.id is not None else str(index)
         if (image.uri is None) == (image.data is None):
             raise BadRequest(f"image {name}: give exactly one of uri and data")
-        prompt = image.prompt if image.prompt is not None else asked.prompt
+        own = prompt_for(image.prompt, f"image {name}'s prompt")
+        prompt = own if own is not None else prompt_for(asked.prompt, "prompt")
         if image.data is not None:
             wanted.append(Wanted(name, f"upload:{name}", _b64(image.data, f"image {name}'s data"), prompt))
         else:
@@ -185,9 +193,7 @@ def parse_form(
     prompts = fields.get("prompt", [])
     if len(prompts) > 1:
         raise BadRequest("one prompt field per request")
-    prompt = prompts[0] if prompts else None
-    if prompt is not None and len(prompt) > MAX_PROMPT_CHARS:
-        raise BadRequest(f"the prompt is longer than {MAX_PROMPT_CHARS} characters")
+    prompt = prompt_for(prompts[0] if prompts else None, "form field prompt")
     wanted = []
     for index, (filename, data) in enumerate(files):
         name = ids[index] if ids else (filename or str(index))

@@ -14,7 +14,15 @@ import uuid
 from typing import Any
 
 from captionfleet.core.settings import DecodingSettings, HttpSettings
-from captionfleet.worker.http.inputs import Asked, BadRequest, Wanted, check_count, data_uri_bytes, decoding_for
+from captionfleet.worker.http.inputs import (
+    Asked,
+    BadRequest,
+    Wanted,
+    check_count,
+    data_uri_bytes,
+    decoding_for,
+    prompt_for,
+)
 
 
 def _parts(content: Any) -> list[dict[str, Any]]:
@@ -67,7 +75,7 @@ def parse_chat(body: Any, base: DecodingSettings, limits: HttpSettings) -> Asked
         else:
             raise BadRequest(f"unsupported content part type {str(part.get('type'))[:40]!r}: use image_url or text")
     check_count(len(urls), limits)
-    prompt = " ".join(text.strip() for text in texts if text.strip()) or None
+    prompt = prompt_for(" ".join(text.strip() for text in texts if text.strip()) or None, "the message's text")
     wanted = []
     for index, url in enumerate(urls):
         inline = data_uri_bytes(url)

@@ -81,6 +81,9 @@ class Answers:
             "metadata": metadata,
             "source": {**origin.fields(), "timestamp_ms": origin.timestamp_ms},
             "model_version": self._model_version(),
+            # The prompt as asked (so a consumer can match the dead letter to what it sent); None for a
+            # message that could not be read (its prompt, if any, is in ``request``).
+            "prompt": result.prompt if result is not None else None,
             "worker": self.worker,
         }
         if result is not None:

@@ -51,6 +51,11 @@ class StreamItem:
     def uri(self) -> str:
         return self.request.uri
 
+    @property
+    def prompt(self) -> str | None:
+        """The request's prompt (None: the serving model family's default); the pipeline reads it."""
+        return self.request.prompt
+
     def read(self) -> bytes:
         return self.data
 

@@ -14,6 +14,7 @@ import copy
 import hashlib
 import logging
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -201,7 +202,12 @@ class FamilyCaptioner:
         output = self.model.generate(
             **on_device, generation_config=config, logits_processor=LogitsProcessorList([recorder])
         )
-        return captions_from_output(output, recorder, self.processor.tokenizer, eos, rows=len(inputs))
+        captions = captions_from_output(output, recorder, self.processor.tokenizer, eos, rows=len(inputs))
+        # Each caption names the prompt it answers: the input's own, else the family's default.
+        return [
+            replace(caption, prompt=item.prompt if item.prompt is not None else self.default_prompt)
+            for caption, item in zip(captions, inputs, strict=True)
+        ]
 
     def caption(self, images: Sequence[Image.Image], decoding: DecodingSettings | None = None) -> list[str]:
         inputs = [self.prepare(image) for image in images]
