@@ -183,7 +183,7 @@ class KafkaSettings(BaseModel):
     commit_interval_ms: int = Field(default=1_000, ge=0)
     # A result the broker has not acknowledged by then fails the worker (nothing is committed past it).
     produce_timeout_s: float = Field(default=30.0, gt=0)
-    # A broker that stops answering (no reply to the group's heartbeats for half the session timeout) is an
+    # A broker that stops answering (no reply to the group's heartbeats for the session timeout) is an
     # outage: fetching pauses, /readyz says so, no commit is tried, and the answers already sent wait in the
     # producer this long (its delivery timeout) for the broker to return; past it the worker stops (exit 1)
     # and the uncommitted work is redone after its restart.

@@ -253,7 +253,9 @@ def test_heartbeats_at_their_normal_pace_are_no_outage(root: Path, captioner: Ca
     worker = StreamWorker(s, captioner, source, output, SwitchableStore(s), health=health, name="test")
     running = Running(worker)
     try:
-        source.silence_s = 4.0  # more than half the session, but within 1.5 heartbeat intervals
+        # Longer than half the session and than a heartbeat interval, shorter than the session: a client
+        # starved of CPU sees such gaps; only a silence as long as the session is the broker's.
+        source.silence_s = 5.5
         wait_for(lambda: source.polls > 50, 10, what="the loop turning")
         assert health.ready()[0] and not source.paused
     finally:

@@ -85,11 +85,11 @@ class StreamWorker:
         self._paused = False
         # Outages (worker.stream.outages): the store's record is kept by the fetch threads, the broker's here.
         self._broker = Dependency(BROKER)
-        # Half the session (a member silent for the whole session is evicted anyway), and never less than
-        # one and a half heartbeat intervals (the gap between two answers when all is well).
-        self._broker_silence_limit_s = (
-            max(self.kafka.session_timeout_ms / 2, 1.5 * self.kafka.heartbeat_interval_ms) / 1000
-        )
+        # The whole session timeout (the broker evicts a member it has not heard from for that long, so a
+        # member that has not heard from the broker for that long has lost it too), and never less than two
+        # heartbeat intervals. Shorter limits mistook a starved client (a busy CPU delaying the heartbeat
+        # thread) for a broker outage; an outage worth pausing for lasts minutes, not seconds.
+        self._broker_silence_limit_s = max(self.kafka.session_timeout_ms, 2 * self.kafka.heartbeat_interval_ms) / 1000
         self._outage: str | None = None
         self._given_up = 0  # requests left unanswered by a stop during an outage (redone by the next owner)
         self._messages = 0
