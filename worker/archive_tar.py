@@ -21,7 +21,7 @@ from captionfleet.core.failures import MALFORMED, FetchError, ImageError
 from captionfleet.worker.archive_files import ArchiveItem, FileRun
 from captionfleet.worker.archive_rows import CAPTION_FIELDS
 from captionfleet.worker.connectors.archive_inputs import InputReader
-from captionfleet.worker.connectors.tar_samples import Sample, TarReport, iter_samples, safe_name
+from captionfleet.worker.connectors.tar_samples import Sample, TarReport, iter_samples, printable, safe_name
 
 TAR_ROWS = pa.schema(
     [
@@ -89,7 +89,7 @@ class TarShards:
 
     def write_outputs(self, run: FileRun, workdir: Path) -> list[str]:
         rows = [
-            {"key": row["id"], "source": run.inp.uri, **{name: row[name] for name in TAR_ROWS.names[2:]}}
+            {"key": row["id"], "source": printable(run.inp.uri), **{name: row[name] for name in TAR_ROWS.names[2:]}}
             for row in run.ordered_rows()
         ]
         written = []
@@ -131,8 +131,8 @@ class TarShards:
             limit = self.max_bytes  # sidecars too are copied whole, up to the images' limit
             for sample in iter_samples(stream, max_bytes=limit, report=TarReport(), sidecar_max_bytes=limit):
                 row = by_key.get(sample.key)
-                if row is None or sample.key in written or not safe_name(sample.key):
-                    continue
+                if row is None or sample.key in written or not safe_name(sample.key) or sample.key_escaped:
+                    continue  # an escaped key is not the sample's name: its caption would pair with nothing
                 written.add(sample.key)
                 original_txt = None
                 original_json = None

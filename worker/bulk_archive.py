@@ -217,6 +217,8 @@ def plan_archive_job(
     suffixes = suffixes_for(options.input_format)
     out_folder = out if out.endswith("/") else out + "/"
     try:
+        if out.startswith("s3://"):
+            parse_s3_uri(out_folder)  # a bad --out is refused before anything is listed
         if source.startswith("s3://"):
             assert client is not None
             exclude = None
@@ -226,7 +228,7 @@ def plan_archive_job(
             inputs = resolve_s3(source, suffixes, client, retry, exclude=exclude)
         else:
             inputs = resolve_local(source, suffixes)
-    except InputError as error:
+    except (InputError, ValueError) as error:  # ValueError: an s3:// uri that is not one (parse_s3_uri)
         raise ArchiveJobError(str(error)) from error
     except (ClientError, BotoCoreError) as error:
         raise access_error(error, "list", source, settings.s3.endpoint_url) from error
@@ -427,11 +429,15 @@ def run_archive_job(
 ) -> ArchiveSummary:
     """Caption this shard's input files under ``source`` into outputs under ``out``, resuming what
     earlier runs did. Raises ArchiveJobError / S3AccessError (messages name the fix) before writing
-    anything when the source or the output cannot be used."""
+    anything when the source or the output cannot be used. Any other exception is a bug, not a usage
+    error: the front ends let it through (exit 1, which the Job retries) rather than fail the Job."""
     from captionfleet.worker.connectors.s3_parts import new_run_id
 
     plan = plan_archive_job(source, out, settings, options, client)
-    captioner = captioner or load_captioner(settings)
+    try:
+        captioner = captioner or load_captioner(settings)
+    except ValueError as error:  # a model setting no retry can fix (the front ends exit 2 on ArchiveJobError)
+        raise ArchiveJobError(f"the model cannot be loaded: {error}") from error
     if options.overwrite:
         _remove_outputs(plan)
     summary = ArchiveSummary(

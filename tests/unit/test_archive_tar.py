@@ -3,6 +3,7 @@ truncated shards, WebDataset outputs, resume from checkpoints, --retry-failed, a
 
 from __future__ import annotations
 
+import io
 import json
 import tarfile
 from collections import Counter
@@ -19,6 +20,7 @@ from captionfleet.worker.archive_rows import encode_checkpoint
 from captionfleet.worker.bulk_archive import ArchiveJobError, ArchiveOptions, run_archive_job
 from captionfleet.worker.connectors.archive_inputs import InputError, expand_braces
 from captionfleet.worker.sharding import ShardSpec, shard_of
+from tests.hostile_images import jpeg_bytes
 from tests.unit.test_s3_retry import FakeCaptioner
 from tests.webdataset_shards import Member, good_samples, hostile_shard, shard
 
@@ -217,3 +219,47 @@ def test_a_member_larger_than_the_limit_is_never_read(tmp_path: Path, monkeypatc
     monkeypatch.setattr(tarfile.TarFile, "extractfile", spy)
     summary = run(tmp_path / "s.tar", tmp_path / "out")
     assert summary.failed_by_kind == Counter({"too_large": 1}) and reads == []
+
+
+def latin1_shard() -> bytes:
+    """A shard whose second member's name is latin-1 bytes (b"caf\\xe9.jpg"), not UTF-8, as old tools write."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT, encoding="latin-1") as tar:
+        for name in ["good.jpg", "caf\xe9.jpg", "tail.jpg"]:
+            data = jpeg_bytes((16, 12))
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def test_a_member_name_that_is_not_utf8_gets_a_malformed_row_under_an_escaped_key(tmp_path: Path) -> None:
+    (tmp_path / "s.tar").write_bytes(latin1_shard())
+    summary = run(tmp_path / "s.tar", tmp_path / "out", out_format="webdataset")
+    rows = rows_of(tmp_path / "out" / "s.parquet")
+    assert list(rows) == ["good", "caf\\xe9", "tail"]
+    assert rows["caf\\xe9"]["error_kind"] == "malformed" and "not UTF-8" in rows["caf\\xe9"]["error_message"]
+    assert rows["caf\\xe9"]["image_member"] == "caf\\xe9.jpg"
+    assert rows["good"]["caption"] and rows["tail"]["caption"]
+    assert summary.failed_by_kind == Counter({"malformed": 1}) and summary.files_finished == 1
+    with tarfile.open(tmp_path / "out" / "s.tar") as tar:  # the escaped key is not the sample's: left out
+        assert sorted(tar.getnames()) == ["good.jpg", "good.json", "good.txt", "tail.jpg", "tail.json", "tail.txt"]
+    assert run(tmp_path / "s.tar", tmp_path / "out").files_done_before == 1  # and the next run is done
+
+
+def test_only_usage_errors_exit_2(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Exit 2 fails the whole Indexed Job: an error met while reading the files (a bug, a fault of the
+    moment) must not be taken for a bad argument, as a ValueError once was."""
+    from captionfleet.cli import main as cli_main
+    from captionfleet.worker import bulk_archive
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise UnicodeEncodeError("utf-8", "caf\udce9", 3, 4, "surrogates not allowed")
+
+    monkeypatch.setattr(bulk_archive, "run_archive_job", broken)
+    with pytest.raises(UnicodeEncodeError):
+        cli_main(["caption", str(tmp_path / "s.tar"), "--out", str(tmp_path / "out"), "--no-progress"])
+    assert cli_main(["caption", str(tmp_path / "s.tar"), "--out", str(tmp_path / "o"), "--shard", "5/2"]) == 2
+    (tmp_path / "s.tar").write_bytes(shard(good_samples("k", 1)[0]))
+    with pytest.raises(ArchiveJobError, match="invalid bucket name"):  # a bad --out is one, named before reading
+        run_archive_job(str(tmp_path / "s.tar"), "s3://x/", settings(), captioner=FakeCaptioner(), client=object())  # type: ignore[arg-type]

@@ -6,8 +6,10 @@ of the file name). Memory stays bounded: one sample's members at a time, each at
 
 Hostile members never stop the shard and are never written anywhere: a name that climbs out (``../x.jpg``)
 or is absolute is ``forbidden``; a link, device or FIFO is ``not_an_image``; a member over ``max_bytes`` is
-``too_large`` unread. A tar that ends early gives the sample it cut a ``truncated`` row, and the shard is
-reported as cut (``TarReport``); a tar cut exactly between members is noticed by its missing end block.
+``too_large`` unread; a name that is not UTF-8 is ``malformed``, its bytes written ``\\xNN`` in its key (a
+Parquet string column cannot hold them). A tar that ends early gives the sample it cut a ``truncated`` row,
+and the shard is reported as cut (``TarReport``); a tar cut exactly between members is noticed by its
+missing end block.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import IO, Any
 
-from captionfleet.core.failures import FORBIDDEN, FetchError, ImageError
+from captionfleet.core.failures import FORBIDDEN, MALFORMED, FetchError, ImageError
 from captionfleet.core.images import sniff_format
 from captionfleet.worker.connectors.local import IMAGE_SUFFIXES
 
@@ -52,6 +54,16 @@ def split_key(name: str) -> tuple[str, str]:
     return key, ext.lower() if dot else ""
 
 
+def printable(name: str) -> str:
+    """A name as text any output can hold: tarfile decodes bytes that are not UTF-8 as lone surrogates
+    (surrogateescape), which a Parquet string or an S3 key refuses; each such byte becomes ``\\xNN``."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return name
+
+
 def safe_name(name: str) -> bool:
     """A relative name that stays inside the archive (and so inside any folder it were unpacked into)."""
     parts = PurePosixPath(name).parts
@@ -60,7 +72,7 @@ def safe_name(name: str) -> bool:
 
 def refusal_for(info: tarfile.TarInfo, max_bytes: int) -> Exception | None:
     """Why a member is never read as a picture, or None."""
-    name = info.name
+    name = printable(info.name)  # messages end up in Parquet rows
     if not safe_name(name):
         return FetchError(FORBIDDEN, f"member name {name[:200]!r} climbs out of the archive or is absolute: refused")
     if info.issym() or info.islnk():
@@ -90,6 +102,7 @@ class Sample:
     key: str
     position: int  # 0-based, in the shard
     members: list[Member] = field(default_factory=list)
+    key_escaped: bool = False  # the key's bytes were not UTF-8: ``key`` is printable(), not the name in the tar
 
     def image(self) -> Member | None:
         """The picture: the first member named like an image, else the first whose bytes look like one,
@@ -168,17 +181,18 @@ def _samples(
             break
         if info.isdir():
             continue
-        key, ext = split_key(info.name)
-        member = _read_member(tar, info, ext, max_bytes, sidecar_max_bytes)
+        name = printable(info.name)
+        key, ext = split_key(name)
+        member = _read_member(tar, info, name, ext, max_bytes, sidecar_max_bytes)
         if current is not None and current.key != key:
             report.samples += 1
             yield current
             current = None
         if current is None:
-            current = Sample(key, report.samples)
+            current = Sample(key, report.samples, key_escaped=split_key(info.name)[0] != key)
         current.members.append(member)
         if isinstance(member.refusal, ImageError) and member.refusal.kind == "truncated":
-            report.broken = f"cut inside member {info.name[:200]!r}: the shard ends early"
+            report.broken = f"cut inside member {name[:200]!r}: the shard ends early"
             break
     if report.broken is None and not _ended_with_end_block(tar):
         report.broken = "no end-of-archive block after the last whole member: the shard ends early"
@@ -187,18 +201,25 @@ def _samples(
         yield current
 
 
-def _read_member(tar: tarfile.TarFile, info: tarfile.TarInfo, ext: str, max_bytes: int, sidecar_max: int) -> Member:
+def _read_member(
+    tar: tarfile.TarFile, info: tarfile.TarInfo, name: str, ext: str, max_bytes: int, sidecar_max: int
+) -> Member:
+    """``name``: the member's name as printable() made it (what rows and messages carry)."""
     refusal = refusal_for(info, max_bytes)
+    if refusal is None and name != info.name:
+        # Refused, not guessed at: which encoding the writer meant is unknown, and the escaped name is not
+        # the member's, so nothing downstream could find it again by it.
+        refusal = FetchError(MALFORMED, f"member name {name[:200]!r} is not UTF-8: refused (rename it in the shard)")
     if refusal is not None:
-        return Member(info.name, ext, None, refusal)
+        return Member(name, ext, None, refusal)
     if ext in SIDECAR_EXTENSIONS and info.size > sidecar_max:
-        return Member(info.name, ext, None)  # skipped unread: too big to carry into a row
+        return Member(name, ext, None)  # skipped unread: too big to carry into a row
     try:
         extracted = tar.extractfile(info)
         data = extracted.read() if extracted is not None else b""
     except (tarfile.TarError, EOFError, OSError) as error:
-        return Member(info.name, ext, None, ImageError("truncated", f"{info.name[:200]}: the tar ends early ({error})"))
-    return Member(info.name, ext, data)
+        return Member(name, ext, None, ImageError("truncated", f"{name[:200]}: the tar ends early ({error})"))
+    return Member(name, ext, data)
 
 
 def _ended_with_end_block(tar: tarfile.TarFile) -> bool:
