@@ -57,6 +57,7 @@ from captionfleet.worker.connectors.archive_inputs import (
     InputReadError,
     resolve_local,
     resolve_s3,
+    unsafe_name,
 )
 from captionfleet.worker.connectors.archive_outputs import LocalOutputs, Outputs, S3Outputs
 from captionfleet.worker.fetch import Fetcher
@@ -122,12 +123,18 @@ class ArchiveSummary(BulkSummary):
     files_finished: int = 0  # completed by this run
     unfinished: list[str] = field(default_factory=list)  # files this run could not read to their end
     broken: list[str] = field(default_factory=list)  # "uri: why" of files that end early or are not archives
+    refused: list[str] = field(default_factory=list)  # "uri: why" of files not read at all (an unsafe name)
     retried: int = 0  # failure rows re-run by retry_failed
     output: str = ""
 
     @property
     def complete(self) -> bool:
         return not self.interrupted and not self.unfinished
+
+    @property
+    def files_failed(self) -> bool:
+        """Input files that ended early or were refused: the run finished, but not everything was read (exit 3)."""
+        return bool(self.broken or self.refused)
 
     def lines(self) -> list[str]:
         lines = super().lines()
@@ -140,6 +147,8 @@ class ArchiveSummary(BulkSummary):
             lines.append(f"failures retried: {self.retried}")
         for broken in self.broken:
             lines.append(f"broken input (rows written for what could be read): {broken}")
+        for refused in self.refused:
+            lines.append(f"refused input (nothing written for it): {refused}")
         for uri in self.unfinished:
             lines.append(f"unfinished (the store failed; run again to resume): {uri}")
         lines.append(f"output: {self.output}")
@@ -173,6 +182,7 @@ class _Plan:
     mine: list[InputFile]
     outputs: Outputs
     existing: set[str]  # every name under the output, listed once
+    refused: list[str] = field(default_factory=list)  # "uri: why" of this shard's inputs whose names cannot be used
 
 
 def _client(settings: WorkerSettings) -> ObjectStore:
@@ -232,6 +242,17 @@ def plan_archive_job(
         raise ArchiveJobError(str(error)) from error
     except (ClientError, BotoCoreError) as error:
         raise access_error(error, "list", source, settings.s3.endpoint_url) from error
+    # A name that would put outputs outside --out (an S3 key with '..') is this one file's failure, reported
+    # by the shard it hashes to: one hostile key must not fail every index of the Job.
+    refused: list[str] = []
+    usable: list[InputFile] = []
+    for inp in inputs:
+        why = unsafe_name(inp.name)
+        if why is None:
+            usable.append(inp)
+        elif options.shard.owns(inp.name):
+            refused.append(f"{inp.uri}: {why}; rename it")
+    inputs = usable
     _refuse_output_among_inputs(out_folder, inputs, options)
     outputs: Outputs
     if out.startswith("s3://"):
@@ -244,7 +265,7 @@ def plan_archive_job(
     except (ClientError, BotoCoreError) as error:
         raise access_error(error, "list the output folder", outputs.uri(), settings.s3.endpoint_url) from error
     mine = [inp for inp in inputs if options.shard.owns(inp.name)]
-    return _Plan(settings, options, client, retry, inputs, mine, outputs, existing)
+    return _Plan(settings, options, client, retry, inputs, mine, outputs, existing, refused)
 
 
 def _refuse_output_among_inputs(out_folder: str, inputs: list[InputFile], options: ArchiveOptions) -> None:
@@ -449,7 +470,10 @@ def run_archive_job(
         files_listed=len(plan.inputs),
         files_in_shard=len(plan.mine),
         output=plan.outputs.uri(),
+        refused=list(plan.refused),
     )
+    for line in plan.refused:
+        logger.error("input refused: %s", line)
     progress = ArchiveProgress(len(plan.mine), sum(inp.size for inp in plan.mine))
     bar = ProgressBar(progress, show_progress)
 

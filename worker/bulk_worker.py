@@ -127,7 +127,7 @@ def run_bulk_worker(settings: WorkerSettings, source: str, out: str, input_forma
         if getattr(summary, "unfinished", None):
             log.error("some input files could not be read to their end: run again to resume")
             return EXIT_TEMPFAIL
-        return EXIT_SOME_FAILED if summary.failed or getattr(summary, "broken", None) else EXIT_OK
+        return EXIT_SOME_FAILED if summary.failed or getattr(summary, "files_failed", False) else EXIT_OK
     finally:
         if server is not None:
             server.close()

@@ -216,7 +216,7 @@ def _caption_archive(args: argparse.Namespace, settings: WorkerSettings, input_f
     if code in (EXIT_OK, EXIT_SOME_FAILED) and summary.unfinished:
         print("some input files could not be read to their end: run the same command again to resume", file=sys.stderr)
         return EXIT_TEMPFAIL
-    if code == EXIT_OK and summary.broken:
+    if code == EXIT_OK and summary.files_failed:
         return EXIT_SOME_FAILED
     return code
 

@@ -49,6 +49,17 @@ class InputFile:
         return self.uri.startswith("s3://")
 
 
+def unsafe_name(name: str) -> str | None:
+    """Why an input's name cannot name its outputs, or None. Outputs are written at ``<out>/<name>.*``: an S3
+    key such as ``shards/../../x.tar`` (S3 takes ``..`` literally) would put them, and ``--overwrite``'s
+    deletions, outside ``--out``."""
+    if name.startswith("/") or "\\" in name or "\x00" in name:
+        return "its name is absolute or has a backslash or NUL, so its outputs could land outside --out"
+    if ".." in name.split("/"):
+        return "its name has a '..' segment, so its outputs would land outside --out"
+    return None
+
+
 def expand_braces(pattern: str) -> list[str]:
     """Bash-style: ``{00000..00009}`` (zero padding kept) and ``{a,b}``; several groups multiply."""
     groups: list[list[str]] = []
