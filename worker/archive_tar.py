@@ -75,7 +75,9 @@ class TarShards:
             return ArchiveItem(run, item_id, uri, sample.position, refusal, extra)
         seen.add(sample.key)
         source: bytes | BaseException
-        if image is None:
+        if sample.refusal is not None:
+            source = sample.refusal
+        elif image is None:
             kinds = ", ".join(sorted({m.ext or "(none)" for m in sample.members}))
             source = ImageError("not_an_image", f"sample {sample.key[:200]!r} has no picture, only: {kinds}")
         elif image.refusal is not None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import tarfile
+import tracemalloc
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from captionfleet.core.settings import WorkerSettings
 from captionfleet.worker.archive_rows import encode_checkpoint
 from captionfleet.worker.bulk_archive import ArchiveJobError, ArchiveOptions, run_archive_job
 from captionfleet.worker.connectors.archive_inputs import InputError, expand_braces
+from captionfleet.worker.connectors.tar_samples import MAX_SAMPLE_MEMBERS, SAMPLE_BYTES_FACTOR, TarReport, iter_samples
 from captionfleet.worker.sharding import ShardSpec, shard_of
 from tests.hostile_images import jpeg_bytes
 from tests.unit.test_s3_retry import FakeCaptioner
@@ -263,3 +265,62 @@ def test_only_usage_errors_exit_2(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     (tmp_path / "s.tar").write_bytes(shard(good_samples("k", 1)[0]))
     with pytest.raises(ArchiveJobError, match="invalid bucket name"):  # a bad --out is one, named before reading
         run_archive_job(str(tmp_path / "s.tar"), "s3://x/", settings(), captioner=FakeCaptioner(), client=object())  # type: ignore[arg-type]
+
+
+def peak_reading(data: bytes, max_bytes: int) -> tuple[list[Any], TarReport, int]:
+    """The samples of a shard (their keys and refusals), its report, and the most memory held meanwhile."""
+    report = TarReport()
+    tracemalloc.start()
+    try:
+        seen = [
+            (s.key, getattr(s, "refusal", None), len(s.members))
+            for s in iter_samples(io.BytesIO(data), max_bytes=max_bytes, report=report)
+        ]
+        return seen, report, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_members_piling_into_one_sample_are_refused_unread(tmp_path: Path) -> None:
+    # Each member under the limit, 12 MiB together; then more members than a sample has.
+    big = [Member(f"a.{i}.bin", bytes([i]) * (MAX_BYTES - 1)) for i in range(12)]
+    many = [Member(f"b.{i}.txt", b"x") for i in range(MAX_SAMPLE_MEMBERS + 10)]
+    data = shard([*big, *many, *good_samples("k", 1)[0]])
+    seen, report, peak = peak_reading(data, MAX_BYTES)
+    assert [(key, getattr(refusal, "kind", None)) for key, refusal, _ in seen] == [
+        ("a", "too_large"),
+        ("b", "too_large"),
+        ("k0000", None),
+    ]
+    assert "over 64 members" in str(seen[0][1]) and report.broken is None
+    assert peak < (SAMPLE_BYTES_FACTOR + 2) * MAX_BYTES  # was every member's bytes: the whole sample
+
+    (tmp_path / "s.tar").write_bytes(data)
+    run(tmp_path / "s.tar", tmp_path / "out", out_format="webdataset")
+    rows = rows_of(tmp_path / "out" / "s.parquet")
+    assert {key: row["error_kind"] for key, row in rows.items()} == {"a": "too_large", "b": "too_large", "k0000": None}
+    with tarfile.open(tmp_path / "out" / "s.tar") as tar:  # a refused sample's members are not copied
+        assert not [name for name in tar.getnames() if name.startswith(("a.", "b.")) and not name.endswith(".json")]
+
+
+def test_global_pax_headers_cannot_grow_without_bound() -> None:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for i in range(40):  # ~90 KiB of new global keys before each member: 3.6 MiB kept by tarfile
+            assert tar.fileobj is not None
+            tar.fileobj.write(tarfile.TarInfo.create_pax_global_header({f"x{i}.{j}": "v" * 900 for j in range(100)}))
+            tar.offset = tar.fileobj.tell()
+            data = jpeg_bytes((16, 12))
+            info = tarfile.TarInfo(f"k{i}.jpg")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    seen, report, peak = peak_reading(buf.getvalue(), MAX_BYTES)
+    assert report.broken is not None and "global PAX headers" in report.broken
+    assert 0 < len(seen) < 40 and peak < 3 << 20
+
+
+def test_a_shard_of_many_members_is_read_in_bounded_memory() -> None:
+    data = shard([Member(f"k{i:05d}.jpg", b"x") for i in range(6000)])
+    seen, report, peak = peak_reading(data, MAX_BYTES)
+    assert len(seen) == 6000 and report.broken is None
+    assert peak < 1 << 20  # tarfile kept every TarInfo of a stream it read
