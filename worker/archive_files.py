@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from captionfleet.worker.archive_rows import caption_fields, decode_checkpoint, encode_checkpoint
+from captionfleet.worker.archive_spill import SidecarSpill, SpillRef
 from captionfleet.worker.connectors.archive_inputs import InputFile
 from captionfleet.worker.connectors.archive_outputs import Outputs
 from captionfleet.worker.messages import Result
@@ -28,6 +29,9 @@ from captionfleet.worker.messages import Result
 logger = logging.getLogger(__name__)
 
 INPUT_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".parquet", ".csv", ".jsonl", ".ndjson")
+# Rows waiting for their checkpoint are written sooner than ROWS_PER_PART when their sidecars add up to this.
+PENDING_SIDECAR_MAX_BYTES = 8 << 20
+SIDECARS = ("txt", "json")
 
 
 def stem_of(name: str) -> str:
@@ -99,6 +103,7 @@ class FileRun:
         run_id: str,
         rows_per_part: int,
         on_finished: Callable[[FileRun], None],
+        spill_dir: Path | None = None,
     ) -> None:
         self.inp = inp
         self.stem = stem_of(inp.name)
@@ -106,7 +111,11 @@ class FileRun:
         self.run_id = run_id
         self.rows_per_part = rows_per_part
         self.on_finished = on_finished
-        self.rows: dict[str, dict[str, Any]] = {}  # id -> its row (checkpoint shape)
+        # id -> its row (checkpoint shape) without its sidecars, which wait in the spill (ids in _sidecars).
+        self.rows: dict[str, dict[str, Any]] = {}
+        self._spill = SidecarSpill(spill_dir)
+        self._sidecars: dict[str, SpillRef] = {}
+        self._pending_bytes = 0
         self.resumed = 0
         self.old_checkpoints: list[str] = []  # parts of earlier runs (listed at planning)
         self.checkpoints_written: list[str] = []
@@ -124,8 +133,18 @@ class FileRun:
 
     def resume(self, rows: list[dict[str, Any]]) -> None:
         for row in rows:
-            self.rows[str(row["id"])] = row
+            self._keep(str(row["id"]), row)
         self.resumed = len(self.rows)
+
+    def _keep(self, item_id: str, row: dict[str, Any]) -> int:
+        """The row in ``rows``, its sidecars spilled to disk; returns their size."""
+        ref = self._spill.put(*(row.get(name) for name in SIDECARS))
+        if ref is None:
+            self._sidecars.pop(item_id, None)
+        else:
+            self._sidecars[item_id] = ref
+        self.rows[item_id] = {**row, **dict.fromkeys(SIDECARS)}
+        return 0 if ref is None else ref[1]
 
     def has_row(self, item_id: str) -> bool:
         with self._lock:
@@ -144,12 +163,12 @@ class FileRun:
             **caption_fields(result),
         }
         with self._lock:
-            self.rows[item.id] = row
-            self._pending.append(row)
+            self._pending_bytes += self._keep(item.id, row)
+            self._pending.append(row)  # whole, until its checkpoint is written
             self._received += 1
             if result.error_kind:
                 self.new_failures[result.error_kind] += 1
-            flush = len(self._pending) >= self.rows_per_part
+            flush = len(self._pending) >= self.rows_per_part or self._pending_bytes >= PENDING_SIDECAR_MAX_BYTES
             finished = self._finished()
         if flush:
             self.flush()
@@ -171,7 +190,7 @@ class FileRun:
     def flush(self) -> None:
         """Write the rows not yet in a checkpoint as one whole part."""
         with self._lock:
-            rows, self._pending = self._pending, []
+            rows, self._pending, self._pending_bytes = self._pending, [], 0
             if not rows:
                 return
             self._parts += 1
@@ -181,8 +200,18 @@ class FileRun:
             self.checkpoints_written.append(name)
 
     def ordered_rows(self) -> list[dict[str, Any]]:
+        """Every row in the file's order, without its sidecars (``txt``, ``json`` None): see ``with_sidecars``."""
         with self._lock:
             return sorted(self.rows.values(), key=lambda row: int(row["position"]))
+
+    def with_sidecars(self, row: dict[str, Any]) -> dict[str, Any]:
+        """``row`` (from ``ordered_rows``) with its sidecars read back from the spill."""
+        txt, meta = self._spill.get(self._sidecars.get(str(row["id"])))
+        return {**row, "txt": txt, "json": meta}
+
+    def close(self) -> None:
+        """The file is done with (its outputs written, or the run ends): the spill goes."""
+        self._spill.close()
 
     def counts(self) -> dict[str, Any]:
         kinds = Counter(str(row["error_kind"]) for row in self.rows.values() if row["error_kind"])

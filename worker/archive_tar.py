@@ -35,6 +35,10 @@ TAR_ROWS = pa.schema(
 )
 
 
+# Output rows built (sidecars read back) and written at a time: at most this many sidecars in memory.
+_WRITE_BATCH = 512
+
+
 class TarShards:
     """The tar input format: items from a shard streamed member by member, outputs once it is done."""
 
@@ -90,17 +94,19 @@ class TarShards:
     # -- outputs ---------------------------------------------------------------------------------------
 
     def write_outputs(self, run: FileRun, workdir: Path) -> list[str]:
-        rows = [
-            {"key": row["id"], "source": printable(run.inp.uri), **{name: row[name] for name in TAR_ROWS.names[2:]}}
-            for row in run.ordered_rows()
-        ]
+        rows = run.ordered_rows()  # without their sidecars: those are read back a batch at a time
+        source = printable(run.inp.uri)
         written = []
         with tempfile.NamedTemporaryFile(dir=workdir, suffix=".parquet") as tmp:
-            pq.write_table(pa.Table.from_pylist(rows, schema=TAR_ROWS), tmp.name, compression="zstd")
+            with pq.ParquetWriter(tmp.name, TAR_ROWS, compression="zstd") as writer:
+                for start in range(0, len(rows), _WRITE_BATCH):
+                    batch = [run.with_sidecars(row) for row in rows[start : start + _WRITE_BATCH]]
+                    out = [{"key": r["id"], "source": source, **{n: r[n] for n in TAR_ROWS.names[2:]}} for r in batch]
+                    writer.write_table(pa.Table.from_pylist(out, schema=TAR_ROWS))
             run.outputs.put_file(f"{run.stem}.parquet", Path(tmp.name))
         written.append(f"{run.stem}.parquet")
         if self.webdataset:
-            by_key = {row["key"]: row for row in rows}
+            by_key = {row["id"]: row for row in rows}  # the caption fields; the sidecars come from the shard
             with tempfile.NamedTemporaryFile(dir=workdir, suffix=".tar") as tmp:
                 self._write_shard(run, by_key, Path(tmp.name))
                 run.outputs.put_file(f"{run.stem}.tar", Path(tmp.name))

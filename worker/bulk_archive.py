@@ -350,6 +350,7 @@ class _ArchiveRun:
                 run_id=self.run_id,
                 rows_per_part=self.plan.settings.bulk.rows_per_part,
                 on_finished=self._finished,
+                spill_dir=self.workdir,
             )
             fmt = self.formats(inp)
             if self._already_done(run, fmt):
@@ -407,7 +408,10 @@ class _ArchiveRun:
 
     def _finish(self, run: FileRun) -> None:
         fmt = self.formats(run.inp)
-        written = fmt.write_outputs(run, self.workdir)
+        try:
+            written = fmt.write_outputs(run, self.workdir)
+        finally:
+            run.close()
         name = run.format_name or fmt.name
         write_marker(run, fmt=name, outputs_written=written, model_version=self.captioner.version)
         if run.local_path is not None and run.inp.is_s3:

@@ -17,7 +17,7 @@ import pytest
 from captionfleet.core.captioner import ModelInput
 from captionfleet.core.generation import Caption
 from captionfleet.core.settings import WorkerSettings
-from captionfleet.worker.archive_rows import encode_checkpoint
+from captionfleet.worker.archive_rows import decode_checkpoint, encode_checkpoint
 from captionfleet.worker.bulk_archive import ArchiveJobError, ArchiveOptions, run_archive_job
 from captionfleet.worker.connectors.archive_inputs import InputError, expand_braces
 from captionfleet.worker.connectors.tar_samples import MAX_SAMPLE_MEMBERS, SAMPLE_BYTES_FACTOR, TarReport, iter_samples
@@ -324,3 +324,43 @@ def test_a_shard_of_many_members_is_read_in_bounded_memory() -> None:
     seen, report, peak = peak_reading(data, MAX_BYTES)
     assert len(seen) == 6000 and report.broken is None
     assert peak < 1 << 20  # tarfile kept every TarInfo of a stream it read
+
+
+def test_sidecars_wait_on_disk_not_in_memory_until_the_shard_is_written(tmp_path: Path) -> None:
+    """A shard of many samples with 60 KiB sidecars: the rows held while it runs stay small; the Parquet
+    still has every sidecar."""
+    from captionfleet.worker.archive_files import PENDING_SIDECAR_MAX_BYTES, ArchiveItem, FileRun
+    from captionfleet.worker.archive_tar import TarShards
+    from captionfleet.worker.connectors.archive_inputs import InputFile, InputReader
+    from captionfleet.worker.connectors.archive_outputs import LocalOutputs
+    from captionfleet.worker.messages import Result
+
+    inp = InputFile(str(tmp_path / "s.tar"), "s.tar", 0, "e")
+    outputs = LocalOutputs(tmp_path / "out")
+    run_ = FileRun(inp, outputs, run_id="r", rows_per_part=1000, on_finished=lambda r: None, spill_dir=tmp_path)
+
+    def text(i: int) -> str:  # made anew for each row, as decoding a sample's key.txt does
+        return chr(65 + i % 26) * (60 * 1024)
+
+    encode_checkpoint([])  # pyarrow's lazy imports, before memory is counted
+    tracemalloc.start()
+    try:
+        for i in range(400):  # 24 MiB of sidecars
+            key = f"k{i:04d}"
+            item = ArchiveItem(
+                run_, key, f"{inp.uri}#{key}.jpg", i, b"", {"image_member": f"{key}.jpg", "txt": text(i)}
+            )
+            run_.add(item, Result(key, item.uri, "fake-1", caption=f"c{i}"))
+            del item
+        held = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert held < PENDING_SIDECAR_MAX_BYTES + (2 << 20)  # was every sidecar until the shard's end: 24 MiB
+    run_.flush()
+    TarShards(InputReader(None, None), max_bytes=MAX_BYTES, webdataset=False).write_outputs(run_, tmp_path)  # type: ignore[arg-type]
+    run_.close()
+    rows = rows_of(tmp_path / "out" / "s.parquet")
+    assert [row["txt"] for row in rows.values()] == [text(i) for i in range(400)] and rows["k0399"]["caption"] == "c399"
+    # The checkpoints written meanwhile hold them too (a killed run resumes with them).
+    parts = sorted((tmp_path / "out" / "s.partial").glob("*.parquet"))
+    assert len(parts) >= 3 and sum(len(decode_checkpoint(p.read_bytes())) for p in parts) == 400
