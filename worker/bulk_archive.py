@@ -565,5 +565,6 @@ def _formats(plan: _Plan, workdir: Path) -> Callable[[InputFile], InputFormat]:
         uri_column=options.uri_column,
         image_column=options.image_column,
         fetch_concurrency=settings.fetch.concurrency,
+        max_bytes=settings.images.max_bytes,
     )
     return lambda inp: table
