@@ -50,6 +50,37 @@ def checkpoint_folder(stem: str) -> str:
     return f"{stem}.partial/"
 
 
+def is_checkpoint_of(stem: str, name: str) -> bool:
+    """A checkpoint part of this input: directly in its folder (not an input's output further down)."""
+    folder = checkpoint_folder(stem)
+    rest = name[len(folder) :]
+    return name.startswith(folder) and "/" not in rest and rest.startswith("part-") and rest.endswith(".parquet")
+
+
+def is_output_of(stem: str, name: str) -> bool:
+    """Whether ``name`` (under the output) is one of this input's: its Parquet, its shard, its marker or a
+    checkpoint part. Exactly: ``a``'s are not ``a.b``'s."""
+    return name in (f"{stem}.parquet", f"{stem}.tar", marker_name(stem)) or is_checkpoint_of(stem, name)
+
+
+def name_clashes(names: list[str]) -> dict[str, str]:
+    """Inputs whose outputs would be another's (``a.tar`` and ``a.tar.gz``, ``x.csv`` and ``x.jsonl``: one
+    stem), or would sit in a checkpoint folder (``a.partial/x.tar``): name -> why. All of a clash are
+    named, whatever their order, so every shard plans alike."""
+    by_stem: dict[str, list[str]] = {}
+    for name in names:
+        by_stem.setdefault(stem_of(name), []).append(name)
+    why: dict[str, str] = {}
+    for stem, group in by_stem.items():
+        for name in group if len(group) > 1 else []:
+            others = ", ".join(repr(other) for other in group if other != name)
+            why[name] = f"its outputs ({stem}.parquet, ...) would be those of {others}: rename one of them"
+    for name in names:
+        if any(part.endswith(".partial") for part in name.split("/")[:-1]):
+            why[name] = "it is in a folder named *.partial, where the job keeps checkpoints: rename the folder"
+    return why
+
+
 class ArchiveItem:
     """A pipeline ``Item``: one sample or row of an input file, its bytes in memory, being fetched
     (``source`` is then a callable that waits for them), or refused (an exception, raised on read)."""

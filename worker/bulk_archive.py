@@ -39,8 +39,10 @@ from captionfleet.core.signals import stop_on_signals
 from captionfleet.worker.archive_files import (
     ArchiveItem,
     FileRun,
-    checkpoint_folder,
+    is_checkpoint_of,
+    is_output_of,
     marker_name,
+    name_clashes,
     read_checkpoints,
     read_marker,
     stem_of,
@@ -246,8 +248,9 @@ def plan_archive_job(
     # by the shard it hashes to: one hostile key must not fail every index of the Job.
     refused: list[str] = []
     usable: list[InputFile] = []
+    clashes = name_clashes([inp.name for inp in inputs])
     for inp in inputs:
-        why = unsafe_name(inp.name)
+        why = unsafe_name(inp.name) or clashes.get(inp.name)
         if why is None:
             usable.append(inp)
         elif options.shard.owns(inp.name):
@@ -387,8 +390,7 @@ class _ArchiveRun:
                 self.summary.retried += len(rows) - len(kept)
                 run.resume(kept)
                 return False
-        prefix = checkpoint_folder(run.stem)
-        run.old_checkpoints = sorted(name for name in existing if name.startswith(prefix))
+        run.old_checkpoints = sorted(name for name in existing if is_checkpoint_of(run.stem, name))
         rows = read_checkpoints(run.outputs, run.old_checkpoints)
         usable = [
             row
@@ -538,7 +540,7 @@ def _remove_outputs(plan: _Plan) -> None:
     stems = {stem_of(inp.name) for inp in plan.mine}
     removed = 0
     for name in sorted(plan.existing):
-        if any(name.startswith(stem + ".") for stem in stems):
+        if any(is_output_of(stem, name) for stem in stems):  # exactly: a.tar's are not a.b.tar's
             plan.outputs.delete(name)
             removed += 1
     plan.existing = set()

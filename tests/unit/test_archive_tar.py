@@ -364,3 +364,40 @@ def test_sidecars_wait_on_disk_not_in_memory_until_the_shard_is_written(tmp_path
     # The checkpoints written meanwhile hold them too (a killed run resumes with them).
     parts = sorted((tmp_path / "out" / "s.partial").glob("*.parquet"))
     assert len(parts) >= 3 and sum(len(decode_checkpoint(p.read_bytes())) for p in parts) == 400
+
+
+def test_inputs_whose_outputs_would_clash_are_refused_and_overwrite_removes_only_its_own(tmp_path: Path) -> None:
+    import gzip
+
+    from captionfleet.worker.archive_files import name_clashes
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.tar").write_bytes(shard(good_samples("x", 2)[0]))
+    (tmp_path / "in" / "a.tar.gz").write_bytes(gzip.compress(shard(good_samples("y", 2)[0])))
+    (tmp_path / "in" / "a.b.tar").write_bytes(shard(good_samples("z", 2)[0]))
+    (tmp_path / "in" / "c.tar").write_bytes(shard(good_samples("w", 2)[0]))
+    summary = run(tmp_path / "in", tmp_path / "out", input_format="tar")
+    # Both of a clash are refused, in every run alike (it used to be whichever came last, in turn).
+    assert sorted(line.split(":")[0].rsplit("/", 1)[1] for line in summary.refused) == ["a.tar", "a.tar.gz"]
+    assert "rename one of them" in summary.refused[0] and summary.files_failed
+    assert sorted(p.name for p in (tmp_path / "out").iterdir() if p.suffix == ".parquet") == [
+        "a.b.parquet",
+        "c.parquet",
+    ]
+
+    assert set(name_clashes(["x.csv", "x.jsonl", "y.csv", "a.partial/q.tar", "a.tar"])) == {
+        "x.csv",
+        "x.jsonl",
+        "a.partial/q.tar",
+    }
+
+    # --overwrite of c.tar's shard alone: a.b.tar's outputs ("a.b." starts like "a.") and c's neighbours stay.
+    (tmp_path / "in" / "a.tar.gz").unlink()
+    run(tmp_path / "in", tmp_path / "out", input_format="tar")  # a.tar now has its outputs too
+    total = next(n for n in range(2, 64) if shard_of("a.tar", n) != shard_of("a.b.tar", n))
+    mine = ShardSpec(shard_of("a.tar", total), total)
+    before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out").iterdir()}
+    again = run(tmp_path / "in", tmp_path / "out", input_format="tar", shard=mine, overwrite=True)
+    after = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out").iterdir()}
+    assert again.files_finished >= 1 and after["a.parquet"] != before["a.parquet"]
+    assert after["a.b.parquet"] == before["a.b.parquet"] and "a.b.complete.json" in after
