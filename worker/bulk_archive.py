@@ -238,8 +238,8 @@ def plan_archive_job(
                 out_bucket, out_key = parse_s3_uri(out_folder)
                 exclude = out_key if out_bucket == parse_s3_uri(source)[0] else None
             inputs = resolve_s3(source, suffixes, client, retry, exclude=exclude)
-        else:
-            inputs = resolve_local(source, suffixes)
+        else:  # a local --out inside the source folder: its outputs (webdataset shards) are not inputs
+            inputs = resolve_local(source, suffixes, exclude=None if out.startswith("s3://") else Path(out))
     except (InputError, ValueError) as error:  # ValueError: an s3:// uri that is not one (parse_s3_uri)
         raise ArchiveJobError(str(error)) from error
     except (ClientError, BotoCoreError) as error:

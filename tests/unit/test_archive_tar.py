@@ -401,3 +401,15 @@ def test_inputs_whose_outputs_would_clash_are_refused_and_overwrite_removes_only
     after = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out").iterdir()}
     assert again.files_finished >= 1 and after["a.parquet"] != before["a.parquet"]
     assert after["a.b.parquet"] == before["a.b.parquet"] and "a.b.complete.json" in after
+
+
+def test_an_output_folder_inside_the_source_folder_is_not_listed_as_input(tmp_path: Path) -> None:
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "00000.tar").write_bytes(shard(good_samples("x", 2)[0]))
+    for _ in range(3):
+        summary = run(tmp_path / "in", tmp_path / "in" / "captions", input_format="tar", out_format="webdataset")
+        assert summary.files_listed == 1  # was one more each run: the shard written the run before
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*.tar")) == [
+        "in/00000.tar",
+        "in/captions/00000.tar",
+    ]
