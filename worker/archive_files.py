@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from captionfleet.worker.archive_rows import caption_fields, decode_checkpoint, encode_checkpoint
+from captionfleet.worker.archive_spill import SidecarSpill, SpillRef
 from captionfleet.worker.connectors.archive_inputs import InputFile
 from captionfleet.worker.connectors.archive_outputs import Outputs
 from captionfleet.worker.messages import Result
@@ -28,6 +29,9 @@ from captionfleet.worker.messages import Result
 logger = logging.getLogger(__name__)
 
 INPUT_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".parquet", ".csv", ".jsonl", ".ndjson")
+# Rows waiting for their checkpoint are written sooner than ROWS_PER_PART when their sidecars add up to this.
+PENDING_SIDECAR_MAX_BYTES = 8 << 20
+SIDECARS = ("txt", "json")
 
 
 def stem_of(name: str) -> str:
@@ -44,6 +48,37 @@ def marker_name(stem: str) -> str:
 
 def checkpoint_folder(stem: str) -> str:
     return f"{stem}.partial/"
+
+
+def is_checkpoint_of(stem: str, name: str) -> bool:
+    """A checkpoint part of this input: directly in its folder (not an input's output further down)."""
+    folder = checkpoint_folder(stem)
+    rest = name[len(folder) :]
+    return name.startswith(folder) and "/" not in rest and rest.startswith("part-") and rest.endswith(".parquet")
+
+
+def is_output_of(stem: str, name: str) -> bool:
+    """Whether ``name`` (under the output) is one of this input's: its Parquet, its shard, its marker or a
+    checkpoint part. Exactly: ``a``'s are not ``a.b``'s."""
+    return name in (f"{stem}.parquet", f"{stem}.tar", marker_name(stem)) or is_checkpoint_of(stem, name)
+
+
+def name_clashes(names: list[str]) -> dict[str, str]:
+    """Inputs whose outputs would be another's (``a.tar`` and ``a.tar.gz``, ``x.csv`` and ``x.jsonl``: one
+    stem), or would sit in a checkpoint folder (``a.partial/x.tar``): name -> why. All of a clash are
+    named, whatever their order, so every shard plans alike."""
+    by_stem: dict[str, list[str]] = {}
+    for name in names:
+        by_stem.setdefault(stem_of(name), []).append(name)
+    why: dict[str, str] = {}
+    for stem, group in by_stem.items():
+        for name in group if len(group) > 1 else []:
+            others = ", ".join(repr(other) for other in group if other != name)
+            why[name] = f"its outputs ({stem}.parquet, ...) would be those of {others}: rename one of them"
+    for name in names:
+        if any(part.endswith(".partial") for part in name.split("/")[:-1]):
+            why[name] = "it is in a folder named *.partial, where the job keeps checkpoints: rename the folder"
+    return why
 
 
 class ArchiveItem:
@@ -102,6 +137,7 @@ class FileRun:
         run_id: str,
         rows_per_part: int,
         on_finished: Callable[[FileRun], None],
+        spill_dir: Path | None = None,
     ) -> None:
         self.inp = inp
         self.stem = stem_of(inp.name)
@@ -109,7 +145,11 @@ class FileRun:
         self.run_id = run_id
         self.rows_per_part = rows_per_part
         self.on_finished = on_finished
-        self.rows: dict[str, dict[str, Any]] = {}  # id -> its row (checkpoint shape)
+        # id -> its row (checkpoint shape) without its sidecars, which wait in the spill (ids in _sidecars).
+        self.rows: dict[str, dict[str, Any]] = {}
+        self._spill = SidecarSpill(spill_dir)
+        self._sidecars: dict[str, SpillRef] = {}
+        self._pending_bytes = 0
         self.resumed = 0
         self.old_checkpoints: list[str] = []  # parts of earlier runs (listed at planning)
         self.checkpoints_written: list[str] = []
@@ -127,8 +167,18 @@ class FileRun:
 
     def resume(self, rows: list[dict[str, Any]]) -> None:
         for row in rows:
-            self.rows[str(row["id"])] = row
+            self._keep(str(row["id"]), row)
         self.resumed = len(self.rows)
+
+    def _keep(self, item_id: str, row: dict[str, Any]) -> int:
+        """The row in ``rows``, its sidecars spilled to disk; returns their size."""
+        ref = self._spill.put(*(row.get(name) for name in SIDECARS))
+        if ref is None:
+            self._sidecars.pop(item_id, None)
+        else:
+            self._sidecars[item_id] = ref
+        self.rows[item_id] = {**row, **dict.fromkeys(SIDECARS)}
+        return 0 if ref is None else ref[1]
 
     def has_row(self, item_id: str) -> bool:
         with self._lock:
@@ -147,12 +197,12 @@ class FileRun:
             **caption_fields(result),
         }
         with self._lock:
-            self.rows[item.id] = row
-            self._pending.append(row)
+            self._pending_bytes += self._keep(item.id, row)
+            self._pending.append(row)  # whole, until its checkpoint is written
             self._received += 1
             if result.error_kind:
                 self.new_failures[result.error_kind] += 1
-            flush = len(self._pending) >= self.rows_per_part
+            flush = len(self._pending) >= self.rows_per_part or self._pending_bytes >= PENDING_SIDECAR_MAX_BYTES
             finished = self._finished()
         if flush:
             self.flush()
@@ -174,7 +224,7 @@ class FileRun:
     def flush(self) -> None:
         """Write the rows not yet in a checkpoint as one whole part."""
         with self._lock:
-            rows, self._pending = self._pending, []
+            rows, self._pending, self._pending_bytes = self._pending, [], 0
             if not rows:
                 return
             self._parts += 1
@@ -184,8 +234,18 @@ class FileRun:
             self.checkpoints_written.append(name)
 
     def ordered_rows(self) -> list[dict[str, Any]]:
+        """Every row in the file's order, without its sidecars (``txt``, ``json`` None): see ``with_sidecars``."""
         with self._lock:
             return sorted(self.rows.values(), key=lambda row: int(row["position"]))
+
+    def with_sidecars(self, row: dict[str, Any]) -> dict[str, Any]:
+        """``row`` (from ``ordered_rows``) with its sidecars read back from the spill."""
+        txt, meta = self._spill.get(self._sidecars.get(str(row["id"])))
+        return {**row, "txt": txt, "json": meta}
+
+    def close(self) -> None:
+        """The file is done with (its outputs written, or the run ends): the spill goes."""
+        self._spill.close()
 
     def counts(self) -> dict[str, Any]:
         kinds = Counter(str(row["error_kind"]) for row in self.rows.values() if row["error_kind"])

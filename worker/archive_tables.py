@@ -40,18 +40,25 @@ from captionfleet.worker.fetch import Fetcher
 logger = logging.getLogger(__name__)
 
 BATCH_ROWS = 1024
+# Images inside Parquet are read one row group at a time, only their column: Arrow's reader decodes a row
+# group's column whole whatever the batch size asked. A row group whose images are larger than this (by
+# the file's metadata) is not read: its rows are too_large, and the message says to write smaller ones.
+# Arrow holds about twice a row group while reading it; Hugging Face writes image datasets 100 rows a group.
+ROW_GROUP_IMAGE_MAX_BYTES = 512 << 20
 DEFAULT_URI_COLUMNS = ("url", "uri")
 DEFAULT_PROMPT_COLUMN = "prompt"
 # What a damaged or unreadable table raises while it is read: the file is reported, the run goes on.
 _TABLE_ERRORS = (pa.ArrowException, OSError, ValueError)
 
 
-def open_batches(path: Path) -> Iterator[pa.RecordBatch]:
+def open_batches(
+    path: Path, columns: list[str] | None = None, batch_size: int = BATCH_ROWS
+) -> Iterator[pa.RecordBatch]:
     """The file's rows in record batches, by its suffix; CSV columns are read as text (types guessed from
-    a first block would refuse a later row)."""
+    a first block would refuse a later row). ``columns`` (Parquet only; ``a.b`` a struct's field): only those."""
     lower = path.name.lower()
     if lower.endswith(".parquet"):
-        yield from pq.ParquetFile(path).iter_batches(batch_size=BATCH_ROWS)
+        yield from pq.ParquetFile(path).iter_batches(batch_size=batch_size, columns=columns)
     elif lower.endswith(".csv"):
         names = pacsv.open_csv(path).schema.names
         types = {name: pa.string() for name in names}
@@ -66,6 +73,25 @@ def schema_of(path: Path) -> pa.Schema:
     for batch in open_batches(path):
         return batch.schema
     return pa.schema([])
+
+
+def _column_bytes(group: pq.RowGroupMetaData, column: str) -> int:
+    """The uncompressed bytes of a top-level column (every leaf of a struct) in one row group."""
+    chunks = (group.column(c) for c in range(group.num_columns))
+    return sum(chunk.total_uncompressed_size for chunk in chunks if chunk.path_in_schema.split(".")[0] == column)
+
+
+def output_columns(schema: pa.Schema, column: str) -> list[str]:
+    """Every column but the image's bytes (its ``path`` kept, when it has one): what the output needs."""
+    names = []
+    for name in schema.names:
+        if name != column:
+            names.append(name)
+            continue
+        kind = schema.field(name).type
+        if pa.types.is_struct(kind) and kind.get_field_index("path") >= 0:
+            names.append(f"{name}.path")
+    return names
 
 
 def image_column_kind(schema: pa.Schema, column: str) -> str | None:
@@ -96,10 +122,12 @@ class TableRows:
         fetch_concurrency: int,
         prompt_column: str | None = None,
         default_prompt_column: bool = True,
+        max_bytes: int = 0,
     ) -> None:
         """``prompt_column``: the column of per-row prompts (named by the user: a file without it is refused);
         None: ``prompt`` when the file has one and ``default_prompt_column`` (the model takes prompts)."""
         self.kind = kind
+        self.max_bytes = max_bytes  # images inside Parquet: a longer value is too_large, never copied
         self.reader = reader
         self.fetcher = fetcher
         self.workdir = workdir
@@ -177,11 +205,11 @@ class TableRows:
             yield from self._uri_rows(run, path, column, prompts)
 
     def _positions(self, run: FileRun, path: Path, column: str, prompts: str | None) -> Iterator[tuple[int, Any, Any]]:
-        """(row number, the column's value, the prompt column's value or None) of every row, reporting a
-        table that breaks off."""
+        """(row number, the column's value, the prompt column's value or None) of every row (a manifest's uris;
+        of a Parquet one only those columns are read), reporting a table that breaks off."""
         position = 0
         try:
-            for batch in open_batches(path):
+            for batch in open_batches(path, [column] if prompts is None else [column, prompts]):
                 values = batch.column(batch.schema.get_field_index(column)).to_pylist()
                 if prompts is None:
                     cells: list[Any] = [None] * len(values)
@@ -203,17 +231,16 @@ class TableRows:
 
     def _image_rows(self, run: FileRun, path: Path, column: str, prompts: str | None) -> Iterator[ArchiveItem]:
         yielded = 0
-        for position, value, cell in self._positions(run, path, column, prompts):
+        for position, data, name, cell in self._images(run, path, column, prompts):
             item_id = str(position)
             if run.has_row(item_id):
                 continue
-            data, name = (value.get("bytes"), value.get("path")) if isinstance(value, dict) else (value, None)
             prompt = self._row_prompt(position, cell, prompts)
             source: bytes | BaseException
-            if isinstance(prompt, FetchError):
+            if isinstance(prompt, FetchError):  # the row's prompt is refused: it fails alone
                 source, prompt = prompt, None
-            elif data:
-                source = bytes(data)
+            elif isinstance(data, BaseException) or data:  # a refusal, or the bytes
+                source = data
             elif data is None and name:
                 source = ImageError("empty", f"row {position} has no image bytes, only the path {name!r}")
             else:
@@ -222,6 +249,59 @@ class TableRows:
             yielded += 1
             yield ArchiveItem(run, item_id, uri, position, source, {"image_member": name}, prompt=prompt)
         run.source_done(yielded, run.broken)
+
+    def _images(
+        self, run: FileRun, path: Path, column: str, prompts: str | None
+    ) -> Iterator[tuple[int, bytes | BaseException | None, str | None, Any]]:
+        """(row number, its image's bytes or why not, its path, its prompt cell) of every row: only the image
+        (and prompt) column is read, a row group at a time, and a value over the limit is refused by its
+        length, never copied."""
+        position = 0
+        try:
+            file = pq.ParquetFile(path)
+            for group in range(file.num_row_groups):
+                size = _column_bytes(file.metadata.row_group(group), column)
+                if size > ROW_GROUP_IMAGE_MAX_BYTES:
+                    why = (
+                        f"row group {group} holds {size} bytes of images (over {ROW_GROUP_IMAGE_MAX_BYTES}): not read; "
+                        "write the file with smaller row groups (pyarrow's row_group_size)"
+                    )
+                    names = self._paths(file, group, column)
+                    for name in names:
+                        yield position, ImageError("too_large", why), name, None
+                        position += 1
+                    continue
+                columns = [column] if prompts is None else [column, prompts]
+                for batch in file.iter_batches(batch_size=BATCH_ROWS, row_groups=[group], columns=columns):
+                    cells: list[Any] = [None] * batch.num_rows if prompts is None else batch.column(1).to_pylist()
+                    for (data, name), cell in zip(self._values(batch.column(0)), cells, strict=True):
+                        yield position, data, name, cell
+                        position += 1
+        except _TABLE_ERRORS as error:
+            run.broken = f"unreadable after row {position}: {error}"
+
+    def _values(self, values: pa.Array) -> Iterator[tuple[bytes | BaseException | None, str | None]]:
+        """Each row's bytes (copied one at a time) or its refusal, and its path."""
+        names: list[Any] = [None] * len(values)
+        if pa.types.is_struct(values.type):
+            if values.type.get_field_index("path") >= 0:
+                names = pc.struct_field(values, "path").to_pylist()
+            values = pc.struct_field(values, "bytes")
+        for i, length in enumerate(pc.binary_length(values).to_pylist()):
+            if self.max_bytes and length is not None and length > self.max_bytes:
+                why = f"{length} bytes exceeds the limit of {self.max_bytes} bytes (WORKER_IMAGES__MAX_BYTES)"
+                yield ImageError("too_large", why), names[i]
+            else:
+                yield values[i].as_py(), names[i]
+
+    def _paths(self, file: pq.ParquetFile, group: int, column: str) -> list[Any]:
+        """The paths of a row group's images (None each when the column has none), without their bytes."""
+        kind = file.schema_arrow.field(column).type
+        if pa.types.is_struct(kind) and kind.get_field_index("path") >= 0:
+            table = file.read_row_group(group, columns=[f"{column}.path"])
+            paths: list[Any] = pc.struct_field(table.column(0).combine_chunks(), "path").to_pylist()
+            return paths
+        return [None] * file.metadata.row_group(group).num_rows
 
     def _uri_rows(self, run: FileRun, path: Path, column: str, prompts: str | None) -> Iterator[ArchiveItem]:
         """Rows with their uris fetched ahead in a pool (latency, not CPU), at most twice the pool's size."""
@@ -281,11 +361,13 @@ class TableRows:
         path = self._local(run)
         results = {int(row["position"]): row for row in run.ordered_rows()}
         name = f"{run.stem}.parquet"
+        images = run.format_name == "parquet-images"
+        # The images' bytes stay in the dataset: not read again for an output that leaves them out.
+        columns = output_columns(pq.read_schema(path), self.image_column) if images else None
         with tempfile.NamedTemporaryFile(dir=workdir, suffix=".parquet") as tmp:
             writer: pq.ParquetWriter | None = None
             position = 0
-            for batch in open_batches(path):
-                images = run.format_name == "parquet-images"
+            for batch in open_batches(path, columns):
                 table = self._with_captions(pa.Table.from_batches([batch]), results, position, images=images)
                 position += batch.num_rows
                 if writer is None:
@@ -301,7 +383,7 @@ class TableRows:
     def _with_captions(
         self, table: pa.Table, results: dict[int, dict[str, Any]], start: int, *, images: bool
     ) -> pa.Table:
-        if images:  # the picture's bytes stay in the dataset; its path (when it has one) comes along
+        if images and self.image_column in table.column_names:  # its path (when it has one) comes along
             column = self.image_column
             kind = table.schema.field(column).type
             index = table.schema.get_field_index(column)

@@ -21,7 +21,7 @@ from captionfleet.core.failures import MALFORMED, FetchError, ImageError
 from captionfleet.worker.archive_files import ArchiveItem, FileRun
 from captionfleet.worker.archive_rows import CAPTION_FIELDS
 from captionfleet.worker.connectors.archive_inputs import InputReader
-from captionfleet.worker.connectors.tar_samples import Sample, TarReport, iter_samples, safe_name
+from captionfleet.worker.connectors.tar_samples import Sample, TarReport, iter_samples, printable, safe_name
 
 TAR_ROWS = pa.schema(
     [
@@ -33,6 +33,10 @@ TAR_ROWS = pa.schema(
         *CAPTION_FIELDS,
     ]
 )
+
+
+# Output rows built (sidecars read back) and written at a time: at most this many sidecars in memory.
+_WRITE_BATCH = 512
 
 
 class TarShards:
@@ -75,7 +79,9 @@ class TarShards:
             return ArchiveItem(run, item_id, uri, sample.position, refusal, extra)
         seen.add(sample.key)
         source: bytes | BaseException
-        if image is None:
+        if sample.refusal is not None:
+            source = sample.refusal
+        elif image is None:
             kinds = ", ".join(sorted({m.ext or "(none)" for m in sample.members}))
             source = ImageError("not_an_image", f"sample {sample.key[:200]!r} has no picture, only: {kinds}")
         elif image.refusal is not None:
@@ -88,17 +94,19 @@ class TarShards:
     # -- outputs ---------------------------------------------------------------------------------------
 
     def write_outputs(self, run: FileRun, workdir: Path) -> list[str]:
-        rows = [
-            {"key": row["id"], "source": run.inp.uri, **{name: row[name] for name in TAR_ROWS.names[2:]}}
-            for row in run.ordered_rows()
-        ]
+        rows = run.ordered_rows()  # without their sidecars: those are read back a batch at a time
+        source = printable(run.inp.uri)
         written = []
         with tempfile.NamedTemporaryFile(dir=workdir, suffix=".parquet") as tmp:
-            pq.write_table(pa.Table.from_pylist(rows, schema=TAR_ROWS), tmp.name, compression="zstd")
+            with pq.ParquetWriter(tmp.name, TAR_ROWS, compression="zstd") as writer:
+                for start in range(0, len(rows), _WRITE_BATCH):
+                    batch = [run.with_sidecars(row) for row in rows[start : start + _WRITE_BATCH]]
+                    out = [{"key": r["id"], "source": source, **{n: r[n] for n in TAR_ROWS.names[2:]}} for r in batch]
+                    writer.write_table(pa.Table.from_pylist(out, schema=TAR_ROWS))
             run.outputs.put_file(f"{run.stem}.parquet", Path(tmp.name))
         written.append(f"{run.stem}.parquet")
         if self.webdataset:
-            by_key = {row["key"]: row for row in rows}
+            by_key = {row["id"]: row for row in rows}  # the caption fields; the sidecars come from the shard
             with tempfile.NamedTemporaryFile(dir=workdir, suffix=".tar") as tmp:
                 self._write_shard(run, by_key, Path(tmp.name))
                 run.outputs.put_file(f"{run.stem}.tar", Path(tmp.name))
@@ -131,8 +139,8 @@ class TarShards:
             limit = self.max_bytes  # sidecars too are copied whole, up to the images' limit
             for sample in iter_samples(stream, max_bytes=limit, report=TarReport(), sidecar_max_bytes=limit):
                 row = by_key.get(sample.key)
-                if row is None or sample.key in written or not safe_name(sample.key):
-                    continue
+                if row is None or sample.key in written or not safe_name(sample.key) or sample.key_escaped:
+                    continue  # an escaped key is not the sample's name: its caption would pair with nothing
                 written.add(sample.key)
                 original_txt = None
                 original_json = None

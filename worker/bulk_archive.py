@@ -40,8 +40,10 @@ from captionfleet.core.signals import stop_on_signals
 from captionfleet.worker.archive_files import (
     ArchiveItem,
     FileRun,
-    checkpoint_folder,
+    is_checkpoint_of,
+    is_output_of,
     marker_name,
+    name_clashes,
     read_checkpoints,
     read_marker,
     stem_of,
@@ -58,6 +60,7 @@ from captionfleet.worker.connectors.archive_inputs import (
     InputReadError,
     resolve_local,
     resolve_s3,
+    unsafe_name,
 )
 from captionfleet.worker.connectors.archive_outputs import LocalOutputs, Outputs, S3Outputs
 from captionfleet.worker.fetch import Fetcher
@@ -124,12 +127,18 @@ class ArchiveSummary(BulkSummary):
     files_finished: int = 0  # completed by this run
     unfinished: list[str] = field(default_factory=list)  # files this run could not read to their end
     broken: list[str] = field(default_factory=list)  # "uri: why" of files that end early or are not archives
+    refused: list[str] = field(default_factory=list)  # "uri: why" of files not read at all (an unsafe name)
     retried: int = 0  # failure rows re-run by retry_failed
     output: str = ""
 
     @property
     def complete(self) -> bool:
         return not self.interrupted and not self.unfinished
+
+    @property
+    def files_failed(self) -> bool:
+        """Input files that ended early or were refused: the run finished, but not everything was read (exit 3)."""
+        return bool(self.broken or self.refused)
 
     def lines(self) -> list[str]:
         lines = super().lines()
@@ -142,6 +151,8 @@ class ArchiveSummary(BulkSummary):
             lines.append(f"failures retried: {self.retried}")
         for broken in self.broken:
             lines.append(f"broken input (rows written for what could be read): {broken}")
+        for refused in self.refused:
+            lines.append(f"refused input (nothing written for it): {refused}")
         for uri in self.unfinished:
             lines.append(f"unfinished (the store failed; run again to resume): {uri}")
         lines.append(f"output: {self.output}")
@@ -175,6 +186,7 @@ class _Plan:
     mine: list[InputFile]
     outputs: Outputs
     existing: set[str]  # every name under the output, listed once
+    refused: list[str] = field(default_factory=list)  # "uri: why" of this shard's inputs whose names cannot be used
 
 
 def _client(settings: WorkerSettings) -> ObjectStore:
@@ -219,6 +231,8 @@ def plan_archive_job(
     suffixes = suffixes_for(options.input_format)
     out_folder = out if out.endswith("/") else out + "/"
     try:
+        if out.startswith("s3://"):
+            parse_s3_uri(out_folder)  # a bad --out is refused before anything is listed
         if source.startswith("s3://"):
             assert client is not None
             exclude = None
@@ -226,12 +240,24 @@ def plan_archive_job(
                 out_bucket, out_key = parse_s3_uri(out_folder)
                 exclude = out_key if out_bucket == parse_s3_uri(source)[0] else None
             inputs = resolve_s3(source, suffixes, client, retry, exclude=exclude)
-        else:
-            inputs = resolve_local(source, suffixes)
-    except InputError as error:
+        else:  # a local --out inside the source folder: its outputs (webdataset shards) are not inputs
+            inputs = resolve_local(source, suffixes, exclude=None if out.startswith("s3://") else Path(out))
+    except (InputError, ValueError) as error:  # ValueError: an s3:// uri that is not one (parse_s3_uri)
         raise ArchiveJobError(str(error)) from error
     except (ClientError, BotoCoreError) as error:
         raise access_error(error, "list", source, settings.s3.endpoint_url) from error
+    # A name that would put outputs outside --out (an S3 key with '..') is this one file's failure, reported
+    # by the shard it hashes to: one hostile key must not fail every index of the Job.
+    refused: list[str] = []
+    usable: list[InputFile] = []
+    clashes = name_clashes([inp.name for inp in inputs])
+    for inp in inputs:
+        why = unsafe_name(inp.name) or clashes.get(inp.name)
+        if why is None:
+            usable.append(inp)
+        elif options.shard.owns(inp.name):
+            refused.append(f"{inp.uri}: {why}; rename it")
+    inputs = usable
     _refuse_output_among_inputs(out_folder, inputs, options)
     outputs: Outputs
     if out.startswith("s3://"):
@@ -244,7 +270,7 @@ def plan_archive_job(
     except (ClientError, BotoCoreError) as error:
         raise access_error(error, "list the output folder", outputs.uri(), settings.s3.endpoint_url) from error
     mine = [inp for inp in inputs if options.shard.owns(inp.name)]
-    return _Plan(settings, options, client, retry, inputs, mine, outputs, existing)
+    return _Plan(settings, options, client, retry, inputs, mine, outputs, existing, refused)
 
 
 def _refuse_output_among_inputs(out_folder: str, inputs: list[InputFile], options: ArchiveOptions) -> None:
@@ -329,6 +355,7 @@ class _ArchiveRun:
                 run_id=self.run_id,
                 rows_per_part=self.plan.settings.bulk.rows_per_part,
                 on_finished=self._finished,
+                spill_dir=self.workdir,
             )
             fmt = self.formats(inp)
             if self._already_done(run, fmt):
@@ -365,8 +392,7 @@ class _ArchiveRun:
                 self.summary.retried += len(rows) - len(kept)
                 run.resume(kept)
                 return False
-        prefix = checkpoint_folder(run.stem)
-        run.old_checkpoints = sorted(name for name in existing if name.startswith(prefix))
+        run.old_checkpoints = sorted(name for name in existing if is_checkpoint_of(run.stem, name))
         rows = read_checkpoints(run.outputs, run.old_checkpoints)
         usable = [
             row
@@ -386,7 +412,10 @@ class _ArchiveRun:
 
     def _finish(self, run: FileRun) -> None:
         fmt = self.formats(run.inp)
-        written = fmt.write_outputs(run, self.workdir)
+        try:
+            written = fmt.write_outputs(run, self.workdir)
+        finally:
+            run.close()
         name = run.format_name or fmt.name
         write_marker(run, fmt=name, outputs_written=written, model_version=self.captioner.version)
         if run.local_path is not None and run.inp.is_s3:
@@ -429,11 +458,15 @@ def run_archive_job(
 ) -> ArchiveSummary:
     """Caption this shard's input files under ``source`` into outputs under ``out``, resuming what
     earlier runs did. Raises ArchiveJobError / S3AccessError (messages name the fix) before writing
-    anything when the source or the output cannot be used."""
+    anything when the source or the output cannot be used. Any other exception is a bug, not a usage
+    error: the front ends let it through (exit 1, which the Job retries) rather than fail the Job."""
     from captionfleet.worker.connectors.s3_parts import new_run_id
 
     plan = plan_archive_job(source, out, settings, options, client)
-    captioner = captioner or load_captioner(settings)
+    try:
+        captioner = captioner or load_captioner(settings)
+    except ValueError as error:  # a model setting no retry can fix (the front ends exit 2 on ArchiveJobError)
+        raise ArchiveJobError(f"the model cannot be loaded: {error}") from error
     if options.prompt_column is not None and not takes_prompt(captioner.family):
         raise ArchiveJobError(
             f"--prompt-column {options.prompt_column}: the model {captioner.version} ({captioner.family}) takes no "
@@ -450,7 +483,10 @@ def run_archive_job(
         files_listed=len(plan.inputs),
         files_in_shard=len(plan.mine),
         output=plan.outputs.uri(),
+        refused=list(plan.refused),
     )
+    for line in plan.refused:
+        logger.error("input refused: %s", line)
     progress = ArchiveProgress(len(plan.mine), sum(inp.size for inp in plan.mine))
     bar = ProgressBar(progress, show_progress)
 
@@ -512,7 +548,7 @@ def _remove_outputs(plan: _Plan) -> None:
     stems = {stem_of(inp.name) for inp in plan.mine}
     removed = 0
     for name in sorted(plan.existing):
-        if any(name.startswith(stem + ".") for stem in stems):
+        if any(is_output_of(stem, name) for stem in stems):  # exactly: a.tar's are not a.b.tar's
             plan.outputs.delete(name)
             removed += 1
     plan.existing = set()
@@ -541,5 +577,6 @@ def _formats(plan: _Plan, workdir: Path, *, takes_prompts: bool) -> Callable[[In
         fetch_concurrency=settings.fetch.concurrency,
         prompt_column=options.prompt_column,
         default_prompt_column=takes_prompts,  # a "prompt" column a model without prompts cannot use is left be
+        max_bytes=settings.images.max_bytes,
     )
     return lambda inp: table

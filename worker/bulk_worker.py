@@ -110,8 +110,13 @@ def run_bulk_worker(settings: WorkerSettings, source: str, out: str, input_forma
         except S3AccessError as error:
             print(f"error: {error}", file=sys.stderr)
             return exit_for_access_error(error)
-        except (S3JobError, ArchiveJobError, ValueError) as error:
+        except (S3JobError, ArchiveJobError) as error:
             print(f"error: {error}", file=sys.stderr)
+            return EXIT_USAGE
+        except ValueError as error:
+            if archive:
+                raise  # the archive job names its usage errors (ArchiveJobError); this one is a bug: exit 1, retried
+            print(f"error: {error}", file=sys.stderr)  # the S3 job's bad uri (parse_s3_uri)
             return EXIT_USAGE
         for line in summary.lines():
             log.info("%s", line)
@@ -122,7 +127,7 @@ def run_bulk_worker(settings: WorkerSettings, source: str, out: str, input_forma
         if getattr(summary, "unfinished", None):
             log.error("some input files could not be read to their end: run again to resume")
             return EXIT_TEMPFAIL
-        return EXIT_SOME_FAILED if summary.failed or getattr(summary, "broken", None) else EXIT_OK
+        return EXIT_SOME_FAILED if summary.failed or getattr(summary, "files_failed", False) else EXIT_OK
     finally:
         if server is not None:
             server.close()

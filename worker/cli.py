@@ -213,29 +213,35 @@ def _caption_archive(args: argparse.Namespace, settings: WorkerSettings, input_f
         return EXIT_USAGE
     try:
         shard = resolve_shard(args.shard, settings.shard, load_kubernetes_job_env().job_completion_index)
-        options = ArchiveOptions(
-            input_format=input_format,
-            out_format=args.out_format or "parquet",
-            shard=shard,
-            retry_failed=None if args.retry_failed is None else frozenset(args.retry_failed),
-            any_model_version=args.any_model_version,
-            overwrite=args.overwrite,
-            uri_column=args.uri_column,
-            image_column=args.image_column or "image",
-            prompt_column=args.prompt_column,
-        )
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    options = ArchiveOptions(
+        input_format=input_format,
+        out_format=args.out_format or "parquet",
+        shard=shard,
+        retry_failed=None if args.retry_failed is None else frozenset(args.retry_failed),
+        any_model_version=args.any_model_version,
+        overwrite=args.overwrite,
+        uri_column=args.uri_column,
+        image_column=args.image_column or "image",
+        prompt_column=args.prompt_column,
+    )
+    try:
         summary = run_archive_job(args.src, args.out, settings, options=options, show_progress=not args.no_progress)
     except S3AccessError as error:
         print(f"error: {error}", file=sys.stderr)
         return exit_for_access_error(error)
-    except (SettingsError, ArchiveJobError, ModelRefError, ValueError) as error:
+    except (SettingsError, ArchiveJobError, ModelRefError) as error:
+        # Only these are usage errors (exit 2 fails the whole Indexed Job): anything else raised while the
+        # files are read is a bug or a fault of the moment, and exits 1 so the Job retries the index.
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USAGE
     code = _report(summary, "outputs", summary.output)
     if code in (EXIT_OK, EXIT_SOME_FAILED) and summary.unfinished:
         print("some input files could not be read to their end: run the same command again to resume", file=sys.stderr)
         return EXIT_TEMPFAIL
-    if code == EXIT_OK and summary.broken:
+    if code == EXIT_OK and summary.files_failed:
         return EXIT_SOME_FAILED
     return code
 

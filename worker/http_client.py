@@ -4,7 +4,9 @@ manifests of urls.
 Every request names us (``WORKER_FETCH__USER_AGENT``); at most ``per_host_concurrency`` requests go to
 one host at once; each attempt has one deadline for connecting, redirects and the whole body (a host
 dripping a byte at a time cannot hold a slot for long); bodies over the byte limit are refused by their
-declared length or cut off one byte past it. Redirects are followed by hand, each one held to the same
+declared length or cut off one byte past it. Bodies are asked for unencoded (``Accept-Encoding: identity``)
+and read raw: a host that gzips anyway is decoded under the same limit, one layer at most, so 500 bytes of
+nested gzip cannot become gigabytes in memory. Redirects are followed by hand, each one held to the same
 allowed-hosts rule as the first url (worker/http_hosts.py). An image whose host says ``X-Robots-Tag:
 noai`` or ``noimageai`` (for everyone, or for our user agent) is not read: kind ``opted_out``.
 Timeouts, dropped connections, 429 and 5xx are worth another attempt (``TransientFetchError``).
@@ -14,8 +16,10 @@ from __future__ import annotations
 
 import threading
 import time
+import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import replace
+from typing import Any
 from urllib.parse import urljoin
 
 import httpx
@@ -35,6 +39,9 @@ from captionfleet.core.failures import (
 from captionfleet.core.s3 import RetryPolicy
 from captionfleet.core.settings import FetchSettings, split_host_port
 from captionfleet.worker.http_hosts import address, host_allowed
+
+# Content-Encodings decoded (under the byte limit) when a host sends one although we asked for identity.
+_DECODABLE = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
 
 # The X-Robots-Tag directives with which sites opt their images out of AI datasets (as img2dataset honours them).
 OPT_OUT_DIRECTIVES = frozenset({"noai", "noimageai"})
@@ -77,7 +84,8 @@ class HttpFetcher:
         self._client = httpx.Client(
             follow_redirects=False,  # each hop is checked against the allowed hosts first
             timeout=httpx.Timeout(settings.read_timeout_s, connect=settings.connect_timeout_s),
-            headers={"User-Agent": settings.user_agent},
+            # identity: an image gains nothing from gzip, and httpx's own decoders have no size bound.
+            headers={"User-Agent": settings.user_agent, "Accept-Encoding": "identity"},
             limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
             trust_env=False,  # no proxy from the environment: the allow-list is about where requests go
             transport=transport,
@@ -164,14 +172,42 @@ class HttpFetcher:
         declared = int(response.headers.get("content-length") or 0)
         if declared > self.max_bytes:
             raise FetchError(TOO_LARGE, f"{declared} bytes exceeds the limit of {self.max_bytes} bytes")
+        decoder = _decoder(url, response.headers.get_list("content-encoding"))
         chunks: list[bytes] = []
-        size = 0
+        size = received = 0
         # Checked after every chunk: httpx's read timeout bounds each receive, not the whole body.
-        for chunk in response.iter_bytes():
+        for raw in response.iter_raw():  # raw: httpx would decode every layer, unbounded
+            received += len(raw)
+            chunk = raw if decoder is None else _decode(decoder, raw, self.max_bytes - size)
             chunks.append(chunk)
             size += len(chunk)
-            if size > self.max_bytes:
+            if size > self.max_bytes or received > self.max_bytes:
                 raise FetchError(TOO_LARGE, f"more than {self.max_bytes} bytes")
             if self._clock() > deadline:
                 raise TransientFetchError(TIMEOUT, f"body not received within {self._deadline_s:g}s")
         return b"".join(chunks)
+
+
+def _decoder(url: str, values: list[str]) -> Any:
+    """A zlib decoder for the one encoding a host applied although we asked for none, or None (identity).
+    Several layers, or one we do not decode, are refused: no image needs them."""
+    codings = [
+        c.strip().lower() for value in values for c in value.split(",") if c.strip().lower() not in ("", "identity")
+    ]
+    if not codings:
+        return None
+    if len(codings) > 1 or codings[0] not in _DECODABLE:
+        raise FetchError(
+            FETCH_FAILURE,
+            f"{url}: the body is sent with Content-Encoding {', '.join(codings)} although identity was asked for: "
+            "refused (only one gzip or deflate layer is decoded)",
+        )
+    return zlib.decompressobj(_DECODABLE[codings[0]])
+
+
+def _decode(decoder: Any, data: bytes, room: int) -> bytes:
+    """At most ``room + 1`` decoded bytes of ``data`` (one past the limit is enough to refuse it)."""
+    try:
+        return decoder.decompress(data, max(room, 0) + 1)
+    except zlib.error as error:
+        raise FetchError(FETCH_FAILURE, f"the body's Content-Encoding does not decode: {error}") from error

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from tests.unit.test_archive_tar import latin1_shard
 from tests.webdataset_shards import good_samples, hostile_shard, shard
 
 
@@ -47,3 +48,18 @@ def test_bad_archive_input_is_one_clear_error(tiny_checkpoint: Path, tmp_path: P
     flag = caption(tmp_path / "shards" / "000.tar", "--out", tmp_path / "out", "--suffix", ".jpg")
     assert flag.returncode == 2 and "not archives" in flag.stderr
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("*.parquet"))
+
+
+def test_a_member_name_that_is_not_utf8_is_a_failure_row_not_a_usage_error(
+    tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    # Exit 2 fails the whole Indexed Job: a name in one shard must not, on every index and every rerun.
+    (tmp_path / "00000.tar").write_bytes(latin1_shard())
+    done = caption(tmp_path / "00000.tar", "--out", tmp_path / "out", "--model", tiny_checkpoint)
+    assert done.returncode == 3, done.stderr
+    rows = pq.read_table(tmp_path / "out" / "00000.parquet").to_pylist()
+    assert [(row["key"], row["error_kind"]) for row in rows] == [
+        ("good", None),
+        ("caf\\xe9", "malformed"),
+        ("tail", None),
+    ]

@@ -115,3 +115,70 @@ def test_a_shard_that_cannot_be_read_to_its_end_is_unfinished_and_keeps_its_rows
     parts = sorted((tmp_path / "out" / "0.partial").glob("*.parquet"))
     keys = {row["id"] for part in parts for row in decode_checkpoint(part.read_bytes())}
     assert {"k0000", "k0001", "k0002"} <= keys  # what was read is kept for the rerun
+
+
+class KeyStore:
+    """Objects by key in one bucket; listing by prefix, whole GETs."""
+
+    def __init__(self, objects: dict[str, bytes]) -> None:
+        self.objects = objects
+
+    def list_objects_v2(self, **kwargs: Any) -> Any:
+        found = [
+            {"Key": key, "ETag": f'"{len(data)}"', "Size": len(data)}
+            for key, data in sorted(self.objects.items())
+            if key.startswith(kwargs["Prefix"])
+        ]
+        return {"Contents": found, "IsTruncated": False}
+
+    def get_object(self, **kwargs: Any) -> Any:
+        return {"Body": io.BytesIO(self.objects[kwargs["Key"]])}
+
+    def put_object(self, **kwargs: Any) -> Any:
+        body = kwargs["Body"]
+        self.objects[kwargs["Key"]] = body if isinstance(body, bytes) else body.read()
+
+    def delete_object(self, **kwargs: Any) -> Any:
+        self.objects.pop(kwargs["Key"], None)
+
+
+def test_an_input_named_with_dotdot_is_refused_and_nothing_lands_outside_out(tmp_path: Any) -> None:
+    from captionfleet.core.settings import WorkerSettings
+    from captionfleet.worker.bulk_archive import ArchiveOptions, run_archive_job
+    from tests.unit.test_s3_retry import FakeCaptioner
+    from tests.webdataset_shards import good_samples, shard
+
+    data = shard(good_samples("k", 2)[0])
+    store = KeyStore({"shards/00000.tar": data, "shards/../../../escaped/pwn.tar": data, "shards/a\\b.tar": data})
+    out = tmp_path / "deep" / "er" / "out"
+    (tmp_path / "escaped").mkdir()
+    (tmp_path / "escaped" / "pwn.parquet").write_bytes(b"someone else's")  # what --overwrite must not delete
+    for overwrite in (False, True):
+        summary = run_archive_job(
+            "s3://bucket/shards/",
+            str(out),
+            WorkerSettings(batch={"max_items": 2, "max_wait_ms": 5}),  # type: ignore[arg-type]
+            options=ArchiveOptions(input_format="tar", overwrite=overwrite),
+            show_progress=False,
+            captioner=FakeCaptioner(),  # type: ignore[arg-type]
+            client=store,  # type: ignore[arg-type]
+        )
+        assert summary.files_listed == 1 and (summary.files_finished or summary.files_done_before) == 1
+        assert len(summary.refused) == 2 and "'..' segment" in summary.refused[0] and summary.files_failed
+        assert any("refused input" in line and "pwn.tar" in line for line in summary.lines())
+    assert sorted(p.name for p in (tmp_path / "escaped").iterdir()) == ["pwn.parquet"]
+    assert sorted(p.name for p in out.iterdir()) == ["00000.complete.json", "00000.parquet"]
+
+
+def test_outputs_refuse_names_outside_their_folder(tmp_path: Any) -> None:
+    from captionfleet.worker.connectors.archive_outputs import LocalOutputs, S3Outputs, UnsafeOutputName
+
+    local = LocalOutputs(tmp_path / "out")
+    s3 = S3Outputs(KeyStore({}), "s3://bucket/out/", RetryPolicy(attempts=1))  # type: ignore[arg-type]
+    for name in ("../x.parquet", "a/../../x.parquet", "/etc/x", "a\\..\\x"):
+        for outputs in (local, s3):
+            with pytest.raises(UnsafeOutputName):
+                outputs.put_bytes(name, b"x")
+            with pytest.raises(UnsafeOutputName):
+                outputs.delete(name)
+    assert not list(tmp_path.rglob("x*"))

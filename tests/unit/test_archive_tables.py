@@ -4,6 +4,7 @@ JSONL, Parquet), with a model that answers at once. The http side is in tests/in
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -108,3 +109,78 @@ def test_manifests_of_file_uris_keep_their_columns(tmp_path: Path) -> None:
     run(tmp_path, src / "part-2.parquet", uri_column="link")
     rows = pq.read_table(tmp_path / "out" / "part-2.parquet").to_pylist()
     assert [row["error_kind"] for row in rows] == expected and rows[5]["key"] == "005"
+
+
+# Arrow pools counted by a test stay alive: Arrow frees a buffer into the pool it came from.
+_POOLS: list[pa.MemoryPool] = []
+
+
+def test_images_inside_parquet_are_read_a_row_group_at_a_time_and_oversized_ones_never_copied(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from captionfleet.worker import archive_tables
+
+    monkeypatch.setattr(archive_tables, "ROW_GROUP_IMAGE_MAX_BYTES", 7 << 20)
+    (tmp_path / "root").mkdir()
+    (tmp_path / "data").mkdir()
+    path = tmp_path / "data" / "d.parquet"
+
+    def group(start: int, rows: int) -> pa.Table:  # 1 MiB images that do not compress
+        images = [{"bytes": os.urandom(1 << 20), "path": f"{i}.jpg"} for i in range(start, start + rows)]
+        return pa.table({"image": images, "label": list(range(start, start + rows)), "extra": ["x" * 1000] * rows})
+
+    with pq.ParquetWriter(path, group(0, 1).schema) as writer:
+        for start in range(0, 32, 4):  # eight row groups of 4 MiB
+            table = group(start, 4)
+            if start == 4:  # one of them has a picture over the 2 MiB limit
+                huge = {"bytes": os.urandom(3 << 20), "path": "huge.jpg"}
+                table = table.set_column(0, "image", pa.array([huge, *table.column(0).to_pylist()[1:]]))
+            writer.write_table(table, row_group_size=4)
+        writer.write_table(group(32, 8), row_group_size=8)  # and one of 8 MiB: over the row group limit
+    config = settings(tmp_path)
+    config.images.max_bytes = 2 << 20
+    pool = pa.proxy_memory_pool(pa.default_memory_pool())  # counts what Arrow allocates from here on
+    _POOLS.append(pool)
+    previous = pa.default_memory_pool()
+    pa.set_memory_pool(pool)
+    try:
+        summary = run_archive_job(
+            str(path),
+            str(tmp_path / "out"),
+            config,
+            options=ArchiveOptions(input_format="parquet-images"),
+            show_progress=False,
+            captioner=FakeCaptioner(),  # type: ignore[arg-type]
+        )
+    finally:
+        pa.set_memory_pool(previous)
+    # About twice the largest row group read (its pages, then its values), never the file: 1024-row
+    # batches of every column held all 43 MiB of it, twice.
+    assert pool.max_memory() < 3 * (7 << 20)
+    rows = pq.read_table(tmp_path / "out" / "d.parquet").to_pylist()
+    assert [row["label"] for row in rows] == list(range(40)) and rows[4]["image_path"] == "huge.jpg"
+    assert rows[4]["error_kind"] == "too_large" and "exceeds the limit of 2097152" in rows[4]["error_message"]
+    late = rows[32:]
+    assert {row["error_kind"] for row in late} == {"too_large"} and "smaller row groups" in late[0]["error_message"]
+    assert [row["image_path"] for row in late] == [f"{i}.jpg" for i in range(32, 40)]
+    assert summary.failed_by_kind["too_large"] == 9 and summary.total == 40
+
+
+def test_a_plain_binary_image_column_is_left_out_of_the_output(tmp_path: Path) -> None:
+    (tmp_path / "root").mkdir()
+    (tmp_path / "data").mkdir()
+    table = pa.table({"png": pa.array([jpeg_bytes(), b"\xff\xd8\xff" + bytes(3000)], pa.binary()), "n": [1, 2]})
+    pq.write_table(table, tmp_path / "data" / "b.parquet")
+    config = settings(tmp_path)
+    config.images.max_bytes = 2000
+    summary = run_archive_job(
+        str(tmp_path / "data" / "b.parquet"),
+        str(tmp_path / "out"),
+        config,
+        options=ArchiveOptions(input_format="parquet-images", image_column="png"),
+        show_progress=False,
+        captioner=FakeCaptioner(),  # type: ignore[arg-type]
+    )
+    out = pq.read_table(tmp_path / "out" / "b.parquet")
+    assert "png" not in out.column_names and out.column("n").to_pylist() == [1, 2]
+    assert out.column("error_kind").to_pylist() == [None, "too_large"] and summary.done == 1

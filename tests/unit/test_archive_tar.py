@@ -3,8 +3,10 @@ truncated shards, WebDataset outputs, resume from checkpoints, --retry-failed, a
 
 from __future__ import annotations
 
+import io
 import json
 import tarfile
+import tracemalloc
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -15,10 +17,12 @@ import pytest
 from captionfleet.core.captioner import ModelInput
 from captionfleet.core.generation import Caption
 from captionfleet.core.settings import WorkerSettings
-from captionfleet.worker.archive_rows import encode_checkpoint
+from captionfleet.worker.archive_rows import decode_checkpoint, encode_checkpoint
 from captionfleet.worker.bulk_archive import ArchiveJobError, ArchiveOptions, run_archive_job
 from captionfleet.worker.connectors.archive_inputs import InputError, expand_braces
+from captionfleet.worker.connectors.tar_samples import MAX_SAMPLE_MEMBERS, SAMPLE_BYTES_FACTOR, TarReport, iter_samples
 from captionfleet.worker.sharding import ShardSpec, shard_of
+from tests.hostile_images import jpeg_bytes
 from tests.unit.test_s3_retry import FakeCaptioner
 from tests.webdataset_shards import Member, good_samples, hostile_shard, shard
 
@@ -217,3 +221,195 @@ def test_a_member_larger_than_the_limit_is_never_read(tmp_path: Path, monkeypatc
     monkeypatch.setattr(tarfile.TarFile, "extractfile", spy)
     summary = run(tmp_path / "s.tar", tmp_path / "out")
     assert summary.failed_by_kind == Counter({"too_large": 1}) and reads == []
+
+
+def latin1_shard() -> bytes:
+    """A shard whose second member's name is latin-1 bytes (b"caf\\xe9.jpg"), not UTF-8, as old tools write."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT, encoding="latin-1") as tar:
+        for name in ["good.jpg", "caf\xe9.jpg", "tail.jpg"]:
+            data = jpeg_bytes((16, 12))
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def test_a_member_name_that_is_not_utf8_gets_a_malformed_row_under_an_escaped_key(tmp_path: Path) -> None:
+    (tmp_path / "s.tar").write_bytes(latin1_shard())
+    summary = run(tmp_path / "s.tar", tmp_path / "out", out_format="webdataset")
+    rows = rows_of(tmp_path / "out" / "s.parquet")
+    assert list(rows) == ["good", "caf\\xe9", "tail"]
+    assert rows["caf\\xe9"]["error_kind"] == "malformed" and "not UTF-8" in rows["caf\\xe9"]["error_message"]
+    assert rows["caf\\xe9"]["image_member"] == "caf\\xe9.jpg"
+    assert rows["good"]["caption"] and rows["tail"]["caption"]
+    assert summary.failed_by_kind == Counter({"malformed": 1}) and summary.files_finished == 1
+    with tarfile.open(tmp_path / "out" / "s.tar") as tar:  # the escaped key is not the sample's: left out
+        assert sorted(tar.getnames()) == ["good.jpg", "good.json", "good.txt", "tail.jpg", "tail.json", "tail.txt"]
+    assert run(tmp_path / "s.tar", tmp_path / "out").files_done_before == 1  # and the next run is done
+
+
+def test_only_usage_errors_exit_2(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Exit 2 fails the whole Indexed Job: an error met while reading the files (a bug, a fault of the
+    moment) must not be taken for a bad argument, as a ValueError once was."""
+    from captionfleet.cli import main as cli_main
+    from captionfleet.worker import bulk_archive
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise UnicodeEncodeError("utf-8", "caf\udce9", 3, 4, "surrogates not allowed")
+
+    monkeypatch.setattr(bulk_archive, "run_archive_job", broken)
+    with pytest.raises(UnicodeEncodeError):
+        cli_main(["caption", str(tmp_path / "s.tar"), "--out", str(tmp_path / "out"), "--no-progress"])
+    assert cli_main(["caption", str(tmp_path / "s.tar"), "--out", str(tmp_path / "o"), "--shard", "5/2"]) == 2
+    (tmp_path / "s.tar").write_bytes(shard(good_samples("k", 1)[0]))
+    with pytest.raises(ArchiveJobError, match="invalid bucket name"):  # a bad --out is one, named before reading
+        run_archive_job(str(tmp_path / "s.tar"), "s3://x/", settings(), captioner=FakeCaptioner(), client=object())  # type: ignore[arg-type]
+
+
+def peak_reading(data: bytes, max_bytes: int) -> tuple[list[Any], TarReport, int]:
+    """The samples of a shard (their keys and refusals), its report, and the most memory held meanwhile."""
+    report = TarReport()
+    tracemalloc.start()
+    try:
+        seen = [
+            (s.key, getattr(s, "refusal", None), len(s.members))
+            for s in iter_samples(io.BytesIO(data), max_bytes=max_bytes, report=report)
+        ]
+        return seen, report, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_members_piling_into_one_sample_are_refused_unread(tmp_path: Path) -> None:
+    # Each member under the limit, 12 MiB together; then more members than a sample has.
+    big = [Member(f"a.{i}.bin", bytes([i]) * (MAX_BYTES - 1)) for i in range(12)]
+    many = [Member(f"b.{i}.txt", b"x") for i in range(MAX_SAMPLE_MEMBERS + 10)]
+    data = shard([*big, *many, *good_samples("k", 1)[0]])
+    seen, report, peak = peak_reading(data, MAX_BYTES)
+    assert [(key, getattr(refusal, "kind", None)) for key, refusal, _ in seen] == [
+        ("a", "too_large"),
+        ("b", "too_large"),
+        ("k0000", None),
+    ]
+    assert "over 64 members" in str(seen[0][1]) and report.broken is None
+    assert peak < (SAMPLE_BYTES_FACTOR + 2) * MAX_BYTES  # was every member's bytes: the whole sample
+
+    (tmp_path / "s.tar").write_bytes(data)
+    run(tmp_path / "s.tar", tmp_path / "out", out_format="webdataset")
+    rows = rows_of(tmp_path / "out" / "s.parquet")
+    assert {key: row["error_kind"] for key, row in rows.items()} == {"a": "too_large", "b": "too_large", "k0000": None}
+    with tarfile.open(tmp_path / "out" / "s.tar") as tar:  # a refused sample's members are not copied
+        assert not [name for name in tar.getnames() if name.startswith(("a.", "b.")) and not name.endswith(".json")]
+
+
+def test_global_pax_headers_cannot_grow_without_bound() -> None:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for i in range(40):  # ~90 KiB of new global keys before each member: 3.6 MiB kept by tarfile
+            assert tar.fileobj is not None
+            tar.fileobj.write(tarfile.TarInfo.create_pax_global_header({f"x{i}.{j}": "v" * 900 for j in range(100)}))
+            tar.offset = tar.fileobj.tell()
+            data = jpeg_bytes((16, 12))
+            info = tarfile.TarInfo(f"k{i}.jpg")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    seen, report, peak = peak_reading(buf.getvalue(), MAX_BYTES)
+    assert report.broken is not None and "global PAX headers" in report.broken
+    assert 0 < len(seen) < 40 and peak < 3 << 20
+
+
+def test_a_shard_of_many_members_is_read_in_bounded_memory() -> None:
+    data = shard([Member(f"k{i:05d}.jpg", b"x") for i in range(6000)])
+    seen, report, peak = peak_reading(data, MAX_BYTES)
+    assert len(seen) == 6000 and report.broken is None
+    assert peak < 1 << 20  # tarfile kept every TarInfo of a stream it read
+
+
+def test_sidecars_wait_on_disk_not_in_memory_until_the_shard_is_written(tmp_path: Path) -> None:
+    """A shard of many samples with 60 KiB sidecars: the rows held while it runs stay small; the Parquet
+    still has every sidecar."""
+    from captionfleet.worker.archive_files import PENDING_SIDECAR_MAX_BYTES, ArchiveItem, FileRun
+    from captionfleet.worker.archive_tar import TarShards
+    from captionfleet.worker.connectors.archive_inputs import InputFile, InputReader
+    from captionfleet.worker.connectors.archive_outputs import LocalOutputs
+    from captionfleet.worker.messages import Result
+
+    inp = InputFile(str(tmp_path / "s.tar"), "s.tar", 0, "e")
+    outputs = LocalOutputs(tmp_path / "out")
+    run_ = FileRun(inp, outputs, run_id="r", rows_per_part=1000, on_finished=lambda r: None, spill_dir=tmp_path)
+
+    def text(i: int) -> str:  # made anew for each row, as decoding a sample's key.txt does
+        return chr(65 + i % 26) * (60 * 1024)
+
+    encode_checkpoint([])  # pyarrow's lazy imports, before memory is counted
+    tracemalloc.start()
+    try:
+        for i in range(400):  # 24 MiB of sidecars
+            key = f"k{i:04d}"
+            item = ArchiveItem(
+                run_, key, f"{inp.uri}#{key}.jpg", i, b"", {"image_member": f"{key}.jpg", "txt": text(i)}
+            )
+            run_.add(item, Result(key, item.uri, "fake-1", caption=f"c{i}"))
+            del item
+        held = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert held < PENDING_SIDECAR_MAX_BYTES + (2 << 20)  # was every sidecar until the shard's end: 24 MiB
+    run_.flush()
+    TarShards(InputReader(None, None), max_bytes=MAX_BYTES, webdataset=False).write_outputs(run_, tmp_path)  # type: ignore[arg-type]
+    run_.close()
+    rows = rows_of(tmp_path / "out" / "s.parquet")
+    assert [row["txt"] for row in rows.values()] == [text(i) for i in range(400)] and rows["k0399"]["caption"] == "c399"
+    # The checkpoints written meanwhile hold them too (a killed run resumes with them).
+    parts = sorted((tmp_path / "out" / "s.partial").glob("*.parquet"))
+    assert len(parts) >= 3 and sum(len(decode_checkpoint(p.read_bytes())) for p in parts) == 400
+
+
+def test_inputs_whose_outputs_would_clash_are_refused_and_overwrite_removes_only_its_own(tmp_path: Path) -> None:
+    import gzip
+
+    from captionfleet.worker.archive_files import name_clashes
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.tar").write_bytes(shard(good_samples("x", 2)[0]))
+    (tmp_path / "in" / "a.tar.gz").write_bytes(gzip.compress(shard(good_samples("y", 2)[0])))
+    (tmp_path / "in" / "a.b.tar").write_bytes(shard(good_samples("z", 2)[0]))
+    (tmp_path / "in" / "c.tar").write_bytes(shard(good_samples("w", 2)[0]))
+    summary = run(tmp_path / "in", tmp_path / "out", input_format="tar")
+    # Both of a clash are refused, in every run alike (it used to be whichever came last, in turn).
+    assert sorted(line.split(":")[0].rsplit("/", 1)[1] for line in summary.refused) == ["a.tar", "a.tar.gz"]
+    assert "rename one of them" in summary.refused[0] and summary.files_failed
+    assert sorted(p.name for p in (tmp_path / "out").iterdir() if p.suffix == ".parquet") == [
+        "a.b.parquet",
+        "c.parquet",
+    ]
+
+    assert set(name_clashes(["x.csv", "x.jsonl", "y.csv", "a.partial/q.tar", "a.tar"])) == {
+        "x.csv",
+        "x.jsonl",
+        "a.partial/q.tar",
+    }
+
+    # --overwrite of c.tar's shard alone: a.b.tar's outputs ("a.b." starts like "a.") and c's neighbours stay.
+    (tmp_path / "in" / "a.tar.gz").unlink()
+    run(tmp_path / "in", tmp_path / "out", input_format="tar")  # a.tar now has its outputs too
+    total = next(n for n in range(2, 64) if shard_of("a.tar", n) != shard_of("a.b.tar", n))
+    mine = ShardSpec(shard_of("a.tar", total), total)
+    before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out").iterdir()}
+    again = run(tmp_path / "in", tmp_path / "out", input_format="tar", shard=mine, overwrite=True)
+    after = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out").iterdir()}
+    assert again.files_finished >= 1 and after["a.parquet"] != before["a.parquet"]
+    assert after["a.b.parquet"] == before["a.b.parquet"] and "a.b.complete.json" in after
+
+
+def test_an_output_folder_inside_the_source_folder_is_not_listed_as_input(tmp_path: Path) -> None:
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "00000.tar").write_bytes(shard(good_samples("x", 2)[0]))
+    for _ in range(3):
+        summary = run(tmp_path / "in", tmp_path / "in" / "captions", input_format="tar", out_format="webdataset")
+        assert summary.files_listed == 1  # was one more each run: the shard written the run before
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*.tar")) == [
+        "in/00000.tar",
+        "in/captions/00000.tar",
+    ]

@@ -49,6 +49,17 @@ class InputFile:
         return self.uri.startswith("s3://")
 
 
+def unsafe_name(name: str) -> str | None:
+    """Why an input's name cannot name its outputs, or None. Outputs are written at ``<out>/<name>.*``: an S3
+    key such as ``shards/../../x.tar`` (S3 takes ``..`` literally) would put them, and ``--overwrite``'s
+    deletions, outside ``--out``."""
+    if name.startswith("/") or "\\" in name or "\x00" in name:
+        return "its name is absolute or has a backslash or NUL, so its outputs could land outside --out"
+    if ".." in name.split("/"):
+        return "its name has a '..' segment, so its outputs would land outside --out"
+    return None
+
+
 def expand_braces(pattern: str) -> list[str]:
     """Bash-style: ``{00000..00009}`` (zero padding kept) and ``{a,b}``; several groups multiply."""
     groups: list[list[str]] = []
@@ -86,8 +97,9 @@ def has_braces(source: str) -> bool:
     return _BRACE.search(source) is not None
 
 
-def resolve_local(source: str, suffixes: tuple[str, ...]) -> list[InputFile]:
-    """A file, a brace range of files, or the files under a folder (by suffix, sorted)."""
+def resolve_local(source: str, suffixes: tuple[str, ...], exclude: Path | None = None) -> list[InputFile]:
+    """A file, a brace range of files, or the files under a folder (by suffix, sorted). ``exclude``: a folder
+    left out of a folder's listing (the job's own output, when it is inside the source)."""
     if has_braces(source):
         base = _base_folder(source)
         paths = [Path(path) for path in expand_braces(source)]
@@ -102,8 +114,14 @@ def resolve_local(source: str, suffixes: tuple[str, ...]) -> list[InputFile]:
     if path.is_file():
         return [_local_file(path, path.name)]
     if path.is_dir():
+        skip = Path(os.path.abspath(exclude)) if exclude is not None else None
         found = sorted(
-            p for p in path.rglob("*") if p.is_file() and p.name.lower().endswith(suffixes) and not _hidden(p, path)
+            p
+            for p in path.rglob("*")
+            if p.is_file()
+            and p.name.lower().endswith(suffixes)
+            and not _hidden(p, path)
+            and not (skip is not None and Path(os.path.abspath(p)).is_relative_to(skip))
         )
         if not found:
             raise InputError(f"no {'/'.join(suffixes)} files under {path}: check the folder or --input-format")

@@ -18,6 +18,18 @@ from captionfleet.core.s3 import ObjectStore, RetryPolicy, is_not_found, parse_s
 from captionfleet.worker.connectors.s3_listing import list_pages
 
 
+class UnsafeOutputName(Exception):
+    """A name that would write outside the output folder. Planning leaves such inputs out, so this is a
+    last guard (a bug if it is ever raised), never a usage error."""
+
+
+def _checked(name: str) -> str:
+    parts = name.split("/")
+    if not name or name.startswith("/") or "\\" in name or "\x00" in name or ".." in parts:
+        raise UnsafeOutputName(f"output name {name[:200]!r} is outside the output folder: refused")
+    return name
+
+
 class Outputs(Protocol):
     def uri(self, name: str = "") -> str: ...
     def names(self) -> set[str]: ...
@@ -39,8 +51,15 @@ class LocalOutputs:
             return set()
         return {p.relative_to(self.root).as_posix() for p in self.root.rglob("*") if p.is_file()}
 
+    def _path(self, name: str) -> Path:
+        """The name's path, which must stay under the root once normalised (no '..', no absolute name)."""
+        target = self.root / _checked(name)
+        if not Path(os.path.abspath(target)).is_relative_to(os.path.abspath(self.root)):
+            raise UnsafeOutputName(f"output name {name[:200]!r} is outside {self.root}: refused")
+        return target
+
     def _target(self, name: str) -> Path:
-        target = self.root / name
+        target = self._path(name)
         target.parent.mkdir(parents=True, exist_ok=True)
         return target
 
@@ -67,12 +86,12 @@ class LocalOutputs:
 
     def get_bytes(self, name: str) -> bytes | None:
         try:
-            return (self.root / name).read_bytes()
+            return self._path(name).read_bytes()
         except FileNotFoundError:
             return None
 
     def delete(self, name: str) -> None:
-        (self.root / name).unlink(missing_ok=True)
+        self._path(name).unlink(missing_ok=True)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -93,6 +112,10 @@ class S3Outputs:
     def uri(self, name: str = "") -> str:
         return f"s3://{self.bucket}/{self.prefix}{name}"
 
+    def _key(self, name: str) -> str:
+        # S3 takes '..' literally, but a store or proxy that normalises paths would not: refused alike.
+        return self.prefix + _checked(name)
+
     def names(self) -> set[str]:
         found: set[str] = set()
         for page in list_pages(self.client, self.bucket, self.prefix, retry=self.retry):
@@ -102,17 +125,17 @@ class S3Outputs:
     def put_file(self, name: str, path: Path) -> None:
         def put() -> None:
             with path.open("rb") as body:  # one PUT: the object appears whole or not at all
-                self.client.put_object(Bucket=self.bucket, Key=self.prefix + name, Body=body)
+                self.client.put_object(Bucket=self.bucket, Key=self._key(name), Body=body)
 
         self.retry.call(put, f"write {self.uri(name)}")
 
     def put_bytes(self, name: str, data: bytes) -> None:
-        put = partial(self.client.put_object, Bucket=self.bucket, Key=self.prefix + name, Body=data)
+        put = partial(self.client.put_object, Bucket=self.bucket, Key=self._key(name), Body=data)
         self.retry.call(put, f"write {self.uri(name)}")
 
     def get_bytes(self, name: str) -> bytes | None:
         def get() -> bytes:
-            return bytes(self.client.get_object(Bucket=self.bucket, Key=self.prefix + name)["Body"].read())
+            return bytes(self.client.get_object(Bucket=self.bucket, Key=self._key(name))["Body"].read())
 
         try:
             return self.retry.call(get, f"read {self.uri(name)}")[0]
@@ -123,5 +146,5 @@ class S3Outputs:
 
     def delete(self, name: str) -> None:
         self.retry.call(
-            partial(self.client.delete_object, Bucket=self.bucket, Key=self.prefix + name), f"delete {self.uri(name)}"
+            partial(self.client.delete_object, Bucket=self.bucket, Key=self._key(name)), f"delete {self.uri(name)}"
         )

@@ -2,12 +2,17 @@
 
 A sample is the run of consecutive members sharing a key, as WebDataset has it: ``dir/0001.jpg`` beside
 ``dir/0001.json`` and ``dir/0001.txt`` is the sample ``dir/0001`` (the key is the path up to the first dot
-of the file name). Memory stays bounded: one sample's members at a time, each at most ``max_bytes``.
+of the file name). Memory stays bounded: one sample's members at a time, each at most ``max_bytes``, at
+most ``MAX_SAMPLE_MEMBERS`` of them and ``SAMPLE_BYTES_FACTOR * max_bytes`` together (a sample past either
+is ``too_large``, the rest of its members passed over unread); global PAX headers, which tarfile keeps
+for the rest of the stream, at most ``EXTENDED_HEADER_MAX_BYTES`` together.
 
 Hostile members never stop the shard and are never written anywhere: a name that climbs out (``../x.jpg``)
 or is absolute is ``forbidden``; a link, device or FIFO is ``not_an_image``; a member over ``max_bytes`` is
-``too_large`` unread. A tar that ends early gives the sample it cut a ``truncated`` row, and the shard is
-reported as cut (``TarReport``); a tar cut exactly between members is noticed by its missing end block.
+``too_large`` unread; a name that is not UTF-8 is ``malformed``, its bytes written ``\\xNN`` in its key (a
+Parquet string column cannot hold them). A tar that ends early gives the sample it cut a ``truncated`` row,
+and the shard is reported as cut (``TarReport``); a tar cut exactly between members is noticed by its
+missing end block.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import IO, Any
 
-from captionfleet.core.failures import FORBIDDEN, FetchError, ImageError
+from captionfleet.core.failures import FORBIDDEN, MALFORMED, FetchError, ImageError
 from captionfleet.core.images import sniff_format
 from captionfleet.worker.connectors.local import IMAGE_SUFFIXES
 
@@ -33,14 +38,33 @@ SIDECAR_MAX_BYTES = 64 * 1024
 EXTENDED_HEADER_MAX_BYTES = 1 << 20
 
 
+# A sample is a picture with a few renditions and sidecars: more members than this, or more bytes than this
+# many pictures' worth, is not one (a shard giving every member the same key would pile them all up).
+MAX_SAMPLE_MEMBERS = 64
+SAMPLE_BYTES_FACTOR = 4
+
+
+class _BoundedTarFile(tarfile.TarFile):
+    members: list[tarfile.TarInfo]  # tarfile's own list of what it read (not in the type stubs)
+    global_pax_bytes = 0  # global PAX headers read so far: tarfile merges them into one dict kept to the end
+
+
 class _BoundedTarInfo(tarfile.TarInfo):
     """Refuses extended headers (long names, PAX records) larger than any honest one, before tarfile
-    reads them into memory."""
+    reads them into memory, and global PAX headers once together they are."""
 
     def _proc_member(self, tarfile_: tarfile.TarFile) -> Any:
         extended = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE, tarfile.XGLTYPE)
         if self.type in extended and self.size > EXTENDED_HEADER_MAX_BYTES:
             raise tarfile.ReadError(f"an extended header of {self.size} bytes (over {EXTENDED_HEADER_MAX_BYTES})")
+        if self.type == tarfile.XGLTYPE and isinstance(tarfile_, _BoundedTarFile):
+            # Each one is added to tarfile's global dict (and copied into every later member's TarInfo):
+            # many small ones would grow it without bound.
+            tarfile_.global_pax_bytes += self.size
+            if tarfile_.global_pax_bytes > EXTENDED_HEADER_MAX_BYTES:
+                raise tarfile.ReadError(
+                    f"global PAX headers of over {EXTENDED_HEADER_MAX_BYTES} bytes together: not a shard to read"
+                )
         return super()._proc_member(tarfile_)  # type: ignore[misc]
 
 
@@ -52,6 +76,16 @@ def split_key(name: str) -> tuple[str, str]:
     return key, ext.lower() if dot else ""
 
 
+def printable(name: str) -> str:
+    """A name as text any output can hold: tarfile decodes bytes that are not UTF-8 as lone surrogates
+    (surrogateescape), which a Parquet string or an S3 key refuses; each such byte becomes ``\\xNN``."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return name
+
+
 def safe_name(name: str) -> bool:
     """A relative name that stays inside the archive (and so inside any folder it were unpacked into)."""
     parts = PurePosixPath(name).parts
@@ -60,7 +94,7 @@ def safe_name(name: str) -> bool:
 
 def refusal_for(info: tarfile.TarInfo, max_bytes: int) -> Exception | None:
     """Why a member is never read as a picture, or None."""
-    name = info.name
+    name = printable(info.name)  # messages end up in Parquet rows
     if not safe_name(name):
         return FetchError(FORBIDDEN, f"member name {name[:200]!r} climbs out of the archive or is absolute: refused")
     if info.issym() or info.islnk():
@@ -90,6 +124,16 @@ class Sample:
     key: str
     position: int  # 0-based, in the shard
     members: list[Member] = field(default_factory=list)
+    key_escaped: bool = False  # the key's bytes were not UTF-8: ``key`` is printable(), not the name in the tar
+    refusal: Exception | None = None  # the whole sample is refused (over MAX_SAMPLE_MEMBERS or its bytes)
+    held: int = 0  # bytes of its members' data in memory
+
+    def refuse(self, why: Exception) -> None:
+        """Refused as a whole: the data read so far is let go and later members are not read."""
+        self.refusal = why
+        for member in self.members:
+            member.data = None
+        self.held = 0
 
     def image(self) -> Member | None:
         """The picture: the first member named like an image, else the first whose bytes look like one,
@@ -145,40 +189,58 @@ def iter_samples(
     counting = _Counting(stream)
     try:
         # Closed by the `with` below; opening is apart so that a non-tar is told from a cut tar.
-        tar = tarfile.open(fileobj=counting, mode="r|*", tarinfo=_BoundedTarInfo)  # type: ignore[call-overload]  # noqa: SIM115
+        opened = _BoundedTarFile.open(fileobj=counting, mode="r|*", tarinfo=_BoundedTarInfo)  # type: ignore[call-overload]
     except (tarfile.TarError, EOFError, OSError) as error:
         report.broken = f"not a readable tar: {error}"
         return
+    tar: _BoundedTarFile = opened  # TarFile.open returns an instance of the class it is called on
     with tar:
         yield from _samples(tar, counting, max_bytes, sidecar_max_bytes, report)
 
 
 def _samples(
-    tar: tarfile.TarFile, counting: _Counting, max_bytes: int, sidecar_max_bytes: int, report: TarReport
+    tar: _BoundedTarFile, counting: _Counting, max_bytes: int, sidecar_max_bytes: int, report: TarReport
 ) -> Iterator[Sample]:
     current: Sample | None = None
-    members = iter(tar)
+    sample_max = SAMPLE_BYTES_FACTOR * max_bytes
     while True:
         try:
-            info = next(members)
-        except StopIteration:
-            break
+            info = tar.next()
         except (tarfile.TarError, EOFError, OSError) as error:
             report.broken = f"cut or corrupt after byte {counting.position}: {error}"
             break
+        if info is None:
+            break
+        tar.members.clear()  # a stream's TarFile keeps every TarInfo it read: a shard of many is not held
         if info.isdir():
             continue
-        key, ext = split_key(info.name)
-        member = _read_member(tar, info, ext, max_bytes, sidecar_max_bytes)
+        name = printable(info.name)
+        key, ext = split_key(name)
         if current is not None and current.key != key:
             report.samples += 1
             yield current
             current = None
         if current is None:
-            current = Sample(key, report.samples)
+            current = Sample(key, report.samples, key_escaped=split_key(info.name)[0] != key)
+        if current.refusal is not None:
+            continue  # passed over unread (tarfile skips its data)
+        room = sample_max - current.held if max_bytes else None
+        if len(current.members) >= MAX_SAMPLE_MEMBERS or (
+            room is not None and _would_read(info, ext, sidecar_max_bytes, max_bytes) > room
+        ):
+            current.refuse(
+                ImageError(
+                    "too_large",
+                    f"sample {key[:200]!r} has over {MAX_SAMPLE_MEMBERS} members or {sample_max} bytes "
+                    f"({SAMPLE_BYTES_FACTOR} x WORKER_IMAGES__MAX_BYTES): its members are not read",
+                )
+            )
+            continue
+        member = _read_member(tar, info, name, ext, max_bytes, sidecar_max_bytes)
         current.members.append(member)
+        current.held += len(member.data or b"")
         if isinstance(member.refusal, ImageError) and member.refusal.kind == "truncated":
-            report.broken = f"cut inside member {info.name[:200]!r}: the shard ends early"
+            report.broken = f"cut inside member {name[:200]!r}: the shard ends early"
             break
     if report.broken is None and not _ended_with_end_block(tar):
         report.broken = "no end-of-archive block after the last whole member: the shard ends early"
@@ -187,18 +249,32 @@ def _samples(
         yield current
 
 
-def _read_member(tar: tarfile.TarFile, info: tarfile.TarInfo, ext: str, max_bytes: int, sidecar_max: int) -> Member:
+def _would_read(info: tarfile.TarInfo, ext: str, sidecar_max: int, max_bytes: int) -> int:
+    """How many bytes ``_read_member`` would hold for this member (0 for one it refuses or passes over)."""
+    if not info.isreg() or info.size > max_bytes or (ext in SIDECAR_EXTENSIONS and info.size > sidecar_max):
+        return 0
+    return info.size
+
+
+def _read_member(
+    tar: tarfile.TarFile, info: tarfile.TarInfo, name: str, ext: str, max_bytes: int, sidecar_max: int
+) -> Member:
+    """``name``: the member's name as printable() made it (what rows and messages carry)."""
     refusal = refusal_for(info, max_bytes)
+    if refusal is None and name != info.name:
+        # Refused, not guessed at: which encoding the writer meant is unknown, and the escaped name is not
+        # the member's, so nothing downstream could find it again by it.
+        refusal = FetchError(MALFORMED, f"member name {name[:200]!r} is not UTF-8: refused (rename it in the shard)")
     if refusal is not None:
-        return Member(info.name, ext, None, refusal)
+        return Member(name, ext, None, refusal)
     if ext in SIDECAR_EXTENSIONS and info.size > sidecar_max:
-        return Member(info.name, ext, None)  # skipped unread: too big to carry into a row
+        return Member(name, ext, None)  # skipped unread: too big to carry into a row
     try:
         extracted = tar.extractfile(info)
         data = extracted.read() if extracted is not None else b""
     except (tarfile.TarError, EOFError, OSError) as error:
-        return Member(info.name, ext, None, ImageError("truncated", f"{info.name[:200]}: the tar ends early ({error})"))
-    return Member(info.name, ext, data)
+        return Member(name, ext, None, ImageError("truncated", f"{name[:200]}: the tar ends early ({error})"))
+    return Member(name, ext, data)
 
 
 def _ended_with_end_block(tar: tarfile.TarFile) -> bool:
