@@ -58,7 +58,7 @@ def check_weight_headers(path: Path) -> None:
 def load_model(path: Path, dtype: torch.dtype) -> VisionEncoderDecoderModel:
     """The model in ``path`` with every one of its weights read from the files, on the CPU."""
     check_weight_headers(path)
-    with _as_model_ref_error(path, "its model"):
+    with as_model_ref_error(path, "its model"):
         # output_loading_info=True makes it a (model, info) pair, which the stubs do not know.
         loaded: Any = VisionEncoderDecoderModel.from_pretrained(
             path, use_safetensors=True, dtype=dtype, trust_remote_code=False, output_loading_info=True
@@ -69,7 +69,7 @@ def load_model(path: Path, dtype: torch.dtype) -> VisionEncoderDecoderModel:
 
 
 def load_config(path: Path) -> PretrainedConfig:
-    with _as_model_ref_error(path, "its config"):
+    with as_model_ref_error(path, "its config"):
         return AutoConfig.from_pretrained(path, trust_remote_code=False)
 
 
@@ -88,7 +88,7 @@ def check_image_to_text(path: Path, config: PretrainedConfig) -> str:
 def load_image_text_model(path: Path, dtype: torch.dtype) -> Any:
     """Any family's model (AutoModelForImageTextToText), every weight from the files, on the CPU."""
     check_weight_headers(path)
-    with _as_model_ref_error(path, "its model"):
+    with as_model_ref_error(path, "its model"):
         loaded: Any = AutoModelForImageTextToText.from_pretrained(
             path, use_safetensors=True, dtype=dtype, trust_remote_code=False, output_loading_info=True
         )
@@ -108,7 +108,7 @@ def load_processor(path: Path, model_type: str) -> Any:
             f"{str(path)!r}: transformers has no processor for model type {model_type!r}, which captionfleet "
             "needs to turn an image and a prompt into its inputs; serve a family listed in the README"
         )
-    with _as_model_ref_error(path, "its processor"):
+    with as_model_ref_error(path, "its processor"):
         settings, _ = cls.get_processor_dict(path, trust_remote_code=False, local_files_only=True)
         return processors.assemble(cls, image_processor, tokenizer, settings)
 
@@ -134,18 +134,18 @@ def check_loading_info(path: Path, info: dict[str, Any]) -> None:
 
 
 def load_tokenizer(path: Path) -> Any:
-    with _as_model_ref_error(path, "its tokenizer"):
+    with as_model_ref_error(path, "its tokenizer"):
         return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
 
 
 def load_image_processor(path: Path) -> Any:
-    with _as_model_ref_error(path, "its image processor"):
+    with as_model_ref_error(path, "its image processor"):
         # The PIL/numpy implementation: the other needs torchvision, which cannot be loaded here.
         return AutoImageProcessor.from_pretrained(path, backend="pil", trust_remote_code=False)
 
 
 @contextmanager
-def _as_model_ref_error(path: Path, what: str) -> Iterator[None]:
+def as_model_ref_error(path: Path, what: str) -> Iterator[None]:
     """Whatever a checkpoint's files make transformers raise -> ModelRefError naming it, in one line.
     Running out of memory is not the checkpoint's fault and stays what it is."""
     try:

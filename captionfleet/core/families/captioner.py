@@ -36,7 +36,7 @@ from captionfleet.core.families import prompts
 from captionfleet.core.families.collate import collate
 from captionfleet.core.family import Family, family_for
 from captionfleet.core.generation import Caption, captions_from_output, recorder_for
-from captionfleet.core.model_store import check_checkpoint_dir
+from captionfleet.core.model_store import ModelRefError, check_checkpoint_dir
 from captionfleet.core.settings import DecodingSettings
 
 logger = logging.getLogger(__name__)
@@ -150,6 +150,12 @@ class FamilyCaptioner:
             logger.warning(
                 "model type %s is not among the tested families; serving it with the generic rule", model_type
             )
+        if family.prompt_style == "chat" and not getattr(processor, "chat_template", None):
+            raise ModelRefError(
+                f"{str(path)!r} is a {model_type} chat model without its chat template: copy chat_template.jinja "
+                "(where transformers 5 saves it) from the checkpoint it came from into the folder, or save the "
+                "processor again with save_pretrained"
+            )
         version = checkpoint_version(path)
         logger.info("loaded %s model %s from %s on %s (%s)", model_type, version, path, torch_device, resolved)
         captioner = cls(
@@ -164,8 +170,10 @@ class FamilyCaptioner:
         )
         # One preparation here, in one thread: the fast tokenizer settles its padding and truncation state
         # (a call that changes it while another thread encodes fails with "Already borrowed"), so the
-        # decode threads that share it later never change it.
-        captioner.prepare(Image.new("RGB", (32, 32)))
+        # decode threads that share it later never change it. A processor that cannot prepare even this
+        # (a file it needs is missing or wrong) refuses the checkpoint here, as a ModelRefError.
+        with checkpoint_load.as_model_ref_error(path, "its processor (preparing a blank image)"):
+            captioner.prepare(Image.new("RGB", (32, 32)))
         return captioner
 
     # -- the two steps -------------------------------------------------------------------------------
