@@ -43,6 +43,11 @@ class ModelSettings(BaseModel):
     poll_interval_s: float = Field(default=30.0, ge=0)
     # A version that failed to load is tried again only after this long: the fix is usually a new version.
     retry_failed_s: float = Field(default=600.0, ge=0)
+    # The longest prompt a request may carry, in characters (counted first) and in the model's tokens: a
+    # batch is padded to its longest prompt, so one long prompt costs every row of its batch. A longer one
+    # fails alone as malformed (captionfleet/core/families/limits.py).
+    max_prompt_chars: int = Field(default=1000, ge=1)
+    max_prompt_tokens: int = Field(default=256, ge=1)
 
 
 class DecodingSettings(BaseModel):

@@ -34,6 +34,7 @@ from captionfleet.core.captioner import (
 )
 from captionfleet.core.families import prompts
 from captionfleet.core.families.collate import collate
+from captionfleet.core.families.limits import TOKEN_PIXELS, InputLimits, PromptRules
 from captionfleet.core.family import Family, family_for
 from captionfleet.core.generation import Caption, captions_from_output, recorder_for
 from captionfleet.core.model_store import ModelRefError, check_checkpoint_dir
@@ -93,6 +94,7 @@ class FamilyCaptioner:
         decoding: DecodingSettings,
         precision: str,
         preparation_key: str,
+        limits: InputLimits | None = None,
     ) -> None:
         self.model = model
         self.processor = processor
@@ -107,6 +109,9 @@ class FamilyCaptioner:
         self._draft_size = prompts.draft_size(processor.image_processor)
         tokenizer = processor.tokenizer
         self.pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
+        self.prompt_rules = PromptRules(family.model_type, processor, limits or InputLimits())
+        default = family.default_prompt
+        self._default_prompt_tokens = len(tokenizer(default, add_special_tokens=False)["input_ids"]) if default else 0
 
     @property
     def family(self) -> str:
@@ -126,7 +131,13 @@ class FamilyCaptioner:
 
     @classmethod
     def from_dir(
-        cls, path: Path, *, device: str = "auto", decoding: DecodingSettings | None = None, precision: str = "auto"
+        cls,
+        path: Path,
+        *,
+        device: str = "auto",
+        decoding: DecodingSettings | None = None,
+        precision: str = "auto",
+        limits: InputLimits | None = None,
     ) -> FamilyCaptioner:
         path = Path(path)
         check_checkpoint_dir(path)
@@ -167,6 +178,7 @@ class FamilyCaptioner:
             decoding=decoding or DecodingSettings(),
             precision=resolved,
             preparation_key=f"{model_type}:{preparation_digest(path)}",
+            limits=limits,
         )
         # One preparation here, in one thread: the fast tokenizer settles its padding and truncation state
         # (a call that changes it while another thread encodes fails with "Already borrowed"), so the
@@ -183,11 +195,14 @@ class FamilyCaptioner:
     ) -> ModelInput:
         if prompt is not None and self.spec.prompt_style == "none":
             raise PromptError(f"a {self.family} model takes no prompt (got {prompt!r}); send the request without one")
+        # Checked before the processor runs: a prompt too long or holding control tokens never reaches it.
+        prompt_tokens = self._default_prompt_tokens if prompt is None else self.prompt_rules.tokens(prompt)
         rgb = image if image.mode == "RGB" else image.convert("RGB")
         features = prompts.encode(self.spec, self.processor, self.model.config, rgb, prompt)
         return ModelInput(
             features=features,
-            cost=prompts.visual_cost(features, self.processor.image_processor),
+            # The prompt's tokens too: the batch's text is padded to its longest prompt (core/families/limits.py).
+            cost=prompts.visual_cost(features, self.processor.image_processor) + prompt_tokens * TOKEN_PIXELS,
             key=self.preparation_key,
             prompt=prompt,
             origin=origin or KeptImage(image),
