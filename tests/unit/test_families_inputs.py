@@ -10,11 +10,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from PIL import Image
+from transformers import Qwen2VLImageProcessorPil
 
 from captionfleet.core.captioner import PromptError
 from captionfleet.core.failures import MALFORMED
 from captionfleet.core.families.captioner import FamilyCaptioner
 from captionfleet.core.families.limits import TOKEN_PIXELS, InputLimits
+from captionfleet.core.families.prompts import cap_visual_pixels
 from captionfleet.core.images import ImageLimits
 from captionfleet.core.loading import load_checkpoint
 from captionfleet.core.settings import BatchSettings, DecodingSettings, ModelSettings
@@ -141,3 +144,39 @@ def test_a_refused_prompt_fails_its_item_alone_as_malformed(loaded: Callable[[st
     kinds = {row.id: row.error_kind for row in sink.rows}
     assert kinds["long"] == kinds["turn"] == MALFORMED
     assert kinds["ok"] in (None, "empty_caption") and kinds["default"] in (None, "empty_caption")
+
+
+def test_a_dynamic_resolution_image_is_resized_to_the_visual_pixel_bound(
+    tiny_family: Callable[[str], Path], loaded: Callable[[str], FamilyCaptioner]
+) -> None:
+    photo = Image.new("RGB", (400, 300), "teal")
+    bounded = load_checkpoint(
+        tiny_family("qwen2_vl"), device="cpu", precision="auto", limits=InputLimits(max_visual_pixels=32 * 32)
+    )
+    assert isinstance(bounded, FamilyCaptioner)
+    grid = bounded.prepare(photo).features["image_grid_thw"]
+    patch = bounded.processor.image_processor.patch_size
+    assert int(grid[0, 1:].prod()) * patch * patch <= 32 * 32
+    own = loaded("qwen2_vl")  # the checkpoint's own bound (64x64) is lower than the default: kept
+    assert int(own.prepare(photo).features["image_grid_thw"][0, 1:].prod()) * patch * patch > 32 * 32
+    assert dict(own.processor.image_processor.size)["longest_edge"] == 4096
+    # Inputs prepared under one bound are not another's: the hot swap prepares them again.
+    assert bounded.preparation_key != own.preparation_key
+    # Families of a fixed size (or fixed splits) are left as their checkpoint says.
+    assert cap_visual_pixels(loaded("blip").processor.image_processor, 32 * 32) is None
+    assert cap_visual_pixels(loaded("smolvlm").processor.image_processor, 32 * 32) is None
+
+
+def test_a_12_megapixel_photo_stays_within_the_default_bound_with_qwen2_vl_s_own_settings() -> None:
+    # Qwen2-VL-2B-Instruct's preprocessor_config.json: 14 px patches, up to 12,845,056 pixels.
+    processor = Qwen2VLImageProcessorPil(min_pixels=3136, max_pixels=12_845_056)
+    assert cap_visual_pixels(processor, InputLimits().max_visual_pixels) == 1024 * 1024
+    features = processor(images=[Image.new("RGB", (4000, 3000))], return_tensors="pt")
+    patches = int(features["image_grid_thw"][0].prod())
+    assert patches * 14 * 14 <= 1024 * 1024  # 5,336 patches where the checkpoint's bound gives 61,200
+    assert features["pixel_values"].numel() * 4 < 30 * 2**20  # 25 MiB of float32, not 275
+
+
+def test_a_batch_is_bounded_by_default() -> None:
+    assert BatchSettings().max_pixels == 32 * 1024 * 1024
+    assert ModelSettings().max_visual_pixels == 1024 * 1024

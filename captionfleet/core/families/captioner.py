@@ -152,6 +152,8 @@ class FamilyCaptioner:
         model.to(torch_device)
         fastpath.return_freed_heap()
         processor = checkpoint_load.load_processor(path, model_type)
+        limits = limits or InputLimits()
+        visual_bound = prompts.cap_visual_pixels(processor.image_processor, limits.max_visual_pixels)
         family = family_for(
             model_type,
             has_chat_template=bool(getattr(processor, "chat_template", None)),
@@ -177,7 +179,9 @@ class FamilyCaptioner:
             source=str(path),
             decoding=decoding or DecodingSettings(),
             precision=resolved,
-            preparation_key=f"{model_type}:{preparation_digest(path)}",
+            # The bound is part of the preparation: the same files with another bound prepare other inputs.
+            preparation_key=f"{model_type}:{preparation_digest(path)}"
+            + (f":{visual_bound}px" if visual_bound is not None else ""),
             limits=limits,
         )
         # One preparation here, in one thread: the fast tokenizer settles its padding and truncation state

@@ -1,4 +1,5 @@
-"""What one request may ask of a model: its prompt's length and text, counted before the model sees it.
+"""What one request may ask of a model: its prompt's length and text, counted before the model sees it,
+and how many pixels of its image a dynamic-resolution family processes (``InputLimits``).
 
 A prompt reaches the model as tokens, and a batch is padded to its longest row: a 100 KB prompt would
 make every row of its batch 100 KB of tokens long (the process was killed for memory). So a prompt is
@@ -34,14 +35,21 @@ TOKEN_PIXELS = 28 * 28
 
 @dataclass(frozen=True)
 class InputLimits:
-    """The bounds on one request's input (``WORKER_MODEL__MAX_PROMPT_CHARS``, ``..._MAX_PROMPT_TOKENS``)."""
+    """The bounds on one request's input (``WORKER_MODEL__MAX_PROMPT_CHARS``, ``..._MAX_PROMPT_TOKENS``,
+    ``..._MAX_VISUAL_PIXELS``: the most pixels a dynamic-resolution family resizes one image to, see
+    core/families/prompts.py's ``cap_visual_pixels``)."""
 
     max_prompt_chars: int = 1000
     max_prompt_tokens: int = 256
+    max_visual_pixels: int = 1024 * 1024
 
     @classmethod
     def from_settings(cls, model: ModelSettings) -> InputLimits:
-        return cls(max_prompt_chars=model.max_prompt_chars, max_prompt_tokens=model.max_prompt_tokens)
+        return cls(
+            max_prompt_chars=model.max_prompt_chars,
+            max_prompt_tokens=model.max_prompt_tokens,
+            max_visual_pixels=model.max_visual_pixels,
+        )
 
 
 class PromptRules:
