@@ -7,7 +7,8 @@ while the model runs on the current one. Items flow to the batcher in input orde
 when a batch goes to the model, counting each input's cost (the pixels its model processes). The model
 thread calls ``caption_inputs``; an input prepared for a model that was swapped out meanwhile is
 prepared again by the new one from the item's bytes (``core.images.EncodedImage``). A caption with no
-text is a failure row of its own kind (``empty_caption``).
+text is a failure row of its own kind (``empty_caption``). What inputs hold until their results are out
+(tensors and those bytes) is bounded in number (``prefetch``) and in bytes (``prefetch_mb``, ``HeldBytes``).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import logging
 import queue
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -73,6 +74,57 @@ class Prepared:
     fetch_ms: float = 0.0
     decode_ms: float = 0.0
     ready_at: float = 0.0
+    held: int = 0  # the bytes its input holds until its results are out (see HeldBytes)
+
+
+def held_bytes(prepared: ModelInput, source: bytes) -> int:
+    """What one input holds: its tensors (numpy or torch) and the source bytes its origin keeps."""
+    return len(source) + sum(int(getattr(value, "nbytes", 0)) for value in prepared.features.values())
+
+
+class HeldBytes:
+    """The bytes inputs hold from their decoding until their batch's results are out: each input's
+    prepared tensors and its item's source bytes (kept as its origin, so that a hot swap can prepare it
+    again), bounded by ``WORKER_BATCH__PREFETCH_MB`` as ``prefetch`` bounds their number.
+
+    Before the source starts decoding one more item it reserves the largest size among the recent inputs
+    (the whole limit before any is known: the first input is decoded alone); each input's real size
+    replaces its reservation once it is prepared. Only the source waits, never a decode thread or the
+    model thread, so nothing waits on what waits on it; one input is always let through, so an input
+    larger than the limit still runs. The bound is the limit plus what inputs exceed their estimate by."""
+
+    RECENT = 64  # inputs whose largest size is the next estimate: one outlier does not slow a day's stream
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+        self._recent: deque[int] = deque(maxlen=self.RECENT)
+        self._changed = threading.Condition()
+
+    def reserve(self, stop: threading.Event) -> int | None:
+        """Wait for room for one more input; returns its reservation, or None once ``stop`` is set."""
+        with self._changed:
+            while not stop.is_set():
+                estimate = max(self._recent, default=self.limit)
+                if self.held == 0 or self.held + estimate <= self.limit:
+                    self.held += estimate
+                    return estimate
+                self._changed.wait(0.1)  # stop is an Event of its own: look at it now and then
+            return None
+
+    def settle(self, reserved: int, actual: int) -> None:
+        """An input is prepared (``actual``: what it holds, 0 for a failure): its size replaces its reservation."""
+        with self._changed:
+            self.held += actual - reserved
+            if actual:
+                self._recent.append(actual)
+            self._changed.notify_all()
+
+    def release(self, size: int) -> None:
+        """Inputs whose results are out no longer hold anything."""
+        with self._changed:
+            self.held -= size
+            self._changed.notify_all()
 
 
 @dataclass
@@ -130,6 +182,10 @@ class CaptionPipeline:
         self.flush_interval_s = flush_interval_s
         self.stop_event = threading.Event()  # set it to stop reading input; in-flight work finishes
         self.stats = RunStats()
+        self._held = self._held_bytes()
+
+    def _held_bytes(self) -> HeldBytes:
+        return HeldBytes(self.batch.prefetch_mb << 20)
 
     def _failure(self, item: Item, kind: str, message: str, **timings: float) -> Result:
         return Result(
@@ -140,6 +196,15 @@ class CaptionPipeline:
             error_message=message,
             **timings,  # type: ignore[arg-type]
         )
+
+    def _prepare_held(self, item: Item, reserved: int) -> Prepared:
+        """Runs in a decode thread: ``_prepare``, then what the input holds replaces its reservation."""
+        prepared = Prepared(item)
+        try:
+            prepared = self._prepare(item)
+        finally:
+            self._held.settle(reserved, prepared.held)
+        return prepared
 
     def _prepare(self, item: Item) -> Prepared:
         """Runs in a decode thread: fetch, decode, preprocess. Never raises."""
@@ -182,6 +247,7 @@ class CaptionPipeline:
             fetch_ms=fetch_ms,
             decode_ms=(decoded - fetched) * 1000,
             ready_at=decoded,
+            held=held_bytes(prepared, data),
         )
 
     def _emit(self, results: list[Result], items: list[Item]) -> None:
@@ -240,6 +306,10 @@ class CaptionPipeline:
             results.append(result)
         self._emit(results, [p.item for p in batch])
 
+    def _run_batch(self, batch: list[Prepared]) -> None:
+        self._caption_batch(batch)
+        self._held.release(sum(prepared.held for prepared in batch))
+
     def _consume(self, pending: queue.Queue[object], batcher: Batcher[Prepared]) -> None:
         """The model side of run(): batch what the decode threads prepared, caption, write."""
         last_flush = time.monotonic()
@@ -247,7 +317,7 @@ class CaptionPipeline:
             try:
                 entry = pending.get(timeout=batcher.time_left())
             except queue.Empty:  # the open batch waited max_wait: run it as it is
-                self._caption_batch(batcher.flush())
+                self._run_batch(batcher.flush())
                 continue
             if entry is _DONE:
                 break
@@ -258,20 +328,21 @@ class CaptionPipeline:
             else:
                 cost = prepared.input.cost if prepared.input is not None else 0
                 for ready in batcher.add(prepared, cost=cost):
-                    self._caption_batch(ready)
+                    self._run_batch(ready)
             if time.monotonic() - last_flush >= self.flush_interval_s:
                 self.sink.flush()
                 last_flush = time.monotonic()
         if len(batcher):
-            self._caption_batch(batcher.flush())
+            self._run_batch(batcher.flush())
 
     def run(self, items: Iterable[Item]) -> RunStats:
         started = time.perf_counter()
         batcher: Batcher[Prepared] = Batcher(
             self.batch.max_items, self.batch.max_wait_ms / 1000, max_cost=self.batch.max_pixels
         )
-        # Bounded: at most `prefetch` images are decoded ahead of the model.
+        # Bounded: at most `prefetch` images are decoded ahead of the model, holding about `prefetch_mb`.
         pending: queue.Queue[object] = queue.Queue(maxsize=self.batch.prefetch)
+        self._held = held = self._held_bytes()
         producer_error: list[BaseException] = []
 
         with ThreadPoolExecutor(self.batch.decode_threads, thread_name_prefix="decode") as pool:
@@ -279,9 +350,10 @@ class CaptionPipeline:
             def produce() -> None:
                 try:
                     for item in items:
-                        if self.stop_event.is_set():
+                        reserved = held.reserve(self.stop_event)
+                        if reserved is None:  # stopping
                             break
-                        pending.put(pool.submit(self._prepare, item))
+                        pending.put(pool.submit(self._prepare_held, item, reserved))
                 except BaseException as error:  # reported by the consumer, never swallowed
                     producer_error.append(error)
                 finally:

@@ -85,6 +85,10 @@ class BatchSettings(BaseModel):
     max_pixels: int = Field(default=32 * 1024 * 1024, ge=0)
     # Images decoded ahead of the model; bounds memory while keeping the model fed.
     prefetch: int = Field(default=32, ge=1)
+    # And the bytes they hold until their results are out (their batch's included): each input's prepared
+    # tensors (25 MiB for a 1 Mpx Qwen-VL image, 600 KiB for ViT-GPT2's) and its source bytes, kept so
+    # that a hot swap can prepare it again (worker/pipeline.py's HeldBytes).
+    prefetch_mb: int = Field(default=1024, ge=1)
     decode_threads: int = Field(default=2, ge=1, le=64)
 
 
