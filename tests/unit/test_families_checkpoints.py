@@ -8,7 +8,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from transformers import AutoModelForImageTextToText
 
+from captionfleet.core.families.captioner import preparation_digest, preparation_files
 from captionfleet.core.loading import load_checkpoint
 from captionfleet.core.model_store import HUB_ALLOW_PATTERNS, ModelRefError
 
@@ -39,3 +41,30 @@ def test_a_processor_that_cannot_prepare_an_image_refuses_the_checkpoint(
     (folder / "chat_template.jinja").write_text("{{ raise_exception('this template is broken') }}")
     with pytest.raises(ModelRefError, match=r"could not load its processor .*this template is broken"):
         load_checkpoint(folder, device="cpu", precision="auto")
+
+
+def test_the_preparation_digest_reads_no_weights(
+    tiny_family: Callable[[str], Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    original = tiny_family("git")
+    sharded = copy_of(tiny_family, "git", tmp_path / "sharded")
+    (sharded / "model.safetensors").unlink()
+    AutoModelForImageTextToText.from_pretrained(original).save_pretrained(sharded, max_shard_size="100KB")
+    assert len(list(sharded.glob("model-*-of-*.safetensors"))) > 1
+    read: list[str] = []
+    read_bytes = Path.read_bytes
+
+    def recording(self: Path) -> bytes:
+        read.append(self.name)
+        return read_bytes(self)
+
+    monkeypatch.setattr(Path, "read_bytes", recording)
+    digest = preparation_digest(sharded)
+    assert read and not [name for name in read if name.endswith(".safetensors")]
+    assert {file.name for file in preparation_files(sharded)} == {
+        "processor_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    }
+    # The same processor files, sharded or not: the same preparation (no input is prepared again).
+    assert digest == preparation_digest(original)

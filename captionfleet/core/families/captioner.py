@@ -37,14 +37,22 @@ from captionfleet.core.families.collate import collate
 from captionfleet.core.families.limits import TOKEN_PIXELS, InputLimits, PromptRules
 from captionfleet.core.family import Family, family_for
 from captionfleet.core.generation import Caption, captions_from_output, recorder_for
-from captionfleet.core.model_store import ModelRefError, check_checkpoint_dir
+from captionfleet.core.model_store import (
+    ALLOWED_SUFFIXES,
+    WEIGHTS_INDEX_FILE,
+    ModelRefError,
+    check_checkpoint_dir,
+    weight_files,
+)
 from captionfleet.core.settings import DecodingSettings
 
 logger = logging.getLogger(__name__)
 
-# The files that decide how an image and a prompt become inputs (not the weights, not the model's
-# config): two checkpoints with the same ones prepare the same inputs (see preparation_key).
-WEIGHT_AND_MODEL_FILES = frozenset({"config.json", "generation_config.json", "captionfleet.json"})
+# Checkpoint files that do not decide how an image and a prompt become inputs: the model's configs, the
+# version's metadata and the weights' index. The weights themselves are never read here (a shard is
+# gigabytes): what is hashed is the processor's, the tokenizer's and the chat template's files, and two
+# checkpoints with the same ones prepare the same inputs (see preparation_key).
+MODEL_FILES = frozenset({"config.json", "generation_config.json", "captionfleet.json", WEIGHTS_INDEX_FILE})
 
 
 def resolve_precision(requested: str, device: torch.device, checkpoint_dtype: torch.dtype | None) -> str:
@@ -70,12 +78,26 @@ def saved_dtype(config: Any) -> torch.dtype | None:
     return value if isinstance(value, torch.dtype) else None
 
 
+def preparation_files(path: Path) -> list[Path]:
+    """The checkpoint's processor files (tokenizer, image processor, processor, chat template): its
+    checkpoint files (model_store.ALLOWED_SUFFIXES) but the weights and MODEL_FILES."""
+    weights = {file.name for file in weight_files(path)}
+    return [
+        file
+        for file in sorted(path.iterdir())
+        if file.is_file()
+        and file.suffix in ALLOWED_SUFFIXES
+        and file.suffix != ".safetensors"
+        and file.name not in weights
+        and file.name not in MODEL_FILES
+    ]
+
+
 def preparation_digest(path: Path) -> str:
-    """A digest of the checkpoint's processor files (tokenizer, image processor, chat template)."""
+    """A digest of the checkpoint's processor files."""
     digest = hashlib.sha256()
-    for file in sorted(path.iterdir()):
-        if file.is_file() and file.name not in WEIGHT_AND_MODEL_FILES and not file.name.startswith("model."):
-            digest.update(file.name.encode() + b"\0" + file.read_bytes() + b"\0")
+    for file in preparation_files(path):
+        digest.update(file.name.encode() + b"\0" + file.read_bytes() + b"\0")
     return digest.hexdigest()[:16]
 
 
