@@ -218,8 +218,12 @@ class CaptionPipeline:
         fetched = time.perf_counter()
         fetch_ms = (fetched - start) * 1000
         try:
-            image = decode_image(data, limits=self.limits, draft_size=self.captioner.draft_size)
-            prepared = self.captioner.prepare(image, prompt_of(item), origin=EncodedImage(data, self.limits))
+            # The origin records the draft size the image was decoded at: a hot swap between these two
+            # lines has the new model prepare an image decoded for the old one, which own_inputs then
+            # sees and prepares again.
+            draft = self.captioner.draft_size
+            image = decode_image(data, limits=self.limits, draft_size=draft)
+            prepared = self.captioner.prepare(image, prompt_of(item), origin=EncodedImage(data, self.limits, draft))
         except PromptError as error:  # the request, not the image: the model cannot take its prompt
             logger.info("prompt of %s refused: %s", item.id, error)
             failure = self._failure(item, MALFORMED, str(error), fetch_ms=fetch_ms)
