@@ -180,3 +180,28 @@ def test_a_12_megapixel_photo_stays_within_the_default_bound_with_qwen2_vl_s_own
 def test_a_batch_is_bounded_by_default() -> None:
     assert BatchSettings().max_pixels == 32 * 1024 * 1024
     assert ModelSettings().max_visual_pixels == 1024 * 1024
+
+
+@pytest.mark.parametrize(
+    ("family", "draft"),
+    [
+        ("blip", (32, 32)),  # height/width
+        ("git", (32, 32)),  # shortest_edge
+        ("florence2", (32, 32)),
+        ("paligemma", (32, 32)),
+        ("llava", (32, 32)),
+        ("smolvlm", (64, 64)),  # longest_edge
+        ("qwen2_vl", (64, 64)),  # an area: the side of its largest square
+    ],
+)
+def test_a_jpeg_is_decoded_at_the_family_s_draft_size(
+    family: str, draft: tuple[int, int], loaded: Callable[[str], FamilyCaptioner]
+) -> None:
+    model = loaded(family)
+    assert model.draft_size == draft  # transformers 5's SizeDict is read (it is not a dict)
+    buffer = io.BytesIO()
+    Image.new("RGB", (1024, 768), "teal").save(buffer, "JPEG")
+    item = Item("photo", None)
+    item.read = lambda: buffer.getvalue()  # type: ignore[method-assign]
+    prepared = CaptionPipeline(model, None, BatchSettings(), ImageLimits())._prepare(item)  # type: ignore[arg-type]
+    assert prepared.width < 1024 and min(prepared.width, prepared.height) >= max(draft)  # cheaper, nothing lost

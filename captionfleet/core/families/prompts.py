@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 from PIL import Image
+from transformers.image_utils import SizeDict
 
 from captionfleet.core.family import Family
 
@@ -120,9 +121,11 @@ def draft_size(image_processor: Any) -> tuple[int, int] | None:
     """The smallest size a JPEG may be decoded at (``core.images.decode_image``) without losing what the
     processor keeps; None (decode in full) for a size rule not recognised here."""
     size = getattr(image_processor, "size", None)
+    if isinstance(size, SizeDict):  # what transformers 5's image processors hold: not a dict
+        size = dict(size)
     if not isinstance(size, dict):
         return None
-    if hasattr(image_processor, "merge_size") and "longest_edge" in size:
+    if sized_by_area(image_processor):
         # Qwen-VL's size is in pixels (min and max area): both sides at least sqrt(max) keep every pixel used.
         side = math.isqrt(int(size["longest_edge"]))
         return (side, side)
