@@ -26,6 +26,7 @@ from transformers import (
     AutoImageProcessor,
     AutoModelForImageTextToText,
     AutoTokenizer,
+    GenerationConfig,
     PretrainedConfig,
     VisionEncoderDecoderModel,
 )
@@ -43,6 +44,22 @@ NAMES_SHOWN = 5
 # and rebuilt by the model itself, so they are no sign of another architecture.
 LEGACY_BUFFERS = re.compile(r"\.(attn|crossattention)\.(masked_bias|bias)$")
 SAVE_HINT = "write the checkpoint again with save_pretrained (or copy it again: a file may be cut short)"
+# What the worker keeps of a checkpoint's generation_config.json: what its tokens are (where generation
+# starts and ends, the padding, tokens the model must or must never emit). The rest (sampling, beams,
+# lengths, biases such as sequence_bias, output_hidden_states/attentions) is for the worker's decoding
+# settings to decide. It is dropped from the model itself, not only from the config passed to generate():
+# generate() fills every field a call leaves unset from the model's own (a sequence_bias there made every
+# caption empty).
+TOKEN_SETTINGS = (
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+    "decoder_start_token_id",
+    "forced_bos_token_id",
+    "forced_eos_token_id",
+    "suppress_tokens",
+    "begin_suppress_tokens",
+)
 
 
 def check_weight_headers(path: Path) -> None:
@@ -65,7 +82,18 @@ def load_model(path: Path, dtype: torch.dtype) -> VisionEncoderDecoderModel:
         )
     model, info = loaded
     check_loading_info(path, info)
+    keep_token_settings(model)
     return model
+
+
+def token_settings(config: GenerationConfig) -> dict[str, Any]:
+    """The token settings (TOKEN_SETTINGS) a generation config sets."""
+    return {name: value for name in TOKEN_SETTINGS if (value := getattr(config, name, None)) is not None}
+
+
+def keep_token_settings(model: Any) -> None:
+    """The model's generation config reduced to its token settings (see TOKEN_SETTINGS)."""
+    model.generation_config = GenerationConfig(**token_settings(model.generation_config))
 
 
 def load_config(path: Path) -> PretrainedConfig:
@@ -94,6 +122,7 @@ def load_image_text_model(path: Path, dtype: torch.dtype) -> Any:
         )
     model, info = loaded
     check_loading_info(path, info)
+    keep_token_settings(model)
     return model
 
 

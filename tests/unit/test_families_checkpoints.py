@@ -1,18 +1,25 @@
 """What a checkpoint of a family other than ViT-GPT2 must hold to load, and what of its files the
-worker follows: a chat model's template, a processor that can prepare an image."""
+worker follows: a chat model's template, a processor that can prepare an image, the processor files (not
+the weights) for its preparation key, the token settings (not the decoding) of its generation config."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from transformers import AutoModelForImageTextToText
+from transformers import AutoModelForImageTextToText, GenerationConfig
 
+from captionfleet.core import checkpoint_load
 from captionfleet.core.families.captioner import preparation_digest, preparation_files
 from captionfleet.core.loading import load_checkpoint
 from captionfleet.core.model_store import HUB_ALLOW_PATTERNS, ModelRefError
+from captionfleet.core.settings import DecodingSettings
+from tests.tiny_families import pictures
+
+GREEDY = DecodingSettings(num_beams=1, max_new_tokens=6)
 
 
 def copy_of(tiny_family: Callable[[str], Path], family: str, folder: Path) -> Path:
@@ -68,3 +75,56 @@ def test_the_preparation_digest_reads_no_weights(
     }
     # The same processor files, sharded or not: the same preparation (no input is prepared again).
     assert digest == preparation_digest(original)
+
+
+# What a checkpoint's generation_config.json may say that the worker's decoding settings decide instead.
+DECODING_FLAGS = {
+    "sequence_bias": [[[5], 100.0]],  # made every caption of the tiny qwen2_vl empty
+    "do_sample": True,
+    "temperature": 0.7,
+    "top_k": 3,
+    "num_beams": 3,
+    "max_length": 5,
+    "output_hidden_states": True,
+    "output_attentions": True,
+}
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "florence2", "vision-encoder-decoder"])
+def test_the_checkpoint_s_generation_config_keeps_only_its_token_settings(
+    family: str, tiny_family: Callable[[str], Path], tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    original = tiny_checkpoint if family == "vision-encoder-decoder" else tiny_family(family)
+    tampered = Path(shutil.copytree(original, tmp_path / "tampered"))
+    saved = json.loads((tampered / "generation_config.json").read_text())
+    (tampered / "generation_config.json").write_text(json.dumps({**saved, **DECODING_FLAGS}))
+    model = load_checkpoint(tampered, device="cpu", precision="fp32", decoding=GREEDY)
+    reference = load_checkpoint(original, device="cpu", precision="fp32", decoding=GREEDY)
+    kept = model.model.generation_config  # type: ignore[attr-defined]
+    for name in DECODING_FLAGS:
+        assert getattr(kept, name, None) in (None, False, 1, 1.0, 20, 50), name  # transformers' own defaults
+    assert kept.eos_token_id == saved["eos_token_id"] and kept.pad_token_id == saved["pad_token_id"]
+    images = pictures(3)
+    ours = [c.text for c in model.caption_inputs([model.prepare(image) for image in images])]
+    theirs = [c.text for c in reference.caption_inputs([reference.prepare(image) for image in images])]
+    assert ours == theirs and any(ours)
+
+
+def test_the_token_settings_are_the_ids_and_the_forced_and_suppressed_tokens() -> None:
+    saved = GenerationConfig(
+        bos_token_id=0,
+        eos_token_id=[2, 7],
+        forced_bos_token_id=0,
+        forced_eos_token_id=2,
+        suppress_tokens=[3],
+        sequence_bias={(5,): 100.0},
+        bad_words_ids=[[4]],
+        do_sample=True,
+    )
+    assert checkpoint_load.token_settings(saved) == {
+        "bos_token_id": 0,
+        "eos_token_id": [2, 7],
+        "forced_bos_token_id": 0,
+        "forced_eos_token_id": 2,
+        "suppress_tokens": [3],
+    }

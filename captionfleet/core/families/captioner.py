@@ -10,7 +10,6 @@ can be asked for on either device; the int8 paths are ViT-GPT2's only.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import logging
 from collections.abc import Sequence
@@ -257,18 +256,15 @@ class FamilyCaptioner:
         return [caption.text for caption in self.caption_inputs(inputs, decoding)]
 
     def generation_config(self, decoding: DecodingSettings) -> GenerationConfig:
-        """The checkpoint's generation config (its token ids, forced tokens) with our search settings: the
-        worker's decoding, never the checkpoint's sampling or beam flags."""
-        config = copy.deepcopy(self.model.generation_config)
-        config.update(
+        """A fresh config: the checkpoint's token settings (its token ids, forced and suppressed tokens:
+        checkpoint_load.TOKEN_SETTINGS, all the loaded model keeps) and the worker's decoding, never the
+        checkpoint's sampling, beams, lengths or biases."""
+        config = GenerationConfig(
+            **checkpoint_load.token_settings(self.model.generation_config),
             do_sample=False,
-            temperature=None,
-            top_p=None,
-            top_k=None,
             num_return_sequences=1,
             num_beams=decoding.num_beams,
             max_new_tokens=decoding.max_new_tokens,
-            min_new_tokens=None,
             min_length=0,
             no_repeat_ngram_size=decoding.no_repeat_ngram_size,
             repetition_penalty=decoding.repetition_penalty,
