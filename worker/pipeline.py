@@ -15,6 +15,9 @@ one runs after the interactive lane's short wait, its free rows filled by the st
 then. While both lanes wait, ``bulk_share`` of each batch's rows stays the stream's/bulk's, so a flood of
 interactive requests slows them down and never stops them. An interactive item cancelled before its batch
 runs is dropped.
+
+What inputs hold until their results are out (tensors and their source bytes) is bounded in number
+(``prefetch``) and in bytes (``prefetch_mb``, ``HeldBytes``); interactive items are not counted there.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import math
 import queue
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -95,6 +98,57 @@ class Prepared:
     decode_ms: float = 0.0
     ready_at: float = 0.0
     urgent: bool = False  # offered through the interactive lane (an InteractiveItem)
+    held: int = 0  # the bytes its input holds until its results are out (see HeldBytes)
+
+
+def held_bytes(prepared: ModelInput, source: bytes) -> int:
+    """What one input holds: its tensors (numpy or torch) and the source bytes its origin keeps."""
+    return len(source) + sum(int(getattr(value, "nbytes", 0)) for value in prepared.features.values())
+
+
+class HeldBytes:
+    """The bytes inputs hold from their decoding until their batch's results are out: each input's
+    prepared tensors and its item's source bytes (kept as its origin, so that a hot swap can prepare it
+    again), bounded by ``WORKER_BATCH__PREFETCH_MB`` as ``prefetch`` bounds their number.
+
+    Before the source starts decoding one more item it reserves the largest size among the recent inputs
+    (the whole limit before any is known: the first input is decoded alone); each input's real size
+    replaces its reservation once it is prepared. Only the source waits, never a decode thread or the
+    model thread, so nothing waits on what waits on it; one input is always let through, so an input
+    larger than the limit still runs. The bound is the limit plus what inputs exceed their estimate by."""
+
+    RECENT = 64  # inputs whose largest size is the next estimate: one outlier does not slow a day's stream
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+        self._recent: deque[int] = deque(maxlen=self.RECENT)
+        self._changed = threading.Condition()
+
+    def reserve(self, stop: threading.Event) -> int | None:
+        """Wait for room for one more input; returns its reservation, or None once ``stop`` is set."""
+        with self._changed:
+            while not stop.is_set():
+                estimate = max(self._recent, default=self.limit)
+                if self.held == 0 or self.held + estimate <= self.limit:
+                    self.held += estimate
+                    return estimate
+                self._changed.wait(0.1)  # stop is an Event of its own: look at it now and then
+            return None
+
+    def settle(self, reserved: int, actual: int) -> None:
+        """An input is prepared (``actual``: what it holds, 0 for a failure): its size replaces its reservation."""
+        with self._changed:
+            self.held += actual - reserved
+            if actual:
+                self._recent.append(actual)
+            self._changed.notify_all()
+
+    def release(self, size: int) -> None:
+        """Inputs whose results are out no longer hold anything."""
+        with self._changed:
+            self.held -= size
+            self._changed.notify_all()
 
 
 @dataclass
@@ -176,6 +230,7 @@ class CaptionPipeline:
         # Bounded: at most `prefetch` stream/bulk images are decoded ahead of the model.
         self._lanes: LaneQueue[object] = LaneQueue(batch.prefetch)
         self._interactive_pool = ThreadPoolExecutor(_INTERACTIVE_THREADS, thread_name_prefix="decode-interactive")
+        self._held: HeldBytes = self._held_bytes()
 
     def offer(self, item: InteractiveItem) -> None:
         """An interactive item, from any thread: prepared at once, then at the front of the model's input.
@@ -193,6 +248,9 @@ class CaptionPipeline:
         prompt = prompt_of(item)
         return prompt if prompt is not None else self.prompt
 
+    def _held_bytes(self) -> HeldBytes:
+        return HeldBytes(self.batch.prefetch_mb << 20)
+
     def _failure(self, item: Item, kind: str, message: str, **timings: float) -> Result:
         # No caption was made: the row echoes the prompt as asked, so a consumer can tell which request it was.
         return Result(
@@ -204,6 +262,15 @@ class CaptionPipeline:
             error_message=message,
             **timings,  # type: ignore[arg-type]
         )
+
+    def _prepare_held(self, item: Item, reserved: int) -> Prepared:
+        """Runs in a decode thread: ``_prepare``, then what the input holds replaces its reservation."""
+        prepared = Prepared(item)
+        try:
+            prepared = self._prepare(item)
+        finally:
+            self._held.settle(reserved, prepared.held)
+        return prepared
 
     def _prepare(self, item: Item) -> Prepared:
         """Runs in a decode thread: fetch, decode, preprocess. Never raises."""
@@ -217,8 +284,12 @@ class CaptionPipeline:
         fetched = time.perf_counter()
         fetch_ms = (fetched - start) * 1000
         try:
-            image = decode_image(data, limits=self.limits, draft_size=self.captioner.draft_size)
-            prepared = self.captioner.prepare(image, self._prompt(item), origin=EncodedImage(data, self.limits))
+            # The origin records the draft size the image was decoded at: a hot swap between these two
+            # lines has the new model prepare an image decoded for the old one, which own_inputs then
+            # sees and prepares again.
+            draft = self.captioner.draft_size
+            image = decode_image(data, limits=self.limits, draft_size=draft)
+            prepared = self.captioner.prepare(image, self._prompt(item), origin=EncodedImage(data, self.limits, draft))
         except PromptError as error:  # the request, not the image: the model cannot take its prompt
             logger.info("prompt of %s refused: %s", item.id, error)
             failure = self._failure(item, MALFORMED, str(error), fetch_ms=fetch_ms)
@@ -246,6 +317,7 @@ class CaptionPipeline:
             fetch_ms=fetch_ms,
             decode_ms=(decoded - fetched) * 1000,
             ready_at=decoded,
+            held=held_bytes(prepared, data),
         )
 
     def _emit(self, results: list[Result], items: list[Item], urgent: bool = False) -> None:
@@ -331,6 +403,11 @@ class CaptionPipeline:
             if chosen:
                 self._emit([r for r, _ in chosen], [i for _, i in chosen], urgent)
 
+    def _run_batch(self, batch: list[Prepared]) -> None:
+        self._caption_batch(batch)
+        # Interactive items reserve nothing (they do not wait behind the stream's inputs): only the others.
+        self._held.release(sum(prepared.held for prepared in batch if not prepared.urgent))
+
     def _consume(self, batcher: Batcher[Prepared]) -> None:
         """The model side of run(): batch what the decode threads prepared, caption, write. Interactive items
         come first, except that stream/bulk items are taken while they hold fewer than their rows."""
@@ -343,7 +420,7 @@ class CaptionPipeline:
             except queue.Empty:  # the open batch waited its max wait (or an interactive item its own): run it
                 if ending:
                     break
-                self._caption_batch(batcher.flush())
+                self._run_batch(batcher.flush())
                 continue
             if entry is _DONE:
                 ending = True
@@ -365,12 +442,12 @@ class CaptionPipeline:
             else:
                 cost = prepared.input.cost if prepared.input is not None else 0
                 for ready in batcher.add(prepared, cost=cost, urgent=urgent):
-                    self._caption_batch(ready)
+                    self._run_batch(ready)
             if time.monotonic() - last_flush >= self.flush_interval_s:
                 self.sink.flush()
                 last_flush = time.monotonic()
         if len(batcher):
-            self._caption_batch(batcher.flush())
+            self._run_batch(batcher.flush())
 
     def run(self, items: Iterable[Item]) -> RunStats:
         started = time.perf_counter()
@@ -382,6 +459,7 @@ class CaptionPipeline:
             urgent_wait_s=urgent_wait,
         )
         lanes = self._lanes
+        self._held = held = self._held_bytes()
         producer_error: list[BaseException] = []
 
         with ThreadPoolExecutor(self.batch.decode_threads, thread_name_prefix="decode") as pool:
@@ -389,9 +467,10 @@ class CaptionPipeline:
             def produce() -> None:
                 try:
                     for item in items:
-                        if self.stop_event.is_set():
+                        reserved = held.reserve(self.stop_event)
+                        if reserved is None:  # stopping
                             break
-                        if not lanes.put_bulk(pool.submit(self._prepare, item)):
+                        if not lanes.put_bulk(pool.submit(self._prepare_held, item, reserved)):
                             break  # the model loop is gone
                 except BaseException as error:  # reported by the consumer, never swallowed
                     producer_error.append(error)

@@ -65,17 +65,35 @@ class PromptError(ValueError):
 class ImageOrigin(Protocol):
     """Where an input's image comes from, so that another model can prepare it again (the hot swap)."""
 
-    def image(self, draft_size: tuple[int, int] | None) -> Image.Image: ...
+    def image(self, draft_size: tuple[int, int] | None) -> Image.Image:
+        """The image, decoded for a model of this draft size (``CaptionModel.draft_size``)."""
+        ...
+
+    def decoded_for(self, draft_size: tuple[int, int] | None) -> bool:
+        """Whether the image the input was prepared from is the one ``image(draft_size)`` gives: a JPEG
+        decoded at another model's draft size is not (the hot swap came between decoding and preparing)."""
+        ...
+
+    def for_draft(self, draft_size: tuple[int, int] | None) -> ImageOrigin:
+        """This origin, for an input prepared from ``image(draft_size)``."""
+        ...
 
 
 @dataclass(frozen=True)
 class KeptImage:
-    """An image already in memory (``caption(images)``, the dashboard): it is its own origin."""
+    """An image already in memory (``caption(images)``, the dashboard): it is its own origin, the same
+    image for every model."""
 
     decoded: Image.Image
 
     def image(self, draft_size: tuple[int, int] | None) -> Image.Image:
         return self.decoded
+
+    def decoded_for(self, draft_size: tuple[int, int] | None) -> bool:
+        return True
+
+    def for_draft(self, draft_size: tuple[int, int] | None) -> KeptImage:
+        return self
 
 
 @dataclass(frozen=True)
@@ -217,13 +235,18 @@ class CaptionModel(Protocol):
 
 
 def own_inputs(model: CaptionModel, inputs: Sequence[ModelInput]) -> list[ModelInput]:
-    """``inputs``, each prepared for ``model``: one prepared for another model (a hot swap happened
-    between its decoding and its batch) is prepared again from its origin, with its prompt."""
-    key = model.preparation_key
-    return [
-        item if item.key == key else model.prepare(item.origin.image(model.draft_size), item.prompt, origin=item.origin)
-        for item in inputs
-    ]
+    """``inputs``, each prepared for ``model``: one prepared for another model, or from an image decoded
+    for another model's draft size (a hot swap happened between its decoding and its batch, or between
+    the two), is prepared again from its origin, with its prompt."""
+    key, draft = model.preparation_key, model.draft_size
+    owned: list[ModelInput] = []
+    for item in inputs:
+        if item.key == key and item.origin.decoded_for(draft):
+            owned.append(item)
+            continue
+        origin = item.origin.for_draft(draft)
+        owned.append(model.prepare(origin.image(draft), item.prompt, origin=origin))
+    return owned
 
 
 class ModelWrapper:

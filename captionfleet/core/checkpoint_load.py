@@ -26,6 +26,7 @@ from transformers import (
     AutoImageProcessor,
     AutoModelForImageTextToText,
     AutoTokenizer,
+    GenerationConfig,
     PretrainedConfig,
     VisionEncoderDecoderModel,
 )
@@ -43,6 +44,22 @@ NAMES_SHOWN = 5
 # and rebuilt by the model itself, so they are no sign of another architecture.
 LEGACY_BUFFERS = re.compile(r"\.(attn|crossattention)\.(masked_bias|bias)$")
 SAVE_HINT = "write the checkpoint again with save_pretrained (or copy it again: a file may be cut short)"
+# What the worker keeps of a checkpoint's generation_config.json: what its tokens are (where generation
+# starts and ends, the padding, tokens the model must or must never emit). The rest (sampling, beams,
+# lengths, biases such as sequence_bias, output_hidden_states/attentions) is for the worker's decoding
+# settings to decide. It is dropped from the model itself, not only from the config passed to generate():
+# generate() fills every field a call leaves unset from the model's own (a sequence_bias there made every
+# caption empty).
+TOKEN_SETTINGS = (
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+    "decoder_start_token_id",
+    "forced_bos_token_id",
+    "forced_eos_token_id",
+    "suppress_tokens",
+    "begin_suppress_tokens",
+)
 
 
 def check_weight_headers(path: Path) -> None:
@@ -58,18 +75,29 @@ def check_weight_headers(path: Path) -> None:
 def load_model(path: Path, dtype: torch.dtype) -> VisionEncoderDecoderModel:
     """The model in ``path`` with every one of its weights read from the files, on the CPU."""
     check_weight_headers(path)
-    with _as_model_ref_error(path, "its model"):
+    with as_model_ref_error(path, "its model"):
         # output_loading_info=True makes it a (model, info) pair, which the stubs do not know.
         loaded: Any = VisionEncoderDecoderModel.from_pretrained(
             path, use_safetensors=True, dtype=dtype, trust_remote_code=False, output_loading_info=True
         )
     model, info = loaded
     check_loading_info(path, info)
+    keep_token_settings(model)
     return model
 
 
+def token_settings(config: GenerationConfig) -> dict[str, Any]:
+    """The token settings (TOKEN_SETTINGS) a generation config sets."""
+    return {name: value for name in TOKEN_SETTINGS if (value := getattr(config, name, None)) is not None}
+
+
+def keep_token_settings(model: Any) -> None:
+    """The model's generation config reduced to its token settings (see TOKEN_SETTINGS)."""
+    model.generation_config = GenerationConfig(**token_settings(model.generation_config))
+
+
 def load_config(path: Path) -> PretrainedConfig:
-    with _as_model_ref_error(path, "its config"):
+    with as_model_ref_error(path, "its config"):
         return AutoConfig.from_pretrained(path, trust_remote_code=False)
 
 
@@ -88,12 +116,13 @@ def check_image_to_text(path: Path, config: PretrainedConfig) -> str:
 def load_image_text_model(path: Path, dtype: torch.dtype) -> Any:
     """Any family's model (AutoModelForImageTextToText), every weight from the files, on the CPU."""
     check_weight_headers(path)
-    with _as_model_ref_error(path, "its model"):
+    with as_model_ref_error(path, "its model"):
         loaded: Any = AutoModelForImageTextToText.from_pretrained(
             path, use_safetensors=True, dtype=dtype, trust_remote_code=False, output_loading_info=True
         )
     model, info = loaded
     check_loading_info(path, info)
+    keep_token_settings(model)
     return model
 
 
@@ -108,7 +137,7 @@ def load_processor(path: Path, model_type: str) -> Any:
             f"{str(path)!r}: transformers has no processor for model type {model_type!r}, which captionfleet "
             "needs to turn an image and a prompt into its inputs; serve a family listed in the README"
         )
-    with _as_model_ref_error(path, "its processor"):
+    with as_model_ref_error(path, "its processor"):
         settings, _ = cls.get_processor_dict(path, trust_remote_code=False, local_files_only=True)
         return processors.assemble(cls, image_processor, tokenizer, settings)
 
@@ -134,18 +163,18 @@ def check_loading_info(path: Path, info: dict[str, Any]) -> None:
 
 
 def load_tokenizer(path: Path) -> Any:
-    with _as_model_ref_error(path, "its tokenizer"):
+    with as_model_ref_error(path, "its tokenizer"):
         return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
 
 
 def load_image_processor(path: Path) -> Any:
-    with _as_model_ref_error(path, "its image processor"):
+    with as_model_ref_error(path, "its image processor"):
         # The PIL/numpy implementation: the other needs torchvision, which cannot be loaded here.
         return AutoImageProcessor.from_pretrained(path, backend="pil", trust_remote_code=False)
 
 
 @contextmanager
-def _as_model_ref_error(path: Path, what: str) -> Iterator[None]:
+def as_model_ref_error(path: Path, what: str) -> Iterator[None]:
     """Whatever a checkpoint's files make transformers raise -> ModelRefError naming it, in one line.
     Running out of memory is not the checkpoint's fault and stays what it is."""
     try:

@@ -298,14 +298,22 @@ def _stretch(img: Image.Image, low: float, high: float) -> Image.Image:
 
 @dataclass(frozen=True, eq=False)
 class EncodedImage:
-    """An item's bytes and the limits they were decoded under: the origin of an input prepared for a
-    model (``core.captioner.ImageOrigin``), decoded again when another model must prepare it anew (the
-    hot swap). The bytes are kept rather than the decoded image: they are smaller (a JPEG is a tenth of
-    its pixels or less, and up to ``prefetch`` items wait for the model), and decoding again lets the
-    draft size be the new model's (a JPEG drafted for a 64 px model would starve a 384 px one)."""
+    """An item's bytes, the limits they were decoded under and the draft size they were decoded at for
+    the input this is the origin of (``core.captioner.ImageOrigin``), decoded again when another model
+    must prepare it anew (the hot swap). The bytes are kept rather than the decoded image: they are
+    smaller (a JPEG is a tenth of its pixels or less, and up to ``prefetch`` items wait for the model),
+    and decoding again lets the draft size be the new model's (a JPEG drafted for a 64 px model would
+    starve a 384 px one)."""
 
     data: bytes
     limits: ImageLimits
+    draft_size: tuple[int, int] | None = None
 
     def image(self, draft_size: tuple[int, int] | None) -> Image.Image:
         return decode_image(self.data, limits=self.limits, draft_size=draft_size)
+
+    def decoded_for(self, draft_size: tuple[int, int] | None) -> bool:
+        return self.draft_size == draft_size
+
+    def for_draft(self, draft_size: tuple[int, int] | None) -> EncodedImage:
+        return EncodedImage(self.data, self.limits, draft_size)

@@ -23,6 +23,7 @@ from PIL import Image
 
 from captionfleet.core.captioner import VED_FAMILY, Captioner, CaptionModel
 from captionfleet.core.families.captioner import FamilyCaptioner
+from captionfleet.core.families.limits import InputLimits
 from captionfleet.core.model_store import ModelRefError, model_type_of, resolve_model_ref
 from captionfleet.core.registry_layout import LATEST, latest_root, read_latest, version_uri
 from captionfleet.core.s3 import make_s3_client
@@ -46,14 +47,16 @@ def load_checkpoint(
     precision: str,
     decoding: DecodingSettings | None = None,
     threads: int | None = None,
+    limits: InputLimits | None = None,
 ) -> CaptionModel:
     """A local checkpoint folder, loaded by its family's captioner. ``threads``: torch's intra-op threads
-    to set first (0 = the container's CPU limit, see core/threads.py); None leaves them as the caller set them."""
+    to set first (0 = the container's CPU limit, see core/threads.py); None leaves them as the caller set them.
+    ``limits``: what one request's input may be (prompt length; the defaults when None)."""
     if threads is not None:
         apply_threads(threads)
     if model_type_of(path) == VED_FAMILY:
         return Captioner.from_dir(path, device=device, decoding=decoding, precision=precision)
-    return FamilyCaptioner.from_dir(path, device=device, decoding=decoding, precision=precision)
+    return FamilyCaptioner.from_dir(path, device=device, decoding=decoding, precision=precision, limits=limits)
 
 
 def _load_ref(ref: str, settings: WorkerSettings) -> CaptionModel:
@@ -65,6 +68,7 @@ def _load_ref(ref: str, settings: WorkerSettings) -> CaptionModel:
         precision=model.precision,
         decoding=settings.decoding,
         threads=model.threads,
+        limits=InputLimits.from_settings(model),
     )
 
 

@@ -38,11 +38,13 @@ log = logging.getLogger(__name__)
 BUILTIN_REF = "builtin"
 
 PICKLED_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"})
-# What a checkpoint needs: configs, weights, tokenizer and processor files. Anything else under a
-# prefix (READMEs, optimizer state, pickles) is skipped.
-ALLOWED_SUFFIXES = frozenset({".json", ".txt", ".safetensors", ".model", ".tiktoken"})
+# What a checkpoint needs: configs, weights, tokenizer and processor files, and the chat template
+# (transformers 5 saves it as chat_template.jinja, not inside tokenizer_config.json: a chat model without
+# it cannot build its prompt). Anything else under a prefix (READMEs, optimizer state, pickles) is
+# skipped. The one list: the S3 resolver, the hub download and the registry's upload all read it.
+ALLOWED_SUFFIXES = frozenset({".json", ".txt", ".safetensors", ".model", ".tiktoken", ".jinja"})
 # The same rule for the hub, as snapshot_download patterns.
-HUB_ALLOW_PATTERNS = ["*.json", "*.txt", "*.safetensors", "*.model", "*.tiktoken"]
+HUB_ALLOW_PATTERNS = sorted(f"*{suffix}" for suffix in ALLOWED_SUFFIXES)
 
 CONVERT_HINT = (
     'convert them in a trusted environment: python -c "from transformers import VisionEncoderDecoderModel '

@@ -45,6 +45,15 @@ class ModelSettings(BaseModel):
     poll_interval_s: float = Field(default=30.0, ge=0)
     # A version that failed to load is tried again only after this long: the fix is usually a new version.
     retry_failed_s: float = Field(default=600.0, ge=0)
+    # The longest prompt a request may carry, in characters (counted first) and in the model's tokens: a
+    # batch is padded to its longest prompt, so one long prompt costs every row of its batch. A longer one
+    # fails alone as malformed (captionfleet/core/families/limits.py).
+    max_prompt_chars: int = Field(default=1000, ge=1)
+    max_prompt_tokens: int = Field(default=256, ge=1)
+    # The most pixels a dynamic-resolution family (Qwen-VL: the image's own size, in patches) resizes one
+    # image to: its checkpoints allow 12.8-16.8 MP, 61k patches for a 12 MP photo. 1 MP is 1,337 visual
+    # tokens for Qwen2-VL; the other families resize to their fixed size or splits whatever this says.
+    max_visual_pixels: int = Field(default=1024 * 1024, ge=28 * 28)
 
 
 class DecodingSettings(BaseModel):
@@ -70,10 +79,18 @@ class BatchSettings(BaseModel):
     max_wait_ms: int = Field(default=50, ge=0)
     # Cost limit (0 = no limit): the pixels the model's vision encoder processes in one batch, each image
     # counted after resizing (ModelInput.cost: fixed for most families, a Qwen-VL image's visual tokens
-    # times the pixels each covers, a SmolVLM image's splits); bounds a batch's work and memory.
-    max_pixels: int = Field(default=0, ge=0)
+    # times the pixels each covers, a SmolVLM image's splits), plus its prompt's tokens; bounds a batch's
+    # work and memory. The default, 32 Mpx, is never reached by a fixed-size family at the default batch
+    # sizes (the largest, PaliGemma at 896 px, is 25.7 Mpx for 32 images); it binds for images whose
+    # size is their own: SmolVLM's up to 17 splits (4.5 Mpx an image) and Qwen-VL at its
+    # WORKER_MODEL__MAX_VISUAL_PIXELS (1 Mpx an image: 32 of them).
+    max_pixels: int = Field(default=32 * 1024 * 1024, ge=0)
     # Images decoded ahead of the model; bounds memory while keeping the model fed.
     prefetch: int = Field(default=32, ge=1)
+    # And the bytes they hold until their results are out (their batch's included): each input's prepared
+    # tensors (25 MiB for a 1 Mpx Qwen-VL image, 600 KiB for ViT-GPT2's) and its source bytes, kept so
+    # that a hot swap can prepare it again (worker/pipeline.py's HeldBytes).
+    prefetch_mb: int = Field(default=1024, ge=1)
     decode_threads: int = Field(default=2, ge=1, le=64)
 
 

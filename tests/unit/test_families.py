@@ -94,9 +94,9 @@ def test_dynamic_resolution_costs_what_the_model_pays(family: str, loaded: Calla
     # Images of different sizes get different numbers of patches (Qwen-VL) or splits (SmolVLM): the cost
     # the batcher counts follows them.
     costs = [item.cost for item in prepared(loaded(family))]
-    assert len(set(costs)) > 1
+    assert len(set(costs[0::2])) > 1  # the images with the default prompt
     fixed = [item.cost for item in prepared(loaded("blip"))]
-    assert set(fixed) == {32 * 32}
+    assert set(fixed[0::2]) == {32 * 32}  # BLIP's default is no prompt: the image alone (prompts: limits.py)
 
 
 def test_left_padding_is_in_force_for_a_decoder_only_family(loaded: Callable[[str], FamilyCaptioner]) -> None:

@@ -10,7 +10,6 @@ can be asked for on either device; the int8 paths are ViT-GPT2's only.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import logging
 from collections.abc import Sequence
@@ -35,16 +34,25 @@ from captionfleet.core.captioner import (
 )
 from captionfleet.core.families import prompts
 from captionfleet.core.families.collate import collate
+from captionfleet.core.families.limits import TOKEN_PIXELS, InputLimits, PromptRules
 from captionfleet.core.family import Family, family_for
 from captionfleet.core.generation import Caption, captions_from_output, recorder_for
-from captionfleet.core.model_store import check_checkpoint_dir
+from captionfleet.core.model_store import (
+    ALLOWED_SUFFIXES,
+    WEIGHTS_INDEX_FILE,
+    ModelRefError,
+    check_checkpoint_dir,
+    weight_files,
+)
 from captionfleet.core.settings import DecodingSettings
 
 logger = logging.getLogger(__name__)
 
-# The files that decide how an image and a prompt become inputs (not the weights, not the model's
-# config): two checkpoints with the same ones prepare the same inputs (see preparation_key).
-WEIGHT_AND_MODEL_FILES = frozenset({"config.json", "generation_config.json", "captionfleet.json"})
+# Checkpoint files that do not decide how an image and a prompt become inputs: the model's configs, the
+# version's metadata and the weights' index. The weights themselves are never read here (a shard is
+# gigabytes): what is hashed is the processor's, the tokenizer's and the chat template's files, and two
+# checkpoints with the same ones prepare the same inputs (see preparation_key).
+MODEL_FILES = frozenset({"config.json", "generation_config.json", "captionfleet.json", WEIGHTS_INDEX_FILE})
 
 
 def resolve_precision(requested: str, device: torch.device, checkpoint_dtype: torch.dtype | None) -> str:
@@ -70,12 +78,26 @@ def saved_dtype(config: Any) -> torch.dtype | None:
     return value if isinstance(value, torch.dtype) else None
 
 
+def preparation_files(path: Path) -> list[Path]:
+    """The checkpoint's processor files (tokenizer, image processor, processor, chat template): its
+    checkpoint files (model_store.ALLOWED_SUFFIXES) but the weights and MODEL_FILES."""
+    weights = {file.name for file in weight_files(path)}
+    return [
+        file
+        for file in sorted(path.iterdir())
+        if file.is_file()
+        and file.suffix in ALLOWED_SUFFIXES
+        and file.suffix != ".safetensors"
+        and file.name not in weights
+        and file.name not in MODEL_FILES
+    ]
+
+
 def preparation_digest(path: Path) -> str:
-    """A digest of the checkpoint's processor files (tokenizer, image processor, chat template)."""
+    """A digest of the checkpoint's processor files."""
     digest = hashlib.sha256()
-    for file in sorted(path.iterdir()):
-        if file.is_file() and file.name not in WEIGHT_AND_MODEL_FILES and not file.name.startswith("model."):
-            digest.update(file.name.encode() + b"\0" + file.read_bytes() + b"\0")
+    for file in preparation_files(path):
+        digest.update(file.name.encode() + b"\0" + file.read_bytes() + b"\0")
     return digest.hexdigest()[:16]
 
 
@@ -94,6 +116,7 @@ class FamilyCaptioner:
         decoding: DecodingSettings,
         precision: str,
         preparation_key: str,
+        limits: InputLimits | None = None,
     ) -> None:
         self.model = model
         self.processor = processor
@@ -108,6 +131,9 @@ class FamilyCaptioner:
         self._draft_size = prompts.draft_size(processor.image_processor)
         tokenizer = processor.tokenizer
         self.pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
+        self.prompt_rules = PromptRules(family.model_type, processor, limits or InputLimits())
+        default = family.default_prompt
+        self._default_prompt_tokens = len(tokenizer(default, add_special_tokens=False)["input_ids"]) if default else 0
 
     @property
     def family(self) -> str:
@@ -127,7 +153,13 @@ class FamilyCaptioner:
 
     @classmethod
     def from_dir(
-        cls, path: Path, *, device: str = "auto", decoding: DecodingSettings | None = None, precision: str = "auto"
+        cls,
+        path: Path,
+        *,
+        device: str = "auto",
+        decoding: DecodingSettings | None = None,
+        precision: str = "auto",
+        limits: InputLimits | None = None,
     ) -> FamilyCaptioner:
         path = Path(path)
         check_checkpoint_dir(path)
@@ -142,6 +174,8 @@ class FamilyCaptioner:
         model.to(torch_device)
         fastpath.return_freed_heap()
         processor = checkpoint_load.load_processor(path, model_type)
+        limits = limits or InputLimits()
+        visual_bound = prompts.cap_visual_pixels(processor.image_processor, limits.max_visual_pixels)
         family = family_for(
             model_type,
             has_chat_template=bool(getattr(processor, "chat_template", None)),
@@ -150,6 +184,12 @@ class FamilyCaptioner:
         if not family.tested:
             logger.warning(
                 "model type %s is not among the tested families; serving it with the generic rule", model_type
+            )
+        if family.prompt_style == "chat" and not getattr(processor, "chat_template", None):
+            raise ModelRefError(
+                f"{str(path)!r} is a {model_type} chat model without its chat template: copy chat_template.jinja "
+                "(where transformers 5 saves it) from the checkpoint it came from into the folder, or save the "
+                "processor again with save_pretrained"
             )
         version = checkpoint_version(path)
         logger.info("loaded %s model %s from %s on %s (%s)", model_type, version, path, torch_device, resolved)
@@ -161,12 +201,17 @@ class FamilyCaptioner:
             source=str(path),
             decoding=decoding or DecodingSettings(),
             precision=resolved,
-            preparation_key=f"{model_type}:{preparation_digest(path)}",
+            # The bound is part of the preparation: the same files with another bound prepare other inputs.
+            preparation_key=f"{model_type}:{preparation_digest(path)}"
+            + (f":{visual_bound}px" if visual_bound is not None else ""),
+            limits=limits,
         )
         # One preparation here, in one thread: the fast tokenizer settles its padding and truncation state
         # (a call that changes it while another thread encodes fails with "Already borrowed"), so the
-        # decode threads that share it later never change it.
-        captioner.prepare(Image.new("RGB", (32, 32)))
+        # decode threads that share it later never change it. A processor that cannot prepare even this
+        # (a file it needs is missing or wrong) refuses the checkpoint here, as a ModelRefError.
+        with checkpoint_load.as_model_ref_error(path, "its processor (preparing a blank image)"):
+            captioner.prepare(Image.new("RGB", (32, 32)))
         return captioner
 
     # -- the two steps -------------------------------------------------------------------------------
@@ -176,11 +221,14 @@ class FamilyCaptioner:
     ) -> ModelInput:
         if prompt is not None and self.spec.prompt_style == "none":
             raise PromptError(f"a {self.family} model takes no prompt (got {prompt!r}); send the request without one")
+        # Checked before the processor runs: a prompt too long or holding control tokens never reaches it.
+        prompt_tokens = self._default_prompt_tokens if prompt is None else self.prompt_rules.tokens(prompt)
         rgb = image if image.mode == "RGB" else image.convert("RGB")
         features = prompts.encode(self.spec, self.processor, self.model.config, rgb, prompt)
         return ModelInput(
             features=features,
-            cost=prompts.visual_cost(features, self.processor.image_processor),
+            # The prompt's tokens too: the batch's text is padded to its longest prompt (core/families/limits.py).
+            cost=prompts.visual_cost(features, self.processor.image_processor) + prompt_tokens * TOKEN_PIXELS,
             key=self.preparation_key,
             prompt=prompt,
             origin=origin or KeptImage(image),
@@ -214,18 +262,15 @@ class FamilyCaptioner:
         return [caption.text for caption in self.caption_inputs(inputs, decoding)]
 
     def generation_config(self, decoding: DecodingSettings) -> GenerationConfig:
-        """The checkpoint's generation config (its token ids, forced tokens) with our search settings: the
-        worker's decoding, never the checkpoint's sampling or beam flags."""
-        config = copy.deepcopy(self.model.generation_config)
-        config.update(
+        """A fresh config: the checkpoint's token settings (its token ids, forced and suppressed tokens:
+        checkpoint_load.TOKEN_SETTINGS, all the loaded model keeps) and the worker's decoding, never the
+        checkpoint's sampling, beams, lengths or biases."""
+        config = GenerationConfig(
+            **checkpoint_load.token_settings(self.model.generation_config),
             do_sample=False,
-            temperature=None,
-            top_p=None,
-            top_k=None,
             num_return_sequences=1,
             num_beams=decoding.num_beams,
             max_new_tokens=decoding.max_new_tokens,
-            min_new_tokens=None,
             min_length=0,
             no_repeat_ngram_size=decoding.no_repeat_ngram_size,
             repetition_penalty=decoding.repetition_penalty,

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 from PIL import Image
+from transformers.image_utils import SizeDict
 
 from captionfleet.core.family import Family
 
@@ -91,13 +92,40 @@ def visual_cost(features: dict[str, Any], image_processor: Any) -> int:
     return math.prod(pixels.shape[1:-3]) * int(pixels.shape[-2]) * int(pixels.shape[-1])
 
 
+def sized_by_area(image_processor: Any) -> bool:
+    """Whether the processor resizes each image to an area between two bounds (Qwen-VL's dynamic
+    resolution: ``size`` holds pixel counts, ``longest_edge`` the most), not to a side length."""
+    size = getattr(image_processor, "size", None)
+    return hasattr(image_processor, "merge_size") and size is not None and "longest_edge" in size
+
+
+def cap_visual_pixels(image_processor: Any, max_pixels: int) -> int | None:
+    """Lower an area-sized processor's largest image to ``max_pixels`` (its own bound when smaller);
+    returns the bound in force, or None for a processor with a fixed size or fixed splits.
+
+    Qwen2-VL's checkpoints allow 12.8 MP, Qwen3-VL's 16.8 MP: a 12 MP photo becomes 61k patches
+    (275 MiB of pixel values, and attention over them). Set once at load, before any decode thread
+    prepares an image: the processor is only read after that."""
+    if not sized_by_area(image_processor):
+        return None
+    size = dict(image_processor.size)
+    longest = min(int(size["longest_edge"]), max_pixels)
+    size["longest_edge"] = longest
+    if "shortest_edge" in size:
+        size["shortest_edge"] = min(int(size["shortest_edge"]), longest)
+    image_processor.size = type(image_processor.size)(**size)
+    return longest
+
+
 def draft_size(image_processor: Any) -> tuple[int, int] | None:
     """The smallest size a JPEG may be decoded at (``core.images.decode_image``) without losing what the
     processor keeps; None (decode in full) for a size rule not recognised here."""
     size = getattr(image_processor, "size", None)
+    if isinstance(size, SizeDict):  # what transformers 5's image processors hold: not a dict
+        size = dict(size)
     if not isinstance(size, dict):
         return None
-    if hasattr(image_processor, "merge_size") and "longest_edge" in size:
+    if sized_by_area(image_processor):
         # Qwen-VL's size is in pixels (min and max area): both sides at least sqrt(max) keep every pixel used.
         side = math.isqrt(int(size["longest_edge"]))
         return (side, side)
