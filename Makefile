@@ -7,6 +7,7 @@ TORCH_PIN ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
 .PHONY: setup system-deps demo test lint typecheck unit integration clean bench bench-quick bench-gpu bench-http soak
+.PHONY: bench-families
 .PHONY: image image-test k8s-validate
 
 setup: $(STAMP) system-deps
@@ -55,6 +56,11 @@ bench: $(STAMP)
 
 bench-quick: $(STAMP)
 	$(BIN)/python -m bench.compare --quick --out docs
+
+# The served families side by side (ViT-GPT2, BLIP, GIT, Florence-2, SmolVLM): full-size architectures with
+# random weights, fp32 vs bf16 where the CPU has it, one thread per row (docs/benchmarks.md, "Families").
+bench-families: $(STAMP)
+	$(BIN)/python -m bench.families --out docs
 
 # The same side by side on a CUDA GPU (needs a CUDA build of torch in the venv). On the lent GPU
 # machine, whose image has its own torch, run bench/gpu_session.sh instead (docs/benchmarks.md).
