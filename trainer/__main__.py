@@ -73,8 +73,8 @@ def settings_from_args(args: argparse.Namespace) -> TrainerSettings:
             raw = getattr(args, name)
             values[name] = None if raw in ("", "none", "None") and name in ("run_dir", "image_root") else raw
     decoding = {k: v for k, v in (("num_beams", args.num_beams), ("max_new_tokens", args.max_new_tokens)) if v}
-    if decoding:
-        values["decoding"] = {**TrainerSettings().decoding.model_dump(), **decoding}
+    if decoding or "decoding" in values:  # flags over the preset's (shapes-git's is greedy) over the environment's
+        values["decoding"] = {**TrainerSettings().decoding.model_dump(), **values.get("decoding", {}), **decoding}
     return load_trainer_settings(**values)
 
 

@@ -41,6 +41,7 @@ __all__ = [
     "Skipped",
     "Splits",
     "Subset",
+    "fit_image",
     "load_pairs",
     "open_files",
     "open_splits",
@@ -182,6 +183,21 @@ def read_coco(path: Path, *, image_root: Path, skipped: Skipped | None = None) -
 # -- loading: pairs -> decoded, cached images ----------------------------------------------------
 
 
+def fit_image(image: Image.Image, size: tuple[int, int], resample: Image.Resampling, keep_aspect: bool) -> Image.Image:
+    """An image at the model's input size: exactly ``size``, or (``keep_aspect``, for image processors that
+    resize the shorter side and then crop, as GIT's CLIP processor does) with its shorter side at ``size[0]``
+    and its proportions kept, leaving the crop to the processor as the worker's captioner does."""
+    if keep_aspect:
+        width, height = image.size
+        short = size[0]
+        if min(width, height) == short:
+            return image
+        # The processor's own arithmetic (transformers' get_resize_output_image_size), to the pixel.
+        long = int(short * max(width, height) / min(width, height))
+        size = (short, long) if width <= height else (long, short)
+    return image if image.size == size else image.resize(size, resample=resample)
+
+
 def _reader(s3: S3Settings | None) -> Callable[[str], bytes]:
     client = None
 
@@ -250,11 +266,13 @@ def load_pairs(
     s3: S3Settings | None = None,
     limits: ImageLimits | None = None,
     threads: int = 4,
+    keep_aspect: bool = False,
 ) -> ImageCaptionDataset:
     """Fetch and decode every image once; bad ones are counted in ``skipped`` and left out.
 
-    ``size`` and ``resample`` must be the worker's preprocessing (``Preprocessing.width/height/
-    resample``): the captioner then finds images already at its input size and does no resize.
+    ``size``, ``resample`` and ``keep_aspect`` must be the model's image processor's (see
+    trainer/family_batches.py ``image_fit``): the captioner then finds images already at its input size
+    and its resize changes nothing.
     """
     read = _reader(s3)
     limits = limits or ImageLimits()
@@ -277,7 +295,7 @@ def load_pairs(
             image = decode_image(data, limits=limits, draft_size=size)
         except ImageError as error:
             return (f"image_{error.kind}", f"{pair.image} ({error.message})")
-        return image if image.size == size else image.resize(size, resample=resample)
+        return fit_image(image, size, resample, keep_aspect)
 
     images: list[Image.Image] = []
     captions: list[tuple[str, ...]] = []
@@ -352,6 +370,7 @@ def open_files(
     skipped: Skipped,
     s3: S3Settings | None = None,
     threads: int = 4,
+    keep_aspect: bool = False,
 ) -> ImageCaptionDataset:
     """A manifest (.jsonl/.csv) or COCO captions file (.json), every usable image loaded."""
     path = Path(data).expanduser()
@@ -363,7 +382,16 @@ def open_files(
         pairs = read_manifest(path, image_root=image_root, skipped=skipped)
     else:
         raise DataError(f"data {data!r}: expected 'shapes', a .jsonl/.csv manifest or a COCO captions .json file")
-    return load_pairs(pairs, size=size, resample=resample, source=str(path), skipped=skipped, s3=s3, threads=threads)
+    return load_pairs(
+        pairs,
+        size=size,
+        resample=resample,
+        source=str(path),
+        skipped=skipped,
+        s3=s3,
+        threads=threads,
+        keep_aspect=keep_aspect,
+    )
 
 
 def open_splits(
@@ -379,8 +407,10 @@ def open_splits(
     shapes_val_size: int,
     s3: S3Settings | None = None,
     threads: int = 4,
+    keep_aspect: bool = False,
 ) -> Splits:
-    """``data`` is ``shapes``, a manifest (.jsonl/.csv) or a COCO captions file (.json)."""
+    """``data`` is ``shapes``, a manifest (.jsonl/.csv) or a COCO captions file (.json). ``keep_aspect``: see
+    ``fit_image`` (shapes pictures are square, drawn at ``size[0]``, whichever it is)."""
     skipped = Skipped()
     if data == "shapes":
         if size[0] != size[1]:
@@ -392,7 +422,14 @@ def open_splits(
             skipped,
         )
     dataset = open_files(
-        data, image_root=image_root, size=size, resample=resample, skipped=skipped, s3=s3, threads=threads
+        data,
+        image_root=image_root,
+        size=size,
+        resample=resample,
+        skipped=skipped,
+        s3=s3,
+        threads=threads,
+        keep_aspect=keep_aspect,
     )
     train_idx, val_idx = split_indices(len(dataset), val_fraction, seed, max_val_images)
     return Splits(Subset(dataset, train_idx, "train"), Subset(dataset, val_idx, "val"), skipped)

@@ -160,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     from captionfleet.core.model_store import resolve_model_ref
     from captionfleet.core.settings import ModelSettings
     from captionfleet.trainer.data import ShapesDataset, Skipped, open_files
+    from captionfleet.trainer.family_batches import ImageFit, checkpoint_fit
 
     parser = argparse.ArgumentParser(prog="python -m captionfleet.trainer.evaluate", description=main.__doc__)
     parser.add_argument("model", help="model ref: directory, s3://, hub id or builtin")
@@ -175,21 +176,22 @@ def main(argv: list[str] | None = None) -> int:
     path = resolve_model_ref(args.model, cache_dir=ModelSettings().cache_dir)
     decoding = DecodingSettings() if args.num_beams is None else DecodingSettings(num_beams=args.num_beams)
     captioner = load_checkpoint(path, device=args.device, precision="auto", decoding=decoding)
-    if not isinstance(captioner, Captioner):  # the shapes pictures and data files are drawn at its input size
-        parser.error(
-            f"{args.model} is a {captioner.family} checkpoint: this evaluation reads vision-encoder-decoder ones"
-        )
-    width, height = captioner.image_size
+    # The pictures are drawn (shapes) or sized (files) as the model's image processor sizes them.
+    if isinstance(captioner, Captioner):
+        fit = ImageFit(captioner.image_size, captioner.preprocess.resample)
+    else:
+        fit = checkpoint_fit(path)
     dataset: CaptionDataset
     if args.data == "shapes":
-        dataset = ShapesDataset(args.seed, args.limit, width)
+        dataset = ShapesDataset(args.seed, args.limit, fit.size[0])
     else:
         dataset = open_files(
             args.data,
             image_root=args.image_root,
-            size=(width, height),
-            resample=captioner.preprocess.resample,
+            size=fit.size,
+            resample=fit.resample,
             skipped=Skipped(),
+            keep_aspect=fit.keep_aspect,
         )
     evaluation = evaluate_captioner(captioner, dataset, limit=args.limit)
     for caption, truth, ok in evaluation.samples(args.samples):

@@ -1,4 +1,5 @@
-"""Model configuration: fine-tune an existing checkpoint, or build a new one from scratch."""
+"""Model configuration: fine-tune an existing checkpoint (vision-encoder-decoder, git or blip), or build a new
+one from scratch (vision-encoder-decoder or git: settings.family)."""
 
 from __future__ import annotations
 
@@ -9,12 +10,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import VisionEncoderDecoderModel
 
 from captionfleet.core import checkpoint_load
-from captionfleet.core.model_store import ModelRefError, check_checkpoint_dir
+from captionfleet.core.family import VED
+from captionfleet.core.model_store import ModelRefError, check_checkpoint_dir, model_type_of
 from captionfleet.core.registry_layout import METADATA_FILE
-from captionfleet.trainer.scratch import build_model
+from captionfleet.trainer.family_batches import bounds, check_trainable
+from captionfleet.trainer.scratch import GIT, build_git_model, build_model
 from captionfleet.trainer.settings import TrainerSettings
 
 log = logging.getLogger(__name__)
@@ -32,27 +34,49 @@ class InitFromError(ModelRefError):
 
 @dataclass
 class ModelBundle:
-    model: VisionEncoderDecoderModel
-    processor: Any  # an image processor (ViTImageProcessor for every ViT-GPT2 checkpoint)
-    tokenizer: Any  # a GPT-2 tokenizer
+    model: Any  # VisionEncoderDecoderModel, GitForCausalLM or BlipForConditionalGeneration
+    # ViT-GPT2: its image processor; GIT and BLIP: their processor (image processor + tokenizer), saved whole.
+    processor: Any
+    tokenizer: Any  # ViT-GPT2: a GPT-2 tokenizer; the others: their processor's
     parent: dict[str, Any] | None  # what it was fine-tuned from; None when built from scratch
 
+    @property
+    def family(self) -> str:
+        return str(self.model.config.model_type)
 
-def load_training_parts(path: Path) -> tuple[VisionEncoderDecoderModel, Any, Any]:
-    """Model, image processor and tokenizer from a save_pretrained directory, with the checks every
-    load has (safetensors only, no checkpoint code, every weight present): ModelRefError otherwise."""
+    @property
+    def image_processor(self) -> Any:
+        return getattr(self.processor, "image_processor", self.processor)
+
+
+def load_training_parts(path: Path) -> tuple[Any, Any, Any]:
+    """Model, processor and tokenizer from a save_pretrained directory, with the checks every load has
+    (safetensors only, no checkpoint code, every weight present; a family the trainer trains):
+    ModelRefError otherwise. The processor is ViT-GPT2's image processor, or GIT's/BLIP's whole processor."""
     check_checkpoint_dir(path)
-    model = checkpoint_load.load_model(path, torch.float32)
-    processor = checkpoint_load.load_image_processor(path)
-    tokenizer = checkpoint_load.load_tokenizer(path)
-    return model, processor, tokenizer
+    model_type = model_type_of(path)
+    check_trainable(path, model_type)
+    if model_type == VED:
+        model = checkpoint_load.load_model(path, torch.float32)
+        processor = checkpoint_load.load_image_processor(path)
+        tokenizer = checkpoint_load.load_tokenizer(path)
+        return model, processor, tokenizer
+    model = checkpoint_load.load_image_text_model(path, torch.float32)
+    processor = checkpoint_load.load_processor(path, model_type)
+    return model, processor, processor.tokenizer
 
 
-def fix_special_tokens(model: VisionEncoderDecoderModel, tokenizer: Any) -> None:
-    """GPT-2 checkpoints often lack a pad token and a decoder start token; training needs both.
+def fix_special_tokens(model: Any, tokenizer: Any) -> None:
+    """The tokens training needs: ViT-GPT2's start and pad (GPT-2 checkpoints often lack both); GIT's and
+    BLIP's caption start and end (core/family.py ``caption_bounds``), which must be in their config.
 
     As in the reference checkpoint, GPT-2's one special token (eos) serves as start and pad.
     """
+    if model.config.model_type != VED:
+        _, end = bounds(model.config.model_type, model.config)
+        if model.config.model_type == GIT and model.generation_config.eos_token_id is None:
+            model.generation_config.eos_token_id = end  # served captions stop where training taught them to
+        return
     if tokenizer.eos_token_id is None:
         raise ValueError("the checkpoint's tokenizer has no eos token; ViT-GPT2 uses <|endoftext|>")
     if tokenizer.pad_token_id is None:
@@ -72,17 +96,30 @@ def fix_special_tokens(model: VisionEncoderDecoderModel, tokenizer: Any) -> None
     gen.pad_token_id = cfg.pad_token_id
 
 
+# The configs' dropout fields (GPT-2's, ViT's and GIT's, CLIP's vision tower's), so the saved config says what ran.
+DROPOUT_FIELDS = (
+    "resid_pdrop",
+    "embd_pdrop",
+    "attn_pdrop",
+    "hidden_dropout_prob",
+    "attention_probs_dropout_prob",
+    "attention_dropout",
+)
+
+
 def set_dropout(model: torch.nn.Module, p: float) -> None:
     """One dropout rate for every dropout layer (scratch models only: checkpoints keep theirs)."""
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = p
     config = getattr(model, "config", None)
-    if config is not None:
-        for name in ("resid_pdrop", "embd_pdrop", "attn_pdrop"):
-            setattr(config.decoder, name, p)
-        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
-            setattr(config.encoder, name, p)
+    if config is None:
+        return
+    parts = [config, *(getattr(config, name, None) for name in ("encoder", "decoder", "vision_config", "text_config"))]
+    for part in parts:
+        for name in DROPOUT_FIELDS:
+            if part is not None and hasattr(part, name):
+                setattr(part, name, p)
 
 
 def parent_of(path: Path, ref: str) -> dict[str, Any]:
@@ -109,9 +146,8 @@ def configure_model(settings: TrainerSettings, captions_for_tokenizer: list[str]
         fix_special_tokens(model, tokenizer)
         log.info("fine-tuning %s (%s)", settings.init_from, path)
         return ModelBundle(model, processor, tokenizer, parent_of(path, settings.init_from))
-    model, processor, tokenizer = build_model(
-        captions_for_tokenizer, sizes=settings.scratch_sizes(), seed=settings.seed
-    )
+    build = build_git_model if settings.family == GIT else build_model
+    model, processor, tokenizer = build(captions_for_tokenizer, sizes=settings.scratch_sizes(), seed=settings.seed)
     set_dropout(model, settings.dropout)
     return ModelBundle(model, processor, tokenizer, None)
 

@@ -4,6 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
+# The transformers class a trained family's checkpoint loads as.
+MODEL_CLASSES = {
+    "vision-encoder-decoder": "VisionEncoderDecoderModel",
+    "git": "GitForCausalLM",
+    "blip": "BlipForConditionalGeneration",
+}
+
 
 def _pct(value: Any) -> str:
     return f"{value:.1%}" if isinstance(value, int | float) else "n/a"
@@ -20,20 +27,23 @@ def model_card(info: dict[str, Any]) -> str:
     decoding = scores.get("decoding", {})
     parent = info.get("parent")
     size_mb = info.get("size_bytes", 0) / 1e6
+    family = str(info.get("family") or "vision-encoder-decoder")
     if training.get("init_from"):
         architecture = f"fine-tuned from `{training['init_from']}`"
     else:
+        git = family == "git"
+        encoder, decoder = ("CLIP-style image encoder", "GIT text decoder") if git else ("ViT encoder", "GPT-2 decoder")
         architecture = (
-            f"ViT encoder ({training.get('vit_layers')} layers, hidden {training.get('vit_hidden')}, "
-            f"{training.get('image_size')} px input, {training.get('patch_size')} px patches) + GPT-2 decoder "
+            f"{encoder} ({training.get('vit_layers')} layers, hidden {training.get('vit_hidden')}, "
+            f"{training.get('image_size')} px input, {training.get('patch_size')} px patches) + {decoder} "
             f"({training.get('gpt2_layers')} layers, hidden {training.get('gpt2_hidden')}), "
             "byte-level BPE tokenizer trained on the captions; built from scratch"
         )
     lines = [
         f"# {info.get('name', 'model')} ({info.get('version', '?')})",
         "",
-        "A Hugging Face `VisionEncoderDecoderModel` checkpoint made by the captionfleet trainer; "
-        "the captionfleet worker loads it as it is.",
+        f"A Hugging Face `{MODEL_CLASSES.get(family, family)}` checkpoint (family `{family}`) made by the "
+        "captionfleet trainer; the captionfleet worker loads it as it is.",
         "",
         f"- **Model**: {architecture}; {info.get('parameters', 0) / 1e6:.2f}M parameters, {size_mb:.1f} MB.",
         f"- **Parent**: {parent['ref'] if parent else 'none (trained from scratch)'}",

@@ -1,6 +1,9 @@
-"""Batches for training: pixels through the worker's own preprocessing, captions to labels.
+"""Batches for training: which pictures and captions each step sees, and ViT-GPT2's labels.
 
-Labels are the caption's tokens followed by one end-of-sequence token, padded with -100 (ignored
+A batch's model inputs are its family's (trainer/family_batches.py); this module picks the items (a pure
+function of the seed and the step, so a resumed run sees the batches an uninterrupted one would).
+
+ViT-GPT2's labels are the caption's tokens followed by one end-of-sequence token, padded with -100 (ignored
 by the loss). GPT-2 uses a single special token as bos, eos and pad, so padding cannot be told
 apart from the real end by its id: the -100s are placed by length, and the first eos after the
 caption is kept as a label, which is what teaches the model to stop.
@@ -11,7 +14,7 @@ from __future__ import annotations
 import functools
 import random
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,26 +56,28 @@ def encode_captions(tokenizer: Any, captions: Sequence[str], max_tokens: int) ->
     return labels
 
 
+# Pictures and their captions -> the model's keyword arguments (trainer/family_batches.FamilyBatches).
+Encoder = Callable[[Sequence[Image.Image], Sequence[str]], dict[str, torch.Tensor]]
+
+
 @dataclass
 class Batch:
-    pixel_values: torch.Tensor  # (batch, 3, H, W) float32
-    labels: torch.Tensor  # (batch, length) long, -100 at padding
+    inputs: dict[str, torch.Tensor]  # the model's keyword arguments: pixel_values, labels, and text for GIT/BLIP
 
     def __len__(self) -> int:
-        return int(self.pixel_values.shape[0])
+        return int(self.inputs["pixel_values"].shape[0])
+
+    def to(self, device: torch.device) -> dict[str, torch.Tensor]:
+        return {name: value.to(device) for name, value in self.inputs.items()}
 
 
 class BatchMaker:
     """Turns data-set indices into a Batch; which caption of an image is used is a pure function
     of (seed, index, epoch), so a resumed run sees exactly the batches an uninterrupted one would."""
 
-    def __init__(
-        self, dataset: CaptionDataset, preprocessing: Preprocessing, tokenizer: Any, max_tokens: int, seed: int
-    ) -> None:
+    def __init__(self, dataset: CaptionDataset, encode: Encoder, seed: int) -> None:
         self.dataset = dataset
-        self.preprocessing = preprocessing
-        self.tokenizer = tokenizer
-        self.max_tokens = max_tokens
+        self.encode = encode
         self.seed = seed
 
     def caption_for(self, index: int, epoch: int) -> str:
@@ -84,7 +89,7 @@ class BatchMaker:
     def __call__(self, indices: Sequence[int], epoch: int = 0) -> Batch:
         images: list[Image.Image] = [self.dataset.image(i) for i in indices]
         captions = [self.caption_for(i, epoch) for i in indices]
-        return Batch(self.preprocessing(images), encode_captions(self.tokenizer, captions, self.max_tokens))
+        return Batch(self.encode(images, captions))
 
 
 def batch_indices(length: int, batch_size: int, seed: int, micro_step: int) -> tuple[list[int], int]:

@@ -44,4 +44,16 @@ SHAPES: dict[str, Any] = {
     "threads": 1,
 }
 
-PRESETS: dict[str, dict[str, Any]] = {"shapes": SHAPES}
+# The same task and sizes with a GIT model from scratch: the proof that the trainer trains another family
+# (one transformer over the image tokens and the caption instead of ViT + cross-attending GPT-2). Evaluated
+# greedy, as it is graded. Into out/shapes-git, never over the built-in model.
+SHAPES_GIT: dict[str, Any] = {
+    **SHAPES,
+    "name": "git-shapes",
+    "family": "git",
+    "out_dir": "out/shapes-git",
+    "run_dir": ".cache/runs/git-shapes",
+    "decoding": {"num_beams": 1},
+}
+
+PRESETS: dict[str, dict[str, Any]] = {"shapes": SHAPES, "shapes-git": SHAPES_GIT}

@@ -153,16 +153,15 @@ def prepare(settings: TrainerSettings) -> TrainerSettings:
 
 def publish_trained(settings: TrainerSettings, out_dir: Path) -> PublishOutcome:
     """Publish the run's checkpoint to settings.publish_to through the quality gate."""
-    from captionfleet.core.captioner import Preprocessing
+    from captionfleet.trainer.family_batches import checkpoint_fit
     from captionfleet.trainer.train import open_run_splits
 
     registry = Registry(settings.publish_to, settings.s3)
     source = None
     if not eval_set_exists(registry):
         # The first publish stores the fixed evaluation set: this run's validation images.
-        # Only the input size is needed: read it from the checkpoint, do not load the model for it.
-        prep = Preprocessing.from_checkpoint(out_dir)
-        splits = open_run_splits(settings, (prep.width, prep.height), prep.resample)
+        # Only the input size is needed: read it from the checkpoint's image processor, do not load the model.
+        splits = open_run_splits(settings, checkpoint_fit(out_dir))
         source = splits.val
     return publish_version(
         out_dir,

@@ -1,17 +1,26 @@
-"""Build a VisionEncoderDecoder model from scratch: ViT encoder, GPT-2 decoder, BPE tokenizer.
+"""Build a model from scratch: ViT encoder + GPT-2 decoder (``vision-encoder-decoder``), or GIT.
 
-Used by the trainer (``--from-scratch``) and by tests that need a real checkpoint without
-downloading one. The tokenizer is a byte-level BPE trained on the captions and wrapped so that
-it saves and loads as a GPT-2 tokenizer.
+Used by the trainer (no ``--init-from``; ``--family`` picks which) and by tests that need a real checkpoint
+without downloading one. The tokenizer is a byte-level BPE trained on the captions and wrapped so that it
+saves and loads as a GPT-2 tokenizer; both families use it, so their captions are the same tokens.
+
+GIT from scratch is sized by the same numbers: ``vit_*`` for its CLIP-style image encoder, ``gpt2_*`` for
+its text decoder (which attends to the image tokens in the same self-attention, where GPT-2 cross-attends),
+``max_positions`` for its text positions. Its image processor is CLIP's, as in real GIT checkpoints.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
+    CLIPImageProcessorPil,
+    GitConfig,
+    GitForCausalLM,
+    GitProcessor,
     GPT2Config,
     GPT2Tokenizer,
     VisionEncoderDecoderConfig,
@@ -19,6 +28,10 @@ from transformers import (
     ViTConfig,
     ViTImageProcessorPil,
 )
+
+from captionfleet.core.family import VED
+
+GIT = "git"
 
 # GPT-2's single special token; it doubles as bos, eos and pad, exactly as in the
 # production checkpoint (nlpconnect/vit-gpt2-image-captioning).
@@ -95,9 +108,52 @@ def build_model(
     model.generation_config.bos_token_id = special_id
     model.generation_config.eos_token_id = special_id
     model.generation_config.pad_token_id = special_id
-    processor = ViTImageProcessorPil(
-        size={"height": sizes.image_size, "width": sizes.image_size},
-        image_mean=[0.5, 0.5, 0.5],
-        image_std=[0.5, 0.5, 0.5],
-    )
+    processor = scratch_image_processor(VED, sizes)
     return model, processor, tokenizer
+
+
+def scratch_image_processor(family: str, sizes: ScratchSizes) -> Any:
+    """The image processor a new model of ``family`` gets (the data is sized by it before the model exists)."""
+    side = sizes.image_size
+    if family == GIT:
+        # CLIP's, like real GIT checkpoints' (shorter side, then a centre crop; CLIP's mean and std, bicubic):
+        # a model made here is then fine-tuned and served exactly like one from the hub.
+        return CLIPImageProcessorPil(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
+    return ViTImageProcessorPil(size={"height": side, "width": side}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+
+
+def build_git_model(
+    captions: Iterable[str], sizes: ScratchSizes = ScratchSizes(), seed: int = 0
+) -> tuple[GitForCausalLM, GitProcessor, GPT2Tokenizer]:
+    """A randomly initialised GIT with a tokenizer trained on ``captions`` and CLIP's image processor."""
+    import torch
+
+    tokenizer = train_tokenizer(captions, sizes.vocab_size)
+    special_id = tokenizer.convert_tokens_to_ids(SPECIAL)
+    assert isinstance(special_id, int), "a single token maps to a single id"
+    config = GitConfig(
+        vision_config={
+            "image_size": sizes.image_size,
+            "patch_size": sizes.patch_size,
+            "hidden_size": sizes.vit_hidden,
+            "num_hidden_layers": sizes.vit_layers,
+            "num_attention_heads": sizes.vit_heads,
+            "intermediate_size": 4 * sizes.vit_hidden,
+        },
+        vocab_size=len(tokenizer),
+        hidden_size=sizes.gpt2_hidden,
+        num_hidden_layers=sizes.gpt2_layers,
+        num_attention_heads=sizes.gpt2_heads,
+        intermediate_size=4 * sizes.gpt2_hidden,
+        max_position_embeddings=sizes.max_positions,
+        # As in the ViT-GPT2 model: GPT-2's one special token starts, ends and pads every caption.
+        bos_token_id=special_id,
+        eos_token_id=special_id,
+        pad_token_id=special_id,
+    )
+    torch.manual_seed(seed)
+    model = GitForCausalLM(config)
+    model.generation_config.bos_token_id = special_id
+    model.generation_config.eos_token_id = special_id
+    model.generation_config.pad_token_id = special_id
+    return model, GitProcessor(scratch_image_processor(GIT, sizes), tokenizer), tokenizer

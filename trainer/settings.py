@@ -83,6 +83,10 @@ class TrainerSettings(BaseSettings):
     load_threads: int = Field(default=4, ge=1)
 
     # --- model from scratch (ignored when init_from is set) ----------------------------------------
+    # Which family a new model is: ViT + GPT-2 (the built-in model's), or GIT (one transformer over the
+    # image tokens and the caption, sized by the same numbers: vit_* its image encoder, gpt2_* its text
+    # decoder). A fine-tuned model is the family of its checkpoint (vision-encoder-decoder, git or blip).
+    family: Literal["vision-encoder-decoder", "git"] = "vision-encoder-decoder"
     # Input side in pixels; 64 keeps a small shape (12 px) several patches' worth of detail.
     image_size: int = Field(default=64, ge=8)
     # 8 px patches: 64 tokens for the encoder at 64 px, fine enough to tell a star from a circle.

@@ -4,6 +4,9 @@
     validate + checkpoint) -> publish (save_pretrained + captionfleet.json, evaluated by the
     worker's own captioner).
 
+One loop for every family it trains (vision-encoder-decoder, git, blip): a batch is the model's keyword
+arguments, made by the family's rule (trainer/family_batches.py), and the loop only reads ``.loss``.
+
 A run killed at any point continues from its last checkpoint when started again with the same
 settings: same step, same optimizer state, same data order (batches are a pure function of the
 seed and the step, see trainer.preprocess.batch_indices). Started again with other settings that
@@ -34,9 +37,11 @@ from captionfleet.core.settings import DecodingSettings
 from captionfleet.trainer.checkpoint import load_resume, publish, resume_model_dir, save_resume
 from captionfleet.trainer.data import CaptionDataset, Splits, open_splits
 from captionfleet.trainer.evaluate import Evaluation, evaluate_captioner
+from captionfleet.trainer.family_batches import FamilyBatches, ImageFit, image_fit
 from captionfleet.trainer.model import ModelBundle, configure_model, count_parameters
 from captionfleet.trainer.model_card import model_card as default_model_card
-from captionfleet.trainer.preprocess import Batch, BatchMaker, batch_indices, preprocessing_for
+from captionfleet.trainer.preprocess import Batch, BatchMaker, batch_indices
+from captionfleet.trainer.scratch import scratch_image_processor
 from captionfleet.trainer.settings import TrainerSettings
 from captionfleet.trainer.shapes import all_captions_sample
 
@@ -53,13 +58,14 @@ class TrainResult:
     wall_seconds: float = 0.0
 
 
-def open_run_splits(settings: TrainerSettings, size: tuple[int, int], resample: Any) -> Splits:
-    """The run's train/validation splits, images resized once to the model's input ``size``."""
+def open_run_splits(settings: TrainerSettings, fit: ImageFit) -> Splits:
+    """The run's train/validation splits, images sized once as the model's image processor sizes them."""
     return open_splits(
         settings.data,
         image_root=settings.image_root,
-        size=size,
-        resample=resample,
+        size=fit.size,
+        resample=fit.resample,
+        keep_aspect=fit.keep_aspect,
         seed=settings.seed,
         val_fraction=settings.val_fraction,
         max_val_images=settings.max_val_images,
@@ -120,7 +126,7 @@ def validation_loss(model: torch.nn.Module, batches: list[Batch], device: torch.
     total, count = 0.0, 0
     for batch in batches:
         with ctx:
-            loss = model(pixel_values=batch.pixel_values.to(device), labels=batch.labels.to(device)).loss
+            loss = model(**batch.to(device)).loss
         total += float(loss) * len(batch)
         count += len(batch)
     model.train()
@@ -215,25 +221,21 @@ def train(
     elif settings.init_from:
         bundle = configure_model(settings, [])
     if resume is not None or settings.init_from:
-        prep = preprocessing_for(bundle.processor)
-        size, resample = (prep.width, prep.height), prep.resample
-    else:  # from scratch: ViTImageProcessor's defaults at the configured size
-        from PIL import Image
-
-        size, resample = (settings.image_size, settings.image_size), Image.Resampling.BILINEAR
-    splits = open_run_splits(settings, size, resample)
+        fit = image_fit(bundle.image_processor)
+    else:  # from scratch: the image processor the new model will have (its tokenizer needs the data first)
+        fit = image_fit(scratch_image_processor(settings.family, settings.scratch_sizes()))
+    splits = open_run_splits(settings, fit)
     if resume is None and not settings.init_from:
         bundle = configure_model(settings, tokenizer_captions(splits, settings))
-    prep = preprocessing_for(bundle.processor)
-    if (prep.width, prep.height) != size:
-        raise RuntimeError(f"model input is {prep.width}x{prep.height} but data was prepared at {size}")
-    model = bundle.model.to(device)  # type: ignore[arg-type]
+    if image_fit(bundle.image_processor) != fit:
+        raise RuntimeError(f"model input is {image_fit(bundle.image_processor)} but data was prepared as {fit}")
+    model = bundle.model.to(device)
     model.train()
-    log.info("model: %.2fM parameters, input %dx%d", count_parameters(model) / 1e6, *size)
+    log.info("model: %s, %.2fM parameters, input %dx%d", bundle.family, count_parameters(model) / 1e6, *fit.size)
 
-    max_tokens = min(settings.max_caption_tokens, model.config.decoder.n_positions - 1)
-    make_train = BatchMaker(splits.train, prep, bundle.tokenizer, max_tokens, settings.seed)
-    make_val = BatchMaker(splits.val, prep, bundle.tokenizer, max_tokens, settings.seed)
+    encode = FamilyBatches(model, bundle.processor, bundle.tokenizer, max_caption_tokens=settings.max_caption_tokens)
+    make_train = BatchMaker(splits.train, encode, settings.seed)
+    make_val = BatchMaker(splits.val, encode, settings.seed)
     # Fixed validation batches: the same images every time, so losses compare across a run.
     val_n = len(splits.val)
     val_batches = [
@@ -285,8 +287,7 @@ def train(
         for micro in range(settings.grad_accum):
             batch = prefetch.take(step * settings.grad_accum + micro)
             with ctx:
-                out = model(pixel_values=batch.pixel_values.to(device), labels=batch.labels.to(device))
-                loss = out.loss / settings.grad_accum
+                loss = model(**batch.to(device)).loss / settings.grad_accum
             scaler.scale(loss).backward()
             loss_sum += float(loss.detach())
 
@@ -361,6 +362,7 @@ def train(
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "command": command,
         "parent": bundle.parent,
+        "family": bundle.family,
         "steps": step,
         "resumed_from": resumed_from,
         "train_seconds": round(train_seconds, 1),

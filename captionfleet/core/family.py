@@ -14,7 +14,7 @@ alternative of a checkpoint it refuses for needing its own code.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 # How a prompt becomes model input:
 # - "none": the model takes no prompt (ViT-GPT2);
@@ -72,6 +72,20 @@ def takes_prompt(model_type: str) -> bool:
     A type not listed is served with the generic rule, which always takes one."""
     known = FAMILIES.get(model_type)
     return known is None or known.prompt_style != "none"
+
+
+def caption_bounds(model_type: str, config: Any) -> tuple[int, int]:
+    """The token a ``decoder_prefix`` family's caption follows and the token that ends it, from the model's
+    config: BLIP's text decoder starts at its bos ([DEC]) and stops at [SEP]; GIT starts at its bos and stops
+    at its eos. Serving (core/families/prompts.py) starts captions here and the trainer
+    (trainer/family_batches.py) teaches them to end here: one rule for both, so a trained model stops where
+    the served one expects it to."""
+    if model_type == "blip":
+        text = config.text_config
+        return int(text.bos_token_id), int(text.sep_token_id)
+    if model_type == "git":
+        return int(config.bos_token_id), int(config.eos_token_id)
+    raise ValueError(f"{model_type} is not a decoder_prefix family with a known caption start and end (blip, git)")
 
 
 def family_for(model_type: str, *, has_chat_template: bool, is_encoder_decoder: bool) -> Family:

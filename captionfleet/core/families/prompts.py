@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 from transformers.image_utils import SizeDict
 
-from captionfleet.core.family import Family
+from captionfleet.core.family import Family, caption_bounds
 
 
 def text_for(family: Family, processor: Any, prompt: str | None) -> str | None:
@@ -70,10 +70,8 @@ def _decoder_prefix(
     starts from alone."""
     features = dict(processor.image_processor(images=[image], return_tensors="pt"))
     words = processor.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
-    if family.model_type == "blip":
-        ids = [config.text_config.bos_token_id, *words, config.text_config.sep_token_id]
-    else:
-        ids = [config.bos_token_id, *words]
+    start, end = caption_bounds(family.model_type, config)
+    ids = [start, *words, end] if family.model_type == "blip" else [start, *words]
     features["input_ids"] = torch.tensor([ids], dtype=torch.long)
     features["attention_mask"] = torch.ones_like(features["input_ids"])
     return features
