@@ -1,19 +1,22 @@
 """http(s) downloads of images, on httpx: the one client behind the stream's fetcher and the archive job's
 manifests of urls.
 
-Every request names us (``WORKER_FETCH__USER_AGENT``); at most ``per_host_concurrency`` requests go to
-one host at once; each attempt has one deadline for connecting, redirects and the whole body (a host
-dripping a byte at a time cannot hold a slot for long); bodies over the byte limit are refused by their
-declared length or cut off one byte past it. Bodies are asked for unencoded (``Accept-Encoding: identity``)
-and read raw: a host that gzips anyway is decoded under the same limit, one layer at most, so 500 bytes of
-nested gzip cannot become gigabytes in memory. Redirects are followed by hand, each one held to the same
-allowed-hosts rule as the first url (worker/http_hosts.py). An image whose host says ``X-Robots-Tag:
-noai`` or ``noimageai`` (for everyone, or for our user agent) is not read: kind ``opted_out``.
-Timeouts, dropped connections, 429 and 5xx are worth another attempt (``TransientFetchError``).
+Every request names us (``WORKER_FETCH__USER_AGENT``); at most ``per_host_concurrency`` requests go to one
+host at once (its slot taken before the caller's overall one); each attempt has one deadline for connecting,
+the headers, every redirect hop and the whole body, kept by the sockets themselves (worker/http_deadline.py:
+a host dripping a byte at a time cannot hold a slot for long); bodies over the byte limit are refused by
+their declared length or cut off one byte past it. Bodies are asked for unencoded (``Accept-Encoding:
+identity``) and read raw: a host that gzips anyway is decoded under the same limit, one layer at most, so
+500 bytes of nested gzip cannot become gigabytes in memory. Redirects are followed by hand, each one held to
+the same allowed-hosts rule as the first url (worker/http_hosts.py). An image whose host says
+``X-Robots-Tag: noai`` or ``noimageai`` (for everyone, or for our user agent) is not read: kind
+``opted_out``. Timeouts, dropped connections, 429 and 5xx are worth another attempt
+(``TransientFetchError``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 import zlib
@@ -38,6 +41,7 @@ from captionfleet.core.failures import (
 )
 from captionfleet.core.s3 import RetryPolicy
 from captionfleet.core.settings import FetchSettings, split_host_port
+from captionfleet.worker.http_deadline import DeadlineTransport, attempt_deadline
 from captionfleet.worker.http_hosts import address, host_allowed
 
 # Content-Encodings decoded (under the byte limit) when a host sends one although we asked for identity.
@@ -74,21 +78,27 @@ class HttpFetcher:
         retry: RetryPolicy,
         transport: httpx.BaseTransport | None = None,
         clock: Callable[[], float] = time.monotonic,
+        outer_slots: threading.BoundedSemaphore | None = None,
     ) -> None:
+        """``outer_slots``: the caller's limit on fetches of every kind at once, taken after this host's slot
+        (a slow host's queue then holds none of them)."""
         self.settings = settings
         self.max_bytes = max_bytes
         self.allowed_hosts = frozenset(split_host_port(host) for host in settings.allowed_hosts)
         self._retry = replace(retry, retryable=lambda error: isinstance(error, TransientFetchError), describe=str)
         self._deadline_s = settings.connect_timeout_s + settings.read_timeout_s
         self._clock = clock
+        self._outer = outer_slots
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
         self._client = httpx.Client(
             follow_redirects=False,  # each hop is checked against the allowed hosts first
             timeout=httpx.Timeout(settings.read_timeout_s, connect=settings.connect_timeout_s),
             # identity: an image gains nothing from gzip, and httpx's own decoders have no size bound.
             headers={"User-Agent": settings.user_agent, "Accept-Encoding": "identity"},
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
+            limits=limits,
             trust_env=False,  # no proxy from the environment: the allow-list is about where requests go
-            transport=transport,
+            # The sockets keep each attempt's deadline: headers and redirect hops too, not only the body.
+            transport=transport or DeadlineTransport(limits),
         )
         self._hosts: dict[str, threading.BoundedSemaphore] = {}
         self._hosts_lock = threading.Lock()
@@ -114,12 +124,15 @@ class HttpFetcher:
     def get_once(self, url: str) -> bytes:
         """One attempt, redirects included. Raises FetchError, or TransientFetchError when another
         attempt may succeed."""
-        with self._slot(url):
+        # The host's slot first, then the caller's: waiting for a busy host holds nothing anyone else needs.
+        with self._slot(url), self._outer or contextlib.nullcontext():
             deadline = self._clock() + self._deadline_s
             try:
-                return self._follow(url, deadline)
+                with attempt_deadline(time.monotonic() + self._deadline_s):
+                    return self._follow(url, deadline)
             except httpx.TimeoutException as error:
-                raise TransientFetchError(TIMEOUT, f"timed out: {error or type(error).__name__}") from error
+                why = f"{error or type(error).__name__}"
+                raise TransientFetchError(TIMEOUT, f"not received within {self._deadline_s:g}s ({why})") from error
             except (httpx.InvalidURL, httpx.UnsupportedProtocol) as error:
                 raise FetchError(MALFORMED, f"{url[:200]!r}: {error}") from error
             except httpx.RemoteProtocolError as error:
