@@ -17,6 +17,7 @@ the same allowed-hosts rule as the first url (worker/http_hosts.py). An image wh
 from __future__ import annotations
 
 import contextlib
+import re
 import threading
 import time
 import zlib
@@ -49,19 +50,26 @@ _DECODABLE = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "defla
 
 # The X-Robots-Tag directives with which sites opt their images out of AI datasets (as img2dataset honours them).
 OPT_OUT_DIRECTIVES = frozenset({"noai", "noimageai"})
+# Robots directives written "name: value" or "name:value": a name, not a bot's.
+_VALUED_DIRECTIVES = frozenset({"max-snippet", "max-image-preview", "max-video-preview", "unavailable_after"})
+# A user agent's product token (no spaces: a date's "25-jun-10 15:00" is not one), or "*".
+_BOT_NAME = re.compile(r"\*|[a-z0-9][a-z0-9_.\-]*")
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 
 
 def opted_out(values: Iterable[str], user_agent: str) -> str | None:
     """The opt-out directive in these ``X-Robots-Tag`` values that applies to us, or None. A value is
-    ``directive, directive`` or ``bot: directive, ...``; a named bot other than ours is someone else's rule."""
+    ``directive, directive`` or ``bot: directive, ...``; a named bot other than ours is someone else's rule.
+    Some directives carry a value after a colon (``max-image-preview:large``, ``unavailable_after: <date>``):
+    only a leading name that is none of those, and could be a user agent's, names a bot."""
     token = user_agent.split("/", 1)[0].strip().lower()
     for value in values:
-        bot = None
+        bot = None  # until a value names one, its directives are everyone's
         for part in value.split(","):
             text = part.strip().lower()
-            if ":" in text:
-                bot, _, text = (piece.strip() for piece in text.partition(":"))
+            name, colon, rest = (piece.strip() for piece in text.partition(":"))
+            if colon and name not in _VALUED_DIRECTIVES and _BOT_NAME.fullmatch(name):
+                bot, text = name, rest  # "bot: directive": this and the following directives are bot's
             if text in OPT_OUT_DIRECTIVES and bot in (None, "*", token):
                 return text
     return None

@@ -19,7 +19,7 @@ from captionfleet.core.failures import FetchError
 from captionfleet.core.s3 import RetryPolicy
 from captionfleet.core.settings import FetchSettings, S3Settings
 from captionfleet.worker.fetch import Fetcher
-from captionfleet.worker.http_client import HttpFetcher
+from captionfleet.worker.http_client import HttpFetcher, opted_out
 from tests.unit.test_fetch import serving
 
 IMAGE = b"\xff\xd8\xff" + bytes(range(256)) * 100
@@ -164,3 +164,25 @@ def test_a_slow_host_queue_holds_no_slot_another_host_needs(slow_host: str) -> N
             waited = time.monotonic() - start
             assert [future.result() for future in held] == [IMAGE] * 3
     assert waited < 0.8  # was until a slow one finished: the waiting ones held both of the fetcher's slots
+
+
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [
+        (["noai"], "noai"),
+        (["noindex, noimageai"], "noimageai"),
+        (["max-image-preview:large, noai"], "noai"),  # a valued directive is not a bot: was ignored
+        (["unavailable_after: 2030-01-01, noimageai"], "noimageai"),  # was ignored
+        (["max-snippet: 20, max-video-preview:-1, noai"], "noai"),
+        (["unavailable_after: Friday, 25-Jun-30 15:00:00 PST, noai"], "noai"),  # a date with a comma
+        (["otherbot: noai"], None),  # someone else's rule
+        (["otherbot: max-image-preview:large, noai"], None),
+        (["otherbot: noindex", "noai"], "noai"),  # each header value on its own
+        (["captionfleet: noai"], "noai"),
+        (["*: noimageai"], "noimageai"),
+        (["otherbot: noindex, captionfleet: noai"], "noai"),
+        (["noindex, nofollow", "max-image-preview:none"], None),
+    ],
+)
+def test_opt_out_directives(values: list[str], expected: str | None) -> None:
+    assert opted_out(values, "CaptionFleet/1.0 (ops@example.invalid)") == expected
