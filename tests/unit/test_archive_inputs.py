@@ -255,3 +255,38 @@ def test_a_local_shard_rewritten_between_its_two_reads_is_unfinished(tmp_path: A
     summary = run(path, tmp_path / "out", Touching(), out_format="webdataset")
     assert summary.unfinished == [str(path)] and not (tmp_path / "out" / "s.complete.json").exists()
     assert run(path, tmp_path / "out", CountingCaptioner(), out_format="webdataset").complete
+
+
+def test_two_writers_of_one_output_name_do_not_share_a_temporary_file(tmp_path: Any, monkeypatch: Any) -> None:
+    """Two runs of one shard (a rerun while a slow pod still finishes) write the same name: each into a file
+    of its own, renamed whole; the last rename wins and nothing fails."""
+    import os
+    import stat
+
+    from captionfleet.worker.connectors import archive_outputs
+    from captionfleet.worker.connectors.archive_outputs import LocalOutputs
+
+    outputs = LocalOutputs(tmp_path / "out")
+    real_fsync = os.fsync
+    nested: list[bool] = []
+
+    def fsync_with_a_second_writer(fd: int) -> None:
+        if not nested:  # the other writer writes the same name while the first is between write and rename
+            nested.append(True)
+            outputs.put_bytes("a.parquet", b"second")
+        real_fsync(fd)
+
+    monkeypatch.setattr(archive_outputs.os, "fsync", fsync_with_a_second_writer)
+    outputs.put_bytes("a.parquet", b"first")  # used to fail: the second writer had renamed its .tmp away
+    assert (tmp_path / "out" / "a.parquet").read_bytes() == b"first"
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["a.parquet"]  # no temporary file left
+    mode = stat.S_IMODE((tmp_path / "out" / "a.parquet").stat().st_mode)
+    assert mode & 0o044 == 0o644 & ~_umask() & 0o044  # readable as open() would have made it
+
+
+def _umask() -> int:
+    import os
+
+    current = os.umask(0)
+    os.umask(current)
+    return current

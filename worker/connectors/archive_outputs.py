@@ -8,9 +8,12 @@ under the output, which is all a run needs to plan (markers, checkpoint parts).
 from __future__ import annotations
 
 import os
+import shutil
+import uuid
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import Protocol
+from typing import BinaryIO, Protocol
 
 from botocore.exceptions import ClientError
 
@@ -64,24 +67,28 @@ class LocalOutputs:
         return target
 
     def put_file(self, name: str, path: Path) -> None:
-        target = self._target(name)
-        tmp = target.with_name(target.name + ".tmp")
-        with path.open("rb") as src, tmp.open("wb") as dst:
-            while chunk := src.read(1 << 20):
-                dst.write(chunk)
-            dst.flush()
-            os.fsync(dst.fileno())
-        os.replace(tmp, target)  # readers only ever see the whole file
-        _fsync_dir(target.parent)
+        with path.open("rb") as src:
+            self._write(name, lambda dst: shutil.copyfileobj(src, dst, 1 << 20))
 
     def put_bytes(self, name: str, data: bytes) -> None:
+        self._write(name, lambda dst: dst.write(data))
+
+    def _write(self, name: str, fill: Callable[[BinaryIO], object]) -> None:
+        """Written to a temporary name of its own, then renamed: readers only ever see the whole file, and two
+        writers of one name (two runs of a shard) never write into each other's temporary file."""
         target = self._target(name)
-        tmp = target.with_name(target.name + ".tmp")
-        with tmp.open("wb") as dst:
-            dst.write(data)
-            dst.flush()
-            os.fsync(dst.fileno())
-        os.replace(tmp, target)
+        tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+        # 0o666 less the umask, as open() would make it (mkstemp's 0o600 would hide outputs from readers).
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
+        try:
+            with os.fdopen(fd, "wb") as dst:
+                fill(dst)
+                dst.flush()
+                os.fsync(dst.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         _fsync_dir(target.parent)
 
     def get_bytes(self, name: str) -> bytes | None:
