@@ -15,7 +15,7 @@ from functools import partial
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
-from botocore.exceptions import ClientError
+from botocore.exceptions import BotoCoreError, ClientError
 
 from captionfleet.core.s3 import ObjectStore, RetryPolicy, is_not_found, parse_s3_uri
 from captionfleet.worker.connectors.s3_listing import list_pages
@@ -109,6 +109,11 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+# One PUT takes at most 5 GiB; above this a file goes up in parts of PART_BYTES (at most 10,000 of them).
+SINGLE_PUT_MAX_BYTES = 4 << 30
+PART_BYTES = 256 << 20
+
+
 class S3Outputs:
     def __init__(self, client: ObjectStore, uri: str, retry: RetryPolicy) -> None:
         self.client = client
@@ -130,11 +135,31 @@ class S3Outputs:
         return found
 
     def put_file(self, name: str, path: Path) -> None:
+        key = self._key(name)
+        if path.stat().st_size > SINGLE_PUT_MAX_BYTES:
+            self.retry.call(lambda: self._put_in_parts(key, path), f"write {self.uri(name)}")
+            return
+
         def put() -> None:
             with path.open("rb") as body:  # one PUT: the object appears whole or not at all
-                self.client.put_object(Bucket=self.bucket, Key=self._key(name), Body=body)
+                self.client.put_object(Bucket=self.bucket, Key=key, Body=body)
 
         self.retry.call(put, f"write {self.uri(name)}")
+
+    def _put_in_parts(self, key: str, path: Path) -> None:
+        """A file over one PUT's 5 GiB (a webdataset shard of large pictures) as a multipart upload, which
+        the store also shows whole or not at all: boto3's managed transfer (completed, or aborted)."""
+        from boto3.exceptions import S3UploadFailedError
+        from boto3.s3.transfer import TransferConfig
+
+        config = TransferConfig(multipart_threshold=SINGLE_PUT_MAX_BYTES, multipart_chunksize=PART_BYTES)
+        upload = self.client.upload_file  # type: ignore[attr-defined]  # a boto3 client's, not in ObjectStore
+        try:
+            upload(str(path), self.bucket, key, Config=config)
+        except S3UploadFailedError as error:
+            if isinstance(error.__cause__, (ClientError, BotoCoreError)):
+                raise error.__cause__ from error  # classified and retried like any other call's error
+            raise
 
     def put_bytes(self, name: str, data: bytes) -> None:
         put = partial(self.client.put_object, Bucket=self.bucket, Key=self._key(name), Body=data)
