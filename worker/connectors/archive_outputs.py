@@ -1,8 +1,9 @@
 """Where an archive job writes beside the data: a local folder or an S3 prefix, behind one small interface.
 
-Every file is written whole: locally to a temporary name then renamed (with fsync), on S3 as one PUT, so a
-reader or a restarted run sees a file complete or not at all. ``names()`` is one listing of everything
-under the output, which is all a run needs to plan (markers, checkpoint parts).
+Every file is written whole: locally to a temporary name of its own then renamed (with fsync), on S3 as one
+PUT (a multipart upload over SINGLE_PUT_MAX_BYTES), so a reader or a restarted run sees a file complete or
+not at all. ``names()`` is one listing of everything under the output, which is all a run needs to plan
+(markers, checkpoint parts).
 """
 
 from __future__ import annotations
