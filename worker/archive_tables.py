@@ -359,6 +359,7 @@ class TableRows:
         if run.broken:
             return []
         path = self._local(run)
+        self.reader.check_unchanged(run.inp)  # a local input is read again here: the same rows, or unfinished
         results = {int(row["position"]): row for row in run.ordered_rows()}
         name = f"{run.stem}.parquet"
         images = run.format_name == "parquet-images"

@@ -73,7 +73,9 @@ class TarShards:
         uri = f"{run.inp.uri}#{image.name if image else sample.key}"
         if sample.key in seen:
             # Keys name samples: a second run of the same key further on cannot share the first one's row.
-            item_id = f"{sample.key}@{sample.position}"
+            # Its id ends ".<position>": a key's last part never has a dot (split_key cuts there), so no
+            # real key ("a@2" could be one) is ever this id.
+            item_id = f"{sample.key}.{sample.position}"
             why = f"a second sample with key {sample.key!r} (position {sample.position}): only the first is read"
             refusal = FetchError(MALFORMED, why)
             return ArchiveItem(run, item_id, uri, sample.position, refusal, extra)

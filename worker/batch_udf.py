@@ -12,8 +12,9 @@
 Each batch goes through the same pipeline as the bulk jobs (decoding each image on its own under the
 hostile-image rules, dynamic batching, a model failure isolated to its image), so every row gets
 ``caption`` or a failure ``error_kind`` from core/failures.py, with ``error_message`` and the
-``model_version`` that answered. Images come from ``image_column`` (bytes, or a Hugging Face struct of
-bytes/path) or, with ``uri_column``, are fetched under the worker's allow-list (``WORKER_FETCH__*``).
+``model_version`` that answered (an input column so named is kept as ``original_<name>``). Images come
+from ``image_column`` (bytes, or a Hugging Face struct of bytes/path) or, with ``uri_column``, are fetched
+under the worker's allow-list (``WORKER_FETCH__*``).
 Settings not passed here come from the ``WORKER_*`` environment of the process (the Ray worker's).
 """
 
@@ -34,6 +35,21 @@ from captionfleet.worker.messages import Result
 from captionfleet.worker.pipeline import CaptionPipeline, Item
 
 OUTPUT_FIELDS = ("caption", "error_kind", "error_message", "model_version")
+
+
+def kept_aside(columns: list[str]) -> dict[str, str]:
+    """Input columns named like an output field (a manifest's own ``caption``) keep their values as
+    ``original_<name>``, as the archive job's outputs do: the output has both, nothing is overwritten."""
+    taken = set(columns)
+    renames = {}
+    for name in OUTPUT_FIELDS:
+        if name in taken:
+            new = f"original_{name}"
+            while new in taken:  # original_caption is taken too: original_original_caption
+                new = f"original_{new}"
+            renames[name] = new
+            taken.add(new)
+    return renames
 
 
 class _Row:
@@ -107,7 +123,8 @@ class BatchCaptioner:
         if isinstance(batch, dict):
             rows = len(next(iter(batch.values()))) if batch else 0
             results = self.caption_values(self._values(batch, rows), rows)
-            out = dict(batch)
+            renames = kept_aside(list(batch))
+            out = {renames.get(name, name): values for name, values in batch.items()}
             for name in OUTPUT_FIELDS:
                 out[name] = np.array([getattr(result, name) for result in results], dtype=object)
             return out
@@ -117,7 +134,7 @@ class BatchCaptioner:
         )
         import pandas as pd  # only a pandas caller gets here; pandas 3 would turn None into NaN in a str column
 
-        out = batch.copy()
+        out = batch.rename(columns=kept_aside(list(batch.columns)))  # a copy
         for name in OUTPUT_FIELDS:
             out[name] = pd.Series([getattr(result, name) for result in results], dtype=object, index=out.index)
         return out

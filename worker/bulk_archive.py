@@ -413,9 +413,17 @@ class _ArchiveRun:
     def _finish(self, run: FileRun) -> None:
         fmt = self.formats(run.inp)
         try:
-            written = fmt.write_outputs(run, self.workdir)
-        finally:
-            run.close()
+            try:
+                written = fmt.write_outputs(run, self.workdir)
+            finally:
+                run.close()
+        except InputReadError as error:
+            # Read again for its outputs (a webdataset shard), the input failed or changed since it was
+            # listed: the file is unfinished (exit 75), not the run broken; its rows wait as checkpoints.
+            logger.error("%s", error)
+            run.flush()
+            self.summary.unfinished.append(run.inp.uri)
+            return
         name = run.format_name or fmt.name
         write_marker(run, fmt=name, outputs_written=written, model_version=self.captioner.version)
         if run.local_path is not None and run.inp.is_s3:

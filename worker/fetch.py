@@ -114,7 +114,7 @@ class Fetcher:
             describe=str,
         )
         # http(s) goes through the shared httpx client (worker/http_client.py), with the same backoff.
-        self._http = HttpFetcher(settings, max_bytes=max_bytes, retry=self._retry)
+        self._http = HttpFetcher(settings, max_bytes=max_bytes, retry=self._retry, outer_slots=self._slots)
         if self.file_root is not None and not self.file_root.is_dir():
             raise ValueError(
                 f"WORKER_FETCH__FILE_ROOT={settings.file_root} is not a folder: point it at the folder "
@@ -199,10 +199,10 @@ class Fetcher:
         target = self.check(uri)
         if isinstance(target, FileTarget):
             return self._read_file(target.path, uri)
+        if isinstance(target, HttpTarget):
+            return self._http.fetch(target.url)  # takes a slot of ours once its host's is free
         with self._slots:  # bounded concurrency, whichever threads call us
-            if isinstance(target, S3Target):
-                return self._get_s3(target, uri)
-            return self._http.fetch(target.url)
+            return self._get_s3(target, uri)
 
     def _gave_up(self, failure: TransientFetchError) -> FetchError:
         """The failure of the last attempt, when every attempt failed in a way another might have fixed."""

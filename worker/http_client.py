@@ -1,19 +1,23 @@
 """http(s) downloads of images, on httpx: the one client behind the stream's fetcher and the archive job's
 manifests of urls.
 
-Every request names us (``WORKER_FETCH__USER_AGENT``); at most ``per_host_concurrency`` requests go to
-one host at once; each attempt has one deadline for connecting, redirects and the whole body (a host
-dripping a byte at a time cannot hold a slot for long); bodies over the byte limit are refused by their
-declared length or cut off one byte past it. Bodies are asked for unencoded (``Accept-Encoding: identity``)
-and read raw: a host that gzips anyway is decoded under the same limit, one layer at most, so 500 bytes of
-nested gzip cannot become gigabytes in memory. Redirects are followed by hand, each one held to the same
-allowed-hosts rule as the first url (worker/http_hosts.py). An image whose host says ``X-Robots-Tag:
-noai`` or ``noimageai`` (for everyone, or for our user agent) is not read: kind ``opted_out``.
-Timeouts, dropped connections, 429 and 5xx are worth another attempt (``TransientFetchError``).
+Every request names us (``WORKER_FETCH__USER_AGENT``); at most ``per_host_concurrency`` requests go to one
+host at once (its slot taken before the caller's overall one); each attempt has one deadline for connecting,
+the headers, every redirect hop and the whole body, kept by the sockets themselves (worker/http_deadline.py:
+a host dripping a byte at a time cannot hold a slot for long); bodies over the byte limit are refused by
+their declared length or cut off one byte past it. Bodies are asked for unencoded (``Accept-Encoding:
+identity``) and read raw: a host that gzips anyway is decoded under the same limit, one layer at most, so
+500 bytes of nested gzip cannot become gigabytes in memory. Redirects are followed by hand, each one held to
+the same allowed-hosts rule as the first url (worker/http_hosts.py). An image whose host says
+``X-Robots-Tag: noai`` or ``noimageai`` (for everyone, or for our user agent) is not read: kind
+``opted_out``. Timeouts, dropped connections, 429 and 5xx are worth another attempt
+(``TransientFetchError``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import re
 import threading
 import time
 import zlib
@@ -38,6 +42,7 @@ from captionfleet.core.failures import (
 )
 from captionfleet.core.s3 import RetryPolicy
 from captionfleet.core.settings import FetchSettings, split_host_port
+from captionfleet.worker.http_deadline import DeadlineTransport, attempt_deadline
 from captionfleet.worker.http_hosts import address, host_allowed
 
 # Content-Encodings decoded (under the byte limit) when a host sends one although we asked for identity.
@@ -45,19 +50,26 @@ _DECODABLE = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "defla
 
 # The X-Robots-Tag directives with which sites opt their images out of AI datasets (as img2dataset honours them).
 OPT_OUT_DIRECTIVES = frozenset({"noai", "noimageai"})
+# Robots directives written "name: value" or "name:value": a name, not a bot's.
+_VALUED_DIRECTIVES = frozenset({"max-snippet", "max-image-preview", "max-video-preview", "unavailable_after"})
+# A user agent's product token (no spaces: a date's "25-jun-10 15:00" is not one), or "*".
+_BOT_NAME = re.compile(r"\*|[a-z0-9][a-z0-9_.\-]*")
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 
 
 def opted_out(values: Iterable[str], user_agent: str) -> str | None:
     """The opt-out directive in these ``X-Robots-Tag`` values that applies to us, or None. A value is
-    ``directive, directive`` or ``bot: directive, ...``; a named bot other than ours is someone else's rule."""
+    ``directive, directive`` or ``bot: directive, ...``; a named bot other than ours is someone else's rule.
+    Some directives carry a value after a colon (``max-image-preview:large``, ``unavailable_after: <date>``):
+    only a leading name that is none of those, and could be a user agent's, names a bot."""
     token = user_agent.split("/", 1)[0].strip().lower()
     for value in values:
-        bot = None
+        bot = None  # until a value names one, its directives are everyone's
         for part in value.split(","):
             text = part.strip().lower()
-            if ":" in text:
-                bot, _, text = (piece.strip() for piece in text.partition(":"))
+            name, colon, rest = (piece.strip() for piece in text.partition(":"))
+            if colon and name not in _VALUED_DIRECTIVES and _BOT_NAME.fullmatch(name):
+                bot, text = name, rest  # "bot: directive": this and the following directives are bot's
             if text in OPT_OUT_DIRECTIVES and bot in (None, "*", token):
                 return text
     return None
@@ -74,21 +86,27 @@ class HttpFetcher:
         retry: RetryPolicy,
         transport: httpx.BaseTransport | None = None,
         clock: Callable[[], float] = time.monotonic,
+        outer_slots: threading.BoundedSemaphore | None = None,
     ) -> None:
+        """``outer_slots``: the caller's limit on fetches of every kind at once, taken after this host's slot
+        (a slow host's queue then holds none of them)."""
         self.settings = settings
         self.max_bytes = max_bytes
         self.allowed_hosts = frozenset(split_host_port(host) for host in settings.allowed_hosts)
         self._retry = replace(retry, retryable=lambda error: isinstance(error, TransientFetchError), describe=str)
         self._deadline_s = settings.connect_timeout_s + settings.read_timeout_s
         self._clock = clock
+        self._outer = outer_slots
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
         self._client = httpx.Client(
             follow_redirects=False,  # each hop is checked against the allowed hosts first
             timeout=httpx.Timeout(settings.read_timeout_s, connect=settings.connect_timeout_s),
             # identity: an image gains nothing from gzip, and httpx's own decoders have no size bound.
             headers={"User-Agent": settings.user_agent, "Accept-Encoding": "identity"},
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
+            limits=limits,
             trust_env=False,  # no proxy from the environment: the allow-list is about where requests go
-            transport=transport,
+            # The sockets keep each attempt's deadline: headers and redirect hops too, not only the body.
+            transport=transport or DeadlineTransport(limits),
         )
         self._hosts: dict[str, threading.BoundedSemaphore] = {}
         self._hosts_lock = threading.Lock()
@@ -114,12 +132,15 @@ class HttpFetcher:
     def get_once(self, url: str) -> bytes:
         """One attempt, redirects included. Raises FetchError, or TransientFetchError when another
         attempt may succeed."""
-        with self._slot(url):
+        # The host's slot first, then the caller's: waiting for a busy host holds nothing anyone else needs.
+        with self._slot(url), self._outer or contextlib.nullcontext():
             deadline = self._clock() + self._deadline_s
             try:
-                return self._follow(url, deadline)
+                with attempt_deadline(time.monotonic() + self._deadline_s):
+                    return self._follow(url, deadline)
             except httpx.TimeoutException as error:
-                raise TransientFetchError(TIMEOUT, f"timed out: {error or type(error).__name__}") from error
+                why = f"{error or type(error).__name__}"
+                raise TransientFetchError(TIMEOUT, f"not received within {self._deadline_s:g}s ({why})") from error
             except (httpx.InvalidURL, httpx.UnsupportedProtocol) as error:
                 raise FetchError(MALFORMED, f"{url[:200]!r}: {error}") from error
             except httpx.RemoteProtocolError as error:

@@ -181,3 +181,28 @@ def test_planning_ten_thousand_shards_is_one_listing_per_worker(s3_server: Seawe
         assert calls == Counter({"ListObjectsV2": 11}), calls
         assert len(plan.inputs) == 10_000
     assert sorted(owned) == [f"{n:05d}.tar" for n in range(10_000)]  # each file in exactly one shard
+
+
+def test_an_output_over_one_puts_limit_goes_up_in_parts(
+    s3_server: SeaweedS3, s3_bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A webdataset shard of large pictures can pass one PUT's 5 GiB: above SINGLE_PUT_MAX_BYTES (made
+    6 MiB here) the output is a multipart upload, whole once completed."""
+    import os
+
+    from captionfleet.core.s3 import RetryPolicy, as_object_store
+    from captionfleet.worker.connectors import archive_outputs
+
+    monkeypatch.setattr(archive_outputs, "SINGLE_PUT_MAX_BYTES", 6 << 20)
+    monkeypatch.setattr(archive_outputs, "PART_BYTES", 5 << 20)  # S3's smallest part but the last
+    client = s3_server.client()
+    outputs = archive_outputs.S3Outputs(as_object_store(client), f"s3://{s3_bucket}/out/", RetryPolicy(attempts=1))
+    data = os.urandom(13 << 20)
+    (tmp_path / "big.tar").write_bytes(data)
+    outputs.put_file("big.tar", tmp_path / "big.tar")
+    (tmp_path / "small.tar").write_bytes(b"small")
+    outputs.put_file("small.tar", tmp_path / "small.tar")
+    big = client.head_object(Bucket=s3_bucket, Key="out/big.tar")
+    assert big["ContentLength"] == len(data) and big["ETag"].strip('"').endswith("-3")  # three parts
+    assert client.get_object(Bucket=s3_bucket, Key="out/big.tar")["Body"].read() == data
+    assert "-" not in client.head_object(Bucket=s3_bucket, Key="out/small.tar")["ETag"]  # one PUT

@@ -182,3 +182,111 @@ def test_outputs_refuse_names_outside_their_folder(tmp_path: Any) -> None:
             with pytest.raises(UnsafeOutputName):
                 outputs.delete(name)
     assert not list(tmp_path.rglob("x*"))
+
+
+class ChangingStore(KeyStore):
+    """The second whole read of an object fails: 412, its ETag changed since the listing."""
+
+    def __init__(self, objects: dict[str, bytes]) -> None:
+        super().__init__(objects)
+        self.gets = 0
+
+    def get_object(self, **kwargs: Any) -> Any:
+        from botocore.exceptions import ClientError
+
+        self.gets += 1
+        if self.gets == 2:
+            error = {"Error": {"Code": "PreconditionFailed", "Message": "At least one of the pre-conditions failed"}}
+            raise ClientError({**error, "ResponseMetadata": {"HTTPStatusCode": 412}}, "GetObject")  # type: ignore[arg-type]
+        return super().get_object(**kwargs)
+
+
+def test_a_shard_that_fails_on_its_second_read_is_unfinished_not_a_crash(tmp_path: Any) -> None:
+    """--out-format webdataset reads a shard twice; the second read failing (the store, or a new ETag)
+    leaves the file unfinished (exit 75, resumed by the rerun), where it used to escape as exit 1."""
+    from captionfleet.core.settings import WorkerSettings
+    from captionfleet.worker.archive_rows import decode_checkpoint
+    from captionfleet.worker.bulk_archive import ArchiveOptions, run_archive_job
+    from tests.unit.test_archive_tar import CountingCaptioner
+    from tests.webdataset_shards import good_samples, shard
+
+    data = shard(good_samples("k", 3)[0])
+    config = WorkerSettings(
+        batch={"max_items": 2, "max_wait_ms": 5},  # type: ignore[arg-type]
+        bulk={"retry_attempts": 2, "retry_base_s": 0},  # type: ignore[arg-type]
+    )
+
+    def run(store: Any, captioner: Any) -> Any:
+        return run_archive_job(
+            "s3://bucket/shards/0.tar",
+            str(tmp_path / "out"),
+            config,
+            options=ArchiveOptions(out_format="webdataset"),
+            show_progress=False,
+            captioner=captioner,
+            client=store,
+        )
+
+    summary = run(ChangingStore({"shards/0.tar": data}), CountingCaptioner())
+    assert summary.unfinished == ["s3://bucket/shards/0.tar"] and not summary.complete
+    assert not (tmp_path / "out" / "0.complete.json").exists() and not (tmp_path / "out" / "0.tar").exists()
+    parts = sorted((tmp_path / "out" / "0.partial").glob("*.parquet"))
+    assert {row["id"] for part in parts for row in decode_checkpoint(part.read_bytes())} == {"k0000", "k0001", "k0002"}
+    again = CountingCaptioner()
+    second = run(KeyStore({"shards/0.tar": data}), again)
+    assert second.complete and second.files_finished == 1 and again.images == 0  # resumed from the checkpoints
+    assert (tmp_path / "out" / "0.tar").exists()
+
+
+def test_a_local_shard_rewritten_between_its_two_reads_is_unfinished(tmp_path: Any) -> None:
+    import os
+
+    from tests.unit.test_archive_tar import CountingCaptioner, run
+    from tests.webdataset_shards import good_samples, shard
+
+    path = tmp_path / "s.tar"
+    path.write_bytes(shard(good_samples("k", 3)[0]))
+
+    class Touching(CountingCaptioner):
+        def caption_inputs(self, inputs: Any, decoding: object = None) -> Any:
+            os.utime(path, ns=(1, 1))  # rewritten meanwhile, as far as its size and mtime tell
+            return super().caption_inputs(inputs, decoding)
+
+    summary = run(path, tmp_path / "out", Touching(), out_format="webdataset")
+    assert summary.unfinished == [str(path)] and not (tmp_path / "out" / "s.complete.json").exists()
+    assert run(path, tmp_path / "out", CountingCaptioner(), out_format="webdataset").complete
+
+
+def test_two_writers_of_one_output_name_do_not_share_a_temporary_file(tmp_path: Any, monkeypatch: Any) -> None:
+    """Two runs of one shard (a rerun while a slow pod still finishes) write the same name: each into a file
+    of its own, renamed whole; the last rename wins and nothing fails."""
+    import os
+    import stat
+
+    from captionfleet.worker.connectors import archive_outputs
+    from captionfleet.worker.connectors.archive_outputs import LocalOutputs
+
+    outputs = LocalOutputs(tmp_path / "out")
+    real_fsync = os.fsync
+    nested: list[bool] = []
+
+    def fsync_with_a_second_writer(fd: int) -> None:
+        if not nested:  # the other writer writes the same name while the first is between write and rename
+            nested.append(True)
+            outputs.put_bytes("a.parquet", b"second")
+        real_fsync(fd)
+
+    monkeypatch.setattr(archive_outputs.os, "fsync", fsync_with_a_second_writer)
+    outputs.put_bytes("a.parquet", b"first")  # used to fail: the second writer had renamed its .tmp away
+    assert (tmp_path / "out" / "a.parquet").read_bytes() == b"first"
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["a.parquet"]  # no temporary file left
+    mode = stat.S_IMODE((tmp_path / "out" / "a.parquet").stat().st_mode)
+    assert mode & 0o044 == 0o644 & ~_umask() & 0o044  # readable as open() would have made it
+
+
+def _umask() -> int:
+    import os
+
+    current = os.umask(0)
+    os.umask(current)
+    return current

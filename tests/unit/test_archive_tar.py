@@ -422,3 +422,22 @@ def test_an_output_folder_inside_the_source_folder_is_not_listed_as_input(tmp_pa
         "in/00000.tar",
         "in/captions/00000.tar",
     ]
+
+
+def test_a_repeated_key_never_takes_the_id_of_a_real_key(tmp_path: Path) -> None:
+    jpeg = jpeg_bytes((16, 12))
+    members = [Member("a.jpg", jpeg), Member("b.jpg", jpeg), Member("a.jpg", jpeg), Member("a@2.jpg", jpeg)]
+    (tmp_path / "s.tar").write_bytes(
+        shard([*members, Member("dir.v1/a.jpg", jpeg), Member("c.jpg", jpeg), Member("dir.v1/a.jpg", jpeg)])
+    )
+    run(tmp_path / "s.tar", tmp_path / "out")
+    rows = rows_of(tmp_path / "out" / "s.parquet")  # one row each: the repeat used to be "a@2", a real key's id
+    assert {key: row["error_kind"] for key, row in rows.items()} == {
+        "a": None,
+        "b": None,
+        "a.2": "malformed",
+        "a@2": None,
+        "dir.v1/a": None,
+        "c": None,
+        "dir.v1/a.6": "malformed",
+    }

@@ -31,3 +31,17 @@ def test_uris_are_fetched_under_the_allow_list(tmp_path: Path, monkeypatch: Any)
     batch = {"url": [(tmp_path / "a.jpg").as_uri(), "file:///etc/passwd", None]}
     out = udf(batch)
     assert list(out["error_kind"]) == [None, "forbidden", "malformed"]
+
+
+def test_an_input_caption_column_is_kept_as_original_caption() -> None:
+    model: Any = FakeCaptioner()
+    udf = BatchCaptioner(captioner=model)
+    frame = pd.DataFrame({"image": [jpeg_bytes()], "caption": ["the alt text"], "error_kind": ["x"]})
+    out = udf(frame)
+    assert list(out["original_caption"]) == ["the alt text"] and out["caption"][0].startswith("red ")
+    assert list(out["original_error_kind"]) == ["x"] and list(out["error_kind"]) == [None]
+    assert list(frame.columns) == ["image", "caption", "error_kind"]  # the caller's frame is left alone
+    batch = {"image": [jpeg_bytes()], "caption": ["alt"], "original_caption": ["older"]}
+    numpy_out = udf(batch)
+    assert list(numpy_out["original_original_caption"]) == ["alt"] and list(numpy_out["original_caption"]) == ["older"]
+    assert numpy_out["caption"][0].startswith("red ")

@@ -205,17 +205,24 @@ class InputReader:
         self.retry = retry
 
     def open(self, inp: InputFile) -> IO[bytes]:
-        """A stream of the file's bytes, read as it is consumed (bounded memory)."""
+        """A stream of the file's bytes, read as it is consumed (bounded memory). A local file is the one
+        listed or an InputReadError: its size and mtime are its ETag (S3's GETs say IfMatch)."""
         if not inp.is_s3:
-            return open(inp.uri, "rb")
+            return _open_unchanged(inp)
         if self.client is None:
             raise S3AccessError(f"no S3 client to read {inp.uri}")
         return _ResumingBody(self.client, inp, self.retry)  # type: ignore[return-value]
+
+    def check_unchanged(self, inp: InputFile) -> None:
+        """A local file is still the one listed (read twice, a manifest must be the same both times)."""
+        if not inp.is_s3:
+            _open_unchanged(inp).close()
 
     def to_local(self, inp: InputFile, folder: Path) -> Path:
         """The file on local disk (S3 objects are copied into ``folder`` chunk by chunk): Parquet needs to
         seek, and a manifest is read twice (items, then the output beside it)."""
         if not inp.is_s3:
+            self.check_unchanged(inp)
             return Path(inp.uri)
         target = folder / Path(inp.name).name
 
@@ -225,6 +232,18 @@ class InputReader:
             return target
 
         return self.retry.call(copy, f"download {inp.uri}")[0]
+
+
+def _open_unchanged(inp: InputFile) -> IO[bytes]:
+    try:
+        file = open(inp.uri, "rb")  # noqa: SIM115 - returned to the caller, who closes it
+    except FileNotFoundError as error:
+        raise InputReadError(f"{inp.uri}: gone since it was listed; run again") from error
+    info = os.fstat(file.fileno())  # of what was opened: no gap for a swap between a stat and the open
+    if f"{info.st_size}-{info.st_mtime_ns}" != inp.etag:
+        file.close()
+        raise InputReadError(f"{inp.uri}: rewritten since it was listed (size or mtime differ); run again")
+    return file
 
 
 class _ResumingBody:

@@ -1,18 +1,22 @@
 """Where an archive job writes beside the data: a local folder or an S3 prefix, behind one small interface.
 
-Every file is written whole: locally to a temporary name then renamed (with fsync), on S3 as one PUT, so a
-reader or a restarted run sees a file complete or not at all. ``names()`` is one listing of everything
-under the output, which is all a run needs to plan (markers, checkpoint parts).
+Every file is written whole: locally to a temporary name of its own then renamed (with fsync), on S3 as one
+PUT (a multipart upload over SINGLE_PUT_MAX_BYTES), so a reader or a restarted run sees a file complete or
+not at all. ``names()`` is one listing of everything under the output, which is all a run needs to plan
+(markers, checkpoint parts).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import uuid
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import Protocol
+from typing import BinaryIO, Protocol
 
-from botocore.exceptions import ClientError
+from botocore.exceptions import BotoCoreError, ClientError
 
 from captionfleet.core.s3 import ObjectStore, RetryPolicy, is_not_found, parse_s3_uri
 from captionfleet.worker.connectors.s3_listing import list_pages
@@ -64,24 +68,28 @@ class LocalOutputs:
         return target
 
     def put_file(self, name: str, path: Path) -> None:
-        target = self._target(name)
-        tmp = target.with_name(target.name + ".tmp")
-        with path.open("rb") as src, tmp.open("wb") as dst:
-            while chunk := src.read(1 << 20):
-                dst.write(chunk)
-            dst.flush()
-            os.fsync(dst.fileno())
-        os.replace(tmp, target)  # readers only ever see the whole file
-        _fsync_dir(target.parent)
+        with path.open("rb") as src:
+            self._write(name, lambda dst: shutil.copyfileobj(src, dst, 1 << 20))
 
     def put_bytes(self, name: str, data: bytes) -> None:
+        self._write(name, lambda dst: dst.write(data))
+
+    def _write(self, name: str, fill: Callable[[BinaryIO], object]) -> None:
+        """Written to a temporary name of its own, then renamed: readers only ever see the whole file, and two
+        writers of one name (two runs of a shard) never write into each other's temporary file."""
         target = self._target(name)
-        tmp = target.with_name(target.name + ".tmp")
-        with tmp.open("wb") as dst:
-            dst.write(data)
-            dst.flush()
-            os.fsync(dst.fileno())
-        os.replace(tmp, target)
+        tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+        # 0o666 less the umask, as open() would make it (mkstemp's 0o600 would hide outputs from readers).
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
+        try:
+            with os.fdopen(fd, "wb") as dst:
+                fill(dst)
+                dst.flush()
+                os.fsync(dst.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         _fsync_dir(target.parent)
 
     def get_bytes(self, name: str) -> bytes | None:
@@ -100,6 +108,11 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+# One PUT takes at most 5 GiB; above this a file goes up in parts of PART_BYTES (at most 10,000 of them).
+SINGLE_PUT_MAX_BYTES = 4 << 30
+PART_BYTES = 256 << 20
 
 
 class S3Outputs:
@@ -123,11 +136,31 @@ class S3Outputs:
         return found
 
     def put_file(self, name: str, path: Path) -> None:
+        key = self._key(name)
+        if path.stat().st_size > SINGLE_PUT_MAX_BYTES:
+            self.retry.call(lambda: self._put_in_parts(key, path), f"write {self.uri(name)}")
+            return
+
         def put() -> None:
             with path.open("rb") as body:  # one PUT: the object appears whole or not at all
-                self.client.put_object(Bucket=self.bucket, Key=self._key(name), Body=body)
+                self.client.put_object(Bucket=self.bucket, Key=key, Body=body)
 
         self.retry.call(put, f"write {self.uri(name)}")
+
+    def _put_in_parts(self, key: str, path: Path) -> None:
+        """A file over one PUT's 5 GiB (a webdataset shard of large pictures) as a multipart upload, which
+        the store also shows whole or not at all: boto3's managed transfer (completed, or aborted)."""
+        from boto3.exceptions import S3UploadFailedError
+        from boto3.s3.transfer import TransferConfig
+
+        config = TransferConfig(multipart_threshold=SINGLE_PUT_MAX_BYTES, multipart_chunksize=PART_BYTES)
+        upload = self.client.upload_file  # type: ignore[attr-defined]  # a boto3 client's, not in ObjectStore
+        try:
+            upload(str(path), self.bucket, key, Config=config)
+        except S3UploadFailedError as error:
+            if isinstance(error.__cause__, (ClientError, BotoCoreError)):
+                raise error.__cause__ from error  # classified and retried like any other call's error
+            raise
 
     def put_bytes(self, name: str, data: bytes) -> None:
         put = partial(self.client.put_object, Bucket=self.bucket, Key=self._key(name), Body=data)
