@@ -33,7 +33,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from captionfleet.core.captioner import CaptionModel, ModelInput, PromptError
+from captionfleet.core.captioner import CaptionModel, ModelInput, PreparationFailed, PromptError
 from captionfleet.core.failures import (
     EMPTY_CAPTION,
     FETCH_FAILURE,
@@ -290,23 +290,8 @@ class CaptionPipeline:
             draft = self.captioner.draft_size
             image = decode_image(data, limits=self.limits, draft_size=draft)
             prepared = self.captioner.prepare(image, self._prompt(item), origin=EncodedImage(data, self.limits, draft))
-        except PromptError as error:  # the request, not the image: the model cannot take its prompt
-            logger.info("prompt of %s refused: %s", item.id, error)
-            failure = self._failure(item, MALFORMED, str(error), fetch_ms=fetch_ms)
-            failure.bytes = len(data)
-            return Prepared(item, failure=failure)
-        except ImageError as error:
-            logger.info("image %s rejected (%s): %s", item.id, error.kind, error.message)
-            failure = self._failure(item, error.kind, error.message, fetch_ms=fetch_ms)
-            failure.bytes = len(data)
-            return Prepared(item, failure=failure)
         except Exception as error:
-            # A decoder or preprocessing bug must not become a poison message that stops the
-            # worker on every restart: the item fails alone, with the error, and work goes on.
-            logger.exception("unexpected error preparing %s (%s)", item.id, item.uri)
-            failure = self._failure(item, "decode", f"{type(error).__name__}: {error}", fetch_ms=fetch_ms)
-            failure.bytes = len(data)
-            return Prepared(item, failure=failure)
+            return Prepared(item, failure=self._preparation_failure(item, error, len(data), fetch_ms=fetch_ms))
         decoded = time.perf_counter()
         return Prepared(
             item,
@@ -319,6 +304,40 @@ class CaptionPipeline:
             ready_at=decoded,
             held=held_bytes(prepared, data),
         )
+
+    def _preparation_failure(self, item: Item, error: Exception, size: int, **timings: float) -> Result:
+        """The row of an item its model could not prepare, by what failed: its prompt, its image, or else."""
+        if isinstance(error, PromptError):  # the request, not the image: the model cannot take its prompt
+            logger.info("prompt of %s refused: %s", item.id, error)
+            failure = self._failure(item, MALFORMED, str(error), **timings)
+        elif isinstance(error, ImageError):
+            logger.info("image %s rejected (%s): %s", item.id, error.kind, error.message)
+            failure = self._failure(item, error.kind, error.message, **timings)
+        else:
+            # A decoder or preprocessing bug must not become a poison message that stops the
+            # worker on every restart: the item fails alone, with the error, and work goes on.
+            logger.error("unexpected error preparing %s (%s)", item.id, item.uri, exc_info=error)
+            failure = self._failure(item, "decode", f"{type(error).__name__}: {error}", **timings)
+        failure.bytes = size
+        return failure
+
+    def _prepared_again(
+        self, batch: list[Prepared], failed: PreparationFailed, decoding: DecodingSettings | None
+    ) -> None:
+        """After a hot swap: the items the new model could not prepare fail alone, each with its own kind
+        (a prompt it takes none of: malformed); the others, prepared again, are captioned together."""
+        rest: list[Prepared] = []
+        for position, prepared in enumerate(batch):
+            error = failed.errors.get(position)
+            if error is not None:
+                self._emit(
+                    [self._preparation_failure(prepared.item, error, prepared.size)], [prepared.item], prepared.urgent
+                )
+            else:
+                prepared.input = failed.inputs[position]
+                rest.append(prepared)
+        if rest:
+            self._caption_group(rest, decoding)
 
     def _emit(self, results: list[Result], items: list[Item], urgent: bool = False) -> None:
         if not urgent:  # an interactive item's answer goes to its client, not into the run's results
@@ -353,6 +372,9 @@ class CaptionPipeline:
         start = time.perf_counter()
         try:
             captions = self.captioner.caption_inputs([p.input for p in batch if p.input is not None], decoding)
+        except PreparationFailed as failed:
+            self._prepared_again(batch, failed, decoding)
+            return
         except Exception as error:
             if len(batch) > 1:
                 # Find the item that breaks the model instead of failing its neighbours.

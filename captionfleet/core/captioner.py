@@ -62,6 +62,23 @@ class PromptError(ValueError):
     """A prompt the model cannot take (the item fails alone, as malformed)."""
 
 
+class PreparationFailed(Exception):
+    """Inputs prepared for another model that the model serving now could not prepare again (a hot swap
+    to a model that takes no prompt, or cannot decode the image): nothing was captioned. ``errors``: what
+    each of them raised, by its position in the batch; ``inputs``: the batch as prepared again (None where
+    it failed), so that the caller fails those items alone, with their own kinds, and captions the rest
+    without preparing them once more."""
+
+    def __init__(self, errors: dict[int, Exception], inputs: list[ModelInput | None]) -> None:
+        first = next(iter(errors.values()))
+        super().__init__(
+            f"{len(errors)} of {len(inputs)} inputs could not be prepared again for the model serving now "
+            f"(first: {type(first).__name__}: {first})"
+        )
+        self.errors = errors
+        self.inputs = inputs
+
+
 class ImageOrigin(Protocol):
     """Where an input's image comes from, so that another model can prepare it again (the hot swap)."""
 
@@ -237,16 +254,25 @@ class CaptionModel(Protocol):
 def own_inputs(model: CaptionModel, inputs: Sequence[ModelInput]) -> list[ModelInput]:
     """``inputs``, each prepared for ``model``: one prepared for another model, or from an image decoded
     for another model's draft size (a hot swap happened between its decoding and its batch, or between
-    the two), is prepared again from its origin, with its prompt."""
+    the two), is prepared again from its origin, with its prompt. PreparationFailed when some cannot be."""
     key, draft = model.preparation_key, model.draft_size
-    owned: list[ModelInput] = []
-    for item in inputs:
+    owned: list[ModelInput | None] = []
+    errors: dict[int, Exception] = {}
+    for position, item in enumerate(inputs):
         if item.key == key and item.origin.decoded_for(draft):
             owned.append(item)
             continue
         origin = item.origin.for_draft(draft)
-        owned.append(model.prepare(origin.image(draft), item.prompt, origin=origin))
-    return owned
+        try:
+            owned.append(model.prepare(origin.image(draft), item.prompt, origin=origin))
+        except (MemoryError, torch.OutOfMemoryError):
+            raise  # the process's trouble, not the item's
+        except Exception as error:  # the item's: its image or prompt, for this model
+            owned.append(None)
+            errors[position] = error
+    if errors:
+        raise PreparationFailed(errors, owned)
+    return [item for item in owned if item is not None]
 
 
 class ModelWrapper:

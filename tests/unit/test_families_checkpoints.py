@@ -128,3 +128,15 @@ def test_the_token_settings_are_the_ids_and_the_forced_and_suppressed_tokens() -
         "forced_eos_token_id": 2,
         "suppress_tokens": [3],
     }
+
+
+def test_a_chat_model_without_its_template_is_refused_before_its_weights_load(
+    tiny_family: Callable[[str], Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = copy_of(tiny_family, "qwen2_vl", tmp_path / "qwen")
+    (folder / "chat_template.jinja").unlink()
+    loads: list[Path] = []
+    monkeypatch.setattr(checkpoint_load, "load_image_text_model", lambda path, dtype: loads.append(path))
+    with pytest.raises(ModelRefError, match="without its chat template"):
+        load_checkpoint(folder, device="cpu", precision="auto")
+    assert loads == []  # a 7B model's weights are not read to find a missing template

@@ -17,7 +17,8 @@ from captionfleet.core.captioner import PromptError
 from captionfleet.core.failures import MALFORMED
 from captionfleet.core.families.captioner import FamilyCaptioner
 from captionfleet.core.families.limits import TOKEN_PIXELS, InputLimits
-from captionfleet.core.families.prompts import cap_visual_pixels
+from captionfleet.core.families.prompts import cap_visual_pixels, encode
+from captionfleet.core.family import Family
 from captionfleet.core.images import ImageLimits
 from captionfleet.core.loading import load_checkpoint
 from captionfleet.core.settings import BatchSettings, DecodingSettings, ModelSettings
@@ -205,3 +206,30 @@ def test_a_jpeg_is_decoded_at_the_family_s_draft_size(
     item.read = lambda: buffer.getvalue()  # type: ignore[method-assign]
     prepared = CaptionPipeline(model, None, BatchSettings(), ImageLimits())._prepare(item)  # type: ignore[arg-type]
     assert prepared.width < 1024 and min(prepared.width, prepared.height) >= max(draft)  # cheaper, nothing lost
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "llava", "smolvlm", "florence2", "paligemma"])
+def test_a_prompt_holding_the_image_token_is_refused(family: str, loaded: Callable[[str], FamilyCaptioner]) -> None:
+    model = loaded(family)
+    token = model.processor.image_token
+    with pytest.raises(PromptError, match=re.escape(f"holds {token!r}")):  # not the processor's ValueError
+        model.prepare(pictures(1)[0], f"{token} what is this")
+
+
+def test_a_prompt_the_processor_refuses_is_a_prompt_error(loaded: Callable[[str], FamilyCaptioner]) -> None:
+    florence = loaded("florence2")
+    with pytest.raises(PromptError, match=r"florence2 processor cannot take this prompt \(ValueError: Task token"):
+        florence.prepare(pictures(1)[0], "<CAPTION> a photo")  # a task token must be alone
+    florence.prepare(pictures(1)[0], "<CAPTION>")
+
+
+def test_an_image_the_processor_refuses_whatever_the_prompt_stays_its_error() -> None:
+    class Refusing:
+        image_token = None
+
+        def __call__(self, **kwargs: object) -> None:
+            raise ValueError("this image is too narrow")
+
+    with pytest.raises(ValueError, match="too narrow") as raised:
+        encode(Family("any", "text", None), Refusing(), None, pictures(1)[0], "a photo")
+    assert not isinstance(raised.value, PromptError)

@@ -1,9 +1,11 @@
 """The hot swap at the worst moments of one item: between its decoding and its preparation (the new
-model must not keep an image decoded for the old one's draft size)."""
+model must not keep an image decoded for the old one's draft size), and between its preparation and its
+batch when the new model cannot prepare it (it alone fails, with its own kind)."""
 
 from __future__ import annotations
 
 import io
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,10 +17,12 @@ from PIL import Image
 
 import captionfleet.worker.pipeline as pipeline_module
 from captionfleet.core.captioner import CaptionModel, own_inputs
+from captionfleet.core.failures import MALFORMED
 from captionfleet.core.images import ImageLimits, decode_image
 from captionfleet.core.loading import load_checkpoint
 from captionfleet.core.settings import BatchSettings, DecodingSettings
 from captionfleet.worker.hotswap import HotSwapCaptioner
+from captionfleet.worker.messages import Result
 from captionfleet.worker.pipeline import CaptionPipeline
 
 DECODING = DecodingSettings(num_beams=1, max_new_tokens=4)
@@ -80,3 +84,38 @@ def test_an_input_prepared_without_a_swap_is_not_prepared_again(tiny_family: Cal
     prepared = CaptionPipeline(model, None, BatchSettings(), ImageLimits())._prepare(Item(jpeg()))  # type: ignore[arg-type]
     assert prepared.input is not None
     assert own_inputs(model, [prepared.input])[0] is prepared.input
+
+
+class Rows:
+    def __init__(self) -> None:
+        self.rows: list[Result] = []
+
+    def write(self, results: list[Result]) -> None:
+        self.rows += results
+
+    def flush(self) -> None:
+        pass
+
+
+class PromptedItem(Item):
+    prompt = "a photo of"
+
+
+def test_an_input_the_new_model_cannot_prepare_fails_alone_with_its_own_kind(
+    tiny_checkpoint: Path, tiny_family: Callable[[str], Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    qwen = load_checkpoint(tiny_family("qwen2_vl"), device="cpu", precision="fp32", decoding=DECODING)
+    ved = load_checkpoint(tiny_checkpoint, device="cpu", precision="fp32", decoding=DECODING)
+    hot = HotSwapCaptioner(qwen)
+    sink = Rows()
+    pipeline = CaptionPipeline(hot, sink, BatchSettings(), ImageLimits())  # type: ignore[arg-type]
+    batch = [pipeline._prepare(PromptedItem(jpeg())), pipeline._prepare(Item(jpeg(128)))]
+    assert all(prepared.input is not None for prepared in batch)  # prompts are qwen2_vl's to take
+    hot.offer(ved)  # which takes none: the prompted item cannot be prepared again
+    with caplog.at_level(logging.WARNING):
+        pipeline._caption_batch(batch)
+    kinds = {row.id: (row.error_kind, row.model_version) for row in sink.rows}
+    assert len(sink.rows) == 2
+    assert sink.rows[0].error_kind == MALFORMED and "takes no prompt" in (sink.rows[0].error_message or "")
+    assert sink.rows[1].ok and sink.rows[1].model_version == ved.version, kinds
+    assert not [r for r in caplog.records if "one by one" in r.getMessage()]  # the batch was not retried

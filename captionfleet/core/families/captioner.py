@@ -167,12 +167,7 @@ class FamilyCaptioner:
         model_type = checkpoint_load.check_image_to_text(path, config)
         torch_device = pick_device(device)
         resolved = resolve_precision(precision, torch_device, saved_dtype(config))
-        hf_logging.disable_progress_bar()
-        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(resolved, torch.float32)
-        model = checkpoint_load.load_image_text_model(path, dtype)
-        model.eval()
-        model.to(torch_device)
-        fastpath.return_freed_heap()
+        # The processor first: a checkpoint it refuses (no chat template) is refused before its weights load.
         processor = checkpoint_load.load_processor(path, model_type)
         limits = limits or InputLimits()
         visual_bound = prompts.cap_visual_pixels(processor.image_processor, limits.max_visual_pixels)
@@ -191,6 +186,12 @@ class FamilyCaptioner:
                 "(where transformers 5 saves it) from the checkpoint it came from into the folder, or save the "
                 "processor again with save_pretrained"
             )
+        hf_logging.disable_progress_bar()
+        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(resolved, torch.float32)
+        model = checkpoint_load.load_image_text_model(path, dtype)
+        model.eval()
+        model.to(torch_device)
+        fastpath.return_freed_heap()
         version = checkpoint_version(path)
         logger.info("loaded %s model %s from %s on %s (%s)", model_type, version, path, torch_device, resolved)
         captioner = cls(

@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 from transformers.image_utils import SizeDict
 
+from captionfleet.core.captioner import PromptError
 from captionfleet.core.family import Family, caption_bounds
 
 
@@ -47,7 +48,27 @@ def text_for(family: Family, processor: Any, prompt: str | None) -> str | None:
 
 
 def encode(family: Family, processor: Any, config: Any, image: Image.Image, prompt: str | None) -> dict[str, Any]:
-    """The model inputs for one image (tensors of batch size 1)."""
+    """The model inputs for one image (tensors of batch size 1). A processor that refuses the request's
+    prompt (Florence-2's "<CAPTION> a photo": a task token must be alone) raises PromptError: the item
+    fails as malformed, not as an undecodable image with a stack trace."""
+    try:
+        return _encode(family, processor, config, image, prompt)
+    except Exception as error:
+        if prompt is None:
+            raise
+        # Whose fault: the same image with the family's default prompt tells (this costs only on failure).
+        try:
+            _encode(family, processor, config, image, None)
+        except Exception:
+            raise error from None
+        message = " ".join(str(error).split())[:300]
+        raise PromptError(
+            f"the {family.model_type} processor cannot take this prompt ({type(error).__name__}: {message}); "
+            "send another prompt, or none for the model's default"
+        ) from error
+
+
+def _encode(family: Family, processor: Any, config: Any, image: Image.Image, prompt: str | None) -> dict[str, Any]:
     text = text_for(family, processor, prompt)
     if family.prompt_style == "decoder_prefix":
         return _decoder_prefix(family, processor, config, image, text)
