@@ -145,7 +145,8 @@ def family_summary(rows: Sequence[FamilyRow]) -> dict[str, Any]:
     best = best_row(rows)
     reference = next((row for row in rows if row.precision == "fp32" and row.measured), None)
     if best is None:
-        return {"family": rows[0].family, "name": rows[0].name, "best_precision": None}
+        failed = any(row.error for row in rows)
+        return {"family": rows[0].family, "name": rows[0].name, "best_precision": None, "failed": failed}
     summary = report_row(best, reference)
     summary["best_precision"] = best.precision
     return summary
@@ -184,8 +185,9 @@ def markdown_tables(report: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|" + ("" if gpu else "---|"),
     ]
     for row in report["best"]:
-        if row.get("best_precision") is None:
-            lines.append(f"| {row['name']} | failed | | | | | |" + ("" if gpu else " |"))
+        if row.get("best_precision") is None:  # or a run still going (the outputs are written after every row)
+            state = "failed" if row.get("failed") else "not measured yet"
+            lines.append(f"| {row['name']} | {state} | | | | | |" + ("" if gpu else " |"))
             continue
         lines.append(
             f"| {row['name']} (`{row['hub_id']}`) | {row['best_precision']} | {row['images_per_s']} "
@@ -199,10 +201,9 @@ def markdown_tables(report: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|" + ("" if gpu else "---|"),
     ]
     for row in report["rows"]:
-        if row["error"]:
-            lines.append(
-                f"| {row['name']} | {row['precision']} | failed: {row['error'][:80]} |" + " |" * (7 + (not gpu))
-            )
+        if row["error"] or not row["images"]:
+            state = f"failed: {row['error'][:80]}" if row["error"] else "not measured yet"
+            lines.append(f"| {row['name']} | {row['precision']} | {state} |" + " |" * (7 + (not gpu)))
             continue
         rounds = " / ".join(str(value) for value in row["rounds_images_per_s"])
         lines.append(

@@ -57,6 +57,13 @@ def machine_identity(load_at_start: float) -> dict[str, Any]:
     }
 
 
+# The flags that set a CPU's limits (vector width, bf16/int8 units, AMX), and whether it is a virtual machine
+# (a hypervisor may report a masked model number, as the Intel Xeon of bench.families' first run did).
+CPU_FLAGS = frozenset(
+    {"avx2", "avx512f", "avx512_bf16", "avx512_fp16", "avx512_vnni", "amx_bf16", "amx_int8", "amx_tile", "hypervisor"}
+)
+
+
 def cpu_identity() -> dict[str, Any]:
     """Name, family/model and the microarchitecture where we know it: "AMD EPYC" alone hides whether
     AVX-512 runs on full-width units (Zen 5) or on 256-bit halves (Zen 4), which halves every limit."""
@@ -76,7 +83,7 @@ def cpu_identity() -> dict[str, Any]:
         "family": family,
         "model": model,
         "microarchitecture": amd_microarchitecture(fields.get("vendor_id", ""), family, model),
-        "flags": sorted(flags & {"avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8"}),
+        "flags": sorted(flags & CPU_FLAGS),
     }
 
 

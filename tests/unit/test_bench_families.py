@@ -164,6 +164,14 @@ def test_the_report_picks_the_faster_precision_and_compares_it_with_fp32() -> No
     assert "| GIT (`hub/git`) | bf16 |" in table and "failed: out of memory" in table
 
 
+def test_a_report_written_mid_run_says_what_is_not_measured_yet() -> None:
+    done = _row("git", "fp32", [1.0], [[1, 2]], ["x"])
+    pending = FamilyRow("blip", "BLIP", "hub/blip", "fp32")
+    table = markdown_tables(build_report([done, pending], {"device": "cpu"}))
+    assert "| BLIP | not measured yet |" in table and "| BLIP | fp32 | not measured yet |" in table
+    assert "failed" not in table
+
+
 def test_a_row_that_generates_other_tokens_in_another_round_says_so() -> None:
     row = _row("git", "fp32", [1.0], [[1, 2]], ["x"])
     row.add_round({**_round_like(row), "tokens": [[1, 3]]})
