@@ -40,6 +40,10 @@ class ModelSettings(BaseModel):
     # use; torch alone would start one per core of the node (captionfleet/core/threads.py). On CPU nodes, one worker
     # per core with 1 thread each is the layout least hurt by noisy neighbours (docs/benchmarks.md).
     threads: int = Field(default=0, ge=0, le=1024)
+    # ViT-GPT2: decode through static KV caches kept per batch shape (1, 2, 4, ... up to
+    # WORKER_BATCH__MAX_ITEMS), compiled into CUDA graphs on a GPU and warmed up at load (minutes there);
+    # captionfleet/core/static_decoding.py. Opt-in until measured on a GPU; other families ignore it.
+    static_cache: bool = False
     # With a ref s3://bucket/models/<name>/LATEST (as the trainer publishes) the streaming worker
     # re-reads LATEST this often and hot-swaps to a new version between batches (0 = never re-read).
     poll_interval_s: float = Field(default=30.0, ge=0)
