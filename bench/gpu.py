@@ -65,11 +65,13 @@ from captionfleet.core.gpu_images import device_decoder, images_to_pixels
 from captionfleet.core.images import ImageLimits
 from captionfleet.core.settings import BatchSettings
 from captionfleet.core.static_decoding import StaticDecoding
+from captionfleet.core.threads import decode_threads
 from captionfleet.worker.connectors.local import iter_folder
 from captionfleet.worker.pipeline import CaptionPipeline
 
-# k8s/overlays/gpu/kustomization.yaml: WORKER_BATCH__MAX_ITEMS=32, WORKER_BATCH__DECODE_THREADS=6.
-GPU_OVERLAY_BATCH = BatchSettings(max_items=32, decode_threads=6)
+# k8s/overlays/gpu/kustomization.yaml: WORKER_BATCH__MAX_ITEMS=32, decode threads auto (the CPU limit but one,
+# here resolved for a GPU worker whatever the device: the smoke test on CPU runs the same settings).
+GPU_OVERLAY_BATCH = BatchSettings(max_items=32, decode_threads=decode_threads(0, on_cuda=True))
 LIMITS = ImageLimits(max_bytes=50 << 20, max_pixels=50_000_000)
 
 
