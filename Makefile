@@ -7,7 +7,7 @@ TORCH_PIN ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
 .PHONY: setup system-deps demo test lint typecheck unit integration clean bench bench-quick bench-gpu bench-http soak
-.PHONY: bench-families
+.PHONY: bench-families bench-decode
 .PHONY: image image-test k8s-validate
 
 setup: $(STAMP) system-deps
@@ -66,6 +66,11 @@ bench-families: $(STAMP)
 # machine, whose image has its own torch, run bench/gpu_session.sh instead (docs/benchmarks.md).
 bench-gpu: $(STAMP)
 	$(BIN)/python -m bench.gpu --out docs
+
+# One CPU core's JPEG decode-and-resize rate (draft mode on and off, the worker's path), and the cores a GPU
+# worker needs when decoding stays on the CPU (docs/benchmarks.md, "Decoding on the CPU").
+bench-decode: $(STAMP)
+	$(BIN)/python -m bench.decode_rate --out docs/benchmarks-decode.json
 
 # The caption API's latency next to the same worker's bulk images/s (docs/benchmarks.md, issue 18).
 bench-http: $(STAMP)

@@ -2,7 +2,11 @@
 
 Run on a GPU machine: ``python bench/device_check.py``. Prints JSON lines:
 - the device and dtype the captioner picks (auto: CUDA in half precision);
-- whether batched captions equal one-by-one captions there (tiny model, greedy and beams);
+- whether batched captions equal one-by-one captions there (tiny model, greedy and beams), for today's path
+  and for the new one (static KV cache compiled into CUDA graphs, core/static_decoding.py), and whether the
+  new path's captions equal today's;
+- the GPU image path (core/gpu_images.py): how many JPEGs nvJPEG decoded, how far its pixels are from the
+  CPU path's, and whether the captions of the two agree;
 - images/s of the full ViT-base/16 + GPT-2 124M architecture (random weights: real compute cost)
   for the model card's usage (fp32, one image per generate call, 4 beams, 16 tokens) next to
   batched fp16 in the same run.
@@ -23,8 +27,11 @@ from transformers import GenerationConfig, GPT2Config, VisionEncoderDecoderConfi
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.workload import load_ved
+from bench.workload import load_ved, realistic_jpegs
+from captionfleet.core.captioner import Captioner
+from captionfleet.core.gpu_images import device_decoder, images_to_pixels
 from captionfleet.core.settings import DecodingSettings
+from captionfleet.core.static_decoding import StaticDecoding
 from tests.conftest import save_tiny_checkpoint
 
 
@@ -38,12 +45,55 @@ def check_tiny() -> None:
     emit(check="auto_device", device=str(captioner.device), dtype=str(captioner.dtype))
     rng = np.random.default_rng(0)
     images = [Image.fromarray(rng.integers(0, 255, (30, 40, 3), dtype=np.uint8)) for _ in range(16)]
+    today: dict[int, list[str]] = {}
     for beams in (1, 4):
         decoding = DecodingSettings(num_beams=beams, max_new_tokens=12)
         batched = captioner.caption(images, decoding)
         singles = [captioner.caption([image], decoding)[0] for image in images]
         same = sum(a == b for a, b in zip(batched, singles, strict=True))
         emit(check="batched_equals_single", beams=beams, identical=same, of=len(images), distinct=len(set(batched)))
+        today[beams] = batched
+    # The new path: two shapes only (16 images, and 1), so the check compiles two graphs, not every bucket.
+    captioner.static = StaticDecoding(captioner.model, len(images))
+    for beams in (1, 4):
+        decoding = DecodingSettings(num_beams=beams, max_new_tokens=12)
+        started = time.perf_counter()
+        batched = captioner.caption(images, decoding)
+        first_s = time.perf_counter() - started  # compiling and capturing included
+        singles = [captioner.caption([image], decoding)[0] for image in images]
+        emit(
+            check="static_cache_batched_equals_single",
+            beams=beams,
+            identical=sum(a == b for a, b in zip(batched, singles, strict=True)),
+            equal_to_dynamic=sum(a == b for a, b in zip(batched, today[beams], strict=True)),
+            of=len(images),
+            first_call_s=round(first_s, 1),
+        )
+    captioner.static = None
+    check_gpu_images(captioner)
+
+
+def check_gpu_images(captioner: Captioner) -> None:
+    """nvJPEG vs the CPU path on photo-like JPEGs: pixels and the captions made from them."""
+    folder = Path(tempfile.mkdtemp())
+    blobs = [path.read_bytes() for path in realistic_jpegs(folder, 8, (640, 480))]
+    on_gpu = images_to_pixels(blobs, captioner.preprocess, device=captioner.device, dtype=torch.float32)
+    on_cpu = images_to_pixels(blobs, captioner.preprocess, device=captioner.device, dtype=torch.float32, decoder=None)
+    # The CPU path decodes with draft mode (a reduced-scale DCT) first: some difference is expected.
+    difference = (on_gpu.pixels - on_cpu.pixels).abs()
+    decoding = DecodingSettings(num_beams=1, max_new_tokens=12)
+    gpu_captions = captioner.caption_pixels(on_gpu.pixels, decoding)
+    cpu_captions = captioner.caption_pixels(on_cpu.pixels, decoding)
+    emit(
+        check="gpu_images",
+        decoder=device_decoder(captioner.device) is not None,
+        on_device=on_gpu.on_device,
+        of=len(blobs),
+        failures=len(on_gpu.failures),
+        max_abs_pixel_difference=round(float(difference.max()), 4),
+        mean_abs_pixel_difference=round(float(difference.mean()), 4),
+        same_captions=sum(a == b for a, b in zip(gpu_captions, cpu_captions, strict=True)),
+    )
 
 
 def full_model(dtype: torch.dtype) -> VisionEncoderDecoderModel:

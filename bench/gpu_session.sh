@@ -16,7 +16,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
 # Correctness first (auto picks CUDA half precision; batched equals one-by-one), then the benchmark.
 status=0
 if [[ $PARTS == *" check "* ]]; then
-  timeout 120 python3 bench/device_check.py 2>&1 | tee "$OUT/device_check.log" || status=$?
+  timeout 240 python3 bench/device_check.py 2>&1 | tee "$OUT/device_check.log" || status=$?
 fi
 if [[ $PARTS == *" vitgpt2 "* ]]; then
   timeout "${BENCH_SECONDS:-360}" python3 -m bench.gpu --quick --out "$OUT" --work /tmp/bench-gpu 2>&1 \

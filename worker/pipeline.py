@@ -48,6 +48,7 @@ from captionfleet.core.failures import (
 from captionfleet.core.family import takes_prompt
 from captionfleet.core.images import EncodedImage, ImageLimits, decode_image
 from captionfleet.core.settings import BatchSettings, DecodingSettings
+from captionfleet.core.threads import CPU_DECODE_THREADS
 from captionfleet.worker.batcher import Batcher
 from captionfleet.worker.lanes import InteractiveItem, LaneQueue
 from captionfleet.worker.messages import Result
@@ -484,7 +485,9 @@ class CaptionPipeline:
         self._held = held = self._held_bytes()
         producer_error: list[BaseException] = []
 
-        with ThreadPoolExecutor(self.batch.decode_threads, thread_name_prefix="decode") as pool:
+        # 0 (auto) outside WorkerSettings, which resolves it by the device (core/threads.py): a CPU worker's.
+        threads = self.batch.decode_threads or CPU_DECODE_THREADS
+        with ThreadPoolExecutor(threads, thread_name_prefix="decode") as pool:
 
             def produce() -> None:
                 try:

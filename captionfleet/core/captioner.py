@@ -39,6 +39,7 @@ from captionfleet.core.generation import Caption, captions_from_output, recorder
 from captionfleet.core.model_store import ModelRefError, check_checkpoint_dir, model_type_of
 from captionfleet.core.registry_layout import METADATA_FILE
 from captionfleet.core.settings import DecodingSettings, runs_on_cuda
+from captionfleet.core.static_decoding import StaticDecoding
 
 logger = logging.getLogger(__name__)
 
@@ -352,6 +353,24 @@ class Captioner:
         self.dtype = input_dtype or next(model.parameters()).dtype
         # The resolved fast path (see captionfleet/core/fastpath.py): fp32, bf16, int8, int8-bf16 or fp16.
         self.precision = precision
+        # Kept static KV caches per batch shape (compiled on CUDA); None: transformers' dynamic cache.
+        self.static: StaticDecoding | None = None
+
+    def use_static_cache(self, max_rows: int, decodings: Sequence[DecodingSettings] = ()) -> int:
+        """Decode through kept static KV caches for batches of up to ``max_rows`` (captionfleet/core/
+        static_decoding.py), each batch shape warmed up now for ``decodings`` (default: the model's own);
+        returns the warm-up runs."""
+        self.static = StaticDecoding(self.model, max_rows)
+        configs = [self.generation_config(decoding) for decoding in (decodings or [self.decoding])]
+        shape = (3, self.preprocess.height, self.preprocess.width)
+        return self.static.warm_up(shape, self.dtype, self.device, configs)
+
+    def _generate(self, pixel_values: torch.Tensor, config: GenerationConfig, **kwargs: Any) -> Any:
+        """model.generate on pixels already on the device, through the static caches when in use."""
+        with beam_group(self.model, config.num_beams) as beam_kwargs:
+            if self.static is not None:  # its own cache, with beam_group's sharing of cross-attention rows
+                return self.static.generate(pixel_values, config, **kwargs)
+            return self.model.generate(pixel_values=pixel_values, generation_config=config, **beam_kwargs, **kwargs)
 
     @property
     def image_size(self) -> tuple[int, int]:
@@ -393,10 +412,12 @@ class Captioner:
         device: str = "auto",
         decoding: DecodingSettings | None = None,
         precision: str = "auto",
+        static_rows: int = 0,
     ) -> Captioner:
         """``precision``: "auto" (the fastest path per device that keeps captions independent of
         batching and agrees with fp32: fp16 on CUDA, bf16 on CPUs with native bf16, else fp32), or one
-        of fp32 (lossless), bf16, int8, int8-bf16, fp16; see captionfleet/core/fastpath.py."""
+        of fp32 (lossless), bf16, int8, int8-bf16, fp16; see captionfleet/core/fastpath.py. ``static_rows``:
+        decode through static KV caches for batches of up to that many images, warmed up here (0: dynamic)."""
         path = Path(path)
         check_checkpoint_dir(path)
         model_type = model_type_of(path)
@@ -419,7 +440,7 @@ class Captioner:
         tokenizer = checkpoint_load.load_tokenizer(path)
         version = checkpoint_version(path)
         logger.info("loaded model %s from %s on %s (%s)", version, path, torch_device, resolved)
-        return cls(
+        captioner = cls(
             model,
             tokenizer,
             Preprocessing.from_checkpoint(path),
@@ -429,6 +450,9 @@ class Captioner:
             precision=resolved,
             input_dtype=input_dtype,
         )
+        if static_rows:
+            captioner.use_static_cache(static_rows)
+        return captioner
 
     def generation_config(self, decoding: DecodingSettings) -> GenerationConfig:
         """An explicit config, so a checkpoint's stale max_length or sampling flags never leak in."""
@@ -474,13 +498,9 @@ class Captioner:
         config.return_dict_in_generate = True  # in the config: beside it, transformers warns on every call
         eos = [int(config.eos_token_id)]  # one id, set by generation_config()
         recorder = recorder_for(config.num_beams or 1, eos)
-        with beam_group(self.model, config.num_beams) as beam_kwargs:
-            output = self.model.generate(
-                pixel_values=pixel_values.to(self.device, self.dtype),
-                generation_config=config,
-                logits_processor=LogitsProcessorList([recorder]),
-                **beam_kwargs,
-            )
+        output = self._generate(
+            pixel_values.to(self.device, self.dtype), config, logits_processor=LogitsProcessorList([recorder])
+        )
         return captions_from_output(output, recorder, self.tokenizer, eos, rows=len(inputs))
 
     @torch.inference_mode()
@@ -488,10 +508,7 @@ class Captioner:
         """Caption already preprocessed images (N, 3, H, W), e.g. prepared by decode threads."""
         rows = pixel_values.shape[0]
         config = self.generation_config(decoding or self.decoding)
-        with beam_group(self.model, config.num_beams) as beam_kwargs:
-            output = self.model.generate(
-                pixel_values=pixel_values.to(self.device, self.dtype), generation_config=config, **beam_kwargs
-            )
+        output = self._generate(pixel_values.to(self.device, self.dtype), config)
         captions = [text.strip() for text in self.tokenizer.batch_decode(output, skip_special_tokens=True)]
         if len(captions) != rows:  # never misattribute captions to images
             raise RuntimeError(f"model returned {len(captions)} captions for {rows} images")

@@ -197,14 +197,9 @@ def _what_it_looks_like(data: bytes) -> str:
     return "it looks like plain text"
 
 
-def decode_image(
-    data: bytes, *, limits: ImageLimits = ImageLimits(), draft_size: tuple[int, int] | None = None
-) -> Image.Image:
-    """Decode one item to a fully loaded ``RGB`` image, or raise :class:`ImageError`.
-
-    ``draft_size`` is the model input size; JPEGs are then decoded at the smallest power-of-two
-    reduction that keeps both sides at least that big, which is much cheaper than a full decode.
-    """
+def check_before_parsing(data: bytes, limits: ImageLimits = ImageLimits()) -> str:
+    """The checks before any parser sees the bytes: not empty, within the byte limit, a format sniffed from
+    magic bytes that is neither refused nor missing its plugin. Returns that format, or raises ImageError."""
     if not data:
         raise ImageError("empty", "no bytes: the item is empty")
     if len(data) > limits.max_bytes:
@@ -215,6 +210,55 @@ def decode_image(
     if fmt in _REFUSED:
         raise ImageError("unsupported", f"{fmt}: {_REFUSED[fmt]}")
     _ensure_plugin(fmt)
+    return fmt
+
+
+@dataclass(frozen=True)
+class JpegHeader:
+    """What a JPEG's header says, read without decoding a pixel (``jpeg_header``)."""
+
+    width: int
+    height: int
+    mode: str  # Pillow's: "RGB" (YCbCr), "L", "CMYK"
+    orientation: int  # EXIF orientation, 1 when upright or absent
+
+
+def jpeg_header(data: bytes, limits: ImageLimits = ImageLimits()) -> JpegHeader | None:
+    """A JPEG's size, mode and orientation from its header after ``check_before_parsing`` and the pixel limit
+    (ImageError as ``decode_image`` raises them); None when the bytes are another format or a header Pillow
+    cannot read (``decode_image`` then gives the failure its kind). For decoders other than Pillow's (nvJPEG
+    on a GPU), which must not see bytes these rules refuse."""
+    if check_before_parsing(data, limits) != "jpeg":
+        return None
+    try:
+        with _open(data, "jpeg") as img:
+            width, height = img.size
+            if width * height > limits.max_pixels:
+                raise ImageError(
+                    "too_large", f"{width}x{height} = {width * height} pixels exceeds the limit of {limits.max_pixels}"
+                )
+            try:
+                orientation = int(img.getexif().get(0x0112, 1))
+            except Exception:  # unreadable EXIF: decode_image ignores it too
+                orientation = 1
+            return JpegHeader(width, height, img.mode, orientation)
+    except ImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageError("too_large", str(exc)) from exc
+    except Exception:  # a header Pillow cannot read: decode_image says why, with the kind it gives it
+        return None
+
+
+def decode_image(
+    data: bytes, *, limits: ImageLimits = ImageLimits(), draft_size: tuple[int, int] | None = None
+) -> Image.Image:
+    """Decode one item to a fully loaded ``RGB`` image, or raise :class:`ImageError`.
+
+    ``draft_size`` is the model input size; JPEGs are then decoded at the smallest power-of-two
+    reduction that keeps both sides at least that big, which is much cheaper than a full decode.
+    """
+    fmt = check_before_parsing(data, limits)
     try:
         with _open(data, fmt) as img:
             width, height = img.size

@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
@@ -29,6 +30,8 @@ from captionfleet.core.registry_layout import LATEST, latest_root, read_latest, 
 from captionfleet.core.s3 import make_s3_client
 from captionfleet.core.settings import DecodingSettings, S3Settings, WorkerSettings
 from captionfleet.core.threads import apply_threads
+
+logger = logging.getLogger(__name__)
 
 
 def warm_up(captioner: CaptionModel) -> float:
@@ -48,14 +51,18 @@ def load_checkpoint(
     decoding: DecodingSettings | None = None,
     threads: int | None = None,
     limits: InputLimits | None = None,
+    static_rows: int = 0,
 ) -> CaptionModel:
     """A local checkpoint folder, loaded by its family's captioner. ``threads``: torch's intra-op threads
     to set first (0 = the container's CPU limit, see core/threads.py); None leaves them as the caller set them.
-    ``limits``: what one request's input may be (prompt length; the defaults when None)."""
+    ``limits``: what one request's input may be (prompt length; the defaults when None). ``static_rows``:
+    ViT-GPT2 decodes through static KV caches for batches up to that size (0: off; core/static_decoding.py)."""
     if threads is not None:
         apply_threads(threads)
     if model_type_of(path) == VED_FAMILY:
-        return Captioner.from_dir(path, device=device, decoding=decoding, precision=precision)
+        return Captioner.from_dir(path, device=device, decoding=decoding, precision=precision, static_rows=static_rows)
+    if static_rows:  # a hot swap may bring another family: it serves with its dynamic cache, it does not fail
+        logger.warning("WORKER_MODEL__STATIC_CACHE applies to vision-encoder-decoder models only; %s ignores it", path)
     return FamilyCaptioner.from_dir(path, device=device, decoding=decoding, precision=precision, limits=limits)
 
 
@@ -69,6 +76,7 @@ def _load_ref(ref: str, settings: WorkerSettings) -> CaptionModel:
         decoding=settings.decoding,
         threads=model.threads,
         limits=InputLimits.from_settings(model),
+        static_rows=settings.batch.max_items if model.static_cache else 0,
     )
 
 

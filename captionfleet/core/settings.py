@@ -40,6 +40,10 @@ class ModelSettings(BaseModel):
     # use; torch alone would start one per core of the node (captionfleet/core/threads.py). On CPU nodes, one worker
     # per core with 1 thread each is the layout least hurt by noisy neighbours (docs/benchmarks.md).
     threads: int = Field(default=0, ge=0, le=1024)
+    # ViT-GPT2: decode through static KV caches kept per batch shape (1, 2, 4, ... up to
+    # WORKER_BATCH__MAX_ITEMS), compiled into CUDA graphs on a GPU and warmed up at load (minutes there);
+    # captionfleet/core/static_decoding.py. Opt-in until measured on a GPU; other families ignore it.
+    static_cache: bool = False
     # With a ref s3://bucket/models/<name>/LATEST (as the trainer publishes) the streaming worker
     # re-reads LATEST this often and hot-swaps to a new version between batches (0 = never re-read).
     poll_interval_s: float = Field(default=30.0, ge=0)
@@ -91,7 +95,10 @@ class BatchSettings(BaseModel):
     # tensors (25 MiB for a 1 Mpx Qwen-VL image, 600 KiB for ViT-GPT2's) and its source bytes, kept so
     # that a hot swap can prepare it again (worker/pipeline.py's HeldBytes).
     prefetch_mb: int = Field(default=1024, ge=1)
-    decode_threads: int = Field(default=2, ge=1, le=64)
+    # Threads decoding and preparing images (fetch, decode, resize, normalise). 0 (auto): on a GPU worker
+    # every core of the container's CPU limit but one (the GPU outpaces any one core's decoding), on a CPU
+    # worker 2 (the model's threads need the rest); captionfleet/core/threads.py.
+    decode_threads: int = Field(default=0, ge=0, le=256)
 
 
 class ImageSettings(BaseModel):
@@ -387,11 +394,22 @@ class WorkerSettings(BaseSettings):
 
     @model_validator(mode="after")
     def _batch_for_the_device(self) -> WorkerSettings:
-        if "max_items" not in self.batch.model_fields_set and runs_on_cuda(self.model.device):
-            # Constructed, not copied: max_items stays "not set by the user", so when a command-line
-            # --device changes the device the settings are validated again and this default follows.
-            values = {**self.batch.__dict__, "max_items": CUDA_BATCH}
-            self.batch = BatchSettings.model_construct(_fields_set=set(self.batch.model_fields_set), **values)
+        derived = "max_items" not in self.batch.model_fields_set or not self.batch.decode_threads
+        if not derived:  # both set: no need to ask torch about the device
+            return self
+        on_cuda = runs_on_cuda(self.model.device)
+        values = dict(self.batch.__dict__)
+        chosen = set(self.batch.model_fields_set)
+        if "max_items" not in chosen and on_cuda:
+            values["max_items"] = CUDA_BATCH
+        if not values["decode_threads"]:
+            from captionfleet.core.threads import decode_threads  # here: threads imports torch
+
+            values["decode_threads"] = decode_threads(0, on_cuda=on_cuda)
+            chosen.discard("decode_threads")  # 0 set by hand is auto too: derived again like the default
+        # Constructed, not copied: the derived fields stay "not set by the user", so when a command-line
+        # --device changes the device the settings are validated again and these defaults follow.
+        self.batch = BatchSettings.model_construct(_fields_set=chosen, **values)
         return self
 
 

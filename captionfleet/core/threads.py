@@ -6,6 +6,10 @@ OpenMP threads, and each op would then wait at its barrier for threads the kerne
 (on this project's 2-core machines two threads on two busy cores already made small ops ~100x
 slower, docs/benchmarks.md). So the default is the CPU limit of the cgroup, rounded down, never
 more than the cores this process may run on. ``WORKER_MODEL__THREADS`` overrides it.
+
+The pipeline's decode threads (``WORKER_BATCH__DECODE_THREADS``, ``decode_threads``) follow the same limit
+on a GPU worker, where decoding JPEGs is the CPU's whole job; on a CPU worker they keep their small fixed
+number, because there the model's torch threads need those same cores.
 """
 
 from __future__ import annotations
@@ -60,3 +64,23 @@ def apply_threads(requested: int) -> int:
         torch.set_num_threads(threads)
         logger.info("torch uses %d thread(s)%s", threads, "" if requested else " (the CPU limit of this container)")
     return threads
+
+
+# Decode threads of a CPU worker: the model's torch threads take the container's cores (default_threads),
+# and decoding with draft mode is a few per cent of the CPU next to them (docs/benchmarks.md), so two threads
+# keep it ahead of the model without taking cores from it.
+CPU_DECODE_THREADS = 2
+
+
+def decode_threads(requested: int, *, on_cuda: bool, root: Path = CGROUP_ROOT) -> int:
+    """The pipeline's decode threads: ``requested``, or for 0 (auto) the default for where the model runs.
+
+    On CUDA the GPU captions far faster than one core decodes JPEGs (docs/benchmarks.md, "Decoding on the
+    CPU"), so every core the container may use decodes, but one, left to the process's own loop (the
+    batcher and the model thread launching kernels, Kafka or HTTP I/O); never fewer than one.
+    """
+    if requested:
+        return requested
+    if not on_cuda:
+        return CPU_DECODE_THREADS
+    return max(1, default_threads(root) - 1)

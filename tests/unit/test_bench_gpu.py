@@ -15,11 +15,14 @@ def test_gpu_bench_runs_end_to_end_in_its_cpu_smoke_mode(tiny_checkpoint: Path, 
     assert gpu.main([*argv, "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out")]) == 0
     result = json.loads((tmp_path / "out" / "benchmarks-gpu-quick.json").read_text())
     rows = {row["name"]: row for row in result["rows"]}
-    # The static-cache row is named after the default precision, which depends on the CPU (bf16 or fp32).
-    (static_name,) = [name for name in rows if name.endswith(", static KV cache")]
-    static = rows.pop(static_name)
-    assert static["images_per_s"] > 0 or static["error"]  # transformers may not offer it for this model
     assert all(row["images_per_s"] > 0 and not row["error"] for row in rows.values()), rows
+    # The new path's rows (named after the default precision, bf16 or fp32 by the CPU): static KV cache from
+    # decoded tensors and from JPEGs through the image path, greedy and 4 beams; nvJPEG only on a GPU.
+    new = {name: row for name, row in rows.items() if name.startswith("new: ")}
+    assert len(new) == 4 and {row["decoding"].split(",")[0] for row in new.values()} == {"greedy", "4 beams"}
+    notes = [row["note"] for name, row in new.items() if "end to end" in name]
+    assert notes == ["nvJPEG decoded 0 of 4", "nvJPEG decoded 0 of 2"]
+    assert [target["row"] for target in result["targets"]] == list(new)
     assert rows["a model card (1 image/call)"]["vs_model_card"] == 1.0
     assert all(row["limit_images_per_s"] > 0 for row in rows.values())
     assert (tmp_path / "out" / "benchmarks-gpu-quick.png").stat().st_size > 0

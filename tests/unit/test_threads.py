@@ -75,3 +75,39 @@ def test_loading_a_model_applies_the_thread_setting(monkeypatch: pytest.MonkeyPa
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_decode_threads_on_a_gpu_are_the_cpu_limit_but_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(threads, "usable_cores", lambda: 64)
+    eight = _cgroup(tmp_path / "a", {"cpu.max": "800000 100000"})
+    assert threads.decode_threads(0, on_cuda=True, root=eight) == 7  # one core left to the process's loop
+    one = _cgroup(tmp_path / "b", {"cpu.max": "100000 100000"})
+    assert threads.decode_threads(0, on_cuda=True, root=one) == 1  # never 0
+    unlimited = _cgroup(tmp_path / "c", {"cpu.max": "max 100000"})
+    assert threads.decode_threads(0, on_cuda=True, root=unlimited) == 63  # the cores it may run on, but one
+    # A CPU worker keeps its two: the model's torch threads take the container's cores there.
+    assert threads.decode_threads(0, on_cuda=False, root=eight) == threads.CPU_DECODE_THREADS == 2
+    assert threads.decode_threads(5, on_cuda=True, root=eight) == 5  # what the operator set wins
+
+
+def test_worker_settings_size_decode_threads_by_the_device(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    limit = _cgroup(tmp_path, {"cpu.max": "1200000 100000"})  # this container's: 12 CPUs
+    real = threads.default_threads
+    monkeypatch.setattr(threads, "usable_cores", lambda: 64)
+    monkeypatch.setattr(threads, "default_threads", lambda root=limit: real(limit))
+    monkeypatch.setenv("WORKER_MODEL__DEVICE", "cuda")
+    settings = load_worker_settings()
+    assert settings.batch.decode_threads == 11
+    assert "decode_threads" not in settings.batch.model_fields_set  # derived again if the device changes
+    monkeypatch.setenv("WORKER_BATCH__DECODE_THREADS", "0")  # 0 set by hand is auto as well
+    assert load_worker_settings().batch.decode_threads == 11
+    monkeypatch.setenv("WORKER_MODEL__DEVICE", "cpu")
+    assert load_worker_settings().batch.decode_threads == 2
+    monkeypatch.setenv("WORKER_BATCH__DECODE_THREADS", "3")
+    assert load_worker_settings().batch.decode_threads == 3
+
+
+def test_decode_threads_out_of_range_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WORKER_BATCH__DECODE_THREADS", "-1")
+    with pytest.raises(SettingsError, match="WORKER_BATCH__DECODE_THREADS"):
+        load_worker_settings()

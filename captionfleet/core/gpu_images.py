@@ -1,0 +1,219 @@
+"""JPEG bytes to a batch of model inputs on the GPU: nvJPEG decoding, resizing and normalising on the device.
+
+Why: a GPU captions ViT-GPT2 faster than a whole node's cores decode 1600x1200 JPEGs (one core decodes and
+prepares ~100 a second with draft mode: docs/benchmarks.md, "Decoding on the CPU"), so at the GPU's pace
+the decoding moves to the GPU too. ``torchvision.io.decode_jpeg`` takes a list of JPEGs and decodes them in
+one batched nvJPEG call onto the device; the resize (``interpolate`` with antialiasing, the mode of the
+checkpoint's image processor) and the rescale/normalise run there as well, so only the compressed bytes
+cross the bus.
+
+The hostile-image rules are the CPU path's (captionfleet/core/images.py): the format is sniffed from
+magic bytes and the pixel limit checked from the header before any decoder sees the bytes
+(``jpeg_header``). Everything else takes the CPU path, per image: other formats, JPEGs nvJPEG does not
+take as they are (CMYK, an EXIF rotation, more pixels than ``max_device_pixels``), and any the GPU fails
+to decode (the batch is tried again one by one, since ``decode_jpeg`` returns nothing when one image of a
+list fails). An image no path can decode is one ``ImageError`` in ``failures``, never a failed batch.
+The CPU path's arrays are stacked in pinned host memory and copied with ``non_blocking``.
+
+Where torchvision (with its image extension) is missing or the device is not CUDA, every image takes the
+CPU path: the same function, the same result shape. Status: used by the GPU bench (bench/gpu.py); not yet
+wired into the worker's pipeline, whose decode threads prepare each item on its own. Untested on a GPU
+(no device was lent to the session that wrote it); the CPU tests drive its control flow with a stand-in
+decoder.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from captionfleet.core.captioner import Preprocessing
+from captionfleet.core.failures import ImageError
+from captionfleet.core.images import ImageLimits, decode_image, jpeg_header
+
+logger = logging.getLogger(__name__)
+
+# (JPEG bytes as 1-D uint8 CPU tensors, device) -> one uint8 CHW RGB tensor each, on the device.
+Decoder = Callable[[list[torch.Tensor], torch.device], list[torch.Tensor]]
+
+# Pillow's resampling -> interpolate's mode; another filter (LANCZOS, BOX, HAMMING) keeps the CPU path.
+_MODES = {
+    Image.Resampling.BILINEAR: "bilinear",
+    Image.Resampling.BICUBIC: "bicubic",
+    Image.Resampling.NEAREST: "nearest",
+}
+# A 50 Mpx photo is 150 MB of uint8 on the device; past this, draft mode on the CPU reads a fraction of it.
+MAX_DEVICE_PIXELS = 24_000_000
+DEFAULT_LIMITS = ImageLimits()
+
+
+def _torchvision_decoder() -> Decoder | None:
+    try:
+        from torchvision.io import ImageReadMode, decode_jpeg
+    except Exception as error:  # not installed, or its image extension does not load with this torch
+        logger.info("JPEGs decode on the CPU: torchvision's decode_jpeg is unavailable (%s)", error)
+        return None
+
+    def decode(blobs: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+        out = decode_jpeg(blobs, mode=ImageReadMode.RGB, device=device)
+        return list(out) if isinstance(out, list) else [out]
+
+    return decode
+
+
+def device_decoder(device: torch.device) -> Decoder | None:
+    """nvJPEG through torchvision on a CUDA device; None elsewhere (every image takes the CPU path)."""
+    return _torchvision_decoder() if device.type == "cuda" else None
+
+
+@dataclass
+class PixelBatch:
+    """``pixels``: (n, 3, H, W) on the device in the model's dtype, one row per decoded image in input order
+    (``rows``: their positions in the input); ``failures``: position -> the ImageError of each image that
+    could not be decoded; ``sizes``: position -> (width, height) as sent; ``on_device``: how many rows
+    nvJPEG decoded (the rest took the CPU path)."""
+
+    pixels: torch.Tensor
+    rows: list[int]
+    failures: dict[int, ImageError] = field(default_factory=dict)
+    sizes: dict[int, tuple[int, int]] = field(default_factory=dict)
+    on_device: int = 0
+
+
+class DevicePreprocessing:
+    """A checkpoint's preprocessing (resize, rescale, normalise) for uint8 CHW tensors on ``device``."""
+
+    def __init__(self, preprocessing: Preprocessing, device: torch.device, dtype: torch.dtype) -> None:
+        self.size = (preprocessing.height, preprocessing.width)
+        self.mode = _MODES.get(preprocessing.resample)
+        self.device, self.dtype = device, dtype
+        rescale = preprocessing.rescale_factor if preprocessing.rescale_factor is not None else 1.0
+        mean = preprocessing.mean if preprocessing.mean is not None else np.zeros(3, np.float32)
+        std = preprocessing.std if preprocessing.std is not None else np.ones(3, np.float32)
+        # (x * rescale - mean) / std as one multiply-add, in float32 before the cast to the model's dtype.
+        self.scale = torch.tensor(rescale / std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+        self.shift = torch.tensor(-mean / std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+
+    @property
+    def available(self) -> bool:
+        return self.mode is not None
+
+    def __call__(self, images: Sequence[torch.Tensor]) -> torch.Tensor:
+        """uint8 (3, h, w) tensors of any sizes -> (n, 3, H, W) normalised, in the model's dtype."""
+        assert self.mode is not None
+        resized = []
+        for image in images:
+            pixels = image.unsqueeze(0).float()
+            if tuple(pixels.shape[-2:]) != self.size:
+                antialias = self.mode != "nearest"  # Pillow's filters widen with the reduction, as antialias does
+                kwargs = {"align_corners": False} if antialias else {}
+                pixels = F.interpolate(pixels, size=self.size, mode=self.mode, antialias=antialias, **kwargs)
+                # Pillow rounds its resized pixels to uint8 before rescaling: so does this, for the same input.
+                pixels = pixels.round().clamp(0, 255)
+            resized.append(pixels)
+        batch = torch.cat(resized)
+        return (batch * self.scale + self.shift).to(self.dtype)
+
+
+def images_to_pixels(
+    blobs: Sequence[bytes],
+    preprocessing: Preprocessing,
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    limits: ImageLimits = DEFAULT_LIMITS,
+    decoder: Decoder | None = None,
+    max_device_pixels: int = MAX_DEVICE_PIXELS,
+) -> PixelBatch:
+    """Decode and prepare a batch of images' bytes for a fixed-size model on ``device`` (see the module's
+    docstring). ``decoder``: the device's JPEG decoder (default ``device_decoder(device)``; None on CPU)."""
+    decoder = decoder if decoder is not None else device_decoder(device)
+    on_device = DevicePreprocessing(preprocessing, device, dtype)
+    failures: dict[int, ImageError] = {}
+    sizes: dict[int, tuple[int, int]] = {}
+    gpu: list[int] = []
+    cpu: list[int] = []
+    for position, data in enumerate(blobs):
+        try:
+            header = jpeg_header(data, limits)  # sniffing and the pixel limit, before any decoder
+        except ImageError as error:
+            failures[position] = error
+            continue
+        if header is not None:
+            sizes[position] = (header.width, header.height)
+        takes_gpu = (
+            decoder is not None
+            and on_device.available
+            and header is not None
+            and header.mode in ("RGB", "L")
+            and header.orientation == 1
+            and header.width * header.height <= max_device_pixels
+        )
+        (gpu if takes_gpu else cpu).append(position)
+
+    decoded: dict[int, torch.Tensor] = {}
+    if gpu and decoder is not None:
+        decoded = _decode_on_device(decoder, [blobs[i] for i in gpu], gpu, device)
+        cpu.extend(i for i in gpu if i not in decoded)
+    rows_gpu = [i for i in gpu if i in decoded]
+    device_rows = on_device([decoded[i] for i in rows_gpu]) if rows_gpu else None
+
+    arrays: dict[int, np.ndarray] = {}
+    for position in sorted(cpu):
+        try:
+            image = decode_image(blobs[position], limits=limits, draft_size=(preprocessing.width, preprocessing.height))
+        except ImageError as error:
+            failures[position] = error
+            continue
+        sizes.setdefault(position, image.size)
+        arrays[position] = preprocessing.array(image)
+    host_rows = _to_device(arrays, device, dtype) if arrays else None
+
+    rows = sorted([*rows_gpu, *arrays])
+    if not rows:
+        empty = torch.empty(0, 3, preprocessing.height, preprocessing.width, device=device, dtype=dtype)
+        return PixelBatch(empty, [], failures, sizes, 0)
+    # Rows back in input order: device-decoded and host-decoded ones interleaved as the bytes came.
+    where: dict[int, torch.Tensor] = {}
+    if device_rows is not None:
+        where.update(zip(rows_gpu, device_rows, strict=True))
+    if host_rows is not None:
+        where.update(zip(sorted(arrays), host_rows, strict=True))
+    return PixelBatch(torch.stack([where[i] for i in rows]), rows, failures, sizes, len(rows_gpu))
+
+
+def _decode_on_device(
+    decoder: Decoder, blobs: list[bytes], positions: list[int], device: torch.device
+) -> dict[int, torch.Tensor]:
+    """Positions -> decoded tensors; the ones the device could not decode are left out (the CPU tries them)."""
+    tensors = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in blobs]
+    try:
+        return dict(zip(positions, decoder(tensors, device), strict=True))
+    except (MemoryError, torch.OutOfMemoryError):
+        raise  # the process's trouble, not an image's
+    except Exception as error:  # one bad JPEG fails the whole list: find it, keep the others on the device
+        logger.info("batched device decode of %d JPEGs failed (%s); decoding them one by one", len(blobs), error)
+    out: dict[int, torch.Tensor] = {}
+    for position, tensor in zip(positions, tensors, strict=True):
+        try:
+            (out[position],) = decoder([tensor], device)
+        except (MemoryError, torch.OutOfMemoryError):
+            raise
+        except Exception as error:
+            logger.info("device decode failed for image %d (%s); decoding it on the CPU", position, error)
+    return out
+
+
+def _to_device(arrays: dict[int, np.ndarray], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """The CPU path's arrays (in position order) on the device: one pinned host buffer, one async copy."""
+    host = torch.from_numpy(np.stack([arrays[i] for i in sorted(arrays)]))
+    if device.type != "cuda":
+        return host.to(dtype)
+    # Pinned, so the copy is a DMA the host does not wait for; the model's kernels queue behind it.
+    return host.pin_memory().to(device, non_blocking=True).to(dtype)
