@@ -133,6 +133,9 @@ def test_webdataset_output_adds_the_caption_beside_each_picture(tmp_path: Path) 
     assert caption.startswith("red ")
     meta = json.loads(members["good-0002.json"])
     assert meta["n"] == 2 and meta["caption"] == caption and meta["original_txt"] == "old caption 2"
+    assert (meta["mean_logprob"], meta["tokens"]) == (-1.0, 2)  # the caption's confidence (FakeCaptioner's)
+    row = rows_of(tmp_path / "out" / "s.parquet")["good-0002"]
+    assert (row["caption"], row["mean_logprob"], row["tokens"]) == (caption, -1.0, 2)
     assert "good-0002.jpg" in members
     assert json.loads(members["corpus/half_jpg.json"])["error_kind"] == "truncated"
     assert "corpus/half_jpg.txt" not in members
