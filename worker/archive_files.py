@@ -180,6 +180,19 @@ class FileRun:
         self.rows[item_id] = {**row, **dict.fromkeys(SIDECARS)}
         return 0 if ref is None else ref[1]
 
+    def checkpoint_kept(self, rows: list[dict[str, Any]]) -> None:
+        """A --retry-failed run's rows kept (from the file's marker and outputs, or from older checkpoints),
+        written as this run's part 0 before the rows it redoes are dropped anywhere: once the marker or the
+        older parts are gone, a run killed while redoing resumes from this part and the parts of the rows it
+        redid, and the next run redoes only the rows in none of them. Part 0 sorts before every part a run
+        writes afterwards (those count from 1): a row redone there wins over the kept one, were both read."""
+        if not rows:
+            return
+        name = f"{checkpoint_folder(self.stem)}part-{0:06d}-{self.run_id}.parquet"
+        self.outputs.put_bytes(name, encode_checkpoint(rows))
+        with self._lock:
+            self.checkpoints_written.append(name)
+
     def has_row(self, item_id: str) -> bool:
         with self._lock:
             return item_id in self.rows

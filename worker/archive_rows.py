@@ -20,6 +20,9 @@ from captionfleet.worker.messages import Result
 CAPTION_FIELDS = pa.schema(
     [
         ("caption", pa.string()),
+        # The caption's confidence, as the other outputs carry it (worker/messages.py Result.mean_logprob).
+        ("mean_logprob", pa.float64()),
+        ("tokens", pa.int64()),
         ("prompt", pa.string()),  # the prompt the caption answers (see worker/messages.py Result.prompt)
         ("error_kind", pa.string()),
         ("error_message", pa.string()),
@@ -47,7 +50,7 @@ CHECKPOINT_SCHEMA = pa.schema(
 
 # Caption fields added after archive outputs were first written: an output or checkpoint written before
 # reads them as nulls (a run resumes it, --retry-failed reads it), instead of being refused.
-ADDED_LATER = frozenset({"prompt"})
+ADDED_LATER = frozenset({"prompt", "mean_logprob", "tokens"})
 
 
 def with_added_fields(table: pa.Table, schema: pa.Schema) -> pa.Table:
@@ -61,6 +64,8 @@ def with_added_fields(table: pa.Table, schema: pa.Schema) -> pa.Table:
 def caption_fields(result: Result) -> dict[str, Any]:
     return {
         "caption": result.caption,
+        "mean_logprob": result.mean_logprob,
+        "tokens": result.tokens,
         "prompt": result.prompt,
         "error_kind": result.error_kind,
         "error_message": result.error_message,

@@ -11,10 +11,10 @@
 
 Each batch goes through the same pipeline as the bulk jobs (decoding each image on its own under the
 hostile-image rules, dynamic batching, a model failure isolated to its image), so every row gets
-``caption`` or a failure ``error_kind`` from core/failures.py, with ``error_message`` and the
-``model_version`` that answered (an input column so named is kept as ``original_<name>``). Images come
-from ``image_column`` (bytes, or a Hugging Face struct of bytes/path) or, with ``uri_column``, are fetched
-under the worker's allow-list (``WORKER_FETCH__*``).
+``caption`` (with its ``mean_logprob`` and ``tokens``) or a failure ``error_kind`` from core/failures.py, with
+``error_message`` and the ``model_version`` that answered (an input column so named is kept as
+``original_<name>``). Images come from ``image_column`` (bytes, or a Hugging Face struct of bytes/path) or,
+with ``uri_column``, are fetched under the worker's allow-list (``WORKER_FETCH__*``).
 Settings not passed here come from the ``WORKER_*`` environment of the process (the Ray worker's).
 """
 
@@ -34,7 +34,8 @@ from captionfleet.worker.fetch import Fetcher
 from captionfleet.worker.messages import Result
 from captionfleet.worker.pipeline import CaptionPipeline, Item
 
-OUTPUT_FIELDS = ("caption", "error_kind", "error_message", "model_version")
+# The caption with its confidence (worker/messages.py Result.mean_logprob), as every other output has it.
+OUTPUT_FIELDS = ("caption", "mean_logprob", "tokens", "error_kind", "error_message", "model_version")
 
 
 def kept_aside(columns: list[str]) -> dict[str, str]:

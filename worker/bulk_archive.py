@@ -7,7 +7,8 @@ The unit of work is the input file: ``--shard i/N`` (or an Indexed Job's index) 
 hashes to shard i, so N workers split an archive with no coordinator. Planning is one listing of the
 source and one of the output, however many files there are. A finished file has its outputs and a
 completion marker (worker/archive_files.py names them) and is skipped by a later run; a file a run was
-killed in resumes per key from its checkpoint parts; ``retry_failed`` re-runs failure rows.
+killed in resumes per key from its checkpoint parts; ``retry_failed`` re-runs failure rows (and resumes per
+key too when killed: the rows it keeps are its first checkpoint).
 """
 
 from __future__ import annotations
@@ -386,23 +387,43 @@ class _ArchiveRun:
                 if not _retries(options.retry_failed, dict(marker.get("failed_by_kind") or {})):
                     self.summary.skipped += int(marker.get("rows") or 0)  # its rows count as already done
                     return True
-                run.outputs.delete(marker_name(run.stem))  # its outputs are about to change
                 rows = fmt.final_rows(run)
                 kept = [row for row in rows if not _retry_row(options.retry_failed, row)]
                 self.summary.retried += len(rows) - len(kept)
+                # The rows kept become a checkpoint before the marker goes (its outputs are about to change):
+                # killed while redoing the others, the file resumes per key, not from nothing.
+                self._keep_for_retry(run, kept, older=self._checkpoints_of(run))
+                run.outputs.delete(marker_name(run.stem))
                 run.resume(kept)
                 return False
-        run.old_checkpoints = sorted(name for name in existing if is_checkpoint_of(run.stem, name))
+        run.old_checkpoints = self._checkpoints_of(run)
         rows = read_checkpoints(run.outputs, run.old_checkpoints)
         usable = [
             row
             for row in rows
             if row["source_etag"] == run.inp.etag and (options.any_model_version or row["model_version"] == version)
         ]
-        kept = [row for row in usable if not _retry_row(options.retry_failed, row)]
-        self.summary.retried += len(usable) - len(kept)
+        kept = _latest_per_id([row for row in usable if not _retry_row(options.retry_failed, row)])
+        self.summary.retried += len({str(row["id"]) for row in usable} - {str(row["id"]) for row in kept})
+        if len(kept) < len(usable):
+            # Failure rows to redo must not outlive their older parts: read again after this run is killed, by
+            # a run without --retry-failed, they would be kept, and could win over the rows redone meanwhile
+            # (parts sort by number before run: an older run's part 2 comes after this run's part 1).
+            self._keep_for_retry(run, kept, older=run.old_checkpoints)
+            run.old_checkpoints = []
         run.resume(kept)
         return False
+
+    def _checkpoints_of(self, run: FileRun) -> list[str]:
+        return sorted(name for name in self.plan.existing if is_checkpoint_of(run.stem, name))
+
+    @staticmethod
+    def _keep_for_retry(run: FileRun, kept: list[dict[str, Any]], *, older: list[str]) -> None:
+        """The rows a retry keeps as this run's part 0, then the older parts gone (all their rows to keep
+        are in it): the checkpoints hold no failure row to redo, and no row older than one redone."""
+        run.checkpoint_kept(kept)
+        for name in older:
+            run.outputs.delete(name)
 
     # -- finishing side ------------------------------------------------------------------------------
 
@@ -445,6 +466,11 @@ def _retries(retry: frozenset[str] | None, failed_by_kind: dict[str, Any]) -> bo
     if retry is None:
         return False
     return any(int(n) > 0 and (not retry or kind in retry) for kind, n in failed_by_kind.items())
+
+
+def _latest_per_id(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per id, the last read (the checkpoints' order: a later part's row wins)."""
+    return list({str(row["id"]): row for row in rows}.values())
 
 
 def _retry_row(retry: frozenset[str] | None, row: dict[str, Any]) -> bool:

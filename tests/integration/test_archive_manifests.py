@@ -10,7 +10,8 @@ import http.server
 import io
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pyarrow as pa
@@ -18,8 +19,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from captionfleet.core.captioner import Captioner
-from captionfleet.core.settings import DecodingSettings, WorkerSettings
+from captionfleet.core.failures import FetchError
+from captionfleet.core.settings import DecodingSettings, FetchSettings, S3Settings, WorkerSettings
 from captionfleet.worker.bulk_archive import ArchiveOptions, run_archive_job
+from captionfleet.worker.fetch import Fetcher
 from tests.hostile_images import jpeg_bytes
 from tests.integration.test_bulk_s3 import admin_settings
 from tests.services.seaweedfs import SeaweedS3
@@ -36,7 +39,14 @@ def captioner(tiny_checkpoint: Any) -> Captioner:
 
 
 class Images(http.server.BaseHTTPRequestHandler):
-    """Paths say how to answer. Class state: requests seen, user agents, and the most held at once."""
+    """Paths say how to answer. Class state: requests seen, user agents, and the most held at once.
+
+    A request counts as held from its arrival until its answer is decided, not while the answer is written:
+    the client holds its host's slot until it has read the answer (or given up on it), so that window lies
+    inside the slot's. Counting to the handler's return instead counts a handler still dripping to a client
+    that gave up (it notices only at its next write), or one not yet scheduled again after its last write,
+    beside the requests the freed slot let in: 3 at once under load, with the client holding 2.
+    """
 
     lock = threading.Lock()
     in_flight = 0
@@ -54,44 +64,50 @@ class Images(http.server.BaseHTTPRequestHandler):
             cls.agents.add(self.headers.get("User-Agent", ""))
             hits = cls.hits[self.path]
         try:
-            self.answer(hits)
+            reply = self.answer(hits)
         finally:
             with cls.lock:
                 cls.in_flight -= 1
+        reply()
 
-    def answer(self, hits: int) -> None:
+    def answer(self, hits: int) -> Callable[[], None]:
+        """Decide the answer (the work a request holds its slot for); returns what writes it."""
         path = self.path
         if path.startswith("/ok/"):
             time.sleep(0.05)  # long enough for requests to overlap
-            self.send(200, JPEG)
-        elif path == "/flaky.jpg" and hits == 1:
-            self.send(503, b"busy")
-        elif path == "/flaky.jpg":
-            self.send(200, JPEG)
-        elif path == "/down.jpg":
-            self.send(500, b"down")
-        elif path == "/missing.jpg":
-            self.send(404, b"")
-        elif path == "/noai.jpg":
-            self.send(200, JPEG, {"X-Robots-Tag": "noindex, noai"})
-        elif path == "/noimageai.jpg":
-            self.send(200, JPEG, {"X-Robots-Tag": "noimageai"})
-        elif path == "/other-bot.jpg":
-            self.send(200, JPEG, {"X-Robots-Tag": "otherbot: noai"})  # another crawler's rule
-        elif path == "/redirect.jpg":
-            self.send(302, b"", {"Location": type(self).redirect_to})
-        elif path == "/big.jpg":
-            self.send(200, b"\xff\xd8\xff" + bytes(300_000))
-        elif path == "/slow.jpg":
-            self.send_response(200)
-            self.send_header("Content-Length", "40")
-            self.end_headers()
-            for _ in range(40):  # each byte well within the read timeout, the whole far past the deadline
+            return lambda: self.send(200, JPEG)
+        if path == "/flaky.jpg" and hits == 1:
+            return lambda: self.send(503, b"busy")
+        if path == "/flaky.jpg":
+            return lambda: self.send(200, JPEG)
+        if path == "/down.jpg":
+            return lambda: self.send(500, b"down")
+        if path == "/missing.jpg":
+            return lambda: self.send(404, b"")
+        if path == "/noai.jpg":
+            return lambda: self.send(200, JPEG, {"X-Robots-Tag": "noindex, noai"})
+        if path == "/noimageai.jpg":
+            return lambda: self.send(200, JPEG, {"X-Robots-Tag": "noimageai"})
+        if path == "/other-bot.jpg":
+            return lambda: self.send(200, JPEG, {"X-Robots-Tag": "otherbot: noai"})  # another crawler's rule
+        if path == "/redirect.jpg":
+            return lambda: self.send(302, b"", {"Location": type(self).redirect_to})
+        if path == "/big.jpg":
+            return lambda: self.send(200, b"\xff\xd8\xff" + bytes(300_000))
+        if path == "/slow.jpg":
+            return self.drip
+        return lambda: self.send(404, b"")
+
+    def drip(self) -> None:
+        """Each byte well within the read timeout, the whole far past the deadline; the client hangs up."""
+        self.send_response(200)
+        self.send_header("Content-Length", "40")
+        self.end_headers()
+        with contextlib.suppress(OSError):
+            for _ in range(40):
                 self.wfile.write(b"x")
                 self.wfile.flush()
                 time.sleep(0.1)
-        else:
-            self.send(404, b"")
 
     def send(self, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
         self.send_response(status)
@@ -130,23 +146,24 @@ ROWS = [
 ]
 
 
+# Tight timeouts so that slow.jpg times out in about a second; the per-host limit below the overall one.
+FETCH: dict[str, Any] = {
+    "connect_timeout_s": 0.5,
+    "read_timeout_s": 0.5,
+    "max_attempts": 2,
+    "backoff_initial_ms": 10,
+    "backoff_max_ms": 20,
+    "per_host_concurrency": 2,
+    "concurrency": 8,
+    "user_agent": "captionfleet-test/1.0 (ops@example.invalid)",
+}
+
+
 def manifest_settings(server: SeaweedS3, host: str, bucket: str, **fetch: Any) -> WorkerSettings:
     settings = admin_settings(server)
     settings.images.max_bytes = 200_000
     settings.fetch = settings.fetch.model_copy(
-        update={
-            "allowed_hosts": [host],
-            "allowed_buckets": [bucket],
-            "connect_timeout_s": 0.5,
-            "read_timeout_s": 0.5,
-            "max_attempts": 2,
-            "backoff_initial_ms": 10,
-            "backoff_max_ms": 20,
-            "per_host_concurrency": 2,
-            "concurrency": 8,
-            "user_agent": "captionfleet-test/1.0 (ops@example.invalid)",
-            **fetch,
-        }
+        update={"allowed_hosts": [host], "allowed_buckets": [bucket], **FETCH, **fetch}
     )
     return settings
 
@@ -200,3 +217,22 @@ def test_opt_out_can_be_turned_off(
     )
     rows = pq.read_table(tmp_path / "out" / "m.parquet").to_pylist()
     assert rows[0]["error_kind"] is None and rows[0]["caption"] is not None
+
+
+def test_a_slot_freed_by_a_timed_out_attempt_keeps_the_host_within_its_limit(image_host: str) -> None:
+    """Requests queued for a host while one of its two slots drips past the deadline: the slot it frees goes
+    to the next request, and the host still never has more than two at once (with 8 fetches allowed)."""
+    fetcher = Fetcher(FetchSettings(allowed_hosts=[image_host], **FETCH), s3=S3Settings(), max_bytes=200_000)
+    urls = [f"http://{image_host}/slow.jpg"] + [f"http://{image_host}/ok/{n}.jpg" for n in range(40)]
+
+    def kind(url: str) -> str | None:
+        try:
+            fetcher.fetch(url)
+        except FetchError as error:
+            return error.kind
+        return None
+
+    with ThreadPoolExecutor(8) as pool:
+        kinds = list(pool.map(kind, urls))
+    assert kinds == ["timeout"] + [None] * 40
+    assert Images.hits["/slow.jpg"] == 2 and Images.most_in_flight == 2

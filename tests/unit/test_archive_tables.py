@@ -64,6 +64,8 @@ def test_images_inside_parquet_are_captioned_row_for_row_without_files(tmp_path:
     assert [row["original_caption"] for row in rows] == [f"old {i}" for i in range(5)]
     assert [row["error_kind"] for row in rows] == [None, "truncated", "empty", "not_an_image", None]
     assert rows[0]["caption"].startswith("red ") and rows[4]["width"] > 0
+    # The caption's confidence, as the other outputs carry it (FakeCaptioner: -1.0 over 2 tokens); none on failures.
+    assert [(row["mean_logprob"], row["tokens"]) for row in rows] == [(-1.0, 2), *[(None, None)] * 3, (-1.0, 2)]
     assert "only the path" in rows[2]["error_message"]
     assert summary.done == 2 and summary.failed == 3
     marker = json.loads((tmp_path / "out" / "train-00000.complete.json").read_text())

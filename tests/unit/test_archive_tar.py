@@ -8,6 +8,7 @@ import json
 import tarfile
 import tracemalloc
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -132,6 +133,9 @@ def test_webdataset_output_adds_the_caption_beside_each_picture(tmp_path: Path) 
     assert caption.startswith("red ")
     meta = json.loads(members["good-0002.json"])
     assert meta["n"] == 2 and meta["caption"] == caption and meta["original_txt"] == "old caption 2"
+    assert (meta["mean_logprob"], meta["tokens"]) == (-1.0, 2)  # the caption's confidence (FakeCaptioner's)
+    row = rows_of(tmp_path / "out" / "s.parquet")["good-0002"]
+    assert (row["caption"], row["mean_logprob"], row["tokens"]) == (caption, -1.0, 2)
     assert "good-0002.jpg" in members
     assert json.loads(members["corpus/half_jpg.json"])["error_kind"] == "truncated"
     assert "corpus/half_jpg.txt" not in members
@@ -178,6 +182,79 @@ def test_retry_failed_reruns_only_those_rows(tmp_path: Path) -> None:
     assert {key: row["error_kind"] for key, row in rows_of(tmp_path / "out" / "s.parquet").items()} == expected
     with pytest.raises(ArchiveJobError, match="unknown failure kind"):
         run(tmp_path / "s.tar", tmp_path / "out", retry_failed=frozenset({"nope"}))
+
+
+class Killed(BaseException):
+    """What a kill does to the run: it stops where it is (only what the checkpoints hold is kept)."""
+
+
+class Blanking(CountingCaptioner):
+    """Empty captions (failure rows of kind empty_caption) for pictures of the widths in ``blank``; with
+    ``kill_after``, stopped like a killed process at its first model call after that many pictures."""
+
+    draft_size = None  # type: ignore[assignment]  # pictures decoded whole: their width tells them apart
+
+    def __init__(self, blank: frozenset[int] = frozenset(), kill_after: int | None = None) -> None:
+        super().__init__()
+        self.blank, self.kill_after = blank, kill_after
+
+    def prepare(self, image: Any, prompt: str | None = None, *, origin: object = None) -> ModelInput:
+        prepared = super().prepare(image, prompt, origin=origin)
+        return replace(prepared, features={**prepared.features, "width": image.width})
+
+    def caption_inputs(self, inputs: list[ModelInput], decoding: object = None) -> list[Caption]:
+        if self.kill_after is not None and self.images >= self.kill_after:
+            raise Killed
+        captions = super().caption_inputs(inputs, decoding)
+        return [
+            replace(caption, text="") if item.features["width"] in self.blank else caption
+            for item, caption in zip(inputs, captions, strict=True)
+        ]
+
+
+@pytest.mark.parametrize("flag", ["--retry-failed", "none"])
+@pytest.mark.parametrize("first", ["complete", "killed"])
+def test_a_killed_retry_run_resumes_per_key(tmp_path: Path, first: str, flag: str) -> None:
+    """A --retry-failed run killed while it redoes a shard's failures, then run again: the rows it redid are
+    kept, the failures it had not reached are redone, and the shard's successes are never redone (they were
+    all redone). ``first``: the failures were in a finished shard (its marker) or in a killed run's checkpoints.
+    ``flag``: the run after the kill retries again, or not: what the killed run promised is done either way."""
+    members, _expected = good_samples("k", 12)  # widths 16 + i % 5
+    (tmp_path / "s.tar").write_bytes(shard(members))
+    out = tmp_path / "out"
+    failing = {f"k{i:04d}" for i in range(12) if i % 5 in (1, 3)}  # widths 17 and 19
+
+    def job(captioner: Any, **options: Any) -> Any:
+        return run_archive_job(
+            str(tmp_path / "s.tar"),
+            str(out),
+            settings(rows_per_part=1),  # each row checkpointed as it comes: a kill loses none
+            options=ArchiveOptions(**options),
+            show_progress=False,
+            captioner=captioner,
+        )
+
+    before = Blanking(blank=frozenset({17, 19}), kill_after=None if first == "complete" else 8)
+    if first == "complete":
+        job(before)
+    else:
+        with pytest.raises(Killed):
+            job(before)  # its rows so far are checkpoints: the first before.images keys, in order
+    failures = len({key for key in failing if int(key[1:]) < before.images})
+    to_redo = failures + 12 - before.images
+    retry = frozenset({"empty_caption"})
+    killed = Blanking(kill_after=2)
+    with pytest.raises(Killed):
+        job(killed, retry_failed=retry)
+    assert 1 <= killed.images < to_redo
+
+    again = Blanking()
+    summary = job(again, retry_failed=retry if flag == "--retry-failed" else None)
+    assert again.images == to_redo - killed.images  # was more: successes, or rows just redone, redone again
+    assert summary.files_finished == 1 and summary.failed_by_kind == {}
+    rows = rows_of(out / "s.parquet")
+    assert list(rows) == [f"k{i:04d}" for i in range(12)] and all(row["error_kind"] is None for row in rows.values())
+    assert not (out / "s.partial").exists() or not list((out / "s.partial").iterdir())
 
 
 def test_shards_split_the_files_and_cover_each_once(tmp_path: Path) -> None:

@@ -21,6 +21,8 @@ def test_a_pandas_batch_gets_a_row_each_in_order(monkeypatch: Any) -> None:
     assert list(out["id"]) == ["a", "b", "c"]
     assert list(out["error_kind"]) == [None, "empty", "not_an_image"]
     assert out["caption"][0].startswith("red ") and set(out["model_version"]) == {"fake-1"}
+    # The caption's confidence, as the other outputs carry it (FakeCaptioner: -1.0 over 2 tokens).
+    assert list(out["mean_logprob"]) == [-1.0, None, None] and list(out["tokens"]) == [2, None, None]
 
 
 def test_uris_are_fetched_under_the_allow_list(tmp_path: Path, monkeypatch: Any) -> None:
@@ -31,6 +33,7 @@ def test_uris_are_fetched_under_the_allow_list(tmp_path: Path, monkeypatch: Any)
     batch = {"url": [(tmp_path / "a.jpg").as_uri(), "file:///etc/passwd", None]}
     out = udf(batch)
     assert list(out["error_kind"]) == [None, "forbidden", "malformed"]
+    assert list(out["tokens"]) == [2, None, None]
 
 
 def test_an_input_caption_column_is_kept_as_original_caption() -> None:

@@ -259,20 +259,24 @@ def test_images_inside_parquet_take_their_prompt_column(tmp_path: Path) -> None:
     assert [(row["ask"], row["prompt"]) for row in rows] == [("what is it", "what is it"), (None, "echo default")]
 
 
-def test_checkpoints_and_outputs_written_before_the_prompt_field_still_read(tmp_path: Path) -> None:
-    old_schema = pa.schema([field for field in CHECKPOINT_SCHEMA if field.name != "prompt"])
+@pytest.mark.parametrize("added", [("prompt",), ("mean_logprob", "tokens")])
+def test_checkpoints_and_outputs_written_before_a_field_was_added_still_read(
+    tmp_path: Path, added: tuple[str, ...]
+) -> None:
+    old_schema = pa.schema([field for field in CHECKPOINT_SCHEMA if field.name not in added])
     buffer = io.BytesIO()
     pq.write_table(pa.Table.from_pylist([{"id": "0", "position": 0, "caption": "old"}], schema=old_schema), buffer)
     (row,) = decode_checkpoint(buffer.getvalue())
-    assert (row["caption"], row["prompt"]) == ("old", None)
+    assert row["caption"] == "old" and [row[name] for name in added] == [None] * len(added)
 
-    # A finished manifest output without the column, then --retry-failed, which reads it back.
+    # A finished manifest output without the columns, then --retry-failed, which reads it back.
     src = manifest(tmp_path, [None, 7])
     run_archive(tmp_path, src, PromptEcho())
     out = tmp_path / "out" / "manifest.parquet"
     table = pq.read_table(out)
-    pq.write_table(table.drop_columns(["prompt"]), out)
+    pq.write_table(table.drop_columns(list(added)), out)
     summary = run_archive(tmp_path, src, PromptEcho(), retry_failed=frozenset({"malformed"}))
     assert summary.retried == 1 and summary.failed_by_kind == {"malformed": 1}
     rows = pq.read_table(out).to_pylist()
-    assert [row["prompt"] for row in rows] == [None, None] and rows[0]["caption"] == "answer to echo default"
+    assert [[row[name] for name in added] for row in rows] == [[None] * len(added)] * 2
+    assert rows[0]["caption"] == "answer to echo default"
