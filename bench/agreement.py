@@ -26,7 +26,7 @@ from captionfleet.core.model_store import builtin_model_dir
 from captionfleet.core.settings import DecodingSettings
 from captionfleet.trainer.shapes import ShapesDataset
 
-PRECISIONS = ("fp32", "bf16", "int8", "int8-bf16")
+PRECISIONS = ("fp32", "bf16", "int8")
 
 
 def caption_all(captioner: Captioner, images: list[Image.Image], batch: int = 32) -> list[str]:

@@ -350,7 +350,7 @@ class Captioner:
         self.device = next(model.parameters()).device
         # What pixels are cast to: an int8 model keeps float32 inputs although some weights are not.
         self.dtype = input_dtype or next(model.parameters()).dtype
-        # The resolved fast path (see captionfleet/core/fastpath.py): fp32, bf16, int8, int8-bf16 or fp16.
+        # The resolved fast path (see captionfleet/core/fastpath.py): fp32, bf16, int8 or fp16.
         self.precision = precision
 
     @property
@@ -395,8 +395,9 @@ class Captioner:
         precision: str = "auto",
     ) -> Captioner:
         """``precision``: "auto" (the fastest path per device that keeps captions independent of
-        batching and agrees with fp32: fp16 on CUDA, bf16 on CPUs with native bf16, else fp32), or one
-        of fp32 (lossless), bf16, int8, int8-bf16, fp16; see captionfleet/core/fastpath.py."""
+        batching and agrees with fp32: fp16 on CUDA, bf16 on CPUs with native bf16, else int8 where
+        the CPU's int8 GEMM is exact, else fp32), or one of fp32 (lossless), bf16, int8, fp16; see
+        captionfleet/core/fastpath.py."""
         path = Path(path)
         check_checkpoint_dir(path)
         model_type = model_type_of(path)
