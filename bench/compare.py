@@ -13,7 +13,7 @@ Rows (model card decoding: 4 beams, 16 tokens):
   b  plain batched generate as a user would write it (ViTImageProcessor, batch 8, fp32)
   c  captionfleet: JPEG folder -> CaptionPipeline (decode overlap, batching) with its defaults
 Rows (greedy, 16 tokens, batch 32; model only vs the limit of their precision):
-  fp32-plain (torch default GEMM), fp32 (oneDNN), bf16, int8, int8-bf16; the process layout of the
+  fp32-plain (torch default GEMM), fp32 (oneDNN), bf16, int8 (per-row scales); the process layout of the
   default precision (one process with a thread per core vs one single-thread process per core, run
   at once); and the default precision end to end from JPEGs.
 

@@ -74,7 +74,6 @@ def make_rows(default_precision: str, greedy_batch: int = 32, threads: int = 0) 
         Row("model only fp32 (oneDNN)", "greedy", "fp32", greedy_batch),
         Row("model only bf16", "greedy", "bf16", greedy_batch),
         Row("model only int8", "greedy", "int8", greedy_batch),
-        Row("model only int8-bf16", "greedy", "int8-bf16", greedy_batch),
         *one_process,
         *per_core,
         Row(f"end to end JPEGs, {default_precision}", "greedy", default_precision, greedy_batch),

@@ -351,7 +351,7 @@ class Captioner:
         self.device = next(model.parameters()).device
         # What pixels are cast to: an int8 model keeps float32 inputs although some weights are not.
         self.dtype = input_dtype or next(model.parameters()).dtype
-        # The resolved fast path (see captionfleet/core/fastpath.py): fp32, bf16, int8, int8-bf16 or fp16.
+        # The resolved fast path (see captionfleet/core/fastpath.py): fp32, bf16, int8 or fp16.
         self.precision = precision
         # Kept static KV caches per batch shape (compiled on CUDA); None: transformers' dynamic cache.
         self.static: StaticDecoding | None = None
@@ -415,9 +415,10 @@ class Captioner:
         static_rows: int = 0,
     ) -> Captioner:
         """``precision``: "auto" (the fastest path per device that keeps captions independent of
-        batching and agrees with fp32: fp16 on CUDA, bf16 on CPUs with native bf16, else fp32), or one
-        of fp32 (lossless), bf16, int8, int8-bf16, fp16; see captionfleet/core/fastpath.py. ``static_rows``:
-        decode through static KV caches for batches of up to that many images, warmed up here (0: dynamic)."""
+        batching and agrees with fp32: fp16 on CUDA, bf16 on CPUs with native bf16, else int8 where
+        the CPU's int8 GEMM is exact, else fp32), or one of fp32 (lossless), bf16, int8, fp16; see
+        captionfleet/core/fastpath.py. ``static_rows``: decode through static KV caches for batches of up
+        to that many images, warmed up here (0: dynamic)."""
         path = Path(path)
         check_checkpoint_dir(path)
         model_type = model_type_of(path)

@@ -9,16 +9,25 @@ Precisions (``Captioner.from_dir(..., precision=...)``, ``WORKER_MODEL__PRECISIO
 - ``bf16``: the whole model cast to bfloat16 (a cast, not autocast: autocast re-casts weights every
   call, which is slower at small batches). Uses AVX-512 BF16 / AMX where the CPU has them. The
   Linear layers are packed for oneDNN and the GELU fused, as for fp32.
-- ``int8``: dynamic int8 quantization of every Linear (after the Conv1D -> Linear conversion,
-  without which ``quantize_dynamic`` would only reach the ViT and the lm_head). Fastest on CPU,
-  but activations are quantized with one scale per *tensor*, so a caption can depend on which
-  other images share its batch: opt-in, never the default.
-- ``int8-bf16``: int8 encoder, bf16 decoder; closer to fp32 than ``int8``, same batch caveat.
+- ``int8``: every Linear (lm_head included) with int8 weights, one scale per output channel, and
+  int8 activations with one scale per *row* (token), computed at run time (captionfleet/core/int8_linear.py).
+  A row's output depends only on that row, so a caption is the same alone or in any batch. Needs an
+  exact int8 GEMM (``torch._int_mm``): 8-bit weights where the CPU has VNNI/AMX, 7-bit where it has
+  only AVX2 (16-bit sums would saturate); where neither is exact, ``int8`` resolves to ``fp32`` with a
+  warning.
 - ``fp16``: half precision, the CUDA choice.
 - ``auto``: the default per device: ``fp16`` on CUDA; on CPU ``bf16`` when the CPU has native
-  bf16 matmul (AVX-512 BF16 or AMX), else ``fp32``. That is the fastest path that keeps captions
-  independent of batch composition and agrees with fp32 on >= 95% of the built-in model's captions
-  (tests/unit/test_fastpath.py; figures in docs/benchmarks.md).
+  bf16 matmul (AVX-512 BF16 or AMX), else ``int8`` where its GEMM is exact, else ``fp32``.
+
+Why that ``auto`` (figures in docs/benchmarks.md, "Batch-invariant int8"): every choice keeps
+captions independent of batch composition and agrees with fp32 on >= 99% of the built-in model's
+captions on fresh pictures (tests/unit/test_fastpath.py), and among those it is the fastest measured.
+On an Intel Xeon with AMX (one thread, full ViT-base + GPT-2, greedy, batch 8, CPU ms per image):
+bf16 ~190, int8 ~330, fp32 ~510, so bf16 there. With the same machine limited to AVX2 (torch, oneDNN
+and MKL told so by environment variables: the closest measured stand-in for an AVX2-only CPU such as
+AMD Zen 3, which emulates bf16): int8 ~565, fp32 ~745, so int8 there. A former ``int8-bf16`` (int8
+encoder, bf16 decoder) measured slower than bf16 where bf16 is native (~300 vs ~190) and needs bf16
+where it is emulated: it is gone.
 
 This module resolves the precision and applies it (``optimize``): GPT-2's Conv1D -> Linear conversion
 that every CPU precision starts with, int8 quantization, the decoder's attention kernel, and the memory
@@ -30,8 +39,6 @@ from __future__ import annotations
 import ctypes
 import logging
 import sys
-import warnings
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, cast
 
@@ -40,12 +47,13 @@ from torch import nn
 
 # A module, not its names, so that each call looks its function up there (what tests patch); aliased
 # because optimize()'s `onednn` flag would shadow the module's own name.
+from captionfleet.core import int8_linear as i8
 from captionfleet.core import onednn as dnn
 
 logger = logging.getLogger(__name__)
 
-Precision = Literal["auto", "fp32", "bf16", "int8", "int8-bf16", "fp16"]
-PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16", "int8", "int8-bf16", "fp16")
+Precision = Literal["auto", "fp32", "bf16", "int8", "fp16"]
+PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16", "int8", "fp16")
 
 
 def cpu_has_native_bf16() -> bool:
@@ -64,16 +72,22 @@ def cpu_has_native_bf16() -> bool:
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
+    """The one place a requested precision becomes the one applied (the rule: this module's docstring)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
     if device.type == "cuda":
-        if precision in ("int8", "int8-bf16"):
-            raise ValueError(f"precision {precision!r} is CPU-only; use fp16, bf16 or fp32 on CUDA")
+        if precision == "int8":
+            raise ValueError("precision 'int8' is CPU-only; use fp16, bf16 or fp32 on CUDA")
         return "fp16" if precision == "auto" else precision
     if precision == "fp16":
         raise ValueError("precision 'fp16' is for CUDA; on CPU use bf16 (or auto)")
     if precision == "auto":
-        return "bf16" if cpu_has_native_bf16() else "fp32"
+        if cpu_has_native_bf16():
+            return "bf16"
+        return "int8" if i8.int8_gemm_weight_range() is not None else "fp32"
+    if precision == "int8" and i8.int8_gemm_weight_range() is None:
+        logger.warning("precision int8: this CPU has no exact int8 GEMM (torch._int_mm), using fp32 instead")
+        return "fp32"
     return precision
 
 
@@ -107,25 +121,14 @@ def conv1d_to_linear(model: nn.Module) -> int:
 # -- int8 ---------------------------------------------------------------------------------------
 
 
-def quantize_int8(module: nn.Module) -> nn.Module:
-    """Dynamic int8 (weights per tensor, activations per tensor at run time), in place."""
-    from torch.ao.quantization import quantize_dynamic
-
-    with warnings.catch_warnings():
-        # torch.ao.quantization is deprecated in favour of torchao, which is not a dependency here;
-        # the eager dynamic path still works in the pinned torch and is covered by tests.
-        warnings.simplefilter("ignore")
-        return cast(nn.Module, quantize_dynamic(module, {nn.Linear}, dtype=torch.qint8, inplace=True))
-
-
-def _cast_output_hook(dtype: torch.dtype) -> Callable[[nn.Module, Any, Any], Any]:
-    def hook(module: nn.Module, inputs: Any, output: Any) -> Any:
-        hidden = getattr(output, "last_hidden_state", None)
-        if hidden is not None and hidden.dtype != dtype:
-            output.last_hidden_state = hidden.to(dtype)
-        return output
-
-    return hook
+def quantize_int8(module: nn.Module) -> int:
+    """Every float32 Linear of ``module`` (GPT-2's Conv1D already converted) to a batch-invariant int8
+    layer, in place (captionfleet/core/int8_linear.py); returns how many. Needs
+    ``int8_gemm_weight_range()``, which ``resolve_precision`` checked."""
+    weight_range = i8.int8_gemm_weight_range()
+    if weight_range is None:
+        raise RuntimeError("this CPU has no exact int8 GEMM: use precision fp32 or auto")
+    return i8.quantize_linears(module, weight_range)
 
 
 # -- attention -----------------------------------------------------------------------------------
@@ -237,19 +240,8 @@ def optimize(model: Any, precision: str, device: torch.device, *, onednn: bool =
         return model, torch.bfloat16
     if precision == "int8":
         conv1d_to_linear(model)
-        # Before quantizing: the quantized layers keep their biases inside packed objects out of reach.
-        release_checkpoint_file(model)
-        quantize_int8(model)
-        return model, torch.float32
-    if precision == "int8-bf16":
-        conv1d_to_linear(model)
-        release_checkpoint_file(model)  # before quantizing, as for int8
-        quantize_int8(model.encoder)
-        model.decoder.to(torch.bfloat16)
-        if onednn:
-            dnn.route_linears_to_onednn(model.decoder)
-            dnn.fuse_gelu(model.decoder)
-        # The decoder cross-attends to the encoder's output: hand it over in the decoder's dtype.
-        model.encoder.register_forward_hook(_cast_output_hook(torch.bfloat16))
+        quantized = quantize_int8(model)
+        release_checkpoint_file(model)  # what quantizing left as views into the file: embeddings, norms
+        logger.info("int8: %d Linear quantized (per-row activation scales)", quantized)
         return model, torch.float32
     raise ValueError(f"precision {precision!r} is not available on {device}")

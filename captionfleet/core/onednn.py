@@ -1,6 +1,5 @@
 """oneDNN's packed-weight GEMM for a model's float32 and bfloat16 nn.Linear layers on CPU, and each MLP's
-GELU run inside its first GEMM (a oneDNN post-op). ``fastpath.optimize`` applies both for fp32, bf16 and
-int8-bf16's decoder.
+GELU run inside its first GEMM (a oneDNN post-op). ``fastpath.optimize`` applies both for fp32 and bf16.
 
 Why: torch's default CPU GEMM (MKL on x86) runs at about half of oneDNN's rate on AMD Zen, worst on the
 768x50257 lm_head, and a separate GELU pass reads and writes the MLP's activations once more. Only the

@@ -33,9 +33,9 @@ class ModelSettings(BaseModel):
     # "auto" picks CUDA when a GPU is visible, else the CPU.
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # Numeric fast path (captionfleet/core/fastpath.py). "auto": fp16 on CUDA; on CPU bf16 where it has native bf16
-    # matmul, else fp32 (oneDNN). "fp32" is the lossless path; int8 / int8-bf16 are faster on CPU but a
-    # caption can then depend on which images share its batch, so they are opt-in.
-    precision: Literal["auto", "fp32", "bf16", "int8", "int8-bf16", "fp16"] = "auto"
+    # matmul, else int8 (per-row activation scales: a caption does not depend on its batch) where the CPU's
+    # int8 GEMM is exact, else fp32 (oneDNN). "fp32" is the lossless path.
+    precision: Literal["auto", "fp32", "bf16", "int8", "fp16"] = "auto"
     # torch's threads in this process. 0: the container's CPU limit (rounded down), else the cores it may
     # use; torch alone would start one per core of the node (captionfleet/core/threads.py). On CPU nodes, one worker
     # per core with 1 thread each is the layout least hurt by noisy neighbours (docs/benchmarks.md).

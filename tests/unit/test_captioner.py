@@ -32,8 +32,15 @@ def test_captions_one_string_per_image(captioner: Captioner) -> None:
     assert captioner.caption([]) == []
 
 
+@pytest.fixture(scope="module")
+def int8_captioner(tiny_checkpoint: Path) -> Captioner:
+    return Captioner.from_dir(tiny_checkpoint, device="cpu", precision="int8")
+
+
 @pytest.mark.parametrize("num_beams", [1, 3])
-def test_batched_equals_one_by_one(captioner: Captioner, num_beams: int) -> None:
+@pytest.mark.parametrize("fixture", ["captioner", "int8_captioner"])  # the default path, and int8 (per-row scales)
+def test_batched_equals_one_by_one(fixture: str, num_beams: int, request: pytest.FixtureRequest) -> None:
+    captioner: Captioner = request.getfixturevalue(fixture)
     images = _images(6)
     decoding = DecodingSettings(num_beams=num_beams, max_new_tokens=8, no_repeat_ngram_size=2)
     batched = captioner.caption(images, decoding)

@@ -15,7 +15,7 @@ from PIL import Image
 from torch import nn
 from transformers import VisionEncoderDecoderModel
 
-from captionfleet.core import fastpath, onednn
+from captionfleet.core import fastpath, int8_linear, onednn
 from captionfleet.core.captioner import Captioner
 from captionfleet.core.model_store import builtin_model_dir
 from captionfleet.core.settings import DecodingSettings, ModelSettings
@@ -48,19 +48,20 @@ def _agreement(a: list[str], b: list[str]) -> float:
     return sum(x == y for x, y in zip(a, b, strict=True)) / len(a)
 
 
-@pytest.mark.parametrize("precision", ["auto", "bf16", "int8", "int8-bf16"])
+@pytest.mark.parametrize("precision", ["auto", "bf16", "int8"])
 def test_optimized_captions_agree_with_fp32_on_the_builtin_model(
     precision: str, shapes: list[Image.Image], fp32_captions: list[str]
 ) -> None:
     captioner = Captioner.from_dir(builtin_model_dir(), device="cpu", decoding=DecodingSettings(), precision=precision)
     captions = _caption_in_batches(captioner, shapes)
-    assert _agreement(captions, fp32_captions) >= 0.95
+    assert _agreement(captions, fp32_captions) >= 0.99  # what `auto` may pick a precision for
     assert len(set(captions)) > 20  # a broken model captioning everything alike would fail loudly here
 
 
 def test_auto_is_the_documented_cpu_default() -> None:
     cpu = torch.device("cpu")
-    expected = "bf16" if fastpath.cpu_has_native_bf16() else "fp32"
+    int8 = "int8" if int8_linear.int8_gemm_weight_range() is not None else "fp32"
+    expected = "bf16" if fastpath.cpu_has_native_bf16() else int8
     assert fastpath.resolve_precision("auto", cpu) == expected
     assert Captioner.from_dir(builtin_model_dir(), device="cpu").precision == expected
     assert ModelSettings().precision == "auto"
@@ -69,6 +70,8 @@ def test_auto_is_the_documented_cpu_default() -> None:
 def test_precision_names_are_checked_per_device() -> None:
     with pytest.raises(ValueError, match="one of"):
         fastpath.resolve_precision("fp8", torch.device("cpu"))
+    with pytest.raises(ValueError, match="one of"):  # gone: slower than bf16 where bf16 is native
+        fastpath.resolve_precision("int8-bf16", torch.device("cpu"))
     with pytest.raises(ValueError, match="CUDA"):
         fastpath.resolve_precision("fp16", torch.device("cpu"))
     with pytest.raises(ValueError, match="CPU-only"):
@@ -108,14 +111,16 @@ def test_onednn_route_gives_the_same_captions(tiny_checkpoint: Path, monkeypatch
     assert routed.caption(images) == plain.caption(images)
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16", "int8", "int8-bf16"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "int8"])
 def test_decoder_attention_is_eager_on_cpu_and_captions_match_sdpa(tiny_checkpoint: Path, precision: str) -> None:
     decoding = DecodingSettings(num_beams=3, max_new_tokens=8)
     fast = Captioner.from_dir(tiny_checkpoint, device="cpu", decoding=decoding, precision=precision)
     assert fast.model.decoder.config._attn_implementation == "eager"
     assert fast.model.encoder.config._attn_implementation == "sdpa"  # eager measured slower there
-    if precision.startswith("int8"):
-        return  # int8 activations are quantized per tensor: any float difference may flip a token
+    if precision == "int8":
+        # Each activation is rounded to 1/127 of its row's range: a 1e-6 difference between attention
+        # kernels can cross a rounding boundary, which random weights' near-ties may turn into a token.
+        return
     sdpa = Captioner.from_dir(tiny_checkpoint, device="cpu", decoding=decoding, precision=precision)
     sdpa.model.decoder.set_attn_implementation("sdpa")
     images = _images(6)
@@ -200,7 +205,7 @@ def _mapped(path: Path) -> bool:
 
 
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads Linux's /proc/self/maps")
-@pytest.mark.parametrize("precision", ["fp32", "int8", "int8-bf16"])
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
 def test_float32_paths_do_not_keep_the_checkpoint_file_mapped(
     tmp_path: Path, tiny_checkpoint: Path, precision: str
 ) -> None:

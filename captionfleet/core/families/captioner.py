@@ -5,7 +5,7 @@ other model type transformers maps to ``AutoModelForImageTextToText``.
 Precision (``precision="auto"``): on CUDA the checkpoint's own half type when it was saved in bfloat16
 (models trained in bf16 can overflow in fp16) and the GPU has bf16, else fp16; on CPU fp32, the honest
 default: no agreement with fp32 has been measured for these families yet, so none is assumed. ``bf16``
-can be asked for on either device; the int8 paths are ViT-GPT2's only.
+can be asked for on either device; the int8 path is ViT-GPT2's only.
 """
 
 from __future__ import annotations
