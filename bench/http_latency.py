@@ -8,14 +8,19 @@ One worker process (`captionfleet worker --http`, as in production) on the Kafka
 
 1. bulk: ``--flood`` Kafka requests at once; images/s from the first result to the last (the worker's bulk path);
 2. alone: single-image HTTP requests from 1, 4 and 16 concurrent clients (``--requests`` per level, at least
-   three per client so that the load is sustained; each client sends its next request when the last is
-   answered): p50/p99 latency and images/s;
+   ``--per-client`` per client so that the load is sustained; each client sends its next request when the last
+   is answered): p50/p99 latency and images/s. The lone client (1) first waits a random time of up to one
+   bulk model call: a client that fires again the instant it is answered always arrives just after the next
+   model call began (its answer and that call's start are the same moment), which measures that phase
+   lock, not an independent arrival;
 3. under a backlog: a Kafka backlog big enough to keep the worker saturated throughout (checked: the lag is
    still above zero at the end), then the same three levels, with the Kafka images answered meanwhile.
 
 Then the issue's two ratios, on this machine in this run: a lone interactive request's p99 under the backlog
 against the lane's wait plus 1.5 batch times (the mean model call of phase 1), and the images/s under
-saturating HTTP load (16 clients, alone) against the bulk path's. Prints the settings and one JSON line per
+saturating HTTP load (16 clients, alone) against the bulk path's, both at steady state: the images answered
+after the first answer, over the time from the first answer to the last (so neither side counts its first
+model call, which only the HTTP phase's wall clock would otherwise include). Prints the settings and one JSON line per
 phase; ``--out FILE`` also writes them all as one JSON document.
 """
 
@@ -25,6 +30,7 @@ import argparse
 import json
 import os
 import platform
+import random
 import shutil
 import subprocess
 import sys
@@ -78,9 +84,22 @@ class Batches:
         }
 
 
-def clients(url: str, concurrency: int, requests: int, images: list[bytes]) -> dict[str, Any]:
-    """``requests`` single-image requests from ``concurrency`` clients, each waiting for its answer."""
+def steady_rate(times: list[float], settle_s: float = 0.05) -> float:
+    """Images/s at steady state: the answers after the first (those within ``settle_s`` of it came from the
+    same model call) over the time from the first answer to the last."""
+    if len(times) < 2:
+        return 0.0
+    ordered = sorted(times)
+    later = [t for t in ordered if t > ordered[0] + settle_s]
+    return len(later) / max(ordered[-1] - ordered[0], 1e-9)
+
+
+def clients(url: str, concurrency: int, requests: int, images: list[bytes], think_s: float = 0.0) -> dict[str, Any]:
+    """``requests`` single-image requests from ``concurrency`` clients, each waiting for its answer (and then a
+    random time of up to ``think_s``)."""
     latencies: list[float] = []
+    answered: list[float] = []
+    pause = random.Random(concurrency)
     failures: list[str] = []
     lock = threading.Lock()
     counter = iter(range(requests))
@@ -90,14 +109,17 @@ def clients(url: str, concurrency: int, requests: int, images: list[bytes]) -> d
             while True:
                 with lock:
                     n = next(counter, None)
+                    wait = pause.uniform(0, think_s)
                 if n is None:
                     return
+                time.sleep(wait)
                 began = time.perf_counter()
                 response = http.post("/v1/captions", files={"file": (f"{n}.jpg", images[n % len(images)])})
                 took = time.perf_counter() - began
                 with lock:
                     if response.status_code == 200 and response.json()["results"][0]["ok"]:
                         latencies.append(took * 1000)
+                        answered.append(began + took)
                     else:
                         failures.append(f"{response.status_code} {response.text[:200]}")
 
@@ -116,6 +138,7 @@ def clients(url: str, concurrency: int, requests: int, images: list[bytes]) -> d
         "p99_ms": round(percentile(latencies, 99), 1),
         "max_ms": round(max(latencies), 1) if latencies else None,
         "images_per_s": round(len(latencies) / seconds, 3),
+        "steady_images_per_s": round(steady_rate(answered), 3),
         "seconds": round(seconds, 2),
         "first_failure": failures[0] if failures else None,
     }
@@ -125,7 +148,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="full", help="full (default), tiny, or a checkpoint directory")
     p.add_argument("--flood", type=int, default=48, help="Kafka requests of the bulk phase")
-    p.add_argument("--requests", type=int, default=16, help="HTTP requests per concurrency level")
+    p.add_argument("--requests", type=int, default=16, help="HTTP requests per concurrency level (at least)")
+    p.add_argument("--per-client", type=int, default=6, help="HTTP requests per client, at least")
     p.add_argument("--max-items", type=int, default=8, help="WORKER_BATCH__MAX_ITEMS")
     p.add_argument("--max-wait-ms", type=int, default=50, help="WORKER_BATCH__MAX_WAIT_MS (the stream lane's)")
     p.add_argument("--lane-wait-ms", type=int, default=5, help="WORKER_HTTP__MAX_WAIT_MS (the interactive lane's)")
@@ -203,8 +227,7 @@ def run(args: argparse.Namespace, work: Path) -> int:
             if not results.wait_for(ids, timeout_s=3600):
                 print("bulk phase timed out", file=sys.stderr)
                 return 1
-            first, last = min(results.arrived[i] for i in ids), max(results.arrived[i] for i in ids)
-            bulk_rate = (len(ids) - 1) / max(last - first, 1e-9)
+            bulk_rate = steady_rate([results.arrived[i] for i in ids])
             report["bulk"] = {"requests": len(ids), "images_per_s": round(bulk_rate, 3), **batches.take()}
             batch_s = report["bulk"]["mean_batch_s"]
             print("bulk", json.dumps(report["bulk"]), flush=True)
@@ -213,7 +236,9 @@ def run(args: argparse.Namespace, work: Path) -> int:
             report["alone"] = []
             for level in LEVELS:
                 batches.take()
-                figures = {**clients(url, level, max(args.requests, 3 * level), uploads), **batches.take()}
+                count = max(args.requests, args.per_client * level)
+                think = batch_s if level == 1 else 0.0
+                figures = {**clients(url, level, count, uploads, think), **batches.take()}
                 report["alone"].append(figures)
                 print("alone", json.dumps(figures), flush=True)
 
@@ -229,7 +254,9 @@ def run(args: argparse.Namespace, work: Path) -> int:
             report["backlog"] = {"requests": backlog, "levels": []}
             for level in LEVELS:
                 batches.take()
-                figures = {**clients(url, level, max(args.requests, 3 * level), uploads), **batches.take()}
+                count = max(args.requests, args.per_client * level)
+                think = batch_s if level == 1 else 0.0
+                figures = {**clients(url, level, count, uploads, think), **batches.take()}
                 report["backlog"]["levels"].append(figures)
                 print("under_backlog", json.dumps(figures), flush=True)
             results.read(0.5)
@@ -246,7 +273,7 @@ def run(args: argparse.Namespace, work: Path) -> int:
 
             lone = report["backlog"]["levels"][0]["p99_ms"]
             bound = args.lane_wait_ms + 1.5 * batch_s * 1000
-            saturated = report["alone"][-1]["images_per_s"]
+            saturated = report["alone"][-1]["steady_images_per_s"]
             report["targets"] = {
                 "lone_p99_under_backlog_ms": lone,
                 "lane_wait_plus_1.5_batches_ms": round(bound, 1),
