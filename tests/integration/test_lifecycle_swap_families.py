@@ -4,8 +4,10 @@ A worker (`python -m captionfleet.worker`) follows s3://…/models/tiny/LATEST, 
 steady traffic. `captionfleet models import` publishes a tiny BLIP (another family, another input size,
 another processor) with --promote: the worker hot-swaps to it; `models show` names its family, and so does
 the dashboard's model line. `captionfleet models rollback` brings ViT-GPT2 back, and the worker swaps back.
+Then the same for a decoder-only family with a default prompt, qwen2_vl: imported, swapped to, rolled back.
 Nothing is lost or answered twice, and every result's caption is the one its model_version's model gives
-that picture alone (checked against both models loaded in this process).
+that picture alone (checked against the three models loaded in this process). Every other family makes the
+same round trip under a streaming load in tests/unit/test_swap_every_family.py, with an in-memory source.
 """
 
 from __future__ import annotations
@@ -147,11 +149,15 @@ def test_a_worker_swaps_to_another_family_and_back_under_traffic(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     root, reader = setup["root"], setup["reader"]
-    ved_dir, blip_dir = save_tiny_checkpoint(tmp_path / "ved", seed=0), tiny_family("blip")
-    ved, blip = load(ved_dir), load(blip_dir)
-    # Pictures both models caption with some text (an empty caption is a failure row, not a result).
+    ved_dir, blip_dir, qwen_dir = (
+        save_tiny_checkpoint(tmp_path / "ved", seed=0),
+        tiny_family("blip"),
+        tiny_family("qwen2_vl"),
+    )
+    ved, blip, qwen = load(ved_dir), load(blip_dir), load(qwen_dir)
+    # Pictures every model captions with some text (an empty caption is a failure row, not a result).
     candidates = png_pictures(3 * IMAGES)
-    images = [data for data in candidates if caption_alone(ved, data) and caption_alone(blip, data)][:IMAGES]
+    images = [data for data in candidates if all(caption_alone(m, data) for m in (ved, blip, qwen))][:IMAGES]
     assert len(images) == IMAGES
     client = s3_server.client()
     for i, data in enumerate(images):
@@ -191,6 +197,18 @@ def test_a_worker_swaps_to_another_family_and_back_under_traffic(
         assert out.strip() == f"LATEST: {blip_version} -> {ved_version} (rolled back)"
         before = sum(m["model_version"] == ved_version for m in reader.answers().results)
         reader.wait(served(ved_version, before + SERVED), 180, worker)
+
+        # A decoder-only family with a default prompt, and back again.
+        code, out, err = models_cli(root, "import", str(qwen_dir), "--name", "qwen", "--promote")
+        assert code == 0, err
+        qwen_version = weights_version(qwen_dir, "qwen")
+        assert out.startswith(f"{qwen_version}: promoted to LATEST"), out
+        reader.wait(served(qwen_version, SERVED), 180, worker)
+        code, out, err = models_cli(root, "rollback")
+        assert code == 0, err
+        assert out.strip() == f"LATEST: {qwen_version} -> {ved_version} (rolled back)"
+        before = sum(m["model_version"] == ved_version for m in reader.answers().results)
+        reader.wait(served(ved_version, before + SERVED), 180, worker)
     finally:
         sent = traffic.stop()
     answers = reader.wait(lambda a: set(sent) <= set(a.ids()), 180, worker)
@@ -201,14 +219,13 @@ def test_a_worker_swaps_to_another_family_and_back_under_traffic(
     # Nothing lost, nothing failed, nothing answered twice.
     assert answers.dead == []
     assert sorted(answers.ids().elements()) == sorted(sent)
-    # In the order sent: ViT-GPT2, then BLIP, then ViT-GPT2 again; two swaps.
+    # In the order sent: ViT-GPT2, BLIP, ViT-GPT2, qwen2_vl, ViT-GPT2; four swaps, each one boundary.
     versions = [m["model_version"] for m in sorted(answers.results, key=lambda m: m["id"])]
-    first, back = versions.index(blip_version), len(versions) - versions[::-1].index(blip_version)
-    assert set(versions[:first]) == {ved_version} and set(versions[first:back]) == {blip_version}
-    assert set(versions[back:]) == {ved_version} and versions[back:]
-    assert metrics[("captionfleet_model_swaps_total", ())] == 2
+    runs = [version for i, version in enumerate(versions) if i == 0 or versions[i - 1] != version]
+    assert runs == [ved_version, blip_version, ved_version, qwen_version, ved_version]
+    assert metrics[("captionfleet_model_swaps_total", ())] == 4
     # Each caption is its model's for that picture alone: the right model and the right preprocessing.
-    by_version = {ved_version: ved, blip_version: blip}
+    by_version = {ved_version: ved, blip_version: blip, qwen_version: qwen}
     expected = {
         (version, i): caption_alone(model, data)
         for version, model in by_version.items()
@@ -217,4 +234,5 @@ def test_a_worker_swaps_to_another_family_and_back_under_traffic(
     for message in answers.results:
         picture = int(message["uri"].rsplit("/", 1)[1].split(".")[0])
         assert message["caption"] == expected[(message["model_version"], picture)], message
-        assert message["prompt"] is None  # neither family's default is a prompt
+        # ViT-GPT2 and BLIP take no default prompt; qwen2_vl captions with its own.
+        assert message["prompt"] == by_version[message["model_version"]].default_prompt, message
