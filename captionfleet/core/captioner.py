@@ -368,7 +368,7 @@ class Captioner:
     def _generate(self, pixel_values: torch.Tensor, config: GenerationConfig, **kwargs: Any) -> Any:
         """model.generate on pixels already on the device, through the static caches when in use."""
         with beam_group(self.model, config.num_beams) as beam_kwargs:
-            if self.static is not None:  # its own cache, with beam_group's sharing of cross-attention rows
+            if self.static is not None and self.static.handles(config):  # its own cache, sharing cross rows
                 return self.static.generate(pixel_values, config, **kwargs)
             return self.model.generate(pixel_values=pixel_values, generation_config=config, **beam_kwargs, **kwargs)
 

@@ -10,7 +10,8 @@ in transformers/generation/utils.py). On a CPU the same static cache runs withou
 
 What this module adds to transformers' own ``cache_implementation="static"``:
 
-- the caches are kept, one per *bucket* of rows (1, 2, 4, ... up to the batch size), and reset between calls,
+- the caches are kept, one per *bucket* of rows (1, 2, 4, ... up to the batch size) for each decoding warmed
+  up at load (a request's own beams or tokens decode through the dynamic cache), and reset between calls,
   so the compiled graphs (recorded against the caches' fixed addresses) are replayed, not recorded again; a
   batch is padded to its bucket with copies of its first image and the padding's output dropped, so a
   batcher that forms any size from 1 to ``max_items`` meets at most log2(max_items) + 1 shapes;
@@ -78,6 +79,10 @@ class StaticDecoding:
         self.model = model
         self.sizes = buckets(max_rows)
         self._caches: dict[tuple[int, int, int], SharedCrossStaticCache] = {}
+        # The decodings (beams, cache positions) warmed up: only theirs are kept. A request may ask for its
+        # own beams and tokens (the HTTP API), and a kept cache per such decoding would grow without bound
+        # (up to GBs each on a GPU) and compile on the serving path: those decode with the dynamic cache.
+        self._warm: set[tuple[int, int]] = set()
         self.encoder_positions = self._encoder_positions(model)
 
     @staticmethod
@@ -92,6 +97,15 @@ class StaticDecoding:
             )
         return (image_size // patch_size) ** 2 + 1
 
+    @staticmethod
+    def _decoding(config: GenerationConfig) -> tuple[int, int]:
+        # One more position than new tokens: the decoder start token is in the cache too.
+        return config.num_beams or 1, int(config.max_new_tokens or 0) + 1
+
+    def handles(self, config: GenerationConfig) -> bool:
+        """Whether this decoding was warmed up (its caches are kept); others go through the dynamic cache."""
+        return self._decoding(config) in self._warm
+
     def cache(self, rows: int, beams: int, max_new_tokens: int) -> SharedCrossStaticCache:
         """The kept cache for a bucket of ``rows`` images (reset), or a fresh one past the largest bucket."""
         # One more position than new tokens: the decoder start token is in the cache too.
@@ -99,7 +113,7 @@ class StaticDecoding:
         cache = self._caches.get(key)
         if cache is None:
             cache = SharedCrossStaticCache(self.model.config.decoder, key[2], self.encoder_positions)
-            if rows in self.sizes:
+            if rows in self.sizes and (beams, key[2]) in self._warm:
                 self._caches[key] = cache
         else:
             with torch.inference_mode():  # its tensors were made under inference mode, where generate runs
@@ -127,6 +141,7 @@ class StaticDecoding:
         runs = 0
         channels, height, width = pixel_shape
         for config in configs:
+            self._warm.add(self._decoding(config))
             for size in self.sizes:
                 pixels = torch.zeros(size, channels, height, width, dtype=dtype, device=device)
                 with torch.inference_mode():

@@ -93,6 +93,27 @@ def test_from_dir_warms_the_static_cache_up(tiny_checkpoint: Path) -> None:
     assert len(captioner.static._caches) == 2  # one per bucket, made by the warm-up
 
 
+def test_decodings_not_warmed_up_keep_no_cache_and_caption_as_before(tiny_checkpoint: Path) -> None:
+    # Requests may ask for their own beams and tokens (the HTTP API): a kept cache for each would grow
+    # without bound (GBs each on a GPU), so only the warmed-up decodings keep theirs.
+    captioner = Captioner.from_dir(
+        tiny_checkpoint, device="cpu", precision="fp32", decoding=DecodingSettings(num_beams=1), static_rows=4
+    )
+    assert captioner.static is not None
+    kept = len(captioner.static._caches)
+    inputs = [captioner.prepare(image) for image in images(3, seed=2)]
+    static = captioner.static
+    for beams in (1, 2, 3):
+        for tokens in (3, 5, 7, 9):
+            decoding = DecodingSettings(num_beams=beams, max_new_tokens=tokens)
+            got = captioner.caption_inputs(inputs, decoding)
+            captioner.static = None
+            dynamic = captioner.caption_inputs(inputs, decoding)
+            captioner.static = static
+            assert [c.text for c in got] == [c.text for c in dynamic]
+    assert len(static._caches) == kept == 3  # buckets 1, 2, 4 of the model's own decoding
+
+
 def test_the_worker_setting_turns_it_on_for_the_batch_size(tiny_checkpoint: Path) -> None:
     from captionfleet.core.loading import load_model
     from captionfleet.core.settings import WorkerSettings
