@@ -46,7 +46,7 @@ Decoder = Callable[[list[torch.Tensor], torch.device], list[torch.Tensor]]
 _MODES = {
     Image.Resampling.BILINEAR: "bilinear",
     Image.Resampling.BICUBIC: "bicubic",
-    Image.Resampling.NEAREST: "nearest",
+    Image.Resampling.NEAREST: "nearest-exact",  # torch's "nearest" picks other pixels than Pillow's NEAREST
 }
 # A 50 Mpx photo is 150 MB of uint8 on the device; past this, draft mode on the CPU reads a fraction of it.
 MAX_DEVICE_PIXELS = 24_000_000
@@ -111,7 +111,7 @@ class DevicePreprocessing:
         for image in images:
             pixels = image.unsqueeze(0).float()
             if tuple(pixels.shape[-2:]) != self.size:
-                antialias = self.mode != "nearest"  # Pillow's filters widen with the reduction, as antialias does
+                antialias = self.mode != "nearest-exact"  # Pillow's filters widen with the reduction, as antialias does
                 kwargs = {"align_corners": False} if antialias else {}
                 pixels = F.interpolate(pixels, size=self.size, mode=self.mode, antialias=antialias, **kwargs)
                 # Pillow rounds its resized pixels to uint8 before rescaling: so does this, for the same input.
@@ -154,6 +154,9 @@ def images_to_pixels(
             and header.mode in ("RGB", "L")
             and header.orientation == 1
             and header.width * header.height <= max_device_pixels
+            # A JPEG cut short in its image data has a whole header: the CPU path refuses it as truncated,
+            # where nvJPEG might decode what is there. Only JPEGs that end (EOI marker) go to the device.
+            and data.rstrip(b"\0").endswith(b"\xff\xd9")
         )
         (gpu if takes_gpu else cpu).append(position)
 

@@ -24,6 +24,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
+MAX_AUTO_DECODE_THREADS = 64  # 64 cores decode ~6,000 photos/s (docs/benchmarks.md): more than one GPU takes
 
 
 def cgroup_cpu_limit(root: Path = CGROUP_ROOT) -> float | None:
@@ -31,7 +32,7 @@ def cgroup_cpu_limit(root: Path = CGROUP_ROOT) -> float | None:
     try:  # cgroup v2: "max 100000" (no limit) or "<quota> <period>"
         quota, period = (root / "cpu.max").read_text().split()[:2]
         return None if quota == "max" else int(quota) / int(period)
-    except (OSError, ValueError):
+    except (OSError, ValueError, ZeroDivisionError):
         pass
     try:  # cgroup v1: a quota of -1 means no limit
         quota_us = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
@@ -83,4 +84,6 @@ def decode_threads(requested: int, *, on_cuda: bool, root: Path = CGROUP_ROOT) -
         return requested
     if not on_cuda:
         return CPU_DECODE_THREADS
-    return max(1, default_threads(root) - 1)
+    # Capped: a pod with no CPU limit sees the node's cores (hundreds on a big node), and threads past what
+    # one GPU can take only cost memory and contention.
+    return min(MAX_AUTO_DECODE_THREADS, max(1, default_threads(root) - 1))

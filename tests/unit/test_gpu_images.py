@@ -151,3 +151,31 @@ def test_an_empty_or_all_failed_batch_has_no_rows() -> None:
     batch = gpu_images.images_to_pixels([b"", b"nothing"], PREP, device=CPU, dtype=torch.bfloat16)
     assert batch.pixels.shape == (0, 3, 32, 32) and batch.pixels.dtype == torch.bfloat16 and batch.rows == []
     assert {error.kind for error in batch.failures.values()} == {"empty", "not_an_image"}
+
+
+def test_a_jpeg_cut_short_in_its_data_never_reaches_the_device_and_fails_as_on_the_cpu() -> None:
+    # Its header is whole, so only its missing end (EOI) tells: nvJPEG might decode what is there.
+    whole = jpeg((80, 60), 3)
+    cut = whole[: len(whole) // 2]
+    decoder = StandIn()
+    batch = gpu_images.images_to_pixels([whole, cut], PREP, device=CPU, dtype=torch.float32, decoder=decoder)
+    assert decoder.seen == [whole]
+    with pytest.raises(ImageError) as on_cpu:
+        decode_image(cut, draft_size=(32, 32))
+    assert batch.rows == [0] and batch.failures[1].kind == on_cpu.value.kind
+
+
+def test_the_devices_nearest_resize_is_pillows() -> None:
+    nearest = Preprocessing(
+        width=4,
+        height=4,
+        resample=Image.Resampling.NEAREST,
+        rescale_factor=1 / 255,
+        mean=np.zeros(3, dtype=np.float32),
+        std=np.ones(3, dtype=np.float32),
+    )
+    pixels = np.random.default_rng(5).integers(0, 255, (10, 10, 3), dtype=np.uint8)
+    device = gpu_images.DevicePreprocessing(nearest, CPU, torch.float32)
+    got = device([torch.from_numpy(pixels).permute(2, 0, 1).contiguous()])
+    expected = nearest.array(Image.fromarray(pixels).resize((4, 4), Image.Resampling.NEAREST))
+    assert torch.allclose(got[0], torch.from_numpy(expected))

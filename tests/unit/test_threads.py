@@ -90,6 +90,18 @@ def test_decode_threads_on_a_gpu_are_the_cpu_limit_but_one(tmp_path: Path, monke
     assert threads.decode_threads(5, on_cuda=True, root=eight) == 5  # what the operator set wins
 
 
+def test_auto_decode_threads_are_capped_on_a_node_without_a_cpu_limit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(threads, "usable_cores", lambda: 384)
+    unlimited = _cgroup(tmp_path, {"cpu.max": "max 100000"})
+    assert threads.decode_threads(0, on_cuda=True, root=unlimited) == threads.MAX_AUTO_DECODE_THREADS == 64
+
+
+def test_a_zero_cgroup_period_is_no_limit(tmp_path: Path) -> None:
+    assert threads.cgroup_cpu_limit(_cgroup(tmp_path, {"cpu.max": "100000 0"})) is None
+
+
 def test_worker_settings_size_decode_threads_by_the_device(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     limit = _cgroup(tmp_path, {"cpu.max": "1200000 100000"})  # this container's: 12 CPUs
     real = threads.default_threads
