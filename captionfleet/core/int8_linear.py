@@ -37,10 +37,12 @@ def _gemm_is_exact(weight_range: int) -> bool:
     """Whether ``torch._int_mm`` gives the exact integer product with full-range activations and
     weights within +-``weight_range``, on shapes of both a decoding step and a long input."""
     gen = torch.Generator().manual_seed(0)
+    # The model's longest inner dimension (GPT-2's MLP, 3072): sums reach 127 * 127 * 3072 ~ 5e7, past
+    # 2^24, so a kernel that accumulated in float32 would show here too.
     for rows in (1, 4, 67):
-        a = torch.randint(-127, 128, (rows, 96), dtype=torch.int8, generator=gen)
+        a = torch.randint(-127, 128, (rows, 3072), dtype=torch.int8, generator=gen)
         a[0] = 127  # the pair products that saturate 16-bit sums first
-        b = torch.randint(-weight_range, weight_range + 1, (40, 96), dtype=torch.int8, generator=gen)
+        b = torch.randint(-weight_range, weight_range + 1, (40, 3072), dtype=torch.int8, generator=gen)
         b[0] = weight_range
         got = torch._int_mm(a, b.t())
         if not torch.equal(got.long(), a.long() @ b.t().long()):
@@ -77,9 +79,13 @@ class RowwiseInt8Linear(nn.Module):
         absmax = weight.abs().amax(dim=1).clamp_min(_TINY)
         # [out, in], the layout nn.Linear has: handed to _int_mm transposed, which measured faster than a
         # contiguous [in, out] copy on the model's shapes (lm_head at 32 rows: 7.6 vs 16.3 ms, one thread).
-        self.weight = torch.round(weight * (weight_range / absmax)[:, None]).to(torch.int8)
-        self.weight_scale = absmax / weight_range
-        self.bias = linear.bias.detach().float().clone() if linear.bias is not None else None
+        # Buffers, so that state_dict() and .to() see them like any layer's tensors.
+        self.weight: torch.Tensor
+        self.weight_scale: torch.Tensor
+        self.bias: torch.Tensor | None
+        self.register_buffer("weight", torch.round(weight * (weight_range / absmax)[:, None]).to(torch.int8))
+        self.register_buffer("weight_scale", absmax / weight_range)
+        self.register_buffer("bias", linear.bias.detach().float().clone() if linear.bias is not None else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape

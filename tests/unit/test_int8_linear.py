@@ -110,6 +110,18 @@ def test_no_int8_path_where_the_gemm_fails_or_is_wrong(fresh_probe: None, monkey
     assert i8.int8_gemm_weight_range() is None
 
 
+def test_a_gemm_that_sums_in_float32_is_no_int8_path(fresh_probe: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Exact on short rows, wrong once the sums pass 2^24, as they do at the model's 3072-wide layers.
+    monkeypatch.setattr(torch, "_int_mm", lambda a, b: (a.float() @ b.float()).to(torch.int32))
+    assert i8.int8_gemm_weight_range() is None
+
+
+def test_the_layers_tensors_are_its_state() -> None:
+    _, layer = _layer(16, 4, 127)
+    assert set(layer.state_dict()) == {"weight", "weight_scale", "bias"}
+    assert layer.state_dict()["weight"].dtype == torch.int8
+
+
 def test_int8_falls_back_to_fp32_with_a_warning(
     tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
