@@ -387,7 +387,11 @@ class _ArchiveRun:
                 if not _retries(options.retry_failed, dict(marker.get("failed_by_kind") or {})):
                     self.summary.skipped += int(marker.get("rows") or 0)  # its rows count as already done
                     return True
-                rows = fmt.final_rows(run)
+                # Only an output the marker lists holds this version's rows: a table that broke off lists none,
+                # and an output of an older version of the file may still be there (read, its rows would pass
+                # for this one's). None listed: every row is done again.
+                listed = marker.get("outputs") or []
+                rows = fmt.final_rows(run) if f"{run.stem}.parquet" in listed else []
                 kept = [row for row in rows if not _retry_row(options.retry_failed, row)]
                 self.summary.retried += len(rows) - len(kept)
                 # The rows kept become a checkpoint before the marker goes (its outputs are about to change):
@@ -451,6 +455,12 @@ class _ArchiveRun:
             run.local_path.unlink(missing_ok=True)  # the copy of an S3 input, done with
         for name in [*run.old_checkpoints, *run.checkpoints_written]:
             run.outputs.delete(name)
+        if not written:
+            # A table that broke off writes no output: one of an older version of the file must not stay
+            # beside a marker that now describes another.
+            for name in (f"{run.stem}.parquet", f"{run.stem}.tar"):
+                if name in self.plan.existing:
+                    run.outputs.delete(name)
         if run.broken:
             self.summary.broken.append(f"{run.inp.uri}: {run.broken}")
         self.summary.files_finished += 1

@@ -186,3 +186,33 @@ def test_a_plain_binary_image_column_is_left_out_of_the_output(tmp_path: Path) -
     out = pq.read_table(tmp_path / "out" / "b.parquet")
     assert "png" not in out.column_names and out.column("n").to_pylist() == [1, 2]
     assert out.column("error_kind").to_pylist() == [None, "too_large"] and summary.done == 1
+
+
+def test_a_retry_of_a_table_that_broke_off_never_keeps_the_rows_of_its_older_version(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "a.jpg").write_bytes(jpeg_bytes())
+    (root / "b.jpg").write_bytes(jpeg_bytes((30, 20)))
+    src = tmp_path / "m.jsonl"
+    src.write_text("".join(json.dumps({"uri": (root / n).as_uri()}) + "\n" for n in ("a.jpg", "b.jpg")))
+    assert run(tmp_path, src).done == 2
+    old_output = (tmp_path / "out" / "m.parquet").read_bytes()
+    # The file replaced: two images not there yet, then a line that ends the table early.
+    new = [(root / n).as_uri() for n in ("c.jpg", "d.jpg")]
+    # (Arrow reads JSON lines a 1 MiB block at a time: the bad line, long, starts the second block.)
+    lines = [json.dumps({"uri": uri, "pad": "x" * 400_000}) + "\n" for uri in new]
+    src.write_text("".join(lines) + "{not json" + " " * 400_000 + "\n")
+    broken = run(tmp_path, src)
+    marker = json.loads((tmp_path / "out" / "m.complete.json").read_text())
+    assert marker["failed_by_kind"] == {"not_found": 2} and marker["outputs"] == [] and broken.broken
+    # The older version's output does not stay beside a marker that lists none.
+    assert not (tmp_path / "out" / "m.parquet").exists()
+
+    (tmp_path / "out" / "m.parquet").write_bytes(old_output)  # as a run killed before removing it leaves it
+    (root / "c.jpg").write_bytes(jpeg_bytes())
+    (root / "d.jpg").write_bytes(jpeg_bytes())
+    summary = run(tmp_path, src, retry_failed=frozenset({"not_found"}))
+    # A leftover output the marker does not list is not read: both rows are fetched and captioned again.
+    assert summary.skipped == 0 and summary.done == 2 and summary.failed == 0
+    marker = json.loads((tmp_path / "out" / "m.complete.json").read_text())
+    assert marker["captioned"] == 2 and marker["outputs"] == []
