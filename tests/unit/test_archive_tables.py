@@ -216,3 +216,32 @@ def test_a_retry_of_a_table_that_broke_off_never_keeps_the_rows_of_its_older_ver
     assert summary.skipped == 0 and summary.done == 2 and summary.failed == 0
     marker = json.loads((tmp_path / "out" / "m.complete.json").read_text())
     assert marker["captioned"] == 2 and marker["outputs"] == []
+
+
+def test_an_output_written_before_the_confidence_fields_keeps_a_manifests_own_columns_of_those_names(
+    tmp_path: Path,
+) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "a.jpg").write_bytes(jpeg_bytes())
+    src = tmp_path / "m.jsonl"
+    rows = [{"uri": (root / n).as_uri(), "tokens": f"many {n}", "mean_logprob": 3} for n in ("a.jpg", "b.jpg")]
+    src.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    run(tmp_path, src)
+    # As written before the fields were added: the manifest's own columns kept their names, ours were not there.
+    out = tmp_path / "out" / "m.parquet"
+    table = pq.read_table(out).drop_columns(["tokens", "mean_logprob", "prompt"])
+    table = table.rename_columns([name.removeprefix("original_") for name in table.column_names])
+    pq.write_table(table, out)
+
+    (root / "b.jpg").write_bytes(jpeg_bytes())
+    summary = run(tmp_path, src, retry_failed=frozenset({"not_found"}))
+    assert summary.retried == 1 and summary.done == 1
+    kept, redone = pq.read_table(out).to_pylist()
+    # The manifest's values are not taken for the caption's confidence (a text one could not be at all).
+    assert (kept["tokens"], kept["mean_logprob"]) == (None, None) and kept["caption"].startswith("red ")
+    assert (redone["tokens"], redone["mean_logprob"]) == (2, -1.0)
+    assert [(row["original_tokens"], row["original_mean_logprob"]) for row in (kept, redone)] == [
+        ("many a.jpg", 3),
+        ("many b.jpg", 3),
+    ]
