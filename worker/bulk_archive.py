@@ -412,7 +412,8 @@ class _ArchiveRun:
         if len(kept) < len(usable):
             # Failure rows to redo must not outlive their older parts: read again after this run is killed, by
             # a run without --retry-failed, they would be kept, and could win over the rows redone meanwhile
-            # (parts sort by number before run: an older run's part 2 comes after this run's part 1).
+            # (parts are ordered by run id, the time each run began: a machine whose clock is behind would put
+            # this run's redone rows before them).
             self._keep_for_retry(run, kept, older=run.old_checkpoints)
             run.old_checkpoints = []
         run.resume(kept)
