@@ -386,6 +386,10 @@ class _ArchiveRun:
             if usable and marker is not None:
                 if not _retries(options.retry_failed, dict(marker.get("failed_by_kind") or {})):
                     self.summary.skipped += int(marker.get("rows") or 0)  # its rows count as already done
+                    # Parts a run killed after the marker was written (or a retry killed before removing it)
+                    # left: the marker's outputs hold their rows, and only a later retry would remove them.
+                    for name in self._checkpoints_of(run):
+                        run.outputs.delete(name)
                     return True
                 # Only an output the marker lists holds this version's rows: a table that broke off lists none,
                 # and an output of an older version of the file may still be there (read, its rows would pass

@@ -545,3 +545,17 @@ def test_the_row_of_the_newest_run_wins_whatever_the_part_numbers(tmp_path: Path
     summary = run(tmp_path / "in" / "a.tar", out, any_model_version=True)
     assert summary.skipped == 1
     assert rows_of(out / "a.parquet")["k0000"]["caption"] == "v2"
+
+
+def test_a_finished_file_skipped_again_loses_the_checkpoints_a_killed_run_left(tmp_path: Path) -> None:
+    members, _expected = good_samples("k", 3)
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.tar").write_bytes(shard(members))
+    out = tmp_path / "out"
+    run(tmp_path / "in" / "a.tar", out)
+    # A --retry-failed run killed between writing its part 0 (the rows it keeps) and removing the marker.
+    leftover = out / "a.partial" / f"part-000000-{new_run_id()}.parquet"
+    leftover.parent.mkdir(exist_ok=True)
+    leftover.write_bytes(encode_checkpoint([{"id": "k0000", "position": 0, "caption": "kept"}]))
+    summary = run(tmp_path / "in" / "a.tar", out)
+    assert summary.files_done_before == 1 and not leftover.exists()
