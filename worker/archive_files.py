@@ -270,10 +270,18 @@ class FileRun:
         }
 
 
+def checkpoint_order(name: str) -> tuple[str, int, str]:
+    """Oldest first: by run (run ids sort by time, see s3_parts.new_run_id), then by part number within it.
+    By name alone, an older run's part 2 would come after a newer run's part 1, and its rows would win."""
+    base = name.rsplit("/", 1)[-1].removesuffix(".parquet")
+    seq, _, run = base.removeprefix("part-").partition("-")
+    return (run, int(seq), name) if seq.isdigit() else ("", -1, name)
+
+
 def read_checkpoints(outputs: Outputs, names: list[str]) -> list[dict[str, Any]]:
     """Rows of the checkpoint parts, oldest part first (a later row of an id wins)."""
     rows: list[dict[str, Any]] = []
-    for name in sorted(names):
+    for name in sorted(names, key=checkpoint_order):
         data = outputs.get_bytes(name)
         if data is None:
             continue  # removed since the listing (another run finished the file)

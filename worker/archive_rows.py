@@ -9,6 +9,7 @@ file's final outputs are built from them and they are deleted once its completio
 from __future__ import annotations
 
 import io
+from collections.abc import Collection
 from typing import Any
 
 import pyarrow as pa
@@ -53,11 +54,20 @@ CHECKPOINT_SCHEMA = pa.schema(
 ADDED_LATER = frozenset({"prompt", "mean_logprob", "tokens"})
 
 
-def with_added_fields(table: pa.Table, schema: pa.Schema) -> pa.Table:
-    """``table`` with null columns for the ADDED_LATER fields of ``schema`` it was written without."""
+def with_added_fields(table: pa.Table, schema: pa.Schema, input_columns: Collection[str] = ()) -> pa.Table:
+    """``table`` with null columns for the ADDED_LATER fields of ``schema`` it was written without.
+
+    An output of an input with its own column of such a name (``input_columns``) holds ours only beside
+    ``original_<name>``: written before the field was added, the column is the input's, kept as it was
+    (its values are no caption's, and may not even be of the field's type), and reads as nulls."""
     for field in schema:
-        if field.name in ADDED_LATER and field.name not in table.column_names:
-            table = table.append_column(field, pa.nulls(table.num_rows, field.type))
+        if field.name not in ADDED_LATER:
+            continue
+        nulls = pa.nulls(table.num_rows, field.type)
+        if field.name not in table.column_names:
+            table = table.append_column(field, nulls)
+        elif field.name in input_columns and f"original_{field.name}" not in table.column_names:
+            table = table.set_column(table.column_names.index(field.name), field, nulls)
     return table
 
 

@@ -19,7 +19,7 @@ import io
 import logging
 import tempfile
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -34,7 +34,7 @@ from captionfleet.core.failures import MALFORMED, FetchError, ImageError
 from captionfleet.core.prompt_input import PromptRefused, check_prompt
 from captionfleet.worker.archive_files import ArchiveItem, FileRun
 from captionfleet.worker.archive_rows import CAPTION_FIELDS, rename_clashes, with_added_fields
-from captionfleet.worker.connectors.archive_inputs import InputError, InputReader
+from captionfleet.worker.connectors.archive_inputs import InputError, InputReader, InputReadError
 from captionfleet.worker.fetch import Fetcher
 
 logger = logging.getLogger(__name__)
@@ -405,7 +405,11 @@ class TableRows:
         if data is None:
             return []
         table = pq.read_table(io.BytesIO(data))
-        table = with_added_fields(table, CAPTION_FIELDS).select(CAPTION_FIELDS.names)
+        try:  # the input is read next anyway (its rows to redo): the copy of an S3 one is kept for that
+            input_columns: Collection[str] = schema_of(self._local(run)).names
+        except (*_TABLE_ERRORS, InputReadError):  # reading its rows reports it; here the columns are unknown:
+            input_columns = CAPTION_FIELDS.names  # no column of the output is taken for one added later
+        table = with_added_fields(table, CAPTION_FIELDS, input_columns).select(CAPTION_FIELDS.names)
         return [
             {"id": str(i), "position": i, "source_etag": run.inp.etag, **row} for i, row in enumerate(table.to_pylist())
         ]

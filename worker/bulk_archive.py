@@ -386,8 +386,16 @@ class _ArchiveRun:
             if usable and marker is not None:
                 if not _retries(options.retry_failed, dict(marker.get("failed_by_kind") or {})):
                     self.summary.skipped += int(marker.get("rows") or 0)  # its rows count as already done
+                    # Parts a run killed after the marker was written (or a retry killed before removing it)
+                    # left: the marker's outputs hold their rows, and only a later retry would remove them.
+                    for name in self._checkpoints_of(run):
+                        run.outputs.delete(name)
                     return True
-                rows = fmt.final_rows(run)
+                # Only an output the marker lists holds this version's rows: a table that broke off lists none,
+                # and an output of an older version of the file may still be there (read, its rows would pass
+                # for this one's). None listed: every row is done again.
+                listed = marker.get("outputs") or []
+                rows = fmt.final_rows(run) if f"{run.stem}.parquet" in listed else []
                 kept = [row for row in rows if not _retry_row(options.retry_failed, row)]
                 self.summary.retried += len(rows) - len(kept)
                 # The rows kept become a checkpoint before the marker goes (its outputs are about to change):
@@ -408,7 +416,8 @@ class _ArchiveRun:
         if len(kept) < len(usable):
             # Failure rows to redo must not outlive their older parts: read again after this run is killed, by
             # a run without --retry-failed, they would be kept, and could win over the rows redone meanwhile
-            # (parts sort by number before run: an older run's part 2 comes after this run's part 1).
+            # (parts are ordered by run id, the time each run began: a machine whose clock is behind would put
+            # this run's redone rows before them).
             self._keep_for_retry(run, kept, older=run.old_checkpoints)
             run.old_checkpoints = []
         run.resume(kept)
@@ -451,6 +460,12 @@ class _ArchiveRun:
             run.local_path.unlink(missing_ok=True)  # the copy of an S3 input, done with
         for name in [*run.old_checkpoints, *run.checkpoints_written]:
             run.outputs.delete(name)
+        if not written:
+            # A table that broke off writes no output: one of an older version of the file must not stay
+            # beside a marker that now describes another.
+            for name in (f"{run.stem}.parquet", f"{run.stem}.tar"):
+                if name in self.plan.existing:
+                    run.outputs.delete(name)
         if run.broken:
             self.summary.broken.append(f"{run.inp.uri}: {run.broken}")
         self.summary.files_finished += 1

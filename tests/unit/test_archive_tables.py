@@ -186,3 +186,62 @@ def test_a_plain_binary_image_column_is_left_out_of_the_output(tmp_path: Path) -
     out = pq.read_table(tmp_path / "out" / "b.parquet")
     assert "png" not in out.column_names and out.column("n").to_pylist() == [1, 2]
     assert out.column("error_kind").to_pylist() == [None, "too_large"] and summary.done == 1
+
+
+def test_a_retry_of_a_table_that_broke_off_never_keeps_the_rows_of_its_older_version(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "a.jpg").write_bytes(jpeg_bytes())
+    (root / "b.jpg").write_bytes(jpeg_bytes((30, 20)))
+    src = tmp_path / "m.jsonl"
+    src.write_text("".join(json.dumps({"uri": (root / n).as_uri()}) + "\n" for n in ("a.jpg", "b.jpg")))
+    assert run(tmp_path, src).done == 2
+    old_output = (tmp_path / "out" / "m.parquet").read_bytes()
+    # The file replaced: two images not there yet, then a line that ends the table early.
+    new = [(root / n).as_uri() for n in ("c.jpg", "d.jpg")]
+    # (Arrow reads JSON lines a 1 MiB block at a time: the bad line, long, starts the second block.)
+    lines = [json.dumps({"uri": uri, "pad": "x" * 400_000}) + "\n" for uri in new]
+    src.write_text("".join(lines) + "{not json" + " " * 400_000 + "\n")
+    broken = run(tmp_path, src)
+    marker = json.loads((tmp_path / "out" / "m.complete.json").read_text())
+    assert marker["failed_by_kind"] == {"not_found": 2} and marker["outputs"] == [] and broken.broken
+    # The older version's output does not stay beside a marker that lists none.
+    assert not (tmp_path / "out" / "m.parquet").exists()
+
+    (tmp_path / "out" / "m.parquet").write_bytes(old_output)  # as a run killed before removing it leaves it
+    (root / "c.jpg").write_bytes(jpeg_bytes())
+    (root / "d.jpg").write_bytes(jpeg_bytes())
+    summary = run(tmp_path, src, retry_failed=frozenset({"not_found"}))
+    # A leftover output the marker does not list is not read: both rows are fetched and captioned again.
+    assert summary.skipped == 0 and summary.done == 2 and summary.failed == 0
+    marker = json.loads((tmp_path / "out" / "m.complete.json").read_text())
+    assert marker["captioned"] == 2 and marker["outputs"] == []
+
+
+def test_an_output_written_before_the_confidence_fields_keeps_a_manifests_own_columns_of_those_names(
+    tmp_path: Path,
+) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "a.jpg").write_bytes(jpeg_bytes())
+    src = tmp_path / "m.jsonl"
+    rows = [{"uri": (root / n).as_uri(), "tokens": f"many {n}", "mean_logprob": 3} for n in ("a.jpg", "b.jpg")]
+    src.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    run(tmp_path, src)
+    # As written before the fields were added: the manifest's own columns kept their names, ours were not there.
+    out = tmp_path / "out" / "m.parquet"
+    table = pq.read_table(out).drop_columns(["tokens", "mean_logprob", "prompt"])
+    table = table.rename_columns([name.removeprefix("original_") for name in table.column_names])
+    pq.write_table(table, out)
+
+    (root / "b.jpg").write_bytes(jpeg_bytes())
+    summary = run(tmp_path, src, retry_failed=frozenset({"not_found"}))
+    assert summary.retried == 1 and summary.done == 1
+    kept, redone = pq.read_table(out).to_pylist()
+    # The manifest's values are not taken for the caption's confidence (a text one could not be at all).
+    assert (kept["tokens"], kept["mean_logprob"]) == (None, None) and kept["caption"].startswith("red ")
+    assert (redone["tokens"], redone["mean_logprob"]) == (2, -1.0)
+    assert [(row["original_tokens"], row["original_mean_logprob"]) for row in (kept, redone)] == [
+        ("many a.jpg", 3),
+        ("many b.jpg", 3),
+    ]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import tarfile
+import time
 import tracemalloc
 from collections import Counter
 from dataclasses import replace
@@ -21,6 +22,7 @@ from captionfleet.core.settings import WorkerSettings
 from captionfleet.worker.archive_rows import decode_checkpoint, encode_checkpoint
 from captionfleet.worker.bulk_archive import ArchiveJobError, ArchiveOptions, run_archive_job
 from captionfleet.worker.connectors.archive_inputs import InputError, expand_braces
+from captionfleet.worker.connectors.s3_parts import new_run_id
 from captionfleet.worker.connectors.tar_samples import MAX_SAMPLE_MEMBERS, SAMPLE_BYTES_FACTOR, TarReport, iter_samples
 from captionfleet.worker.sharding import ShardSpec, shard_of
 from tests.hostile_images import jpeg_bytes
@@ -518,3 +520,42 @@ def test_a_repeated_key_never_takes_the_id_of_a_real_key(tmp_path: Path) -> None
         "c": None,
         "dir.v1/a.6": "malformed",
     }
+
+
+@pytest.mark.parametrize("older", ["ffffffffffff", "time-ordered"])  # a run id of before they were time-ordered
+def test_the_row_of_the_newest_run_wins_whatever_the_part_numbers(tmp_path: Path, older: str) -> None:
+    members, _expected = good_samples("k", 3)
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.tar").write_bytes(shard(members))
+    stat = (tmp_path / "in" / "a.tar").stat()
+    etag = f"{stat.st_size}-{stat.st_mtime_ns}"
+
+    def part(version: str) -> bytes:
+        row = {"id": "k0000", "position": 0, "source_etag": etag, "caption": version, "model_version": version}
+        return encode_checkpoint([row])
+
+    old_run = new_run_id() if older == "time-ordered" else older
+    time.sleep(0.01)
+    new_run = new_run_id()
+    out = tmp_path / "out"
+    (out / "a.partial").mkdir(parents=True)
+    # Killed runs: the older (model v1) got to its part 2; the newer (v2, which redid v1's rows) to its part 1.
+    (out / "a.partial" / f"part-000002-{old_run}.parquet").write_bytes(part("v1"))
+    (out / "a.partial" / f"part-000001-{new_run}.parquet").write_bytes(part("v2"))
+    summary = run(tmp_path / "in" / "a.tar", out, any_model_version=True)
+    assert summary.skipped == 1
+    assert rows_of(out / "a.parquet")["k0000"]["caption"] == "v2"
+
+
+def test_a_finished_file_skipped_again_loses_the_checkpoints_a_killed_run_left(tmp_path: Path) -> None:
+    members, _expected = good_samples("k", 3)
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.tar").write_bytes(shard(members))
+    out = tmp_path / "out"
+    run(tmp_path / "in" / "a.tar", out)
+    # A --retry-failed run killed between writing its part 0 (the rows it keeps) and removing the marker.
+    leftover = out / "a.partial" / f"part-000000-{new_run_id()}.parquet"
+    leftover.parent.mkdir(exist_ok=True)
+    leftover.write_bytes(encode_checkpoint([{"id": "k0000", "position": 0, "caption": "kept"}]))
+    summary = run(tmp_path / "in" / "a.tar", out)
+    assert summary.files_done_before == 1 and not leftover.exists()
