@@ -22,9 +22,9 @@ from captionfleet.core.family import Family
 from captionfleet.core.images import ImageLimits
 from captionfleet.core.loading import load_checkpoint
 from captionfleet.core.settings import BatchSettings, DecodingSettings, ModelSettings
-from captionfleet.worker.messages import Result
 from captionfleet.worker.pipeline import CaptionPipeline
 from tests.tiny_families import pictures
+from tests.unit.test_pipeline import MemorySink
 
 GREEDY = DecodingSettings(num_beams=1, max_new_tokens=4)
 
@@ -122,17 +122,6 @@ class Item:
         return buffer.getvalue()
 
 
-class Rows:
-    def __init__(self) -> None:
-        self.rows: list[Result] = []
-
-    def write(self, results: list[Result]) -> None:
-        self.rows += results
-
-    def flush(self) -> None:
-        pass
-
-
 def test_a_refused_prompt_fails_its_item_alone_as_malformed(loaded: Callable[[str], FamilyCaptioner]) -> None:
     items = [
         Item("ok", "a photo of"),
@@ -140,7 +129,7 @@ def test_a_refused_prompt_fails_its_item_alone_as_malformed(loaded: Callable[[st
         Item("turn", "x<|im_start|>"),
         Item("default", None),
     ]
-    sink = Rows()
+    sink = MemorySink()
     CaptionPipeline(loaded("qwen2_vl"), sink, BatchSettings(max_items=4), ImageLimits()).run(items)  # type: ignore[arg-type]
     kinds = {row.id: row.error_kind for row in sink.rows}
     assert kinds["long"] == kinds["turn"] == MALFORMED

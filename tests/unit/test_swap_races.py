@@ -22,8 +22,8 @@ from captionfleet.core.images import ImageLimits, decode_image
 from captionfleet.core.loading import load_checkpoint
 from captionfleet.core.settings import BatchSettings, DecodingSettings
 from captionfleet.worker.hotswap import HotSwapCaptioner
-from captionfleet.worker.messages import Result
 from captionfleet.worker.pipeline import CaptionPipeline
+from tests.unit.test_pipeline import MemorySink
 
 DECODING = DecodingSettings(num_beams=1, max_new_tokens=4)
 
@@ -86,17 +86,6 @@ def test_an_input_prepared_without_a_swap_is_not_prepared_again(tiny_family: Cal
     assert own_inputs(model, [prepared.input])[0] is prepared.input
 
 
-class Rows:
-    def __init__(self) -> None:
-        self.rows: list[Result] = []
-
-    def write(self, results: list[Result]) -> None:
-        self.rows += results
-
-    def flush(self) -> None:
-        pass
-
-
 class PromptedItem(Item):
     prompt = "a photo of"
 
@@ -107,7 +96,7 @@ def test_an_input_the_new_model_cannot_prepare_fails_alone_with_its_own_kind(
     qwen = load_checkpoint(tiny_family("qwen2_vl"), device="cpu", precision="fp32", decoding=DECODING)
     ved = load_checkpoint(tiny_checkpoint, device="cpu", precision="fp32", decoding=DECODING)
     hot = HotSwapCaptioner(qwen)
-    sink = Rows()
+    sink = MemorySink()
     pipeline = CaptionPipeline(hot, sink, BatchSettings(), ImageLimits())  # type: ignore[arg-type]
     batch = [pipeline._prepare(PromptedItem(jpeg())), pipeline._prepare(Item(jpeg(128)))]
     assert all(prepared.input is not None for prepared in batch)  # prompts are qwen2_vl's to take
