@@ -9,6 +9,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -283,3 +284,33 @@ class AnswerReader:
 
 def new_port() -> int:
     return free_port()
+
+
+SEND_EVERY_S = 0.1  # steady traffic: ten requests a second
+
+
+class Traffic:
+    """Sends one request every SEND_EVERY_S until stopped, cycling over the pictures; remembers the ids in order."""
+
+    def __init__(self, broker: KafkaBroker, topic: str, uris: list[str]) -> None:
+        self.sent: list[str] = []
+        self._stop = threading.Event()
+        self._producer = broker.producer(linger_ms=0)
+        self._topic, self._uris = topic, uris
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        i = 0
+        while not self._stop.wait(SEND_EVERY_S):
+            request_id = f"r-{i:05d}"
+            value = {"id": request_id, "uri": self._uris[i % len(self._uris)]}
+            self._producer.send(self._topic, value=json.dumps(value).encode(), partition=0).get(timeout=30)
+            self.sent.append(request_id)
+            i += 1
+
+    def stop(self) -> list[str]:
+        self._stop.set()
+        self._thread.join(timeout=60)
+        self._producer.close(timeout=10)
+        return list(self.sent)

@@ -8,8 +8,6 @@ logs and metrics say why.
 
 from __future__ import annotations
 
-import json
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +18,7 @@ from captionfleet.trainer.checkpoint import weights_version
 from captionfleet.trainer.registry import Registry, now
 from tests.conftest import save_tiny_checkpoint
 from tests.hostile_images import jpeg_bytes
-from tests.integration.stream_support import AnswerReader, WorkerProcess, make_topics, new_port, worker_env
+from tests.integration.stream_support import AnswerReader, Traffic, WorkerProcess, make_topics, new_port, worker_env
 from tests.integration.test_lifecycle_registry import s3_settings
 from tests.services.kafka import KafkaBroker
 from tests.services.seaweedfs import SeaweedS3
@@ -29,7 +27,6 @@ from tests.unit.stream_fakes import wait_for
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(400)]
 
 IMAGES = 5
-SEND_EVERY_S = 0.1  # steady traffic: ten requests a second
 
 
 def publish_unchecked(registry: Registry, folder: Path, version: str | None = None) -> str:
@@ -41,33 +38,6 @@ def publish_unchecked(registry: Registry, folder: Path, version: str | None = No
     registry.write_record(version, {"version": version, "status": "candidate", "created": now()})
     registry.set_latest(version, action="test")
     return version
-
-
-class Traffic:
-    """Sends one request every SEND_EVERY_S until stopped; remembers the ids in order."""
-
-    def __init__(self, broker: KafkaBroker, topic: str, bucket: str) -> None:
-        self.sent: list[str] = []
-        self._stop = threading.Event()
-        self._producer = broker.producer(linger_ms=0)
-        self._topic, self._bucket = topic, bucket
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        i = 0
-        while not self._stop.wait(SEND_EVERY_S):
-            request_id = f"r-{i:05d}"
-            value = {"id": request_id, "uri": f"s3://{self._bucket}/img/{i % IMAGES}.jpg"}
-            self._producer.send(self._topic, value=json.dumps(value).encode(), partition=0).get(timeout=30)
-            self.sent.append(request_id)
-            i += 1
-
-    def stop(self) -> list[str]:
-        self._stop.set()
-        self._thread.join(timeout=60)
-        self._producer.close(timeout=10)
-        return list(self.sent)
 
 
 @pytest.fixture
@@ -111,7 +81,7 @@ def test_results_switch_versions_under_traffic_and_bad_versions_never_serve(
     worker = WorkerProcess(setup["env"], tmp_path / "follower.log")
     setup["workers"].append(worker)
     worker.wait_ready()
-    traffic = Traffic(kafka_broker, kafka_names["requests"], s3_bucket)
+    traffic = Traffic(kafka_broker, kafka_names["requests"], [f"s3://{s3_bucket}/img/{i}.jpg" for i in range(IMAGES)])
 
     def results_of(version: str, at_least: int) -> Any:
         return lambda answers: sum(m["model_version"] == version for m in answers.results) >= at_least

@@ -13,7 +13,6 @@ same round trip under a streaming load in tests/unit/test_swap_every_family.py, 
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ from captionfleet.cli import main as cli_main
 from captionfleet.trainer.checkpoint import weights_version
 from tests.conftest import save_tiny_checkpoint
 from tests.integration.stream_models import PRECISION, caption_alone, load, png_pictures
-from tests.integration.stream_support import AnswerReader, WorkerProcess, make_topics, new_port, worker_env
+from tests.integration.stream_support import AnswerReader, Traffic, WorkerProcess, make_topics, new_port, worker_env
 from tests.services.kafka import KafkaBroker
 from tests.services.seaweedfs import SeaweedS3
 from tests.unit.test_dashboard_uploads import APP
@@ -33,35 +32,7 @@ from tests.unit.test_dashboard_uploads import APP
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(600)]
 
 IMAGES = 5
-SEND_EVERY_S = 0.1  # steady traffic: ten requests a second
 SERVED = 10  # results of each model before the next step
-
-
-class Traffic:
-    """Sends one request every SEND_EVERY_S until stopped, cycling over the pictures; remembers the ids in order."""
-
-    def __init__(self, broker: KafkaBroker, topic: str, uris: list[str]) -> None:
-        self.sent: list[str] = []
-        self._stop = threading.Event()
-        self._producer = broker.producer(linger_ms=0)
-        self._topic, self._uris = topic, uris
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        i = 0
-        while not self._stop.wait(SEND_EVERY_S):
-            request_id = f"r-{i:05d}"
-            value = {"id": request_id, "uri": self._uris[i % len(self._uris)]}
-            self._producer.send(self._topic, value=json.dumps(value).encode(), partition=0).get(timeout=30)
-            self.sent.append(request_id)
-            i += 1
-
-    def stop(self) -> list[str]:
-        self._stop.set()
-        self._thread.join(timeout=60)
-        self._producer.close(timeout=10)
-        return list(self.sent)
 
 
 @pytest.fixture
