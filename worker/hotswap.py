@@ -16,6 +16,7 @@ import logging
 import threading
 from collections.abc import Callable, Sequence
 
+from captionfleet.core.between_steps import in_nested_call
 from captionfleet.core.captioner import CaptionModel, ModelInput, ModelWrapper
 from captionfleet.core.generation import Caption
 from captionfleet.core.settings import DecodingSettings
@@ -45,7 +46,10 @@ class HotSwapCaptioner(ModelWrapper):
         return self._active
 
     def caption_inputs(self, inputs: Sequence[ModelInput], decoding: DecodingSettings | None = None) -> list[Caption]:
-        self._swap_if_offered()
+        # Never inside a call nested in a paused one (core/between_steps.py): the paused batch finishes, and
+        # names, the model it started on, and the nested one runs on that model too.
+        if not in_nested_call():
+            self._swap_if_offered()
         # Inputs prepared for the model swapped out are prepared again by the one serving now.
         return self._active.caption_inputs(inputs, decoding)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import queue
 import threading
 from collections import deque
+from collections.abc import Callable
 from typing import Generic, Protocol, TypeVar
 
 from captionfleet.core.settings import DecodingSettings
@@ -82,6 +83,13 @@ class LaneQueue(Generic[E]):
             entry = self._bulk.popleft()
             self._cond.notify_all()  # room for a waiting put_bulk
             return entry, False
+
+    def take_urgent(self, ready: Callable[[E], bool]) -> E | None:
+        """The first interactive entry if ``ready(entry)`` says it can go now, else None (it stays first)."""
+        with self._cond:
+            if self._urgent and ready(self._urgent[0]):
+                return self._urgent.popleft()
+            return None
 
     def close(self) -> None:
         """The model loop is gone: puts waiting for room give up instead of waiting forever."""

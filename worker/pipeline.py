@@ -33,6 +33,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from captionfleet.core.between_steps import between_steps
 from captionfleet.core.captioner import CaptionModel, ModelInput, PreparationFailed, PromptError
 from captionfleet.core.failures import (
     EMPTY_CAPTION,
@@ -187,6 +188,18 @@ _DONE = object()  # end-of-input marker on the prefetch queue
 # Threads preparing interactive items: their own, so an offered image never waits behind the stream's
 # prefetched decodes.
 _INTERACTIVE_THREADS = 2
+
+
+class _NestedOnce:
+    """A between-steps hook that stops asking once its job found work: one nested call per running batch."""
+
+    def __init__(self, job: Callable[[], bool]) -> None:
+        self._job = job
+        self._done = False
+
+    def __call__(self) -> None:
+        if not self._done:
+            self._done = self._job()
 
 
 def _decoding_of(item: Item) -> DecodingSettings | None:
@@ -427,9 +440,55 @@ class CaptionPipeline:
                 self._emit([r for r, _ in chosen], [i for _, i in chosen], urgent)
 
     def _run_batch(self, batch: list[Prepared]) -> None:
-        self._caption_batch(batch)
+        if self.interactive_wait_ms is not None and not any(prepared.urgent for prepared in batch):
+            # A stream/bulk batch: an interactive image ready while it runs is captioned between two of its
+            # decoding steps rather than after it (core/between_steps.py), once per batch so that it is
+            # slowed by one interactive call at most and never starved. A batch already holding interactive
+            # images is not paused: under a flood of requests they form full batches instead of many small ones.
+            nested = _NestedOnce(self._caption_interactive_now)
+            with between_steps(nested):
+                self._caption_batch(batch)
+        else:
+            self._caption_batch(batch)
         # Interactive items reserve nothing (they do not wait behind the stream's inputs): only the others.
         self._held.release(sum(prepared.held for prepared in batch if not prepared.urgent))
+
+    def _caption_interactive_now(self) -> bool:
+        """Between two decoding steps of a running stream/bulk batch (on the model thread): the interactive
+        images prepared by now, up to a batch's rows and cost, captioned in a model call of their own.
+        Returns whether there were any."""
+        batch: list[Prepared] = []
+        cost = 0.0
+
+        def fits(entry: object) -> bool:
+            assert isinstance(entry, tuple)
+            future: Future[Prepared] = entry[1]
+            if not future.done():  # still being decoded: it waits for the next step, or the next batch
+                return False
+            prepared = future.result()
+            extra = prepared.input.cost if prepared.input is not None else 0
+            limit = self.batch.max_pixels
+            return not batch or not limit or cost + extra <= limit
+
+        while len(batch) < self.batch.max_items:
+            entry = self._lanes.take_urgent(fits)
+            if entry is None:
+                break
+            assert isinstance(entry, tuple)
+            offered: InteractiveItem = entry[0]
+            if offered.cancelled:  # its request timed out or its client left
+                self._drop(offered)
+                continue
+            prepared: Prepared = entry[1].result()
+            prepared.urgent = True
+            if prepared.failure is not None:
+                self._emit([prepared.failure], [prepared.item], urgent=True)
+                continue
+            cost += prepared.input.cost if prepared.input is not None else 0
+            batch.append(prepared)
+        if batch:
+            self._caption_batch(batch)
+        return bool(batch)
 
     def _consume(self, batcher: Batcher[Prepared]) -> None:
         """The model side of run(): batch what the decode threads prepared, caption, write. Interactive items

@@ -79,10 +79,12 @@ def beam_group(model: nn.Module, num_beams: int) -> Iterator[dict[str, Any]]:
     """For one generate() call: tell the projections how many beams share an image, and give the
     generate kwargs (the shared cache when beam searching)."""
     wrappers = [m for m in model.modules() if isinstance(m, PerImageProjection)]
+    # Restored, not reset to 1: a call nested in a paused one (core/between_steps.py) may have other beams.
+    before = [wrapper.group for wrapper in wrappers]
     for wrapper in wrappers:
         wrapper.group = num_beams
     try:
         yield {"cache": SharedCrossAttentionCache()} if num_beams > 1 else {}
     finally:
-        for wrapper in wrappers:
-            wrapper.group = 1
+        for wrapper, group in zip(wrappers, before, strict=True):
+            wrapper.group = group

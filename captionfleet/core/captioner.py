@@ -35,6 +35,7 @@ from transformers.utils import logging as hf_logging
 
 from captionfleet.core import checkpoint_load, fastpath
 from captionfleet.core.beams import beam_group, share_cross_attention_projections
+from captionfleet.core.between_steps import step_processors
 from captionfleet.core.generation import Caption, captions_from_output, recorder_for
 from captionfleet.core.model_store import ModelRefError, check_checkpoint_dir, model_type_of
 from captionfleet.core.registry_layout import METADATA_FILE
@@ -499,9 +500,10 @@ class Captioner:
         config.return_dict_in_generate = True  # in the config: beside it, transformers warns on every call
         eos = [int(config.eos_token_id)]  # one id, set by generation_config()
         recorder = recorder_for(config.num_beams or 1, eos)
-        output = self._generate(
-            pixel_values.to(self.device, self.dtype), config, logits_processor=LogitsProcessorList([recorder])
-        )
+        # The latency lane's pause between steps (core/between_steps.py), except through kept static caches.
+        static = self.static is not None and self.static.handles(config)
+        processors = LogitsProcessorList([*([] if static else step_processors()), recorder])
+        output = self._generate(pixel_values.to(self.device, self.dtype), config, logits_processor=processors)
         return captions_from_output(output, recorder, self.tokenizer, eos, rows=len(inputs))
 
     @torch.inference_mode()

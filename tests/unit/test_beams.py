@@ -105,3 +105,14 @@ def test_beam_group_sets_and_resets_the_group(tiny_checkpoint: Path) -> None:
     assert {w.group for w in wrappers} == {1}
     with beam_group(captioner.model, 1) as kwargs:
         assert kwargs == {}  # greedy: transformers' own cache
+
+
+def test_a_nested_beam_group_gives_back_the_outer_groups(tiny_checkpoint: Path) -> None:
+    """A call nested between a beam search's steps (core/between_steps.py) leaves that search its group."""
+    captioner = Captioner.from_dir(tiny_checkpoint, device="cpu", precision="fp32")
+    wrappers = [m for m in captioner.model.modules() if isinstance(m, PerImageProjection)]
+    with beam_group(captioner.model, 4):
+        with beam_group(captioner.model, 2):
+            assert {w.group for w in wrappers} == {2}
+        assert {w.group for w in wrappers} == {4}
+    assert {w.group for w in wrappers} == {1}

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
+from captionfleet.core.between_steps import in_nested_call, step_processors
 from captionfleet.core.captioner import ModelInput
 from captionfleet.core.generation import Caption
 from captionfleet.core.images import ImageLimits
@@ -171,3 +172,70 @@ def test_a_cancelled_interactive_item_is_dropped_and_its_own_decoding_gets_its_o
     assert sorted(map(sorted, model.reds)) == [[1, INTERACTIVE + 2], [INTERACTIVE + 1]]
     assert beams in model.decodings
     run.finish(model)
+
+
+class SteppedFake(GatedFake):
+    """A GatedFake whose calls decode in ``steps`` steps as generate() does: each waits at the gate, then runs
+    the step processors (core/between_steps.py), where the pipeline may caption interactive items in a call
+    of their own. Such a nested call runs at once."""
+
+    def __init__(self, steps: int) -> None:
+        super().__init__()
+        self.steps = steps
+
+    def caption_inputs(self, inputs: list[ModelInput], decoding: object = None) -> list[Caption]:
+        reds = [int(item.features["red"]) for item in inputs]
+        self.reds.append(reds)
+        if not in_nested_call():
+            for _ in range(self.steps):
+                while not self.opened.is_set() and not self._permits.acquire(timeout=0.01):
+                    pass
+                for processor in step_processors():
+                    processor(None, None)  # type: ignore[arg-type]
+        return [Caption(str(red), -0.5, 1) for red in reds]
+
+
+def offer_prepared(run: Run, item: Offered) -> None:
+    """Offer an item and wait until it is decoded: ready to be taken between two steps."""
+    run.pipeline.offer(item)
+    lanes = run.pipeline._lanes
+    wait_for(lambda: not lanes._urgent or lanes._urgent[-1][1].done(), 30, f"{item.id} prepared")
+
+
+def test_an_interactive_item_is_captioned_between_the_steps_of_a_running_batch() -> None:
+    model = SteppedFake(steps=3)
+    run = Run(model, bulk=8, share=0.25)
+    run.thread.start()
+    wait_for(lambda: len(model.reds) == 1, 30, "the first batch at its first step")
+    urgent = Offered("now", INTERACTIVE)
+    offer_prepared(run, urgent)
+    model.step()  # one decoding step of the running batch
+    assert urgent.future.result(timeout=30).caption == str(INTERACTIVE)
+    assert model.reds == [[1, 2, 3, 4], [INTERACTIVE]]  # in a call of its own, while the batch still runs
+    assert run.sink.rows == []
+    run.finish(model)
+    assert sorted(r.id for r in run.sink.rows) == sorted(item.id for item in run.items)  # nothing lost
+
+
+def test_one_nested_call_per_batch_and_none_in_a_batch_that_holds_interactive_items() -> None:
+    model = SteppedFake(steps=3)
+    run = Run(model, bulk=12, share=0.25)
+    run.thread.start()
+    wait_for(lambda: len(model.reds) == 1, 30, "the first batch at its first step")
+    first, second, third = (Offered(f"i{i}", INTERACTIVE + i) for i in range(3))
+    offer_prepared(run, first)
+    model.step()
+    assert first.future.result(timeout=30).ok
+    offer_prepared(run, second)  # the batch already paused once: this one waits for the next batch
+    model.step(2)
+    wait_for(lambda: len(model.reds) == 3, 30, "the next batch")
+    assert INTERACTIVE + 1 in model.reds[2]  # in the next batch, with the stream share of its rows
+    offer_prepared(run, third)  # that batch holds an interactive item: it is not paused
+    model.step(3)
+    assert second.future.result(timeout=30).ok
+    wait_for(lambda: len(model.reds) == 4, 30, "the batch after")
+    assert INTERACTIVE + 2 in model.reds[3]
+    run.finish(model)
+    assert third.future.result(timeout=30).ok
+    assert sorted(red for batch in model.reds for red in batch) == [*range(1, 13), *range(INTERACTIVE, INTERACTIVE + 3)]
+    assert len(run.sink.rows) == 12

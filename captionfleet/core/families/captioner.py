@@ -23,6 +23,7 @@ from transformers import GenerationConfig, LogitsProcessorList
 from transformers.utils import logging as hf_logging
 
 from captionfleet.core import checkpoint_load, fastpath
+from captionfleet.core.between_steps import step_processors
 from captionfleet.core.captioner import (
     ImageOrigin,
     KeptImage,
@@ -249,7 +250,10 @@ class FamilyCaptioner:
         eos = _ids(config.eos_token_id)
         recorder = recorder_for(config.num_beams or 1, eos)
         output = self.model.generate(
-            **on_device, generation_config=config, logits_processor=LogitsProcessorList([recorder])
+            **on_device,
+            generation_config=config,
+            # The latency lane's pause between steps first (core/between_steps.py); the recorder last.
+            logits_processor=LogitsProcessorList([*step_processors(), recorder]),
         )
         captions = captions_from_output(output, recorder, self.processor.tokenizer, eos, rows=len(inputs))
         # Each caption names the prompt it answers: the input's own, else the family's default.
