@@ -23,9 +23,10 @@ from captionfleet.worker.archive_rows import decode_checkpoint, encode_checkpoin
 from captionfleet.worker.bulk_archive import ArchiveJobError, ArchiveOptions, run_archive_job
 from captionfleet.worker.connectors.archive_inputs import InputError, expand_braces
 from captionfleet.worker.connectors.s3_parts import new_run_id
-from captionfleet.worker.connectors.tar_samples import MAX_SAMPLE_MEMBERS, SAMPLE_BYTES_FACTOR, TarReport, iter_samples
+from captionfleet.worker.connectors.tar_samples import MAX_SAMPLE_MEMBERS, SAMPLE_BYTES_FACTOR
 from captionfleet.worker.sharding import ShardSpec, shard_of
 from tests.hostile_images import jpeg_bytes
+from tests.tar_memory import peak_reading, tarfile_peak
 from tests.unit.test_s3_retry import FakeCaptioner
 from tests.webdataset_shards import Member, good_samples, hostile_shard, shard
 
@@ -346,20 +347,6 @@ def test_only_usage_errors_exit_2(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
         run_archive_job(str(tmp_path / "s.tar"), "s3://x/", settings(), captioner=FakeCaptioner(), client=object())  # type: ignore[arg-type]
 
 
-def peak_reading(data: bytes, max_bytes: int) -> tuple[list[Any], TarReport, int]:
-    """The samples of a shard (their keys and refusals), its report, and the most memory held meanwhile."""
-    report = TarReport()
-    tracemalloc.start()
-    try:
-        seen = [
-            (s.key, getattr(s, "refusal", None), len(s.members))
-            for s in iter_samples(io.BytesIO(data), max_bytes=max_bytes, report=report)
-        ]
-        return seen, report, tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-
-
 def test_members_piling_into_one_sample_are_refused_unread(tmp_path: Path) -> None:
     # Each member under the limit, 12 MiB together; then more members than a sample has.
     big = [Member(f"a.{i}.bin", bytes([i]) * (MAX_BYTES - 1)) for i in range(12)]
@@ -404,13 +391,8 @@ def test_a_shard_of_many_members_is_read_in_bounded_memory() -> None:
     assert len(seen) == 6000 and report.broken is None
     # The baseline, measured here: tarfile's own stream reading keeps every TarInfo it read (2.7 MB for these
     # 6000 members, against 0.8 MB for ours, most of it this test's own list of keys).
-    tracemalloc.start()
-    try:
-        with tarfile.open(fileobj=io.BytesIO(data), mode="r|") as plain:
-            assert sum(1 for _ in plain) == 6000
-        kept_by_tarfile = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    members, kept_by_tarfile = tarfile_peak(data)
+    assert members == 6000
     assert peak < kept_by_tarfile / 2, (peak, kept_by_tarfile)
 
 
