@@ -18,7 +18,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from captionfleet.core.captioner import Captioner, CaptionModel
+from captionfleet.core.captioner import Captioner, CaptionModel, pick_device
+from captionfleet.core.fastpath import Precision
 from captionfleet.core.loading import load_checkpoint
 from captionfleet.core.settings import DecodingSettings
 from captionfleet.trainer.data import CaptionDataset
@@ -139,6 +140,14 @@ def evaluate_captioner(
     return Evaluation(score_captions(captions, references), captions, references)
 
 
+def scoring_precision(device: str) -> Precision:
+    """The precision a model is scored at: fp32 on a CPU whatever its kind ("auto" there is bf16, int8 or
+    fp32 by the CPU's instructions, and a score, or a gate's verdict, must not depend on which machine
+    computed it); the device's own ("auto": fp16 or bf16) on a GPU, where fp32 would double a large
+    model's memory."""
+    return "fp32" if pick_device(device).type == "cpu" else "auto"
+
+
 def evaluate_dir(
     path: Path,
     dataset: CaptionDataset,
@@ -148,8 +157,9 @@ def evaluate_dir(
     limit: int | None = None,
     batch_size: int = 32,
 ) -> Evaluation:
-    """Load a checkpoint exactly as the worker does, then evaluate it."""
-    captioner = load_checkpoint(path, device=device, precision="auto", decoding=decoding or DecodingSettings())
+    """Load a checkpoint as the worker does (at the scoring precision), then evaluate it."""
+    precision = scoring_precision(device)
+    captioner = load_checkpoint(path, device=device, precision=precision, decoding=decoding or DecodingSettings())
     return evaluate_captioner(captioner, dataset, limit=limit, batch_size=batch_size)
 
 
@@ -175,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
 
     path = resolve_model_ref(args.model, cache_dir=ModelSettings().cache_dir)
     decoding = DecodingSettings() if args.num_beams is None else DecodingSettings(num_beams=args.num_beams)
-    captioner = load_checkpoint(path, device=args.device, precision="auto", decoding=decoding)
+    captioner = load_checkpoint(path, device=args.device, precision=scoring_precision(args.device), decoding=decoding)
     # The pictures are drawn (shapes) or sized (files) as the model's image processor sizes them.
     if isinstance(captioner, Captioner):
         fit = ImageFit(captioner.image_size, captioner.preprocess.resample)

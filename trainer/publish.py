@@ -34,7 +34,7 @@ from captionfleet.core.s3 import is_storage_error
 from captionfleet.core.settings import DecodingSettings, S3Settings
 from captionfleet.trainer.checkpoint import weights_version
 from captionfleet.trainer.data import CaptionDataset, DataError, ImageCaptionDataset
-from captionfleet.trainer.evaluate import evaluate_captioner
+from captionfleet.trainer.evaluate import evaluate_captioner, scoring_precision
 from captionfleet.trainer.families import loaded_here
 from captionfleet.trainer.model_info import describe_checkpoint
 from captionfleet.trainer.registry import LatestMovedError, LatestState, Registry, RegistryError, now
@@ -181,10 +181,12 @@ def ensure_eval_set(registry: Registry, source: CaptionDataset | None, size: int
 
 
 def score_checkpoint(path: Path, eval_set: EvalSet, decoding: DecodingSettings, device: str) -> dict[str, Any]:
-    captioner = load_checkpoint(path, device=device, precision="auto", decoding=decoding)
+    precision = scoring_precision(device)  # the candidate and LATEST alike, on any machine
+    captioner = load_checkpoint(path, device=device, precision=precision, decoding=decoding)
     evaluation = evaluate_captioner(captioner, eval_set.dataset)
     return {
         **evaluation.scores.as_dict(),
+        "precision": precision,
         "eval_set": eval_set.digest[:16],
         "decoding": decoding.model_dump(),
         "samples": [list(s) for s in evaluation.samples(3)],

@@ -36,7 +36,7 @@ from captionfleet.core.loading import load_checkpoint
 from captionfleet.core.settings import DecodingSettings
 from captionfleet.trainer.checkpoint import load_resume, publish, resume_model_dir, save_resume
 from captionfleet.trainer.data import CaptionDataset, Splits, open_splits
-from captionfleet.trainer.evaluate import Evaluation, evaluate_captioner
+from captionfleet.trainer.evaluate import Evaluation, evaluate_captioner, scoring_precision
 from captionfleet.trainer.family_batches import FamilyBatches, ImageFit, image_fit
 from captionfleet.trainer.model import ModelBundle, configure_model, count_parameters
 from captionfleet.trainer.model_card import model_card as default_model_card
@@ -138,7 +138,8 @@ def quick_caption_eval(path: Path, dataset: CaptionDataset, settings: TrainerSet
     if settings.eval_caption_samples <= 0:
         return None
     decoding = DecodingSettings(num_beams=1, max_new_tokens=settings.decoding.max_new_tokens)
-    captioner = load_checkpoint(path, device=settings.device, precision="auto", decoding=decoding)
+    precision = scoring_precision(settings.device)
+    captioner = load_checkpoint(path, device=settings.device, precision=precision, decoding=decoding)
     return evaluate_captioner(captioner, dataset, limit=settings.eval_caption_samples)
 
 
@@ -347,11 +348,13 @@ def train(
 
     # -- publish: save, evaluate exactly what the worker will load, swap into place --------------------
     def evaluate(path: Path) -> dict[str, Any]:
-        captioner = load_checkpoint(path, device=settings.device, precision="auto", decoding=settings.decoding)
+        precision = scoring_precision(settings.device)
+        captioner = load_checkpoint(path, device=settings.device, precision=precision, decoding=settings.decoding)
         evaluation = evaluate_captioner(captioner, splits.val, limit=settings.max_val_images)
         log.info("final evaluation: %s", evaluation.scores.line())
         return {
             **evaluation.scores.as_dict(),
+            "precision": precision,
             "split": "val",
             "decoding": settings.decoding.model_dump(),
             "samples": [list(s) for s in evaluation.samples(5)],

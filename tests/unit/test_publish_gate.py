@@ -8,6 +8,8 @@ from typing import Any
 import pytest
 
 from captionfleet.core.failures import EXIT_LATEST_UNUSABLE, EXIT_OK, EXIT_REJECTED
+from captionfleet.core.settings import DecodingSettings
+from captionfleet.trainer.evaluate import scoring_precision
 from captionfleet.trainer.models_cli import format_table
 from captionfleet.trainer.publish import Gate, PublishOutcome, gate_decision
 from captionfleet.trainer.registry import Registry, RegistryError
@@ -115,3 +117,27 @@ def test_train_exits_with_the_publish_outcome_so_automation_sees_a_rejection(
     monkeypatch.setattr(refresh, "publish_trained", lambda settings, out_dir: outcome(promoted))
     assert train_main(["--publish-to", "s3://bucket/models/x", "--out-dir", str(tmp_path / "model")]) == status
     assert ("promoted to LATEST" if promoted else "REJECTED (LATEST unchanged)") in capsys.readouterr().out
+
+
+def test_models_are_scored_at_fp32_on_a_cpu_whatever_auto_picks_there(
+    tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ "auto" is bf16, int8 or fp32 by the CPU's instructions: a score (and the gate's verdict on it) must not
+    depend on the machine that computed it."""
+    from captionfleet.core import loading
+    from captionfleet.trainer import publish
+    from captionfleet.trainer.publish import EvalSet, score_checkpoint
+    from captionfleet.trainer.shapes import ShapesDataset
+
+    asked: list[str] = []
+    real = loading.load_checkpoint
+
+    def spy(path: Path, **kwargs: Any) -> Any:
+        asked.append(kwargs["precision"])
+        return real(path, **kwargs)
+
+    monkeypatch.setattr(publish, "load_checkpoint", spy)
+    eval_set = EvalSet(ShapesDataset(7, 4, 32), "0" * 64)  # type: ignore[arg-type]  # any images with captions
+    scored = score_checkpoint(tiny_checkpoint, eval_set, DecodingSettings(num_beams=1, max_new_tokens=4), "cpu")
+    assert asked == ["fp32"] and scored["precision"] == "fp32"
+    assert scoring_precision("cpu") == "fp32"
