@@ -37,6 +37,8 @@ def add_caption_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser])
             "go to whole part files under an s3:// --out, one folder per shard (--shard i/N splits the keys "
             "over N workers)."
         ),
+        epilog="With WORKER_HTTP__ENABLED=true the caption API (WORKER_HTTP__*) is served beside the job while it "
+        "runs, from the same model.",
     )
     p.add_argument(
         "src",
