@@ -17,7 +17,6 @@ import argparse
 import logging
 import os
 import signal
-import socket
 import sys
 from collections.abc import Callable
 
@@ -137,13 +136,13 @@ def _serve(settings: WorkerSettings) -> int:
     )
     from captionfleet.worker.fetch import Fetcher
     from captionfleet.worker.hotswap import HotSwapCaptioner
-    from captionfleet.worker.http.server import HttpPortError, start_api
+    from captionfleet.worker.http.server import HttpPortError, start_api, worker_name
     from captionfleet.worker.metrics import Health, MetricsPortError, WorkerMetrics, serve_metrics
     from captionfleet.worker.stream.loop import StreamWorker
     from captionfleet.worker.watcher import load_serving_model, start_watcher
 
     kafka = settings.kafka
-    name = kafka.client_id or f"captionfleet-{socket.gethostname()}-{os.getpid()}"
+    name = worker_name(settings)
     try:
         bootstrap_servers(kafka)
         security_config(kafka)

@@ -9,10 +9,10 @@ import threading
 from collections.abc import Iterator
 
 from captionfleet.core.captioner import CaptionModel
-from captionfleet.core.failures import EXIT_FAILED, EXIT_GRACE_EXCEEDED, EXIT_OK, FETCH_FAILURE
+from captionfleet.core.failures import EXIT_FAILED, EXIT_GRACE_EXCEEDED, EXIT_OK
 from captionfleet.core.images import ImageLimits
 from captionfleet.core.settings import WorkerSettings
-from captionfleet.worker.accounting import count_image
+from captionfleet.worker.accounting import answer_interactive
 from captionfleet.worker.fetch import Fetcher
 from captionfleet.worker.http.items import ApiItem
 from captionfleet.worker.http.server import ApiServer, start_api
@@ -54,10 +54,7 @@ class ApiWorker:
 
     def _answered(self, item: Item, result: Result) -> None:
         assert isinstance(item, ApiItem)
-        count_image(self.metrics, result)
-        if not result.ok:
-            self.metrics.failures.labels(result.error_kind or FETCH_FAILURE).inc()
-        item.answer(result)
+        answer_interactive(self.metrics, item, result)
 
     def _no_stream(self) -> Iterator[Item]:
         """The pipeline's stream/bulk input: none here (the API's images come through ``offer``); ends at stop."""

@@ -16,6 +16,7 @@ from captionfleet.core.images import ImageLimits
 from captionfleet.core.loading import load_model
 from captionfleet.core.settings import WorkerSettings
 from captionfleet.core.signals import stop_on_signals
+from captionfleet.worker.bulk_api import BulkApi
 from captionfleet.worker.connectors.local import describe_skipped, iter_folder
 from captionfleet.worker.messages import Result
 from captionfleet.worker.pipeline import CaptionPipeline, refuse_prompt_it_cannot_take
@@ -76,12 +77,14 @@ def run_caption_job(
     overwrite: bool = False,
     show_progress: bool = True,
     captioner: CaptionModel | None = None,
+    api: BulkApi | None = None,
 ) -> BulkSummary:
     """Caption the images under ``source`` (a folder) into ``out`` (.parquet or .jsonl).
 
     Inputs that already have a row in ``out`` are skipped, so an interrupted run is resumed by
-    running it again; ``overwrite`` starts over.
+    running it again; ``overwrite`` starts over. ``api``: the caption API served while it runs.
     """
+    api = api or BulkApi.off()
     if captioner is not None:
         refuse_prompt_it_cannot_take(captioner, settings.bulk.prompt)  # before --overwrite empties anything
     root = Path(source)
@@ -120,10 +123,12 @@ def run_caption_job(
         ImageLimits.from_settings(settings.images),
         on_result=on_result,
         prompt=settings.bulk.prompt,
+        **api.lane_options(),
     )
-    with stop_on_signals(finish_on_signal(pipeline)):  # until the results are closed, as a signal may come then
+    # Until the results are closed, as a signal may come then.
+    with stop_on_signals(api.on_signal(finish_on_signal(pipeline))):
         try:
-            stats = pipeline.run(todo)
+            stats = pipeline.run(api.run_input(pipeline, todo))
         finally:
             progress.close()
             sink.close()

@@ -54,6 +54,7 @@ from captionfleet.worker.archive_progress import ArchiveProgress, ProgressBar
 from captionfleet.worker.archive_tables import TableRows
 from captionfleet.worker.archive_tar import TarShards
 from captionfleet.worker.bulk import BulkSummary, finish_on_signal, load_captioner
+from captionfleet.worker.bulk_api import BulkApi
 from captionfleet.worker.connectors.archive_inputs import (
     InputError,
     InputFile,
@@ -504,13 +505,16 @@ def run_archive_job(
     client: ObjectStore | None = None,
     on_result: Callable[[Result], None] | None = None,
     on_progress: Callable[[ArchiveProgress], None] | None = None,
+    api: BulkApi | None = None,
 ) -> ArchiveSummary:
     """Caption this shard's input files under ``source`` into outputs under ``out``, resuming what
-    earlier runs did. Raises ArchiveJobError / S3AccessError (messages name the fix) before writing
-    anything when the source or the output cannot be used. Any other exception is a bug, not a usage
-    error: the front ends let it through (exit 1, which the Job retries) rather than fail the Job."""
+    earlier runs did; ``api``: the caption API served while it captions. Raises ArchiveJobError /
+    S3AccessError (messages name the fix) before writing anything when the source or the output cannot be
+    used. Any other exception is a bug, not a usage error: the front ends let it through (exit 1, which the
+    Job retries) rather than fail the Job."""
     from captionfleet.worker.connectors.s3_parts import new_run_id
 
+    api = api or BulkApi.off()
     plan = plan_archive_job(source, out, settings, options, client)
     try:
         captioner = captioner or load_captioner(settings)
@@ -562,9 +566,9 @@ def run_archive_job(
             job.sink,
             settings.batch,
             ImageLimits.from_settings(settings.images),
-            on_item_result=on_item_result,
             flush_interval_s=settings.bulk.part_interval_s,
             prompt=settings.bulk.prompt,
+            **api.lane_options(then=on_item_result),
         )
         stop = finish_on_signal(pipeline)
 
@@ -573,9 +577,9 @@ def run_archive_job(
             stop(signum)
 
         try:
-            with stop_on_signals(on_signal):
+            with stop_on_signals(api.on_signal(on_signal)):
                 try:
-                    stats = pipeline.run(job.items())
+                    stats = pipeline.run(api.run_input(pipeline, job.items()))
                 finally:
                     job.wait_for_finishing()
         except (ClientError, BotoCoreError) as error:

@@ -34,6 +34,7 @@ from captionfleet.core.s3 import ObjectStore, RetryPolicy, access_error, as_obje
 from captionfleet.core.settings import BulkS3Settings, WorkerSettings
 from captionfleet.core.signals import stop_on_signals
 from captionfleet.worker.bulk import BulkSummary, finish_on_signal, load_captioner
+from captionfleet.worker.bulk_api import BulkApi
 from captionfleet.worker.bulk_s3_feed import ListingFeed, Progress, make_decide, make_filter
 from captionfleet.worker.bulk_s3_index import ShardIndex, compact, load_index, other_layouts, shard_counts
 from captionfleet.worker.connectors.s3_listing import S3Object, list_pages
@@ -181,9 +182,11 @@ def run_s3_caption_job(
     captioner: CaptionModel | None = None,
     client: ObjectStore | None = None,
     on_result: Callable[[Result], None] | None = None,
+    api: BulkApi | None = None,
 ) -> S3JobSummary:
     """Caption every object under ``source`` (s3://bucket/prefix/) in ``options.shard`` into result
-    parts under ``out`` (s3://bucket/prefix/), resuming from the parts already there.
+    parts under ``out`` (s3://bucket/prefix/), resuming from the parts already there. ``api``: the caption
+    API served while it captions.
 
     Raises S3AccessError / S3JobError (messages name the fix) before writing anything when the source
     cannot be listed, holds nothing, or the output cannot be listed.
@@ -200,7 +203,9 @@ def run_s3_caption_job(
     run_id = new_run_id()
     sink = S3ResultSink(store, run_id=run_id, rows_per_part=plan.bulk.rows_per_part, on_part=index.add)
     run = _Run(captioner.version, run_id, sink)
-    summary = _caption(plan, store, index, pages, captioner, run, show_progress=show_progress, on_result=on_result)
+    summary = _caption(
+        plan, store, index, pages, captioner, run, show_progress=show_progress, on_result=on_result, api=api
+    )
     if summary.interrupted:
         return summary
     _check_anything_listed(plan, summary)
@@ -283,9 +288,11 @@ def _caption(
     *,
     show_progress: bool,
     on_result: Callable[[Result], None] | None,
+    api: BulkApi | None,
 ) -> S3JobSummary:
     """List and caption: every object of the shard that the index does not answer yet goes through
     the pipeline, fetched ahead, into new parts."""
+    api = api or BulkApi.off()
     options, bulk = plan.options, plan.bulk
     decide = make_decide(
         exclude=plan.own_output,
@@ -313,15 +320,16 @@ def _caption(
         on_result=on_each,
         flush_interval_s=bulk.part_interval_s,
         prompt=bulk.prompt,
+        **api.lane_options(),
     )
     reader = S3Reader(plan.client, retry=plan.retry, max_bytes=plan.settings.images.max_bytes)
-    with stop_on_signals(finish_on_signal(pipeline)):
+    with stop_on_signals(api.on_signal(finish_on_signal(pipeline))):
         feed.start()
         try:
             with Prefetcher(
                 reader, concurrency=bulk.fetch_concurrency, ahead_bytes=bulk.fetch_ahead_mb << 20
             ) as fetcher:
-                stats = pipeline.run(fetcher.items(feed, on_item=run.sink.track))
+                stats = pipeline.run(api.run_input(pipeline, fetcher.items(feed, on_item=run.sink.track)))
         except (ClientError, BotoCoreError) as error:  # listing errors come as S3AccessError already
             raise access_error(error, "write results to", store.uri(), plan.endpoint) from error
         finally:

@@ -3,8 +3,9 @@
 The same job as `captionfleet caption s3://…` (worker/bulk_s3.py: sharded, resumable, parts written
 whole), but shaped for a Kubernetes Indexed Job pod rather than a terminal: no progress bar, the
 shard from the pod's environment, and Prometheus metrics with /healthz and /readyz on the worker's
-metrics port while it runs. It exits when its shard is done (0), done with failure rows (3), or
-interrupted by SIGTERM after writing what it finished (130).
+metrics port while it runs (and with WORKER_HTTP__ENABLED the caption API, see worker/bulk_api.py). It exits
+when its shard is done (0), done with failure rows (3), or interrupted by SIGTERM after writing what it
+finished (130).
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ def run_bulk_worker(settings: WorkerSettings, source: str, out: str, input_forma
     from captionfleet.core.s3 import S3AccessError
     from captionfleet.core.settings import SettingsError
     from captionfleet.worker.bulk import BulkSummary, load_captioner
+    from captionfleet.worker.bulk_api import BulkApi
     from captionfleet.worker.bulk_archive import (
         ArchiveJobError,
         ArchiveOptions,
@@ -63,6 +65,7 @@ def run_bulk_worker(settings: WorkerSettings, source: str, out: str, input_forma
         run_archive_job,
     )
     from captionfleet.worker.bulk_s3 import S3JobError, S3JobOptions, run_s3_caption_job
+    from captionfleet.worker.http.server import HttpPortError
     from captionfleet.worker.sharding import resolve_shard
 
     archive = input_format or input_format_from_name(source)
@@ -73,11 +76,14 @@ def run_bulk_worker(settings: WorkerSettings, source: str, out: str, input_forma
     except MetricsPortError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USAGE
+    api = BulkApi.off()
     try:
         try:
             shard = resolve_shard(None, settings.shard, load_kubernetes_job_env().job_completion_index)
+            # WORKER_HTTP__ENABLED: the caption API while the shard runs, its port bound before the model loads.
+            api = BulkApi.open(settings, metrics, health)
             captioner = load_captioner(settings)
-        except (SettingsError, ModelRefError, OSError, ValueError) as error:
+        except (SettingsError, ModelRefError, OSError, ValueError, HttpPortError) as error:
             print(f"error: {error}", file=sys.stderr)
             return EXIT_USAGE
         metrics.model.info({"version": captioner.version, "source": captioner.source})
@@ -96,6 +102,7 @@ def run_bulk_worker(settings: WorkerSettings, source: str, out: str, input_forma
                     captioner=captioner,
                     on_result=lambda result: record(metrics, health, result),
                     on_progress=lambda progress: show_progress(metrics, progress),
+                    api=api,
                 )
             else:
                 summary = run_s3_caption_job(
@@ -106,11 +113,12 @@ def run_bulk_worker(settings: WorkerSettings, source: str, out: str, input_forma
                     show_progress=False,
                     captioner=captioner,
                     on_result=lambda result: record(metrics, health, result),
+                    api=api,
                 )
         except S3AccessError as error:
             print(f"error: {error}", file=sys.stderr)
             return exit_for_access_error(error)
-        except (S3JobError, ArchiveJobError) as error:
+        except (S3JobError, ArchiveJobError, HttpPortError) as error:
             print(f"error: {error}", file=sys.stderr)
             return EXIT_USAGE
         except ValueError as error:
@@ -129,5 +137,6 @@ def run_bulk_worker(settings: WorkerSettings, source: str, out: str, input_forma
             return EXIT_TEMPFAIL
         return EXIT_SOME_FAILED if summary.failed or getattr(summary, "files_failed", False) else EXIT_OK
     finally:
+        api.close()
         if server is not None:
             server.close()

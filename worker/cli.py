@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -24,6 +25,7 @@ from captionfleet.core.settings import SettingsError, WorkerSettings, load_worke
 
 if TYPE_CHECKING:
     from captionfleet.worker.bulk import BulkSummary  # imported when a job runs: `--help` needs no torch
+    from captionfleet.worker.bulk_api import BulkApi
 
 
 def add_caption_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -35,6 +37,8 @@ def add_caption_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser])
             "go to whole part files under an s3:// --out, one folder per shard (--shard i/N splits the keys "
             "over N workers)."
         ),
+        epilog="With WORKER_HTTP__ENABLED=true the caption API (WORKER_HTTP__*) is served beside the job while it "
+        "runs, from the same model.",
     )
     p.add_argument(
         "src",
@@ -169,11 +173,13 @@ def run_caption(args: argparse.Namespace) -> int:
         print(f"error: bad option: {error.errors()[0]['loc']}: {error.errors()[0]['msg']}", file=sys.stderr)
         return EXIT_USAGE
     logging.getLogger().setLevel(settings.log_level)
+    if settings.http.enabled:
+        settings.http.check_auth()  # SettingsError (exit 2) before the model loads: beyond loopback needs tokens
     from captionfleet.worker.bulk_archive import input_format_from_name
 
     input_format = args.input_format or input_format_from_name(args.src)
     if input_format in ARCHIVE_INPUTS:
-        return _caption_archive(args, settings, input_format)
+        return _with_api(settings, lambda api: _caption_archive(args, settings, input_format, api))
     archive_flags = ("out_format", "uri_column", "image_column", "prompt_column")
     archive_only = [flag for flag in archive_flags if getattr(args, flag, None)]
     if archive_only:
@@ -189,14 +195,36 @@ def run_caption(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             return EXIT_USAGE
-        return _caption_s3(args, settings)
-    return _caption_local(args, settings)
+        return _with_api(settings, lambda api: _caption_s3(args, settings, api))
+    return _with_api(settings, lambda api: _caption_local(args, settings, api))
 
 
 ARCHIVE_INPUTS = ("tar", "manifest", "parquet-images", "parquet")
 
 
-def _caption_archive(args: argparse.Namespace, settings: WorkerSettings, input_format: str) -> int:
+def _with_api(settings: WorkerSettings, job: Callable[[BulkApi], int]) -> int:
+    """The job, with the caption API served beside it while it runs when WORKER_HTTP__ENABLED
+    (worker/bulk_api.py); exit 2 when the API's port cannot be served."""
+    from captionfleet.worker.bulk_api import BulkApi
+
+    if not settings.http.enabled:
+        return job(BulkApi.off())
+    from captionfleet.worker.http.server import HttpPortError
+
+    try:
+        api = BulkApi.open(settings)  # the port is bound before the job writes anything
+    except (HttpPortError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    with api:
+        try:
+            return job(api)
+        except HttpPortError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return EXIT_USAGE
+
+
+def _caption_archive(args: argparse.Namespace, settings: WorkerSettings, input_format: str, api: BulkApi) -> int:
     """Tar shards, manifests or Parquet datasets into outputs beside them, one per input file."""
     from captionfleet.core.s3 import S3AccessError
     from captionfleet.core.settings import load_kubernetes_job_env
@@ -228,7 +256,9 @@ def _caption_archive(args: argparse.Namespace, settings: WorkerSettings, input_f
         prompt_column=args.prompt_column,
     )
     try:
-        summary = run_archive_job(args.src, args.out, settings, options=options, show_progress=not args.no_progress)
+        summary = run_archive_job(
+            args.src, args.out, settings, options=options, show_progress=not args.no_progress, api=api
+        )
     except S3AccessError as error:
         print(f"error: {error}", file=sys.stderr)
         return exit_for_access_error(error)
@@ -246,7 +276,7 @@ def _caption_archive(args: argparse.Namespace, settings: WorkerSettings, input_f
     return code
 
 
-def _caption_s3(args: argparse.Namespace, settings: WorkerSettings) -> int:
+def _caption_s3(args: argparse.Namespace, settings: WorkerSettings, api: BulkApi) -> int:
     """An s3:// source into s3:// result parts: one shard of its keys."""
     from captionfleet.core.s3 import S3AccessError
     from captionfleet.core.settings import load_kubernetes_job_env
@@ -262,7 +292,7 @@ def _caption_s3(args: argparse.Namespace, settings: WorkerSettings) -> int:
             overwrite=args.overwrite,
         )
         s3_summary = run_s3_caption_job(
-            args.src, args.out, settings, options=options, show_progress=not args.no_progress
+            args.src, args.out, settings, options=options, show_progress=not args.no_progress, api=api
         )
     except S3AccessError as error:
         print(f"error: {error}", file=sys.stderr)
@@ -273,7 +303,7 @@ def _caption_s3(args: argparse.Namespace, settings: WorkerSettings) -> int:
     return _report(s3_summary, "parts", s3_summary.output)
 
 
-def _caption_local(args: argparse.Namespace, settings: WorkerSettings) -> int:
+def _caption_local(args: argparse.Namespace, settings: WorkerSettings, api: BulkApi) -> int:
     """A local folder into one results file."""
     from captionfleet.worker.bulk import run_caption_job
 
@@ -287,7 +317,9 @@ def _caption_local(args: argparse.Namespace, settings: WorkerSettings) -> int:
         return EXIT_USAGE
     out = Path(args.out)
     try:
-        summary = run_caption_job(args.src, out, settings, overwrite=args.overwrite, show_progress=not args.no_progress)
+        summary = run_caption_job(
+            args.src, out, settings, overwrite=args.overwrite, show_progress=not args.no_progress, api=api
+        )
     except (ModelRefError, NotADirectoryError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USAGE

@@ -14,7 +14,8 @@ thread. They are prepared on their own threads, go to the front of the model's i
 one runs after the interactive lane's short wait, its free rows filled by the stream/bulk items ready by
 then. While both lanes wait, ``bulk_share`` of each batch's rows stays the stream's/bulk's, so a flood of
 interactive requests slows them down and never stops them. An interactive item cancelled before its batch
-runs is dropped.
+runs is dropped. Interactive answers reach ``on_item_result`` only: never the sink, the run's stats or
+``on_result``, so a bulk job serving the API writes and counts exactly what it would without it.
 
 What inputs hold until their results are out (tensors and their source bytes) is bounded in number
 (``prefetch``) and in bytes (``prefetch_mb``, ``HeldBytes``); interactive items are not counted there.
@@ -232,7 +233,8 @@ class CaptionPipeline:
         self.batch = batch
         self.limits = limits
         self.on_result = on_result
-        # The streaming worker needs the item (its Kafka offset) with each result, not just its id.
+        # The streaming worker needs the item (its Kafka offset) with each result, not just its id; the owner of
+        # interactive items answers them here (the only hook they reach).
         self.on_item_result = on_item_result
         self.flush_interval_s = flush_interval_s
         self.stop_event = threading.Event()  # set it to stop reading input; in-flight work finishes
@@ -354,8 +356,15 @@ class CaptionPipeline:
             self._caption_group(rest, decoding)
 
     def _emit(self, results: list[Result], items: list[Item], urgent: bool = False) -> None:
-        if not urgent:  # an interactive item's answer goes to its client, not into the run's results
-            self.sink.write(results)
+        if urgent:
+            # An interactive item's answer goes to its client (through on_item_result) and is no part of the
+            # run: not in its results, its stats or on_result, which a bulk job turns into its summary, its exit
+            # status and its progress.
+            if self.on_item_result:
+                for item, result in zip(items, results, strict=True):
+                    self.on_item_result(item, result)
+            return
+        self.sink.write(results)
         for item, result in zip(items, results, strict=True):
             if result.ok:
                 self.stats.done += 1

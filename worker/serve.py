@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import signal
-import socket
 import sys
 
 from pydantic import ValidationError
@@ -72,11 +70,11 @@ def serve(settings: WorkerSettings) -> int:
     from captionfleet.core.loading import warm_up
     from captionfleet.core.model_store import ModelRefError
     from captionfleet.worker.api_worker import ApiWorker
-    from captionfleet.worker.http.server import HttpPortError
+    from captionfleet.worker.http.server import HttpPortError, worker_name
     from captionfleet.worker.metrics import Health, MetricsPortError, WorkerMetrics, serve_metrics
     from captionfleet.worker.watcher import load_serving_model, start_watcher
 
-    name = settings.kafka.client_id or f"captionfleet-{socket.gethostname()}-{os.getpid()}"
+    name = worker_name(settings)
     metrics, health = WorkerMetrics(), Health(consumer=False)
     try:
         metrics_server = serve_metrics(settings.metrics, metrics, health)

@@ -313,9 +313,10 @@ def is_loopback(host: str) -> bool:
 
 
 class HttpSettings(BaseModel):
-    """The caption API (worker/http/): ``captionfleet serve``, and ``captionfleet worker`` when enabled."""
+    """The caption API (worker/http/): ``captionfleet serve``; ``captionfleet worker`` or a bulk job when enabled."""
 
-    # `captionfleet worker` serves the API next to Kafka only when asked; `captionfleet serve` always does.
+    # `captionfleet worker` serves the API next to Kafka, and a bulk job (`captionfleet caption`, `captionfleet
+    # worker --source`) next to its input while it runs, only when asked; `captionfleet serve` always does.
     enabled: bool = False
     # Loopback by default: an API reachable from elsewhere must have tokens (below), so a laptop run
     # needs none and a pod (0.0.0.0, set in k8s/base/worker.env) cannot start without them.

@@ -1,20 +1,25 @@
-"""The caption API as it runs: `captionfleet serve` alone, and `captionfleet worker --http` answering HTTP and
-Kafka from one model thread (real broker, real S3 server), each in its own process with this checkout's code."""
+"""The caption API as it runs: `captionfleet serve` alone, `captionfleet worker --http` answering HTTP and
+Kafka from one model thread (real broker, real S3 server), and `captionfleet caption` serving it for the
+length of a bulk job, each in its own process with this checkout's code."""
 
 from __future__ import annotations
 
 import base64
 import json
+import os
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from PIL import Image
 
+from captionfleet.worker.sinks import read_rows
 from tests.hostile_images import jpeg_bytes
 from tests.integration.http_support import REPO, TOKEN, subprocess_env
 from tests.integration.stream_support import AnswerReader, WorkerProcess, make_topics, worker_env
@@ -159,3 +164,62 @@ def test_http_and_kafka_share_one_worker_with_nothing_lost_or_answered_twice(
     assert http_images == 3 * 19  # 1, 2, 3, 1, 2, 3, 1, 2, 3, 1 images per client
     log = (tmp_path / "worker.log").read_text()
     assert TOKEN not in log
+
+
+def _noise_pngs(root: Path, n: int) -> None:
+    """Images of ~770 KB each: with WORKER_BATCH__PREFETCH_MB=1 the job holds one at a time, so each batch waits
+    its whole WORKER_BATCH__MAX_WAIT_MS for a second image that cannot come: the job lasts n times that."""
+    root.mkdir()
+    for i in range(n):
+        Image.frombytes("RGB", (512, 512), os.urandom(512 * 512 * 3)).save(root / f"{i:03}.png")
+
+
+def test_a_bulk_job_serves_the_api_while_it_runs_then_drains_and_exits_0(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    root, out, log_path = tmp_path / "photos", tmp_path / "captions.jsonl", tmp_path / "caption.log"
+    _noise_pngs(root, 16)
+    port = free_port()
+    env = subprocess_env(
+        WORKER_MODEL__REF=str(tiny_checkpoint),
+        WORKER_MODEL__CACHE_DIR=str(tmp_path / "cache"),
+        WORKER_HTTP__ENABLED="true",
+        WORKER_HTTP__PORT=str(port),
+        WORKER_BATCH__MAX_ITEMS="4",
+        WORKER_BATCH__MAX_WAIT_MS="250",
+        WORKER_BATCH__PREFETCH_MB="1",
+        WORKER_LOG_LEVEL="INFO",
+    )
+    url = f"http://127.0.0.1:{port}/v1/captions"
+    body = {"id": "interactive", "data": base64.b64encode(jpeg_bytes()).decode()}
+    with log_path.open("wb") as log:
+        job = subprocess.Popen(
+            [sys.executable, "-m", "captionfleet.cli", "caption", str(root), "--out", str(out), "--no-progress"],
+            env=env,
+            cwd=REPO,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            deadline = time.monotonic() + 120
+            while True:  # the port is bound before the model loads: a request then waits for the API to start
+                assert job.poll() is None, f"the job exited with {job.returncode}:\n{log_path.read_text()}"
+                assert time.monotonic() < deadline, "the API never answered"
+                try:
+                    answer = httpx.post(url, json=body, timeout=60)
+                    break
+                except httpx.ConnectError:
+                    time.sleep(0.05)
+            assert job.poll() is None  # answered while the job still runs
+            assert answer.status_code == 200, answer.text
+            assert answer.json()["results"][0]["id"] == "interactive" and answer.json()["results"][0]["ok"]
+            code = job.wait(timeout=120)
+        finally:
+            if job.poll() is None:
+                job.kill()
+                job.wait(30)
+    text = log_path.read_text()
+    assert code == 0, text
+    assert f"caption API on http://127.0.0.1:{port}" in text and "draining the caption API" in text
+    rows = [row["id"] for row in read_rows(out)]
+    assert sorted(rows) == sorted(path.name for path in root.iterdir())  # each image once, none of the API's
+    with pytest.raises(httpx.ConnectError):  # the job is over and so is its API
+        httpx.post(url, json=body, timeout=10)

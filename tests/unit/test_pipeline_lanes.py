@@ -16,7 +16,7 @@ from captionfleet.core.generation import Caption
 from captionfleet.core.images import ImageLimits
 from captionfleet.core.settings import BatchSettings, DecodingSettings
 from captionfleet.worker.messages import Result
-from captionfleet.worker.pipeline import CaptionPipeline
+from captionfleet.worker.pipeline import CaptionPipeline, RunStats
 from tests.unit.stream_fakes import wait_for
 from tests.unit.test_pipeline import FakeCaptioner, MemoryItem, MemorySink, png
 
@@ -77,17 +77,20 @@ class Run:
     def __init__(self, model: GatedFake, bulk: int, *, share: float, max_items: int = 4, wait_ms: int = 5) -> None:
         self.sink = MemorySink()
         self.done = threading.Event()
+        self.on_result: list[str] = []  # ids the run's per-row hook saw
+        self.stats: list[RunStats] = []
         self.pipeline = CaptionPipeline(
             model,  # type: ignore[arg-type]
             self.sink,
             BatchSettings(max_items=max_items, max_wait_ms=60_000, prefetch=64),
             ImageLimits(),
+            on_result=lambda result: self.on_result.append(result.id),
             on_item_result=self._answered,
             interactive_wait_ms=wait_ms,
             bulk_share=share,
         )
         self.items = [MemoryItem(f"bulk-{i}", png((i, 0, 0))) for i in range(1, bulk + 1)]
-        self.thread = threading.Thread(target=lambda: self.pipeline.run(self._source()), daemon=True)
+        self.thread = threading.Thread(target=lambda: self.stats.append(self.pipeline.run(self._source())), daemon=True)
 
     def _source(self) -> Iterator[MemoryItem]:
         yield from self.items
@@ -239,3 +242,27 @@ def test_one_nested_call_per_batch_and_none_in_a_batch_that_holds_interactive_it
     assert third.future.result(timeout=30).ok
     assert sorted(red for batch in model.reds for red in batch) == [*range(1, 13), *range(INTERACTIVE, INTERACTIVE + 3)]
     assert len(run.sink.rows) == 12
+
+
+@dataclass(eq=False)
+class Unreadable(Offered):
+    """An interactive item whose bytes are no image: a failure answered to its client."""
+
+    def read(self) -> bytes:
+        return b"not an image"
+
+
+def test_interactive_answers_are_no_part_of_the_runs_results_stats_or_per_row_hook() -> None:
+    """What lets a bulk job serve the API: its rows, counts (its exit status) and progress are its own items'."""
+    model = GatedFake()
+    model.opened.set()
+    run = Run(model, bulk=6, share=0.25)
+    run.thread.start()
+    offered = [Offered("ok", INTERACTIVE), Unreadable("bad", INTERACTIVE + 1)]
+    for item in offered:
+        run.pipeline.offer(item)
+    assert offered[0].future.result(timeout=30).ok
+    assert offered[1].future.result(timeout=30).error_kind is not None
+    run.finish(model)
+    assert sorted(run.on_result) == sorted(r.id for r in run.sink.rows) == sorted(i.id for i in run.items)
+    assert run.stats[0].done == 6 and run.stats[0].failed == 0

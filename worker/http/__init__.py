@@ -1,6 +1,7 @@
 """The caption API: ``POST /v1/captions``, the OpenAI-compatible ``POST /v1/chat/completions`` and
 ``GET /v1/models``, served by uvicorn next to the stream worker (``captionfleet worker`` with
-``WORKER_HTTP__ENABLED``) or alone (``captionfleet serve``).
+``WORKER_HTTP__ENABLED``), next to a bulk job while it runs (``worker.bulk_api``, same setting) or alone
+(``captionfleet serve``).
 
 One module per concern:
 

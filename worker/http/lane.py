@@ -12,8 +12,8 @@ from captionfleet.worker.metrics import WorkerMetrics
 
 
 class BoundedLane:
-    """A ``Lane`` over ``offer`` (the engine's interactive intake: the stream's stages, or ``serve``'s own
-    pipeline); ``version`` reads the serving model's version (a hot swap changes it)."""
+    """A ``Lane`` over ``offer`` (the engine's interactive intake: the stream's stages, ``serve``'s own pipeline
+    or a bulk job's); ``version`` reads the serving model's version (a hot swap changes it)."""
 
     def __init__(
         self,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 import threading
 import time
@@ -93,9 +94,32 @@ class ApiServer:
         return idle
 
     def close(self) -> None:
+        """Stop serving and free the port; also for a server opened but never started (its job did not run)."""
         self._server.should_exit = True
-        self._thread.join(timeout=10)
+        if self._thread.ident is not None:
+            self._thread.join(timeout=10)
         self._socket.close()
+
+
+def worker_name(settings: WorkerSettings) -> str:
+    """The worker's name in its answers (``worker``, X-Captionfleet-Worker) and its Kafka client id."""
+    return settings.kafka.client_id or f"captionfleet-{socket.gethostname()}-{os.getpid()}"
+
+
+def open_api(
+    settings: WorkerSettings,
+    offer: Callable[[InteractiveItem], None],
+    version: Callable[[], str],
+    fetcher: Fetcher,
+    metrics: WorkerMetrics,
+    worker: str,
+) -> ApiServer:
+    """The caption API over the engine's interactive intake ``offer``, its port bound but not served yet
+    (``start()``): a bulk job binds it before it writes anything, and serves once its pipeline exists. Raises
+    HttpPortError or SettingsError (reachable beyond loopback without tokens)."""
+    lane = BoundedLane(offer, version, settings.http.max_queued, metrics)
+    ctx = ApiContext(settings.http, settings.decoding, lane, fetcher, metrics, worker, ServerState())
+    return ApiServer(ctx)
 
 
 def start_api(
@@ -106,8 +130,5 @@ def start_api(
     metrics: WorkerMetrics,
     worker: str,
 ) -> ApiServer:
-    """The caption API over the engine's interactive intake ``offer``, started; raises HttpPortError or
-    SettingsError (reachable beyond loopback without tokens)."""
-    lane = BoundedLane(offer, version, settings.http.max_queued, metrics)
-    ctx = ApiContext(settings.http, settings.decoding, lane, fetcher, metrics, worker, ServerState())
-    return ApiServer(ctx).start()
+    """``open_api``, started."""
+    return open_api(settings, offer, version, fetcher, metrics, worker).start()

@@ -21,7 +21,7 @@ from captionfleet.core.captioner import CaptionModel
 from captionfleet.core.failures import FETCH_FAILURE, FetchError
 from captionfleet.core.images import ImageLimits
 from captionfleet.core.settings import WorkerSettings
-from captionfleet.worker.accounting import count_image
+from captionfleet.worker.accounting import answer_interactive
 from captionfleet.worker.fetch import Fetcher
 from captionfleet.worker.lanes import InteractiveItem
 from captionfleet.worker.messages import Result
@@ -202,8 +202,5 @@ class Stages:
             self.done.put(Finished(item, result))
             return
         interactive: InteractiveItem = item  # type: ignore[assignment]
-        count_image(self.metrics, result)
-        if not result.ok:
-            self.metrics.failures.labels(result.error_kind or FETCH_FAILURE).inc()
-        interactive.answer(result)
+        answer_interactive(self.metrics, interactive, result)
         self._interactive_left()
