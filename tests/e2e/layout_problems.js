@@ -5,6 +5,7 @@
   const px = (n) => `${Math.round(n)}px`;
   // Glyph boxes reach a px or two past the text drawn (a rotated axis title's ascent): allow that much.
   const outside = (r, box, slack = 1) => r.width > 0 && (r.left < box.left - slack || r.right > box.right + slack);
+  const over = (r, box, slack = 1) => r.height > 0 && (r.top < box.top - slack || r.bottom > box.bottom + slack);
   const root = document.documentElement;
   if (root.scrollWidth > vw) problems.push(`the page is ${px(root.scrollWidth)} wide in a ${px(vw)} window`);
   const main = document.querySelector('[data-testid="stMain"]');
@@ -33,16 +34,22 @@
     const frame = chart.getBoundingClientRect();
     if (box.right > frame.right + 1 || box.right > mainBox.right + 1)
       problems.push(`"${name}": the chart (${px(box.width)}) is wider than its place (${px(frame.width)})`);
+    // The plot itself, as its grid lines span it: squeezed flat when the legend or axes took the chart's height.
+    const grid = [...svg.querySelectorAll('.role-axis-grid')].map((g) => g.getBoundingClientRect());
+    if (grid.length) {
+      const top = Math.min(...grid.map((r) => r.top)), bottom = Math.max(...grid.map((r) => r.bottom));
+      if (bottom - top < 20) problems.push(`"${name}": its plot is ${px(bottom - top)} high`);
+    }
     for (const legend of svg.querySelectorAll('.role-legend')) {
       const r = legend.getBoundingClientRect();
-      if (outside(r, box, 4) || r.bottom > box.bottom + 4)
+      if (outside(r, box, 4) || over(r, box, 4))
         problems.push(`"${name}": its legend (${px(r.left)}-${px(r.right)}) is cut off by the chart (${px(box.left)}-${px(box.right)})`);
       for (const label of legend.querySelectorAll('.role-legend-label text, text')) legendLabels.add(label.textContent);
     }
     for (const text of svg.querySelectorAll('text')) {
       const label = text.textContent;
       if (label.endsWith('…')) problems.push(`"${name}": the label "${label}" is truncated`);
-      else if (outside(text.getBoundingClientRect(), box, 4)) problems.push(`"${name}": the label "${label}" is cut off`);
+      else if (outside(text.getBoundingClientRect(), box, 4) || over(text.getBoundingClientRect(), box, 4)) problems.push(`"${name}": the label "${label}" is cut off`);
     }
   }
   for (const label of expected.legend)
