@@ -12,6 +12,7 @@ import streamlit as st
 from captionfleet.core.images import ImageLimits
 from captionfleet.core.prompt_input import MAX_PROMPT_CHARS, PromptRefused, check_prompt
 from captionfleet.core.settings import DecodingSettings, SettingsError, WorkerSettings
+from captionfleet.dashboard.charts import line_chart, versions_chart, workers_table
 from captionfleet.dashboard.fleet import FleetView, down_notices, fleet_view
 from captionfleet.dashboard.fleet_api import FleetUnavailable, caption_with_fleet
 from captionfleet.dashboard.model import LoadedModel, load_model
@@ -166,7 +167,7 @@ def chart(title: str, frame: pd.DataFrame, unit: str, note: str = "") -> None:
     if frame.dropna(how="all").empty:
         st.caption(f"{title}: no data in the window yet")
         return
-    st.line_chart(frame, x_label="time", y_label=unit)
+    st.altair_chart(line_chart(frame, unit), width="stretch")
     if note:
         st.caption(note)
 
@@ -204,15 +205,17 @@ def fleet_panels(view: FleetView, window_s: int) -> None:
         chart("Batch size", view.batch_size, "images per model call")
         chart("Consumer lag", view.lag, "messages", "requests on the topic not yet answered and committed")
         st.subheader("Model version per worker")
-        if view.workers.empty:
-            st.caption("No workers seen")
+        up = view.workers[view.workers["up"]] if len(view.workers) else view.workers
+        if len(up):
+            st.altair_chart(versions_chart(up.groupby("model version").size()), width="stretch")
         else:
-            up = view.workers[view.workers["up"]]
-            if len(up):
-                per_version = up.groupby("model version").size().rename("workers").to_frame()
-                # Horizontal: version strings are long, and a rollout shows as two bars side by side.
-                st.bar_chart(per_version, x_label="model version", y_label="workers", horizontal=True, height=160)
-            st.dataframe(view.workers, hide_index=True, width="stretch")
+            st.caption("No workers up")
+    # The whole page's width: five columns of addresses, versions and sources do not fit half of a laptop's.
+    st.subheader("Workers")
+    if view.workers.empty:
+        st.caption("No workers seen")
+    else:
+        st.table(workers_table(view.workers))
 
 
 def fleet_tab(settings: DashboardSettings) -> None:

@@ -17,6 +17,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -81,12 +82,15 @@ def fleet(tiny_checkpoint: Path, tmp_path: Path) -> Iterator[dict[str, object]]:
         broker.create_topic("dash-requests", 1)
         broker.create_topic("dash-results", 1)
         broker.create_topic("dash-dead", 1)
-        port, http_port = free_port(), free_port()
+        port, http_port, stopped = free_port(), free_port(), free_port()
         env = _worker_env(broker, tiny_checkpoint, images, tmp_path, port, http_port)
         worker = WorkerProcess(env, tmp_path / "worker.log")
         try:
             worker.wait_ready(timeout_s=120)
-            with PrometheusServer([f"127.0.0.1:{port}"], tmp_path / "prometheus") as prometheus:
+            # A second target nothing listens on: a worker that stopped, which the fleet view lists as down
+            # where the dashboard's worker selector matches it (the layout test's dashboard).
+            targets = [f"127.0.0.1:{port}", f"127.0.0.1:{stopped}"]
+            with PrometheusServer(targets, tmp_path / "prometheus") as prometheus:
                 yield {
                     "broker": broker,
                     "worker": worker,
@@ -101,6 +105,14 @@ def fleet(tiny_checkpoint: Path, tmp_path: Path) -> Iterator[dict[str, object]]:
 @pytest.fixture
 def dashboard(fleet: dict[str, object], tmp_path: Path) -> Iterator[str]:
     """`captionfleet dashboard` on a free port, reading the fleet from the Prometheus server."""
+    with _dashboard_server(fleet, tmp_path) as url:
+        yield url
+
+
+@contextmanager
+def _dashboard_server(
+    fleet: dict[str, object], tmp_path: Path, extra_env: dict[str, str] | None = None
+) -> Iterator[str]:
     prometheus = fleet["prometheus"]
     assert isinstance(prometheus, PrometheusServer)
     port = free_port()
@@ -118,6 +130,7 @@ def dashboard(fleet: dict[str, object], tmp_path: Path) -> Iterator[str]:
             "WORKER_DECODING__NUM_BEAMS": "1",
             "OMP_NUM_THREADS": "1",
             "CUDA_VISIBLE_DEVICES": "",
+            **(extra_env or {}),
         }
     )
     log = (tmp_path / "dashboard.log").open("ab")
@@ -248,3 +261,59 @@ def test_upload_caption_and_fleet_charts_in_a_real_browser(
     assert [float(r["value"][1]) for r in uploads] == [1.0]
     failed = prometheus.query("sum by (kind) (captionfleet_failures_total) > 0")  # every kind is exported at 0
     assert {r["metric"]["kind"]: float(r["value"][1]) for r in failed} == {"not_an_image": BATCHES}
+
+
+# ---- the fleet view's layout at common widths ------------------------------------------------------------
+
+# Desktop (full HD, the most common laptop, a small laptop) and a tablet held upright. The sidebar is open at the
+# first three and collapsed at 768 (Streamlit's default below its breakpoint).
+VIEWPORTS = [(1920, 1080), (1366, 768), (1024, 768), (768, 1024)]
+LATENCY_SERIES = ["end-to-end p50", "end-to-end p95", "model call p50", "model call p95"]
+WORKER_COLUMNS = ["worker", "up", "model version", "model source", "problem"]
+
+# What does not fit, as the browser laid it out: one line per problem. Charts are Vega-Lite SVGs (legends are
+# `g.role-legend`, every label a `text`; Vega ends a label it cut at its labelLimit with "…"); the workers table
+# is a DOM table (headers are `th` with their own boxes), or a glide canvas grid for st.dataframe, whose DOM has
+# only an accessible copy of the columns in view and the scroller that pans the rest in.
+LAYOUT_PROBLEMS = (Path(__file__).parent / "layout_problems.js").read_text()
+
+
+def _layout_problems(page: Page, settle_s: float = 15.0) -> list[str]:
+    """The layout's problems once it has settled: charts redraw at their new width after a resize, and the
+    fragment redraws everything every 2 s; an empty list as soon as one check finds nothing wrong (the check
+    also counts the charts, legends and headers that must be there, so a half-drawn page is not "clean")."""
+    expected = {"charts": 6, "legend": LATENCY_SERIES, "tables": 1, "columns": WORKER_COLUMNS}
+    deadline = time.monotonic() + settle_s
+    while True:
+        page.wait_for_timeout(1000)
+        problems: list[str] = page.evaluate(LAYOUT_PROBLEMS, expected)
+        if not problems or time.monotonic() > deadline:
+            return problems
+
+
+def test_fleet_view_fits_common_widths(fleet: dict[str, object], tmp_path: Path) -> None:
+    """The operators' fleet view at desktop and tablet widths: nothing wider than the window, every chart's
+    legend and labels whole and inside the chart, every column header of the workers table in view. The
+    fleet is the other test's (batches, failures by kind, a model version) plus a worker that stopped, which
+    the table lists with its problem, so every column has something to show."""
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    _send_batches(fleet)
+    # The test's Prometheus gives its targets no Kubernetes labels: select the workers by the scrape job.
+    selector = {"DASHBOARD_PROMETHEUS__WORKER_SELECTOR": 'job="captionfleet-worker"'}
+    with _dashboard_server(fleet, tmp_path, selector) as url, chromium() as browser:
+        width, height = VIEWPORTS[0]
+        page = browser.new_page(viewport={"width": width, "height": height})
+        page.goto(url, wait_until="domcontentloaded")
+        page.get_by_role("tab", name="Fleet").click()
+        expect(page.get_by_text(re.compile(r"1 worker\(s\) down"))).to_be_visible(timeout=60_000)
+        expect(page.locator('[data-testid="stVegaLiteChart"]')).to_have_count(6, timeout=60_000)
+        found = {}
+        for width, height in VIEWPORTS:
+            page.set_viewport_size({"width": width, "height": height})
+            problems = _layout_problems(page)
+            if problems:
+                found[width] = problems
+            page.screenshot(path=str(ARTIFACTS / f"dashboard-fleet-{width}.png"), full_page=True)
+    assert not found, "the fleet view does not fit:\n" + "\n".join(
+        f"{width} px: {problem}" for width, problems in found.items() for problem in problems
+    )

@@ -14,8 +14,11 @@ import re
 import urllib.parse
 from typing import Any
 
+from prometheus_client import CollectorRegistry
+
 from captionfleet.core.settings import WorkerSettings
-from captionfleet.dashboard.settings import DEFAULT_WORKER_SELECTOR
+from captionfleet.dashboard.settings import DEFAULT_WORKER_SELECTOR, DashboardSettings
+from captionfleet.worker.metrics import WorkerMetrics
 from tests.integration.k8s_support import (
     GPU,
     KUBERNETES_VERSION,
@@ -75,8 +78,7 @@ def test_scaledobject_follows_the_worker_settings(built: tuple[str, list[dict[st
     env = container_env(docs, deployment["spec"]["template"]["spec"]["containers"][0])
     settings = settings_for(["WORKER_"], env)["WORKER_"]
     assert isinstance(settings, WorkerSettings)
-    (trigger,) = scaled["spec"]["triggers"]
-    assert trigger["type"] == "kafka"
+    (trigger,) = [t for t in scaled["spec"]["triggers"] if t["type"] == "kafka"]
     meta = trigger["metadata"]
     expected = {
         "bootstrapServers": settings.kafka.bootstrap,
@@ -95,6 +97,66 @@ def test_scaledobject_follows_the_worker_settings(built: tuple[str, list[dict[st
         "partitions: the extra workers would get no partition and never be ready"
     )
     assert scaled["spec"].get("minReplicaCount", 0) <= scaled["spec"]["maxReplicaCount"]
+
+
+def exported_names(registry: CollectorRegistry) -> dict[str, str]:
+    """Every series name a registry's metrics are exposed under (``captionfleet_http_requests_total`` for the
+    counter ``captionfleet_http_requests``), with its metric's type: what a PromQL query can name."""
+    suffixes = {
+        "counter": ("_total", "_created"),
+        "histogram": ("_bucket", "_count", "_sum", "_created"),
+        "summary": ("", "_count", "_sum", "_created"),
+        "info": ("_info",),
+    }
+    return {
+        family.name + suffix: family.type
+        for family in registry.collect()
+        for suffix in suffixes.get(family.type, ("",))
+    }
+
+
+def test_scaledobject_scales_on_the_caption_apis_request_rate(built: tuple[str, list[dict[str, Any]]]) -> None:
+    """Where the cluster has the Prometheus the dashboard reads, KEDA also scales on the rate of the caption
+    API's requests: a query over a counter the workers really export, selected by the labels Prometheus gives
+    the worker pods, with a threshold per worker; where it has none (dev), no such trigger."""
+    overlay, docs = built
+    scaled = one(docs, "ScaledObject", "captionfleet-worker")
+    triggers = [t for t in scaled["spec"]["triggers"] if t["type"] == "prometheus"]
+    (dashboard,) = pod_spec(one(docs, "Deployment", "captionfleet-dashboard"))["containers"]  # type: ignore[index]
+    dashboard_settings = settings_for(["DASHBOARD_"], container_env(docs, dashboard))["DASHBOARD_"]
+    assert isinstance(dashboard_settings, DashboardSettings)
+    prometheus = dashboard_settings.prometheus.url
+    if not prometheus:
+        assert not triggers, f"{overlay}: a Prometheus trigger, but the overlay's dashboard says there is no Prometheus"
+        return
+    (trigger,) = triggers
+    meta = trigger["metadata"]
+    assert meta["serverAddress"].rstrip("/") == prometheus.rstrip("/"), (
+        f"{overlay}: KEDA asks {meta['serverAddress']}, the dashboard's Prometheus is {prometheus}"
+    )
+    # AverageValue: the threshold is per worker (the query's fleet-wide sum divided by the replicas).
+    assert trigger.get("metricType", "AverageValue") == "AverageValue"
+    assert float(meta["threshold"]) > 0
+
+    query = meta["query"]
+    exported = exported_names(WorkerMetrics().registry)
+    named = re.findall(r"\b(captionfleet_\w+)", query)
+    assert named, f"{overlay}: the query names no captionfleet metric: {query}"
+    unknown = [name for name in named if name not in exported]
+    assert not unknown, f"{overlay}: the query names metrics no worker exports: {unknown} (worker/metrics.py)"
+    (family,) = WorkerMetrics().http_requests.describe()  # the caption API's requests counter
+    api_requests = family.name + "_total"
+    assert api_requests in named, f"{overlay}: the query does not count the API's requests ({api_requests}): {query}"
+    assert re.search(rf"\b(rate|irate|increase)\(\s*{api_requests}\b", query), (
+        f"{overlay}: {api_requests} is a counter: the query must take its rate: {query}"
+    )
+
+    labels = one(docs, "Deployment", "captionfleet-worker")["spec"]["template"]["metadata"]["labels"]
+    target_labels = {re.sub(r"[^a-zA-Z0-9_]", "_", key): value for key, value in labels.items()}
+    selected = dict(re.findall(r'(\w+)="([^"]*)"', query))
+    assert selected and selected.items() <= target_labels.items(), (
+        f"{overlay}: the query selects {selected}, the worker pods' target labels are {target_labels}"
+    )
 
 
 # ---- workload shape ------------------------------------------------------------------------------

@@ -96,7 +96,7 @@ def test_the_page_charts_a_scraped_worker(worker: tuple[WorkerMetrics, str], mon
     at.run()
     assert not at.exception, at.exception
     assert not at.error
-    (table,) = at.get("dataframe")
+    (table,) = at.get("table")
     assert table.value["model version"].tolist() == ["v7"] and table.value["worker"].tolist() == [url]
     # Throughput (one interval so far), failures by kind, lag and workers per version are charts.
     assert len(at.get("vega_lite_chart")) == 4
