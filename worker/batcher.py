@@ -37,6 +37,8 @@ class Batcher(Generic[T]):
         self.max_cost = max_cost  # 0 means no cost limit
         self._clock = clock
         self._items: list[T] = []
+        self._costs: list[float] = []
+        self._urgent: list[bool] = []
         self._cost = 0.0
         self._first_at: float | None = None
         # The interactive lane's own wait (None: urgent items wait like the others).
@@ -67,6 +69,8 @@ class Batcher(Generic[T]):
                 self._urgent_at = self._clock()
             self.urgent_rows += 1
         self._items.append(item)
+        self._costs.append(cost)
+        self._urgent.append(urgent)
         self._cost += cost
         if len(self._items) >= self.max_items or (self.max_cost and self._cost >= self.max_cost):
             ready.append(self.flush())
@@ -85,8 +89,26 @@ class Batcher(Generic[T]):
         left = self.time_left()
         return left is not None and left <= 0
 
+    def take_urgent(self) -> list[T]:
+        """Take the open batch's urgent items out of it (the rest stays open, its wait unchanged): for the
+        pipeline to caption them while another batch runs (core/between_steps.py)."""
+        taken = [item for item, urgent in zip(self._items, self._urgent, strict=True) if urgent]
+        if not taken:
+            return []
+        kept = [i for i, urgent in enumerate(self._urgent) if not urgent]
+        self._items = [self._items[i] for i in kept]
+        self._costs = [self._costs[i] for i in kept]
+        self._urgent = [False] * len(kept)
+        self._cost = sum(self._costs)
+        self._urgent_at = None
+        self.urgent_rows = 0
+        if not self._items:
+            self._first_at = None
+        return taken
+
     def flush(self) -> list[T]:
         batch, self._items = self._items, []
+        self._costs, self._urgent = [], []
         self._cost = 0.0
         self._first_at = None
         self._urgent_at = None

@@ -44,6 +44,7 @@ class LaneOptions(TypedDict):
     on_item_result: ItemHook | None
     interactive_wait_ms: int | None
     bulk_share: float
+    pause_batches: bool
 
 
 class BulkApi:
@@ -105,11 +106,12 @@ class BulkApi:
         """The pipeline's latency lane when the API is on (none when off); ``then``: the job's own
         ``on_item_result``, which sees its own items only."""
         if self.server is None:
-            return LaneOptions(on_item_result=then, interactive_wait_ms=None, bulk_share=0.0)
+            return LaneOptions(on_item_result=then, interactive_wait_ms=None, bulk_share=0.0, pause_batches=False)
         return LaneOptions(
             on_item_result=self._route(then),
             interactive_wait_ms=self._http.max_wait_ms,
             bulk_share=self._http.stream_share,
+            pause_batches=self._http.pause_batches,
         )
 
     def _route(self, then: ItemHook | None) -> ItemHook:

@@ -34,7 +34,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from captionfleet.core.between_steps import between_steps
+from captionfleet.core.between_steps import HookFailed, between_steps, pauses
 from captionfleet.core.captioner import CaptionModel, ModelInput, PreparationFailed, PromptError
 from captionfleet.core.failures import (
     EMPTY_CAPTION,
@@ -223,6 +223,7 @@ class CaptionPipeline:
         prompt: str | None = None,
         interactive_wait_ms: int | None = None,
         bulk_share: float = 0.0,
+        pause_batches: bool = True,
         on_item_dropped: Callable[[Item], None] | None = None,
     ) -> None:
         """``prompt``: the job's prompt, for items that carry none (None: the model family's default)."""
@@ -243,6 +244,9 @@ class CaptionPipeline:
         self.interactive_wait_ms = interactive_wait_ms
         self.bulk_rows = math.ceil(bulk_share * batch.max_items) if bulk_share > 0 else 0
         self.on_item_dropped = on_item_dropped
+        # Whether a stream/bulk batch pauses for interactive images (WORKER_HTTP__PAUSE_BATCHES).
+        self.pause_batches = pause_batches
+        self._open: Batcher[Prepared] | None = None  # the batch being filled, while run() runs
         # Bounded: at most `prefetch` stream/bulk images are decoded ahead of the model.
         self._lanes: LaneQueue[object] = LaneQueue(batch.prefetch)
         self._interactive_pool = ThreadPoolExecutor(_INTERACTIVE_THREADS, thread_name_prefix="decode-interactive")
@@ -394,7 +398,10 @@ class CaptionPipeline:
     def _caption_group(self, batch: list[Prepared], decoding: DecodingSettings | None = None) -> None:
         start = time.perf_counter()
         try:
-            captions = self.captioner.caption_inputs([p.input for p in batch if p.input is not None], decoding)
+            with pauses() as paused:  # the time of calls nested in its pause is theirs (core/between_steps.py)
+                captions = self.captioner.caption_inputs([p.input for p in batch if p.input is not None], decoding)
+        except HookFailed:
+            raise  # the work run in its pause failed, not this batch: see _run_batch
         except PreparationFailed as failed:
             self._prepared_again(batch, failed, decoding)
             return
@@ -415,7 +422,7 @@ class CaptionPipeline:
             failure = self._failure(batch[0].item, INFERENCE_FAILURE, f"{type(error).__name__}: {error}")
             self._emit([failure], [batch[0].item], batch[0].urgent)
             return
-        inference_ms = (time.perf_counter() - start) * 1000
+        inference_ms = (time.perf_counter() - start - paused.seconds) * 1000
         self.stats.batches += 1
         results = []
         for p, caption in zip(batch, captions, strict=True):
@@ -449,14 +456,19 @@ class CaptionPipeline:
                 self._emit([r for r, _ in chosen], [i for _, i in chosen], urgent)
 
     def _run_batch(self, batch: list[Prepared]) -> None:
-        if self.interactive_wait_ms is not None and not any(prepared.urgent for prepared in batch):
-            # A stream/bulk batch: an interactive image ready while it runs is captioned between two of its
-            # decoding steps rather than after it (core/between_steps.py), once per batch so that it is
-            # slowed by one interactive call at most and never starved. A batch already holding interactive
-            # images is not paused: under a flood of requests they form full batches instead of many small ones.
+        if self.pause_batches and self.interactive_wait_ms is not None and not any(p.urgent for p in batch):
+            # A stream/bulk batch: the interactive images ready while it runs are captioned between two of its
+            # decoding steps rather than after it (core/between_steps.py), in one pause per batch, so that it
+            # is never starved. A batch already holding interactive images is not paused: under a flood of
+            # requests they form full batches instead of many small ones.
             nested = _NestedOnce(self._caption_interactive_now)
-            with between_steps(nested):
-                self._caption_batch(batch)
+            try:
+                with between_steps(nested):
+                    self._caption_batch(batch)
+            except HookFailed as failed:
+                # What failed in the pause (the interactive answers' callback, say) is what it would have been
+                # outside one: it stops the run as it would have there; the paused batch is not blamed.
+                raise failed.error from None
         else:
             self._caption_batch(batch)
         # Interactive items reserve nothing (they do not wait behind the stream's inputs): only the others.
@@ -466,8 +478,10 @@ class CaptionPipeline:
         """Between two decoding steps of a running stream/bulk batch (on the model thread): the interactive
         images prepared by now, up to a batch's rows and cost, captioned in a model call of their own.
         Returns whether there were any."""
-        batch: list[Prepared] = []
-        cost = 0.0
+        # First those already in the open batch (the batch running was flushed ahead of them when one of
+        # them did not fit its cost), then the lane's.
+        batch = self._open.take_urgent() if self._open is not None else []
+        cost = sum(prepared.input.cost for prepared in batch if prepared.input is not None)
 
         def fits(entry: object) -> bool:
             assert isinstance(entry, tuple)
@@ -573,6 +587,7 @@ class CaptionPipeline:
             producer = threading.Thread(target=produce, name="source", daemon=True)
             producer.start()
             try:
+                self._open = batcher
                 self._consume(batcher)
             except BaseException:
                 # The sink (or the model loop) failed: stop the producer, which may be blocked on the

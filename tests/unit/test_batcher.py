@@ -88,3 +88,25 @@ def test_an_urgent_wait_never_exceeds_the_batch_wait() -> None:
     batcher: Batcher[str] = Batcher(max_items=8, max_wait_s=0.02, clock=clock, urgent_wait_s=5)
     batcher.add("urgent", urgent=True)
     assert batcher.time_left() == pytest.approx(0.02)
+
+
+def test_taking_the_urgent_items_leaves_the_others_with_their_cost_and_wait() -> None:
+    clock = FakeClock()
+    batcher: Batcher[str] = Batcher(max_items=4, max_wait_s=10, max_cost=100, clock=clock, urgent_wait_s=0.01)
+    batcher.add("s1", cost=30)
+    batcher.add("u1", cost=40, urgent=True)
+    batcher.add("s2", cost=20)
+    assert batcher.time_left() == pytest.approx(0.01)  # due at the urgent item's wait
+    assert batcher.take_urgent() == ["u1"]
+    assert batcher.urgent_rows == 0 and batcher.rows == 2
+    assert batcher.time_left() == pytest.approx(10)  # the stream items' own wait again, from the first one
+    assert batcher.add("s3", cost=49) == []  # 30 + 20 + 49 fits: u1's cost is gone
+    assert batcher.add("s4", cost=1) == [["s1", "s2", "s3", "s4"]]
+    assert batcher.take_urgent() == []
+
+
+def test_taking_the_only_items_closes_the_open_batch() -> None:
+    batcher: Batcher[str] = Batcher(max_items=4, max_wait_s=10, clock=FakeClock())
+    batcher.add("u1", urgent=True)
+    assert batcher.take_urgent() == ["u1"]
+    assert batcher.rows == 0 and batcher.time_left() is None

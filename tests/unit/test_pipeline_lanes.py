@@ -266,3 +266,95 @@ def test_interactive_answers_are_no_part_of_the_runs_results_stats_or_per_row_ho
     run.finish(model)
     assert sorted(run.on_result) == sorted(r.id for r in run.sink.rows) == sorted(i.id for i in run.items)
     assert run.stats[0].done == 6 and run.stats[0].failed == 0
+
+
+def test_an_interactive_item_left_in_the_open_batch_is_taken_between_steps_too() -> None:
+    """Its cost did not fit the open stream batch, which was flushed ahead of it: it must not wait for all of
+    that batch while later interactive items are captioned between its steps."""
+    model = SteppedFake(steps=3)
+    sink = MemorySink()
+    pipeline = CaptionPipeline(
+        model,  # type: ignore[arg-type]
+        sink,
+        BatchSettings(max_items=4, max_wait_ms=60_000, prefetch=64, max_pixels=350),  # costs: 100 + red
+        ImageLimits(),
+        on_item_result=lambda item, result: item.answer(result) if isinstance(item, Offered) else None,
+        interactive_wait_ms=5,
+        bulk_share=0.25,
+    )
+    done = threading.Event()
+
+    def source() -> Iterator[MemoryItem]:
+        yield from (MemoryItem(f"bulk-{i}", png((i, 0, 0))) for i in (1, 2))
+        done.wait(60)
+
+    thread = threading.Thread(target=lambda: pipeline.run(source()), daemon=True)
+    thread.start()
+    wait_for(lambda: pipeline._open is not None and pipeline._open.rows == 2, 30, "two stream items in the open batch")
+    first = Offered("first", INTERACTIVE)  # 101 + 102 + 200 > 350: the stream batch is flushed ahead of it
+    pipeline.offer(first)
+    wait_for(lambda: model.reds == [[1, 2]], 30, "the stream batch at its first step")
+    model.step()
+    assert first.future.result(timeout=30).ok
+    assert model.reds == [[1, 2], [INTERACTIVE]]
+    model.opened.set()
+    done.set()
+    thread.join(30)
+    assert sorted(r.id for r in sink.rows) == ["bulk-1", "bulk-2"]
+
+
+def test_a_failure_in_the_pause_stops_the_run_as_it_would_outside_one() -> None:
+    """An error of the interactive answers' callback is not blamed on the paused batch (which would then be
+    captioned again one by one): the run stops with it, as it does when the callback fails outside a pause."""
+    model = SteppedFake(steps=3)
+
+    class AnswerBroke(Exception):
+        pass
+
+    def answered(item: object, result: Result) -> None:
+        if isinstance(item, Offered):
+            raise AnswerBroke("the client's callback broke")
+
+    pipeline = CaptionPipeline(
+        model,  # type: ignore[arg-type]
+        MemorySink(),
+        BatchSettings(max_items=4, max_wait_ms=60_000, prefetch=64),
+        ImageLimits(),
+        on_item_result=answered,
+        interactive_wait_ms=5,
+        bulk_share=0.25,
+    )
+    failures: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            pipeline.run(iter([MemoryItem(f"bulk-{i}", png((i, 0, 0))) for i in range(1, 5)]))
+        except BaseException as error:
+            failures.append(error)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    wait_for(lambda: len(model.reds) == 1, 30, "the stream batch at its first step")
+    urgent = Offered("now", INTERACTIVE)
+    lanes = pipeline._lanes
+    pipeline.offer(urgent)
+    wait_for(lambda: lanes._urgent and lanes._urgent[-1][1].done(), 30, "prepared")
+    model.opened.set()
+    thread.join(30)
+    assert len(failures) == 1 and isinstance(failures[0], AnswerBroke)
+    assert model.reds == [[1, 2, 3, 4], [INTERACTIVE]]  # the stream batch was not captioned again one by one
+
+
+def test_a_batch_is_not_paused_with_pauses_off() -> None:
+    model = SteppedFake(steps=3)
+    run = Run(model, bulk=4, share=0.25)
+    run.pipeline.pause_batches = False  # WORKER_HTTP__PAUSE_BATCHES=false
+    run.thread.start()
+    wait_for(lambda: len(model.reds) == 1, 30, "the stream batch at its first step")
+    urgent = Offered("now", INTERACTIVE)
+    offer_prepared(run, urgent)
+    model.step(6)  # the whole stream batch, no pause; then the interactive item's own batch
+    assert urgent.future.result(timeout=30).ok
+    assert model.reds == [[1, 2, 3, 4], [INTERACTIVE]]
+    assert len(run.sink.rows) == 4  # written before the interactive item was captioned
+    run.finish(model)

@@ -76,6 +76,7 @@ class Stages:
             # The caption API's images (worker/http/), when the worker serves it: the latency lane.
             interactive_wait_ms=settings.http.max_wait_ms,
             bulk_share=settings.http.stream_share,
+            pause_batches=settings.http.enabled and settings.http.pause_batches,
             on_item_dropped=lambda _item: self._interactive_left(),
         )
         self._model_thread = threading.Thread(target=self._run_model, name="model", daemon=True)

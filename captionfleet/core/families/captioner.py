@@ -252,7 +252,7 @@ class FamilyCaptioner:
         output = self.model.generate(
             **on_device,
             generation_config=config,
-            # The latency lane's pause between steps first (core/between_steps.py); the recorder last.
+            # The latency lane's pause between steps (core/between_steps.py); the recorder last.
             logits_processor=LogitsProcessorList([*step_processors(), recorder]),
         )
         captions = captions_from_output(output, recorder, self.processor.tokenizer, eos, rows=len(inputs))
