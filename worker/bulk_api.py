@@ -166,14 +166,19 @@ class BulkApi:
         server = self.server
 
         def on_signal(signum: int) -> None:
+            # A Python signal handler, on the main thread (the model thread): a second signal (a double Ctrl-C)
+            # runs it again from inside this call, on the same thread. So nothing but the state changes is done
+            # under the (non-reentrant) lock: logging, or the job's stop, there would block that second call forever.
             server.ctx.state.drain()
             with self._lock:
-                if not self._input_over:  # _end_input runs the job's stop after the drain
+                deferred = not self._input_over  # _end_input runs the job's stop after the drain
+                if deferred:
                     self._pending = (stop, signum)
                     self._stopping.set()
-                    log.warning("signal %d: draining the caption API, then stopping the job", signum)
-                    return
-            stop(signum)
+            if deferred:
+                log.warning("signal %d: draining the caption API, then stopping the job", signum)
+            else:
+                stop(signum)
 
         return on_signal
 
