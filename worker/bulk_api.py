@@ -6,10 +6,13 @@ backlog, while WORKER_HTTP__STREAM_SHARE of each batch's rows stays the job's. T
 clients only (the pipeline keeps them out of the job's results, stats and per-row hook), so the job's
 outputs, markers and resume are what they are without the API.
 
-The port is bound before the job writes anything (a taken port fails the run before --overwrite removes
-a thing) and served once the job's pipeline exists. When the job's input ends, or on SIGTERM, the API
-drains as ``captionfleet serve`` does: new requests 503, those admitted are answered by the model thread,
-which keeps running until then (within WORKER_SHUTDOWN__GRACE_S); only then does the job's own stop run.
+The port is bound and served before the job writes anything (a taken port fails the run before --overwrite
+removes a thing, and before the model loads); until the job's pipeline exists (its model loading, its input
+listed) every API request gets a quick 503 "starting" with Retry-After, not a connection that hangs, and a
+job with nothing to do closes the port without ever admitting one. When the job's input ends, or on SIGTERM,
+the API drains as ``captionfleet serve`` does: new requests 503, those admitted are answered by the model
+thread, which keeps running until then (within WORKER_SHUTDOWN__GRACE_S); only then does the job's own stop
+run.
 """
 
 from __future__ import annotations
@@ -72,9 +75,10 @@ class BulkApi:
     def open(
         cls, settings: WorkerSettings, metrics: WorkerMetrics | None = None, health: Health | None = None
     ) -> BulkApi:
-        """Bind the API's port when WORKER_HTTP__ENABLED (else ``off()``). ``metrics``: the worker's, when it
-        serves /metrics (a terminal job counts in its own). ``health``: not ready from the drain on. Raises
-        HttpPortError, SettingsError (beyond loopback without tokens) or ValueError (bad WORKER_FETCH__*)."""
+        """Serve the API when WORKER_HTTP__ENABLED (else ``off()``): 503 "starting" until ``run_input``.
+        ``metrics``: the worker's, when it serves /metrics (a terminal job counts in its own). ``health``: not
+        ready from the drain on. Raises HttpPortError (the port is taken, or uvicorn cannot start), SettingsError
+        (beyond loopback without tokens) or ValueError (bad WORKER_FETCH__*)."""
         if not settings.http.enabled:
             return cls.off()
         from captionfleet.worker.fetch import Fetcher
@@ -84,7 +88,12 @@ class BulkApi:
         fetcher = Fetcher(settings.fetch, s3=settings.s3, max_bytes=settings.images.max_bytes)
         api = cls(settings.http, settings.shutdown.grace_s, metrics)
         api._health = health
-        api.server = open_api(settings, api._offer, api._version, fetcher, metrics, worker_name(settings))
+        server = open_api(settings, api._offer, api._version, fetcher, metrics, worker_name(settings), starting=True)
+        try:
+            api.server = server.start()
+        except BaseException:
+            server.close()
+            raise
         return api
 
     @property
@@ -93,11 +102,11 @@ class BulkApi:
         return self.server.port
 
     def _offer(self, item: InteractiveItem) -> None:
-        assert self._pipeline is not None, "requests are served only once run_input() started the server"
+        assert self._pipeline is not None, "requests are admitted only once run_input() attached the pipeline"
         self._pipeline.offer(item)
 
     def _version(self) -> str:
-        assert self._pipeline is not None, "requests are served only once run_input() started the server"
+        assert self._pipeline is not None, "requests are admitted only once run_input() attached the pipeline"
         return self._pipeline.captioner.version  # the job's model, fixed for its run
 
     # -- the job's pipeline ----------------------------------------------------------------------------
@@ -124,12 +133,13 @@ class BulkApi:
         return on_item_result
 
     def run_input(self, pipeline: CaptionPipeline, items: Iterable[ItemT]) -> Iterable[ItemT]:
-        """Serve the API over ``pipeline`` from now on (HttpPortError if uvicorn cannot start); returns the
+        """Admit the API's requests into ``pipeline`` from now on (503 "starting" until then); returns the
         job's input for ``pipeline.run``, which drains the API where it ends (see the module note)."""
         if self.server is None:
             return items
-        self._pipeline = pipeline
-        self.server.start()
+        self._pipeline = pipeline  # before ready(): an admitted request finds it
+        self.server.ctx.state.ready()
+        log.info("caption API: serving the job's model %s", pipeline.captioner.version)
         return self._then_drain(items)
 
     def _then_drain(self, items: Iterable[ItemT]) -> Iterator[ItemT]:
@@ -168,14 +178,19 @@ class BulkApi:
         server = self.server
 
         def on_signal(signum: int) -> None:
+            # A Python signal handler, on the main thread (the model thread): a second signal (a double Ctrl-C)
+            # runs it again from inside this call, on the same thread. So nothing but the state changes is done
+            # under the (non-reentrant) lock: logging, or the job's stop, there would block that second call forever.
             server.ctx.state.drain()
             with self._lock:
-                if not self._input_over:  # _end_input runs the job's stop after the drain
+                deferred = not self._input_over  # _end_input runs the job's stop after the drain
+                if deferred:
                     self._pending = (stop, signum)
                     self._stopping.set()
-                    log.warning("signal %d: draining the caption API, then stopping the job", signum)
-                    return
-            stop(signum)
+            if deferred:
+                log.warning("signal %d: draining the caption API, then stopping the job", signum)
+            else:
+                stop(signum)
 
         return on_signal
 

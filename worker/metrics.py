@@ -171,7 +171,7 @@ class WorkerMetrics:
         )
         self.http_refused = Counter(
             "captionfleet_http_refused",
-            "API requests refused before being read (unauthorized, draining, busy, too_large)",
+            "API requests refused before being read (unauthorized, draining, starting, busy, too_large)",
             ["reason"],
             registry=r,
         )

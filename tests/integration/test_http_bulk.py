@@ -14,6 +14,7 @@ import json
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +63,9 @@ def job_settings(**http: Any) -> WorkerSettings:
             "shutdown": {"grace_s": 30},
         }
     )
+
+
+JobRun = Callable[[WorkerSettings, BulkApi, CaptionModel], BulkSummary]
 
 
 class Job:
@@ -120,6 +124,24 @@ def slow_body(release: threading.Event, image_id: str) -> Iterator[bytes]:
     yield body[:10]
     release.wait(60)
     yield body[10:]
+
+
+def loading_first(loaded: threading.Event, job: JobRun) -> JobRun:
+    """``job`` once ``loaded`` is set: until then the API's port is open and the job has no pipeline yet, as
+    while ``captionfleet caption`` loads its model and lists its input (minutes, for a big model or prefix)."""
+
+    def run(settings: WorkerSettings, api: BulkApi, model: CaptionModel) -> BulkSummary:
+        assert loaded.wait(60)
+        return job(settings, api, model)
+
+    return run
+
+
+def post_promptly(url: str, **kwargs: Any) -> httpx.Response:
+    try:
+        return httpx.post(url, timeout=10, **kwargs)
+    except httpx.TimeoutException:
+        pytest.fail("the request hung: the API's port is open but nothing answers it")
 
 
 @dataclass
@@ -311,3 +333,69 @@ def test_beyond_loopback_without_tokens_the_job_refuses_to_start(
     assert not (tmp_path / "out.jsonl").exists()  # refused before anything was written
     # With a token the same host is allowed (the port is bound, then freed).
     BulkApi.open(job_settings(host="0.0.0.0", tokens=[TOKEN])).close()
+
+
+def test_while_the_jobs_model_loads_the_api_answers_503_starting_at_once_then_serves_the_same_request(
+    tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    """The port is open from before the model loads (a taken port fails the job before it writes anything): a
+    request then gets a quick 503 with Retry-After, not a connection that hangs until the model is in."""
+    root, out = folder(tmp_path, 12), tmp_path / "captions.jsonl"
+    gated = GatedModel(tiny_model(tiny_checkpoint))
+    loaded = threading.Event()
+    job = Job(job_settings(), gated, loading_first(loaded, folder_job(root, out))).start()
+    image = {"id": "early", "data": base64.b64encode(JPEG).decode()}
+    try:
+        started = time.monotonic()
+        early = post_promptly(job.url, json=image)
+        assert time.monotonic() - started < 5
+        assert early.status_code == 503 and early.json()["error"]["kind"] == "starting", early.text
+        assert early.headers["retry-after"] == str(job.settings.http.retry_after_s)
+        models = httpx.get(job.url.replace("/captions", "/models"), timeout=10)
+        assert models.status_code == 503 and models.json()["error"]["kind"] == "starting"  # no version yet
+        assert job.sample("captionfleet_http_refused_total", reason="starting") == 2
+        assert not job.draining and job.thread.is_alive()
+
+        loaded.set()  # the model is in: the job's pipeline runs, its first batch held at the gate
+        gated.wait_entered(1)
+        client, answers = post_in_thread(job.url, json=image)
+        eventually(lambda: job.sample("captionfleet_http_queued_images") == 1, "the API image offered")
+        gated.step()
+        gated.step()
+        client.join(60)
+        assert answers and answers[0].status_code == 200, answers
+        assert answers[0].json()["results"][0]["id"] == "early" and answers[0].json()["results"][0]["ok"]
+    finally:
+        loaded.set()
+        gated.open()
+        job.thread.join(120)
+    summary = job.summaries[0]
+    assert (summary.done, summary.failed, summary.interrupted) == (12, 0, False)
+    assert sorted(row["id"] for row in read_rows(out)) == sorted(path.name for path in root.iterdir())
+
+
+def test_a_job_with_nothing_to_do_answers_503_starting_until_it_exits_as_usual(
+    tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root, out = folder(tmp_path, 3), tmp_path / "captions.jsonl"
+    model = tiny_model(tiny_checkpoint)
+    run_caption_job(str(root), out, job_settings(enabled=False), show_progress=False, captioner=model)
+    loaded = threading.Event()
+    job = Job(job_settings(), GatedModel(model), loading_first(loaded, folder_job(root, out))).start()
+    try:
+        early = post_promptly(job.url, json={"data": base64.b64encode(JPEG).decode()})
+        assert early.status_code == 503 and early.json()["error"]["kind"] == "starting", early.text
+        assert "retry-after" in early.headers
+    finally:
+        loaded.set()
+        job.thread.join(60)
+    assert not job.thread.is_alive()
+    summary = job.summaries[0]
+    assert (summary.total, summary.skipped, summary.done, summary.interrupted) == (3, 3, 0, False)
+    with pytest.raises(httpx.ConnectError):  # the job is over: the port is closed
+        httpx.post(job.url, json={"data": base64.b64encode(JPEG).decode()}, timeout=10)
+    # The command itself: exit 0, as without the API.
+    for name, value in {"WORKER_HTTP__ENABLED": "true", "WORKER_HTTP__PORT": "0"}.items():
+        monkeypatch.setenv(name, value)
+    assert captionfleet_main(["caption", str(root), "--out", str(out), "--no-progress"]) == 0
+    assert "results:" in capsys.readouterr().out

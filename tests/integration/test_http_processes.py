@@ -200,14 +200,19 @@ def test_a_bulk_job_serves_the_api_while_it_runs_then_drains_and_exits_0(tiny_ch
         )
         try:
             deadline = time.monotonic() + 120
-            while True:  # the port is bound before the model loads: a request then waits for the API to start
+            while True:  # the port is served from before the model loads: 503 "starting" until the job runs
                 assert job.poll() is None, f"the job exited with {job.returncode}:\n{log_path.read_text()}"
                 assert time.monotonic() < deadline, "the API never answered"
                 try:
                     answer = httpx.post(url, json=body, timeout=60)
-                    break
-                except httpx.ConnectError:
+                except httpx.ConnectError:  # the process has not bound the port yet
                     time.sleep(0.05)
+                    continue
+                if answer.status_code != 503:
+                    break
+                assert answer.json()["error"]["kind"] == "starting", answer.text
+                # As a client would, after Retry-After; at most 0.25 s here: the job (4 s) must still be running.
+                time.sleep(min(float(answer.headers["retry-after"]), 0.25))
             assert job.poll() is None  # answered while the job still runs
             assert answer.status_code == 200, answer.text
             assert answer.json()["results"][0]["id"] == "interactive" and answer.json()["results"][0]["ok"]

@@ -206,6 +206,39 @@ def test_bulk_job_shards_follow_completions(built: tuple[str, list[dict[str, Any
     assert settings.shard.index is None, "the index comes from JOB_COMPLETION_INDEX; do not set WORKER_SHARD__INDEX"
 
 
+def test_the_bulk_job_serves_no_caption_api_unless_it_is_guarded_and_routed(
+    built: tuple[str, list[dict[str, Any]]],
+) -> None:
+    """The bulk Job loads the workers' ConfigMap, which turns the caption API on beyond loopback for the
+    Deployment (its tokens from a Secret in the Deployment's env). A bulk pod given that alone refuses to start
+    (exit 2: no tokens), which fails the whole Job (podFailurePolicy); with tokens it would serve an API no
+    Service routes to and hold its pod for the drain. So the Job's own env turns it off, unless an overlay
+    gives it required tokens from a Secret and a Service that selects its pods."""
+    overlay, docs = built
+    job = one(docs, "Job", "captionfleet-bulk")
+    (container,) = pod_spec(job)["containers"]  # type: ignore[index]
+    env = container_env(docs, container)  # the ConfigMap's, then the container's env (which wins)
+    where = f"{overlay}: Job captionfleet-bulk"
+    tokens = next((item for item in container.get("env", []) if item["name"] == "WORKER_HTTP__TOKENS"), None)
+    if tokens is not None:
+        ref = tokens.get("valueFrom", {}).get("secretKeyRef")
+        assert ref and ref.get("optional") is not True, f"{where}: WORKER_HTTP__TOKENS must come from a required Secret"
+        env["WORKER_HTTP__TOKENS"] = "a-token-from-the-secret"  # what Kubernetes fills in
+    settings = settings_for(["WORKER_"], env)["WORKER_"]
+    assert isinstance(settings, WorkerSettings)
+    if not settings.http.enabled:
+        return
+    # What `captionfleet caption` checks before the model loads (worker/cli.py): exit 2 would fail the Job.
+    settings.http.check_auth()
+    labels = job["spec"]["template"]["metadata"]["labels"]
+    routed = [
+        service["metadata"]["name"]
+        for service in objects(docs, "Service")
+        if service["spec"].get("selector") and service["spec"]["selector"].items() <= labels.items()
+    ]
+    assert routed, f"{where} serves the caption API (WORKER_HTTP__ENABLED), but no Service routes to its pods"
+
+
 def test_every_pod_is_locked_down(built: tuple[str, list[dict[str, Any]]]) -> None:
     overlay, docs = built
     errors = []

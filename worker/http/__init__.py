@@ -10,7 +10,7 @@ One module per concern:
 - ``inputs``: request bodies (multipart, JSON with uris or base64) -> images, uris checked by the
   allow-list before any I/O, decoding overrides capped;
 - ``openai_chat``: the chat-completions subset, mapped onto the same images and answers;
-- ``guard``: what is refused before a request is parsed: auth, draining, concurrency, body size;
+- ``guard``: what is refused before a request is parsed: auth, draining or starting, concurrency, body size;
 - ``answers``: results as JSON, in request order; error bodies;
 - ``app``: the FastAPI routes, deadlines and disconnects;
 - ``server``: uvicorn in its own thread, and the SIGTERM drain.

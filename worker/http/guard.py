@@ -1,6 +1,6 @@
-"""What is refused before a request is read: the bearer token, a draining server, too many requests at once,
-a body over the limit. An ASGI middleware around the API routes (``/v1/...``), so a refused request costs no
-parsing and an oversized body is never held whole.
+"""What is refused before a request is read: the bearer token, a server still starting or draining, too many
+requests at once, a body over the limit. An ASGI middleware around the API routes (``/v1/...``), so a refused
+request costs no parsing and an oversized body is never held whole.
 
 Tokens are compared in constant time (``hmac.compare_digest``, against every configured token), and neither
 they nor bodies are logged.
@@ -28,6 +28,7 @@ App = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 UNAUTHORIZED = "unauthorized"
 DRAINING = "draining"
+STARTING = "starting"
 BUSY = "busy"
 
 
@@ -46,12 +47,15 @@ def token_ok(header: str | None, tokens: list[SecretStr]) -> bool:
 
 
 class ServerState:
-    """Requests being answered, and whether the server drains (SIGTERM). Read from other threads."""
+    """Requests being answered, whether the server drains (SIGTERM), and whether it is still starting: served
+    before the model side behind it exists (a bulk job loading its model), it answers 503 until ``ready()``.
+    Read from other threads."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, starting: bool = False) -> None:
         self._lock = threading.Condition()
         self.active = 0
         self.draining = False
+        self.starting = starting
 
     def enter(self, limit: int) -> bool:
         with self._lock:
@@ -68,6 +72,11 @@ class ServerState:
     def drain(self) -> None:
         with self._lock:
             self.draining = True
+
+    def ready(self) -> None:
+        """The model side exists: requests are admitted from now on."""
+        with self._lock:
+            self.starting = False
 
     def wait_idle(self, timeout_s: float) -> bool:
         """After drain(): wait until no request is being answered; False if some still are at the timeout."""
@@ -94,6 +103,10 @@ class Guard:
             return
         if self.state.draining:
             await self._refuse(send, 503, DRAINING, "this worker is shutting down: retry on another", retry)
+            return
+        if self.state.starting:
+            message = "this worker is starting (its model is loading): retry after the Retry-After seconds"
+            await self._refuse(send, 503, STARTING, message, retry)
             return
         if not self.state.enter(self.settings.max_concurrent):
             message = (

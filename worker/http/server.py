@@ -113,12 +113,17 @@ def open_api(
     fetcher: Fetcher,
     metrics: WorkerMetrics,
     worker: str,
+    *,
+    starting: bool = False,
 ) -> ApiServer:
     """The caption API over the engine's interactive intake ``offer``, its port bound but not served yet
-    (``start()``): a bulk job binds it before it writes anything, and serves once its pipeline exists. Raises
-    HttpPortError or SettingsError (reachable beyond loopback without tokens)."""
+    (``start()``). ``starting``: served before ``offer`` and ``version`` can be called, every API request is
+    503 with Retry-After until ``ctx.state.ready()``: a bulk job serves it so from before its model loads (a
+    taken port fails it before it writes anything) until its pipeline exists. Raises HttpPortError or
+    SettingsError (reachable beyond loopback without tokens)."""
     lane = BoundedLane(offer, version, settings.http.max_queued, metrics)
-    ctx = ApiContext(settings.http, settings.decoding, lane, fetcher, metrics, worker, ServerState())
+    state = ServerState(starting=starting)
+    ctx = ApiContext(settings.http, settings.decoding, lane, fetcher, metrics, worker, state)
     return ApiServer(ctx)
 
 
