@@ -1,7 +1,9 @@
 """Caption quality: BLEU-4, CIDEr, exact match and repetition rate, on what the worker produces.
 
 Captions are made by the worker's own ``Captioner`` (same preprocessing, same decoding), so the
-scores describe the worker's output, not a training-time shortcut.
+scores describe the worker's output, not a training-time shortcut; at ``scoring_precision``: fp32 on a CPU
+(a worker there may serve bf16 or int8, whose captions agree with fp32's on ~99% of pictures:
+docs/benchmarks.md), so that a score does not depend on the CPU that computed it.
 
 BLEU-4 and CIDEr come from pycocoevalcap (the COCO caption evaluation code; its "Cider" is
 CIDEr-D, on a 0..10 scale). Its PTB tokenizer needs Java, so captions are tokenized here instead:

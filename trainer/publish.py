@@ -180,13 +180,18 @@ def ensure_eval_set(registry: Registry, source: CaptionDataset | None, size: int
     return read_eval_set(registry)
 
 
-def score_checkpoint(path: Path, eval_set: EvalSet, decoding: DecodingSettings, device: str) -> dict[str, Any]:
-    precision = scoring_precision(device)  # the candidate and LATEST alike, on any machine
-    captioner = load_checkpoint(path, device=device, precision=precision, decoding=decoding)
+def score_checkpoint(
+    path: Path, eval_set: EvalSet, decoding: DecodingSettings, device: str, precision: str | None = None
+) -> dict[str, Any]:
+    """Its scores on the set, and the precision they were computed at (resolved: fp32, bf16, fp16, int8).
+    ``precision``: None for the scoring precision of the device (``scoring_precision``); the gate scores
+    LATEST at the candidate's, so that a difference in scores is the models' and not their precisions'."""
+    asked = precision or scoring_precision(device)
+    captioner = load_checkpoint(path, device=device, precision=asked, decoding=decoding)
     evaluation = evaluate_captioner(captioner, eval_set.dataset)
     return {
         **evaluation.scores.as_dict(),
-        "precision": precision,
+        "precision": str(getattr(captioner, "precision", asked)),
         "eval_set": eval_set.digest[:16],
         "decoding": decoding.model_dump(),
         "samples": [list(s) for s in evaluation.samples(3)],
@@ -389,7 +394,7 @@ def _judge(
     path: Path | None = None
     try:
         path = resolve_model_ref(uri, cache_dir=scoring.cache_dir, s3=scoring.s3)
-        baseline_scores = score_checkpoint(path, eval_set, scoring.decoding, scoring.device)
+        baseline_scores = score_checkpoint(path, eval_set, scoring.decoding, scoring.device, scores.get("precision"))
     except Exception as error:
         if not is_checkpoint_fault(error):
             raise  # the store failed: a retry may well work, and LATEST may be fine

@@ -354,7 +354,7 @@ def train(
         log.info("final evaluation: %s", evaluation.scores.line())
         return {
             **evaluation.scores.as_dict(),
-            "precision": precision,
+            "precision": str(getattr(captioner, "precision", precision)),  # resolved: fp32, bf16, fp16
             "split": "val",
             "decoding": settings.decoding.model_dump(),
             "samples": [list(s) for s in evaluation.samples(5)],

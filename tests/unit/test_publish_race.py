@@ -94,11 +94,11 @@ def gate(
     """Scores without models: ``while_scoring_baseline`` runs while LATEST's version is scored (the
     slow part, after the gate read LATEST), as another publisher or an operator would."""
 
-    def score(path: Path, eval_set: Any, decoding: Any, device: str) -> dict[str, Any]:
+    def score(path: Path, eval_set: Any, decoding: Any, device: str, precision: str | None = None) -> dict[str, Any]:
         if path.name.startswith("baseline-"):
             while_scoring_baseline()
-            return scores(baseline)
-        return scores(candidate)
+            return {**scores(baseline), "precision": precision}
+        return {**scores(candidate), "precision": "bf16"}  # what "auto" resolves to on some GPU
 
     monkeypatch.setattr("captionfleet.trainer.publish.score_checkpoint", score)
     monkeypatch.setattr("captionfleet.trainer.publish.ensure_eval_set", lambda *a: EvalSet(None, "0" * 64))  # type: ignore[arg-type]
@@ -200,3 +200,15 @@ def test_publishing_again_reports_promoted_only_while_latest_names_the_version(
     registry.set_latest("vB", action="promote")
     again = publish_version(tmp_path / "vB", registry, cache_dir=tmp_path / "cache")
     assert again.promoted and "already published" in again.reason
+
+
+def test_latest_is_scored_at_the_precision_the_candidate_was_scored_at(
+    registry: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a GPU "auto" resolves per checkpoint (bf16 for one saved so, fp16 for another): the gate compares
+    the two models at one precision, the candidate's, and each record names it."""
+    gate(monkeypatch, candidate=1.2, baseline=1.0)
+    assert publish(registry, tmp_path).promoted
+    record = registry.record("vB")
+    assert record is not None
+    assert record["scores"]["precision"] == "bf16" and record["baseline_scores"]["precision"] == "bf16"
