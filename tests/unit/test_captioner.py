@@ -59,6 +59,48 @@ def test_preprocessing_matches_vit_image_processor(captioner: Captioner, tiny_ch
     assert torch.allclose(ours, expected, atol=1e-5)
 
 
+F32 = np.float32
+
+
+@pytest.mark.parametrize(
+    ("rescale", "mean", "std"),
+    [
+        (1 / 255, np.array([0.485, 0.456, 0.406], F32), np.array([0.229, 0.224, 0.225], F32)),  # ImageNet's
+        (1 / 255, np.full(3, 0.5, F32), np.full(3, 0.5, F32)),  # ViT-GPT2's
+        (None, np.array([120.0, 110.5, 99.25], F32), np.array([58.0, 57.1, 57.4], F32)),  # no rescale
+        (1 / 255, None, None),  # no normalisation
+        (None, None, None),
+        (1 / 255, np.array(0.5, F32), np.array([0.25], F32)),  # one value for every channel
+        (1 / 255, np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])),  # float64: its own path
+    ],
+)
+def test_preprocessing_array_is_the_reference_arithmetic_to_the_bit(
+    rescale: float | None, mean: np.ndarray | None, std: np.ndarray | None
+) -> None:
+    """``array`` works in place in CHW order: every value of every channel (each of the 256 byte values
+    appears in each) comes out as ``(x * rescale - mean) / std`` computed in HWC order, bit for bit, dtype
+    included: the captions cannot change."""
+    from captionfleet.core.captioner import Preprocessing
+
+    prep = Preprocessing(16, 32, Image.Resampling.BILINEAR, rescale, mean, std)
+    values = np.arange(16 * 32 * 3) % 256
+    pixels = np.random.default_rng(3).permutation(values).astype(np.uint8).reshape(32, 16, 3)
+    reference = np.asarray(pixels, dtype=np.float32)
+    if rescale is not None:
+        reference = reference * np.float32(rescale)
+    if mean is not None and std is not None:
+        reference = (reference - mean) / std
+    reference = np.ascontiguousarray(reference.transpose(2, 0, 1))
+
+    ours = prep.array(Image.fromarray(pixels))
+    assert ours.dtype == reference.dtype and ours.shape == reference.shape == (3, 32, 16)
+    assert ours.flags.c_contiguous
+    assert ours.tobytes() == reference.tobytes()
+    other = Image.fromarray(pixels).resize((40, 20))  # another size: resized first, as before
+    again = np.asarray(other.resize((16, 32), resample=Image.Resampling.BILINEAR))
+    assert prep.array(other).tobytes() == prep._array_hwc(again).tobytes()
+
+
 def test_no_warnings_are_printed_per_batch(
     captioner: Captioner, caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]
 ) -> None:
