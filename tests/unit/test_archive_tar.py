@@ -168,6 +168,42 @@ def test_a_shard_is_read_from_its_stream_a_chunk_at_a_time(most: int | None) -> 
     assert report.broken == plain.broken and report.broken is not None and "ends early" in report.broken
 
 
+class ModelOf224(CountingCaptioner):
+    """A 224x224 model: what it is handed is recorded."""
+
+    draft_size = (224, 224)  # type: ignore[assignment]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sizes: list[tuple[int, int]] = []
+
+    def prepare(self, image: Any, prompt: str | None = None, *, origin: object = None) -> ModelInput:
+        self.sizes.append(image.size)
+        return super().prepare(image, prompt, origin=origin)
+
+
+def test_jpegs_in_a_shard_are_decoded_at_the_reduction_the_model_size_allows(tmp_path: Path) -> None:
+    """A 640x480 photo for a 224x224 model is decoded at half scale (JPEG draft mode: about half the CPU of a
+    full decode), never smaller than the model's input; a PNG, which has no draft mode, whole."""
+    from PIL import Image
+
+    png = io.BytesIO()
+    Image.new("RGB", (640, 480), (9, 9, 9)).save(png, "PNG")
+    members = [
+        Member("a.jpg", jpeg_bytes((640, 480))),
+        Member("b.jpg", jpeg_bytes((480, 640))),
+        Member("c.png", png.getvalue()),
+        Member("d.jpg", jpeg_bytes((300, 200))),  # half of it would be under 224 on a side
+    ]
+    (tmp_path / "s.tar").write_bytes(shard(members))
+    model = ModelOf224()
+    run(tmp_path / "s.tar", tmp_path / "out", model)
+    expected = [(320, 240), (240, 320), (640, 480), (300, 200)]
+    assert sorted(model.sizes) == sorted(expected)  # prepared in decode threads, in any order
+    rows = rows_of(tmp_path / "out" / "s.parquet")
+    assert [(rows[k]["width"], rows[k]["height"]) for k in "abcd"] == expected  # the rows say so, as they did
+
+
 def test_webdataset_output_adds_the_caption_beside_each_picture(tmp_path: Path) -> None:
     data, _expected = hostile_shard(MAX_BYTES)
     (tmp_path / "s.tar").write_bytes(data)
