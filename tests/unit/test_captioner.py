@@ -176,6 +176,34 @@ def test_each_caption_carries_the_confidence_transformers_computes(captioner: Ca
             assert caption.mean_logprob == pytest.approx(float(output.sequences_scores[row]), abs=1e-5)
 
 
+def test_the_greedy_recorder_finds_the_token_greedy_search_takes_with_the_same_logprob() -> None:
+    """Greedy search takes ``torch.argmax`` of the final scores (the first of tied best tokens); the recorder keeps
+    that one token via max(), with the log-probability topk(2) gave before, to the bit, ties included."""
+    from captionfleet.core.generation import ChoiceRecorder, _logprob, recorder_for
+
+    torch.manual_seed(0)
+    scores = torch.randn(6, 50257) * 4
+    scores[1, 7] = scores[1, 9] = scores[1].max() + 1  # two tied best tokens
+    scores[2, 3:6] = scores[2].max() + 2  # three
+    scores[3, 100:] = float("-inf")  # banned tokens (no_repeat_ngram_size)
+    scores[4, 0] = scores[4, -1] = scores[4].max() + 0.5  # tied at both ends
+    recorder = recorder_for(1, [50256])
+    assert recorder.keep == 1
+    recorder(torch.zeros(6, 1, dtype=torch.long), scores)
+    before = ChoiceRecorder(keep=2)
+    values, indices = scores.topk(2, dim=-1)
+    before.values.append(values.float() - scores.float().logsumexp(dim=-1, keepdim=True))
+    before.indices.append(indices)
+    chosen = torch.argmax(scores, dim=-1)
+    normaliser = scores.logsumexp(dim=-1)
+    for row, token in enumerate(chosen.tolist()):
+        ours = _logprob(recorder, 0, row, token)
+        assert ours is not None and ours == float(scores[row, token] - normaliser[row])
+        if row in (0, 3, 5):  # no tie: topk(2) found it too (which of three tied tokens it kept is its own)
+            assert ours == _logprob(before, 0, row, token)
+    assert chosen[1] == 7 and chosen[2] == 3 and chosen[4] == 0  # the first of the tied ones
+
+
 def test_a_prompt_is_refused_by_a_model_that_takes_none(captioner: Captioner) -> None:
     with pytest.raises(PromptError, match="takes no prompt"):
         captioner.prepare(_images(1)[0], "a picture of")
