@@ -58,7 +58,12 @@ class ChoiceRecorder(LogitsProcessor):
         # The best tokens' log-probabilities without a log-softmax of the whole vocabulary: their scores
         # minus the log of the normaliser (one reduction instead of a second vocabulary-sized tensor).
         with torch.no_grad():
-            values, indices = scores.topk(min(self.keep, scores.shape[-1]), dim=-1)
+            if self.keep == 1:
+                # Greedy search takes the first of the best tokens (torch.argmax): max() gives that one and its
+                # score in one pass, half the CPU of topk(2) over GPT-2's 50,257 tokens at every step.
+                values, indices = scores.max(dim=-1, keepdim=True)
+            else:
+                values, indices = scores.topk(min(self.keep, scores.shape[-1]), dim=-1)
             self.values.append(values.float() - scores.float().logsumexp(dim=-1, keepdim=True))
             self.indices.append(indices)
         return scores
@@ -72,7 +77,8 @@ def recorder_for(num_beams: int, eos_ids: Collection[int]) -> ChoiceRecorder:
     """A recorder that keeps enough: greedy picks the best token; beam search keeps, per parent beam, at
     most ``max(2, 1 + eos count) * num_beams`` candidates (transformers' ``beams_to_keep``)."""
     if num_beams <= 1:
-        return ChoiceRecorder(keep=2)  # two, so a tie between the best tokens is still found
+        # The token greedy search picks, ties included: both it (torch.argmax) and max() take the first best one.
+        return ChoiceRecorder(keep=1)
     return ChoiceRecorder(keep=max(2, 1 + len(eos_ids)) * num_beams)
 
 

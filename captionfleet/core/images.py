@@ -273,7 +273,10 @@ def decode_image(
                 side = max(draft_size)
                 img.draft("RGB", (side, side))
             img.load()
-            return _to_rgb(_apply_orientation(img))
+            oriented = _apply_orientation(img)
+            # exif_transpose gave a new image (a copy when upright): an RGB one is already the result, not a copy
+            # to copy again. The opened image itself always is (closing it below frees its pixels).
+            return _to_rgb(oriented, owned=oriented is not img)
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -305,9 +308,12 @@ def _apply_orientation(img: Image.Image) -> Image.Image:
 _WHITE = (255, 255, 255, 255)
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
-    """Any Pillow mode to a new 8-bit RGB image; transparency is composited on white."""
+def _to_rgb(img: Image.Image, *, owned: bool = False) -> Image.Image:
+    """Any Pillow mode to a new 8-bit RGB image; transparency is composited on white. ``owned``: ``img`` is a new
+    image of the caller's, returned as it is when it is plain RGB already (``convert`` would copy it)."""
     mode = img.mode
+    if owned and mode == "RGB" and not img.has_transparency_data:
+        return img
     if mode.startswith("I;16") or mode == "I":
         # 16-bit samples: scale to 8 bits. A plain convert("L") would clip, turning most pictures white.
         img = img.convert("I")

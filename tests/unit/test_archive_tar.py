@@ -23,7 +23,13 @@ from captionfleet.worker.archive_rows import decode_checkpoint, encode_checkpoin
 from captionfleet.worker.bulk_archive import ArchiveJobError, ArchiveOptions, run_archive_job
 from captionfleet.worker.connectors.archive_inputs import InputError, expand_braces
 from captionfleet.worker.connectors.s3_parts import new_run_id
-from captionfleet.worker.connectors.tar_samples import MAX_SAMPLE_MEMBERS, SAMPLE_BYTES_FACTOR
+from captionfleet.worker.connectors.tar_samples import (
+    MAX_SAMPLE_MEMBERS,
+    READ_CHUNK,
+    SAMPLE_BYTES_FACTOR,
+    TarReport,
+    iter_samples,
+)
 from captionfleet.worker.sharding import ShardSpec, shard_of
 from tests.hostile_images import jpeg_bytes
 from tests.tar_memory import peak_reading, tarfile_peak
@@ -123,6 +129,80 @@ def test_a_truncated_shard_gives_rows_for_what_is_there_and_is_reported(tmp_path
     (tmp_path / "junk.tar").write_bytes(b"this is not a tar at all" * 40)
     junk = run(tmp_path / "junk.tar", tmp_path / "out3")
     assert len(junk.broken) == 1 and "not a readable tar" in junk.broken[0]
+
+
+class ReadsCounted(io.BytesIO):
+    """A stream that records what each read asked for and returns at most ``most`` bytes a time (an S3 body
+    may return less than asked)."""
+
+    def __init__(self, data: bytes, most: int | None = None) -> None:
+        super().__init__(data)
+        self.asked: list[int] = []
+        self.most = most
+
+    def read(self, size: int | None = -1) -> bytes:
+        self.asked.append(-1 if size is None else size)
+        return super().read(size if self.most is None or size is None or size < 0 else min(size, self.most))
+
+
+@pytest.mark.parametrize("most", [None, 3000])
+def test_a_shard_is_read_from_its_stream_a_chunk_at_a_time(most: int | None) -> None:
+    """tarfile asks for 10 KiB at a time; each read of an S3 body is a call through the retry policy and
+    botocore: the stream is read in READ_CHUNK pieces, and the samples, their bytes and where a cut is
+    reported are the same however it returns them."""
+    members = [Member(f"k{i:04d}.jpg", bytes([i]) * 40_000) for i in range(32)]
+    data = shard(members)
+    stream = ReadsCounted(data, most)
+    report = TarReport()
+    samples = list(iter_samples(stream, max_bytes=MAX_BYTES, report=report))
+    assert [(s.key, s.members[0].data) for s in samples] == [(m.name[:-4], m.data) for m in members]
+    assert report.broken is None
+    assert all(size >= READ_CHUNK for size in stream.asked)
+    if most is None:
+        assert len(stream.asked) <= len(data) // READ_CHUNK + 2  # the last read returns nothing: the end
+
+    cut = data[: data.index(b"k0020.jpg") + 700]
+    report = TarReport()
+    assert len(list(iter_samples(ReadsCounted(cut, most), max_bytes=MAX_BYTES, report=report))) == 21
+    plain = TarReport()
+    list(iter_samples(io.BytesIO(cut), max_bytes=MAX_BYTES, report=plain))
+    assert report.broken == plain.broken and report.broken is not None and "ends early" in report.broken
+
+
+class ModelOf224(CountingCaptioner):
+    """A 224x224 model: what it is handed is recorded."""
+
+    draft_size = (224, 224)  # type: ignore[assignment]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sizes: list[tuple[int, int]] = []
+
+    def prepare(self, image: Any, prompt: str | None = None, *, origin: object = None) -> ModelInput:
+        self.sizes.append(image.size)
+        return super().prepare(image, prompt, origin=origin)
+
+
+def test_jpegs_in_a_shard_are_decoded_at_the_reduction_the_model_size_allows(tmp_path: Path) -> None:
+    """A 640x480 photo for a 224x224 model is decoded at half scale (JPEG draft mode: about half the CPU of a
+    full decode), never smaller than the model's input; a PNG, which has no draft mode, whole."""
+    from PIL import Image
+
+    png = io.BytesIO()
+    Image.new("RGB", (640, 480), (9, 9, 9)).save(png, "PNG")
+    members = [
+        Member("a.jpg", jpeg_bytes((640, 480))),
+        Member("b.jpg", jpeg_bytes((480, 640))),
+        Member("c.png", png.getvalue()),
+        Member("d.jpg", jpeg_bytes((300, 200))),  # half of it would be under 224 on a side
+    ]
+    (tmp_path / "s.tar").write_bytes(shard(members))
+    model = ModelOf224()
+    run(tmp_path / "s.tar", tmp_path / "out", model)
+    expected = [(320, 240), (240, 320), (640, 480), (300, 200)]
+    assert sorted(model.sizes) == sorted(expected)  # prepared in decode threads, in any order
+    rows = rows_of(tmp_path / "out" / "s.parquet")
+    assert [(rows[k]["width"], rows[k]["height"]) for k in "abcd"] == expected  # the rows say so, as they did
 
 
 def test_webdataset_output_adds_the_caption_beside_each_picture(tmp_path: Path) -> None:

@@ -59,6 +59,48 @@ def test_preprocessing_matches_vit_image_processor(captioner: Captioner, tiny_ch
     assert torch.allclose(ours, expected, atol=1e-5)
 
 
+F32 = np.float32
+
+
+@pytest.mark.parametrize(
+    ("rescale", "mean", "std"),
+    [
+        (1 / 255, np.array([0.485, 0.456, 0.406], F32), np.array([0.229, 0.224, 0.225], F32)),  # ImageNet's
+        (1 / 255, np.full(3, 0.5, F32), np.full(3, 0.5, F32)),  # ViT-GPT2's
+        (None, np.array([120.0, 110.5, 99.25], F32), np.array([58.0, 57.1, 57.4], F32)),  # no rescale
+        (1 / 255, None, None),  # no normalisation
+        (None, None, None),
+        (1 / 255, np.array(0.5, F32), np.array([0.25], F32)),  # one value for every channel
+        (1 / 255, np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])),  # float64: its own path
+    ],
+)
+def test_preprocessing_array_is_the_reference_arithmetic_to_the_bit(
+    rescale: float | None, mean: np.ndarray | None, std: np.ndarray | None
+) -> None:
+    """``array`` works in place in CHW order: every value of every channel (each of the 256 byte values
+    appears in each) comes out as ``(x * rescale - mean) / std`` computed in HWC order, bit for bit, dtype
+    included: the captions cannot change."""
+    from captionfleet.core.captioner import Preprocessing
+
+    prep = Preprocessing(16, 32, Image.Resampling.BILINEAR, rescale, mean, std)
+    values = np.arange(16 * 32 * 3) % 256
+    pixels = np.random.default_rng(3).permutation(values).astype(np.uint8).reshape(32, 16, 3)
+    reference = np.asarray(pixels, dtype=np.float32)
+    if rescale is not None:
+        reference = reference * np.float32(rescale)
+    if mean is not None and std is not None:
+        reference = (reference - mean) / std
+    reference = np.ascontiguousarray(reference.transpose(2, 0, 1))
+
+    ours = prep.array(Image.fromarray(pixels))
+    assert ours.dtype == reference.dtype and ours.shape == reference.shape == (3, 32, 16)
+    assert ours.flags.c_contiguous
+    assert ours.tobytes() == reference.tobytes()
+    other = Image.fromarray(pixels).resize((40, 20))  # another size: resized first, as before
+    again = np.asarray(other.resize((16, 32), resample=Image.Resampling.BILINEAR))
+    assert prep.array(other).tobytes() == prep._array_hwc(again).tobytes()
+
+
 def test_no_warnings_are_printed_per_batch(
     captioner: Captioner, caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]
 ) -> None:
@@ -132,6 +174,34 @@ def test_each_caption_carries_the_confidence_transformers_computes(captioner: Ca
             assert caption.tokens == end - (config.eos_token_id in generated)
         else:  # length_penalty 1: the sequence score is the mean log-probability per token
             assert caption.mean_logprob == pytest.approx(float(output.sequences_scores[row]), abs=1e-5)
+
+
+def test_the_greedy_recorder_finds_the_token_greedy_search_takes_with_the_same_logprob() -> None:
+    """Greedy search takes ``torch.argmax`` of the final scores (the first of tied best tokens); the recorder keeps
+    that one token via max(), with the log-probability topk(2) gave before, to the bit, ties included."""
+    from captionfleet.core.generation import ChoiceRecorder, _logprob, recorder_for
+
+    torch.manual_seed(0)
+    scores = torch.randn(6, 50257) * 4
+    scores[1, 7] = scores[1, 9] = scores[1].max() + 1  # two tied best tokens
+    scores[2, 3:6] = scores[2].max() + 2  # three
+    scores[3, 100:] = float("-inf")  # banned tokens (no_repeat_ngram_size)
+    scores[4, 0] = scores[4, -1] = scores[4].max() + 0.5  # tied at both ends
+    recorder = recorder_for(1, [50256])
+    assert recorder.keep == 1
+    recorder(torch.zeros(6, 1, dtype=torch.long), scores)
+    before = ChoiceRecorder(keep=2)
+    values, indices = scores.topk(2, dim=-1)
+    before.values.append(values.float() - scores.float().logsumexp(dim=-1, keepdim=True))
+    before.indices.append(indices)
+    chosen = torch.argmax(scores, dim=-1)
+    normaliser = scores.logsumexp(dim=-1)
+    for row, token in enumerate(chosen.tolist()):
+        ours = _logprob(recorder, 0, row, token)
+        assert ours is not None and ours == float(scores[row, token] - normaliser[row])
+        if row in (0, 3, 5):  # no tie: topk(2) found it too (which of three tied tokens it kept is its own)
+            assert ours == _logprob(before, 0, row, token)
+    assert chosen[1] == 7 and chosen[2] == 3 and chosen[4] == 0  # the first of the tied ones
 
 
 def test_a_prompt_is_refused_by_a_model_that_takes_none(captioner: Captioner) -> None:
