@@ -7,7 +7,9 @@ to the model alone, measured in the same run.
 It starts its own SeaweedFS (tests/services/seaweedfs.py), stores the same photos both ways (objects under
 ``photos/``, and ``--per-shard`` of them per tar under ``shards/``) and, interleaved over ``--rounds``:
 
-- model only: ``caption_pixels`` on batches decoded and preprocessed beforehand (the ceiling);
+- model only: ``caption_inputs`` (the jobs' own model call, which records each caption's confidence) on
+  batches decoded and prepared beforehand (the ceiling; until this session ``caption_pixels``, which records
+  none, so the jobs paid ~1 ms per image more than the ceiling did);
 - tar shards: the archive job (``run_archive_job``: list, stream each shard, decode, caption, write the
   shard's Parquet and marker), from the call to its return;
 - objects: the S3 prefix job (``run_s3_caption_job``: list, one GET per image, decode, caption, write parts).

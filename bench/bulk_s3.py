@@ -6,7 +6,8 @@
 It starts its own SeaweedFS (tests/services/seaweedfs.py), uploads realistic JPEGs (1600x1200,
 photo-like content, a few hundred KB each) and, for each model, measures:
 
-- model only: ``caption_pixels`` on already decoded and preprocessed batches (the ceiling);
+- model only: ``caption_inputs`` (the jobs' model call, confidence included) on batches decoded and prepared
+  beforehand (the ceiling);
 - data path only: the whole job with a model that answers instantly (list, fetch, decode, write);
 - end to end: the whole job with the real model (``run_s3_caption_job``, from the call to its return).
 
@@ -120,18 +121,17 @@ class InstantCaptioner(ModelWrapper):
 
 
 def model_only(captioner: Captioner, archive: dict[str, bytes], batch_size: int) -> tuple[float, float]:
-    """(images/s, CPU ms per image) of the model on batches decoded and preprocessed beforehand."""
-    arrays = [
-        captioner.preprocess.array(decode_image(data, draft_size=captioner.image_size)) for data in archive.values()
-    ]
-    batches = [torch.from_numpy(np.stack(arrays[i : i + batch_size])) for i in range(0, len(arrays), batch_size)]
-    captioner.caption_pixels(batches[0])  # warm-up: first-call allocations and kernel selection
+    """(images/s, CPU ms per image) of the model on batches decoded and prepared beforehand: the same model
+    call the jobs make (``caption_inputs``, which also records each caption's confidence), nothing else."""
+    inputs = [captioner.prepare(decode_image(data, draft_size=captioner.draft_size)) for data in archive.values()]
+    batches = [inputs[i : i + batch_size] for i in range(0, len(inputs), batch_size)]
+    captioner.caption_inputs(batches[0])  # warm-up: first-call allocations and kernel selection
     sync()
     start, cpu = time.perf_counter(), time.process_time()
     for batch in batches:
-        captioner.caption_pixels(batch)
+        captioner.caption_inputs(batch)
     sync()
-    return len(arrays) / (time.perf_counter() - start), 1000 * (time.process_time() - cpu) / len(arrays)
+    return len(inputs) / (time.perf_counter() - start), 1000 * (time.process_time() - cpu) / len(inputs)
 
 
 def sync() -> None:
