@@ -215,7 +215,8 @@ def fleet_panels(view: FleetView, window_s: int) -> None:
     if view.workers.empty:
         st.caption("No workers seen")
     else:
-        st.table(workers_table(view.workers))
+        # HTML, every value's text escaped by workers_table: st.table's cells are Markdown, which changed them.
+        st.markdown(workers_table(view.workers), unsafe_allow_html=True)
 
 
 def fleet_tab(settings: DashboardSettings) -> None:
@@ -250,4 +251,6 @@ def main() -> None:
         fleet_tab(settings)
 
 
-main()
+# Streamlit runs this file as __main__; imported (tests/e2e/fleet_page.py draws fleet_panels alone), it draws nothing.
+if __name__ == "__main__":
+    main()

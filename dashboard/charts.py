@@ -4,14 +4,12 @@ On a 1024 px laptop with the sidebar open each of the page's two columns is ~270
 ``st.line_chart`` lays a legend out in one row however many series there are: four latency series ran ~480 px
 wide and were cut off by their chart; its bar chart cut version names to 17 characters ("builtin-shapes-9c…");
 ``st.dataframe``'s grid hid the workers' last columns off to the side. So the charts are Altair specs with their
-legends below the plot, one entry a row, and no label truncated; the workers are a table that wraps.
+legends below the plot, one entry a row, and no label truncated; the workers are an HTML table that wraps and
+shows its text verbatim.
 ``tests/e2e/test_dashboard_browser.py`` checks the page at 1920, 1366, 1024 and 768 px in a real browser.
 """
 
 from __future__ import annotations
-
-import re
-from typing import Any
 
 import altair as alt
 import pandas as pd
@@ -66,27 +64,47 @@ def versions_chart(per_version: pd.Series) -> alt.Chart:
 
 
 # Addresses and yes/no stay on one line; the long values (version names, S3 paths, problems) break anywhere
-# rather than push the table wider than the page: paths have no spaces to break at. Their text sits in Streamlit's
-# markdown containers, which set overflow-wrap themselves: the rules name what is inside the cells.
+# rather than push the table wider than the page: paths have no spaces to break at. Every cell keeps its text's
+# spaces and newlines (pre): a value is shown as it is.
 _NO_WRAP = ["worker", "up"]
-
-
-def _cell_styles(columns: list[str]) -> list[dict[str, Any]]:
-    styles = []
-    for i, column in enumerate(columns):
-        props = [("white-space", "nowrap")] if column in _NO_WRAP else [("overflow-wrap", "anywhere")]
-        styles.append({"selector": f"td.col{i}, td.col{i} *", "props": props})
-    return styles
+_ONE_LINE = "white-space:pre"
+_WRAPS = "white-space:pre-wrap;overflow-wrap:anywhere"
 
 
 def plain(text: object) -> str:
-    """``text`` as st.table shows it verbatim: its cells are Markdown, which would take ``__init__`` for bold,
-    ``<urlopen error ...>`` in a scrape error for HTML and a leading ``#`` for a heading."""
-    return re.sub(r"([\\`*_\[\]<>~#|])", r"\\\1", str(text))
+    """``text`` as HTML that shows it verbatim: every character but an ASCII letter or digit as a numeric
+    character reference (``<`` as ``&#60;``, a space as ``&#32;``).
+
+    Why all of them: the table is HTML inside Streamlit's Markdown (``workers_table``), whose source is read
+    before it is parsed (``:material/`` rewritten, ``$`` looked for to load KaTeX), and whose parsed text is
+    rewritten (URLs, ``www.`` names and e-mail addresses made links, ``:rocket:`` an emoji, ``->`` an arrow).
+    Only letters and digits, the markup reads as markup and nothing else; the browser decodes the references
+    into the text itself, which none of that touches."""
+    return "".join(c if c.isascii() and c.isalnum() else f"&#{ord(c)};" for c in str(text))
 
 
-def workers_table(workers: pd.DataFrame) -> Any:
-    """The workers as a DOM table (``st.table``): it wraps its text to the page's width, where ``st.dataframe``'s
-    canvas grid keeps each column as wide as its longest value and hides the last ones off to the side."""
-    shown = workers.assign(up=workers["up"].map({True: "yes", False: "no"})).map(plain)
-    return shown.style.hide(axis="index").set_table_styles(_cell_styles(list(shown.columns)))
+def _cell_style(column: str) -> str:
+    return _ONE_LINE if column in _NO_WRAP else _WRAPS
+
+
+def workers_table(workers: pd.DataFrame) -> str:
+    """The workers as an HTML table, for ``st.markdown(..., unsafe_allow_html=True)``: a DOM table wraps its
+    text to the page's width, where ``st.dataframe``'s canvas grid keeps each column as wide as its longest value
+    and hides the last ones off to the side; and its text is shown verbatim (``plain``), where ``st.table``'s
+    cells are Markdown: a scrape error's URL became a link and ``my_host`` lost its ``_`` to an escape, ``$x$``
+    a formula, ``- a`` a list, ``:red[x]`` coloured text, ``a -> b`` an arrow, whatever the escaping.
+    Streamlit styles a table in Markdown as it styles ``st.table``."""
+    shown = workers.assign(up=workers["up"].map({True: "yes", False: "no"}))
+    columns = [str(column) for column in shown.columns]
+    head = "".join(f"<th>{plain(column)}</th>" for column in columns)
+    rows = "".join(
+        "<tr>"
+        + "".join(
+            f'<td style="{_cell_style(column)}">{plain(value)}</td>'
+            for column, value in zip(columns, row, strict=True)
+        )
+        + "</tr>"
+        for row in shown.itertuples(index=False)
+    )
+    # One line, no blank one: Markdown takes an HTML block to end at the first blank line.
+    return f'<table class="captionfleet-workers"><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>'

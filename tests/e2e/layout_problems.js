@@ -55,12 +55,17 @@
   for (const label of expected.legend)
     if (!legendLabels.has(label)) problems.push(`no legend shows "${label}" in full`);
 
-  // Tables: every column's header fully in view.
-  const tables = [...document.querySelectorAll('[data-testid="stTable"], [data-testid="stDataFrame"]')];
+  // Tables: every column's header fully in view. An HTML table in Markdown has no frame of its own: its place
+  // is its element's, which it must not run out of.
+  const selector = '[data-testid="stTable"], [data-testid="stDataFrame"], [data-testid="stMarkdownContainer"] table';
+  const tables = [...document.querySelectorAll(selector)];
   if (tables.length < expected.tables) problems.push(`${tables.length} tables of ${expected.tables}`);
   for (const table of tables) {
     const name = titleOf(table);
-    const box = table.getBoundingClientRect();
+    const place = table.matches('table') ? table.closest('[data-testid="stElementContainer"]') : table;
+    const box = place.getBoundingClientRect();
+    const r = table.getBoundingClientRect();
+    if (outside(r, box)) problems.push(`"${name}": the table (${px(r.width)}) is wider than its place (${px(box.width)})`);
     const grid = table.querySelector('.dvn-scroller');
     const headers = [...table.querySelectorAll('th, [role="columnheader"]')].filter((th) => th.closest('thead'));
     const names = headers.map((th) => th.textContent.trim());
@@ -71,7 +76,7 @@
         problems.push(`"${name}": its columns are ${px(grid.scrollWidth)} wide in ${px(grid.clientWidth)}: some are out of view`);
       continue;
     }
-    for (const scroller of [table, ...table.querySelectorAll('*')])
+    for (const scroller of [place, ...place.querySelectorAll('*')])
       if (scroller.scrollWidth > scroller.clientWidth + 1 && getComputedStyle(scroller).overflowX !== 'visible')
         problems.push(`"${name}": the table scrolls sideways (${px(scroller.scrollWidth)} in ${px(scroller.clientWidth)})`);
     for (const th of headers) {

@@ -3,9 +3,14 @@ narrowest columns. How they look in a browser at common widths: tests/e2e/test_d
 
 from __future__ import annotations
 
+import html
+import re
+from xml.etree import ElementTree
+
 import pandas as pd
 
 from captionfleet.dashboard.charts import line_chart, plain, versions_chart, workers_table
+from tests.e2e.fleet_shapes import HOSTILE
 
 
 def _frame(**series: list[float]) -> pd.DataFrame:
@@ -34,6 +39,15 @@ def test_version_names_are_never_cut() -> None:
     assert spec["height"] == {"step": 28}  # grows with the versions, never squeezed by a fixed height
 
 
+def _cells(table: str) -> tuple[list[str], list[list[tuple[str, str]]]]:
+    """An HTML table's headers, and each row's cells as (text, style): the text as a browser shows it."""
+    root = ElementTree.fromstring(table)  # well-formed: numeric references, every tag closed
+    headers = ["".join(th.itertext()) for th in root.iter("th")]
+    body = root.find("tbody")
+    assert body is not None
+    return headers, [[("".join(td.itertext()), td.get("style", "")) for td in tr.iter("td")] for tr in body]
+
+
 def test_workers_table_wraps_long_values_and_shows_text_verbatim() -> None:
     workers = pd.DataFrame(
         [
@@ -41,15 +55,24 @@ def test_workers_table_wraps_long_values_and_shows_text_verbatim() -> None:
             {"worker": "10.0.0.8:9400", "up": False, "model version": "", "model source": "", "problem": "<urlopen>"},
         ]
     )
-    styler = workers_table(workers)
-    shown = styler.data
-    assert shown["up"].tolist() == ["yes", "no"]
-    assert shown["model version"].tolist() == ["v\\_1", ""] and shown["problem"].tolist() == ["", "\\<urlopen\\>"]
-    css = {style["selector"]: dict(style["props"]) for style in styler.table_styles}
-    assert css["td.col0, td.col0 *"] == {"white-space": "nowrap"}  # addresses stay on one line
-    assert css["td.col3, td.col3 *"] == {"overflow-wrap": "anywhere"}  # paths break anywhere
+    headers, rows = _cells(workers_table(workers))
+    assert headers == ["worker", "up", "model version", "model source", "problem"]
+    assert [[text for text, _ in row] for row in rows] == [
+        ["10.0.0.7:9400", "yes", "v_1", "s3://b/m/", ""],
+        ["10.0.0.8:9400", "no", "", "", "<urlopen>"],
+    ]
+    (address, up, _, source, _) = [style for _, style in rows[0]]
+    assert "white-space:pre;" in address + ";" and "white-space:pre;" in up + ";"  # addresses stay on one line
+    assert "overflow-wrap:anywhere" in source and "white-space:pre-wrap" in source  # paths break anywhere
+    assert "\n\n" not in workers_table(workers)  # Markdown ends an HTML block at a blank line
 
 
-def test_plain_escapes_what_markdown_would_take() -> None:
-    assert plain("__init__ # [x] `y` a*b ~z~ | \\") == "\\_\\_init\\_\\_ \\# \\[x\\] \\`y\\` a\\*b \\~z\\~ \\| \\\\"
-    assert plain("s3://bucket/models/LATEST") == "s3://bucket/models/LATEST"
+def test_plain_leaves_markdown_nothing_but_letters_and_digits() -> None:
+    """Streamlit's Markdown rewrites the source (``:material/``) and the parsed text (links, emoji, arrows)
+    whatever is escaped for Markdown: only letters, digits and numeric references, which the browser decodes."""
+    assert plain("a<b> c") == "a&#60;b&#62;&#32;c"
+    assert plain("s3://bucket/models/LATEST") == "s3&#58;&#47;&#47;bucket&#47;models&#47;LATEST"
+    for value in [*HOSTILE, "", 7, "\u00e9\u65e5\U0001f600"]:
+        escaped = plain(value)
+        assert re.fullmatch(r"(?:[A-Za-z0-9]|&#[0-9]+;)*", escaped), escaped
+        assert html.unescape(escaped) == str(value)
