@@ -4,8 +4,8 @@ On a 1024 px laptop with the sidebar open each of the page's two columns is ~270
 ``st.line_chart`` lays a legend out in one row however many series there are: four latency series ran ~480 px
 wide and were cut off by their chart; its bar chart cut version names to 17 characters ("builtin-shapes-9c…");
 ``st.dataframe``'s grid hid the workers' last columns off to the side. So the charts are Altair specs with their
-legends below the plot, one entry a row, and no label truncated; the workers are an HTML table that wraps and
-shows its text verbatim.
+legends below the plot, one entry a row, a scraped worker's /metrics URL as its host:port, and a label cut only past
+what the narrowest column has room for; the workers are an HTML table that wraps and shows its text verbatim.
 ``tests/e2e/test_dashboard_browser.py`` checks the page at 1920, 1366, 1024 and 768 px in a real browser.
 """
 
@@ -20,10 +20,27 @@ PLOT_HEIGHT = 260
 LEGEND_ROW = 20
 
 
+# A worker the dashboard scrapes itself (the dev overlay's DASHBOARD_SCRAPE__URLS) is named by its /metrics URL
+# (fleet.py expand_url), ~65 characters that ran ~400 px past a 270 px column: its legend label is the URL's
+# host:port, as Prometheus names its targets; the line's tooltip and the workers table give the whole URL.
+SCRAPE_URL_LABEL = r"replace(datum.label, /^https?:\/\/([^\/]+)\/metrics$/, '$1')"
+# Whatever is still longer (a Service's DNS name, a URL of another shape) is cut ("…") at LEGEND_LABEL_LIMIT px,
+# which fits the narrowest column: ~270 px (1024 px, sidebar open), less the y axis the legend starts after (~95 px
+# with labels up to "1,000,000") and the entry's symbol and gaps (32 px). A limit following the plot's width (an
+# expression of `width`) fed back into the chart's fit to its column: the legend's box sometimes outgrew the chart.
+LEGEND_LABEL_LIMIT = 140
+
+
 def _legend() -> alt.Legend:
-    # One entry per row: a row of entries runs out of a 270 px column with three or four of them. labelLimit 0:
-    # no limit, a label is never cut to "…" (the default cuts at 160 px).
-    return alt.Legend(orient="bottom", title=None, direction="vertical", columns=1, labelLimit=0)
+    # One entry per row: a row of entries runs out of a 270 px column with three or four of them.
+    return alt.Legend(
+        orient="bottom",
+        title=None,
+        direction="vertical",
+        columns=1,
+        labelExpr=SCRAPE_URL_LABEL,
+        labelLimit=LEGEND_LABEL_LIMIT,
+    )
 
 
 def line_chart(frame: pd.DataFrame, unit: str) -> alt.Chart:
@@ -64,8 +81,10 @@ def versions_chart(per_version: pd.Series) -> alt.Chart:
 
 
 # Addresses and yes/no stay on one line; the long values (version names, S3 paths, problems) break anywhere
-# rather than push the table wider than the page: paths have no spaces to break at. Every cell keeps its text's
-# spaces and newlines (pre): a value is shown as it is.
+# rather than push the table wider than the page: paths have no spaces to break at. So does a worker named by a
+# URL: scraping the workers itself (the dev overlay's DASHBOARD_SCRAPE__URLS), the dashboard names each by its
+# /metrics URL (fleet.py expand_url), ~65 characters that pushed the table 45 px past a 1024 px page. Every cell
+# keeps its text's spaces and newlines (pre): a value is shown as it is.
 _NO_WRAP = ["worker", "up"]
 _ONE_LINE = "white-space:pre"
 _WRAPS = "white-space:pre-wrap;overflow-wrap:anywhere"
@@ -83,8 +102,8 @@ def plain(text: object) -> str:
     return "".join(c if c.isascii() and c.isalnum() else f"&#{ord(c)};" for c in str(text))
 
 
-def _cell_style(column: str) -> str:
-    return _ONE_LINE if column in _NO_WRAP else _WRAPS
+def _cell_style(column: str, value: object) -> str:
+    return _ONE_LINE if column in _NO_WRAP and "/" not in str(value) else _WRAPS
 
 
 def workers_table(workers: pd.DataFrame) -> str:
@@ -100,7 +119,7 @@ def workers_table(workers: pd.DataFrame) -> str:
     rows = "".join(
         "<tr>"
         + "".join(
-            f'<td style="{_cell_style(column)}">{plain(value)}</td>'
+            f'<td style="{_cell_style(column, value)}">{plain(value)}</td>'
             for column, value in zip(columns, row, strict=True)
         )
         + "</tr>"

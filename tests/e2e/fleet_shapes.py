@@ -18,6 +18,7 @@ import pandas as pd
 from captionfleet.dashboard.fleet import FleetView, empty_frame
 
 DEV_SERVICE = "http://captionfleet-worker-pods.captionfleet-dev.svc:9400/metrics"
+POD = "http://10.244.1.16:9400/metrics"  # a pod's own URL: the Service's name resolves to several (expand_url)
 DOWN_POD = "http://10.244.1.17:9400/metrics"
 LATENCY = ["end-to-end p50", "end-to-end p95", "model call p50", "model call p95"]
 MANY = 40
@@ -69,13 +70,20 @@ def scrape_view() -> FleetView:
     source = "s3://captionfleet-models-dev/models/captioner/versions/captioner-9ceb04b92fba/"
     problem = f"{DOWN_POD} did not answer: <urlopen error [Errno 111] Connection refused>"
     return FleetView(
-        source="scraping 2 worker(s) directly (history since this dashboard started)",
-        throughput=_frame([DEV_SERVICE]),
-        batch_size=_frame([DEV_SERVICE], 2.0),
+        source="scraping 3 worker(s) directly (history since this dashboard started)",
+        # Both names a scrape-mode dashboard gives a worker: the Service's URL (one pod) and a pod's (several).
+        throughput=_frame([DEV_SERVICE, POD]),
+        batch_size=_frame([DEV_SERVICE, POD], 2.0),
         latency=_frame(LATENCY, 0.1),
-        lag=_frame([DEV_SERVICE], 5.0),
+        lag=_frame([DEV_SERVICE, POD], 400_000.0),  # a backlog: axis labels up to "1,200,000", the legend after them
         failures=pd.DataFrame({"failures": [4.0]}, index=pd.Index(["not_an_image"], name="kind")),
-        workers=pd.DataFrame([_worker(DEV_SERVICE, True, version, source), _worker(DOWN_POD, False, problem=problem)]),
+        workers=pd.DataFrame(
+            [
+                _worker(DEV_SERVICE, True, version, source),
+                _worker(POD, True, version, source),
+                _worker(DOWN_POD, False, problem=problem),
+            ]
+        ),
         problems=[problem],
     )
 

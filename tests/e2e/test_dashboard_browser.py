@@ -15,6 +15,7 @@ import re
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -23,7 +24,7 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import Browser, Page, expect
 
-from tests.e2e.fleet_shapes import HOSTILE
+from tests.e2e.fleet_shapes import HOSTILE, POD
 from tests.hostile_images import jpeg_bytes
 from tests.integration.stream_support import WorkerProcess
 from tests.services.browser import chromium
@@ -273,9 +274,10 @@ LATENCY_SERIES = ["end-to-end p50", "end-to-end p95", "model call p50", "model c
 WORKER_COLUMNS = ["worker", "up", "model version", "model source", "problem"]
 
 # What does not fit, as the browser laid it out: one line per problem. Charts are Vega-Lite SVGs (legends are
-# `g.role-legend`, every label a `text`; Vega ends a label it cut at its labelLimit with "…"); the workers table
-# is a DOM table (headers are `th` with their own boxes), or a glide canvas grid for st.dataframe, whose DOM has
-# only an accessible copy of the columns in view and the scroller that pans the rest in.
+# `g.role-legend`, every label a `text`; Vega ends a label it cut at its labelLimit with "…", and a legend with
+# more series than entries with "…N entries"); the workers table is a DOM table (headers are `th` with their own
+# boxes): st.table's, or HTML in a Markdown element; or a glide canvas grid for st.dataframe, whose DOM has only
+# an accessible copy of the columns in view and the scroller that pans the rest in.
 LAYOUT_PROBLEMS = (Path(__file__).parent / "layout_problems.js").read_text()
 
 
@@ -369,6 +371,29 @@ def _open_fleet_page(browser: Browser, url: str, shape: str, width: int, height:
     expect(page.get_by_role("heading", name="Workers")).to_be_visible(timeout=60_000)
     expect(page.locator("table")).to_have_count(1, timeout=30_000)
     return page
+
+
+def test_scrape_mode_fleet_fits_common_widths(fleet_page: str) -> None:
+    """The dev overlay's dashboard scrapes the workers itself and names each by its whole /metrics URL
+    (http://captionfleet-worker-pods.captionfleet-dev.svc:9400/metrics): the charts' legends and the workers
+    table must still fit at every common width, a worker's name included. A pod's URL is shown by its
+    host:port in the legends, whole; a longer name may be cut there (its line's tooltip and the table have it)."""
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    expected = {**FLEET_PAGE, "legend": [*LATENCY_SERIES, urllib.parse.urlsplit(POD).netloc]}
+    found = {}
+    with chromium() as browser:
+        width, height = VIEWPORTS[0]
+        page = _open_fleet_page(browser, fleet_page, "scrape", width, height)
+        expect(page.locator('[data-testid="stVegaLiteChart"]')).to_have_count(6, timeout=60_000)
+        for width, height in VIEWPORTS:
+            page.set_viewport_size({"width": width, "height": height})
+            problems = _layout_problems(page, expected, settle_s=8)
+            if problems:
+                found[width] = problems
+            page.screenshot(path=str(ARTIFACTS / f"dashboard-fleet-scrape-{width}.png"), full_page=True)
+    assert not found, "the scrape-mode fleet view does not fit:\n" + "\n".join(
+        f"{width} px: {problem}" for width, problems in found.items() for problem in problems
+    )
 
 
 # Each cell's text as the browser shows it, and the elements in it that Markdown or HTML would have made (a link,

@@ -9,7 +9,7 @@ from xml.etree import ElementTree
 
 import pandas as pd
 
-from captionfleet.dashboard.charts import line_chart, plain, versions_chart, workers_table
+from captionfleet.dashboard.charts import SCRAPE_URL_LABEL, line_chart, plain, versions_chart, workers_table
 from tests.e2e.fleet_shapes import HOSTILE
 
 
@@ -18,14 +18,39 @@ def _frame(**series: list[float]) -> pd.DataFrame:
     return pd.DataFrame(series, index=index)
 
 
-def test_line_legends_list_one_whole_label_a_row_below_the_plot() -> None:
+def test_line_legends_list_one_label_a_row_below_the_plot() -> None:
     frame = _frame(**{"end-to-end p50": [0.1, 0.2, 0.1], "model call p95": [0.3, 0.2, 0.4]})
     spec = line_chart(frame, "seconds").to_dict()
     legend = spec["encoding"]["color"]["legend"]
-    assert legend["orient"] == "bottom" and legend["columns"] == 1 and legend["labelLimit"] == 0
+    assert legend["orient"] == "bottom" and legend["columns"] == 1
+    # Cut only past what the narrowest column has room for (~270 px less the y axis and the entry's symbol).
+    assert 100 <= legend["labelLimit"] <= 140
     assert spec["encoding"]["color"]["sort"] == ["end-to-end p50", "model call p95"]
     # Each series' legend row adds to the chart's height, so the plot keeps its own.
     assert spec["height"] > line_chart(frame[["end-to-end p50"]], "seconds").to_dict()["height"]
+
+
+def test_a_scraped_workers_url_is_its_host_and_port_in_the_legend() -> None:
+    """Scraping the workers itself, the dashboard names each by its /metrics URL (fleet.py expand_url): the
+    legend shows its host:port (the tooltip, the series' whole name). The label expression's JavaScript regular
+    expression reads the same in Python."""
+    spec = line_chart(_frame(**{"http://10.0.0.7:9400/metrics": [1.0, 2.0, 3.0]}), "images/s").to_dict()
+    expr = spec["encoding"]["color"]["legend"]["labelExpr"]
+    assert expr == SCRAPE_URL_LABEL
+    assert {"field": "series", "type": "nominal"}.items() <= spec["encoding"]["tooltip"][1].items()
+    match = re.fullmatch(r"replace\(datum\.label, /(.+)/, '\$1'\)", expr)
+    assert match, expr
+    pattern = re.compile(match.group(1).replace("\\/", "/"))
+    label = {
+        "http://10.0.0.7:9400/metrics": "10.0.0.7:9400",
+        "http://[fd00::7]:9400/metrics": "[fd00::7]:9400",
+        "http://worker-pods.captionfleet-dev.svc:9400/metrics": "worker-pods.captionfleet-dev.svc:9400",
+        "https://w.example/metrics": "w.example",
+        "http://w.example:9400/other": "http://w.example:9400/other",  # another shape: whole (and cut if long)
+        "10.0.0.7:9400": "10.0.0.7:9400",  # Prometheus' instance label
+        "end-to-end p50": "end-to-end p50",
+    }
+    assert {name: pattern.sub(r"\1", name) for name in label} == label
 
 
 def test_an_all_zero_chart_keeps_a_readable_axis() -> None:
@@ -65,6 +90,10 @@ def test_workers_table_wraps_long_values_and_shows_text_verbatim() -> None:
     assert "white-space:pre;" in address + ";" and "white-space:pre;" in up + ";"  # addresses stay on one line
     assert "overflow-wrap:anywhere" in source and "white-space:pre-wrap" in source  # paths break anywhere
     assert "\n\n" not in workers_table(workers)  # Markdown ends an HTML block at a blank line
+    # A worker named by its /metrics URL (scrape mode) breaks anywhere too: no space in ~65 characters.
+    scraped = workers.assign(worker=["http://captionfleet-worker-pods.captionfleet-dev.svc:9400/metrics", "w"])
+    _, rows = _cells(workers_table(scraped))
+    assert "overflow-wrap:anywhere" in rows[0][0][1] and "white-space:pre;" in rows[1][0][1] + ";"
 
 
 def test_plain_leaves_markdown_nothing_but_letters_and_digits() -> None:
