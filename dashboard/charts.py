@@ -5,11 +5,14 @@ On a 1024 px laptop with the sidebar open each of the page's two columns is ~270
 wide and were cut off by their chart; its bar chart cut version names to 17 characters ("builtin-shapes-9c…");
 ``st.dataframe``'s grid hid the workers' last columns off to the side. So the charts are Altair specs with their
 legends below the plot, one entry a row, a scraped worker's /metrics URL as its host:port, and a label cut only past
-what the narrowest column has room for; the workers are an HTML table that wraps and shows its text verbatim.
+what the narrowest column has room for; at most ten lines (the busiest workers and the others as one), a lone
+sample drawn as a point; the workers are an HTML table that wraps and shows its text verbatim.
 ``tests/e2e/test_dashboard_browser.py`` checks the page at 1920, 1366, 1024 and 768 px in a real browser.
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 import altair as alt
 import pandas as pd
@@ -43,24 +46,51 @@ def _legend() -> alt.Legend:
     )
 
 
-def line_chart(frame: pd.DataFrame, unit: str) -> alt.Chart:
-    """One line per column of ``frame`` (indexed by time), named in a legend below the plot."""
+# Lines a chart tells apart: its palette's colours (Vega's tableau10). Past that, lines share colours, and past 30
+# Vega's legend ends in "…N entries" and names none of them. A fleet of more workers is charted as its busiest
+# MAX_SERIES - 1 (by their mean over the window) and one line for all the others.
+MAX_SERIES = 10
+
+
+def _fewer_series(frame: pd.DataFrame, others: Literal["sum", "mean"]) -> pd.DataFrame:
+    """``frame`` with at most MAX_SERIES columns: the ones with the highest mean, then the rest as one, their
+    sum or mean at each time (throughput and lag add up over workers; a batch size is a mean)."""
+    if len(frame.columns) <= MAX_SERIES:
+        return frame
+    kept = list(frame.mean().sort_values(ascending=False, kind="stable").index[: MAX_SERIES - 1])
+    rest = frame.drop(columns=kept)
+    combined = rest.sum(axis=1, min_count=1) if others == "sum" else rest.mean(axis=1)
+    return frame[kept].assign(**{f"{len(rest.columns)} others ({others})": combined})
+
+
+def line_chart(frame: pd.DataFrame, unit: str, others: Literal["sum", "mean"] = "sum") -> alt.LayerChart:
+    """One line per column of ``frame`` (indexed by time), named in a legend below the plot; past MAX_SERIES
+    columns, the rest as one line (``others``: how they combine). A sample with no sample beside it in its
+    series (a worker's first, or one between gaps) is a point too: a line through one point draws nothing."""
+    frame = _fewer_series(frame, others)
+    present = frame.notna()
+    alone = present & ~present.shift(1, fill_value=False) & ~present.shift(-1, fill_value=False)
     long = frame.rename_axis("time").reset_index().melt(id_vars="time", var_name="series", value_name="value")
+    long["alone"] = alone.to_numpy().flatten(order="F")  # melt's order: column by column
     labels = [str(column) for column in frame.columns]
     # Every series here is >= 0. All zero (no lag at all), the scale's domain would be [0, 0]: one grid line,
     # labelled "0.000000"; [0, 1] keeps an axis to read.
     top = frame.max(numeric_only=True).max()
     scale = alt.Scale(domain=[0, 1]) if not top > 0 else alt.Undefined
-    return (
-        alt.Chart(long, height=PLOT_HEIGHT + LEGEND_ROW * len(labels))
-        .mark_line()
-        .encode(
-            x=alt.X("time:T", title="time"),
-            y=alt.Y("value:Q", title=unit, scale=scale),
-            color=alt.Color("series:N", title=None, sort=labels, legend=_legend()),
-            tooltip=[alt.Tooltip("time:T"), alt.Tooltip("series:N"), alt.Tooltip("value:Q", title=unit)],
-        )
+    base = alt.Chart(long).encode(
+        x=alt.X("time:T", title="time"),
+        y=alt.Y("value:Q", title=unit, scale=scale),
+        tooltip=[alt.Tooltip("time:T"), alt.Tooltip("series:N"), alt.Tooltip("value:Q", title=unit)],
     )
+    lines = base.mark_line().encode(color=alt.Color("series:N", title=None, sort=labels, legend=_legend()))
+    # The points' colours are the lines' (one scale); a legend of their own would draw each entry's symbol as a
+    # circle over the line's, and a third taller (the rows then took the plot's height).
+    points = (
+        base.mark_point(filled=True, size=40, opacity=1)
+        .encode(color=alt.Color("series:N", sort=labels, legend=None))
+        .transform_filter(alt.datum.alone)
+    )
+    return alt.layer(lines, points, height=PLOT_HEIGHT + LEGEND_ROW * len(labels))
 
 
 def versions_chart(per_version: pd.Series) -> alt.Chart:

@@ -22,6 +22,7 @@ POD = "http://10.244.1.16:9400/metrics"  # a pod's own URL: the Service's name r
 DOWN_POD = "http://10.244.1.17:9400/metrics"
 LATENCY = ["end-to-end p50", "end-to-end p95", "model call p50", "model call p95"]
 MANY = 40
+NEW_WORKER = "10.244.0.10:9400"  # the first of them, one sample of lag (the page charts its throughput from 0)
 
 # Each a value the workers table must show verbatim: what Markdown (GFM, math, Streamlit's directives and
 # shortcodes) or HTML would turn into a link, a list, a heading, a formula, an icon, an emoji, an entity's
@@ -103,14 +104,15 @@ def hostile_view() -> FleetView:
 
 def many_view() -> FleetView:
     names = [f"10.244.{i // 8}.{i % 8 + 10}:9400" for i in range(MANY)]
-    throughput = _frame(names)
-    throughput.iloc[:, 0] = [math.nan] * 19 + [9.0]  # a worker that just started: one sample so far
+    assert names[0] == NEW_WORKER
+    lag = _frame(names, 5.0)
+    lag.iloc[:, 0] = [math.nan] * 19 + [900.0]  # a worker that just started: one sample so far
     return FleetView(
         source="made up",
-        throughput=throughput,
+        throughput=_frame(names),
         batch_size=_frame(names, 2.0),
         latency=_frame(LATENCY, 0.1),
-        lag=_frame(names, 5.0),
+        lag=lag,
         failures=pd.DataFrame({"failures": []}, index=pd.Index([], name="kind")),
         workers=pd.DataFrame([_worker(name, True, "v1") for name in names]),
     )

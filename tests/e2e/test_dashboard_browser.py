@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import Browser, Page, expect
 
-from tests.e2e.fleet_shapes import HOSTILE, POD
+from tests.e2e.fleet_shapes import HOSTILE, NEW_WORKER, POD
 from tests.hostile_images import jpeg_bytes
 from tests.integration.stream_support import WorkerProcess
 from tests.services.browser import chromium
@@ -394,6 +394,43 @@ def test_scrape_mode_fleet_fits_common_widths(fleet_page: str) -> None:
     assert not found, "the scrape-mode fleet view does not fit:\n" + "\n".join(
         f"{width} px: {problem}" for width, problems in found.items() for problem in problems
     )
+
+
+# Per chart, the legend's labels and how many points (symbols) are drawn.
+_LEGENDS_AND_POINTS = """() => Object.fromEntries(
+  [...document.querySelectorAll('[data-testid="stVegaLiteChart"]')].map((chart) => {
+  let item = chart.closest('[data-testid="stElementContainer"]');
+  while (item && !item.querySelector('h1, h2, h3')) item = item.previousElementSibling;
+  const svg = chart.querySelector('svg');
+  return [item ? item.querySelector('h1, h2, h3').textContent.trim() : '?', {
+    legend: [...svg.querySelectorAll('.role-legend-label text')].map((text) => text.textContent),
+    points: svg.querySelectorAll('.mark-symbol.role-mark path').length,
+  }];
+  }))"""
+
+
+def test_a_fleet_of_many_workers_and_a_new_one(fleet_page: str) -> None:
+    """40 workers: each chart's legend still names every line it draws (Vega lists 29 entries and "…11 entries";
+    ten colours tell ten lines apart), and it fits. A worker that has just started has one sample in the
+    window: a line of one point draws nothing, so it must be drawn as a point."""
+    expected = {**FLEET_PAGE, "charts": 5}  # no failures: no failures chart
+    found = {}
+    with chromium() as browser:
+        page = _open_fleet_page(browser, fleet_page, "many", *VIEWPORTS[0])
+        expect(page.locator('[data-testid="stVegaLiteChart"]')).to_have_count(5, timeout=60_000)
+        for width, height in VIEWPORTS:
+            page.set_viewport_size({"width": width, "height": height})
+            problems = _layout_problems(page, expected, settle_s=8)
+            if problems:
+                found[width] = problems
+        charts = page.evaluate(_LEGENDS_AND_POINTS)
+    assert not found, "the fleet view of many workers does not fit:\n" + "\n".join(
+        f"{width} px: {problem}" for width, problems in found.items() for problem in problems
+    )
+    for name in ("Throughput", "Batch size", "Consumer lag"):
+        assert len(charts[name]["legend"]) <= 10, f"{name}: {len(charts[name]['legend'])} legend entries"
+    assert NEW_WORKER in charts["Consumer lag"]["legend"], charts["Consumer lag"]["legend"]
+    assert charts["Consumer lag"]["points"] >= 1, "the worker with one sample is not drawn"
 
 
 # Each cell's text as the browser shows it, and the elements in it that Markdown or HTML would have made (a link,

@@ -4,7 +4,9 @@ narrowest columns. How they look in a browser at common widths: tests/e2e/test_d
 from __future__ import annotations
 
 import html
+import math
 import re
+from typing import Any, Literal
 from xml.etree import ElementTree
 
 import pandas as pd
@@ -14,18 +16,27 @@ from tests.e2e.fleet_shapes import HOSTILE
 
 
 def _frame(**series: list[float]) -> pd.DataFrame:
-    index = pd.DatetimeIndex(pd.to_datetime([0, 1, 2], unit="s"), name="time")
+    times = len(next(iter(series.values())))
+    index = pd.DatetimeIndex(pd.to_datetime(list(range(times)), unit="s"), name="time")
     return pd.DataFrame(series, index=index)
+
+
+def _lines(frame: pd.DataFrame, unit: str = "images/s", others: Literal["sum", "mean"] = "sum") -> dict[str, Any]:
+    """The line chart's spec: its layers (the lines, then the lone samples' points) and its data's rows."""
+    spec = line_chart(frame, unit, others).to_dict()
+    (rows,) = spec.pop("datasets").values()
+    return {**spec, "rows": rows}
 
 
 def test_line_legends_list_one_label_a_row_below_the_plot() -> None:
     frame = _frame(**{"end-to-end p50": [0.1, 0.2, 0.1], "model call p95": [0.3, 0.2, 0.4]})
-    spec = line_chart(frame, "seconds").to_dict()
-    legend = spec["encoding"]["color"]["legend"]
+    spec = _lines(frame, "seconds")
+    legend = spec["layer"][0]["encoding"]["color"]["legend"]
     assert legend["orient"] == "bottom" and legend["columns"] == 1
     # Cut only past what the narrowest column has room for (~270 px less the y axis and the entry's symbol).
     assert 100 <= legend["labelLimit"] <= 140
-    assert spec["encoding"]["color"]["sort"] == ["end-to-end p50", "model call p95"]
+    assert spec["layer"][0]["encoding"]["color"]["sort"] == ["end-to-end p50", "model call p95"]
+    assert spec["layer"][1]["encoding"]["color"]["legend"] is None  # the points' colours, the same legend
     # Each series' legend row adds to the chart's height, so the plot keeps its own.
     assert spec["height"] > line_chart(frame[["end-to-end p50"]], "seconds").to_dict()["height"]
 
@@ -34,10 +45,10 @@ def test_a_scraped_workers_url_is_its_host_and_port_in_the_legend() -> None:
     """Scraping the workers itself, the dashboard names each by its /metrics URL (fleet.py expand_url): the
     legend shows its host:port (the tooltip, the series' whole name). The label expression's JavaScript regular
     expression reads the same in Python."""
-    spec = line_chart(_frame(**{"http://10.0.0.7:9400/metrics": [1.0, 2.0, 3.0]}), "images/s").to_dict()
-    expr = spec["encoding"]["color"]["legend"]["labelExpr"]
+    (lines, _) = _lines(_frame(**{"http://10.0.0.7:9400/metrics": [1.0, 2.0, 3.0]}))["layer"]
+    expr = lines["encoding"]["color"]["legend"]["labelExpr"]
     assert expr == SCRAPE_URL_LABEL
-    assert {"field": "series", "type": "nominal"}.items() <= spec["encoding"]["tooltip"][1].items()
+    assert {"field": "series", "type": "nominal"}.items() <= lines["encoding"]["tooltip"][1].items()
     match = re.fullmatch(r"replace\(datum\.label, /(.+)/, '\$1'\)", expr)
     assert match, expr
     pattern = re.compile(match.group(1).replace("\\/", "/"))
@@ -54,8 +65,33 @@ def test_a_scraped_workers_url_is_its_host_and_port_in_the_legend() -> None:
 
 
 def test_an_all_zero_chart_keeps_a_readable_axis() -> None:
-    assert line_chart(_frame(a=[0.0, 0.0, 0.0]), "messages").to_dict()["encoding"]["y"]["scale"]["domain"] == [0, 1]
-    assert "scale" not in line_chart(_frame(a=[0.0, 3.0, 1.0]), "messages").to_dict()["encoding"]["y"]
+    assert _lines(_frame(a=[0.0, 0.0, 0.0]))["layer"][0]["encoding"]["y"]["scale"]["domain"] == [0, 1]
+    assert "scale" not in _lines(_frame(a=[0.0, 3.0, 1.0]))["layer"][0]["encoding"]["y"]
+
+
+def test_a_sample_with_no_neighbour_is_drawn_as_a_point() -> None:
+    """A line through one point draws nothing: a worker's first sample, or one between gaps, would not show."""
+    nan = math.nan
+    spec = _lines(_frame(new=[nan, nan, nan, 4.0], gaps=[1.0, nan, 2.0, nan], steady=[1.0, 2.0, 3.0, 2.0]))
+    (lines, points) = spec["layer"]
+    assert lines["mark"]["type"] == "line" and points["mark"]["type"] == "point" and points["mark"]["filled"]
+    assert points["transform"] == [{"filter": "datum.alone"}]
+    alone = {(row["series"], row["value"]) for row in spec["rows"] if row["alone"]}
+    assert alone == {("new", 4.0), ("gaps", 1.0), ("gaps", 2.0)}
+
+
+def test_past_ten_series_the_busiest_are_charted_and_the_rest_as_one() -> None:
+    """Ten colours tell ten lines apart, and Vega's legend lists 29 entries then "…N entries": 40 workers are
+    their 9 busiest (by mean over the window) and one line for the other 31, summed, or averaged (batch sizes)."""
+    workers = {f"w{i:02d}": [float(i), float(i) + 1.0] for i in range(40)}
+    spec = _lines(_frame(**workers))
+    busiest = [f"w{i:02d}" for i in range(39, 30, -1)]
+    assert spec["layer"][0]["encoding"]["color"]["sort"] == [*busiest, "31 others (sum)"]
+    others = [row["value"] for row in spec["rows"] if row["series"] == "31 others (sum)"]
+    assert others == [sum(range(31)), sum(range(31)) + 31.0]
+    averaged = _lines(_frame(**workers), others="mean")
+    assert [row["value"] for row in averaged["rows"] if row["series"] == "31 others (mean)"] == [15.0, 16.0]
+    assert spec["height"] == _lines(_frame(**dict(list(workers.items())[:10])))["height"]  # ten rows of legend
 
 
 def test_version_names_are_never_cut() -> None:
