@@ -90,7 +90,7 @@ def line_chart(frame: pd.DataFrame, unit: str, others: Literal["sum", "mean"] = 
         .encode(color=alt.Color("series:N", sort=labels, legend=None))
         .transform_filter(alt.datum.alone)
     )
-    return alt.layer(lines, points, height=PLOT_HEIGHT + LEGEND_ROW * len(labels))
+    return alt.LayerChart(layer=[lines, points], height=PLOT_HEIGHT + LEGEND_ROW * len(labels))
 
 
 def versions_chart(per_version: pd.Series) -> alt.Chart:
@@ -155,5 +155,6 @@ def workers_table(workers: pd.DataFrame) -> str:
         + "</tr>"
         for row in shown.itertuples(index=False)
     )
-    # One line, no blank one: Markdown takes an HTML block to end at the first blank line.
-    return f'<table class="captionfleet-workers"><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>'
+    # The page's width, as st.table's. One line, no blank one: Markdown ends an HTML block at a blank line.
+    table = '<table class="captionfleet-workers" style="width:100%">'
+    return f"{table}<thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
