@@ -6,6 +6,8 @@ shows comes from dashboard/model.py, uploads.py and fleet.py; this file only dec
 
 from __future__ import annotations
 
+from typing import Literal
+
 import pandas as pd
 import streamlit as st
 
@@ -162,12 +164,12 @@ def upload_tab(model_settings: WorkerSettings, settings: DashboardSettings, deco
             text.caption(f"prompt: {result.prompt}")
 
 
-def chart(title: str, frame: pd.DataFrame, unit: str, note: str = "") -> None:
+def chart(title: str, frame: pd.DataFrame, unit: str, note: str = "", others: Literal["sum", "mean"] = "sum") -> None:
     st.subheader(title)
     if frame.dropna(how="all").empty:
         st.caption(f"{title}: no data in the window yet")
         return
-    st.altair_chart(line_chart(frame, unit), width="stretch")
+    st.altair_chart(line_chart(frame, unit, others), width="stretch")
     if note:
         st.caption(note)
 
@@ -202,7 +204,7 @@ def fleet_panels(view: FleetView, window_s: int) -> None:
             counts = ", ".join(f"{kind} {int(n)}" for kind, n in view.failures["failures"].items())
             st.caption(f"Failures in the last {window_text(window_s)}: {counts}")
     with right:
-        chart("Batch size", view.batch_size, "images per model call")
+        chart("Batch size", view.batch_size, "images per model call", others="mean")
         chart("Consumer lag", view.lag, "messages", "requests on the topic not yet answered and committed")
         st.subheader("Model version per worker")
         up = view.workers[view.workers["up"]] if len(view.workers) else view.workers
@@ -215,7 +217,8 @@ def fleet_panels(view: FleetView, window_s: int) -> None:
     if view.workers.empty:
         st.caption("No workers seen")
     else:
-        st.table(workers_table(view.workers))
+        # HTML, every value's text escaped by workers_table: st.table's cells are Markdown, which changed them.
+        st.markdown(workers_table(view.workers), unsafe_allow_html=True)
 
 
 def fleet_tab(settings: DashboardSettings) -> None:
@@ -250,4 +253,6 @@ def main() -> None:
         fleet_tab(settings)
 
 
-main()
+# Streamlit runs this file as __main__; imported (tests/e2e/fleet_page.py draws fleet_panels alone), it draws nothing.
+if __name__ == "__main__":
+    main()

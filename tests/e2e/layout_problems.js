@@ -48,19 +48,29 @@
     }
     for (const text of svg.querySelectorAll('text')) {
       const label = text.textContent;
-      if (label.endsWith('…')) problems.push(`"${name}": the label "${label}" is truncated`);
+      // A legend label may be cut at the plot's width (the series' tooltip names it in full; the names in
+      // expected.legend must be whole); an axis label may not. Vega ends a legend that ran out of entries
+      // with "…N entries": those series have no entry at all.
+      const inLegend = text.closest('.role-legend') !== null;
+      if (inLegend && /^…\d+ entries$/.test(label)) problems.push(`"${name}": its legend leaves out ${label.slice(1)}`);
+      else if (label.endsWith('…') && !inLegend) problems.push(`"${name}": the label "${label}" is truncated`);
       else if (outside(text.getBoundingClientRect(), box, 4) || over(text.getBoundingClientRect(), box, 4)) problems.push(`"${name}": the label "${label}" is cut off`);
     }
   }
   for (const label of expected.legend)
     if (!legendLabels.has(label)) problems.push(`no legend shows "${label}" in full`);
 
-  // Tables: every column's header fully in view.
-  const tables = [...document.querySelectorAll('[data-testid="stTable"], [data-testid="stDataFrame"]')];
+  // Tables: every column's header fully in view. An HTML table in Markdown has no frame of its own: its place
+  // is its element's, which it must not run out of.
+  const selector = '[data-testid="stTable"], [data-testid="stDataFrame"], [data-testid="stMarkdownContainer"] table';
+  const tables = [...document.querySelectorAll(selector)];
   if (tables.length < expected.tables) problems.push(`${tables.length} tables of ${expected.tables}`);
   for (const table of tables) {
     const name = titleOf(table);
-    const box = table.getBoundingClientRect();
+    const place = table.matches('table') ? table.closest('[data-testid="stElementContainer"]') : table;
+    const box = place.getBoundingClientRect();
+    const r = table.getBoundingClientRect();
+    if (outside(r, box)) problems.push(`"${name}": the table (${px(r.width)}) is wider than its place (${px(box.width)})`);
     const grid = table.querySelector('.dvn-scroller');
     const headers = [...table.querySelectorAll('th, [role="columnheader"]')].filter((th) => th.closest('thead'));
     const names = headers.map((th) => th.textContent.trim());
@@ -71,7 +81,7 @@
         problems.push(`"${name}": its columns are ${px(grid.scrollWidth)} wide in ${px(grid.clientWidth)}: some are out of view`);
       continue;
     }
-    for (const scroller of [table, ...table.querySelectorAll('*')])
+    for (const scroller of [place, ...place.querySelectorAll('*')])
       if (scroller.scrollWidth > scroller.clientWidth + 1 && getComputedStyle(scroller).overflowX !== 'visible')
         problems.push(`"${name}": the table scrolls sideways (${px(scroller.scrollWidth)} in ${px(scroller.clientWidth)})`);
     for (const th of headers) {

@@ -15,14 +15,16 @@ import re
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from playwright.sync_api import Page, expect
+from playwright.sync_api import Browser, Page, expect
 
+from tests.e2e.fleet_shapes import HOSTILE, NEW_WORKER, POD
 from tests.hostile_images import jpeg_bytes
 from tests.integration.stream_support import WorkerProcess
 from tests.services.browser import chromium
@@ -272,17 +274,20 @@ LATENCY_SERIES = ["end-to-end p50", "end-to-end p95", "model call p50", "model c
 WORKER_COLUMNS = ["worker", "up", "model version", "model source", "problem"]
 
 # What does not fit, as the browser laid it out: one line per problem. Charts are Vega-Lite SVGs (legends are
-# `g.role-legend`, every label a `text`; Vega ends a label it cut at its labelLimit with "…"); the workers table
-# is a DOM table (headers are `th` with their own boxes), or a glide canvas grid for st.dataframe, whose DOM has
-# only an accessible copy of the columns in view and the scroller that pans the rest in.
+# `g.role-legend`, every label a `text`; Vega ends a label it cut at its labelLimit with "…", and a legend with
+# more series than entries with "…N entries"); the workers table is a DOM table (headers are `th` with their own
+# boxes): st.table's, or HTML in a Markdown element; or a glide canvas grid for st.dataframe, whose DOM has only
+# an accessible copy of the columns in view and the scroller that pans the rest in.
 LAYOUT_PROBLEMS = (Path(__file__).parent / "layout_problems.js").read_text()
 
 
-def _layout_problems(page: Page, settle_s: float = 15.0) -> list[str]:
+FLEET_PAGE = {"charts": 6, "legend": LATENCY_SERIES, "tables": 1, "columns": WORKER_COLUMNS}
+
+
+def _layout_problems(page: Page, expected: dict[str, object] = FLEET_PAGE, settle_s: float = 15.0) -> list[str]:
     """The layout's problems once it has settled: charts redraw at their new width after a resize, and the
     fragment redraws everything every 2 s; an empty list as soon as one check finds nothing wrong (the check
     also counts the charts, legends and headers that must be there, so a half-drawn page is not "clean")."""
-    expected = {"charts": 6, "legend": LATENCY_SERIES, "tables": 1, "columns": WORKER_COLUMNS}
     deadline = time.monotonic() + settle_s
     while True:
         page.wait_for_timeout(1000)
@@ -317,3 +322,142 @@ def test_fleet_view_fits_common_widths(fleet: dict[str, object], tmp_path: Path)
     assert not found, "the fleet view does not fit:\n" + "\n".join(
         f"{width} px: {problem}" for width, problems in found.items() for problem in problems
     )
+
+
+# ---- the fleet view's panels for made-up fleets (tests/e2e/fleet_page.py) ----------------------------------
+
+
+@pytest.fixture(scope="module")
+def fleet_page(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """tests/e2e/fleet_page.py served by Streamlit: dashboard/app.py's fleet panels for a fleet made up there,
+    ``?shape=`` picking which. No worker, broker or Prometheus: the page's layout and text are the point."""
+    tmp = tmp_path_factory.mktemp("fleet-page")
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("WORKER_", "DASHBOARD_"))}
+    env["PYTHONPATH"] = str(REPO)
+    page = Path(__file__).with_name("fleet_page.py")
+    command = [sys.executable, "-m", "streamlit", "run", str(page), "--server.address", "127.0.0.1"]
+    command += ["--server.port", str(port), "--server.headless", "true", "--browser.gatherUsageStats", "false"]
+    log = (tmp / "streamlit.log").open("ab")
+    proc = subprocess.Popen(command, env=env, cwd=tmp, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert proc.poll() is None, (tmp / "streamlit.log").read_text()
+            try:
+                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as response:
+                    if response.read().strip() == b"ok":
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "streamlit not healthy after 90 s"
+            time.sleep(0.3)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+        log.close()
+
+
+def _open_fleet_page(browser: Browser, url: str, shape: str, width: int, height: int) -> Page:
+    page = browser.new_page(viewport={"width": width, "height": height})
+    page.on("dialog", lambda dialog: pytest.fail(f"the page opened a dialog: {dialog.message}"))
+    page.goto(f"{url}/?shape={shape}", wait_until="domcontentloaded")
+    expect(page.get_by_role("heading", name="Workers")).to_be_visible(timeout=60_000)
+    expect(page.locator("table")).to_have_count(1, timeout=30_000)
+    return page
+
+
+def test_scrape_mode_fleet_fits_common_widths(fleet_page: str) -> None:
+    """The dev overlay's dashboard scrapes the workers itself and names each by its whole /metrics URL
+    (http://captionfleet-worker-pods.captionfleet-dev.svc:9400/metrics): the charts' legends and the workers
+    table must still fit at every common width, a worker's name included. A pod's URL is shown by its
+    host:port in the legends, whole; a longer name may be cut there (its line's tooltip and the table have it)."""
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    expected = {**FLEET_PAGE, "legend": [*LATENCY_SERIES, urllib.parse.urlsplit(POD).netloc]}
+    found = {}
+    with chromium() as browser:
+        width, height = VIEWPORTS[0]
+        page = _open_fleet_page(browser, fleet_page, "scrape", width, height)
+        expect(page.locator('[data-testid="stVegaLiteChart"]')).to_have_count(6, timeout=60_000)
+        for width, height in VIEWPORTS:
+            page.set_viewport_size({"width": width, "height": height})
+            problems = _layout_problems(page, expected, settle_s=8)
+            if problems:
+                found[width] = problems
+            page.screenshot(path=str(ARTIFACTS / f"dashboard-fleet-scrape-{width}.png"), full_page=True)
+    assert not found, "the scrape-mode fleet view does not fit:\n" + "\n".join(
+        f"{width} px: {problem}" for width, problems in found.items() for problem in problems
+    )
+
+
+# Per chart, the legend's labels and how many points (symbols) are drawn.
+_LEGENDS_AND_POINTS = """() => Object.fromEntries(
+  [...document.querySelectorAll('[data-testid="stVegaLiteChart"]')].map((chart) => {
+  let item = chart.closest('[data-testid="stElementContainer"]');
+  while (item && !item.querySelector('h1, h2, h3')) item = item.previousElementSibling;
+  const svg = chart.querySelector('svg');
+  return [item ? item.querySelector('h1, h2, h3').textContent.trim() : '?', {
+    legend: [...svg.querySelectorAll('.role-legend-label text')].map((text) => text.textContent),
+    points: svg.querySelectorAll('.mark-symbol.role-mark path').length,
+  }];
+  }))"""
+
+
+def test_a_fleet_of_many_workers_and_a_new_one(fleet_page: str) -> None:
+    """40 workers: each chart's legend still names every line it draws (Vega lists 29 entries and "…11 entries";
+    ten colours tell ten lines apart), and it fits. A worker that has just started has one sample in the
+    window: a line of one point draws nothing, so it must be drawn as a point."""
+    expected = {**FLEET_PAGE, "charts": 5}  # no failures: no failures chart
+    found = {}
+    with chromium() as browser:
+        page = _open_fleet_page(browser, fleet_page, "many", *VIEWPORTS[0])
+        expect(page.locator('[data-testid="stVegaLiteChart"]')).to_have_count(5, timeout=60_000)
+        for width, height in VIEWPORTS:
+            page.set_viewport_size({"width": width, "height": height})
+            problems = _layout_problems(page, expected, settle_s=8)
+            if problems:
+                found[width] = problems
+        charts = page.evaluate(_LEGENDS_AND_POINTS)
+    assert not found, "the fleet view of many workers does not fit:\n" + "\n".join(
+        f"{width} px: {problem}" for width, problems in found.items() for problem in problems
+    )
+    for name in ("Throughput", "Batch size", "Consumer lag"):
+        assert len(charts[name]["legend"]) <= 10, f"{name}: {len(charts[name]['legend'])} legend entries"
+    assert NEW_WORKER in charts["Consumer lag"]["legend"], charts["Consumer lag"]["legend"]
+    assert charts["Consumer lag"]["points"] >= 1, "the worker with one sample is not drawn"
+
+
+# Each cell's text as the browser shows it, and the elements in it that Markdown or HTML would have made (a link,
+# an image, a list, a heading, code, emphasis, a formula, an icon or emoji): none may be there.
+_CELLS = """() => [...document.querySelector('[data-testid="stMain"] table').querySelectorAll('tbody tr')].map(
+  (tr) => [...tr.querySelectorAll('td')].map((td) => ({
+    text: td.innerText,
+    made: [...td.querySelectorAll('a, img, svg, code, pre, ul, ol, li, h1, h2, h3, h4, h5, h6, hr, blockquote, '
+      + 'em, strong, del, b, span, br, input')].map((el) => el.outerHTML.slice(0, 80)),
+  })))"""
+
+
+def test_the_workers_table_shows_every_value_verbatim(fleet_page: str) -> None:
+    """Names, versions, sources and problems come from the workers and the network (a scrape error quotes the
+    URL and the exception): the table shows each exactly as it is, nothing turned into a link or markup."""
+    with chromium() as browser:
+        page = _open_fleet_page(browser, fleet_page, "hostile", 1366, 900)
+        page.wait_for_timeout(1000)
+        rows = page.evaluate(_CELLS)
+    assert len(rows) == len(HOSTILE)
+    wrong = []
+    for i, (value, cells) in enumerate(zip(HOSTILE, rows, strict=True)):
+        shown = [cell["text"] for cell in cells]
+        wanted = [value, "yes" if i % 2 == 0 else "no", value, value, value]
+        if shown != wanted:
+            wrong.append(f"{value!r} shown as {[text for text in shown if text != value]}")
+        made = [element for cell in cells for element in cell["made"]]
+        if made:
+            wrong.append(f"{value!r} made {made}")
+    assert not wrong, "the workers table does not show its values verbatim:\n" + "\n".join(wrong)

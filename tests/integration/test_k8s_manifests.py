@@ -18,6 +18,8 @@ from prometheus_client import CollectorRegistry
 
 from captionfleet.core.settings import WorkerSettings
 from captionfleet.dashboard.settings import DEFAULT_WORKER_SELECTOR, DashboardSettings
+from captionfleet.worker.http.app import IMAGE_ROUTES
+from captionfleet.worker.http.guard import BUSY
 from captionfleet.worker.metrics import WorkerMetrics
 from tests.integration.k8s_support import (
     GPU,
@@ -116,9 +118,10 @@ def exported_names(registry: CollectorRegistry) -> dict[str, str]:
 
 
 def test_scaledobject_scales_on_the_caption_apis_request_rate(built: tuple[str, list[dict[str, Any]]]) -> None:
-    """Where the cluster has the Prometheus the dashboard reads, KEDA also scales on the rate of the caption
-    API's requests: a query over a counter the workers really export, selected by the labels Prometheus gives
-    the worker pods, with a threshold per worker; where it has none (dev), no such trigger."""
+    """Where the cluster has the Prometheus the dashboard reads, KEDA also scales on the caption API's demand:
+    a query over the counters the workers really export (requests answered on the routes that caption images,
+    and those refused busy), selected by the labels and namespace Prometheus gives the worker pods of this
+    overlay, with a threshold per worker; where it has none (dev), no such trigger."""
     overlay, docs = built
     scaled = one(docs, "ScaledObject", "captionfleet-worker")
     triggers = [t for t in scaled["spec"]["triggers"] if t["type"] == "prometheus"]
@@ -144,19 +147,62 @@ def test_scaledobject_scales_on_the_caption_apis_request_rate(built: tuple[str, 
     assert named, f"{overlay}: the query names no captionfleet metric: {query}"
     unknown = [name for name in named if name not in exported]
     assert not unknown, f"{overlay}: the query names metrics no worker exports: {unknown} (worker/metrics.py)"
-    (family,) = WorkerMetrics().http_requests.describe()  # the caption API's requests counter
-    api_requests = family.name + "_total"
-    assert api_requests in named, f"{overlay}: the query does not count the API's requests ({api_requests}): {query}"
-    assert re.search(rf"\b(rate|irate|increase)\(\s*{api_requests}\b", query), (
-        f"{overlay}: {api_requests} is a counter: the query must take its rate: {query}"
+    # The API's demand: the requests answered and those refused because the worker was busy. Answered ones
+    # alone stop growing at what the workers can answer, so a saturated fleet would never cross the threshold.
+    metrics = WorkerMetrics()
+    (answered_family,) = metrics.http_requests.describe()
+    (refused_family,) = metrics.http_refused.describe()
+    selectors: dict[str, dict[str, tuple[str, str]]] = {}
+    for counter in (answered_family.name + "_total", refused_family.name + "_total"):
+        assert re.search(rf"\b(rate|irate|increase)\(\s*{counter}\b", query), (
+            f"{overlay}: the query does not take the rate of {counter} (a counter): {query}"
+        )
+        found = re.findall(rf"\b{counter}\{{([^}}]*)\}}", query)
+        assert len(found) == 1, f"{overlay}: expected one selector of {counter} in the query: {query}"
+        selectors[counter] = _matchers(found[0])
+    answered, refused = selectors.values()
+    # Requests for captions only: the routes that caption images, not a client polling /v1/models.
+    routes = answered.get("route")
+    assert routes and routes[0] == "=~" and set(routes[1].split("|")) == set(IMAGE_ROUTES), (
+        f'{overlay}: the answered requests must be the routes that caption images, route=~"{"|".join(IMAGE_ROUTES)}" '
+        f"(worker/http/app.py), not {routes}: {query}"
+    )
+    assert refused.get("reason") == ("=", BUSY), (
+        f'{overlay}: the refusals counted must be the busy ones (reason="{BUSY}", worker/http/guard.py), not '
+        f"{refused.get('reason')}: {query}"
+    )
+    # Both sides are a union, not a sum of two sums: with no refusal yet the refused counter has no series,
+    # and "x + nothing" is nothing in PromQL (ignoreNullValues would read that as 0 requests/s).
+    assert re.search(r"\)\s*or\s+(rate|irate|increase)\(", query) or "or vector(0)" in query, (
+        f"{overlay}: with no busy refusal yet there is no refused series: the query must still count the answered "
+        f"requests (rate(a) or rate(b), or each side 'or vector(0)'): {query}"
     )
 
-    labels = one(docs, "Deployment", "captionfleet-worker")["spec"]["template"]["metadata"]["labels"]
+    # The workers: the target labels the kubernetes-pods scrape job gives their pods (each pod label, with
+    # characters outside [a-zA-Z0-9_] as "_", and the pod's namespace), in the namespace this overlay deploys to.
+    worker = one(docs, "Deployment", "captionfleet-worker")
+    labels = worker["spec"]["template"]["metadata"]["labels"]
     target_labels = {re.sub(r"[^a-zA-Z0-9_]", "_", key): value for key, value in labels.items()}
-    selected = dict(re.findall(r'(\w+)="([^"]*)"', query))
-    assert selected and selected.items() <= target_labels.items(), (
-        f"{overlay}: the query selects {selected}, the worker pods' target labels are {target_labels}"
-    )
+    namespace = worker["metadata"].get("namespace")
+    assert namespace, f"{overlay}: the overlay sets no namespace"
+    assert scaled["metadata"].get("namespace") == namespace
+    target_labels["namespace"] = namespace
+    for counter, matchers in selectors.items():
+        pod_matchers = {name: m for name, m in matchers.items() if name not in ("route", "code", "reason")}
+        assert pod_matchers.get("namespace") == ("=", namespace), (
+            f"{overlay}: {counter} is not restricted to the workers' namespace {namespace!r}: {query}"
+        )
+        pods = {name: value for name, (op, value) in pod_matchers.items() if op == "="}
+        assert len(pods) == len(pod_matchers) and pods.items() <= target_labels.items() and len(pods) > 1, (
+            f"{overlay}: {counter} selects {pods}, the worker pods' target labels are {target_labels}"
+        )
+
+
+def _matchers(selector: str) -> dict[str, tuple[str, str]]:
+    """``a="x",b=~"y|z"`` as ``{"a": ("=", "x"), "b": ("=~", "y|z")}``."""
+    found = re.findall(r'\s*(\w+)\s*(=~|!~|!=|=)\s*"([^"]*)"\s*(?:,|$)', selector)
+    assert found, f"no label matchers in {{{selector}}}"
+    return {name: (op, value) for name, op, value in found}
 
 
 # ---- workload shape ------------------------------------------------------------------------------

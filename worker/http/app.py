@@ -41,6 +41,10 @@ DEADLINE = "deadline"
 DISCONNECT = "disconnect"
 # nginx's word for it: the client closed the connection before the answer; nobody reads this response.
 CLIENT_GONE = 499
+# The route label of captionfleet_http_requests_total, by endpoint. The first two caption images: the requests
+# KEDA's trigger on the API's demand counts (k8s/base/worker-scaledobject.yaml); /v1/models is only polled.
+CAPTIONS, CHAT, MODELS = "captions", "chat", "models"
+IMAGE_ROUTES = (CAPTIONS, CHAT)
 
 
 @dataclass
@@ -130,7 +134,7 @@ def create_app(ctx: ApiContext) -> Guard:
             ]
             return {"model_version": ctx.lane.version, "worker": ctx.worker, "results": rows}
 
-        return await handle("captions", request, work)
+        return await handle(CAPTIONS, request, work)
 
     @app.post("/v1/chat/completions", dependencies=[Depends(bearer)])
     async def chat(request: Request) -> Response:
@@ -146,7 +150,7 @@ def create_app(ctx: ApiContext) -> Guard:
             tokens = sum(r.tokens or 0 for r in results)
             return chat_answer([r.caption or "" for r in results], tokens, ctx.lane.version, ctx.worker)
 
-        return await handle("chat", request, work)
+        return await handle(CHAT, request, work)
 
     @app.get("/v1/models", dependencies=[Depends(bearer)])
     async def models(request: Request) -> Response:
@@ -156,7 +160,7 @@ def create_app(ctx: ApiContext) -> Guard:
             model = {"id": ctx.lane.version, "object": "model", "created": 0, "owned_by": "captionfleet"}
             return {"object": "list", "data": [model], "worker": ctx.worker}
 
-        return await handle("models", request, work)
+        return await handle(MODELS, request, work)
 
     # The JSON body's model is read by hand (the route takes multipart too): put it in the schema once.
     schema = app.openapi()
