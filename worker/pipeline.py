@@ -191,16 +191,23 @@ _DONE = object()  # end-of-input marker on the prefetch queue
 _INTERACTIVE_THREADS = 2
 
 
-class _NestedOnce:
-    """A between-steps hook that stops asking once its job found work: one nested call per running batch."""
+class _PauseBudget:
+    """The between-steps hook of one stream/bulk batch: it pauses the batch (runs ``job``, which captions the
+    interactive images ready) only while the batch has been paused no longer than it has run itself, so that
+    the stream keeps at least half of the model's time however many requests arrive, and a request arriving
+    late in a long batch is not left to wait for all of it because an earlier one paused it."""
 
     def __init__(self, job: Callable[[], bool]) -> None:
         self._job = job
-        self._done = False
+        self._start = time.perf_counter()
+        self._paused = 0.0
 
     def __call__(self) -> None:
-        if not self._done:
-            self._done = self._job()
+        now = time.perf_counter()
+        if self._paused > (now - self._start) - self._paused:
+            return
+        self._job()
+        self._paused += time.perf_counter() - now
 
 
 def _decoding_of(item: Item) -> DecodingSettings | None:
@@ -458,10 +465,10 @@ class CaptionPipeline:
     def _run_batch(self, batch: list[Prepared]) -> None:
         if self.pause_batches and self.interactive_wait_ms is not None and not any(p.urgent for p in batch):
             # A stream/bulk batch: the interactive images ready while it runs are captioned between two of its
-            # decoding steps rather than after it (core/between_steps.py), in one pause per batch, so that it
-            # is never starved. A batch already holding interactive images is not paused: under a flood of
-            # requests they form full batches instead of many small ones.
-            nested = _NestedOnce(self._caption_interactive_now)
+            # decoding steps rather than after it (core/between_steps.py), within a budget that leaves it at
+            # least half the model's time (_PauseBudget). A batch already holding interactive images is not
+            # paused: under a flood of requests they form full batches instead of many small ones.
+            nested = _PauseBudget(self._caption_interactive_now)
             try:
                 with between_steps(nested):
                     self._caption_batch(batch)

@@ -344,9 +344,10 @@ class HttpSettings(BaseModel):
     # interactive requests slows them down but never stops them.
     stream_share: float = Field(default=0.25, ge=0, lt=1)
     # Interactive images ready while a batch of stream/bulk images alone runs are captioned between two of its
-    # decoding steps (core/between_steps.py), once per batch; off, they wait for the batch to end. During the
-    # pause both calls hold their memory: on a GPU whose batch settings fill its memory, turn it off (or size
-    # the batches for two). Never with WORKER_MODEL__STATIC_CACHE (such batches are not paused).
+    # decoding steps (core/between_steps.py), while it has been paused no longer than it ran; off, they wait for
+    # the batch to end. During a pause both calls hold their memory: on a GPU whose batch settings fill its
+    # memory, turn it off (or size the batches for two). Never with WORKER_MODEL__STATIC_CACHE (such batches are
+    # not paused).
     pause_batches: bool = True
     # Decoding overrides a request may ask for (num_beams, max_new_tokens) are capped at these.
     max_num_beams: int = Field(default=8, ge=1, le=16)

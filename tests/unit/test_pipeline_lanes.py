@@ -6,15 +6,19 @@ records what each batch held, so the order is asserted, never a time."""
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+
+import pytest
 
 from captionfleet.core.between_steps import in_nested_call, step_processors
 from captionfleet.core.captioner import ModelInput
 from captionfleet.core.generation import Caption
 from captionfleet.core.images import ImageLimits
 from captionfleet.core.settings import BatchSettings, DecodingSettings
+from captionfleet.worker import pipeline as pipeline_module
 from captionfleet.worker.messages import Result
 from captionfleet.worker.pipeline import CaptionPipeline, RunStats
 from tests.unit.stream_fakes import wait_for
@@ -177,22 +181,42 @@ def test_a_cancelled_interactive_item_is_dropped_and_its_own_decoding_gets_its_o
     run.finish(model)
 
 
+class StepClock:
+    """The pipeline's ``time`` where model time is what the fake model says: each decoding step of a running
+    call takes ``step_s``, a call nested in its pause ``nested_s`` (the batcher's waits stay real)."""
+
+    def __init__(self, step_s: float, nested_s: float) -> None:
+        self.now = 0.0
+        self.step_s = step_s
+        self.nested_s = nested_s
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    monotonic = staticmethod(time.monotonic)
+
+
 class SteppedFake(GatedFake):
     """A GatedFake whose calls decode in ``steps`` steps as generate() does: each waits at the gate, then runs
     the step processors (core/between_steps.py), where the pipeline may caption interactive items in a call
     of their own. Such a nested call runs at once."""
 
-    def __init__(self, steps: int) -> None:
+    def __init__(self, steps: int, clock: StepClock | None = None) -> None:
         super().__init__()
         self.steps = steps
+        self.clock = clock
 
     def caption_inputs(self, inputs: list[ModelInput], decoding: object = None) -> list[Caption]:
         reds = [int(item.features["red"]) for item in inputs]
         self.reds.append(reds)
+        if in_nested_call() and self.clock is not None:
+            self.clock.now += self.clock.nested_s
         if not in_nested_call():
             for _ in range(self.steps):
                 while not self.opened.is_set() and not self._permits.acquire(timeout=0.01):
                     pass
+                if self.clock is not None:
+                    self.clock.now += self.clock.step_s
                 for processor in step_processors():
                     processor(None, None)  # type: ignore[arg-type]
         return [Caption(str(red), -0.5, 1) for red in reds]
@@ -220,28 +244,39 @@ def test_an_interactive_item_is_captioned_between_the_steps_of_a_running_batch()
     assert sorted(r.id for r in run.sink.rows) == sorted(item.id for item in run.items)  # nothing lost
 
 
-def test_one_nested_call_per_batch_and_none_in_a_batch_that_holds_interactive_items() -> None:
-    model = SteppedFake(steps=3)
-    run = Run(model, bulk=12, share=0.25)
+def test_a_batch_is_paused_again_once_it_has_run_as_long_as_it_was_paused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each step of the stream batch takes 1 s, a nested call 3 s: after a pause at its first step it runs
+    unpaused until its own time (3 s) has caught up with the pause, so the stream keeps half the model's time.
+    A batch holding interactive items is never paused."""
+    clock = StepClock(step_s=1, nested_s=3)
+    monkeypatch.setattr(pipeline_module, "time", clock)
+    model = SteppedFake(steps=5, clock=clock)
+    run = Run(model, bulk=8, share=0.25)
     run.thread.start()
-    wait_for(lambda: len(model.reds) == 1, 30, "the first batch at its first step")
-    first, second, third = (Offered(f"i{i}", INTERACTIVE + i) for i in range(3))
+    wait_for(lambda: len(model.reds) == 1, 30, "the stream batch at its first step")
+    first, second, third, fourth = (Offered(f"i{i}", INTERACTIVE + i) for i in range(4))
     offer_prepared(run, first)
-    model.step()
+    model.step()  # step 1 (own time 1 s): paused for first (3 s)
     assert first.future.result(timeout=30).ok
-    offer_prepared(run, second)  # the batch already paused once: this one waits for the next batch
-    model.step(2)
-    wait_for(lambda: len(model.reds) == 3, 30, "the next batch")
-    assert INTERACTIVE + 1 in model.reds[2]  # in the next batch, with the stream share of its rows
-    offer_prepared(run, third)  # that batch holds an interactive item: it is not paused
-    model.step(3)
+    offer_prepared(run, second)
+    model.step()  # step 2: own 2 s < 3 s paused: not paused
+    assert not second.future.done()
+    model.step()  # step 3: own 3 s: paused again
     assert second.future.result(timeout=30).ok
-    wait_for(lambda: len(model.reds) == 4, 30, "the batch after")
-    assert INTERACTIVE + 2 in model.reds[3]
-    run.finish(model)
+    assert model.reds == [[1, 2, 3, 4], [INTERACTIVE], [INTERACTIVE + 1]] and run.sink.rows == []
+    offer_prepared(run, third)
+    model.step(2)  # steps 4 and 5: own 4 and 5 s < 6 s paused: third waits for the next batch
+    wait_for(lambda: len(model.reds) == 4, 30, "the next batch")
+    assert model.reds[3] == [5, INTERACTIVE + 2, 6, 7]  # the stream's share first, then the interactive item
+    offer_prepared(run, fourth)  # that batch holds an interactive item: it is not paused
+    model.step(5)
     assert third.future.result(timeout=30).ok
-    assert sorted(red for batch in model.reds for red in batch) == [*range(1, 13), *range(INTERACTIVE, INTERACTIVE + 3)]
-    assert len(run.sink.rows) == 12
+    wait_for(lambda: len(model.reds) == 5, 30, "the batch after")
+    assert model.reds[4] == [8, INTERACTIVE + 3]
+    run.finish(model)
+    assert fourth.future.result(timeout=30).ok
+    assert sorted(red for batch in model.reds for red in batch) == [*range(1, 9), *range(INTERACTIVE, INTERACTIVE + 4)]
+    assert len(run.sink.rows) == 8
 
 
 @dataclass(eq=False)
