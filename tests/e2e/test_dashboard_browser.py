@@ -135,36 +135,10 @@ def _dashboard_server(
             **(extra_env or {}),
         }
     )
-    log = (tmp_path / "dashboard.log").open("ab")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "captionfleet.cli", "dashboard", "--host", "127.0.0.1", "--port", str(port)],
-        env=env,
-        cwd=tmp_path,  # not the repository: the command line alone must configure Streamlit
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None, (tmp_path / "dashboard.log").read_text()
-            try:
-                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as response:
-                    if response.read().strip() == b"ok":
-                        break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "streamlit not healthy after 90 s"
-            time.sleep(0.3)
+    command = [sys.executable, "-m", "captionfleet.cli", "dashboard", "--host", "127.0.0.1", "--port", str(port)]
+    # Not the repository as working directory: the command line alone must configure Streamlit.
+    with streamlit_served(command, env, tmp_path, port) as url:
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-        log.close()
 
 
 def _images_done(worker: WorkerProcess) -> float:
@@ -338,30 +312,8 @@ def fleet_page(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     page = Path(__file__).with_name("fleet_page.py")
     command = [sys.executable, "-m", "streamlit", "run", str(page), "--server.address", "127.0.0.1"]
     command += ["--server.port", str(port), "--server.headless", "true", "--browser.gatherUsageStats", "false"]
-    log = (tmp / "streamlit.log").open("ab")
-    proc = subprocess.Popen(command, env=env, cwd=tmp, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None, (tmp / "streamlit.log").read_text()
-            try:
-                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as response:
-                    if response.read().strip() == b"ok":
-                        break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "streamlit not healthy after 90 s"
-            time.sleep(0.3)
+    with streamlit_served(command, env, tmp, port) as url:
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-        log.close()
 
 
 def _open_fleet_page(browser: Browser, url: str, shape: str, width: int, height: int) -> Page:
@@ -461,3 +413,34 @@ def test_the_workers_table_shows_every_value_verbatim(fleet_page: str) -> None:
         if made:
             wrong.append(f"{value!r} made {made}")
     assert not wrong, "the workers table does not show its values verbatim:\n" + "\n".join(wrong)
+
+
+@contextmanager
+def streamlit_served(command: list[str], env: dict[str, str], cwd: Path, port: int) -> Iterator[str]:
+    """Run a Streamlit ``command`` in ``cwd`` (its output in ``cwd/streamlit.log``) and give its URL once it
+    answers its health check; stopped after."""
+    log_path = cwd / "streamlit.log"
+    log = log_path.open("ab")
+    proc = subprocess.Popen(command, env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert proc.poll() is None, log_path.read_text()
+            try:
+                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as response:
+                    if response.read().strip() == b"ok":
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "streamlit not healthy after 90 s"
+            time.sleep(0.3)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+        log.close()
