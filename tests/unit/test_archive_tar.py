@@ -621,3 +621,30 @@ def test_a_finished_file_skipped_again_loses_the_checkpoints_a_killed_run_left(t
     leftover.write_bytes(encode_checkpoint([{"id": "k0000", "position": 0, "caption": "kept"}]))
     summary = run(tmp_path / "in" / "a.tar", out)
     assert summary.files_done_before == 1 and not leftover.exists()
+
+
+@pytest.mark.parametrize("kind", ["global PAX", "GNU long name"])
+def test_a_chain_of_extended_headers_breaks_the_shard_not_the_job(kind: str) -> None:
+    """tarfile reads each next extended header by recursion: 400 tiny ones in a row (a 420 KB shard) raised
+    RecursionError out of the reader and stopped the whole job, on every rerun."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        assert tar.fileobj is not None
+        data = jpeg_bytes((16, 12))
+        info = tarfile.TarInfo("a.jpg")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+        for _ in range(400):
+            if kind == "global PAX":
+                header = tarfile.TarInfo._create_pax_generic_header({"comment": "x"}, tarfile.XGLTYPE, "utf-8")  # type: ignore[attr-defined]
+            else:
+                header = tarfile.TarInfo._create_gnu_long_header("l" * 10, tarfile.GNUTYPE_LONGNAME, "utf-8", "strict")  # type: ignore[attr-defined]
+            tar.fileobj.write(header)
+            tar.offset += len(header)
+        info = tarfile.TarInfo("b.jpg")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    report = TarReport()
+    keys = [sample.key for sample in iter_samples(io.BytesIO(buf.getvalue()), max_bytes=MAX_BYTES, report=report)]
+    assert keys == ["a"]
+    assert report.broken is not None and "extended headers in a row" in report.broken

@@ -44,19 +44,32 @@ MAX_SAMPLE_MEMBERS = 64
 SAMPLE_BYTES_FACTOR = 4
 
 
+# An honest member has at most a few extended headers before it (a long name, a long link, a PAX record, a
+# global one). tarfile reads each next one by recursion: a few hundred in a row raise RecursionError.
+MAX_EXTENDED_HEADERS_IN_A_ROW = 16
+
+
 class _BoundedTarFile(tarfile.TarFile):
     members: list[tarfile.TarInfo]  # tarfile's own list of what it read (not in the type stubs)
     global_pax_bytes = 0  # global PAX headers read so far: tarfile merges them into one dict kept to the end
+    extended_in_a_row = 0  # extended headers since the last member
 
 
 class _BoundedTarInfo(tarfile.TarInfo):
     """Refuses extended headers (long names, PAX records) larger than any honest one, before tarfile
-    reads them into memory, and global PAX headers once together they are."""
+    reads them into memory, global PAX headers once together they are, and more of them in a row than any
+    member needs (tarfile would recurse into each)."""
 
     def _proc_member(self, tarfile_: tarfile.TarFile) -> Any:
         extended = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE, tarfile.XGLTYPE)
         if self.type in extended and self.size > EXTENDED_HEADER_MAX_BYTES:
             raise tarfile.ReadError(f"an extended header of {self.size} bytes (over {EXTENDED_HEADER_MAX_BYTES})")
+        if isinstance(tarfile_, _BoundedTarFile):
+            tarfile_.extended_in_a_row = tarfile_.extended_in_a_row + 1 if self.type in extended else 0
+            if tarfile_.extended_in_a_row > MAX_EXTENDED_HEADERS_IN_A_ROW:
+                raise tarfile.ReadError(
+                    f"over {MAX_EXTENDED_HEADERS_IN_A_ROW} extended headers in a row: not a shard to read"
+                )
         if self.type == tarfile.XGLTYPE and isinstance(tarfile_, _BoundedTarFile):
             # Each one is added to tarfile's global dict (and copied into every later member's TarInfo):
             # many small ones would grow it without bound.
