@@ -244,32 +244,34 @@ def test_an_interactive_item_is_captioned_between_the_steps_of_a_running_batch()
     assert sorted(r.id for r in run.sink.rows) == sorted(item.id for item in run.items)  # nothing lost
 
 
-def test_a_batch_is_paused_again_once_it_has_run_as_long_as_it_was_paused(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_batch_is_paused_again_only_if_its_own_time_would_still_cover_the_pauses(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """Each step of the stream batch takes 1 s, a nested call 3 s: after a pause at its first step it runs
-    unpaused until its own time (3 s) has caught up with the pause, so the stream keeps half the model's time.
-    A batch holding interactive items is never paused."""
+    unpaused until its own time covers that pause and the next one, expected as long (6 s), so the stream
+    keeps about half the model's time. A batch holding interactive items is never paused."""
     clock = StepClock(step_s=1, nested_s=3)
     monkeypatch.setattr(pipeline_module, "time", clock)
-    model = SteppedFake(steps=5, clock=clock)
+    model = SteppedFake(steps=7, clock=clock)
     run = Run(model, bulk=8, share=0.25)
     run.thread.start()
     wait_for(lambda: len(model.reds) == 1, 30, "the stream batch at its first step")
     first, second, third, fourth = (Offered(f"i{i}", INTERACTIVE + i) for i in range(4))
     offer_prepared(run, first)
-    model.step()  # step 1 (own time 1 s): paused for first (3 s)
+    model.step()  # step 1 (own 1 s): the first pause always runs (3 s)
     assert first.future.result(timeout=30).ok
     offer_prepared(run, second)
-    model.step()  # step 2: own 2 s < 3 s paused: not paused
+    model.step(4)  # steps 2-5: own 2-5 s < 3 s paused + 3 s expected: not paused
     assert not second.future.done()
-    model.step()  # step 3: own 3 s: paused again
+    model.step()  # step 6: own 6 s: paused again
     assert second.future.result(timeout=30).ok
     assert model.reds == [[1, 2, 3, 4], [INTERACTIVE], [INTERACTIVE + 1]] and run.sink.rows == []
     offer_prepared(run, third)
-    model.step(2)  # steps 4 and 5: own 4 and 5 s < 6 s paused: third waits for the next batch
+    model.step()  # step 7: own 7 s < 6 + 3: third waits for the next batch
     wait_for(lambda: len(model.reds) == 4, 30, "the next batch")
     assert model.reds[3] == [5, INTERACTIVE + 2, 6, 7]  # the stream's share first, then the interactive item
     offer_prepared(run, fourth)  # that batch holds an interactive item: it is not paused
-    model.step(5)
+    model.step(7)
     assert third.future.result(timeout=30).ok
     wait_for(lambda: len(model.reds) == 5, 30, "the batch after")
     assert model.reds[4] == [8, INTERACTIVE + 3]
@@ -277,6 +279,28 @@ def test_a_batch_is_paused_again_once_it_has_run_as_long_as_it_was_paused(monkey
     assert fourth.future.result(timeout=30).ok
     assert sorted(red for batch in model.reds for red in batch) == [*range(1, 9), *range(INTERACTIVE, INTERACTIVE + 4)]
     assert len(run.sink.rows) == 8
+
+
+@pytest.mark.parametrize(("steps", "nested_s"), [(3, 3), (5, 3), (6, 2)])
+def test_under_a_flood_of_requests_a_paused_batch_keeps_half_the_time(
+    monkeypatch: pytest.MonkeyPatch, steps: int, nested_s: float
+) -> None:
+    """A request ready at every step of the stream batch, pauses of one size: the time paused never exceeds
+    the batch's own (it did, 6 s against 3 s, when a pause only checked the time paused before it)."""
+    clock = StepClock(step_s=1, nested_s=nested_s)
+    monkeypatch.setattr(pipeline_module, "time", clock)
+    model = SteppedFake(steps=steps, clock=clock)
+    run = Run(model, bulk=4, share=0.25)
+    run.thread.start()
+    wait_for(lambda: len(model.reds) == 1, 30, "the stream batch at its first step")
+    for step in range(steps):
+        offer_prepared(run, Offered(f"i{step}", INTERACTIVE + step))
+        model.step()
+    wait_for(lambda: bool(run.sink.rows), 30, "the stream batch written")
+    own = steps * 1.0  # the clock moves only for the batch's steps and the calls nested in its pauses
+    paused = clock.now - own
+    run.finish(model)
+    assert 0 < paused <= own, (model.reds, paused, own)
 
 
 @dataclass(eq=False)
