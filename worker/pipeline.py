@@ -193,28 +193,23 @@ _INTERACTIVE_THREADS = 2
 
 class _PauseBudget:
     """The between-steps hook of one stream/bulk batch: it pauses the batch (runs ``job``, which captions the
-    interactive images ready; True when there were any) only if the batch's own time would still cover the
-    time paused, the next pause expected to take as long as the last. So a request arriving late in a long
-    batch is not left to wait for all of it because an earlier one paused it, and the stream keeps about
-    half the model's time however many requests arrive (the first pause of a batch always runs: its
-    length is not known before)."""
+    interactive images ready) only once the batch's own time has caught up with the time it was paused. So
+    a request arriving late in a long batch is not left to wait for all of it because an earlier one paused
+    it, and the pauses of a batch take at most its own time plus one pause: under a flood of requests the
+    stream keeps a third to a half of the model's time (the first pause always runs: its length is not
+    known before, and a request's decoding is capped by WORKER_HTTP__MAX_NUM_BEAMS / MAX_NEW_TOKENS)."""
 
     def __init__(self, job: Callable[[], bool]) -> None:
         self._job = job
         self._start = time.perf_counter()
         self._paused = 0.0
-        self._last = 0.0  # the last pause that captioned something
 
     def __call__(self) -> None:
         now = time.perf_counter()
-        own = (now - self._start) - self._paused
-        if self._paused + self._last > own:
+        if self._paused > (now - self._start) - self._paused:
             return
-        found = self._job()
-        took = time.perf_counter() - now
-        self._paused += took
-        if found:
-            self._last = took
+        self._job()
+        self._paused += time.perf_counter() - now
 
 
 def _decoding_of(item: Item) -> DecodingSettings | None:
@@ -472,8 +467,8 @@ class CaptionPipeline:
     def _run_batch(self, batch: list[Prepared]) -> None:
         if self.pause_batches and self.interactive_wait_ms is not None and not any(p.urgent for p in batch):
             # A stream/bulk batch: the interactive images ready while it runs are captioned between two of its
-            # decoding steps rather than after it (core/between_steps.py), within a budget that leaves it
-            # about half the model's time (_PauseBudget). A batch already holding interactive images is not
+            # decoding steps rather than after it (core/between_steps.py), within a time budget
+            # (_PauseBudget). A batch already holding interactive images is not
             # paused: under a flood of requests they form full batches instead of many small ones.
             nested = _PauseBudget(self._caption_interactive_now)
             try:

@@ -344,7 +344,7 @@ class HttpSettings(BaseModel):
     # interactive requests slows them down but never stops them.
     stream_share: float = Field(default=0.25, ge=0, lt=1)
     # Interactive images ready while a batch of stream/bulk images alone runs are captioned between two of its
-    # decoding steps (core/between_steps.py), while it has been paused about as long as it ran; off, they wait for
+    # decoding steps (core/between_steps.py), while it has been paused no longer than it ran; off, they wait for
     # the batch to end. During a pause both calls hold their memory: on a GPU whose batch settings fill its
     # memory, turn it off (or size the batches for two). Never with WORKER_MODEL__STATIC_CACHE (such batches are
     # not paused).
