@@ -14,7 +14,7 @@ import streamlit as st
 from captionfleet.core.images import ImageLimits
 from captionfleet.core.prompt_input import MAX_PROMPT_CHARS, PromptRefused, check_prompt
 from captionfleet.core.settings import DecodingSettings, SettingsError, WorkerSettings
-from captionfleet.dashboard.charts import line_chart, versions_chart, workers_table
+from captionfleet.dashboard.charts import line_chart, plain, versions_chart, workers_table
 from captionfleet.dashboard.fleet import FleetView, down_notices, fleet_view
 from captionfleet.dashboard.fleet_api import FleetUnavailable, caption_with_fleet
 from captionfleet.dashboard.model import LoadedModel, load_model
@@ -80,6 +80,11 @@ def caption_files(
     if model is None:
         return None
     return caption_uploads(model, files, decoding, limits, settings.upload.batch_size, prompt=prompt)
+
+
+def caption_html(caption: str | None) -> str:
+    """A caption as a heading whose text is the caption verbatim (``plain``: nothing in it reads as markup)."""
+    return f"<h3>{plain(caption or '')}</h3>"
 
 
 def answered_by(result: UploadResult) -> str:
@@ -158,7 +163,8 @@ def upload_tab(model_settings: WorkerSettings, settings: DashboardSettings, deco
         picture, text = st.columns([1, 3])
         if result.image is not None:
             picture.image(result.image, caption=result.name, width=200)
-        text.markdown(f"### {result.caption}")
+        # The model's text, shown as it is: as Markdown a caption like "[see](http://...)" would become a link.
+        text.markdown(caption_html(result.caption), unsafe_allow_html=True)
         text.caption(answered_by(result))
         if result.prompt is not None:
             text.caption(f"prompt: {result.prompt}")

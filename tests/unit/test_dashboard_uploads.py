@@ -4,6 +4,7 @@ its caption or its own message, and one bad file never costs the others their ca
 from __future__ import annotations
 
 import gc
+import html
 import io
 import random
 import re
@@ -53,7 +54,11 @@ def generate(at: AppTest, files: list[tuple[str, bytes, str]]) -> AppTest:
 
 
 def captions(at: AppTest) -> list[str]:
-    return [m.value.removeprefix("### ") for m in at.markdown if m.value.startswith("### ")]
+    return [
+        html.unescape(m.value.removeprefix("<h3>").removesuffix("</h3>"))
+        for m in at.markdown
+        if m.value.startswith("<h3>")
+    ]
 
 
 def caption_lines(at: AppTest) -> list[re.Match[str]]:
@@ -184,3 +189,16 @@ def test_results_keep_thumbnails_and_only_one_batch_is_decoded_at_a_time() -> No
             assert result.image.size == (w, h)
     # When each batch reached the model, the full-size images of the batches before it were gone.
     assert captioner.alive_from_earlier_batches == [0, 0, 0]
+
+
+def test_a_caption_is_shown_verbatim_never_as_markup() -> None:
+    """The model's text is no Markdown or HTML of the page's: a caption with a link, an image, an emoji
+    shortcode, a formula or a tag shows those characters as they are (each one a character reference)."""
+    from captionfleet.dashboard.app import caption_html
+
+    hostile = "[see](http://evil.example) ![i](http://evil.example/x.png) :rocket: $x$ <b>&amp; www.evil.example"
+    shown = caption_html(hostile)
+    inner = shown.removeprefix("<h3>").removesuffix("</h3>")
+    assert shown.startswith("<h3>") and shown.endswith("</h3>")
+    assert re.fullmatch(r"(?:[A-Za-z0-9]|&#\d+;)*", inner)  # letters, digits and references, nothing else
+    assert html.unescape(inner) == hostile
