@@ -270,6 +270,20 @@ def _layout_problems(page: Page, expected: dict[str, object] = FLEET_PAGE, settl
             return problems
 
 
+def _problems_at_every_width(
+    page: Page, expected: dict[str, object] = FLEET_PAGE, settle_s: float = 15.0, screenshots: str | None = None
+) -> str:
+    """The layout's problems at each of VIEWPORTS, one line each ("" when none); ``screenshots``: a name to save
+    each width's page under in tests/artifacts."""
+    found = []
+    for width, height in VIEWPORTS:
+        page.set_viewport_size({"width": width, "height": height})
+        found += [f"{width} px: {problem}" for problem in _layout_problems(page, expected, settle_s)]
+        if screenshots is not None:
+            page.screenshot(path=str(ARTIFACTS / f"{screenshots}-{width}.png"), full_page=True)
+    return "\n".join(found)
+
+
 def test_fleet_view_fits_common_widths(fleet: dict[str, object], tmp_path: Path) -> None:
     """The operators' fleet view at desktop and tablet widths: nothing wider than the window, every chart's
     legend and labels whole and inside the chart, every column header of the workers table in view. The
@@ -286,16 +300,8 @@ def test_fleet_view_fits_common_widths(fleet: dict[str, object], tmp_path: Path)
         page.get_by_role("tab", name="Fleet").click()
         expect(page.get_by_text(re.compile(r"1 worker\(s\) down"))).to_be_visible(timeout=60_000)
         expect(page.locator('[data-testid="stVegaLiteChart"]')).to_have_count(6, timeout=60_000)
-        found = {}
-        for width, height in VIEWPORTS:
-            page.set_viewport_size({"width": width, "height": height})
-            problems = _layout_problems(page)
-            if problems:
-                found[width] = problems
-            page.screenshot(path=str(ARTIFACTS / f"dashboard-fleet-{width}.png"), full_page=True)
-    assert not found, "the fleet view does not fit:\n" + "\n".join(
-        f"{width} px: {problem}" for width, problems in found.items() for problem in problems
-    )
+        found = _problems_at_every_width(page, screenshots="dashboard-fleet")
+    assert not found, "the fleet view does not fit:\n" + found
 
 
 # ---- the fleet view's panels for made-up fleets (tests/e2e/fleet_page.py) ----------------------------------
@@ -332,20 +338,12 @@ def test_scrape_mode_fleet_fits_common_widths(fleet_page: str) -> None:
     host:port in the legends, whole; a longer name may be cut there (its line's tooltip and the table have it)."""
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     expected = {**FLEET_PAGE, "legend": [*LATENCY_SERIES, urllib.parse.urlsplit(POD).netloc]}
-    found = {}
     with chromium() as browser:
         width, height = VIEWPORTS[0]
         page = _open_fleet_page(browser, fleet_page, "scrape", width, height)
         expect(page.locator('[data-testid="stVegaLiteChart"]')).to_have_count(6, timeout=60_000)
-        for width, height in VIEWPORTS:
-            page.set_viewport_size({"width": width, "height": height})
-            problems = _layout_problems(page, expected, settle_s=8)
-            if problems:
-                found[width] = problems
-            page.screenshot(path=str(ARTIFACTS / f"dashboard-fleet-scrape-{width}.png"), full_page=True)
-    assert not found, "the scrape-mode fleet view does not fit:\n" + "\n".join(
-        f"{width} px: {problem}" for width, problems in found.items() for problem in problems
-    )
+        found = _problems_at_every_width(page, expected, settle_s=8, screenshots="dashboard-fleet-scrape")
+    assert not found, "the scrape-mode fleet view does not fit:\n" + found
 
 
 # Per chart, the legend's labels and how many points (symbols) are drawn.
@@ -366,19 +364,12 @@ def test_a_fleet_of_many_workers_and_a_new_one(fleet_page: str) -> None:
     ten colours tell ten lines apart), and it fits. A worker that has just started has one sample in the
     window: a line of one point draws nothing, so it must be drawn as a point."""
     expected = {**FLEET_PAGE, "charts": 5}  # no failures: no failures chart
-    found = {}
     with chromium() as browser:
         page = _open_fleet_page(browser, fleet_page, "many", *VIEWPORTS[0])
         expect(page.locator('[data-testid="stVegaLiteChart"]')).to_have_count(5, timeout=60_000)
-        for width, height in VIEWPORTS:
-            page.set_viewport_size({"width": width, "height": height})
-            problems = _layout_problems(page, expected, settle_s=8)
-            if problems:
-                found[width] = problems
+        found = _problems_at_every_width(page, expected, settle_s=8)
         charts = page.evaluate(_LEGENDS_AND_POINTS)
-    assert not found, "the fleet view of many workers does not fit:\n" + "\n".join(
-        f"{width} px: {problem}" for width, problems in found.items() for problem in problems
-    )
+    assert not found, "the fleet view of many workers does not fit:\n" + found
     for name in ("Throughput", "Batch size", "Consumer lag"):
         assert len(charts[name]["legend"]) <= 10, f"{name}: {len(charts[name]['legend'])} legend entries"
     assert NEW_WORKER in charts["Consumer lag"]["legend"], charts["Consumer lag"]["legend"]
