@@ -139,6 +139,12 @@ class SeaweedS3:
             "-webdav=false",
             "-s3.port.iceberg=0",
             "-s3.port.lance=0",
+            # Every bucket is a collection with volumes of its own. By default `weed mini` sizes
+            # volumes from the disk (up to 1 GiB) and allows free space / volume size of them:
+            # on a CI machine with ~30 GiB free the suite's buckets ran out of volumes and writes
+            # failed with InternalError. Small volumes and a fixed count need no disk until written.
+            "-master.volumeSizeLimitMB=64",
+            "-volume.max=2000",
             *(f"-{flag}={port}" for flag, port in self._ports.items()),
         ]
         self._log_file = log_path.open("wb")
