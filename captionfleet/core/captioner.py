@@ -393,8 +393,11 @@ class Captioner:
 
     def _generate(self, pixel_values: torch.Tensor, config: GenerationConfig, **kwargs: Any) -> Any:
         """model.generate on pixels already on the device, through the static caches when in use."""
-        with beam_group(self.model, config.num_beams) as beam_kwargs:
-            if self.static is not None and self.static.handles(config):  # its own cache, sharing cross rows
+        static = self.static is not None and self.static.handles(config)
+        # The static caches hold cross-attention rows per beam: their projections repeat per beam.
+        with beam_group(self.model, config.num_beams, per_image=not static) as beam_kwargs:
+            if static:  # its own cache, sharing cross rows
+                assert self.static is not None
                 return self.static.generate(pixel_values, config, **kwargs)
             return self.model.generate(pixel_values=pixel_values, generation_config=config, **beam_kwargs, **kwargs)
 

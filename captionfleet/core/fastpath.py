@@ -49,6 +49,7 @@ from torch import nn
 # because optimize()'s `onednn` flag would shadow the module's own name.
 from captionfleet.core import int8_linear as i8
 from captionfleet.core import onednn as dnn
+from captionfleet.core.beams import use_grouped_decoder_attention
 
 logger = logging.getLogger(__name__)
 
@@ -218,7 +219,8 @@ def optimize(model: Any, precision: str, device: torch.device, *, onednn: bool =
     if device.type == "cuda":
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
         return model.to(device, dtype), dtype
-    use_eager_decoder_attention(model)
+    # Beams of an image attend to its cross-attention keys together (core/beams.py), else eager attention.
+    use_grouped_decoder_attention(model) or use_eager_decoder_attention(model)
     if precision == "fp32":
         if onednn:
             converted = conv1d_to_linear(model)

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from transformers import DynamicCache
 
-from captionfleet.core.beams import PerImageProjection, SharedCrossAttentionCache, beam_group
+from captionfleet.core.beams import PerImageProjection, SharedCrossAttentionCache, beam_group, grouped_cross_attention
 from captionfleet.core.captioner import Captioner
 from captionfleet.core.model_store import builtin_model_dir
 from captionfleet.core.settings import DecodingSettings
@@ -116,3 +116,60 @@ def test_a_nested_beam_group_gives_back_the_outer_groups(tiny_checkpoint: Path) 
             assert {w.group for w in wrappers} == {2}
         assert {w.group for w in wrappers} == {4}
     assert {w.group for w in wrappers} == {1}
+
+
+def test_grouped_cross_attention_equals_eager_attention_on_per_beam_copies() -> None:
+    from transformers.models.gpt2.modeling_gpt2 import eager_attention_forward
+
+    module = torch.nn.Module()  # eager attention reads only .training from it
+    module.eval()
+    gen = torch.Generator().manual_seed(3)
+    images, beams, heads, length, keys, width = 3, 4, 2, 2, 7, 8
+    query = torch.randn(images * beams, heads, length, width, generator=gen)
+    key = torch.randn(images, heads, keys, width, generator=gen)
+    value = torch.randn(images, heads, keys, width, generator=gen)
+    want_out, want_weights = eager_attention_forward(
+        module, query, key.repeat_interleave(beams, 0), value.repeat_interleave(beams, 0), None, scaling=0.3
+    )
+    out, weights = grouped_cross_attention(module, query, key, value, None, scaling=0.3)
+    assert out.shape == want_out.shape and weights.shape == want_weights.shape
+    assert torch.allclose(out, want_out, atol=1e-6) and torch.allclose(weights, want_weights, atol=1e-6)
+    # Same batch on both sides (self-attention, greedy): transformers' eager attention as it is.
+    same_out, _ = grouped_cross_attention(module, query, query, query, None, scaling=0.3)
+    assert torch.equal(same_out, eager_attention_forward(module, query, query, query, None, scaling=0.3)[0])
+    # A mask (never given by a ViT encoder): attends on per-beam copies, as transformers does.
+    mask = torch.zeros(images * beams, 1, 1, keys)
+    mask[..., -1] = float("-inf")
+    masked, _ = grouped_cross_attention(module, query, key, value, mask, scaling=0.3)
+    want_masked, _ = eager_attention_forward(
+        module, query, key.repeat_interleave(beams, 0), value.repeat_interleave(beams, 0), mask, scaling=0.3
+    )
+    assert torch.allclose(masked, want_masked, atol=1e-6)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_beams_keep_one_cross_attention_row_per_image_and_check_copies_once(
+    tiny_checkpoint: Path, precision: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The keys and values of cross-attention are held once per image, not once per beam, and the
+    encoder output is checked for beam copies once per generate() call, not once per layer."""
+    kept: list[int] = []
+    original_update = DynamicCache.update
+
+    def update(self: DynamicCache, keys: torch.Tensor, values: torch.Tensor, layer: int, *a: object, **k: object):  # type: ignore[no-untyped-def]
+        kept.append(keys.shape[0])
+        return original_update(self, keys, values, layer, *a, **k)
+
+    decoding = DecodingSettings(num_beams=3, max_new_tokens=6)
+    captioner = Captioner.from_dir(tiny_checkpoint, device="cpu", decoding=decoding, precision=precision)
+    images = _images(5)
+    checks: list[int] = []
+    original_equal = torch.equal
+    monkeypatch.setattr(torch, "equal", lambda a, b: (checks.append(1), original_equal(a, b))[1])
+    monkeypatch.setattr(DynamicCache, "update", update)
+    captions = captioner.caption(images)
+    layers = captioner.model.config.decoder.n_layer
+    # Per step and layer, self-attention holds 5 x 3 beam rows; the cross-attention's first (only) update 5.
+    assert kept.count(5) == layers and set(kept) == {5, 15}
+    assert len(checks) == 1
+    assert captions == [captioner.caption([image])[0] for image in images]  # batched == one by one

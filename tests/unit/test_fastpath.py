@@ -16,6 +16,7 @@ from torch import nn
 from transformers import VisionEncoderDecoderModel
 
 from captionfleet.core import fastpath, int8_linear, onednn
+from captionfleet.core.beams import GROUPED_ATTENTION
 from captionfleet.core.captioner import Captioner
 from captionfleet.core.model_store import builtin_model_dir
 from captionfleet.core.settings import DecodingSettings, ModelSettings
@@ -115,7 +116,8 @@ def test_onednn_route_gives_the_same_captions(tiny_checkpoint: Path, monkeypatch
 def test_decoder_attention_is_eager_on_cpu_and_captions_match_sdpa(tiny_checkpoint: Path, precision: str) -> None:
     decoding = DecodingSettings(num_beams=3, max_new_tokens=8)
     fast = Captioner.from_dir(tiny_checkpoint, device="cpu", decoding=decoding, precision=precision)
-    assert fast.model.decoder.config._attn_implementation == "eager"
+    # transformers' eager attention, with the beams of an image attending together (core/beams.py).
+    assert fast.model.decoder.config._attn_implementation == GROUPED_ATTENTION
     assert fast.model.encoder.config._attn_implementation == "sdpa"  # eager measured slower there
     if precision == "int8":
         # Each activation is rounded to 1/127 of its row's range: a 1e-6 difference between attention

@@ -43,7 +43,7 @@ def test_static_cache_gives_the_dynamic_caches_tokens(captioner: Captioner, beam
     static = StaticDecoding(captioner.model, max_rows=8)
     with torch.inference_mode(), beam_group(captioner.model, beams) as beam_kwargs:
         dynamic = captioner.model.generate(pixel_values=pixels, generation_config=config, **beam_kwargs)
-    with torch.inference_mode(), beam_group(captioner.model, beams):
+    with torch.inference_mode(), beam_group(captioner.model, beams, per_image=False):
         kept = static.generate(pixels, config)
     assert torch.equal(kept, dynamic)
     assert len({tuple(row.tolist()) for row in dynamic}) > 1  # the images do differ: a real comparison
@@ -79,7 +79,7 @@ def test_caches_are_kept_per_bucket_and_reordered_in_place(captioner: Captioner)
     keys = layer.keys
     assert isinstance(keys, torch.Tensor) and keys.shape[0] == 16  # 4 images x 4 beams
     address = keys.data_ptr()
-    with torch.inference_mode(), beam_group(captioner.model, 4):
+    with torch.inference_mode(), beam_group(captioner.model, 4, per_image=False):
         static.generate(captioner.preprocess(images(3)), config)  # bucket 4 again: the same cache, reset
     assert static.cache(4, 4, 6) is cache and layer.keys is keys and keys.data_ptr() == address
     assert static.cache(7, 4, 6) is not static.cache(7, 4, 6)  # past the largest bucket: never kept
