@@ -30,6 +30,10 @@ def within(limits: tuple[float, ...], total: tuple[float, ...], extra: tuple[flo
     return all(not limit or now + more <= limit for limit, now, more in zip(limits, total, extra, strict=True))
 
 
+def added(total: tuple[float, ...], extra: tuple[float, ...]) -> tuple[float, ...]:
+    return tuple(now + more for now, more in zip(total, extra, strict=True))
+
+
 def _as_costs(costs: Costs) -> tuple[float, ...]:
     return costs if isinstance(costs, tuple) else (costs,)
 
@@ -94,7 +98,7 @@ class Batcher(Generic[T]):
         self._items.append(item)
         self._costs.append(costs)
         self._urgent.append(urgent)
-        self._cost = tuple(now + more for now, more in zip(self._cost, costs, strict=True))
+        self._cost = added(self._cost, costs)
         full = any(limit and now >= limit for limit, now in zip(self.max_cost, self._cost, strict=True))
         if len(self._items) >= self.max_items or full:
             ready.append(self.flush())
