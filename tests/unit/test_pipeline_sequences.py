@@ -119,3 +119,10 @@ def test_between_steps_the_interactive_images_taken_fit_the_sequence_limit() -> 
         model.opened.set()
         done.set()
         thread.join(30)
+
+
+def test_the_streams_share_of_a_batch_counts_the_images_its_decoding_lets_in() -> None:
+    settings = BatchSettings(max_items=128, max_sequences=128)
+    beams = CaptionPipeline(DecodingFake(4), MemorySink(), settings, ImageLimits(), bulk_share=0.25)  # type: ignore[arg-type]
+    greedy = CaptionPipeline(DecodingFake(1), MemorySink(), settings, ImageLimits(), bulk_share=0.25)  # type: ignore[arg-type]
+    assert (beams.bulk_rows, greedy.bulk_rows) == (8, 32)  # a quarter of 32 images, of 128
