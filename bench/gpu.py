@@ -69,9 +69,12 @@ from captionfleet.core.threads import decode_threads
 from captionfleet.worker.connectors.local import iter_folder
 from captionfleet.worker.pipeline import CaptionPipeline
 
-# k8s/overlays/gpu/kustomization.yaml: WORKER_BATCH__MAX_ITEMS=32, decode threads auto (the CPU limit but one,
-# here resolved for a GPU worker whatever the device: the smoke test on CPU runs the same settings).
-GPU_OVERLAY_BATCH = BatchSettings(max_items=32, decode_threads=decode_threads(0, on_cuda=True))
+# k8s/overlays/gpu/kustomization.yaml: WORKER_BATCH__MAX_ITEMS=128, MAX_SEQUENCES=128 (32 images at row c's
+# 4 beams), PREFETCH=256, decode threads auto (the CPU limit but one, here resolved for a GPU worker whatever
+# the device: the smoke test on CPU runs the same settings).
+GPU_OVERLAY_BATCH = BatchSettings(
+    max_items=128, max_sequences=128, prefetch=256, decode_threads=decode_threads(0, on_cuda=True)
+)
 LIMITS = ImageLimits(max_bytes=50 << 20, max_pixels=50_000_000)
 
 
@@ -222,7 +225,7 @@ def make_rows(device: Device, default: str, greedy_batch: int, beams_batch: int)
         Row("a model card (1 image/call)", 4, "fp32", 1),
         Row("b plain batched generate", 4, "fp32", 8),
         *([Row("b16 plain batched generate, fp16", 4, "fp16", 64)] if device.cuda else []),
-        Row("c captionfleet pipeline, GPU overlay settings", 4, default, GPU_OVERLAY_BATCH.max_items),
+        Row("c captionfleet pipeline, GPU overlay settings", 4, default, GPU_OVERLAY_BATCH.images_at(4)),
         *[Row(f"model only {p}", 1, p, greedy_batch) for p in precisions],
         Row(f"model only {default}, 4 beams", 4, default, beams_batch),
         Row(f"end to end JPEGs, {default}", 1, default, greedy_batch),

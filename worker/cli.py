@@ -59,7 +59,11 @@ def add_caption_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser])
         "dataset with an image column or a manifest, s3:// a prefix of images, else a folder)",
     )
     p.add_argument("--model", help="checkpoint dir, s3://bucket/prefix, hub id, or 'builtin' (WORKER_MODEL__REF)")
-    p.add_argument("--batch-size", type=int, help="images per model call (WORKER_BATCH__MAX_ITEMS)")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        help="images per batch, at most (WORKER_BATCH__MAX_ITEMS; it lifts the derived sequence limit)",
+    )
     p.add_argument("--max-wait-ms", type=int, help="longest wait to fill a batch (WORKER_BATCH__MAX_WAIT_MS)")
     p.add_argument("--num-beams", type=int, help="beam search width (WORKER_DECODING__NUM_BEAMS)")
     p.add_argument("--max-new-tokens", type=int, help="caption length limit (WORKER_DECODING__MAX_NEW_TOKENS)")

@@ -4,10 +4,10 @@ Each item is fetched, decoded and prepared for the model (``CaptionModel.prepare
 normalising, its prompt's tokens) on its own in a bounded thread pool (PIL and numpy release the GIL),
 so one bad image yields one failure row and never fails a batch, and the next batch is being prepared
 while the model runs on the current one. Items flow to the batcher in input order; the batcher decides
-when a batch goes to the model, counting each input's cost (the pixels its model processes). The model
-thread calls ``caption_inputs``; an input prepared for a model that was swapped out meanwhile is
-prepared again by the new one from the item's bytes (``core.images.EncodedImage``). A caption with no
-text is a failure row of its own kind (``empty_caption``).
+when a batch goes to the model, counting each input's costs (the pixels its model processes, and its
+decoder sequences: its decoding's beams). The model thread calls ``caption_inputs``; an input prepared for
+a model that was swapped out meanwhile is prepared again by the new one from the item's bytes
+(``core.images.EncodedImage``). A caption with no text is a failure row of its own kind (``empty_caption``).
 
 The latency lane: ``offer()`` hands in interactive items (the caption API's, ``worker.lanes``) from any
 thread. They are prepared on their own threads, go to the front of the model's input, and a batch holding
@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from captionfleet.core.between_steps import HookFailed, between_steps, pauses
-from captionfleet.core.captioner import CaptionModel, ModelInput, PreparationFailed, PromptError
+from captionfleet.core.captioner import CaptionModel, ModelInput, PreparationFailed, PromptError, decoding_of_model
 from captionfleet.core.failures import (
     EMPTY_CAPTION,
     FETCH_FAILURE,
@@ -51,7 +51,7 @@ from captionfleet.core.family import takes_prompt
 from captionfleet.core.images import EncodedImage, ImageLimits, decode_image
 from captionfleet.core.settings import BatchSettings, DecodingSettings
 from captionfleet.core.threads import CPU_DECODE_THREADS
-from captionfleet.worker.batcher import Batcher
+from captionfleet.worker.batcher import Batcher, added, within
 from captionfleet.worker.lanes import InteractiveItem, LaneQueue
 from captionfleet.worker.messages import Result
 from captionfleet.worker.sinks import Sink
@@ -218,6 +218,10 @@ def _decoding_of(item: Item) -> DecodingSettings | None:
     return decoding if isinstance(decoding, DecodingSettings) else None
 
 
+# What an image of a model that does not say how it decodes (a stand-in) is counted as: the default's beams.
+_UNKNOWN_DECODING = DecodingSettings()
+
+
 class CaptionPipeline:
     def __init__(
         self,
@@ -251,7 +255,9 @@ class CaptionPipeline:
         self.stats = RunStats()
         # The latency lane (see the module note): its wait, and the rows kept for stream/bulk items.
         self.interactive_wait_ms = interactive_wait_ms
-        self.bulk_rows = math.ceil(bulk_share * batch.max_items) if bulk_share > 0 else 0
+        # Stream/bulk items decode as the model does: a batch of them holds images_at(its beams).
+        stream_images = batch.images_at(self._beams(None))
+        self.bulk_rows = math.ceil(bulk_share * stream_images) if bulk_share > 0 else 0
         self.on_item_dropped = on_item_dropped
         # Whether a stream/bulk batch pauses for interactive images (WORKER_HTTP__PAUSE_BATCHES).
         self.pause_batches = pause_batches
@@ -276,6 +282,19 @@ class CaptionPipeline:
         """The prompt asked for the item: its own, else the job's (None: the family's default)."""
         prompt = prompt_of(item)
         return prompt if prompt is not None else self.prompt
+
+    def _beams(self, item: Item | None) -> int:
+        """The decoder sequences an item's image runs as: its own decoding's beams, else the model's."""
+        own = _decoding_of(item) if item is not None else None
+        return (own or decoding_of_model(self.captioner) or _UNKNOWN_DECODING).num_beams
+
+    def _costs(self, prepared: Prepared) -> tuple[float, float]:
+        """What an input counts against the batch's limits (BatchSettings.max_pixels, .max_sequences): the
+        pixels its model processes and its decoder sequences. A batch of mixed decodings runs as one model
+        call per decoding (_caption_batch), each within the batch's sequences. A failed input counts nothing."""
+        if prepared.input is None:
+            return 0, 0
+        return prepared.input.cost, self._beams(prepared.item)
 
     def _held_bytes(self) -> HeldBytes:
         return HeldBytes(self.batch.prefetch_mb << 20)
@@ -490,17 +509,17 @@ class CaptionPipeline:
         # First those already in the open batch (the batch running was flushed ahead of them when one of
         # them did not fit its cost), then the lane's.
         batch = self._open.take_urgent() if self._open is not None else []
-        cost = sum(prepared.input.cost for prepared in batch if prepared.input is not None)
+        limits = (self.batch.max_pixels, self.batch.max_sequences)
+        cost: tuple[float, ...] = (0, 0)
+        for taken in batch:
+            cost = added(cost, self._costs(taken))
 
         def fits(entry: object) -> bool:
             assert isinstance(entry, tuple)
             future: Future[Prepared] = entry[1]
             if not future.done():  # still being decoded: it waits for the next step, or the next batch
                 return False
-            prepared = future.result()
-            extra = prepared.input.cost if prepared.input is not None else 0
-            limit = self.batch.max_pixels
-            return not batch or not limit or cost + extra <= limit
+            return not batch or within(limits, cost, self._costs(future.result()))
 
         while len(batch) < self.batch.max_items:
             entry = self._lanes.take_urgent(fits)
@@ -516,7 +535,7 @@ class CaptionPipeline:
             if prepared.failure is not None:
                 self._emit([prepared.failure], [prepared.item], urgent=True)
                 continue
-            cost += prepared.input.cost if prepared.input is not None else 0
+            cost = added(cost, self._costs(prepared))
             batch.append(prepared)
         if batch:
             self._caption_batch(batch)
@@ -554,8 +573,7 @@ class CaptionPipeline:
             if prepared.failure is not None:
                 self._emit([prepared.failure], [prepared.item], urgent)
             else:
-                cost = prepared.input.cost if prepared.input is not None else 0
-                for ready in batcher.add(prepared, cost=cost, urgent=urgent):
+                for ready in batcher.add(prepared, cost=self._costs(prepared), urgent=urgent):
                     self._run_batch(ready)
             if time.monotonic() - last_flush >= self.flush_interval_s:
                 self.sink.flush()
@@ -569,7 +587,7 @@ class CaptionPipeline:
         batcher: Batcher[Prepared] = Batcher(
             self.batch.max_items,
             self.batch.max_wait_ms / 1000,
-            max_cost=self.batch.max_pixels,
+            max_cost=(self.batch.max_pixels, self.batch.max_sequences),  # as _costs counts them
             urgent_wait_s=urgent_wait,
         )
         lanes = self._lanes

@@ -349,6 +349,15 @@ class ModelWrapper:
         return self.wrapped.caption_inputs(inputs, decoding)
 
 
+def decoding_of_model(model: CaptionModel) -> DecodingSettings | None:
+    """The decoding ``model`` captions with when a call names none (a wrapper's: the model it wraps now),
+    for the batcher to count an image's decoder sequences; None when the model does not say (a stand-in)."""
+    while isinstance(model, ModelWrapper):
+        model = model.wrapped
+    decoding = getattr(model, "decoding", None)  # Captioner's and FamilyCaptioner's attribute
+    return decoding if isinstance(decoding, DecodingSettings) else None
+
+
 class Captioner:
     """A loaded VisionEncoderDecoder checkpoint. Thread-compatible: call ``caption`` from one thread at a
     time (``prepare`` from any)."""

@@ -76,7 +76,8 @@ def _load_ref(ref: str, settings: WorkerSettings) -> CaptionModel:
         decoding=settings.decoding,
         threads=model.threads,
         limits=InputLimits.from_settings(model),
-        static_rows=settings.batch.max_items if model.static_cache else 0,
+        # The images a batch of the worker's decoding holds: the sequence limit may keep it below max_items.
+        static_rows=settings.batch.images_at(settings.decoding.num_beams) if model.static_cache else 0,
     )
 
 

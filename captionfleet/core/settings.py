@@ -69,12 +69,18 @@ class DecodingSettings(BaseModel):
     length_penalty: float = 1.0
 
 
-# The batch size when WORKER_BATCH__MAX_ITEMS is not set, per device (WorkerSettings applies it). On CPU
-# throughput gains little past 8 while each image waits for its whole batch (full architecture, bf16, 4
-# beams, 2 threads: 4.3 images/s at 8, 4.5 at 16, 4.6 at 32); a GPU needs more rows to be busy (H200,
-# fp16, 4 beams: 144 images/s at 32, docs/benchmarks.md), and 32 is what the k8s GPU overlay sets.
+# The batch size and sequence limit when WORKER_BATCH__MAX_ITEMS is not set, per device (WorkerSettings
+# applies them). On CPU throughput gains little past 8 while each image waits for its whole batch (full
+# architecture, bf16, 4 beams, 2 threads: 4.3 images/s at 8, 4.5 at 16, 4.6 at 32), and no sequence limit:
+# a batch is its 8 images as before. A GPU needs more rows to be busy, and a batch's decoding work and KV
+# cache scale with its decoder sequences (images x beams), so one number of images is too few for greedy or
+# too many for beams: 128 images, at most 128 sequences, is 128 greedy images or 32 at 4 beams, the GPU
+# bench's planned batches (H200, fp16: 762 images/s greedy at 128, 144 at 4 beams and 32,
+# docs/benchmarks.md). The sequence limit itself is not measured on a GPU yet.
 CPU_BATCH = 8
-CUDA_BATCH = 32
+CUDA_BATCH = 128
+CPU_SEQUENCES = 0
+CUDA_SEQUENCES = 128
 
 
 class BatchSettings(BaseModel):
@@ -84,11 +90,18 @@ class BatchSettings(BaseModel):
     # Cost limit (0 = no limit): the pixels the model's vision encoder processes in one batch, each image
     # counted after resizing (ModelInput.cost: fixed for most families, a Qwen-VL image's visual tokens
     # times the pixels each covers, a SmolVLM image's splits), plus its prompt's tokens; bounds a batch's
-    # work and memory. The default, 32 Mpx, is never reached by a fixed-size family at the default batch
-    # sizes (the largest, PaliGemma at 896 px, is 25.7 Mpx for 32 images); it binds for images whose
-    # size is their own: SmolVLM's up to 17 splits (4.5 Mpx an image) and Qwen-VL at its
-    # WORKER_MODEL__MAX_VISUAL_PIXELS (1 Mpx an image: 32 of them).
+    # work and memory. The default, 32 Mpx, is never reached by a fixed-size family in batches of up to 32
+    # images (the largest, PaliGemma at 896 px, is 25.7 Mpx for 32): the CPU default, and a GPU's at 4
+    # beams; a GPU's greedy batches of 128 reach it above 512x512 px an image (PaliGemma: about 41 images). It
+    # binds for images whose size is their own: SmolVLM's up to 17 splits (4.5 Mpx an image) and Qwen-VL at
+    # its WORKER_MODEL__MAX_VISUAL_PIXELS (1 Mpx an image: 32 of them).
     max_pixels: int = Field(default=32 * 1024 * 1024, ge=0)
+    # Second cost limit (0 = no limit): the decoder sequences in one batch, each image counted as its
+    # decoding's num_beams (a request's own, else WORKER_DECODING__NUM_BEAMS), since the decoder runs and
+    # caches one sequence per beam; the batch is at most max_items images and at most this many sequences.
+    # Unset, it follows the device with max_items (CPU_SEQUENCES, CUDA_SEQUENCES above); when max_items is
+    # set and this is not, it is 0, so a batch size set by hand means what it did before this limit.
+    max_sequences: int = Field(default=CPU_SEQUENCES, ge=0, le=1024 * 16)
     # Images decoded ahead of the model; bounds memory while keeping the model fed.
     prefetch: int = Field(default=32, ge=1)
     # And the bytes they hold until their results are out (their batch's included): each input's prepared
@@ -99,6 +112,13 @@ class BatchSettings(BaseModel):
     # every core of the container's CPU limit but one (the GPU outpaces any one core's decoding), on a CPU
     # worker 2 (the model's threads need the rest); captionfleet/core/threads.py.
     decode_threads: int = Field(default=0, ge=0, le=256)
+
+    def images_at(self, num_beams: int) -> int:
+        """The most images a batch holds when each decodes with ``num_beams`` (at least one: an image with
+        more beams than the sequence limit goes in a batch of its own)."""
+        if not self.max_sequences:
+            return self.max_items
+        return max(1, min(self.max_items, self.max_sequences // num_beams))
 
 
 class ImageSettings(BaseModel):
@@ -401,14 +421,17 @@ class WorkerSettings(BaseSettings):
 
     @model_validator(mode="after")
     def _batch_for_the_device(self) -> WorkerSettings:
+        # The sequence limit is derived only with max_items (see BatchSettings): this covers both.
         derived = "max_items" not in self.batch.model_fields_set or not self.batch.decode_threads
         if not derived:  # both set: no need to ask torch about the device
             return self
         on_cuda = runs_on_cuda(self.model.device)
         values = dict(self.batch.__dict__)
         chosen = set(self.batch.model_fields_set)
-        if "max_items" not in chosen and on_cuda:
-            values["max_items"] = CUDA_BATCH
+        if "max_items" not in chosen:
+            values["max_items"] = CUDA_BATCH if on_cuda else CPU_BATCH
+            if "max_sequences" not in chosen:
+                values["max_sequences"] = CUDA_SEQUENCES if on_cuda else CPU_SEQUENCES
         if not values["decode_threads"]:
             from captionfleet.core.threads import decode_threads  # here: threads imports torch
 

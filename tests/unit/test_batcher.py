@@ -110,3 +110,48 @@ def test_taking_the_only_items_closes_the_open_batch() -> None:
     batcher.add("u1", urgent=True)
     assert batcher.take_urgent() == ["u1"]
     assert batcher.rows == 0 and batcher.time_left() is None
+
+
+# Two limits: (pixels, decoder sequences), as the pipeline counts them (an image's sequences are its beams).
+
+
+def test_the_sequence_limit_sizes_the_batch_by_the_beams() -> None:
+    batcher: Batcher[int] = Batcher(max_items=128, max_wait_s=1, max_cost=(0, 128), clock=FakeClock())
+    four_beams = [batcher.add(i, cost=(0, 4)) for i in range(32)]
+    assert four_beams[:-1] == [[]] * 31 and four_beams[-1] == [list(range(32))]  # 32 images x 4 beams = 128
+    greedy = [batcher.add(i, cost=(0, 1)) for i in range(128)]
+    assert greedy[-1] == [list(range(128))] and not any(greedy[:-1])  # 128 images x 1 beam
+
+
+def test_either_limit_flushes_before_overflow() -> None:
+    batcher: Batcher[str] = Batcher(max_items=10, max_wait_s=1, max_cost=(100, 8), clock=FakeClock())
+    assert batcher.add("a", cost=(60, 2)) == []
+    assert batcher.add("b", cost=(10, 7)) == [["a"]]  # 9 sequences > 8: "a" goes alone
+    assert batcher.add("c", cost=(60, 2)) == [["b"]]  # 9 sequences again
+    assert batcher.add("d", cost=(60, 1)) == [["c"]]  # 120 pixels > 100
+    assert batcher.add("e", cost=(40, 1)) == [["d", "e"]]  # 100 pixels: full
+
+
+def test_an_item_with_more_sequences_than_the_limit_still_goes_through_alone() -> None:
+    batcher: Batcher[str] = Batcher(max_items=10, max_wait_s=1, max_cost=(0, 4), clock=FakeClock())
+    batcher.add("greedy", cost=(0, 1))
+    assert batcher.add("eight beams", cost=(0, 8)) == [["greedy"], ["eight beams"]]
+    assert len(batcher) == 0
+
+
+def test_taking_the_urgent_items_gives_back_their_sequences() -> None:
+    clock = FakeClock()
+    batcher: Batcher[str] = Batcher(max_items=8, max_wait_s=10, max_cost=(100, 8), clock=clock, urgent_wait_s=0.01)
+    batcher.add("s1", cost=(10, 4))
+    batcher.add("u1", cost=(10, 2), urgent=True)
+    assert batcher.take_urgent() == ["u1"]
+    assert batcher.add("s2", cost=(10, 3)) == []  # 4 + 3 fits: u1's 2 sequences are gone
+    assert batcher.add("s3", cost=(10, 1)) == [["s1", "s2", "s3"]]
+
+
+def test_a_cost_must_count_against_each_limit() -> None:
+    batcher: Batcher[str] = Batcher(max_items=8, max_wait_s=1, max_cost=(100, 8), clock=FakeClock())
+    with pytest.raises(ValueError, match="one cost per limit"):
+        batcher.add("a", cost=10)
+    with pytest.raises(ValueError, match="max_cost"):
+        Batcher(max_items=1, max_wait_s=1, max_cost=(100, -1))

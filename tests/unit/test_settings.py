@@ -3,7 +3,15 @@ from pathlib import Path
 
 import pytest
 
-from captionfleet.core.settings import CPU_BATCH, CUDA_BATCH, SettingsError, WorkerSettings, load_worker_settings
+from captionfleet.core.settings import (
+    CPU_BATCH,
+    CPU_SEQUENCES,
+    CUDA_BATCH,
+    CUDA_SEQUENCES,
+    SettingsError,
+    WorkerSettings,
+    load_worker_settings,
+)
 from captionfleet.worker.cli import _apply_overrides
 
 
@@ -101,3 +109,42 @@ def test_a_bad_flag_value_is_validated_like_the_environment() -> None:
 
     with pytest.raises(ValidationError, match="max_items"):
         with_overrides(WorkerSettings(), {"batch.max_items": 0, "decoding.num_beams": None})
+
+
+def test_the_sequence_limit_follows_the_device_unless_the_batch_is_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WORKER_MODEL__DEVICE", "cpu")
+    on_cpu = load_worker_settings().batch
+    assert (on_cpu.max_items, on_cpu.max_sequences) == (CPU_BATCH, CPU_SEQUENCES)
+    assert on_cpu.images_at(4) == on_cpu.images_at(1) == CPU_BATCH  # a CPU worker's batch as before
+    monkeypatch.setenv("WORKER_MODEL__DEVICE", "cuda")
+    on_cuda = load_worker_settings().batch
+    assert (on_cuda.max_items, on_cuda.max_sequences) == (CUDA_BATCH, CUDA_SEQUENCES) == (128, 128)
+    assert (on_cuda.images_at(1), on_cuda.images_at(4), on_cuda.images_at(16)) == (128, 32, 8)
+    monkeypatch.setenv("WORKER_BATCH__MAX_ITEMS", "64")
+    sized = load_worker_settings().batch  # the operator's batch size means what it says: no derived limit
+    assert (sized.max_items, sized.max_sequences, sized.images_at(4)) == (64, 0, 64)
+    monkeypatch.setenv("WORKER_BATCH__MAX_SEQUENCES", "96")
+    both = load_worker_settings().batch
+    assert (both.max_items, both.max_sequences, both.images_at(4)) == (64, 96, 24)
+    monkeypatch.delenv("WORKER_BATCH__MAX_ITEMS")
+    assert load_worker_settings().batch.max_items == CUDA_BATCH  # the set limit, the derived batch size
+    monkeypatch.setenv("WORKER_MODEL__DEVICE", "cpu")
+    assert load_worker_settings().batch.max_sequences == 96  # what the operator set wins on any device
+
+
+def test_auto_device_sequence_limit_asks_torch_for_a_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert WorkerSettings().batch.max_sequences == CUDA_SEQUENCES
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert WorkerSettings().batch.max_sequences == CPU_SEQUENCES
+
+
+def test_command_line_device_re_derives_the_sequence_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WORKER_MODEL__DEVICE", "cuda")
+    assert load_worker_settings().batch.max_sequences == CUDA_SEQUENCES
+    on_cpu = _apply_overrides(load_worker_settings(), _flags(device="cpu"))
+    assert (on_cpu.batch.max_items, on_cpu.batch.max_sequences) == (CPU_BATCH, CPU_SEQUENCES)
+    sized = _apply_overrides(load_worker_settings(), _flags(batch_size=16))  # --batch-size on the GPU
+    assert (sized.batch.max_items, sized.batch.max_sequences) == (16, 0)

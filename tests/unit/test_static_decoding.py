@@ -130,3 +130,19 @@ def test_the_worker_setting_turns_it_on_for_the_batch_size(tiny_checkpoint: Path
     assert captioner.static.sizes == [1, 2, 3]
     off = load_model(settings.model_copy(update={"model": settings.model.model_copy(update={"static_cache": False})}))
     assert isinstance(off, Captioner) and off.static is None
+
+
+def test_the_static_cache_holds_the_images_the_sequence_limit_lets_into_a_batch(tiny_checkpoint: Path) -> None:
+    from captionfleet.core.loading import load_model
+    from captionfleet.core.settings import WorkerSettings
+
+    settings = WorkerSettings.model_validate(
+        {
+            "model": {"ref": str(tiny_checkpoint), "device": "cpu", "precision": "fp32", "static_cache": True},
+            "batch": {"max_items": 8, "max_sequences": 8},  # 2 beams: 4 images a batch, not 8
+            "decoding": {"num_beams": 2, "max_new_tokens": 4},
+        }
+    )
+    captioner = load_model(settings)
+    assert isinstance(captioner, Captioner) and captioner.static is not None
+    assert captioner.static.sizes == [1, 2, 4]
