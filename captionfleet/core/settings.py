@@ -102,7 +102,8 @@ class BatchSettings(BaseModel):
     # Unset, it follows the device with max_items (CPU_SEQUENCES, CUDA_SEQUENCES above); when max_items is
     # set and this is not, it is 0, so a batch size set by hand means what it did before this limit.
     max_sequences: int = Field(default=CPU_SEQUENCES, ge=0, le=1024 * 16)
-    # Images decoded ahead of the model; bounds memory while keeping the model fed.
+    # Images decoded ahead of the model; bounds memory while keeping the model fed. Unset, it follows the
+    # batch size: two batches, at least 32 (32 on a CPU; 256 on a GPU, whose greedy batches hold 128).
     prefetch: int = Field(default=32, ge=1)
     # And the bytes they hold until their results are out (their batch's included): each input's prepared
     # tensors (25 MiB for a 1 Mpx Qwen-VL image, 600 KiB for ViT-GPT2's) and its source bytes, kept so
@@ -424,6 +425,9 @@ class WorkerSettings(BaseSettings):
         # The sequence limit is derived only with max_items (see BatchSettings): this covers both.
         derived = "max_items" not in self.batch.model_fields_set or not self.batch.decode_threads
         if not derived:  # both set: no need to ask torch about the device
+            if "prefetch" not in self.batch.model_fields_set:
+                values = {**self.batch.__dict__, "prefetch": prefetch_for(self.batch.max_items)}
+                self.batch = BatchSettings.model_construct(_fields_set=set(self.batch.model_fields_set), **values)
             return self
         on_cuda = runs_on_cuda(self.model.device)
         values = dict(self.batch.__dict__)
@@ -432,6 +436,8 @@ class WorkerSettings(BaseSettings):
             values["max_items"] = CUDA_BATCH if on_cuda else CPU_BATCH
             if "max_sequences" not in chosen:
                 values["max_sequences"] = CUDA_SEQUENCES if on_cuda else CPU_SEQUENCES
+        if "prefetch" not in chosen:
+            values["prefetch"] = prefetch_for(values["max_items"])
         if not values["decode_threads"]:
             from captionfleet.core.threads import decode_threads  # here: threads imports torch
 
@@ -441,6 +447,12 @@ class WorkerSettings(BaseSettings):
         # --device changes the device the settings are validated again and these defaults follow.
         self.batch = BatchSettings.model_construct(_fields_set=chosen, **values)
         return self
+
+
+def prefetch_for(max_items: int) -> int:
+    """WORKER_BATCH__PREFETCH when unset: two batches decoded ahead, so the next is ready when the model
+    is, and at least the 32 that always kept a CPU worker fed."""
+    return max(32, 2 * max_items)
 
 
 def runs_on_cuda(device: str) -> bool:

@@ -148,3 +148,13 @@ def test_command_line_device_re_derives_the_sequence_limit(monkeypatch: pytest.M
     assert (on_cpu.batch.max_items, on_cpu.batch.max_sequences) == (CPU_BATCH, CPU_SEQUENCES)
     sized = _apply_overrides(load_worker_settings(), _flags(batch_size=16))  # --batch-size on the GPU
     assert (sized.batch.max_items, sized.batch.max_sequences) == (16, 0)
+
+
+def test_prefetch_follows_the_batch_size_unless_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two batches decoded ahead (at least 32): a GPU's greedy batches of 128 would otherwise wait on 32."""
+    assert WorkerSettings(model={"device": "cpu"}).batch.prefetch == 32
+    assert WorkerSettings(model={"device": "cuda"}).batch.prefetch == 256
+    assert WorkerSettings(model={"device": "cpu"}, batch={"max_items": 64}).batch.prefetch == 128
+    both = WorkerSettings(model={"device": "cpu"}, batch={"max_items": 64, "decode_threads": 3})
+    assert both.batch.prefetch == 128 and "prefetch" not in both.batch.model_fields_set
+    assert WorkerSettings(model={"device": "cuda"}, batch={"prefetch": 7}).batch.prefetch == 7
