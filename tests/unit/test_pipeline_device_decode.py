@@ -23,6 +23,7 @@ from captionfleet.worker.hotswap import HotSwapCaptioner
 from captionfleet.worker.messages import Result
 from captionfleet.worker.pipeline import CaptionPipeline
 from tests.conftest import save_tiny_checkpoint
+from tests.hostile_images import hostile_corpus
 from tests.unit.test_gpu_images import StandIn
 from tests.unit.test_pipeline import FakeCaptioner, MemoryItem, MemorySink
 
@@ -194,3 +195,15 @@ def test_an_undecoded_jpeg_holds_its_compressed_bytes_and_a_hot_swap_prepares_it
     (row,) = sink.rows
     assert row.model_version == bigger.version and row.ok
     assert row.caption == bigger.caption([decode_image(data, limits=LIMITS, draft_size=bigger.draft_size)])[0]
+
+
+def test_every_hostile_image_gets_the_cpu_paths_row_in_device_mode(model: CaptionModel) -> None:
+    corpus = hostile_corpus()
+    items = [MemoryItem(f"{i}-{case.name}", case.data) for i, case in enumerate(corpus)]
+    decoder = StandIn()
+    on_device = run(model, items, "on", decoder, max_items=8)
+    on_cpu = run(model, items, "off", max_items=8)
+    # The kind of each row (None: captioned); captions of resized images may differ by the resize's rounding.
+    assert {i: row.error_kind for i, row in on_device.items()} == {i: row.error_kind for i, row in on_cpu.items()}
+    refused = [case.data for case in corpus if case.expect_kind is not None]
+    assert decoder.seen and not any(data in decoder.seen for data in refused)
