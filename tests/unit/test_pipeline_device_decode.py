@@ -6,6 +6,7 @@ decode threads, batcher and model. nvJPEG itself runs only on a GPU (bench/gpu.p
 from __future__ import annotations
 
 import io
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,7 @@ from captionfleet.core.loading import load_checkpoint
 from captionfleet.core.settings import BatchSettings, DecodingSettings, SettingsError, load_worker_settings
 from captionfleet.worker.hotswap import HotSwapCaptioner
 from captionfleet.worker.messages import Result
-from captionfleet.worker.pipeline import CaptionPipeline
+from captionfleet.worker.pipeline import CaptionPipeline, Item
 from tests.conftest import save_tiny_checkpoint
 from tests.hostile_images import hostile_corpus
 from tests.unit.test_gpu_images import StandIn
@@ -207,3 +208,52 @@ def test_every_hostile_image_gets_the_cpu_paths_row_in_device_mode(model: Captio
     assert {i: row.error_kind for i, row in on_device.items()} == {i: row.error_kind for i, row in on_cpu.items()}
     refused = [case.data for case in corpus if case.expect_kind is not None]
     assert decoder.seen and not any(data in decoder.seen for data in refused)
+
+
+@dataclass
+class Offered:
+    """An interactive (caption API) item: answered through on_item_result only."""
+
+    id: str
+    data: bytes
+    uri: str = ""
+    decoding: DecodingSettings | None = None
+    cancelled: bool = False
+
+    def read(self) -> bytes:
+        return self.data
+
+    def answer(self, result: Result) -> None:
+        pass
+
+    def dropped(self) -> None:
+        raise AssertionError("nothing is cancelled here")
+
+
+def test_the_latency_lanes_jpegs_decode_on_the_device_too(model: CaptionModel) -> None:
+    answers: dict[str, Result] = {}
+
+    def answered(item: Item, result: Result) -> None:
+        answers[item.id] = result
+
+    sink = MemorySink()
+    decoder = StandIn()
+    pipeline = CaptionPipeline(
+        model,
+        sink,
+        BatchSettings(max_items=4, max_wait_ms=20, device_decode="on"),
+        LIMITS,
+        on_item_result=answered,
+        interactive_wait_ms=5,
+        jpeg_decoder=decoder,
+    )
+    asked = {"api-ok": jpeg(20), "api-corrupt": corrupt_jpeg()}
+    for name, data in asked.items():
+        pipeline.offer(Offered(name, data))
+    streamed = [MemoryItem(f"stream{i}", jpeg(30 + i)) for i in range(3)]
+    pipeline.run(streamed)
+    assert sorted(row.id for row in sink.rows) == [item.id for item in streamed]  # interactive answers: not in the run
+    assert answers["api-corrupt"].error_kind == "decode"
+    expected = run(model, [MemoryItem("api-ok", asked["api-ok"])], "off")["api-ok"]
+    assert answers["api-ok"].ok and answers["api-ok"].caption == expected.caption
+    assert asked["api-ok"] in decoder.seen
