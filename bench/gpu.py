@@ -14,6 +14,8 @@ architecture with random weights; every row generates exactly 16 tokens). Rows:
   greedy, model only, batch 128: fp32, fp16, bf16 (captionfleet's Captioner); the default precision with
        4 beams at batch 32 (today's path from preprocessed host tensors)
   end to end: JPEGs through the pipeline, default precision, greedy, batch 128, vs model only
+  (c and end to end take the pipeline's default WORKER_BATCH__DEVICE_DECODE=auto: a batch's JPEGs decoded
+       on the device where torchvision loads, by the decode threads where it does not)
   new (issue 20), the default precision through kept static KV caches (core/static_decoding.py, compiled
        into CUDA graphs by transformers on CUDA), greedy at batch 128 and 4 beams at batch 32:
        model only from decoded tensors already on the device, and end to end from the JPEG files with

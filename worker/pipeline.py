@@ -19,6 +19,12 @@ runs is dropped. Interactive answers reach ``on_item_result`` only: never the si
 
 What inputs hold until their results are out (tensors and their source bytes) is bounded in number
 (``prefetch``) and in bytes (``prefetch_mb``, ``HeldBytes``); interactive items are not counted there.
+
+JPEGs on the GPU (``WORKER_BATCH__DEVICE_DECODE``, ``core.gpu_images.DeviceJpegs``): for a model with
+fixed-size inputs on a CUDA device, the decode threads fetch and check each JPEG (sniffing, the header's
+pixel limit) but leave it undecoded; the model thread decodes a batch's JPEGs together on the device right
+before its model call (``_decode_jpegs``). An image neither the device nor the CPU can decode is a failure
+row of its own; other formats and families are prepared by the decode threads as above.
 """
 
 from __future__ import annotations
@@ -35,7 +41,14 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from captionfleet.core.between_steps import HookFailed, between_steps, pauses
-from captionfleet.core.captioner import CaptionModel, ModelInput, PreparationFailed, PromptError, decoding_of_model
+from captionfleet.core.captioner import (
+    CaptionModel,
+    FixedSizeInputs,
+    ModelInput,
+    PreparationFailed,
+    PromptError,
+    decoding_of_model,
+)
 from captionfleet.core.failures import (
     EMPTY_CAPTION,
     FETCH_FAILURE,
@@ -48,8 +61,9 @@ from captionfleet.core.failures import (
     ImageError,
 )
 from captionfleet.core.family import takes_prompt
+from captionfleet.core.gpu_images import Decoder, DeviceJpegs, is_undecoded
 from captionfleet.core.images import EncodedImage, ImageLimits, decode_image
-from captionfleet.core.settings import BatchSettings, DecodingSettings
+from captionfleet.core.settings import BatchSettings, DecodingSettings, SettingsError
 from captionfleet.core.threads import CPU_DECODE_THREADS
 from captionfleet.worker.batcher import Batcher, added, within
 from captionfleet.worker.lanes import InteractiveItem, LaneQueue
@@ -105,8 +119,34 @@ class Prepared:
 
 
 def held_bytes(prepared: ModelInput, source: bytes) -> int:
-    """What one input holds: its tensors (numpy or torch) and the source bytes its origin keeps."""
+    """What one input holds: its tensors (numpy or torch) and the source bytes its origin keeps. A JPEG left
+    for the GPU to decode holds its compressed bytes only: those same source bytes, counted once."""
     return len(source) + sum(int(getattr(value, "nbytes", 0)) for value in prepared.features.values())
+
+
+def check_device_decoding(captioner: CaptionModel, jpegs: DeviceJpegs) -> None:
+    """WORKER_BATCH__DEVICE_DECODE=on for a model whose JPEGs cannot decode on its device: refused at start,
+    naming the fix, rather than leaving the CPU the bottleneck that "on" was set to remove. Otherwise the
+    start's log says where JPEGs decode (auto's choice is not otherwise visible)."""
+    if jpegs.mode == "off":
+        return
+    model = fixed_size_inputs(captioner)
+    reason = jpegs.why_not(model)
+    if reason is not None and jpegs.mode == "on":
+        raise SettingsError(
+            f"WORKER_BATCH__DEVICE_DECODE=on, but {reason} (model {captioner.version}): set it to auto (the GPU "
+            "where it can, else the CPU) or off, or serve a ViT-GPT2-style model on a CUDA GPU (WORKER_MODEL__DEVICE)"
+        )
+    if reason is None and model is not None:
+        logger.info("JPEGs decode on %s, a batch's together (WORKER_BATCH__DEVICE_DECODE=%s)", model.device, jpegs.mode)
+    elif model is not None and model.device.type == "cuda":  # a GPU worker that decodes on the CPU: say why
+        logger.info("JPEGs decode in the decode threads: %s (WORKER_BATCH__DEVICE_DECODE=%s)", reason, jpegs.mode)
+
+
+def fixed_size_inputs(captioner: CaptionModel) -> FixedSizeInputs | None:
+    """The model's ``fixed_size_inputs``; None for a model object without it (a stand-in written before it)."""
+    found = getattr(captioner, "fixed_size_inputs", None)
+    return found if isinstance(found, FixedSizeInputs) else None
 
 
 class HeldBytes:
@@ -238,9 +278,14 @@ class CaptionPipeline:
         bulk_share: float = 0.0,
         pause_batches: bool = True,
         on_item_dropped: Callable[[Item], None] | None = None,
+        jpeg_decoder: Decoder | None = None,
     ) -> None:
-        """``prompt``: the job's prompt, for items that carry none (None: the model family's default)."""
+        """``prompt``: the job's prompt, for items that carry none (None: the model family's default).
+        ``jpeg_decoder``: the device's JPEG decoder for ``batch.device_decode`` (default: nvJPEG on a CUDA
+        model; tests pass a stand-in)."""
         refuse_prompt_it_cannot_take(captioner, prompt)
+        self._jpegs = DeviceJpegs(batch.device_decode, limits, jpeg_decoder)
+        check_device_decoding(captioner, self._jpegs)
         self.captioner = captioner
         self.prompt = prompt
         self.sink = sink
@@ -336,16 +381,25 @@ class CaptionPipeline:
             # lines has the new model prepare an image decoded for the old one, which own_inputs then
             # sees and prepares again.
             draft = self.captioner.draft_size
-            image = decode_image(data, limits=self.limits, draft_size=draft)
-            prepared = self.captioner.prepare(image, self._prompt(item), origin=EncodedImage(data, self.limits, draft))
+            origin = EncodedImage(data, self.limits, draft)
+            target = self._jpegs.target(fixed_size_inputs(self.captioner))
+            # A JPEG for the device: checked here, decoded with its batch (_decode_jpegs).
+            undecoded = self._jpegs.undecoded(data, self._prompt(item), target, origin) if target else None
+            if undecoded is not None:
+                prepared, header = undecoded
+                width, height = header.width, header.height
+            else:
+                image = decode_image(data, limits=self.limits, draft_size=draft)
+                prepared = self.captioner.prepare(image, self._prompt(item), origin=origin)
+                width, height = image.width, image.height
         except Exception as error:
             return Prepared(item, failure=self._preparation_failure(item, error, len(data), fetch_ms=fetch_ms))
         decoded = time.perf_counter()
         return Prepared(
             item,
             input=prepared,
-            width=image.width,
-            height=image.height,
+            width=width,
+            height=height,
             size=len(data),
             fetch_ms=fetch_ms,
             decode_ms=(decoded - fetched) * 1000,
@@ -423,19 +477,57 @@ class CaptionPipeline:
         for key, group in groups.items():
             self._caption_group(group, decodings[key])
 
+    def _decode_jpegs(self, batch: list[Prepared]) -> tuple[list[Prepared], list[tuple[Prepared, ImageError]]]:
+        """The batch's JPEGs the decode threads left for the device, decoded there together (core/gpu_images.py),
+        each one's time added to its decode_ms. Returns the batch less the images no path could decode, and
+        those with their errors. Inputs prepared for another model (a hot swap since) are left as they are:
+        the model serving now prepares them again from their bytes (own_inputs)."""
+        model = fixed_size_inputs(self.captioner)
+        if model is None:
+            return batch, []
+        waiting = [
+            (p, p.input) for p in batch if p.input is not None and is_undecoded(p.input) and p.input.key == model.key
+        ]
+        if not waiting:
+            return batch, []
+        started = time.perf_counter()
+        outcome = self._jpegs.decode([item for _, item in waiting], model)
+        decode_ms = (time.perf_counter() - started) * 1000
+        logger.debug("decoded %d JPEGs, %d on %s, in %.1f ms", len(waiting), outcome.on_device, model.device, decode_ms)
+        for position, (prepared, _) in enumerate(waiting):
+            if position in outcome.inputs:
+                prepared.input = outcome.inputs[position]
+                prepared.decode_ms += decode_ms  # its batch's decoding, as inference_ms is its batch's
+        refused = [(waiting[position][0], error) for position, error in sorted(outcome.failures.items())]
+        gone = {id(prepared) for prepared, _ in refused}
+        return [p for p in batch if id(p) not in gone], refused
+
+    def _emit_refused(self, refused: list[tuple[Prepared, ImageError]]) -> None:
+        """Images that failed to decode with their batch: one failure row each, as from a decode thread."""
+        for prepared, error in refused:
+            failure = self._preparation_failure(prepared.item, error, prepared.size, fetch_ms=prepared.fetch_ms)
+            self._emit([failure], [prepared.item], prepared.urgent)
+
     def _caption_group(self, batch: list[Prepared], decoding: DecodingSettings | None = None) -> None:
         start = time.perf_counter()
+        ready: list[Prepared] = batch
+        refused: list[tuple[Prepared, ImageError]] = []
         try:
+            ready, refused = self._decode_jpegs(batch)
+            model_start = time.perf_counter()
             with pauses() as paused:  # the time of calls nested in its pause is theirs (core/between_steps.py)
-                captions = self.captioner.caption_inputs([p.input for p in batch if p.input is not None], decoding)
+                inputs = [p.input for p in ready if p.input is not None]
+                captions = self.captioner.caption_inputs(inputs, decoding) if inputs else []
         except HookFailed:
             raise  # the work run in its pause failed, not this batch: see _run_batch
         except PreparationFailed as failed:
-            self._prepared_again(batch, failed, decoding)
+            self._emit_refused(refused)
+            self._prepared_again(ready, failed, decoding)
             return
         except Exception as error:
             if len(batch) > 1:
-                # Find the item that breaks the model instead of failing its neighbours.
+                # Find the item that breaks the model (or the device's decoding) instead of failing its
+                # neighbours; an image refused above is refused again alone, its one row then.
                 logger.warning("batch of %d failed (%s); retrying its items one by one", len(batch), error)
                 for prepared in batch:
                     self._caption_group([prepared], decoding)
@@ -450,10 +542,13 @@ class CaptionPipeline:
             failure = self._failure(batch[0].item, INFERENCE_FAILURE, f"{type(error).__name__}: {error}")
             self._emit([failure], [batch[0].item], batch[0].urgent)
             return
-        inference_ms = (time.perf_counter() - start - paused.seconds) * 1000
+        self._emit_refused(refused)
+        if not ready:
+            return
+        inference_ms = (time.perf_counter() - model_start - paused.seconds) * 1000
         self.stats.batches += 1
         results = []
-        for p, caption in zip(batch, captions, strict=True):
+        for p, caption in zip(ready, captions, strict=True):
             result = Result(
                 id=p.item.id,
                 uri=p.item.uri,
@@ -479,7 +574,7 @@ class CaptionPipeline:
                 )
             results.append(result)
         for urgent in (True, False):  # interactive answers first: someone waits for them
-            chosen = [(r, p.item) for r, p in zip(results, batch, strict=True) if p.urgent == urgent]
+            chosen = [(r, p.item) for r, p in zip(results, ready, strict=True) if p.urgent == urgent]
             if chosen:
                 self._emit([r for r, _ in chosen], [i for _, i in chosen], urgent)
 

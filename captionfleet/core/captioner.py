@@ -118,10 +118,11 @@ class KeptImage:
 @dataclass(frozen=True)
 class ModelInput:
     """One image prepared for one model. ``features``: that model's inputs for this image alone
-    (the fixed-size path: ``pixel_values`` as a CHW numpy array; other families: the processor's tensors
-    with a batch dimension of 1). ``cost``: the pixels the model's vision encoder processes for it, after
-    resizing (a dynamic-resolution family's visual tokens times the pixels each covers), which the
-    batcher's ``max_pixels`` limit counts. ``key``: the preparation it was made with; a model whose
+    (the fixed-size path: ``pixel_values`` as a CHW numpy array, or a CHW tensor on the model's device where
+    the worker decoded its JPEG there, which holds its bytes until then: core/gpu_images.py; other families:
+    the processor's tensors with a batch dimension of 1). ``cost``: the pixels the model's vision encoder
+    processes for it, after resizing (a dynamic-resolution family's visual tokens times the pixels each
+    covers), which the batcher's ``max_pixels`` limit counts. ``key``: the preparation it was made with; a model whose
     ``preparation_key`` differs prepares it again from ``origin``. ``prompt``: as asked (None: the family's
     default)."""
 
@@ -208,6 +209,18 @@ class Preprocessing:
         return torch.from_numpy(np.stack([self.array(image) for image in images]))
 
 
+@dataclass(frozen=True)
+class FixedSizeInputs:
+    """What preparing an image for a fixed-size model outside ``prepare`` takes (the worker decoding a batch's
+    JPEGs on the model's GPU, captionfleet/core/gpu_images.py): its preprocessing, the device and dtype its
+    pixels go to, and the ``ModelInput.key`` inputs prepared so carry (its ``preparation_key``)."""
+
+    preprocessing: Preprocessing
+    device: torch.device
+    dtype: torch.dtype
+    key: str
+
+
 def pick_device(requested: str) -> torch.device:
     if requested == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device 'cuda' was requested but no CUDA GPU is visible; set the device to auto or cpu")
@@ -262,6 +275,12 @@ class CaptionModel(Protocol):
     @property
     def draft_size(self) -> tuple[int, int] | None:
         """The smallest size a JPEG may be decoded at without losing what the model sees (None: full size)."""
+        ...
+
+    @property
+    def fixed_size_inputs(self) -> FixedSizeInputs | None:
+        """How its inputs may be prepared on its device (ViT-GPT2's fixed size); None: by ``prepare`` only. An
+        input's ``pixel_values`` may then be a (3, H, W) tensor on the device instead of a numpy array."""
         ...
 
     def prepare(
@@ -334,6 +353,10 @@ class ModelWrapper:
     @property
     def draft_size(self) -> tuple[int, int] | None:
         return self.wrapped.draft_size
+
+    @property
+    def fixed_size_inputs(self) -> FixedSizeInputs | None:
+        return self.wrapped.fixed_size_inputs
 
     def prepare(
         self, image: Image.Image, prompt: str | None = None, *, origin: ImageOrigin | None = None
@@ -417,6 +440,10 @@ class Captioner:
     @property
     def draft_size(self) -> tuple[int, int]:
         return self.image_size
+
+    @property
+    def fixed_size_inputs(self) -> FixedSizeInputs:
+        return FixedSizeInputs(self.preprocess, self.device, self.dtype, self.preparation_key)
 
     @property
     def preparation_key(self) -> str:
@@ -532,7 +559,7 @@ class Captioner:
         if not inputs:
             return []
         inputs = own_inputs(self, inputs)
-        pixel_values = torch.from_numpy(np.stack([item.features["pixel_values"] for item in inputs]))
+        pixel_values = self._stacked([item.features["pixel_values"] for item in inputs])
         config = self.generation_config(decoding or self.decoding)
         config.return_dict_in_generate = True  # in the config: beside it, transformers warns on every call
         eos = [int(config.eos_token_id)]  # one id, set by generation_config()
@@ -542,6 +569,14 @@ class Captioner:
         processors = LogitsProcessorList([*([] if static else step_processors()), recorder])
         output = self._generate(pixel_values.to(self.device, self.dtype), config, logits_processor=processors)
         return captions_from_output(output, recorder, self.tokenizer, eos, rows=len(inputs))
+
+    def _stacked(self, rows: list[Any]) -> torch.Tensor:
+        """The batch's pixels: the decode threads' numpy arrays, stacked as ever; where some rows were prepared
+        on the device already (fixed_size_inputs: JPEGs decoded there), the rest join them there."""
+        if not any(isinstance(row, torch.Tensor) for row in rows):
+            return torch.from_numpy(np.stack(rows))
+        tensors = [row if isinstance(row, torch.Tensor) else torch.from_numpy(row) for row in rows]
+        return torch.stack([tensor.to(self.device, self.dtype) for tensor in tensors])
 
     @torch.inference_mode()
     def caption_pixels(self, pixel_values: torch.Tensor, decoding: DecodingSettings | None = None) -> list[str]:

@@ -16,26 +16,34 @@ list fails). An image no path can decode is one ``ImageError`` in ``failures``, 
 The CPU path's arrays are stacked in pinned host memory and copied with ``non_blocking``.
 
 Where torchvision (with its image extension) is missing or the device is not CUDA, every image takes the
-CPU path: the same function, the same result shape. Status: used by the GPU bench (bench/gpu.py); not yet
-wired into the worker's pipeline, whose decode threads prepare each item on its own. Untested on a GPU
-(no device was lent to the session that wrote it); the CPU tests drive its control flow with a stand-in
-decoder.
+CPU path: the same function, the same result shape.
+
+The worker (``DeviceJpegs``, WORKER_BATCH__DEVICE_DECODE): its decode threads fetch each item and check
+it as ever (sniffing, the header's pixel limit, whether the device takes it), and leave a JPEG the device
+takes undecoded: an input holding its bytes (``undecoded``); the pipeline decodes a batch's such inputs
+together on the model's device right before the model call (``decode``), each one the device or the CPU
+cannot decode one failure of its own. Other formats, other JPEGs and other model families are prepared
+by the decode threads as before. Status: used by the worker's pipeline and the GPU bench (bench/gpu.py).
+Untested on a GPU (no device was lent to the sessions that wrote it); the CPU tests drive its control
+flow, in the pipeline too, with a stand-in decoder.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from captionfleet.core.captioner import Preprocessing
+from captionfleet.core.captioner import FixedSizeInputs, ImageOrigin, ModelInput, Preprocessing
 from captionfleet.core.failures import ImageError
-from captionfleet.core.images import ImageLimits, decode_image, jpeg_header
+from captionfleet.core.images import ImageLimits, JpegHeader, decode_image, jpeg_header
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +61,7 @@ MAX_DEVICE_PIXELS = 24_000_000
 DEFAULT_LIMITS = ImageLimits()
 
 
+@functools.cache  # one import (and one log line) per process, whichever thread asks first
 def _torchvision_decoder() -> Decoder | None:
     try:
         from torchvision.io import ImageReadMode, decode_jpeg
@@ -121,6 +130,20 @@ class DevicePreprocessing:
         return (batch * self.scale + self.shift).to(self.dtype)
 
 
+def device_takes(header: JpegHeader | None, data: bytes, max_device_pixels: int = MAX_DEVICE_PIXELS) -> bool:
+    """Whether a JPEG (its header from ``jpeg_header``: None for another format) is one nvJPEG decodes as the
+    CPU path would: RGB or grey, upright, not huge, and whole."""
+    return (
+        header is not None
+        and header.mode in ("RGB", "L")
+        and header.orientation == 1
+        and header.width * header.height <= max_device_pixels
+        # A JPEG cut short in its image data has a whole header: the CPU path refuses it as truncated,
+        # where nvJPEG might decode what is there. Only JPEGs that end (EOI marker) go to the device.
+        and data.rstrip(b"\0").endswith(b"\xff\xd9")
+    )
+
+
 def images_to_pixels(
     blobs: Sequence[bytes],
     preprocessing: Preprocessing,
@@ -147,17 +170,7 @@ def images_to_pixels(
             continue
         if header is not None:
             sizes[position] = (header.width, header.height)
-        takes_gpu = (
-            decoder is not None
-            and on_device.available
-            and header is not None
-            and header.mode in ("RGB", "L")
-            and header.orientation == 1
-            and header.width * header.height <= max_device_pixels
-            # A JPEG cut short in its image data has a whole header: the CPU path refuses it as truncated,
-            # where nvJPEG might decode what is there. Only JPEGs that end (EOI marker) go to the device.
-            and data.rstrip(b"\0").endswith(b"\xff\xd9")
-        )
+        takes_gpu = decoder is not None and on_device.available and device_takes(header, data, max_device_pixels)
         (gpu if takes_gpu else cpu).append(position)
 
     decoded: dict[int, torch.Tensor] = {}
@@ -220,3 +233,104 @@ def _to_device(arrays: dict[int, np.ndarray], device: torch.device, dtype: torch
         return host.to(dtype)
     # Pinned, so the copy is a DMA the host does not wait for; the model's kernels queue behind it.
     return host.pin_memory().to(device, non_blocking=True).to(dtype)
+
+
+# --- the worker's pipeline: JPEGs left undecoded by the decode threads, decoded with their batch ---------------
+
+DeviceDecode = Literal["auto", "on", "off"]  # WORKER_BATCH__DEVICE_DECODE
+JPEG_BYTES = "jpeg"  # the feature of an input whose JPEG waits for its batch's decoding on the device
+
+
+def is_undecoded(item: ModelInput) -> bool:
+    return JPEG_BYTES in item.features
+
+
+@dataclass
+class DecodedInputs:
+    """``decode``'s outcome, by position in what it was given: ``inputs`` with their pixels on the device,
+    ``failures`` the images no path could decode; ``on_device``: how many nvJPEG decoded."""
+
+    inputs: dict[int, ModelInput]
+    failures: dict[int, ImageError]
+    on_device: int
+
+
+class DeviceJpegs:
+    """JPEGs decoded on the model's device in the worker's pipeline (WORKER_BATCH__DEVICE_DECODE: ``mode``),
+    for a model with fixed-size inputs (``CaptionModel.fixed_size_inputs``). ``decoder``: the device's JPEG
+    decoder (default: nvJPEG through torchvision on a CUDA device; tests pass a stand-in, which "on" then
+    uses on any device, where "auto" still needs CUDA)."""
+
+    def __init__(
+        self,
+        mode: DeviceDecode,
+        limits: ImageLimits,
+        decoder: Decoder | None = None,
+        max_device_pixels: int = MAX_DEVICE_PIXELS,
+    ) -> None:
+        self.mode = mode
+        self.limits = limits
+        self.injected = decoder
+        self.max_device_pixels = max_device_pixels
+        self._warned: set[str] = set()
+
+    def _decoder(self, device: torch.device) -> Decoder | None:
+        return self.injected if self.injected is not None else device_decoder(device)
+
+    def why_not(self, inputs: FixedSizeInputs | None) -> str | None:
+        """Why a model with these inputs cannot have its JPEGs decoded on its device (None: it can)."""
+        if inputs is None:
+            return "the model prepares its own inputs (only a fixed-size, ViT-GPT2-style model's JPEGs decode there)"
+        if inputs.device.type != "cuda" and (self.mode == "auto" or self.injected is None):
+            return f"the model runs on {inputs.device.type}, and JPEGs decode on a CUDA GPU only"
+        if self._decoder(inputs.device) is None:
+            return "torchvision's decode_jpeg is unavailable (install the torchvision built for this torch)"
+        if inputs.preprocessing.resample not in _MODES:
+            filter_name = Image.Resampling(inputs.preprocessing.resample).name
+            return f"the checkpoint resizes with {filter_name}, which the device does not do"
+        return None
+
+    def target(self, inputs: FixedSizeInputs | None) -> FixedSizeInputs | None:
+        """Where the decode threads leave JPEGs for the device: the model's inputs, or None (the CPU path)."""
+        if self.mode == "off":
+            return None
+        reason = self.why_not(inputs)
+        if reason is None:
+            return inputs
+        if self.mode == "on" and reason not in self._warned:  # "on" was checked at start: a hot swap since
+            self._warned.add(reason)
+            logger.warning("WORKER_BATCH__DEVICE_DECODE=on, but %s: its JPEGs decode on the CPU", reason)
+        return None
+
+    def undecoded(
+        self, data: bytes, prompt: str | None, target: FixedSizeInputs, origin: ImageOrigin
+    ) -> tuple[ModelInput, JpegHeader] | None:
+        """In a decode thread: an input holding the JPEG's bytes for its batch to decode on the device, with
+        its header; None for what the CPU path prepares (another format, a JPEG the device does not take, a
+        prompt, which only the model's ``prepare`` may refuse). ImageError as the CPU path raises it for bytes
+        the hostile-image rules refuse (sniffing, the byte and pixel limits), before any decoder sees them."""
+        if prompt is not None:
+            return None
+        header = jpeg_header(data, self.limits)
+        if header is None or not device_takes(header, data, self.max_device_pixels):
+            return None
+        size = target.preprocessing.width * target.preprocessing.height
+        return ModelInput({JPEG_BYTES: data}, cost=size, key=target.key, prompt=None, origin=origin), header
+
+    def decode(self, inputs: Sequence[ModelInput], target: FixedSizeInputs) -> DecodedInputs:
+        """In the model thread, right before the model call: ``undecoded`` inputs' JPEGs decoded together on
+        the device (``images_to_pixels``: those it fails on take the CPU path, one by one)."""
+        batch = images_to_pixels(
+            [item.features[JPEG_BYTES] for item in inputs],
+            target.preprocessing,
+            device=target.device,
+            dtype=target.dtype,
+            limits=self.limits,
+            decoder=self._decoder(target.device),
+            max_device_pixels=self.max_device_pixels,
+        )
+        decoded = {
+            position: replace(inputs[position], features={"pixel_values": pixels})
+            for position, pixels in zip(batch.rows, batch.pixels, strict=True)
+        }
+        return DecodedInputs(decoded, batch.failures, batch.on_device)

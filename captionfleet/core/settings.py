@@ -113,6 +113,15 @@ class BatchSettings(BaseModel):
     # every core of the container's CPU limit but one (the GPU outpaces any one core's decoding), on a CPU
     # worker 2 (the model's threads need the rest); captionfleet/core/threads.py.
     decode_threads: int = Field(default=0, ge=0, le=256)
+    # Where JPEGs are decoded for a ViT-GPT2-style model (fixed-size preprocessing): on its GPU (nvJPEG through
+    # torchvision, a batch's JPEGs in one call right before the model: captionfleet/core/gpu_images.py), since a
+    # GPU captions faster than a node's cores decode large photos; or by the decode threads, one by one. The
+    # decode threads still fetch, sniff and check each image's header and pixel limit either way; other formats,
+    # JPEGs the device cannot take (CMYK, EXIF-rotated, huge) and other model families stay on the CPU. "auto":
+    # on when the model runs on CUDA and torchvision's decoder loads, else off (a CPU worker: today's path).
+    # "on": as auto, but a worker that cannot (no GPU, another family, no torchvision) refuses to start, so an
+    # operator who asked for it learns at once instead of finding the CPU the bottleneck. "off": the CPU.
+    device_decode: Literal["auto", "on", "off"] = "auto"
 
     def images_at(self, num_beams: int) -> int:
         """The most images a batch holds when each decodes with ``num_beams`` (at least one: an image with

@@ -149,6 +149,11 @@ class FamilyCaptioner:
         return self._draft_size
 
     @property
+    def fixed_size_inputs(self) -> None:
+        """None: its processor prepares its inputs (sizes, patches, prompts), in the decode threads only."""
+        return None
+
+    @property
     def default_prompt(self) -> str | None:
         return self.spec.default_prompt
 
