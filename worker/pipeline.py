@@ -62,7 +62,7 @@ from captionfleet.core.failures import (
 )
 from captionfleet.core.family import takes_prompt
 from captionfleet.core.gpu_images import Decoder, DeviceJpegs, is_undecoded
-from captionfleet.core.images import EncodedImage, ImageLimits, decode_image
+from captionfleet.core.images import EncodedImage, ImageLimits, decode_image, jpeg_draft_size
 from captionfleet.core.settings import BatchSettings, DecodingSettings, SettingsError
 from captionfleet.core.threads import CPU_DECODE_THREADS
 from captionfleet.worker.batcher import Batcher, added, within
@@ -386,8 +386,9 @@ class CaptionPipeline:
             # A JPEG for the device: checked here, decoded with its batch (_decode_jpegs).
             undecoded = self._jpegs.undecoded(data, self._prompt(item), target, origin) if target else None
             if undecoded is not None:
-                prepared, header = undecoded
-                width, height = header.width, header.height
+                prepared, _ = undecoded
+                # The size the CPU path reports (its draft decoding's), so a row does not depend on the path.
+                width, height = jpeg_draft_size(data, draft)
             else:
                 image = decode_image(data, limits=self.limits, draft_size=draft)
                 prepared = self.captioner.prepare(image, self._prompt(item), origin=origin)

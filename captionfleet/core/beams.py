@@ -26,6 +26,7 @@ independent of batching.
 
 from __future__ import annotations
 
+import logging
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -36,6 +37,8 @@ from torch import nn
 from transformers import AttentionInterface, DynamicCache, EncoderDecoderCache
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 from transformers.models.gpt2.modeling_gpt2 import eager_attention_forward
+
+logger = logging.getLogger(__name__)
 
 # The decoder attention implementation registered with transformers by use_grouped_decoder_attention().
 GROUPED_ATTENTION = "captionfleet_grouped"
@@ -73,7 +76,8 @@ _checked: tuple[weakref.ref[torch.Tensor], int] | None = None
 
 def _are_beam_copies(x: torch.Tensor, copies: torch.Tensor, first: torch.Tensor, group: int) -> bool:
     global _checked
-    if _checked is not None and _checked[0]() is x and _checked[1] == group:
+    checked = _checked  # read once: another thread may replace it meanwhile
+    if checked is not None and checked[0]() is x and checked[1] == group:
         return True
     if not torch.equal(copies, first.expand_as(copies)):  # cheap next to the GEMM it saves
         return False
@@ -140,15 +144,26 @@ def grouped_cross_attention(
 
 
 def use_grouped_decoder_attention(model: Any) -> bool:
-    """Make the decoder attend through ``grouped_cross_attention`` (transformers' eager attention
-    otherwise); True if switched. Decoders without PerImageProjection layers are left as they are."""
+    """Make a GPT-2 decoder attend through ``grouped_cross_attention`` (transformers' eager attention
+    otherwise); True if switched. Left as they are: other decoders (their own eager kernels may differ:
+    GPTBigCode's softmax in fp32), decoders without PerImageProjection layers, and GPT-2 configs asking for
+    ``reorder_and_upcast_attn``, which transformers applies under its own eager attention only."""
     decoder = getattr(model, "decoder", None)
+    config = getattr(decoder, "config", None)
     setter = getattr(decoder, "set_attn_implementation", None)
-    if decoder is None or setter is None or not any(isinstance(m, PerImageProjection) for m in decoder.modules()):
+    if decoder is None or setter is None or getattr(config, "model_type", None) != "gpt2":
+        return False
+    if getattr(config, "reorder_and_upcast_attn", False):
+        return False
+    if not any(isinstance(m, PerImageProjection) for m in decoder.modules()):
         return False
     AttentionInterface.register(GROUPED_ATTENTION, grouped_cross_attention)
     AttentionMaskInterface.register(GROUPED_ATTENTION, eager_mask)  # additive float masks, as eager's
-    setter(GROUPED_ATTENTION)
+    try:
+        setter(GROUPED_ATTENTION)
+    except Exception as error:  # a decoder that cannot switch: eager (use_eager_decoder_attention), slower
+        logger.info("decoder attention not grouped (%s)", error)
+        return False
     return True
 
 

@@ -115,6 +115,10 @@ class KeptImage:
         return self
 
 
+# The feature of an input whose JPEG waits for its batch's decoding on the device (core/gpu_images.py).
+UNDECODED_JPEG = "jpeg"
+
+
 @dataclass(frozen=True)
 class ModelInput:
     """One image prepared for one model. ``features``: that model's inputs for this image alone
@@ -305,7 +309,10 @@ def own_inputs(model: CaptionModel, inputs: Sequence[ModelInput]) -> list[ModelI
     owned: list[ModelInput | None] = []
     errors: dict[int, Exception] = {}
     for position, item in enumerate(inputs):
-        if item.key == key and item.origin.decoded_for(draft):
+        # An input whose JPEG still waits for its batch's decoding on the device (core/gpu_images.py) is
+        # owned only once decoded: one left for this model, then held while another served (a swap and a
+        # swap back), reaches it undecoded and is prepared here from its bytes.
+        if item.key == key and item.origin.decoded_for(draft) and UNDECODED_JPEG not in item.features:
             owned.append(item)
             continue
         origin = item.origin.for_draft(draft)
@@ -449,7 +456,8 @@ class Captioner:
     def preparation_key(self) -> str:
         # Two checkpoints with the same preprocessing (versions of one model) share prepared inputs.
         prep = self.preprocess
-        listed = [None if values is None else [float(v) for v in values] for values in (prep.mean, prep.std)]
+        # np.ravel: a checkpoint may give one number for all channels (image_mean: 0.5), a 0-d array here.
+        listed = [None if values is None else [float(v) for v in np.ravel(values)] for values in (prep.mean, prep.std)]
         return f"{VED_FAMILY}:{prep.width}x{prep.height}:{int(prep.resample)}:{prep.rescale_factor}:{listed}"
 
     def prepare(

@@ -145,6 +145,8 @@ def use_eager_decoder_attention(model: Any) -> bool:
     not as slow, but eager still measured faster with identical tokens (same process, alternating, two
     threads: greedy batch 32 3.65 -> 3.86 images/s, 4 beams batch 8 1.86 -> 1.91; int8 greedy 7.21 ->
     7.44), so every CPU precision uses it. The encoder keeps SDPA: eager measured 5% slower there.
+    A GPT-2 decoder with beam-shared projections gets core/beams.py's grouped attention instead (eager
+    attention, with an image's beams attending together); this is the fallback for the others.
     """
     decoder = getattr(model, "decoder", None)
     setter = getattr(decoder, "set_attn_implementation", None)

@@ -31,6 +31,7 @@ flow, in the pipeline too, with a stand-in decoder.
 from __future__ import annotations
 
 import functools
+import io
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -41,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from captionfleet.core.captioner import FixedSizeInputs, ImageOrigin, ModelInput, Preprocessing
+from captionfleet.core.captioner import UNDECODED_JPEG, FixedSizeInputs, ImageOrigin, ModelInput, Preprocessing
 from captionfleet.core.failures import ImageError
 from captionfleet.core.images import ImageLimits, JpegHeader, decode_image, jpeg_header
 
@@ -105,9 +106,10 @@ class DevicePreprocessing:
         rescale = preprocessing.rescale_factor if preprocessing.rescale_factor is not None else 1.0
         mean = preprocessing.mean if preprocessing.mean is not None else np.zeros(3, np.float32)
         std = preprocessing.std if preprocessing.std is not None else np.ones(3, np.float32)
-        # (x * rescale - mean) / std as one multiply-add, in float32 before the cast to the model's dtype.
-        self.scale = torch.tensor(rescale / std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
-        self.shift = torch.tensor(-mean / std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+        # (x * rescale - mean) / std as one multiply-add, in float32 before the cast to the model's dtype. One
+        # value per channel, or one for all (a checkpoint's image_mean may be a single number).
+        self.scale = torch.tensor(rescale / std, dtype=torch.float32, device=device).reshape(1, -1, 1, 1)
+        self.shift = torch.tensor(-mean / std, dtype=torch.float32, device=device).reshape(1, -1, 1, 1)
 
     @property
     def available(self) -> bool:
@@ -238,7 +240,7 @@ def _to_device(arrays: dict[int, np.ndarray], device: torch.device, dtype: torch
 # --- the worker's pipeline: JPEGs left undecoded by the decode threads, decoded with their batch ---------------
 
 DeviceDecode = Literal["auto", "on", "off"]  # WORKER_BATCH__DEVICE_DECODE
-JPEG_BYTES = "jpeg"  # the feature of an input whose JPEG waits for its batch's decoding on the device
+JPEG_BYTES = UNDECODED_JPEG  # the feature of an input whose JPEG waits for its batch's decoding on the device
 
 
 def is_undecoded(item: ModelInput) -> bool:
@@ -253,6 +255,29 @@ class DecodedInputs:
     inputs: dict[int, ModelInput]
     failures: dict[int, ImageError]
     on_device: int
+
+
+def _tiny_jpeg() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 30, 90)).save(buffer, "JPEG")
+    return buffer.getvalue()
+
+
+# What DeviceJpegs decodes once per device before trusting its decoder.
+PROBE_JPEG = _tiny_jpeg()
+
+
+def _probe_failure(decoder: Decoder, device: torch.device) -> str | None:
+    """Decode PROBE_JPEG with ``decoder`` on ``device``: None when it gives its 3x8x8 uint8 pixels, else
+    what went wrong."""
+    blob = torch.frombuffer(bytearray(PROBE_JPEG), dtype=torch.uint8)
+    try:
+        (pixels,) = decoder([blob], device)
+    except Exception as error:  # any failure means: not on this worker
+        return f"{type(error).__name__}: {error}"
+    if pixels.shape != (3, 8, 8) or pixels.dtype != torch.uint8:
+        return f"it gave a {pixels.dtype} tensor of shape {tuple(pixels.shape)}"
+    return None
 
 
 class DeviceJpegs:
@@ -273,9 +298,20 @@ class DeviceJpegs:
         self.injected = decoder
         self.max_device_pixels = max_device_pixels
         self._warned: set[str] = set()
+        self._probed: dict[str, str | None] = {}  # per device: why its decoder failed the probe, or None
 
     def _decoder(self, device: torch.device) -> Decoder | None:
         return self.injected if self.injected is not None else device_decoder(device)
+
+    def _probe(self, decoder: Decoder, device: torch.device) -> str | None:
+        """Whether the decoder really decodes on ``device``: torchvision imports with only a warning when its
+        image extension does not load, or without nvJPEG, and then fails every call. Caught once here, a
+        worker does not try the device on every batch and fall back to decoding one by one on its model
+        thread (slower than the decode threads)."""
+        key = str(device)
+        if key not in self._probed:
+            self._probed[key] = _probe_failure(decoder, device)
+        return self._probed[key]
 
     def why_not(self, inputs: FixedSizeInputs | None) -> str | None:
         """Why a model with these inputs cannot have its JPEGs decoded on its device (None: it can)."""
@@ -283,8 +319,15 @@ class DeviceJpegs:
             return "the model prepares its own inputs (only a fixed-size, ViT-GPT2-style model's JPEGs decode there)"
         if inputs.device.type != "cuda" and (self.mode == "auto" or self.injected is None):
             return f"the model runs on {inputs.device.type}, and JPEGs decode on a CUDA GPU only"
-        if self._decoder(inputs.device) is None:
+        decoder = self._decoder(inputs.device)
+        if decoder is None:
             return "torchvision's decode_jpeg is unavailable (install the torchvision built for this torch)"
+        failed = self._probe(decoder, inputs.device)
+        if failed is not None:
+            return (
+                f"the device's JPEG decoder failed on a tiny JPEG ({failed}; install the torchvision built for "
+                "this torch, with nvJPEG)"
+            )
         if inputs.preprocessing.resample not in _MODES:
             filter_name = Image.Resampling(inputs.preprocessing.resample).name
             return f"the checkpoint resizes with {filter_name}, which the device does not do"

@@ -289,6 +289,17 @@ def decode_image(
         raise ImageError("decode", f"{fmt}: {type(exc).__name__}: {text}") from exc
 
 
+def jpeg_draft_size(data: bytes, draft_size: tuple[int, int] | None) -> tuple[int, int]:
+    """The size ``decode_image`` decodes an upright JPEG at (its draft mode's reduction, read from the header
+    alone): what a result row reports as the image's width and height, whichever path decoded it."""
+    with _open(data, "jpeg") as img:
+        if draft_size is not None:
+            side = max(draft_size)  # as decode_image asks
+            img.draft("RGB", (side, side))
+        width, height = img.size
+        return width, height
+
+
 def _open(data: bytes, fmt: str) -> ImageFile.ImageFile:
     # Escalate Pillow's bomb *warning* (between 1x and 2x MAX_IMAGE_PIXELS) to an error here rather than
     # changing Image.MAX_IMAGE_PIXELS for the whole process. The warning can only fire inside open().

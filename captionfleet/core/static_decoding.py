@@ -25,7 +25,10 @@ layer: ~7.9 MB per row and beam for ViT-base + GPT-2 in fp16, ~2 GB for all buck
 
 Captions equal the dynamic cache's, and a batch's equal its images' one by one: tested on CPU, where this
 path runs without compiling (tests/unit/test_static_decoding.py); on CUDA with compiling only by
-bench/device_check.py and bench/gpu.py, which have not yet run on a GPU.
+bench/device_check.py and bench/gpu.py, which have not yet run on a GPU. One difference on the CPU: there the
+dynamic path attends with an image's beams together (core/beams.py, ``grouped_cross_attention``) and this
+one per beam, so beam scores may differ in float32's last bits (tested within 1e-4; tokens equal); on
+CUDA both attend per beam.
 """
 
 from __future__ import annotations

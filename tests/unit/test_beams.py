@@ -10,7 +10,13 @@ import torch
 from PIL import Image
 from transformers import DynamicCache
 
-from captionfleet.core.beams import PerImageProjection, SharedCrossAttentionCache, beam_group, grouped_cross_attention
+from captionfleet.core.beams import (
+    GROUPED_ATTENTION,
+    PerImageProjection,
+    SharedCrossAttentionCache,
+    beam_group,
+    grouped_cross_attention,
+)
 from captionfleet.core.captioner import Captioner
 from captionfleet.core.model_store import builtin_model_dir
 from captionfleet.core.settings import DecodingSettings
@@ -173,3 +179,44 @@ def test_beams_keep_one_cross_attention_row_per_image_and_check_copies_once(
     assert kept.count(5) == layers and set(kept) == {5, 15}
     assert len(checks) == 1
     assert captions == [captioner.caption([image])[0] for image in images]  # batched == one by one
+
+
+def test_a_gpt2_asking_for_upcast_attention_keeps_transformers_eager_attention(tmp_path: Path) -> None:
+    """transformers applies reorder_and_upcast_attn under its own eager attention only: grouping would drop it."""
+    import json
+
+    from tests.conftest import save_tiny_checkpoint
+
+    path = save_tiny_checkpoint(tmp_path / "upcast")
+    config = json.loads((path / "config.json").read_text())
+    config["decoder"]["reorder_and_upcast_attn"] = True
+    (path / "config.json").write_text(json.dumps(config))
+    decoding = DecodingSettings(num_beams=3, max_new_tokens=6)
+    captioner = Captioner.from_dir(path, device="cpu", decoding=decoding, precision="fp32")
+    assert captioner.model.decoder.config._attn_implementation == "eager"
+    images = _images(4)
+    assert captioner.caption(images) == _plain_generate(captioner, images, decoding)
+
+
+def test_only_a_gpt2_decoder_is_switched_to_grouped_attention() -> None:
+    from captionfleet.core.beams import use_grouped_decoder_attention
+
+    class Decoder(torch.nn.Module):
+        def __init__(self, model_type: str) -> None:
+            super().__init__()
+            self.config = type("Config", (), {"model_type": model_type, "reorder_and_upcast_attn": False})()
+            self.cross = PerImageProjection(torch.nn.Linear(2, 2))
+            self.switched: list[str] = []
+
+        def set_attn_implementation(self, name: str) -> None:
+            self.switched.append(name)
+
+    class Model(torch.nn.Module):
+        def __init__(self, model_type: str) -> None:
+            super().__init__()
+            self.decoder = Decoder(model_type)
+
+    bigcode = Model("gpt_bigcode")  # has c_attn + is_cross_attention too, with its own eager kernel
+    assert use_grouped_decoder_attention(bigcode) is False and bigcode.decoder.switched == []
+    gpt2 = Model("gpt2")
+    assert use_grouped_decoder_attention(gpt2) is True and gpt2.decoder.switched == [GROUPED_ATTENTION]

@@ -113,7 +113,9 @@ def test_onednn_route_gives_the_same_captions(tiny_checkpoint: Path, monkeypatch
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "int8"])
-def test_decoder_attention_is_eager_on_cpu_and_captions_match_sdpa(tiny_checkpoint: Path, precision: str) -> None:
+def test_decoder_attention_is_grouped_eager_on_cpu_and_captions_match_sdpa(
+    tiny_checkpoint: Path, precision: str
+) -> None:
     decoding = DecodingSettings(num_beams=3, max_new_tokens=8)
     fast = Captioner.from_dir(tiny_checkpoint, device="cpu", decoding=decoding, precision=precision)
     # transformers' eager attention, with the beams of an image attending together (core/beams.py).

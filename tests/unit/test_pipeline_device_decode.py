@@ -257,3 +257,71 @@ def test_the_latency_lanes_jpegs_decode_on_the_device_too(model: CaptionModel) -
     expected = run(model, [MemoryItem("api-ok", asked["api-ok"])], "off")["api-ok"]
     assert answers["api-ok"].ok and answers["api-ok"].caption == expected.caption
     assert asked["api-ok"] in decoder.seen
+
+
+# -- review mends ----------------------------------------------------------------------------------
+
+
+def test_a_jpeg_left_undecoded_for_a_model_swapped_away_and_back_is_captioned(
+    model: CaptionModel, tmp_path: Path
+) -> None:
+    """A -> B -> A (a rollback) while a prefetched JPEG waits: its batch's device decoding ran for the model
+    serving then (B), so it reaches A undecoded; A prepares it from its bytes instead of failing it."""
+    other = load_checkpoint(
+        save_tiny_checkpoint(tmp_path / "48", seed=1, image_size=48), device="cpu", precision="fp32", decoding=DECODING
+    )
+    hot = HotSwapCaptioner(model)
+    sink = MemorySink()
+    pipeline = CaptionPipeline(hot, sink, BatchSettings(device_decode="on"), LIMITS, jpeg_decoder=StandIn())
+    prepared = pipeline._prepare(MemoryItem("photo", jpeg(5)))
+    assert prepared.input is not None and is_undecoded(prepared.input)
+    hot.offer(other)
+    hot.caption_inputs([])  # the next model call swaps: B serves
+    hot.offer(model)  # rolled back while the input waits
+    pipeline._caption_group([prepared])  # alone, as a lone item flushed at max_wait is
+    (row,) = sink.rows
+    assert row.ok and row.caption == run(model, [MemoryItem("photo", jpeg(5))], "off")["photo"].caption
+
+
+def test_a_row_reports_the_same_size_whichever_path_decoded_it(model: CaptionModel) -> None:
+    data = jpeg(3, size=(96, 64))  # large enough for the CPU path's draft mode to halve it
+    sizes = {
+        mode: (row.width, row.height)
+        for mode, decoder in (("off", None), ("on", StandIn()))
+        for row in run(model, [MemoryItem("x", data)], mode, decoder).values()
+    }
+    assert sizes["off"] == sizes["on"] == (48, 32)  # the size decoded at, as rows always said
+
+
+class Broken(StandIn):
+    """A device decoder that fails every call, as torchvision does when its image extension did not load."""
+
+    def __call__(self, blobs: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+        self.calls.append(len(blobs))
+        raise RuntimeError("torchvision was not compiled with nvjpeg")
+
+
+def test_a_decoder_that_fails_its_probe_is_never_used(model: CaptionModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(SettingsError, match=r"failed on a tiny JPEG.*nvjpeg"):
+        CaptionPipeline(model, MemorySink(), BatchSettings(device_decode="on"), LIMITS, jpeg_decoder=Broken())
+    broken = Broken()
+    monkeypatch.setattr(gpu_images, "device_decoder", lambda device: broken)
+    jpegs = DeviceJpegs("auto", LIMITS)
+    cuda = FixedSizeInputs(model.fixed_size_inputs.preprocessing, torch.device("cuda"), torch.float16, "key")  # type: ignore[union-attr]
+    assert jpegs.target(cuda) is None and jpegs.target(cuda) is None  # auto: the CPU path...
+    assert broken.calls == [1]  # ...after one probe, not a failed call per batch
+
+
+def test_a_checkpoint_with_one_mean_for_all_channels_decodes_on_either_path(tmp_path: Path) -> None:
+    import json
+
+    path = save_tiny_checkpoint(tmp_path / "scalar")
+    config_file = path / "preprocessor_config.json"
+    config = json.loads(config_file.read_text())
+    config["image_mean"], config["image_std"] = 0.5, 0.5  # allowed by ViTImageProcessor
+    config_file.write_text(json.dumps(config))
+    scalar = load_checkpoint(path, device="cpu", precision="fp32", decoding=DECODING)
+    items = [MemoryItem(f"i{k}", jpeg(k)) for k in range(4)]
+    off, on = run(scalar, items, "off"), run(scalar, items, "on", StandIn())
+    assert all(row.ok for row in off.values())
+    assert {k: outcome(row) for k, row in on.items()} == {k: outcome(row) for k, row in off.items()}
