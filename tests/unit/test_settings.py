@@ -69,9 +69,11 @@ def test_auto_device_batch_size_asks_torch_for_a_gpu(monkeypatch: pytest.MonkeyP
     import torch
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert WorkerSettings().batch.max_items == CUDA_BATCH
+    gpu = WorkerSettings().batch
+    assert (gpu.max_items, gpu.max_sequences) == (CUDA_BATCH, CUDA_SEQUENCES)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert WorkerSettings().batch.max_items == CPU_BATCH
+    cpu = WorkerSettings().batch
+    assert (cpu.max_items, cpu.max_sequences) == (CPU_BATCH, CPU_SEQUENCES)
 
 
 def test_command_line_device_re_derives_the_batch_size(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -130,15 +132,6 @@ def test_the_sequence_limit_follows_the_device_unless_the_batch_is_set(monkeypat
     assert load_worker_settings().batch.max_items == CUDA_BATCH  # the set limit, the derived batch size
     monkeypatch.setenv("WORKER_MODEL__DEVICE", "cpu")
     assert load_worker_settings().batch.max_sequences == 96  # what the operator set wins on any device
-
-
-def test_auto_device_sequence_limit_asks_torch_for_a_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
-    import torch
-
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert WorkerSettings().batch.max_sequences == CUDA_SEQUENCES
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert WorkerSettings().batch.max_sequences == CPU_SEQUENCES
 
 
 def test_command_line_device_re_derives_the_sequence_limit(monkeypatch: pytest.MonkeyPatch) -> None:
