@@ -28,6 +28,7 @@ from transformers import GenerationConfig, GPT2Config, VisionEncoderDecoderConfi
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.workload import load_ved, realistic_jpegs
+from captionfleet.core.beams import use_grouped_decoder_attention
 from captionfleet.core.captioner import Captioner
 from captionfleet.core.gpu_images import device_decoder, images_to_pixels
 from captionfleet.core.settings import DecodingSettings
@@ -70,7 +71,26 @@ def check_tiny() -> None:
             first_call_s=round(first_s, 1),
         )
     captioner.static = None
+    check_grouped_attention(captioner, images, today[4])
     check_gpu_images(captioner)
+
+
+def check_grouped_attention(captioner: Captioner, images: list[Image.Image], per_beam: list[str]) -> None:
+    """core/beams.py's grouped cross-attention (the CPU default) on this device: batched == one by one at 4
+    beams, and how many captions equal the per-beam path's (a candidate for the GPU path: not on there yet)."""
+    before = captioner.model.decoder.config._attn_implementation
+    switched = use_grouped_decoder_attention(captioner.model)
+    decoding = DecodingSettings(num_beams=4, max_new_tokens=12)
+    batched = captioner.caption(images, decoding)
+    singles = [captioner.caption([image], decoding)[0] for image in images]
+    emit(
+        check="grouped_cross_attention_batched_equals_single",
+        switched=switched,
+        identical=sum(a == b for a, b in zip(batched, singles, strict=True)),
+        equal_to_per_beam=sum(a == b for a, b in zip(batched, per_beam, strict=True)),
+        of=len(images),
+    )
+    captioner.model.decoder.set_attn_implementation(before)
 
 
 def check_gpu_images(captioner: Captioner) -> None:

@@ -13,6 +13,8 @@ architecture with random weights; every row generates exactly 16 tokens). Rows:
        batch 32, 6 decode threads) and the device's default precision, 4 beams
   greedy, model only, batch 128: fp32, fp16, bf16 (captionfleet's Captioner); the default precision with
        4 beams at batch 32 (today's path from preprocessed host tensors)
+  grouped: model only, default precision, 4 beams at batch 32 and 64, with core/beams.py's grouped
+       cross-attention switched on (the CPU's default; on CUDA a candidate, measured here first)
   end to end: JPEGs through the pipeline, default precision, greedy, batch 128, vs model only
   (c and end to end take the pipeline's default WORKER_BATCH__DEVICE_DECODE=auto: a batch's JPEGs decoded
        on the device where torchvision loads, by the decode threads where it does not)
@@ -62,6 +64,7 @@ from bench.workload import (
     realistic_jpegs,
 )
 from captionfleet.core import fastpath
+from captionfleet.core.beams import use_grouped_decoder_attention
 from captionfleet.core.captioner import Captioner
 from captionfleet.core.gpu_images import device_decoder, images_to_pixels
 from captionfleet.core.images import ImageLimits
@@ -230,6 +233,9 @@ def make_rows(device: Device, default: str, greedy_batch: int, beams_batch: int)
         Row("c captionfleet pipeline, GPU overlay settings", 4, default, GPU_OVERLAY_BATCH.images_at(4)),
         *[Row(f"model only {p}", 1, p, greedy_batch) for p in precisions],
         Row(f"model only {default}, 4 beams", 4, default, beams_batch),
+        # The CPU path's grouped cross-attention (core/beams.py), not yet the GPU's: a quarter of the
+        # cross-attention reads and KV memory at 4 beams; twice the batch in the memory it frees.
+        *[Row(f"grouped: model only {default}, 4 beams", 4, default, b) for b in (beams_batch, 2 * beams_batch)],
         Row(f"end to end JPEGs, {default}", 1, default, greedy_batch),
         # Last: transformers compiles the static-cache decoder on CUDA, which may take minutes.
         Row(f"new: model only {default}, static KV cache", 1, default, greedy_batch),
@@ -257,6 +263,8 @@ def run_row(row: Row, checkpoint: Path, device: Device, photos: list[Path], fold
         row.images, seconds = images, new_end_to_end(captioner, device, photos[:images], row.batch, row)
     else:
         captioner = load_captioner(checkpoint, row.precision, row.beams, device.torch.type)
+        if row.name.startswith("grouped: "):
+            use_grouped_decoder_attention(captioner.model)  # on CUDA too (fastpath does it on the CPU only)
         images = n if row.beams == 1 else n // 2
         pixels = captioner.preprocess(open_rgb(photos[:images]))
         timing = new_model_only if row.name.startswith("new: ") else model_only
