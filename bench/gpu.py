@@ -235,7 +235,10 @@ def make_rows(device: Device, default: str, greedy_batch: int, beams_batch: int)
         Row(f"model only {default}, 4 beams", 4, default, beams_batch),
         # The CPU path's grouped cross-attention (core/beams.py), not yet the GPU's: a quarter of the
         # cross-attention reads and KV memory at 4 beams; twice the batch in the memory it frees.
-        *[Row(f"grouped: model only {default}, 4 beams", 4, default, b) for b in (beams_batch, 2 * beams_batch)],
+        *[
+            Row(f"grouped: model only {default}, 4 beams, batch {batch}", 4, default, batch)
+            for batch in (beams_batch, 2 * beams_batch)
+        ],
         Row(f"end to end JPEGs, {default}", 1, default, greedy_batch),
         # Last: transformers compiles the static-cache decoder on CUDA, which may take minutes.
         Row(f"new: model only {default}, static KV cache", 1, default, greedy_batch),
