@@ -14,7 +14,7 @@ import streamlit as st
 from captionfleet.core.images import ImageLimits
 from captionfleet.core.prompt_input import MAX_PROMPT_CHARS, PromptRefused, check_prompt
 from captionfleet.core.settings import DecodingSettings, SettingsError, WorkerSettings
-from captionfleet.dashboard.charts import line_chart, plain, versions_chart, workers_table
+from captionfleet.dashboard.charts import line_chart, plain, versions_chart, warning_html, workers_table
 from captionfleet.dashboard.fleet import FleetView, down_notices, fleet_view
 from captionfleet.dashboard.fleet_api import FleetUnavailable, caption_with_fleet
 from captionfleet.dashboard.model import LoadedModel, load_model
@@ -186,10 +186,11 @@ def window_text(window_s: int) -> str:
 
 def fleet_panels(view: FleetView, window_s: int) -> None:
     st.caption(f"Source: {view.source}")
+    # Verbatim (warning_html): a problem quotes a URL and an exception, a notice names workers by their URLs.
     for problem in view.problems:
-        st.warning(problem)
+        st.markdown(warning_html(problem), unsafe_allow_html=True)
     for notice in down_notices(view):
-        st.warning(notice)
+        st.markdown(warning_html(notice), unsafe_allow_html=True)
     if not view.answered and view.problems:
         st.error(
             "No metrics source answered, so there is nothing to chart: check that the workers are up and that "

@@ -158,3 +158,18 @@ def workers_table(workers: pd.DataFrame) -> str:
     # The page's width, as st.table's. One line, no blank one: Markdown ends an HTML block at a blank line.
     table = '<table class="captionfleet-workers" style="width:100%">'
     return f"{table}<thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
+
+
+# Streamlit's own warning colours (st.warning), so the page looks as it did.
+_WARNING_STYLE = (
+    "background-color:rgba(255,189,69,0.1);color:rgb(146,108,5);border-radius:0.5rem;"
+    "padding:1rem;margin-bottom:1rem;overflow-wrap:anywhere"
+)
+
+
+def warning_html(text: str) -> str:
+    """A warning box whose text is ``text`` verbatim, for ``st.markdown(..., unsafe_allow_html=True)``. Why not
+    ``st.warning``: its body is Markdown, and a problem quoting a URL or an exception, or a notice naming
+    workers by their URLs, came out as links, an e-mail link, a formula, emphasis, whatever the escaping (even
+    character references: the links are made after they are decoded); inside an HTML block nothing is."""
+    return f'<div class="captionfleet-warning" role="alert" style="{_WARNING_STYLE}">{plain(text)}</div>'

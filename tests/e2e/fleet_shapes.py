@@ -99,6 +99,7 @@ def hostile_view() -> FleetView:
         lag=empty_frame(),
         failures=pd.DataFrame({"failures": []}, index=pd.Index([], name="kind")),
         workers=pd.DataFrame(workers),
+        problems=list(HOSTILE),  # the warnings above the charts show them (and the down workers' names)
     )
 
 

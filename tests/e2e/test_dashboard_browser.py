@@ -406,6 +406,30 @@ def test_the_workers_table_shows_every_value_verbatim(fleet_page: str) -> None:
     assert not wrong, "the workers table does not show its values verbatim:\n" + "\n".join(wrong)
 
 
+_ALERTS = """() => [...document.querySelectorAll('[data-testid="stMain"] [data-testid="stAlert"], '
+  + '[data-testid="stMain"] .captionfleet-warning')].map((alert) => ({
+  text: alert.innerText,
+  made: [...alert.querySelectorAll('a, img, code, pre, ul, ol, li, h1, h2, h3, h4, h5, h6, hr, blockquote, '
+    + 'em, strong, del, b, input, .katex')].map((el) => el.outerHTML.slice(0, 80)),
+}))"""
+
+
+def test_the_warnings_show_every_value_verbatim(fleet_page: str) -> None:
+    """The warnings above the charts quote what the network and the workers said (a source that did not
+    answer, the names of workers down): each shown as it is, nothing made a link, emphasis or a formula."""
+    with chromium() as browser:
+        page = _open_fleet_page(browser, fleet_page, "hostile", 1366, 900)
+        page.wait_for_timeout(1000)
+        alerts = page.evaluate(_ALERTS)
+    made = [element for alert in alerts for element in alert["made"]]
+    assert not made, f"the warnings made markup of their text: {made}"
+    texts = [" ".join(alert["text"].split()) for alert in alerts]  # as rendered: runs of white space are one
+    missing = [value for value in HOSTILE if " ".join(value.split()) not in texts]
+    assert not missing, f"not shown verbatim in a warning: {missing}\nwarnings: {texts}"
+    down = [value for i, value in enumerate(HOSTILE) if i % 2][:5]
+    assert any(all(" ".join(name.split()) in text for name in down) for text in texts)  # the down notice
+
+
 @contextmanager
 def streamlit_served(command: list[str], env: dict[str, str], cwd: Path, port: int) -> Iterator[str]:
     """Run a Streamlit ``command`` in ``cwd`` (its output in ``cwd/streamlit.log``) and give its URL once it
