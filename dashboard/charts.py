@@ -93,18 +93,35 @@ def line_chart(frame: pd.DataFrame, unit: str, others: Literal["sum", "mean"] = 
     return alt.LayerChart(layer=[lines, points], height=PLOT_HEIGHT + LEGEND_ROW * len(labels))
 
 
+# The most characters of a version name the versions chart draws: half of a 1024 px page (~270 px, the sidebar
+# open) leaves room for ~24 of them beside the bars.
+VERSION_LABEL_CHARS = 24
+
+
+def version_labels(versions: list[str], limit: int = VERSION_LABEL_CHARS) -> list[str]:
+    """Each version's label: its name, or "…" and its end where longer than ``limit`` (a trainer's versions end
+    in their run's hash: the end tells them apart, the start is their common prefix), longer where two would
+    read alike, so no two versions share a bar."""
+    for width in (limit, 2 * limit, 4 * limit):
+        labels = [name if len(name) <= width else "…" + name[-(width - 1) :] for name in versions]
+        if len(set(labels)) == len(set(versions)):
+            return labels
+    return versions
+
+
 def versions_chart(per_version: pd.Series) -> alt.Chart:
-    """Workers per model version, one bar each (a rollout shows as two), the version names whole beside them:
-    Streamlit's bar chart cut them to 17 characters, which drops the part that tells versions apart."""
+    """Workers per model version, one bar each (a rollout shows as two), labelled by ``version_labels``:
+    Streamlit's bar chart cut names to their first 17 characters, which dropped the part that tells versions
+    apart, and whole long names squeezed the bars to nothing in a half-page column. The tooltip has the name."""
     frame = per_version.rename("workers").rename_axis("model version").reset_index()
-    labels = [str(version) for version in frame["model version"]]
+    frame["version"] = version_labels([str(version) for version in frame["model version"]])
     return (
         # 28 px a bar; the chart's height follows (a fixed height is shared with the axis, and squeezed it flat).
         alt.Chart(frame, height=alt.Step(28))
         .mark_bar()
         .encode(
             x=alt.X("workers:Q", title="workers", axis=alt.Axis(tickMinStep=1, format="d")),
-            y=alt.Y("model version:N", title=None, sort=labels, axis=alt.Axis(labelLimit=0)),
+            y=alt.Y("version:N", title=None, sort=list(frame["version"]), axis=alt.Axis(labelLimit=0)),
             tooltip=["model version:N", "workers:Q"],
         )
     )

@@ -119,4 +119,23 @@ def many_view() -> FleetView:
     )
 
 
-VIEWS = {"scrape": scrape_view, "hostile": hostile_view, "many": many_view}
+# A rollout between two versions named as a trainer's runs may be: long, and told apart only by their ends.
+LONG_VERSIONS = [
+    "captioner-finetune-shapes-lr1.5e-3-5000-steps-nightly-2026-12-05-9ceb04b92fba",
+    "captioner-finetune-shapes-lr1.5e-3-5000-steps-nightly-2026-12-05-020ccef62f22",
+]
+
+
+def rollout_view() -> FleetView:
+    view = scrape_view()
+    view.workers = pd.DataFrame(
+        [
+            _worker(DEV_SERVICE, True, LONG_VERSIONS[0], "s3://models/captioner/LATEST"),
+            _worker(POD, True, LONG_VERSIONS[1], "s3://models/captioner/LATEST"),
+        ]
+    )
+    view.problems = []
+    return view
+
+
+VIEWS = {"scrape": scrape_view, "hostile": hostile_view, "many": many_view, "rollout": rollout_view}

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import Browser, Page, expect
 
-from tests.e2e.fleet_shapes import HOSTILE, NEW_WORKER, POD
+from tests.e2e.fleet_shapes import HOSTILE, LONG_VERSIONS, NEW_WORKER, POD
 from tests.hostile_images import jpeg_bytes
 from tests.integration.stream_support import WorkerProcess
 from tests.services.browser import chromium
@@ -344,6 +344,29 @@ def test_scrape_mode_fleet_fits_common_widths(fleet_page: str) -> None:
         expect(page.locator('[data-testid="stVegaLiteChart"]')).to_have_count(6, timeout=60_000)
         found = _problems_at_every_width(page, expected, settle_s=8, screenshots="dashboard-fleet-scrape")
     assert not found, "the scrape-mode fleet view does not fit:\n" + found
+
+
+# The versions chart's axis labels, as drawn.
+_VERSION_LABELS = """() => {
+  const charts = [...document.querySelectorAll('[data-testid="stVegaLiteChart"]')];
+  const chart = charts.find((c) => [...c.querySelectorAll('.role-axis-title text')]
+    .some((t) => t.textContent === 'workers'));
+  return chart ? [...chart.querySelectorAll('.role-axis-label text')].map((t) => t.textContent) : [];
+}"""
+
+
+def test_a_rollout_between_long_version_names_fits_and_tells_them_apart(fleet_page: str) -> None:
+    """Two versions with long names that differ only at their ends (a rollout of a trainer's nightly run): the
+    versions chart fits its column at every width, and its labels keep the ends that tell the versions apart."""
+    with chromium() as browser:
+        page = _open_fleet_page(browser, fleet_page, "rollout", *VIEWPORTS[0])
+        expect(page.locator('[data-testid="stVegaLiteChart"]')).to_have_count(6, timeout=60_000)
+        expected = {**FLEET_PAGE, "legend": [*LATENCY_SERIES, urllib.parse.urlsplit(POD).netloc]}
+        found = _problems_at_every_width(page, expected, settle_s=8)
+        labels = page.evaluate(_VERSION_LABELS)
+    assert not found, "the fleet view with long version names does not fit:\n" + found
+    for version in LONG_VERSIONS:
+        assert any(version[-12:] in label for label in labels), f"{version[-12:]} not in the labels {labels}"
 
 
 # Per chart, the legend's labels and how many points (symbols) are drawn.

@@ -11,7 +11,14 @@ from xml.etree import ElementTree
 
 import pandas as pd
 
-from captionfleet.dashboard.charts import SCRAPE_URL_LABEL, line_chart, plain, versions_chart, workers_table
+from captionfleet.dashboard.charts import (
+    SCRAPE_URL_LABEL,
+    line_chart,
+    plain,
+    version_labels,
+    versions_chart,
+    workers_table,
+)
 from tests.e2e.fleet_shapes import HOSTILE
 
 
@@ -94,10 +101,20 @@ def test_past_ten_series_the_busiest_are_charted_and_the_rest_as_one() -> None:
     assert spec["height"] == _lines(_frame(**dict(list(workers.items())[:10])))["height"]  # ten rows of legend
 
 
-def test_version_names_are_never_cut() -> None:
+def test_version_labels_keep_the_end_that_tells_versions_apart() -> None:
     spec = versions_chart(pd.Series({"builtin-shapes-9ceb04b92fba": 3, "v2": 1})).to_dict()
-    assert spec["encoding"]["y"]["axis"]["labelLimit"] == 0
+    assert spec["encoding"]["y"]["axis"]["labelLimit"] == 0  # a label is drawn whole: version_labels sizes it
     assert spec["height"] == {"step": 28}  # grows with the versions, never squeezed by a fixed height
+    assert spec["encoding"]["tooltip"][0]["field"] == "model version"  # the whole name
+    nightly = "captioner-finetune-shapes-nightly-2026-12-05-"
+    versions = ["v2", "builtin-9ceb04b92fba", nightly + "9ceb04b92fba", nightly + "020ccef62f22"]
+    labels = version_labels(versions)
+    assert labels[:2] == versions[:2]  # short names as they are
+    assert labels[2:] == ["…2026-12-05-9ceb04b92fba", "…2026-12-05-020ccef62f22"]  # the ends, 24 characters
+    # Two names alike in their last 23 characters get longer labels, never one bar for both.
+    twins = ["team-a-" + nightly + "9ceb04b92fba", "team-b-" + nightly + "9ceb04b92fba"]
+    assert len(set(version_labels(twins))) == 2
+    assert version_labels(["x" * 200 + "1", "y" + "x" * 199 + "1"]) == ["x" * 200 + "1", "y" + "x" * 199 + "1"]
 
 
 def _cells(table: str) -> tuple[list[str], list[list[tuple[str, str]]]]:
