@@ -81,8 +81,11 @@ def check_grouped_attention(captioner: Captioner, images: list[Image.Image], per
     before = captioner.model.decoder.config._attn_implementation
     switched = use_grouped_decoder_attention(captioner.model)
     decoding = DecodingSettings(num_beams=4, max_new_tokens=12)
-    batched = captioner.caption(images, decoding)
-    singles = [captioner.caption([image], decoding)[0] for image in images]
+    try:
+        batched = captioner.caption(images, decoding)
+        singles = [captioner.caption([image], decoding)[0] for image in images]
+    finally:  # the next checks run on the attention as it was
+        captioner.model.decoder.set_attn_implementation(before)
     emit(
         check="grouped_cross_attention_batched_equals_single",
         switched=switched,
@@ -90,7 +93,6 @@ def check_grouped_attention(captioner: Captioner, images: list[Image.Image], per
         equal_to_per_beam=sum(a == b for a, b in zip(batched, per_beam, strict=True)),
         of=len(images),
     )
-    captioner.model.decoder.set_attn_implementation(before)
 
 
 def check_gpu_images(captioner: Captioner) -> None:

@@ -14,7 +14,8 @@ architecture with random weights; every row generates exactly 16 tokens). Rows:
   greedy, model only, batch 128: fp32, fp16, bf16 (captionfleet's Captioner); the default precision with
        4 beams at batch 32 (today's path from preprocessed host tensors)
   grouped: model only, default precision, 4 beams at batch 32 and 64, with core/beams.py's grouped
-       cross-attention switched on (the CPU's default; on CUDA a candidate, measured here first)
+       cross-attention switched on (the CPU's default; on CUDA a candidate, measured here first); and
+       eager: its control, the decoder in transformers' eager attention without the grouping, batch 32
   end to end: JPEGs through the pipeline, default precision, greedy, batch 128, vs model only
   (c and end to end take the pipeline's default WORKER_BATCH__DEVICE_DECODE=auto: a batch's JPEGs decoded
        on the device where torchvision loads, by the decode threads where it does not)
@@ -239,6 +240,9 @@ def make_rows(device: Device, default: str, greedy_batch: int, beams_batch: int)
             Row(f"grouped: model only {default}, 4 beams, batch {batch}", 4, default, batch)
             for batch in (beams_batch, 2 * beams_batch)
         ],
+        # Its control: the grouped rows attend with eager attention (self-attention too), the row above with
+        # SDPA on CUDA; this one is eager without the grouping.
+        Row(f"eager: model only {default}, 4 beams, batch {beams_batch}", 4, default, beams_batch),
         Row(f"end to end JPEGs, {default}", 1, default, greedy_batch),
         # Last: transformers compiles the static-cache decoder on CUDA, which may take minutes.
         Row(f"new: model only {default}, static KV cache", 1, default, greedy_batch),
@@ -266,8 +270,10 @@ def run_row(row: Row, checkpoint: Path, device: Device, photos: list[Path], fold
         row.images, seconds = images, new_end_to_end(captioner, device, photos[:images], row.batch, row)
     else:
         captioner = load_captioner(checkpoint, row.precision, row.beams, device.torch.type)
-        if row.name.startswith("grouped: "):
-            use_grouped_decoder_attention(captioner.model)  # on CUDA too (fastpath does it on the CPU only)
+        if row.name.startswith("grouped: "):  # on CUDA too (fastpath does it on the CPU only)
+            row.note = "grouped" if use_grouped_decoder_attention(captioner.model) else "not grouped: switch refused"
+        elif row.name.startswith("eager: "):
+            row.note = "eager" if fastpath.use_eager_decoder_attention(captioner.model) else "eager refused"
         images = n if row.beams == 1 else n // 2
         pixels = captioner.preprocess(open_rgb(photos[:images]))
         timing = new_model_only if row.name.startswith("new: ") else model_only

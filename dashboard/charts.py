@@ -99,14 +99,31 @@ VERSION_LABEL_CHARS = 24
 
 
 def version_labels(versions: list[str], limit: int = VERSION_LABEL_CHARS) -> list[str]:
-    """Each version's label: its name, or "…" and its end where longer than ``limit`` (a trainer's versions end
-    in their run's hash: the end tells them apart, the start is their common prefix), longer where two would
-    read alike, so no two versions share a bar."""
-    for width in (limit, 2 * limit, 4 * limit):
-        labels = [name if len(name) <= width else "…" + name[-(width - 1) :] for name in versions]
-        if len(set(labels)) == len(set(versions)):
-            return labels
-    return versions
+    """Each version's label, at most ``limit`` characters: its name, or "…" and its end where longer (a
+    trainer's versions end in their run's hash: the end tells them apart, the start is their common prefix).
+    Names alike at their ends keep their starts too ("start…end"); any still alike are numbered, so no two
+    versions share a bar (the chart's tooltip has each whole name)."""
+    limit = max(limit, 8)
+
+    def end(name: str) -> str:
+        return name if len(name) <= limit else "…" + name[-(limit - 1) :]
+
+    def both_ends(name: str) -> str:
+        return name if len(name) <= limit else name[: limit // 2 - 1] + "…" + name[-(limit // 2) :]
+
+    labels = [end(name) for name in versions]
+    labels = [
+        both_ends(name) if labels.count(label) > 1 else label for name, label in zip(versions, labels, strict=True)
+    ]
+    seen: dict[str, int] = {}
+    numbered = []
+    for label in labels:
+        if labels.count(label) > 1:
+            seen[label] = seen.get(label, 0) + 1
+            suffix = f" #{seen[label]}"
+            label = label[: limit - len(suffix)] + suffix
+        numbered.append(label)
+    return numbered
 
 
 def versions_chart(per_version: pd.Series) -> alt.Chart:
@@ -177,10 +194,11 @@ def workers_table(workers: pd.DataFrame) -> str:
     return f"{table}<thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
 
 
-# Streamlit's own warning colours (st.warning), so the page looks as it did.
+# An amber box and bar, the text in the theme's own colour (readable on the light and the dark theme alike);
+# the text's spaces and newlines kept (pre-wrap: a problem may quote a multi-line exception), long words broken.
 _WARNING_STYLE = (
-    "background-color:rgba(255,189,69,0.1);color:rgb(146,108,5);border-radius:0.5rem;"
-    "padding:1rem;margin-bottom:1rem;overflow-wrap:anywhere"
+    "background-color:rgba(255,189,69,0.15);border-left:0.25rem solid rgb(255,189,69);color:inherit;"
+    "border-radius:0.5rem;padding:1rem;margin-bottom:1rem;white-space:pre-wrap;overflow-wrap:anywhere"
 )
 
 
@@ -189,4 +207,4 @@ def warning_html(text: str) -> str:
     ``st.warning``: its body is Markdown, and a problem quoting a URL or an exception, or a notice naming
     workers by their URLs, came out as links, an e-mail link, a formula, emphasis, whatever the escaping (even
     character references: the links are made after they are decoded); inside an HTML block nothing is."""
-    return f'<div class="captionfleet-warning" role="alert" style="{_WARNING_STYLE}">{plain(text)}</div>'
+    return f'<div class="captionfleet-warning" role="status" style="{_WARNING_STYLE}">{plain(text)}</div>'

@@ -24,6 +24,8 @@ def test_gpu_bench_runs_end_to_end_in_its_cpu_smoke_mode(tiny_checkpoint: Path, 
     assert notes == ["nvJPEG decoded 0 of 4", "nvJPEG decoded 0 of 2"]
     assert [target["row"] for target in result["targets"]] == list(new)
     assert sum(name.startswith("grouped: ") and "4 beams" in name for name in rows) == 2  # batch 2 and 4
+    notes = [rows[name]["note"] for name in rows if name.startswith(("grouped: ", "eager: "))]
+    assert notes == ["grouped", "grouped", "eager"]  # each row attends as its name says
     assert rows["a model card (1 image/call)"]["vs_model_card"] == 1.0
     assert all(row["limit_images_per_s"] > 0 for row in rows.values())
     assert (tmp_path / "out" / "benchmarks-gpu-quick.png").stat().st_size > 0

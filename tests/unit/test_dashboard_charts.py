@@ -13,10 +13,12 @@ import pandas as pd
 
 from captionfleet.dashboard.charts import (
     SCRAPE_URL_LABEL,
+    VERSION_LABEL_CHARS,
     line_chart,
     plain,
     version_labels,
     versions_chart,
+    warning_html,
     workers_table,
 )
 from tests.e2e.fleet_shapes import HOSTILE
@@ -103,18 +105,34 @@ def test_past_ten_series_the_busiest_are_charted_and_the_rest_as_one() -> None:
 
 def test_version_labels_keep_the_end_that_tells_versions_apart() -> None:
     spec = versions_chart(pd.Series({"builtin-shapes-9ceb04b92fba": 3, "v2": 1})).to_dict()
-    assert spec["encoding"]["y"]["axis"]["labelLimit"] == 0  # a label is drawn whole: version_labels sizes it
+    assert spec["encoding"]["y"]["field"] == "version"  # the bars are labelled by version_labels...
+    assert spec["encoding"]["y"]["axis"]["labelLimit"] == 0  # ...drawn whole
     assert spec["height"] == {"step": 28}  # grows with the versions, never squeezed by a fixed height
     assert spec["encoding"]["tooltip"][0]["field"] == "model version"  # the whole name
+    (rows,) = spec["datasets"].values()
+    assert [row["version"] for row in rows] == ["…tin-shapes-9ceb04b92fba", "v2"]
     nightly = "captioner-finetune-shapes-nightly-2026-12-05-"
     versions = ["v2", "builtin-9ceb04b92fba", nightly + "9ceb04b92fba", nightly + "020ccef62f22"]
     labels = version_labels(versions)
     assert labels[:2] == versions[:2]  # short names as they are
     assert labels[2:] == ["…2026-12-05-9ceb04b92fba", "…2026-12-05-020ccef62f22"]  # the ends, 24 characters
-    # Two names alike in their last 23 characters get longer labels, never one bar for both.
-    twins = ["team-a-" + nightly + "9ceb04b92fba", "team-b-" + nightly + "9ceb04b92fba"]
-    assert len(set(version_labels(twins))) == 2
-    assert version_labels(["x" * 200 + "1", "y" + "x" * 199 + "1"]) == ["x" * 200 + "1", "y" + "x" * 199 + "1"]
+    # Names alike at their ends keep their starts too; names alike at both ends are numbered. Never one bar for
+    # two versions, never a label longer than the limit (long ones squeezed the bars to nothing).
+    twins = ["team-a-" + nightly + "9ceb04b92fba", "team-b-" + nightly + "9ceb04b92fba", nightly + "020ccef62f22"]
+    assert version_labels(twins) == ["team-a-capt…9ceb04b92fba", "team-b-capt…9ceb04b92fba", labels[3]]
+    same_ends = ["x" * 200 + "1", "x" * 100 + "y" + "x" * 99 + "1"]
+    for case in (versions, twins, same_ends):
+        made = version_labels(case)
+        assert len(set(made)) == len(case) and max(len(label) for label in made) <= VERSION_LABEL_CHARS, made
+
+
+def test_a_warning_box_shows_its_text_verbatim_in_the_theme_s_colour() -> None:
+    for value in HOSTILE:
+        box = warning_html(value)
+        root = ElementTree.fromstring(box)  # well-formed: nothing in the text ends the box or adds to it
+        assert "".join(root.itertext()) == value and list(root) == [] and set(root.attrib) == {"class", "role", "style"}
+    style = warning_html("x")
+    assert "white-space:pre-wrap" in style and "color:inherit" in style  # newlines kept; dark theme readable
 
 
 def _cells(table: str) -> tuple[list[str], list[list[tuple[str, str]]]]:
