@@ -48,6 +48,7 @@ from captionfleet.core.captioner import (
     PreparationFailed,
     PromptError,
     decoding_of_model,
+    is_undecoded,
 )
 from captionfleet.core.failures import (
     EMPTY_CAPTION,
@@ -61,7 +62,7 @@ from captionfleet.core.failures import (
     ImageError,
 )
 from captionfleet.core.family import takes_prompt
-from captionfleet.core.gpu_images import Decoder, DeviceJpegs, is_undecoded
+from captionfleet.core.gpu_images import Decoder, DeviceJpegs
 from captionfleet.core.images import EncodedImage, ImageLimits, decode_image, jpeg_draft_size
 from captionfleet.core.settings import BatchSettings, DecodingSettings, SettingsError
 from captionfleet.core.threads import CPU_DECODE_THREADS
@@ -333,6 +334,11 @@ class CaptionPipeline:
         own = _decoding_of(item) if item is not None else None
         return (own or decoding_of_model(self.captioner) or _UNKNOWN_DECODING).num_beams
 
+    @property
+    def _limits(self) -> tuple[float, float]:
+        """The batch's cost limits, in the order _costs counts an input against them."""
+        return self.batch.max_pixels, self.batch.max_sequences
+
     def _costs(self, prepared: Prepared) -> tuple[float, float]:
         """What an input counts against the batch's limits (BatchSettings.max_pixels, .max_sequences): the
         pixels its model processes and its decoder sequences. A batch of mixed decodings runs as one model
@@ -386,7 +392,7 @@ class CaptionPipeline:
             # A JPEG for the device: checked here, decoded with its batch (_decode_jpegs).
             undecoded = self._jpegs.undecoded(data, self._prompt(item), target, origin) if target else None
             if undecoded is not None:
-                prepared, _ = undecoded
+                prepared = undecoded
                 # The size the CPU path reports (its draft decoding's), so a row does not depend on the path.
                 width, height = jpeg_draft_size(data, draft)
             else:
@@ -605,7 +611,7 @@ class CaptionPipeline:
         # First those already in the open batch (the batch running was flushed ahead of them when one of
         # them did not fit its cost), then the lane's.
         batch = self._open.take_urgent() if self._open is not None else []
-        limits = (self.batch.max_pixels, self.batch.max_sequences)
+        limits = self._limits
         cost: tuple[float, ...] = (0, 0)
         for taken in batch:
             cost = added(cost, self._costs(taken))
@@ -683,7 +689,7 @@ class CaptionPipeline:
         batcher: Batcher[Prepared] = Batcher(
             self.batch.max_items,
             self.batch.max_wait_ms / 1000,
-            max_cost=(self.batch.max_pixels, self.batch.max_sequences),  # as _costs counts them
+            max_cost=self._limits,
             urgent_wait_s=urgent_wait,
         )
         lanes = self._lanes

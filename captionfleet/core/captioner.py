@@ -119,6 +119,11 @@ class KeptImage:
 UNDECODED_JPEG = "jpeg"
 
 
+def is_undecoded(item: ModelInput) -> bool:
+    """Whether ``item`` holds a JPEG's bytes still to be decoded with its batch, not the model's inputs."""
+    return UNDECODED_JPEG in item.features
+
+
 @dataclass(frozen=True)
 class ModelInput:
     """One image prepared for one model. ``features``: that model's inputs for this image alone
@@ -312,7 +317,7 @@ def own_inputs(model: CaptionModel, inputs: Sequence[ModelInput]) -> list[ModelI
         # An input whose JPEG still waits for its batch's decoding on the device (core/gpu_images.py) is
         # owned only once decoded: one left for this model, then held while another served (a swap and a
         # swap back), reaches it undecoded and is prepared here from its bytes.
-        if item.key == key and item.origin.decoded_for(draft) and UNDECODED_JPEG not in item.features:
+        if item.key == key and item.origin.decoded_for(draft) and not is_undecoded(item):
             owned.append(item)
             continue
         origin = item.origin.for_draft(draft)

@@ -42,7 +42,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from captionfleet.core.captioner import UNDECODED_JPEG, FixedSizeInputs, ImageOrigin, ModelInput, Preprocessing
+from captionfleet.core.captioner import (
+    UNDECODED_JPEG,
+    FixedSizeInputs,
+    ImageOrigin,
+    ModelInput,
+    Preprocessing,
+)
 from captionfleet.core.failures import ImageError
 from captionfleet.core.images import ImageLimits, JpegHeader, decode_image, jpeg_header
 
@@ -240,11 +246,6 @@ def _to_device(arrays: dict[int, np.ndarray], device: torch.device, dtype: torch
 # --- the worker's pipeline: JPEGs left undecoded by the decode threads, decoded with their batch ---------------
 
 DeviceDecode = Literal["auto", "on", "off"]  # WORKER_BATCH__DEVICE_DECODE
-JPEG_BYTES = UNDECODED_JPEG  # the feature of an input whose JPEG waits for its batch's decoding on the device
-
-
-def is_undecoded(item: ModelInput) -> bool:
-    return JPEG_BYTES in item.features
 
 
 @dataclass
@@ -347,9 +348,9 @@ class DeviceJpegs:
 
     def undecoded(
         self, data: bytes, prompt: str | None, target: FixedSizeInputs, origin: ImageOrigin
-    ) -> tuple[ModelInput, JpegHeader] | None:
-        """In a decode thread: an input holding the JPEG's bytes for its batch to decode on the device, with
-        its header; None for what the CPU path prepares (another format, a JPEG the device does not take, a
+    ) -> ModelInput | None:
+        """In a decode thread: an input holding the JPEG's bytes for its batch to decode on the device; None
+        for what the CPU path prepares (another format, a JPEG the device does not take, a
         prompt, which only the model's ``prepare`` may refuse). ImageError as the CPU path raises it for bytes
         the hostile-image rules refuse (sniffing, the byte and pixel limits), before any decoder sees them."""
         if prompt is not None:
@@ -358,13 +359,13 @@ class DeviceJpegs:
         if header is None or not device_takes(header, data, self.max_device_pixels):
             return None
         size = target.preprocessing.width * target.preprocessing.height
-        return ModelInput({JPEG_BYTES: data}, cost=size, key=target.key, prompt=None, origin=origin), header
+        return ModelInput({UNDECODED_JPEG: data}, cost=size, key=target.key, prompt=None, origin=origin)
 
     def decode(self, inputs: Sequence[ModelInput], target: FixedSizeInputs) -> DecodedInputs:
         """In the model thread, right before the model call: ``undecoded`` inputs' JPEGs decoded together on
         the device (``images_to_pixels``: those it fails on take the CPU path, one by one)."""
         batch = images_to_pixels(
-            [item.features[JPEG_BYTES] for item in inputs],
+            [item.features[UNDECODED_JPEG] for item in inputs],
             target.preprocessing,
             device=target.device,
             dtype=target.dtype,

@@ -431,27 +431,23 @@ class WorkerSettings(BaseSettings):
 
     @model_validator(mode="after")
     def _batch_for_the_device(self) -> WorkerSettings:
-        # The sequence limit is derived only with max_items (see BatchSettings): this covers both.
-        derived = "max_items" not in self.batch.model_fields_set or not self.batch.decode_threads
-        if not derived:  # both set: no need to ask torch about the device
-            if "prefetch" not in self.batch.model_fields_set:
-                values = {**self.batch.__dict__, "prefetch": prefetch_for(self.batch.max_items)}
-                self.batch = BatchSettings.model_construct(_fields_set=set(self.batch.model_fields_set), **values)
-            return self
-        on_cuda = runs_on_cuda(self.model.device)
         values = dict(self.batch.__dict__)
         chosen = set(self.batch.model_fields_set)
-        if "max_items" not in chosen:
-            values["max_items"] = CUDA_BATCH if on_cuda else CPU_BATCH
-            if "max_sequences" not in chosen:
-                values["max_sequences"] = CUDA_SEQUENCES if on_cuda else CPU_SEQUENCES
+        # Only the batch size (and with it the sequence limit) and the decode threads depend on the device:
+        # with both set, torch is not asked about it.
+        if "max_items" not in chosen or not values["decode_threads"]:
+            on_cuda = runs_on_cuda(self.model.device)
+            if "max_items" not in chosen:
+                values["max_items"] = CUDA_BATCH if on_cuda else CPU_BATCH
+                if "max_sequences" not in chosen:  # derived only with max_items (see BatchSettings)
+                    values["max_sequences"] = CUDA_SEQUENCES if on_cuda else CPU_SEQUENCES
+            if not values["decode_threads"]:
+                from captionfleet.core.threads import decode_threads  # here: threads imports torch
+
+                values["decode_threads"] = decode_threads(0, on_cuda=on_cuda)
+                chosen.discard("decode_threads")  # 0 set by hand is auto too: derived again like the default
         if "prefetch" not in chosen:
             values["prefetch"] = prefetch_for(values["max_items"])
-        if not values["decode_threads"]:
-            from captionfleet.core.threads import decode_threads  # here: threads imports torch
-
-            values["decode_threads"] = decode_threads(0, on_cuda=on_cuda)
-            chosen.discard("decode_threads")  # 0 set by hand is auto too: derived again like the default
         # Constructed, not copied: the derived fields stay "not set by the user", so when a command-line
         # --device changes the device the settings are validated again and these defaults follow.
         self.batch = BatchSettings.model_construct(_fields_set=chosen, **values)

@@ -15,8 +15,8 @@ import torch
 from PIL import Image
 
 from captionfleet.core import gpu_images
-from captionfleet.core.captioner import CaptionModel, FixedSizeInputs
-from captionfleet.core.gpu_images import DeviceJpegs, is_undecoded
+from captionfleet.core.captioner import CaptionModel, FixedSizeInputs, is_undecoded
+from captionfleet.core.gpu_images import DeviceJpegs
 from captionfleet.core.images import ImageLimits, decode_image
 from captionfleet.core.loading import load_checkpoint
 from captionfleet.core.settings import BatchSettings, DecodingSettings, SettingsError, load_worker_settings
