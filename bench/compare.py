@@ -6,7 +6,7 @@ Every row captions the same images with the same weights: the full ViT-base/16-2
 architecture of nlpconnect/vit-gpt2-image-captioning built from configs with random weights (its
 compute cost is the real one), saved as a real checkpoint by bench/full_checkpoint.py. Random
 weights make captions meaningless and generation could stop at a random end-of-text, so every row
-generates exactly ``max_new_tokens`` (min_new_tokens = max_new_tokens): equal work per image.
+generates exactly ``max_new_tokens`` (end-of-text is never chosen: bench/workload.py): equal work per image.
 
 Rows (model card decoding: 4 beams, 16 tokens):
   a  model card: ViTImageProcessor + one image per generate call, fp32

@@ -19,7 +19,7 @@ import torch
 from transformers import ViTImageProcessor
 
 from bench.machine import peak_rss_mb, process_peak_rss_mb, reset_peak_rss
-from bench.workload import NullSink, gen_config, load_captioner, load_plain, open_rgb
+from bench.workload import NullSink, equal_work, gen_config, load_captioner, load_plain, open_rgb
 from captionfleet.core.captioner import Captioner
 from captionfleet.core.images import ImageLimits
 from captionfleet.core.settings import BatchSettings
@@ -180,12 +180,12 @@ def run_model_card(path: Path, photos: list[Path], n: int) -> float:
     config = gen_config(4)
     with torch.inference_mode():
         first = processor(images=open_rgb(photos[:1]), return_tensors="pt").pixel_values
-        model.generate(pixel_values=first, generation_config=config)
+        model.generate(pixel_values=first, generation_config=config, logits_processor=equal_work())
         reset_peak_rss()
         start = time.perf_counter()
         for image in photos[:n]:
             one = processor(images=open_rgb([image]), return_tensors="pt").pixel_values
-            model.generate(pixel_values=one, generation_config=config)
+            model.generate(pixel_values=one, generation_config=config, logits_processor=equal_work())
         return time.perf_counter() - start
 
 
@@ -195,12 +195,12 @@ def run_plain_batched(path: Path, photos: list[Path], n: int, batch: int, beams:
     config = gen_config(beams)
     with torch.inference_mode():
         first = processor(images=open_rgb(photos[:1]), return_tensors="pt").pixel_values
-        model.generate(pixel_values=first, generation_config=config)
+        model.generate(pixel_values=first, generation_config=config, logits_processor=equal_work())
         reset_peak_rss()
         start = time.perf_counter()
         for i in range(0, n, batch):
             pixels = processor(images=open_rgb(photos[i : i + batch]), return_tensors="pt").pixel_values
-            model.generate(pixel_values=pixels, generation_config=config)
+            model.generate(pixel_values=pixels, generation_config=config, logits_processor=equal_work())
         return time.perf_counter() - start
 
 

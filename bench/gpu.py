@@ -57,6 +57,7 @@ from bench.limits import flops_per_image_by_beams
 from bench.workload import (
     TOKENS,
     NullSink,
+    equal_work,
     gen_config,
     load_captioner,
     load_plain,
@@ -158,12 +159,14 @@ def plain_generate(checkpoint: Path, device: Device, photos: list[Path], row: Ro
     dtype = torch.float16 if row.precision == "fp16" else torch.float32
     model = load_plain(checkpoint).to(device.torch, dtype)  # type: ignore[arg-type]  # transformers' stub
     processor = ViTImageProcessor.from_pretrained(checkpoint, trust_remote_code=False)
-    config = gen_config(row.beams, model.config.eos_token_id)  # the smoke test's model is not GPT-2
+    eos = model.config.eos_token_id  # the smoke test's model is not GPT-2
+    config = gen_config(row.beams, eos)
 
     def run(paths: list[Path]) -> None:
         for i in range(0, len(paths), row.batch):
             pixels = processor(images=open_rgb(paths[i : i + row.batch]), return_tensors="pt").pixel_values
-            model.generate(pixel_values=pixels.to(device.torch, model.dtype), generation_config=config)
+            pixels = pixels.to(device.torch, model.dtype)
+            model.generate(pixel_values=pixels, generation_config=config, logits_processor=equal_work(eos))
 
     with torch.inference_mode():
         run(photos[: row.batch])  # warm-up

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from transformers import GPT2Config, VisionEncoderDecoderModel, ViTConfig
 
-from bench.workload import TOKENS, gen_config, load_plain, open_rgb
+from bench.workload import TOKENS, equal_work, gen_config, load_plain, open_rgb
 from captionfleet.core import int8_linear, onednn
 from captionfleet.core.captioner import Preprocessing
 
@@ -50,7 +50,9 @@ def flops_per_image(model: VisionEncoderDecoderModel, pixels: torch.Tensor, beam
     ]
     try:
         with torch.inference_mode():
-            model.generate(pixel_values=pixels[:1], generation_config=gen_config(beams, model.config.eos_token_id))
+            eos = model.config.eos_token_id
+            config = gen_config(beams, eos)
+            model.generate(pixel_values=pixels[:1], generation_config=config, logits_processor=equal_work(eos))
     finally:
         for handle in handles:
             handle.remove()

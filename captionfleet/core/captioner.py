@@ -516,6 +516,7 @@ class Captioner:
         share_cross_attention_projections(model)  # before optimize(), which converts what it wraps
         model, input_dtype = fastpath.optimize(model, resolved, torch_device)
         fastpath.return_freed_heap()  # what loading and converting freed, out of the RSS
+        fastpath.reuse_freed_memory()  # what captioning frees, kept for the next batch
         tokenizer = checkpoint_load.load_tokenizer(path)
         version = checkpoint_version(path)
         logger.info("loaded model %s from %s on %s (%s)", version, path, torch_device, resolved)

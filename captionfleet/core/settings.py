@@ -70,14 +70,16 @@ class DecodingSettings(BaseModel):
 
 
 # The batch size and sequence limit when WORKER_BATCH__MAX_ITEMS is not set, per device (WorkerSettings
-# applies them). On CPU throughput gains little past 8 while each image waits for its whole batch (full
-# architecture, bf16, 4 beams, 2 threads: 4.3 images/s at 8, 4.5 at 16, 4.6 at 32), and no sequence limit:
-# a batch is its 8 images as before. A GPU needs more rows to be busy, and a batch's decoding work and KV
+# applies them). On CPU 16 images, no sequence limit: full architecture, 4 beams, 2 threads, model only,
+# with the heap keeping freed memory (fastpath.reuse_freed_memory), images/s at 8 / 16 / 32: bf16 (Intel
+# Xeon, AMX) 7.9 / 10.4 / 9.5; int8 limited to AVX2 2.8 / 3.2 / 3.4. Past 16 the gain is small or negative
+# while each image waits for its whole batch (under load only: a batch does not wait to fill past
+# max_wait_ms). A GPU needs more rows to be busy, and a batch's decoding work and KV
 # cache scale with its decoder sequences (images x beams), so one number of images is too few for greedy or
 # too many for beams: 128 images, at most 128 sequences, is 128 greedy images or 32 at 4 beams, the GPU
 # bench's planned batches (H200, fp16: 762 images/s greedy at 128, 144 at 4 beams and 32,
 # docs/benchmarks.md). The sequence limit itself is not measured on a GPU yet.
-CPU_BATCH = 8
+CPU_BATCH = 16
 CUDA_BATCH = 128
 CPU_SEQUENCES = 0
 CUDA_SEQUENCES = 128

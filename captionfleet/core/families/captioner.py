@@ -198,6 +198,7 @@ class FamilyCaptioner:
         model.eval()
         model.to(torch_device)
         fastpath.return_freed_heap()
+        fastpath.reuse_freed_memory()
         version = checkpoint_version(path)
         logger.info("loaded %s model %s from %s on %s (%s)", model_type, version, path, torch_device, resolved)
         captioner = cls(
