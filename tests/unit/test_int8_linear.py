@@ -179,3 +179,44 @@ def test_int8_batched_equals_one_by_one_on_the_builtin_model(weight_range: int, 
     batched = captioner.caption(images)
     assert batched == [captioner.caption([image])[0] for image in images]
     assert len(set(batched)) > 6
+
+
+def test_an_attentions_query_key_and_value_quantize_their_input_once(
+    tiny_checkpoint: Path, weight_range: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    captioner = Captioner.from_dir(tiny_checkpoint, device="cpu", precision="int8")
+    encoder = captioner.model.encoder
+    layers = len(encoder.layers)
+    calls: list[tuple[int, ...]] = []
+    quantize = i8.quantize_rows
+
+    def counted(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        calls.append(tuple(rows.shape))
+        return quantize(rows)
+
+    monkeypatch.setattr(i8, "quantize_rows", counted)
+    pixels = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        shared = encoder(pixel_values=pixels).last_hidden_state
+        once = len(calls)
+        for module in encoder.modules():
+            if isinstance(module, i8.RowwiseInt8Linear):
+                module.input_group = None
+        calls.clear()
+        alone = encoder(pixel_values=pixels).last_hidden_state
+    assert len(calls) - once == 2 * layers  # per layer, key and value took the query's quantized input
+    assert torch.equal(shared, alone)  # the same int8 rows, reused: bitwise the same encoder output
+
+
+def test_a_shared_input_is_taken_only_for_the_same_tensor_and_only_by_the_rest_of_its_group() -> None:
+    group = i8.SharedInput(3)
+    x, y = torch.randn(4, 8), torch.randn(4, 8)
+    quantized, absmax = i8.quantize_rows(x)
+    group.keep(x, quantized, absmax)
+    assert group.take(y) is None  # another tensor, even of the same shape: quantized afresh
+    assert group.take(x) is not None
+    assert group.take(x) is not None
+    assert group.take(x) is None  # the group's three members served: a later pass over x quantizes again
+    group.keep(x, quantized, absmax)
+    del x
+    assert group.take(torch.randn(4, 8)) is None  # a freed tensor is never matched
