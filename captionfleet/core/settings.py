@@ -70,16 +70,20 @@ class DecodingSettings(BaseModel):
 
 
 # The batch size and sequence limit when WORKER_BATCH__MAX_ITEMS is not set, per device (WorkerSettings
-# applies them). On CPU 16 images, no sequence limit: full architecture, 4 beams, 2 threads, model only,
-# with the heap keeping freed memory (fastpath.reuse_freed_memory), images/s at 8 / 16 / 32: bf16 (Intel
-# Xeon, AMX) 7.9 / 10.4 / 9.5; int8 limited to AVX2 2.8 / 3.2 / 3.4. Past 16 the gain is small or negative
-# while each image waits for its whole batch (under load only: a batch does not wait to fill past
-# max_wait_ms). A GPU needs more rows to be busy, and a batch's decoding work and KV
+# applies them). On CPU 32 images, no sequence limit: a decoder GEMM's rows are images x beams, and the CPU's
+# GEMMs run faster with more of them. Full architecture, 4 beams, 2 threads, model only, 32 images per round,
+# batch sizes alternating in one process (median of 3 rounds, images/s, 16 -> 32): bf16 (Intel Xeon, AMX)
+# 9.9 -> 11.6; int8 limited to AVX2 3.19 -> 3.42; int8 native 5.94 -> 5.97 (8, in separate runs, was 15-30%
+# slower than 16).
+# What it costs: a full batch takes its 32 images' time (3 s with bf16 on 2 AMX cores, 10 s with int8 on 2
+# AVX2 cores) before any of its captions is out; a batch fills that far only under load (it waits at most
+# max_wait_ms), and interactive requests are captioned between a running batch's steps (the latency lane).
+# A GPU needs more rows to be busy, and a batch's decoding work and KV
 # cache scale with its decoder sequences (images x beams), so one number of images is too few for greedy or
 # too many for beams: 128 images, at most 128 sequences, is 128 greedy images or 32 at 4 beams, the GPU
 # bench's planned batches (H200, fp16: 762 images/s greedy at 128, 144 at 4 beams and 32,
 # docs/benchmarks.md). The sequence limit itself is not measured on a GPU yet.
-CPU_BATCH = 16
+CPU_BATCH = 32
 CUDA_BATCH = 128
 CPU_SEQUENCES = 0
 CUDA_SEQUENCES = 128
@@ -105,7 +109,7 @@ class BatchSettings(BaseModel):
     # set and this is not, it is 0, so a batch size set by hand means what it did before this limit.
     max_sequences: int = Field(default=CPU_SEQUENCES, ge=0, le=1024 * 16)
     # Images decoded ahead of the model; bounds memory while keeping the model fed. Unset, it follows the
-    # batch size: two batches, at least 32 (32 on a CPU; 256 on a GPU, whose greedy batches hold 128).
+    # batch size: two batches, at least 32 (64 on a CPU; 256 on a GPU, whose greedy batches hold 128).
     prefetch: int = Field(default=32, ge=1)
     # And the bytes they hold until their results are out (their batch's included): each input's prepared
     # tensors (25 MiB for a 1 Mpx Qwen-VL image, 600 KiB for ViT-GPT2's) and its source bytes, kept so

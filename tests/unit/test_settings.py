@@ -145,7 +145,8 @@ def test_command_line_device_re_derives_the_sequence_limit(monkeypatch: pytest.M
 
 def test_prefetch_follows_the_batch_size_unless_set(monkeypatch: pytest.MonkeyPatch) -> None:
     """Two batches decoded ahead (at least 32): a GPU's greedy batches of 128 would otherwise wait on 32."""
-    assert WorkerSettings(model={"device": "cpu"}).batch.prefetch == 32
+    assert WorkerSettings(model={"device": "cpu"}).batch.prefetch == 64
+    assert WorkerSettings(model={"device": "cpu"}, batch={"max_items": 4}).batch.prefetch == 32
     assert WorkerSettings(model={"device": "cuda"}).batch.prefetch == 256
     assert WorkerSettings(model={"device": "cpu"}, batch={"max_items": 64}).batch.prefetch == 128
     both = WorkerSettings(model={"device": "cpu"}, batch={"max_items": 64, "decode_threads": 3})
