@@ -22,7 +22,7 @@ from bench.machine import peak_rss_mb, process_peak_rss_mb, reset_peak_rss
 from bench.workload import NullSink, equal_work, gen_config, load_captioner, load_plain, open_rgb
 from captionfleet.core.captioner import Captioner
 from captionfleet.core.images import ImageLimits
-from captionfleet.core.settings import BatchSettings
+from captionfleet.core.settings import BatchSettings, ModelSettings, WorkerSettings
 from captionfleet.worker.connectors.local import iter_folder
 from captionfleet.worker.pipeline import CaptionPipeline
 
@@ -51,7 +51,7 @@ class Row:
 
 
 def make_rows(default_precision: str, greedy_batch: int = 32, threads: int = 0) -> list[Row]:
-    default_batch = BatchSettings()
+    default_batch = WorkerSettings(model=ModelSettings(device="cpu")).batch
     cores = os.cpu_count() or 1
     # Process layouts of the default precision and of the lossless fp32 path: one single-thread process
     # per core, next to one process with a thread per core. That one is the model-only row unless
@@ -152,7 +152,9 @@ def run_row(
         images, seconds = n_batched, run_plain_batched(checkpoint, paths, n_batched, 8, 4)
     elif row.name.startswith("c "):
         captioner = load_captioner(checkpoint, row.precision, 4)
-        images, seconds = n_card_c, run_pipeline(captioner, folder, n_card_c, BatchSettings())
+        # A CPU worker's batch settings as it derives them (size, pixel budget, prefetch, decode threads).
+        defaults = WorkerSettings(model=ModelSettings(device="cpu")).batch
+        images, seconds = n_card_c, run_pipeline(captioner, folder, n_card_c, defaults)
     elif row.name.startswith("end to end"):
         captioner = load_captioner(checkpoint, row.precision, 1)
         batch = BatchSettings(max_items=row.batch, max_wait_ms=1000)

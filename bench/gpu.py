@@ -71,7 +71,6 @@ from captionfleet.core.captioner import Captioner
 from captionfleet.core.gpu_images import device_decoder, images_to_pixels
 from captionfleet.core.images import ImageLimits
 from captionfleet.core.settings import BatchSettings
-from captionfleet.core.static_decoding import StaticDecoding
 from captionfleet.core.threads import decode_threads
 from captionfleet.worker.connectors.local import iter_folder
 from captionfleet.worker.pipeline import CaptionPipeline
@@ -198,13 +197,13 @@ def model_only(captioner: Captioner, device: Device, pixels: torch.Tensor, batch
 def new_model_only(captioner: Captioner, device: Device, pixels: torch.Tensor, batch: int) -> float:
     """The new path from decoded tensors: already on the device in the model's dtype, static KV cache."""
     # One bucket, the row's batch: the bench's batches are all full, and each bucket compiles on its own.
-    captioner.static = StaticDecoding(captioner.model, batch)
+    captioner.use_static_cache(batch, sizes=[batch])
     return model_only(captioner, device, pixels.to(device.torch, captioner.dtype), batch)
 
 
 def new_end_to_end(captioner: Captioner, device: Device, paths: list[Path], batch: int, row: Row) -> float:
     """The new path from JPEG files: bytes read, decoded and prepared on the device, static KV cache."""
-    captioner.static = StaticDecoding(captioner.model, batch)
+    captioner.use_static_cache(batch, sizes=[batch])
     decoder = device_decoder(device.torch)
     decoded = [0, 0]  # on the device, all
 

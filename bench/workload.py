@@ -48,7 +48,7 @@ class NoEndOfText(LogitsProcessor):
     def __init__(self, eos: int) -> None:
         self.eos = eos
 
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         scores[:, self.eos] = -float("inf")  # in place: the scores are generate()'s own copy
         return scores
 

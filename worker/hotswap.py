@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 
 from captionfleet.core.between_steps import in_nested_call
 from captionfleet.core.captioner import CaptionModel, ModelInput, ModelWrapper
+from captionfleet.core.fastpath import return_freed_heap
 from captionfleet.core.generation import Caption
 from captionfleet.core.settings import DecodingSettings
 
@@ -94,3 +95,7 @@ class HotSwapCaptioner(ModelWrapper):
                 callback(old, new)
             except Exception:  # a metrics or logging hook must not fail a batch
                 log.exception("model swap callback failed")
+        # The old model's memory back to the OS: the C heap keeps what is freed (fastpath.reuse_freed_memory),
+        # and the new model's loader trimmed the heap while the old one still held it.
+        del old
+        return_freed_heap()

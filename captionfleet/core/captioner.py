@@ -426,11 +426,14 @@ class Captioner:
         # Kept static KV caches per batch shape (compiled on CUDA); None: transformers' dynamic cache.
         self.static: StaticDecoding | None = None
 
-    def use_static_cache(self, max_rows: int, decodings: Sequence[DecodingSettings] = ()) -> int:
+    def use_static_cache(
+        self, max_rows: int, decodings: Sequence[DecodingSettings] = (), *, sizes: Sequence[int] | None = None
+    ) -> int:
         """Decode through kept static KV caches for batches of up to ``max_rows`` (captionfleet/core/
-        static_decoding.py), each batch shape warmed up now for ``decodings`` (default: the model's own);
-        returns the warm-up runs."""
-        self.static = StaticDecoding(self.model, max_rows)
+        static_decoding.py), each batch shape (``sizes``, default the powers of two up to ``max_rows``)
+        warmed up now for ``decodings`` (default: the model's own); returns the warm-up runs. Only warmed-up
+        decodings go through the static caches."""
+        self.static = StaticDecoding(self.model, max_rows, sizes)
         configs = [self.generation_config(decoding) for decoding in (decodings or [self.decoding])]
         shape = (3, self.preprocess.height, self.preprocess.width)
         return self.static.warm_up(shape, self.dtype, self.device, configs)

@@ -213,13 +213,13 @@ def return_freed_heap() -> bool:
 # glibc's mallopt() parameters (malloc.h).
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
-# Blocks up to this come from the heap once reuse_freed_memory() ran: a batch of 16 images' largest
-# tensors (the encoder's MLP activations, 16 x 197 x 3072 floats = 39 MB) and a 4-beam step's logits for
-# 32 images (26 MB). glibc before 2.35 refuses more than 32 MB; then 32 MB.
-_MMAP_THRESHOLD = 64 * 1024 * 1024
+# Blocks up to this come from the heap once reuse_freed_memory() ran: a CPU batch's largest tensors (32 images:
+# the encoder's MLP activations, 32 x 197 x 3072 floats = 77.5 MB, several per layer on the int8 path; a 4-beam
+# step's logits, 26 MB), with room for larger batches. glibc before 2.35 refuses more than 32 MB; then 32 MB.
+_MMAP_THRESHOLD = 256 * 1024 * 1024
 _MMAP_THRESHOLD_OLD_GLIBC = 32 * 1024 * 1024
-# The free memory at the heap's top that glibc keeps rather than hands back (return_freed_heap still
-# hands it back explicitly after a model is loaded).
+# The free memory at the heap's top that glibc keeps rather than hands back (return_freed_heap still hands
+# it back explicitly after a model is loaded, and after a hot swap drops the old one: worker/hotswap.py).
 _TRIM_THRESHOLD = 1024 * 1024 * 1024
 
 
@@ -235,6 +235,9 @@ def reuse_freed_memory() -> bool:
     memory came back as new zeroed pages over and over, ~30,000 page faults per image. Fixed thresholds keep it: full
     ViT-base + GPT-2, int8 limited to AVX2, 4 beams, batch 8, one thread, 687 -> 643 CPU ms per image
     (minor page faults per 16 images 500,000 -> ~0). The RSS it keeps is what a batch needed anyway.
+
+    True means glibc took the settings: with another allocator preloaded (jemalloc, tcmalloc) glibc's mallopt
+    still answers but allocations no longer go through it.
     """
     if not sys.platform.startswith("linux"):
         return False

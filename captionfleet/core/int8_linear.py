@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import logging
 import weakref
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -84,9 +85,9 @@ class SharedInput:
     three (ViT-base encoder, 16 images, one thread limited to AVX2: 7 ms of an image's ~600).
 
     Matched by identity (a weak reference: a tensor freed and another allocated at its address is never
-    taken for it) and kept for the group's other members only, so another input, or the same one in a later
-    forward pass, is quantized afresh. A cross-attention's key and value take another tensor than its query:
-    they simply miss."""
+    taken for it), kept for the group's other members only, and dropped when the attention module that owns
+    the group returns (link_shared_inputs), so another input, or the same one in a later call, is quantized
+    afresh. A cross-attention's key and value take another tensor than its query: they simply miss."""
 
     def __init__(self, size: int) -> None:
         self.size = size
@@ -106,9 +107,19 @@ class SharedInput:
         self._held = (weakref.ref(x), quantized, absmax)
         self._left = self.size - 1
 
+    def clear(self) -> None:
+        self._held = None
+
 
 # Attention projections applied to one input in a row, by attribute name (ViT's, and older transformers').
 _SHARED_INPUT_NAMES = (("q_proj", "k_proj", "v_proj"), ("query", "key", "value"))
+
+
+def _clear_after(group: SharedInput) -> Callable[..., None]:
+    def hook(*_: object) -> None:
+        group.clear()
+
+    return hook
 
 
 def link_shared_inputs(model: nn.Module) -> int:
@@ -122,6 +133,9 @@ def link_shared_inputs(model: nn.Module) -> int:
                 group = SharedInput(len(layers))
                 for layer in layers:
                     layer.input_group = group  # type: ignore[union-attr]
+                # Held rows live for one call of the module that owns the projections (an exception in it
+                # included): a tensor changed in place between two of its calls is never matched.
+                module.register_forward_hook(_clear_after(group), always_call=True)
                 groups += 1
     return groups
 
@@ -158,7 +172,10 @@ class RowwiseInt8Linear(nn.Module):
             group.keep(x, quantized, absmax)
         # Converted first, then scaled in place: a mixed int32 * float32 multiply measured 1.5-4x slower. The
         # channel scale and the bias in one pass (addcmul into its own input): 3 passes over the output where 4
-        # took 25% longer (3152 x 3072, one thread limited to AVX2: 9.5 vs 12.7 ms).
+        # took 25% longer (3152 x 3072, one thread limited to AVX2: 9.5 vs 12.7 ms). torch's vectorised addcmul
+        # rounds once (a fused multiply-add) where its generic kernel (ATEN_CPU_CAPABILITY=default) rounds twice:
+        # within a process every row takes the same kernel, so batched still equals one by one bitwise; across
+        # CPU kinds int8 captions differ anyway (8- or 7-bit weights).
         out = torch._int_mm(quantized, self.weight.t()).to(torch.float32)
         out.mul_(absmax / 127.0)
         if self.bias is not None:

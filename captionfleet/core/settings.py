@@ -87,6 +87,13 @@ CPU_BATCH = 32
 CUDA_BATCH = 128
 CPU_SEQUENCES = 0
 CUDA_SEQUENCES = 128
+# The pixel budget (max_pixels) derived with them. On CPU 8 Mpx, so that 32 images is ViT-GPT2's batch (224 px:
+# 1.6 Mpx), GIT's and BLIP's (384 px: 4.7 Mpx), while the families that see far more pixels keep batches near
+# the 8 images they had before 32 was the CPU default (their memory and batch time grow with their pixels):
+# Florence-2 14 images (768 px), PaliGemma 10 (896 px), Qwen-VL 8 at its 1 Mpx, SmolVLM 1 (up to 17 splits of
+# 512 px: 4.5 Mpx). On a GPU 32 Mpx (BatchSettings below). Only ViT-GPT2 was measured at 32.
+CPU_PIXELS = 8 * 1024 * 1024
+CUDA_PIXELS = 32 * 1024 * 1024
 
 
 class BatchSettings(BaseModel):
@@ -96,11 +103,12 @@ class BatchSettings(BaseModel):
     # Cost limit (0 = no limit): the pixels the model's vision encoder processes in one batch, each image
     # counted after resizing (ModelInput.cost: fixed for most families, a Qwen-VL image's visual tokens
     # times the pixels each covers, a SmolVLM image's splits), plus its prompt's tokens; bounds a batch's
-    # work and memory. The default, 32 Mpx, is never reached by a fixed-size family in batches of up to 32
-    # images (the largest, PaliGemma at 896 px, is 25.7 Mpx for 32): the CPU default, and a GPU's at 4
-    # beams; a GPU's greedy batches of 128 reach it above 512x512 px an image (PaliGemma: about 41 images). It
-    # binds for images whose size is their own: SmolVLM's up to 17 splits (4.5 Mpx an image) and Qwen-VL at
-    # its WORKER_MODEL__MAX_VISUAL_PIXELS (1 Mpx an image: 32 of them).
+    # work and memory. Unset, it follows the device with max_items: 8 Mpx on a CPU (CPU_PIXELS above: it keeps
+    # the large-image families' CPU batches near 8 images), 32 Mpx on a GPU, never reached by a fixed-size
+    # family at 4 beams (32 images; PaliGemma at 896 px is 25.7 Mpx for 32), reached by a GPU's greedy batches
+    # of 128 above 512x512 px an image (PaliGemma: about 41 images). It binds for images whose size is their
+    # own: SmolVLM's up to 17 splits (4.5 Mpx an image) and Qwen-VL at its WORKER_MODEL__MAX_VISUAL_PIXELS
+    # (1 Mpx an image).
     max_pixels: int = Field(default=32 * 1024 * 1024, ge=0)
     # Second cost limit (0 = no limit): the decoder sequences in one batch, each image counted as its
     # decoding's num_beams (a request's own, else WORKER_DECODING__NUM_BEAMS), since the decoder runs and
@@ -439,14 +447,17 @@ class WorkerSettings(BaseSettings):
     def _batch_for_the_device(self) -> WorkerSettings:
         values = dict(self.batch.__dict__)
         chosen = set(self.batch.model_fields_set)
-        # Only the batch size (and with it the sequence limit) and the decode threads depend on the device:
+        # Only the batch size (and with it the sequence and pixel limits) and the decode threads depend on the device:
         # with both set, torch is not asked about it.
         if "max_items" not in chosen or not values["decode_threads"]:
             on_cuda = runs_on_cuda(self.model.device)
             if "max_items" not in chosen:
                 values["max_items"] = CUDA_BATCH if on_cuda else CPU_BATCH
-                if "max_sequences" not in chosen:  # derived only with max_items (see BatchSettings)
+                # Derived only with max_items (see BatchSettings): a batch size set by hand keeps its meaning.
+                if "max_sequences" not in chosen:
                     values["max_sequences"] = CUDA_SEQUENCES if on_cuda else CPU_SEQUENCES
+                if "max_pixels" not in chosen:
+                    values["max_pixels"] = CUDA_PIXELS if on_cuda else CPU_PIXELS
             if not values["decode_threads"]:
                 from captionfleet.core.threads import decode_threads  # here: threads imports torch
 

@@ -34,7 +34,7 @@ CUDA both attend per beam.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -78,9 +78,10 @@ class StaticDecoding:
     """generate() with kept static caches, batches padded to their bucket. One per loaded model; from one
     thread at a time (the model thread), like the Captioner that holds it."""
 
-    def __init__(self, model: Any, max_rows: int) -> None:
+    def __init__(self, model: Any, max_rows: int, sizes: Sequence[int] | None = None) -> None:
         self.model = model
-        self.sizes = buckets(max_rows)
+        # ``sizes``: the buckets, where not the powers of two (a bench whose batches all have one size).
+        self.sizes = sorted(set(sizes)) if sizes else buckets(max_rows)
         self._caches: dict[tuple[int, int, int], SharedCrossStaticCache] = {}
         # The decodings (beams, cache positions) warmed up: only theirs are kept. A request may ask for its
         # own beams and tokens (the HTTP API), and a kept cache per such decoding would grow without bound

@@ -4,15 +4,31 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
+import torch
 
 from bench import gpu
+from captionfleet.core.static_decoding import StaticDecoding
 
 
-def test_gpu_bench_runs_end_to_end_in_its_cpu_smoke_mode(tiny_checkpoint: Path, tmp_path: Path) -> None:
+def test_gpu_bench_runs_end_to_end_in_its_cpu_smoke_mode(
+    tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    static_batches: list[int] = []
+    generate = StaticDecoding.generate
+
+    def counted(self: StaticDecoding, pixel_values: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        static_batches.append(pixel_values.shape[0])
+        return generate(self, pixel_values, *args, **kwargs)
+
+    monkeypatch.setattr(StaticDecoding, "generate", counted)
     argv = ["--device", "cpu", "--checkpoint", str(tiny_checkpoint), "--quick", "--images", "4", "--batch", "2"]
     assert gpu.main([*argv, "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out")]) == 0
+    # The new rows decode through the static caches: each warmed up once (its one bucket), then every batch of
+    # its warm-up run and its timed run (4 rows; 4 images in batches of 2, or 2 per timed end-to-end run).
+    assert len(static_batches) > 4 * 2, static_batches
     result = json.loads((tmp_path / "out" / "benchmarks-gpu-quick.json").read_text())
     rows = {row["name"]: row for row in result["rows"]}
     assert all(row["images_per_s"] > 0 and not row["error"] for row in rows.values()), rows

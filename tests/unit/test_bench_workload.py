@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from bench.workload import TOKENS, equal_work, gen_config, load_captioner, load_plain
+from bench.workload import TOKENS, NoEndOfText, equal_work, gen_config, load_captioner, load_plain
 from captionfleet.core.settings import DecodingSettings
 
 
@@ -56,3 +56,25 @@ def test_the_captioner_rows_decode_exactly_the_tokens_on_both_paths(tiny_checkpo
     captioner.caption_pixels(image, DecodingSettings(num_beams=beams, max_new_tokens=TOKENS))
     captioner.caption_inputs([captioner.prepare(Image.new("RGB", (40, 30), (i * 60, 20, 200))) for i in range(2)])
     assert lengths == [1 + TOKENS, 1 + TOKENS]
+
+
+def test_the_captioner_rows_force_in_place_first_and_never_through_min_new_tokens(tiny_checkpoint: Path) -> None:
+    captioner = load_captioner(tiny_checkpoint, "fp32", 4)
+    assert captioner.generation_config(captioner.decoding).min_new_tokens is None  # no score copies per step
+    scores = torch.zeros(2, 10)
+    assert NoEndOfText(3)(torch.zeros(2, 1, dtype=torch.long), scores) is scores  # in place
+    assert scores[:, 3].eq(-float("inf")).all() and scores[:, :3].eq(0).all()
+    seen: list[list[str]] = []
+    generate = captioner.model.generate
+
+    def spied(*args: object, **kwargs: object) -> object:
+        seen.append([type(p).__name__ for p in kwargs.get("logits_processor") or []])  # type: ignore[attr-defined]
+        return generate(*args, **kwargs)
+
+    captioner.model.generate = spied
+    captioner.caption_inputs([captioner.prepare(Image.new("RGB", (40, 30)))])
+    captioner.caption_pixels(torch.zeros(1, 3, 32, 32))
+    # The forcing before captionfleet's own processors (the confidence recorder last), as transformers put
+    # min_new_tokens' before the caller's; caption_pixels passes none of its own.
+    assert seen[0][0] == "NoEndOfText" and seen[0][-1] == "ChoiceRecorder", seen
+    assert seen[1] == ["NoEndOfText"]

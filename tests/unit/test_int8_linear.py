@@ -217,6 +217,26 @@ def test_a_shared_input_is_taken_only_for_the_same_tensor_and_only_by_the_rest_o
     assert group.take(x) is not None
     assert group.take(x) is not None
     assert group.take(x) is None  # the group's three members served: a later pass over x quantizes again
-    group.keep(x, quantized, absmax)
-    del x
-    assert group.take(torch.randn(4, 8)) is None  # a freed tensor is never matched
+
+
+def test_held_rows_do_not_outlive_the_attention_call(
+    tiny_checkpoint: Path, weight_range: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    captioner = Captioner.from_dir(tiny_checkpoint, device="cpu", precision="int8")
+    attention = captioner.model.encoder.layers[0].attention
+    x = torch.randn(2, 5, attention.q_proj.in_features)
+
+    def fails(*_: object) -> torch.Tensor:
+        raise RuntimeError("value projection failed")
+
+    with torch.inference_mode():
+        # The call ends after q and k took x's rows, before v did: the rows held for v must go with it.
+        monkeypatch.setattr(attention.v_proj, "forward", fails)
+        with pytest.raises(RuntimeError, match="value projection failed"):
+            attention(x)
+        monkeypatch.undo()
+        x.mul_(3.0)  # the same tensor, changed in place: its old rows must not be taken
+        shared = attention.v_proj(x)
+        attention.v_proj.input_group = None
+        alone = attention.v_proj(x)
+    assert torch.equal(shared, alone)

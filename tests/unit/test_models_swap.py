@@ -4,6 +4,7 @@ model, a version that fails to load leaves the old one serving, LATEST refs are 
 from __future__ import annotations
 
 import threading
+import weakref
 from collections.abc import Sequence
 
 import pytest
@@ -14,6 +15,7 @@ from captionfleet.core.generation import Caption
 from captionfleet.core.model_store import ModelRefError
 from captionfleet.core.registry_layout import check_version, latest_root, version_uri
 from captionfleet.core.settings import DecodingSettings
+from captionfleet.worker import hotswap
 from captionfleet.worker.hotswap import HotSwapCaptioner
 from captionfleet.worker.metrics import WorkerMetrics
 from captionfleet.worker.watcher import ModelWatcher
@@ -169,3 +171,16 @@ def test_latest_refs_and_version_names() -> None:
     for bad in ("../etc", "a/b", "", ".hidden", "x" * 200):
         with pytest.raises(ModelRefError, match="not a valid name"):
             check_version(bad)
+
+
+def test_the_heap_is_trimmed_once_the_old_model_is_gone(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The C heap keeps freed memory (fastpath.reuse_freed_memory): a swap must hand the old model's back.
+    old = FakeCaptioner("v1")
+    hot = HotSwapCaptioner(old)
+    gone = weakref.ref(old)
+    del old
+    trimmed_with_old_alive: list[bool] = []
+    monkeypatch.setattr(hotswap, "return_freed_heap", lambda: trimmed_with_old_alive.append(gone() is not None))
+    hot.offer(FakeCaptioner("v2"))
+    assert texts(hot) == ["v2", "v2"]
+    assert trimmed_with_old_alive == [False]  # trimmed once, after the last reference to v1 went

@@ -5,8 +5,10 @@ import pytest
 
 from captionfleet.core.settings import (
     CPU_BATCH,
+    CPU_PIXELS,
     CPU_SEQUENCES,
     CUDA_BATCH,
+    CUDA_PIXELS,
     CUDA_SEQUENCES,
     SettingsError,
     WorkerSettings,
@@ -152,3 +154,20 @@ def test_prefetch_follows_the_batch_size_unless_set(monkeypatch: pytest.MonkeyPa
     both = WorkerSettings(model={"device": "cpu"}, batch={"max_items": 64, "decode_threads": 3})
     assert both.batch.prefetch == 128 and "prefetch" not in both.batch.model_fields_set
     assert WorkerSettings(model={"device": "cuda"}, batch={"prefetch": 7}).batch.prefetch == 7
+
+
+def test_the_pixel_budget_follows_the_device_unless_the_batch_or_it_is_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WORKER_MODEL__DEVICE", "cpu")
+    on_cpu = load_worker_settings().batch
+    assert on_cpu.max_pixels == CPU_PIXELS < CUDA_PIXELS
+    assert 32 * 224 * 224 <= CPU_PIXELS < 16 * 768 * 768  # ViT-GPT2 fills 32 images, Florence-2 fewer than 16
+    monkeypatch.setenv("WORKER_MODEL__DEVICE", "cuda")
+    assert load_worker_settings().batch.max_pixels == CUDA_PIXELS
+    monkeypatch.setenv("WORKER_MODEL__DEVICE", "cpu")
+    monkeypatch.setenv("WORKER_BATCH__MAX_ITEMS", "8")
+    assert load_worker_settings().batch.max_pixels == CUDA_PIXELS  # a batch size set by hand: the limit as before
+    monkeypatch.delenv("WORKER_BATCH__MAX_ITEMS")
+    monkeypatch.setenv("WORKER_BATCH__MAX_PIXELS", "1000")
+    assert load_worker_settings().batch.max_pixels == 1000  # what the operator set wins
+    on_gpu = _apply_overrides(load_worker_settings(), _flags(device="cuda")).batch
+    assert on_gpu.max_pixels == 1000
