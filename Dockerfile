@@ -94,7 +94,10 @@ RUN apt-get update \
 COPY --from=app /opt/venv /opt/venv
 COPY ops/healthcheck.py /opt/captionfleet/healthcheck.py
 # Caches under one folder, so Kubernetes can mount a single emptyDir there under a read-only root.
+# One malloc arena: the model thread's large tensors then come from the main heap, which keeps them for the
+# next batch (captionfleet/core/fastpath.py, reuse_freed_memory); other arenas mmap every block over 64 MiB.
 ENV PATH=/opt/venv/bin:$PATH \
+    MALLOC_ARENA_MAX=1 \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     HF_HOME=/home/captionfleet/.cache/huggingface \

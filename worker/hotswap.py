@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import weakref
 from collections.abc import Callable, Sequence
 
 from captionfleet.core.between_steps import in_nested_call
@@ -95,7 +96,8 @@ class HotSwapCaptioner(ModelWrapper):
                 callback(old, new)
             except Exception:  # a metrics or logging hook must not fail a batch
                 log.exception("model swap callback failed")
-        # The old model's memory back to the OS: the C heap keeps what is freed (fastpath.reuse_freed_memory),
-        # and the new model's loader trimmed the heap while the old one still held it.
+        # The old model's memory back to the OS once it is gone: the C heap keeps what is freed (fastpath.
+        # reuse_freed_memory), and the new model's loader trimmed the heap while the old one still held it. When
+        # the last reference goes, not here: a decode thread may still be inside the old model's prepare().
+        weakref.finalize(old, return_freed_heap)
         del old
-        return_freed_heap()

@@ -213,6 +213,7 @@ def return_freed_heap() -> bool:
 # glibc's mallopt() parameters (malloc.h).
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
+_M_ARENA_MAX = -8
 # Blocks up to this come from the heap once reuse_freed_memory() ran: a CPU batch's largest tensors (32 images:
 # the encoder's MLP activations, 32 x 197 x 3072 floats = 77.5 MB, several per layer on the int8 path; a 4-beam
 # step's logits, 26 MB), with room for larger batches. glibc before 2.35 refuses more than 32 MB; then 32 MB.
@@ -236,6 +237,11 @@ def reuse_freed_memory() -> bool:
     ViT-base + GPT-2, int8 limited to AVX2, 4 beams, batch 8, one thread, 687 -> 643 CPU ms per image
     (minor page faults per 16 images 500,000 -> ~0). The RSS it keeps is what a batch needed anyway.
 
+    One arena: glibc gives threads other than the main one arenas of 64 MiB heaps, where a larger block is a
+    fresh mmap whatever the threshold (a streaming or HTTP worker runs its model on a thread of its own:
+    80 MiB blocks there faulted 217,000 pages over 10 rounds, 1-10,000 with one arena). Threads that took an
+    arena before this call may keep theirs, so the image sets MALLOC_ARENA_MAX=1 from the start (Dockerfile).
+
     True means glibc took the settings: with another allocator preloaded (jemalloc, tcmalloc) glibc's mallopt
     still answers but allocations no longer go through it.
     """
@@ -247,7 +253,7 @@ def reuse_freed_memory() -> bool:
         return False
     if not mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD) and not mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_OLD_GLIBC):
         return False
-    return bool(mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD))
+    return bool(mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD)) and bool(mallopt(_M_ARENA_MAX, 1))
 
 
 # -- entry point --------------------------------------------------------------------------------

@@ -23,7 +23,6 @@ from __future__ import annotations
 import functools
 import logging
 import weakref
-from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -115,11 +114,14 @@ class SharedInput:
 _SHARED_INPUT_NAMES = (("q_proj", "k_proj", "v_proj"), ("query", "key", "value"))
 
 
-def _clear_after(group: SharedInput) -> Callable[..., None]:
-    def hook(*_: object) -> None:
-        group.clear()
+class _ClearGroup:
+    """A forward hook that drops a SharedInput's held rows (a class, not a closure: the model stays picklable)."""
 
-    return hook
+    def __init__(self, group: SharedInput) -> None:
+        self.group = group
+
+    def __call__(self, *_: object) -> None:
+        self.group.clear()
 
 
 def link_shared_inputs(model: nn.Module) -> int:
@@ -135,7 +137,7 @@ def link_shared_inputs(model: nn.Module) -> int:
                     layer.input_group = group  # type: ignore[union-attr]
                 # Held rows live for one call of the module that owns the projections (an exception in it
                 # included): a tensor changed in place between two of its calls is never matched.
-                module.register_forward_hook(_clear_after(group), always_call=True)
+                module.register_forward_hook(_ClearGroup(group), always_call=True)
                 groups += 1
     return groups
 

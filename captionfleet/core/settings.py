@@ -88,10 +88,11 @@ CUDA_BATCH = 128
 CPU_SEQUENCES = 0
 CUDA_SEQUENCES = 128
 # The pixel budget (max_pixels) derived with them. On CPU 8 Mpx, so that 32 images is ViT-GPT2's batch (224 px:
-# 1.6 Mpx), GIT's and BLIP's (384 px: 4.7 Mpx), while the families that see far more pixels keep batches near
-# the 8 images they had before 32 was the CPU default (their memory and batch time grow with their pixels):
-# Florence-2 14 images (768 px), PaliGemma 10 (896 px), Qwen-VL 8 at its 1 Mpx, SmolVLM 1 (up to 17 splits of
-# 512 px: 4.5 Mpx). On a GPU 32 Mpx (BatchSettings below). Only ViT-GPT2 was measured at 32.
+# 1.6 Mpx), GIT's and BLIP's (384 px: 4.7 Mpx), while the families that see far more pixels keep batches near or
+# below the 8 images they had before 32 was the CPU default (their memory and batch time grow with their pixels):
+# Florence-2 14 images (768 px), PaliGemma 10 (896 px), Qwen-VL 8 at its 1 Mpx; SmolVLM 2 at 13 splits of 512 px,
+# 1 at 17 (it had ~7 under 32 Mpx: fewer, unmeasured). On a GPU 32 Mpx (BatchSettings below). Only ViT-GPT2 was
+# measured at 32.
 CPU_PIXELS = 8 * 1024 * 1024
 CUDA_PIXELS = 32 * 1024 * 1024
 

@@ -4,6 +4,7 @@ falls back to fp32."""
 
 from __future__ import annotations
 
+import io
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -240,3 +241,10 @@ def test_held_rows_do_not_outlive_the_attention_call(
         attention.v_proj.input_group = None
         alone = attention.v_proj(x)
     assert torch.equal(shared, alone)
+
+
+def test_an_int8_model_with_shared_inputs_pickles(tiny_checkpoint: Path, weight_range: int) -> None:
+    captioner = Captioner.from_dir(tiny_checkpoint, device="cpu", precision="int8")
+    buffer = io.BytesIO()
+    torch.save(captioner.model.encoder, buffer)  # the groups' hooks are objects, not closures
+    assert buffer.tell() > 0

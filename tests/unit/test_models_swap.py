@@ -184,3 +184,20 @@ def test_the_heap_is_trimmed_once_the_old_model_is_gone(monkeypatch: pytest.Monk
     hot.offer(FakeCaptioner("v2"))
     assert texts(hot) == ["v2", "v2"]
     assert trimmed_with_old_alive == [False]  # trimmed once, after the last reference to v1 went
+
+
+def test_the_heap_is_trimmed_only_when_a_thread_still_in_the_old_model_leaves_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    old = FakeCaptioner("v1")
+    hot = HotSwapCaptioner(old)
+    gone = weakref.ref(old)
+    trimmed_with_old_alive: list[bool] = []
+    monkeypatch.setattr(hotswap, "return_freed_heap", lambda: trimmed_with_old_alive.append(gone() is not None))
+    held = old.prepare  # as a decode thread inside old.prepare() holds it
+    del old
+    hot.offer(FakeCaptioner("v2"))
+    assert texts(hot) == ["v2", "v2"]
+    assert trimmed_with_old_alive == []  # not yet: the old model is still in use
+    del held
+    assert trimmed_with_old_alive == [False]
