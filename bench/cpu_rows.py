@@ -50,8 +50,13 @@ class Row:
         return max(self.peak_rss_mb)
 
 
+def cpu_worker_batch() -> BatchSettings:
+    """A CPU worker's batch settings as it derives them (size, pixel budget, prefetch, decode threads)."""
+    return WorkerSettings(model=ModelSettings(device="cpu")).batch
+
+
 def make_rows(default_precision: str, greedy_batch: int = 32, threads: int = 0) -> list[Row]:
-    default_batch = WorkerSettings(model=ModelSettings(device="cpu")).batch
+    default_batch = cpu_worker_batch()
     cores = os.cpu_count() or 1
     # Process layouts of the default precision and of the lossless fp32 path: one single-thread process
     # per core, next to one process with a thread per core. That one is the model-only row unless
@@ -152,9 +157,7 @@ def run_row(
         images, seconds = n_batched, run_plain_batched(checkpoint, paths, n_batched, 8, 4)
     elif row.name.startswith("c "):
         captioner = load_captioner(checkpoint, row.precision, 4)
-        # A CPU worker's batch settings as it derives them (size, pixel budget, prefetch, decode threads).
-        defaults = WorkerSettings(model=ModelSettings(device="cpu")).batch
-        images, seconds = n_card_c, run_pipeline(captioner, folder, n_card_c, defaults)
+        images, seconds = n_card_c, run_pipeline(captioner, folder, n_card_c, cpu_worker_batch())
     elif row.name.startswith("end to end"):
         captioner = load_captioner(checkpoint, row.precision, 1)
         batch = BatchSettings(max_items=row.batch, max_wait_ms=1000)

@@ -117,9 +117,9 @@ def load_captioner(path: Path, precision: str, beams: int, device: str = "cpu") 
 
     def forced(pixel_values: torch.Tensor, config: GenerationConfig, **kwargs: Any) -> Any:  # what it replaces
         # First, as transformers runs min_new_tokens' processors before the caller's (the confidence recorder).
-        kwargs["logits_processor"] = [NoEndOfText(int(config.eos_token_id)), *kwargs.get("logits_processor", [])]
-        kwargs["logits_processor"] = LogitsProcessorList(kwargs["logits_processor"])
-        return generate(pixel_values, config, **kwargs)
+        own = kwargs.pop("logits_processor", [])
+        processors = LogitsProcessorList([NoEndOfText(int(config.eos_token_id)), *own])
+        return generate(pixel_values, config, logits_processor=processors, **kwargs)
 
     captioner._generate = forced  # type: ignore[method-assign]
     return captioner
