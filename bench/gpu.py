@@ -70,6 +70,7 @@ from captionfleet.core.beams import use_grouped_decoder_attention
 from captionfleet.core.captioner import Captioner
 from captionfleet.core.gpu_images import device_decoder, images_to_pixels
 from captionfleet.core.images import ImageLimits
+from captionfleet.core.int8_linear import int8_gemm_weight_range
 from captionfleet.core.settings import BatchSettings
 from captionfleet.core.threads import decode_threads
 from captionfleet.worker.connectors.local import iter_folder
@@ -150,6 +151,14 @@ def matmul_rates(device: Device, batch: int, quick: bool) -> dict[str, dict[str,
             a @ b  # warm-up: kernel selection
             seconds = device.timed(lambda: [a @ b for _ in range(reps)]) / reps  # noqa: B023
             out.setdefault(name, {})[f"{m}x{k}x{n}"] = round(2.0 * m * k * n / seconds / 1e9, 1)
+    # The CPU smoke run's default precision is int8 where the CPU has no native bf16 (an AVX2-only one).
+    if not device.cuda and int8_gemm_weight_range() is not None:
+        for m, k, n in shapes:
+            x = torch.randint(-127, 128, (m, k), dtype=torch.int8)
+            w = torch.randint(-63, 64, (n, k), dtype=torch.int8)
+            torch._int_mm(x, w.t())  # warm-up
+            seconds = device.timed(lambda: [torch._int_mm(x, w.t()) for _ in range(reps)]) / reps  # noqa: B023
+            out.setdefault("int8", {})[f"{m}x{k}x{n}"] = round(2.0 * m * k * n / seconds / 1e9, 1)
     return out
 
 
@@ -229,6 +238,8 @@ def new_end_to_end(captioner: Captioner, device: Device, paths: list[Path], batc
 
 def make_rows(device: Device, default: str, greedy_batch: int, beams_batch: int) -> list[Row]:
     precisions = ["fp32", "fp16", "bf16"] if device.cuda else ["fp32", "bf16"]
+    if default not in precisions:  # a CPU smoke run where int8 is the default: its model-only row too
+        precisions.append(default)
     return [
         Row("a model card (1 image/call)", 4, "fp32", 1),
         Row("b plain batched generate", 4, "fp32", 8),
